@@ -1,0 +1,77 @@
+"""Encoder and click-to-mask timings of napari_sam's SAM, on this machine.
+
+Prints one JSON object per line in the format of ``../shared/bench/official_sam.py``
+(keys ``impl``, ``model``, ``what`` = ``encoder_s`` or ``decoder_ms``, ``dtype``, ``threads``,
+``median``), so the two can be compared line by line:
+
+    python benchmarks/model.py --models vit_b vit_t --threads 2
+    bash ../shared/bench/official_sam.sh --models vit_b vit_t --threads 2
+
+``encoder_s``: seconds per 1024x1024 image through the image encoder (float32 and
+bfloat16 weights). ``decoder_ms``: milliseconds from a single click on an image whose
+embedding is known to its mask at the original 1024x1024 size: prompt encoding, mask
+decoding of the three multimask outputs, then the best one upscaled and thresholded,
+which is what a click in the viewer needs (the official predictor upscales all three;
+``decoder_all_ms`` times that too).
+Weights are random: timing does not depend on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from napari_sam.core.predictor import Predictor
+from napari_sam.model import build_sam
+
+
+def timed(fn, repeats: int) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def emit(**record) -> None:
+    print(json.dumps({"impl": "napari_sam", **record}), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", nargs="+", default=["vit_b", "vit_t"])
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    x = torch.rand(1, 3, 1024, 1024) * 255
+    img = (np.random.default_rng(0).random((1024, 1024, 3)) * 255).astype(np.uint8)
+    for name in a.models:
+        with torch.device("cpu"):
+            sam = build_sam(name)
+        with torch.inference_mode():
+            for dtype in a.dtypes:
+                sam.image_encoder.to(getattr(torch, dtype))
+                sam.embed(x)  # warm-up
+                ts = timed(lambda: sam.embed(x), a.repeats)
+                emit(model=name, what="encoder_s", dtype=dtype, threads=a.threads, median=statistics.median(ts), all=ts)
+            sam.image_encoder.float()
+        predictor = Predictor(sam)
+        predictor.set_image(img)
+        pt, lb = np.array([[500.0, 500.0]]), np.array([1])
+        predictor.predict(points=pt, labels=lb)  # warm-up
+        ts = timed(lambda: predictor.predict(points=pt, labels=lb, multimask=True).best_mask(), 20)
+        emit(model=name, what="decoder_ms", dtype="float32", threads=a.threads, median=1000 * statistics.median(ts))
+        ts = timed(lambda: predictor.predict(points=pt, labels=lb, multimask=True).masks, 20)
+        emit(model=name, what="decoder_all_ms", dtype="float32", threads=a.threads, median=1000 * statistics.median(ts))
+
+
+if __name__ == "__main__":
+    main()

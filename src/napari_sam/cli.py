@@ -1,0 +1,146 @@
+"""The ``napari-sam`` command line.
+
+    napari-sam models
+    napari-sam segment IMAGE --model NAME_OR_CHECKPOINT --point X Y [--box X0 Y0 X1 Y1] --out labels.tif
+
+Coordinates are pixels of the image as (x, y), that is (column, row).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+__all__ = ["main"]
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="registry name (see `napari-sam models`) or checkpoint file")
+    p.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        help="encoder precision: float32 (exact), bfloat16, float16 (GPU) or auto (default: "
+        "bfloat16 where the hardware computes it natively, else float32)",
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="napari-sam", description="Segment Anything for microscopy.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("models", help="list the models that can be loaded by name")
+
+    dl = sub.add_parser("download", help="download a model into the cache (checksum verified)")
+    dl.add_argument("name")
+
+    seg = sub.add_parser(
+        "segment",
+        help="segment objects in a 2D image from point or box prompts",
+        description="Each --box is one object (points, if given with a single box, refine it); "
+        "without boxes all points describe one object. --prompts reads many objects from JSON. "
+        "Objects get ids 1, 2, ... in order and never overwrite each other.",
+    )
+    seg.add_argument("image", help="TIFF, Zarr, .npy, PNG or JPEG")
+    _add_model_args(seg)
+    seg.add_argument("--point", nargs=2, type=float, action="append", metavar=("X", "Y"), default=[], help="foreground point (x = column, y = row); repeatable")
+    seg.add_argument("--bg-point", nargs=2, type=float, action="append", metavar=("X", "Y"), default=[], help="background point; repeatable")
+    seg.add_argument("--box", nargs=4, type=float, action="append", metavar=("X0", "Y0", "X1", "Y1"), default=[], help="box around one object; repeatable")
+    seg.add_argument("--prompts", help="JSON file: a list of {points, labels, box} objects")
+    seg.add_argument("--plane", type=int, nargs="*", default=[], metavar="I", help="index of the 2D plane in a 3D/4D image (leading axes)")
+    seg.add_argument("--channel", type=int, help="channel to use in a multichannel image (channels last)")
+    seg.add_argument("--out", required=True, help="label image to write: .tif, .zarr or .npy")
+    seg.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    return parser
+
+
+def _object_prompts(args):
+    from .core.prompts import ObjectPrompt, load_prompts
+
+    objects = load_prompts(args.prompts) if args.prompts else []
+    points = args.point + args.bg_point
+    labels = [1] * len(args.point) + [0] * len(args.bg_point)
+    if len(args.box) > 1 and points:
+        raise ValueError("points can refine a single --box only; use --prompts for several objects with points")
+    if args.box:
+        objects += [ObjectPrompt.make(points or None, labels or None, b) for b in args.box]
+    elif points:
+        objects.append(ObjectPrompt.make(points, labels))
+    if not objects:
+        raise ValueError("no prompts: give --point, --box or --prompts")
+    return objects
+
+
+def _plane(image, plane_index, channel):
+    import numpy as np
+
+    index = tuple(plane_index)
+    spatial = image.ndim - len(index) - (1 if channel is not None else 0)
+    if spatial != 2 and not (spatial == 3 and channel is None and image.shape[-1] in (3, 4)):
+        raise ValueError(
+            f"the image has shape {tuple(image.shape)}: choose a 2D plane with --plane "
+            f"(one index per leading axis){' and --channel' if channel is None else ''}"
+        )
+    return np.asarray(image[index] if index else image[...])
+
+
+def _segment(args) -> int:
+    import numpy as np
+
+    from .core.io import label_dtype, read_image, write_labels
+    from .core.labels import paint
+    from .core.models import load_model
+    from .core.predictor import Predictor
+
+    objects = _object_prompts(args)
+    from pathlib import Path
+
+    if Path(args.out).exists() and not args.overwrite:
+        raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
+    plane = _plane(read_image(args.image), args.plane, args.channel)
+    t0 = time.perf_counter()
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    predictor = Predictor(model)
+    predictor.set_image(plane, channel_axis=-1 if args.channel is not None else None, channel=args.channel)
+    t_embed = time.perf_counter() - t0
+    labels = np.zeros(plane.shape[:2], label_dtype(len(objects)))
+    print(f"embedded {plane.shape[1]}x{plane.shape[0]} image with {model.source.name} ({model.source.dtype}) in {t_embed:.1f} s")
+    for i, obj in enumerate(objects, start=1):
+        result = predictor.predict(**obj.predict_kwargs(), multimask=obj.box is None and len(obj.points) == 1)
+        best = int(result.best)
+        written = paint(labels, result.masks[best], i)
+        print(f"object {i}: {written} px, predicted IoU {result.iou[best]:.3f}")
+    out = write_labels(args.out, labels, overwrite=args.overwrite)
+    print(f"wrote {len(objects)} object(s) to {out}")
+    return 0
+
+
+def _models(args) -> int:
+    from .weights import list_models
+
+    for entry in list_models():
+        print(f"{entry.name:24s} {entry.description}")
+    return 0
+
+
+def _download(args) -> int:
+    from .weights import fetch_checkpoint
+
+    print(fetch_checkpoint(args.name))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    args = _parser().parse_args(argv)
+    handlers = {"segment": _segment, "models": _models, "download": _download}
+    try:
+        return handlers[args.command](args)
+    except (ValueError, FileExistsError, KeyError, RuntimeError) as err:
+        print(f"napari-sam {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

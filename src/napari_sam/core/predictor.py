@@ -1,0 +1,368 @@
+"""Promptable segmentation of one 2D plane.
+
+:class:`Predictor` holds a model and the embedding of the current plane and answers
+prompts given in original-image pixel coordinates. Point coordinates are (x, y), that is
+(column, row), as in SAM; boxes are (x0, y0, x1, y1). napari's (row, col) order is
+converted in the napari layer, never here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..model.sam import Sam
+from ..model.transformer import ImageContext
+from .preprocess import Normalization, prepare_plane, preprocess_shape
+
+__all__ = ["ImageEmbedding", "Prediction", "Predictor"]
+
+LOW_RES = 256  # side of the decoder's mask logits
+
+
+@dataclass(frozen=True)
+class ImageEmbedding:
+    """The SAM embedding of one plane (or tile), with the sizes that map prompts and masks.
+
+    Attributes
+    ----------
+    features
+        (1, 256, 64, 64) float32 tensor.
+    input_size
+        (h, w) of the resized plane inside the padded 1024x1024 model input.
+    original_size
+        (H, W) of the plane in pixels.
+    """
+
+    features: torch.Tensor
+    input_size: tuple[int, int]
+    original_size: tuple[int, int]
+
+    @classmethod
+    def from_array(cls, features, original_size: tuple[int, int], long_side: int = 1024) -> "ImageEmbedding":
+        """Wrap a stored (1, 256, 64, 64) or (256, 64, 64) array (e.g. from a cache)."""
+        t = torch.as_tensor(np.asarray(features), dtype=torch.float32)
+        if t.ndim == 3:
+            t = t[None]
+        if t.ndim != 4 or t.shape[1] != 256:
+            raise ValueError(f"an embedding has shape (1, 256, 64, 64), got {tuple(t.shape)}")
+        h, w = (int(s) for s in original_size)
+        return cls(t, preprocess_shape(h, w, long_side), (h, w))
+
+
+class Prediction:
+    """Masks predicted for one prompt set (or a batch of them).
+
+    Full-size masks are computed from the low-res logits when first asked for, and
+    :meth:`best_mask` upscales only the winning mask: a click in the viewer needs one
+    mask, not three.
+
+    Attributes
+    ----------
+    iou
+        (C,) or (B, C) predicted IoU of each mask.
+    low_res_logits
+        (C, 256, 256) or (B, C, 256, 256) logits, usable as a later ``mask_input``.
+    """
+
+    def __init__(self, iou: np.ndarray, low_res_logits: np.ndarray, upscale, return_logits: bool = False):
+        self.iou = iou
+        self.low_res_logits = low_res_logits
+        self._upscale = upscale
+        self._return_logits = return_logits
+        self._masks: np.ndarray | None = None
+
+    def _full_size(self, low: np.ndarray) -> np.ndarray:
+        return self._upscale(low, self._return_logits)
+
+    @property
+    def masks(self) -> np.ndarray:
+        """(C, H, W) bool masks at the original size (float logits with
+        ``return_logits``); (B, C, H, W) for a batch."""
+        if self._masks is None:
+            self._masks = self._full_size(self.low_res_logits)
+        return self._masks
+
+    @property
+    def best(self) -> int | np.ndarray:
+        """Index of the mask with the highest predicted IoU (per prompt set)."""
+        return np.argmax(self.iou, axis=-1)
+
+    def best_mask(self) -> np.ndarray:
+        """The highest-scoring mask: (H, W), or (B, H, W) for a batch."""
+        idx = self.best
+        if self._masks is not None:
+            if self._masks.ndim == 3:
+                return self._masks[idx]
+            return self._masks[np.arange(self._masks.shape[0]), idx]
+        if self.low_res_logits.ndim == 3:
+            return self._full_size(self.low_res_logits[idx : idx + 1])[0]
+        rows = np.arange(self.low_res_logits.shape[0])
+        return self._full_size(self.low_res_logits[rows, idx][:, None])[:, 0]
+
+    def __getitem__(self, i: int) -> "Prediction":
+        """The prediction for the i-th prompt set of a batch."""
+        return Prediction(self.iou[i], self.low_res_logits[i], self._upscale, self._return_logits)
+
+
+class Predictor:
+    """Answers point, box and mask prompts on one plane at a time.
+
+    Parameters
+    ----------
+    model
+        A :class:`~napari_sam.model.sam.Sam` in evaluation mode (see
+        :func:`napari_sam.core.models.load_model`, whose ``dtype`` sets the encoder's
+        precision; the decoder always runs in float32: it is cheap, and its thresholds
+        are sensitive).
+    normalization
+        How intensities are brought to SAM's 0-255 range; see
+        :class:`~napari_sam.core.preprocess.Normalization`.
+
+    Examples
+    --------
+    >>> predictor = Predictor(load_model("vit_b"))            # doctest: +SKIP
+    >>> predictor.set_image(nuclei)                           # doctest: +SKIP
+    >>> result = predictor.predict(points=[[120, 85]], labels=[1])  # doctest: +SKIP
+    >>> mask = result.best_mask()                             # doctest: +SKIP
+    """
+
+    def __init__(self, model: Sam, normalization: Normalization = Normalization()):
+        self.model = model.eval()
+        self.normalization = normalization
+        self._embedding: ImageEmbedding | None = None
+        self._context: ImageContext | None = None
+
+    # -- the image ---------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def embedding(self) -> ImageEmbedding | None:
+        """The embedding prompts are answered on, or None before an image is set."""
+        return self._embedding
+
+    @torch.inference_mode()
+    def compute_embedding(self, x: torch.Tensor, original_size: tuple[int, int]) -> ImageEmbedding:
+        """Embed a resized (1, 3, h, w) float tensor in [0, 255] whose longest side is the
+        model's input size, without making it the current image."""
+        size = self.model.config.image_size
+        if x.ndim != 4 or x.shape[:2] != (1, 3) or max(x.shape[-2:]) != size:
+            raise ValueError(f"model input must be (1, 3, h, w) with longest side {size}, got {tuple(x.shape)}")
+        features = self.model.embed(x.to(self.device, torch.float32))
+        return ImageEmbedding(features, (int(x.shape[-2]), int(x.shape[-1])), tuple(int(s) for s in original_size))
+
+    def embed_image(
+        self,
+        image: np.ndarray,
+        channel_axis: int | None = None,
+        channel: int | None = None,
+        limits: tuple[float, float] | None = None,
+    ) -> ImageEmbedding:
+        """Embed a plane without making it the current image (see :meth:`set_image`)."""
+        x, original_size = prepare_plane(
+            image, self.normalization, channel_axis, channel, limits, self.model.config.image_size
+        )
+        return self.compute_embedding(x, original_size)
+
+    def set_image(
+        self,
+        image: np.ndarray,
+        channel_axis: int | None = None,
+        channel: int | None = None,
+        limits: tuple[float, float] | None = None,
+    ) -> ImageEmbedding:
+        """Embed a plane and answer later prompts on it.
+
+        Parameters
+        ----------
+        image
+            (H, W) grayscale, (H, W, 3|4) RGB(A), or multichannel with ``channel_axis`` and
+            ``channel``. Any integer or float dtype.
+        channel_axis, channel
+            See :func:`~napari_sam.core.preprocess.to_rgb`.
+        limits
+            Fixed (lower, upper) intensity limits, e.g. statistics of the whole volume;
+            overrides the percentiles of this plane.
+
+        Returns
+        -------
+        ImageEmbedding
+            Also kept as :attr:`embedding`; store it to skip the encoder next time.
+        """
+        return self.set_embedding(self.embed_image(image, channel_axis, channel, limits))
+
+    def set_model_input(self, image: np.ndarray, original_size: tuple[int, int]) -> ImageEmbedding:
+        """Embed an image already resized to the model input (h, w, 3), values 0-255, whose
+        original size was ``original_size``. This mirrors the official ``set_torch_image``."""
+        x = torch.as_tensor(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)[None]
+        return self.set_embedding(self.compute_embedding(x, original_size))
+
+    @torch.inference_mode()
+    def set_embedding(self, embedding: ImageEmbedding) -> ImageEmbedding:
+        """Answer later prompts on a previously computed embedding."""
+        features = embedding.features.to(self.device, torch.float32)
+        self._embedding = ImageEmbedding(features, embedding.input_size, embedding.original_size)
+        self._context = self.model.image_context(features)
+        return self._embedding
+
+    def reset_image(self) -> None:
+        """Forget the current image."""
+        self._embedding = None
+        self._context = None
+
+    # -- prompts -----------------------------------------------------------------------
+    def predict(
+        self,
+        points=None,
+        labels=None,
+        box=None,
+        mask_input=None,
+        multimask: bool = True,
+        return_logits: bool = False,
+    ) -> Prediction:
+        """Masks for one prompt set.
+
+        Parameters
+        ----------
+        points
+            (N, 2) array of (x, y) pixel coordinates in the original plane.
+        labels
+            (N,) 1 for foreground, 0 for background; all foreground when omitted.
+        box
+            (x0, y0, x1, y1) in original pixels. A box reaching past the border is clipped
+            to the plane; one entirely outside is an error.
+        mask_input
+            (256, 256) or (1, 256, 256) low-res logits, e.g. ``low_res_logits[best]`` of an
+            earlier prediction.
+        multimask
+            Three masks for an ambiguous prompt (a single point) instead of one.
+        return_logits
+            Return float logits instead of boolean masks.
+
+        Returns
+        -------
+        Prediction
+            (C, H, W) masks, (C,) predicted IoU, (C, 256, 256) low-res logits; C = 3 or 1.
+        """
+        pts = None if points is None else np.asarray(points, dtype=np.float64).reshape(1, -1, 2)
+        lbl = None if labels is None else np.asarray(labels).reshape(1, -1)
+        bx = None if box is None else np.asarray(box, dtype=np.float64).reshape(1, 4)
+        mi = None if mask_input is None else np.asarray(mask_input, dtype=np.float32).reshape(1, 1, LOW_RES, LOW_RES)
+        return self.predict_batch(pts, lbl, bx, mi, multimask, return_logits)[0]
+
+    @torch.inference_mode()
+    def predict_batch(
+        self,
+        points=None,
+        labels=None,
+        boxes=None,
+        mask_input=None,
+        multimask: bool = False,
+        return_logits: bool = False,
+    ) -> Prediction:
+        """Masks for B prompt sets at once (for example one box per object).
+
+        Parameters
+        ----------
+        points
+            (B, N, 2) as (x, y) original pixels, or None.
+        labels
+            (B, N), or None for all foreground.
+        boxes
+            (B, 4) as (x0, y0, x1, y1), or None.
+        mask_input
+            (B, 1, 256, 256) low-res logits, or None.
+        multimask, return_logits
+            As in :meth:`predict`.
+
+        Returns
+        -------
+        Prediction
+            (B, C, H, W) masks, (B, C) IoU, (B, C, 256, 256) low-res logits.
+        """
+        emb = self._require_embedding()
+        H, W = emb.original_size
+        h, w = emb.input_size
+        scale = np.array([w / W, h / H])
+        if points is None and boxes is None and mask_input is None:
+            raise ValueError("empty prompt: give at least one point, a box or a mask input")
+        t_points = t_labels = t_boxes = t_mask = None
+        batch = []
+        if points is not None:
+            pts = np.asarray(points, dtype=np.float64)
+            if pts.ndim != 3 or pts.shape[-1] != 2 or pts.shape[1] == 0:
+                raise ValueError(f"points must have shape (B, N, 2) with N >= 1, got {pts.shape}")
+            _check_points_inside(pts.reshape(-1, 2), H, W)
+            lbl = np.ones(pts.shape[:2], np.int64) if labels is None else np.asarray(labels)
+            if lbl.shape != pts.shape[:2]:
+                raise ValueError(f"labels have shape {lbl.shape}, expected {pts.shape[:2]} to match the points")
+            if not np.isin(lbl, (0, 1)).all():
+                raise ValueError(f"point labels must be 1 (foreground) or 0 (background), got {np.unique(lbl)}")
+            t_points = torch.as_tensor(pts * scale, dtype=torch.float32, device=self.device)
+            t_labels = torch.as_tensor(lbl.astype(np.int64), device=self.device)
+            batch.append(pts.shape[0])
+        if boxes is not None:
+            bxs = _check_boxes(np.asarray(boxes, dtype=np.float64), H, W)
+            t_boxes = torch.as_tensor(bxs * np.tile(scale, 2), dtype=torch.float32, device=self.device)
+            batch.append(bxs.shape[0])
+        if mask_input is not None:
+            m = np.asarray(mask_input, dtype=np.float32)
+            if m.ndim != 4 or m.shape[1:] != (1, LOW_RES, LOW_RES):
+                raise ValueError(f"mask_input must have shape (B, 1, {LOW_RES}, {LOW_RES}), got {m.shape}")
+            t_mask = torch.as_tensor(m, device=self.device)
+            batch.append(m.shape[0])
+        if len(set(batch)) > 1:
+            raise ValueError(f"points, boxes and mask_input disagree on the batch size: {batch}")
+
+        low, iou = self.model.decode(
+            emb.features, t_points, t_labels, t_boxes, t_mask, multimask_output=multimask, context=self._context
+        )
+        return Prediction(iou.cpu().numpy(), low.cpu().numpy(), self._upscaler(emb), return_logits)
+
+    def _upscaler(self, emb: ImageEmbedding):
+        model = self.model
+
+        @torch.inference_mode()
+        def upscale(low: np.ndarray, return_logits: bool) -> np.ndarray:
+            t = torch.from_numpy(low)
+            lead = t.shape[:-2]
+            t = t.reshape(-1, 1, *t.shape[-2:]).to(model.device)
+            full = model.postprocess_masks(t, emb.input_size, emb.original_size)
+            full = full if return_logits else full > model.mask_threshold
+            return full.reshape(*lead, *full.shape[-2:]).cpu().numpy()
+
+        return upscale
+
+    def _require_embedding(self) -> ImageEmbedding:
+        if self._embedding is None:
+            raise RuntimeError("no image is set: call set_image() or set_embedding() before predicting")
+        return self._embedding
+
+
+def _check_points_inside(pts: np.ndarray, H: int, W: int) -> None:
+    if not np.isfinite(pts).all():
+        raise ValueError("point coordinates must be finite numbers")
+    outside = (pts[:, 0] < 0) | (pts[:, 0] >= W) | (pts[:, 1] < 0) | (pts[:, 1] >= H)
+    if outside.any():
+        bad = ", ".join(f"({x:g}, {y:g})" for x, y in pts[outside][:5])
+        raise ValueError(
+            f"{int(outside.sum())} point(s) lie outside the {H}x{W} image (coordinates are (x, y), "
+            f"x in [0, {W}), y in [0, {H})): {bad}"
+        )
+
+
+def _check_boxes(boxes: np.ndarray, H: int, W: int) -> np.ndarray:
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"boxes must have shape (B, 4) as (x0, y0, x1, y1), got {boxes.shape}")
+    if not np.isfinite(boxes).all():
+        raise ValueError("box coordinates must be finite numbers")
+    if ((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])).any():
+        raise ValueError(f"boxes need x1 > x0 and y1 > y0 (x0, y0, x1, y1), got {boxes.tolist()}")
+    outside = (boxes[:, 2] <= 0) | (boxes[:, 0] >= W) | (boxes[:, 3] <= 0) | (boxes[:, 1] >= H)
+    if outside.any():
+        raise ValueError(f"box(es) {boxes[outside].tolist()} lie entirely outside the {H}x{W} image")
+    return np.clip(boxes, 0, [W, H, W, H])

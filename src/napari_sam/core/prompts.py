@@ -1,0 +1,79 @@
+"""Prompt sets: the points and box that describe one object, in (x, y) pixel coordinates."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["ObjectPrompt", "load_prompts"]
+
+
+@dataclass(frozen=True)
+class ObjectPrompt:
+    """The prompts for one object on one plane.
+
+    Attributes
+    ----------
+    points
+        (N, 2) float array of (x, y) pixel coordinates, N may be 0.
+    labels
+        (N,) int array: 1 foreground, 0 background.
+    box
+        (4,) float array (x0, y0, x1, y1), or None.
+    """
+
+    points: np.ndarray
+    labels: np.ndarray
+    box: np.ndarray | None = None
+
+    @classmethod
+    def make(cls, points=None, labels=None, box=None) -> "ObjectPrompt":
+        """Build and validate from lists or arrays; labels default to foreground."""
+        pts = np.zeros((0, 2)) if points is None else np.asarray(points, dtype=np.float64).reshape(-1, 2)
+        lbl = np.ones(len(pts), np.int64) if labels is None else np.asarray(labels, dtype=np.int64).reshape(-1)
+        if len(lbl) != len(pts):
+            raise ValueError(f"{len(pts)} point(s) but {len(lbl)} label(s)")
+        if not np.isin(lbl, (0, 1)).all():
+            raise ValueError("point labels must be 1 (foreground) or 0 (background)")
+        bx = None if box is None else np.asarray(box, dtype=np.float64).reshape(4)
+        if bx is None and not (lbl == 1).any():
+            raise ValueError("an object needs a box or at least one foreground point")
+        return cls(pts, lbl, bx)
+
+    def predict_kwargs(self) -> dict:
+        """Keyword arguments for :meth:`napari_sam.core.predictor.Predictor.predict`."""
+        has_points = len(self.points) > 0
+        return {
+            "points": self.points if has_points else None,
+            "labels": self.labels if has_points else None,
+            "box": self.box,
+        }
+
+
+def load_prompts(path: str | os.PathLike) -> list[ObjectPrompt]:
+    """Read prompts from JSON: a list of objects, each with optional ``points`` ([[x, y], ...]),
+    ``labels`` ([1, 0, ...]) and ``box`` ([x0, y0, x1, y1]).
+
+    Examples
+    --------
+    ``[{"points": [[120, 85]]}, {"box": [10, 10, 60, 48]}, {"points": [[30, 40], [35, 60]], "labels": [1, 0]}]``
+    """
+    with open(path) as fh:
+        data = json.load(fh)
+    if isinstance(data, dict):
+        data = data.get("objects", [data])
+    if not isinstance(data, list) or not data:
+        raise ValueError(f"{path}: expected a non-empty list of objects")
+    out = []
+    for i, obj in enumerate(data):
+        unknown = set(obj) - {"points", "labels", "box"}
+        if unknown:
+            raise ValueError(f"{path}: object {i} has unknown field(s) {sorted(unknown)}")
+        try:
+            out.append(ObjectPrompt.make(obj.get("points"), obj.get("labels"), obj.get("box")))
+        except ValueError as err:
+            raise ValueError(f"{path}: object {i}: {err}") from None
+    return out
