@@ -15,6 +15,7 @@ import torch
 
 from ..model.sam import Sam
 from ..model.transformer import ImageContext
+from .allocator import keep_freed_memory_for_reuse
 from .preprocess import Normalization, prepare_plane, preprocess_shape
 
 __all__ = ["ImageEmbedding", "Prediction", "Predictor"]
@@ -130,6 +131,7 @@ class Predictor:
     """
 
     def __init__(self, model: Sam, normalization: Normalization = Normalization()):
+        keep_freed_memory_for_reuse()
         self.model = model.eval()
         self.normalization = normalization
         self._embedding: ImageEmbedding | None = None

@@ -22,39 +22,76 @@ from .common import MLPBlock
 class ImageContext:
     """Prompt-independent image-side tensors, computed once per image.
 
-    ``t2i_k``, ``t2i_v`` and ``i2t_q`` are the first layer's image-side projections
-    (1, N, C') with N = 64 * 64 image tokens; they broadcast over a batch of prompts.
-    ``fused`` holds, for every later layer and then the final attention, a stacked weight
-    and a (N, C') matrix holding the positional encoding's share of each projection plus
-    its bias: the image side of those layers then costs one GEMM with a matrix bias
-    instead of several GEMMs and additions of the positional encoding.
+    ``keys`` and ``key_pe`` are (1, N, C) image tokens and their positional encoding
+    (N = 64 * 64), ``keys_pe`` their sum; ``t2i_k``, ``t2i_v`` and ``i2t_q`` are the first
+    layer's image-side projections. All broadcast over a batch of prompts.
     """
 
     keys: torch.Tensor
     key_pe: torch.Tensor
+    keys_pe: torch.Tensor
     t2i_k: torch.Tensor
     t2i_v: torch.Tensor
     i2t_q: torch.Tensor
-    fused: list[tuple[torch.Tensor, torch.Tensor]]
 
 
-def _fused_image_projections(modules, key_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack the image-side projections ``modules`` = [(linear, with_pe), ...] into one weight
-    and a bias matrix: ``x @ W.T + B`` equals ``[lin(x + pe) if with_pe else lin(x), ...]``."""
-    weight = torch.cat([lin.weight for lin, _ in modules], dim=0)
-    pe = key_pe[0]
-    bias = torch.cat(
-        [(pe @ lin.weight.t() + lin.bias) if with_pe else lin.bias.expand(pe.shape[0], -1) for lin, with_pe in modules],
-        dim=1,
-    )
-    return weight, bias
+# With a cached image context the decoder takes a cheaper route to the same numbers.
+# A prompt has ~7 tokens while the image has 4096, so instead of projecting all image
+# tokens (4096 x 256 -> 128 per projection) the projections are moved to the token side:
+#   q . (Wk x + bk)      = (Wk^T q) . x + const      (the constant cancels in the softmax)
+#   sum_j p_j (Wv x_j + bv) = Wv (sum_j p_j x_j) + bv  (softmax rows sum to one)
+#   Wo (sum_t p_t v_t)   = sum_t p_t (Wo v_t)          (output projection folded into values)
+# Each image-side product then has 8 heads x 7 tokens = 56 columns instead of 128 or 256:
+# about 2.3x fewer FLOPs per click. Only summation order differs from the plain route.
 
 
-def _affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``x @ weight.T + bias`` for (B, N, C) tokens and an (N, C') bias matrix, fused."""
-    if x.shape[0] == 1:
-        return torch.addmm(bias, x[0], weight.t())[None]
-    return torch.baddbmm(bias.expand(x.shape[0], -1, -1), x, weight.t().expand(x.shape[0], -1, -1))
+def _absorbed_token_to_image(attn: "Attention", q: torch.Tensor, x: torch.Tensor, x_pe: torch.Tensor) -> torch.Tensor:
+    """Tokens (B, T, C) attend to image tokens ``x`` (values) keyed by ``x_pe``; (B, T, C)."""
+    B, T, _ = q.shape
+    H = attn.num_heads
+    d = attn.internal_dim // H
+    qh = attn.q_proj(q).reshape(B, T, H, d)
+    wk = attn.k_proj.weight.reshape(H, d, -1)
+    q_abs = torch.einsum("bthd,hdc->bhtc", qh, wk).reshape(B, H * T, -1)
+    scores = (q_abs @ x_pe.transpose(1, 2)) * (d**-0.5)  # (B, H*T, N)
+    px = scores.softmax(dim=-1) @ x  # (B, H*T, C)
+    wv = attn.v_proj.weight.reshape(H, d, -1)
+    out = torch.einsum("bhtc,hdc->bthd", px.reshape(B, H, T, -1), wv) + attn.v_proj.bias.reshape(H, d)
+    return attn.out_proj(out.reshape(B, T, H * d))
+
+
+def _absorbed_image_to_token(
+    attn: "Attention",
+    keys: torch.Tensor,
+    k_tok: torch.Tensor,
+    v_tok: torch.Tensor,
+    keys_pe: torch.Tensor | None = None,
+    q_img: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Image tokens attend to prompt tokens; returns ``keys`` + attention output (B, N, C).
+
+    The image queries are either ``q_img`` (already projected, (1 or B, N, C')) or
+    ``keys_pe`` (unprojected, then the query projection is absorbed into the keys).
+    """
+    B, T, _ = k_tok.shape
+    H = attn.num_heads
+    d = attn.internal_dim // H
+    kh = attn.k_proj(k_tok).reshape(B, T, H, d)
+    if q_img is not None:
+        qh = q_img.reshape(q_img.shape[0], -1, H, d).permute(0, 2, 3, 1)  # (b, H, d, N)
+        scores = kh.permute(0, 2, 1, 3) @ qh  # (B, H, T, N)
+    else:
+        wq = attn.q_proj.weight.reshape(H, d, -1)
+        k_abs = torch.einsum("bthd,hdc->bhtc", kh, wq).reshape(B, H * T, -1)
+        k_bias = torch.einsum("bthd,hd->bht", kh, attn.q_proj.bias.reshape(H, d)).reshape(B, H * T, 1)
+        scores = torch.baddbmm(k_bias, k_abs, keys_pe.transpose(1, 2).expand(B, -1, -1)).reshape(B, H, T, -1)
+    # softmax over the T prompt tokens, along the short axis of a contiguous layout
+    p = (scores * (d**-0.5)).softmax(dim=2).reshape(B, H * T, -1)
+    vh = attn.v_proj(v_tok).reshape(B, T, H, d)
+    wo = attn.out_proj.weight.reshape(-1, H, d)
+    v_abs = torch.einsum("bthd,chd->bhtc", vh, wo).reshape(B, H * T, -1)
+    out = torch.baddbmm(keys.expand(B, -1, -1), p.transpose(1, 2), v_abs)
+    return out.add_(attn.out_proj.bias)
 
 
 class Attention(nn.Module):
@@ -115,37 +152,49 @@ class TwoWayAttentionBlock(nn.Module):
         keys: torch.Tensor,
         query_pe: torch.Tensor,
         key_pe: torch.Tensor,
-        context: ImageContext | None = None,
-        fused: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One block. ``context`` replaces the image side of the first layer, ``fused``
-        (see :class:`ImageContext`) the image-side projections of a later one."""
+        queries = self._self_attention(queries, query_pe)
+        q = queries + query_pe
+        k = keys + key_pe
+        queries = self.norm2(queries + self.cross_attn_token_to_image(q, k, keys))
+        queries = self.norm3(queries + self.mlp(queries))
+        q = queries + query_pe
+        keys = self.norm4(keys + self.cross_attn_image_to_token(k, q, queries))
+        return queries, keys
+
+    def forward_cached(
+        self,
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        query_pe: torch.Tensor,
+        key_pe: torch.Tensor,
+        context: ImageContext | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same block by the absorbed-projection route; ``context`` (first layer only)
+        supplies the image-side projections that do not depend on the prompt."""
+        queries = self._self_attention(queries, query_pe)
+        t2i, i2t = self.cross_attn_token_to_image, self.cross_attn_image_to_token
+        q = queries + query_pe
+        if context is not None:
+            attn_out = t2i.attend(t2i.q_proj(q), context.t2i_k, context.t2i_v)
+            keys_pe = None
+        else:
+            keys_pe = keys + key_pe
+            attn_out = _absorbed_token_to_image(t2i, q, keys, keys_pe)
+        queries = self.norm2(queries + attn_out)
+        queries = self.norm3(queries + self.mlp(queries))
+        q = queries + query_pe
+        q_img = context.i2t_q if context is not None else None
+        keys = self.norm4(_absorbed_image_to_token(i2t, keys, q, queries, keys_pe, q_img))
+        return queries, keys
+
+    def _self_attention(self, queries: torch.Tensor, query_pe: torch.Tensor) -> torch.Tensor:
         if self.skip_first_layer_pe:
             queries = self.self_attn(queries, queries, queries)
         else:
             q = queries + query_pe
             queries = queries + self.self_attn(q, q, queries)
-        queries = self.norm1(queries)
-
-        t2i = self.cross_attn_token_to_image
-        q = queries + query_pe
-        i2t = self.cross_attn_image_to_token
-        i2t_q = None
-        if context is not None:
-            t2i_k, t2i_v, i2t_q = context.t2i_k, context.t2i_v, context.i2t_q
-        elif fused is not None:
-            t2i_k, t2i_v, i2t_q = _affine(keys, *fused).split(t2i.internal_dim, dim=-1)
-        else:
-            k = keys + key_pe
-            t2i_k, t2i_v = t2i.k_proj(k), t2i.v_proj(keys)
-        queries = self.norm2(queries + t2i.attend(t2i.q_proj(q), t2i_k, t2i_v))
-        queries = self.norm3(queries + self.mlp(queries))
-
-        q = queries + query_pe
-        if i2t_q is None:
-            i2t_q = i2t.q_proj(keys + key_pe)
-        keys = self.norm4(keys + i2t.attend(i2t_q, i2t.k_proj(q), i2t.v_proj(queries)))
-        return queries, keys
+        return self.norm1(queries)
 
 
 class TwoWayTransformer(nn.Module):
@@ -182,26 +231,13 @@ class TwoWayTransformer(nn.Module):
         key_pe = image_pe.flatten(2).transpose(1, 2)
         first = self.layers[0]
         k = keys + key_pe
-        fused = [
-            _fused_image_projections(
-                [
-                    (layer.cross_attn_token_to_image.k_proj, True),
-                    (layer.cross_attn_token_to_image.v_proj, False),
-                    (layer.cross_attn_image_to_token.q_proj, True),
-                ],
-                key_pe,
-            )
-            for layer in self.layers[1:]
-        ]
-        final = self.final_attn_token_to_image
-        fused.append(_fused_image_projections([(final.k_proj, True), (final.v_proj, False)], key_pe))
         return ImageContext(
             keys=keys,
             key_pe=key_pe,
+            keys_pe=k,
             t2i_k=first.cross_attn_token_to_image.k_proj(k),
             t2i_v=first.cross_attn_token_to_image.v_proj(keys),
             i2t_q=first.cross_attn_image_to_token.q_proj(k),
-            fused=fused,
         )
 
     def forward(
@@ -221,23 +257,19 @@ class TwoWayTransformer(nn.Module):
         queries : (B, T, C) processed prompt tokens
         keys : (B, h * w, C) processed image tokens
         """
+        queries = point_embedding
+        final = self.final_attn_token_to_image
         if context is None:
-            context_first = None
             keys = image_embedding.flatten(2).transpose(1, 2)
             key_pe = image_pe.flatten(2).transpose(1, 2)
-        else:
-            context_first = context
-            keys, key_pe = context.keys, context.key_pe
-        queries = point_embedding
-        for i, layer in enumerate(self.layers):
-            fused = context.fused[i - 1] if context is not None and i > 0 else None
-            queries, keys = layer(queries, keys, point_embedding, key_pe, context_first if i == 0 else None, fused)
-        final = self.final_attn_token_to_image
-        q = queries + point_embedding
-        if context is not None:
-            k, v = _affine(keys, *context.fused[-1]).split(final.internal_dim, dim=-1)
-            attn_out = final.attend(final.q_proj(q), k, v)
-        else:
+            for layer in self.layers:
+                queries, keys = layer(queries, keys, point_embedding, key_pe)
+            q = queries + point_embedding
             attn_out = final(q, keys + key_pe, keys)
+        else:
+            keys, key_pe = context.keys, context.key_pe
+            for i, layer in enumerate(self.layers):
+                queries, keys = layer.forward_cached(queries, keys, point_embedding, key_pe, context if i == 0 else None)
+            attn_out = _absorbed_token_to_image(final, queries + point_embedding, keys, keys + key_pe)
         queries = self.norm_final_attn(queries + attn_out)
         return queries, keys
