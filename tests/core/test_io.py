@@ -1,0 +1,53 @@
+import numpy as np
+import pytest
+import tifffile
+
+from napari_sam.core.io import label_dtype, read_image, write_labels
+from napari_sam.core.labels import next_free_id, paint
+
+
+def test_read_formats(tmp_path):
+    import zarr
+
+    img = np.arange(24, dtype=np.uint16).reshape(4, 6)
+    tifffile.imwrite(tmp_path / "a.tif", img)
+    np.save(tmp_path / "a.npy", img)
+    z = zarr.create_array(str(tmp_path / "a.zarr"), shape=img.shape, dtype=img.dtype, chunks=(2, 3))
+    z[...] = img
+    g = zarr.open_group(str(tmp_path / "ome.zarr"), mode="w")
+    g.attrs["multiscales"] = [{"datasets": [{"path": "0"}, {"path": "1"}]}]
+    g.create_array("0", shape=img.shape, dtype=img.dtype)[...] = img
+    g.create_array("1", shape=(2, 3), dtype=img.dtype)
+    for name in ("a.tif", "a.npy", "a.zarr", "ome.zarr"):
+        np.testing.assert_array_equal(np.asarray(read_image(tmp_path / name)[...]), img, err_msg=name)
+    with pytest.raises(ValueError, match="no such image"):
+        read_image(tmp_path / "missing.tif")
+
+
+def test_write_is_atomic_and_refuses_to_overwrite(tmp_path):
+    labels = np.array([[0, 1], [2, 2]], np.uint8)
+    out = write_labels(tmp_path / "l.tif", labels)
+    np.testing.assert_array_equal(tifffile.imread(out), labels)
+    with pytest.raises(FileExistsError):
+        write_labels(out, labels * 2)
+    np.testing.assert_array_equal(tifffile.imread(out), labels)
+    write_labels(out, labels * 2, overwrite=True)
+    np.testing.assert_array_equal(tifffile.imread(out), labels * 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["l.tif"]  # no temporary left behind
+
+
+def test_paint_never_overwrites_unless_asked():
+    labels = np.zeros((4, 4), np.uint16)
+    labels[0, 0] = 5
+    mask = np.ones((4, 4), bool)
+    assert paint(labels, mask, 6) == 15
+    assert labels[0, 0] == 5 and (labels[1:] == 6).all()
+    assert paint(labels, mask, 7, overwrite=True) == 16
+    assert (labels == 7).all()
+    assert next_free_id(labels) == 8
+    with pytest.raises(ValueError, match="does not fit"):
+        paint(np.zeros((2, 2), np.uint8), np.ones((2, 2), bool), 300)
+
+
+def test_label_dtype():
+    assert label_dtype(255) == np.uint8 and label_dtype(256) == np.uint16 and label_dtype(70000) == np.uint32

@@ -1,0 +1,53 @@
+import pytest
+import torch
+
+from napari_sam.core.models import load_model, resolve_dtype
+
+
+def test_load_local_checkpoint(tiny_checkpoint, tiny_sam):
+    model = load_model(tiny_checkpoint, device="cpu", dtype="float32")
+    assert model.source.name == tiny_checkpoint.name
+    assert model.source.checksum.startswith("sha256:") and len(model.source.checksum) == 71
+    for k, v in tiny_sam.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v)
+
+
+def test_bfloat16_encoder_and_float32_decoder(tiny_checkpoint, recwarn):
+    model = load_model(tiny_checkpoint, device="cpu", dtype="bfloat16")
+    assert model.encoder_dtype == torch.bfloat16
+    assert model.mask_decoder.iou_token.weight.dtype == torch.float32
+    assert model.source.dtype == "bfloat16"
+
+
+def test_auto_dtype_is_float32_without_native_bfloat16(monkeypatch):
+    import napari_sam.core.models as models
+
+    monkeypatch.setattr(models, "native_bfloat16", lambda device: False)
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    monkeypatch.setattr(models, "native_bfloat16", lambda device: True)
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16
+
+
+@pytest.mark.parametrize("bad", ["float64", "int8"])
+def test_bad_dtype(bad, tiny_checkpoint):
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        load_model(tiny_checkpoint, dtype=bad)
+
+
+def test_float16_refused_on_cpu(tiny_checkpoint):
+    with pytest.raises(ValueError, match="float16 is for GPUs"):
+        load_model(tiny_checkpoint, device="cpu", dtype="float16")
+
+
+def test_missing_file_and_unknown_name(tmp_path):
+    with pytest.raises(ValueError, match="neither a model name nor an existing checkpoint file"):
+        load_model(tmp_path / "nope.pth")
+    with pytest.raises(ValueError, match="not a checkpoint file"):
+        load_model(tmp_path)
+
+
+def test_unavailable_device(tiny_checkpoint):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        load_model(tiny_checkpoint, device="cuda")

@@ -1,0 +1,83 @@
+import json
+
+import numpy as np
+import pytest
+import tifffile
+
+from napari_sam.cli import main
+
+
+@pytest.fixture()
+def image_file(tmp_path):
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 1000, (120, 160)).astype(np.uint16)
+    img[30:60, 40:80] += 3000  # a bright object
+    path = tmp_path / "img.tif"
+    tifffile.imwrite(path, img)
+    return path
+
+
+def test_segment_writes_one_object_per_box(tmp_path, image_file, tiny_checkpoint, capsys):
+    out = tmp_path / "labels.tif"
+    rc = main(
+        ["segment", str(image_file), "--model", str(tiny_checkpoint), "--dtype", "float32",
+         "--box", "40", "30", "80", "60", "--box", "100", "70", "150", "110", "--out", str(out)]
+    )
+    assert rc == 0
+    labels = tifffile.imread(out)
+    assert labels.shape == (120, 160) and labels.dtype == np.uint8
+    assert set(np.unique(labels)) <= {0, 1, 2}
+    assert "wrote 2 object(s)" in capsys.readouterr().out
+
+
+def test_segment_from_prompts_file_to_zarr(tmp_path, image_file, tiny_checkpoint):
+    import zarr
+
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps([{"points": [[60, 45]]}, {"points": [[120, 90], [10, 10]], "labels": [1, 0]}]))
+    out = tmp_path / "labels.zarr"
+    assert main(["segment", str(image_file), "--model", str(tiny_checkpoint), "--prompts", str(prompts), "--out", str(out)]) == 0
+    arr = zarr.open_array(str(out), mode="r")
+    assert arr.shape == (120, 160) and arr.metadata.zarr_format == 3
+    assert np.asarray(arr).max() <= 2
+
+
+def test_existing_output_is_not_overwritten(tmp_path, image_file, tiny_checkpoint, capsys):
+    out = tmp_path / "labels.tif"
+    tifffile.imwrite(out, np.full((2, 2), 7, np.uint8))
+    rc = main(["segment", str(image_file), "--model", str(tiny_checkpoint), "--point", "60", "45", "--out", str(out)])
+    assert rc == 2
+    assert "exists" in capsys.readouterr().err
+    assert (tifffile.imread(out) == 7).all()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ([], "no prompts"),
+        (["--point", "500", "10"], "outside"),
+        (["--box", "0", "0", "10", "10", "--box", "5", "5", "20", "20", "--point", "3", "3"], "single --box"),
+    ],
+)
+def test_bad_prompts(tmp_path, image_file, tiny_checkpoint, capsys, extra, message):
+    rc = main(["segment", str(image_file), "--model", str(tiny_checkpoint), "--out", str(tmp_path / "o.tif"), *extra])
+    assert rc == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o.tif").exists()
+
+
+def test_volume_needs_a_plane(tmp_path, tiny_checkpoint, capsys):
+    vol = tmp_path / "vol.tif"
+    tifffile.imwrite(vol, np.zeros((5, 64, 64), np.uint8))
+    out = tmp_path / "o.tif"
+    assert main(["segment", str(vol), "--model", str(tiny_checkpoint), "--point", "3", "3", "--out", str(out)]) == 2
+    assert "--plane" in capsys.readouterr().err
+    assert main(["segment", str(vol), "--model", str(tiny_checkpoint), "--point", "3", "3", "--plane", "2", "--out", str(out)]) == 0
+    assert tifffile.imread(out).shape == (64, 64)
+
+
+def test_unknown_model_names_the_choices(tmp_path, image_file, capsys):
+    rc = main(["segment", str(image_file), "--model", "vit_zz", "--point", "3", "3", "--out", str(tmp_path / "o.tif")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "vit_zz" in err and "vit_b" in err
