@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from napari_sam.model import CONFIGS, SamConfig, StateDictMismatch, ViTConfig, build_sam, infer_config, sam_from_state_dict
+from napari_sam.model import CONFIGS, SamConfig, CheckpointError, ViTConfig, build_sam, infer_config, sam_from_state_dict
 
 REPO = Path(__file__).resolve().parents[2]
 REFERENCE_DIR = Path(os.environ.get("NAPARI_SAM_REFERENCE_DIR", REPO.parent / "shared" / "reference"))
@@ -60,7 +60,7 @@ def test_missing_and_foreign_keys_are_named():
     cfg, sd = _tiny_state_dict()
     del sd["mask_decoder.iou_token.weight"]
     sd["decoder_state.head.weight"] = torch.zeros(2)
-    with pytest.raises(StateDictMismatch) as err:
+    with pytest.raises(CheckpointError) as err:
         sam_from_state_dict(sd, cfg)
     msg = str(err.value)
     assert "1 missing key(s): mask_decoder.iou_token.weight" in msg
@@ -70,7 +70,7 @@ def test_missing_and_foreign_keys_are_named():
 def test_shape_mismatch_is_named():
     cfg, sd = _tiny_state_dict()
     sd["prompt_encoder.no_mask_embed.weight"] = torch.zeros(1, 128)
-    with pytest.raises(StateDictMismatch, match=r"no_mask_embed.weight: checkpoint \(1, 128\) vs model \(1, 256\)"):
+    with pytest.raises(CheckpointError, match=r"no_mask_embed.weight: checkpoint \(1, 128\) vs model \(1, 256\)"):
         sam_from_state_dict(sd, cfg)
 
 

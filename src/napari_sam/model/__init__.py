@@ -2,17 +2,20 @@
 decoder, with parameter names of the official checkpoints. Imports only torch."""
 
 from .config import CONFIGS, SamConfig, TinyViTConfig, ViTConfig, infer_config
-from .sam import Sam, StateDictMismatch, build_sam, check_state_dict, sam_from_state_dict
+from .checkpoint import Checkpoint, CheckpointError, check_state_dict, read_checkpoint
+from .sam import Sam, build_sam, sam_from_state_dict
 
 __all__ = [
     "CONFIGS",
     "Sam",
     "SamConfig",
-    "StateDictMismatch",
+    "Checkpoint",
+    "CheckpointError",
     "TinyViTConfig",
     "ViTConfig",
     "build_sam",
     "check_state_dict",
     "infer_config",
+    "read_checkpoint",
     "sam_from_state_dict",
 ]

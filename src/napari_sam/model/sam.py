@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import CheckpointError, check_state_dict
 from .config import CONFIGS, SamConfig, TinyViTConfig, ViTConfig, infer_config
 from .image_encoder import ImageEncoderViT
 from .mask_decoder import MaskDecoder
@@ -163,36 +164,6 @@ def build_sam(config: SamConfig | str) -> Sam:
     return Sam(config).eval()
 
 
-class StateDictMismatch(ValueError):
-    """A state dict that does not fit the model it is loaded into."""
-
-
-def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
-    """Raise :class:`StateDictMismatch` naming every missing, unexpected or misshapen key."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    shapes = [
-        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
-    ]
-    if not (missing or unexpected or shapes):
-        return
-
-    def few(items):
-        return ", ".join(items[:10]) + (f", ... ({len(items) - 10} more)" if len(items) > 10 else "")
-
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} missing key(s): {few(missing)}")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected key(s): {few(unexpected)}")
-    if shapes:
-        parts.append(f"{len(shapes)} shape mismatch(es): {few(shapes)}")
-    raise StateDictMismatch("state dict does not fit the SAM model: " + "; ".join(parts))
-
-
 def sam_from_state_dict(
     state_dict: Mapping[str, torch.Tensor],
     config: SamConfig | str | None = None,
@@ -214,12 +185,12 @@ def sam_from_state_dict(
         config = infer_config(state_dict)
     with torch.device("meta"):
         model = build_sam(config)
-    check_state_dict(model, state_dict)
+    check_state_dict(model.state_dict(), state_dict)
     model.load_state_dict(state_dict, strict=True, assign=True)
     # Buffers that are not in the checkpoint were created on meta: rebuild them.
     model.pixel_mean = torch.tensor(model.config.pixel_mean).view(-1, 1, 1)
     model.pixel_std = torch.tensor(model.config.pixel_std).view(-1, 1, 1)
     for name, buf in list(model.named_buffers()):
         if buf.is_meta:
-            raise StateDictMismatch(f"buffer {name} is neither in the checkpoint nor rebuilt")
+            raise CheckpointError(f"buffer {name} is neither in the checkpoint nor rebuilt")
     return model.to(device=device, dtype=dtype).eval()

@@ -1,0 +1,268 @@
+"""The checkpoint registry and its cache: well-formed entries, the cache folder, and
+fetching without the network (cached files, offline failures, checksum mismatches).
+
+Nothing here downloads: addresses point at 127.0.0.1 and the downloader is replaced
+wherever bytes would otherwise have to arrive."""
+
+import hashlib
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pooch
+import pytest
+
+from napari_sam import weights
+from napari_sam.weights import (
+    REGISTRY,
+    CheckpointDownloadError,
+    ChecksumMismatchError,
+    ModelEntry,
+    UnknownModelError,
+    cache_dir,
+    checkpoint_path,
+    fetch_checkpoint,
+    list_models,
+)
+
+UNREACHABLE = "https://127.0.0.1:9/napari-sam-test/fake.pth"  # the discard port: refused at once, stays local
+PAYLOAD = b"not really a checkpoint, but bytes with a known checksum\n"
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    folder = tmp_path / "cache"
+    monkeypatch.setenv(weights.CACHE_ENV_VAR, str(folder))
+    return folder
+
+
+def register(monkeypatch, payload=PAYLOAD, url=UNREACHABLE, name="fake"):
+    entry = ModelEntry(
+        name=name,
+        config="vit_b",
+        url=url,
+        known_hash="sha256:" + hashlib.sha256(payload).hexdigest(),
+        filename=f"{name}.pth",
+        description="a test entry",
+        licence="CC0-1.0",
+    )
+    monkeypatch.setitem(REGISTRY, name, entry)
+    return entry
+
+
+def forbid_downloads(monkeypatch):
+    def downloader(progress):
+        def download(url, output_file, pooch_instance):
+            raise AssertionError(f"fetch_checkpoint tried to download {url}")
+
+        return download
+
+    monkeypatch.setattr(weights, "_downloader", downloader)
+
+
+def serve(monkeypatch, payload):
+    """Replace the network by a downloader that 'receives' ``payload``; returns the call log."""
+    calls = []
+
+    def downloader(progress):
+        def download(url, output_file, pooch_instance):
+            calls.append(url)
+            if isinstance(output_file, (str, os.PathLike)):
+                Path(output_file).write_bytes(payload)
+            else:
+                output_file.write(payload)
+
+        return download
+
+    monkeypatch.setattr(weights, "_downloader", downloader)
+    return calls
+
+
+# --- the registry -------------------------------------------------------------------
+
+
+def test_registry_holds_the_expected_models():
+    assert set(REGISTRY) == {
+        "vit_b", "vit_l", "vit_h", "vit_t",
+        "vit_b_lm", "vit_l_lm", "vit_t_lm",
+        "vit_b_em_organelles", "vit_l_em_organelles", "vit_t_em_organelles",
+    }  # fmt: skip
+    assert [e.name for e in list_models()] == list(REGISTRY)
+
+
+@pytest.mark.parametrize("entry", list(REGISTRY.values()), ids=list(REGISTRY))
+def test_registry_entry_is_well_formed(entry):
+    assert entry is REGISTRY[entry.name]
+    assert entry.url.startswith("https://")
+    assert entry.config in {"vit_b", "vit_l", "vit_h", "vit_t"}
+    assert entry.name.startswith(entry.config)
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}|md5:[0-9a-f]{32}|xxh128:[0-9a-f]{32}", entry.known_hash)
+    assert entry.filename == Path(entry.filename).name and entry.filename.endswith((".pt", ".pth"))
+    assert entry.description and "\n" not in entry.description
+    assert entry.licence in {"Apache-2.0", "CC-BY-4.0"}
+    assert entry.homepage.startswith("https://github.com/")
+
+
+def test_registry_file_names_and_hashes_are_unique():
+    entries = list_models()
+    assert len({e.filename for e in entries}) == len(entries)
+    assert len({e.known_hash for e in entries}) == len(entries)
+
+
+def test_meta_checkpoints_keep_their_official_file_names():
+    for name in ("vit_b", "vit_l", "vit_h"):
+        entry = REGISTRY[name]
+        assert entry.url.rsplit("/", 1)[1] == entry.filename
+        assert entry.hash_algorithm == "sha256"
+        assert entry.licence == "Apache-2.0"
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"url": "http://example.org/x.pth"}, "https://"),
+        ({"config": "vit_g"}, "config"),
+        ({"known_hash": "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912"}, "algorithm"),
+        ({"known_hash": "sha256:abc"}, "64 lower-case hex"),
+        ({"known_hash": "sha1:" + "0" * 40}, "algorithm"),
+        ({"filename": "../x.pth"}, "bare file name"),
+    ],
+)
+def test_model_entry_rejects_malformed_fields(change, message):
+    fields = dict(
+        name="x", config="vit_b", url="https://example.org/x.pth", known_hash="md5:" + "0" * 32,
+        filename="x.pth", description="d", licence="MIT",
+    )  # fmt: skip
+    fields.update(change)
+    with pytest.raises(ValueError, match=message):
+        ModelEntry(**fields)
+
+
+def test_unknown_name_lists_the_available_ones(cache):
+    with pytest.raises(UnknownModelError) as info:
+        fetch_checkpoint("vit_z")
+    assert isinstance(info.value, KeyError) and isinstance(info.value, ValueError)
+    text = str(info.value)
+    assert "'vit_z'" in text and "vit_b_lm" in text and "vit_t_em_organelles" in text
+    assert not text.startswith('"')  # not KeyError's quoted form
+    with pytest.raises(KeyError):
+        checkpoint_path("vit_z")
+
+
+# --- the cache folder ---------------------------------------------------------------
+
+
+def test_cache_dir_follows_the_environment_variable(tmp_path, monkeypatch):
+    monkeypatch.setenv(weights.CACHE_ENV_VAR, str(tmp_path / "elsewhere"))
+    assert cache_dir() == tmp_path / "elsewhere"
+    assert checkpoint_path("vit_b") == tmp_path / "elsewhere" / "sam_vit_b_01ec64.pth"
+    monkeypatch.delenv(weights.CACHE_ENV_VAR)
+    assert cache_dir() == Path(pooch.os_cache("napari-sam"))
+    monkeypatch.setenv(weights.CACHE_ENV_VAR, "")  # empty means unset
+    assert cache_dir() == Path(pooch.os_cache("napari-sam"))
+
+
+def test_importing_weights_loads_neither_torch_nor_pooch():
+    code = "import sys, napari_sam.weights; print(sorted(m for m in ('torch', 'pooch') if m in sys.modules))"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+# --- fetching -----------------------------------------------------------------------
+
+
+def test_cached_file_with_matching_hash_is_returned_without_network(cache, monkeypatch):
+    entry = register(monkeypatch)
+    cache.mkdir(parents=True)
+    (cache / entry.filename).write_bytes(PAYLOAD)
+    forbid_downloads(monkeypatch)
+    path = fetch_checkpoint("fake", progress=False)
+    assert path == cache / entry.filename
+    assert path.read_bytes() == PAYLOAD
+
+
+def test_download_lands_in_the_cache_and_is_reused(cache, monkeypatch):
+    entry = register(monkeypatch)
+    calls = serve(monkeypatch, PAYLOAD)
+    path = fetch_checkpoint("fake", progress=False)
+    assert path == cache / entry.filename and path.read_bytes() == PAYLOAD
+    assert calls == [UNREACHABLE]
+    assert fetch_checkpoint("fake") == path
+    assert calls == [UNREACHABLE]  # the second call found the verified file
+    assert sorted(p.name for p in cache.iterdir()) == [entry.filename]  # no temporary left
+
+
+def test_offline_failure_names_url_file_and_path(cache, monkeypatch):
+    entry = register(monkeypatch)
+    with pytest.raises(CheckpointDownloadError) as info:
+        fetch_checkpoint("fake", progress=False)  # the real downloader, against a refused local port
+    assert not isinstance(info.value, ChecksumMismatchError)
+    text = str(info.value)
+    assert UNREACHABLE in text
+    assert entry.filename in text
+    assert str(cache / entry.filename) in text
+    assert weights.CACHE_ENV_VAR in text
+    assert not (cache / entry.filename).exists()
+
+
+def test_offline_failure_mentions_a_present_file_with_the_wrong_checksum(cache, monkeypatch):
+    entry = register(monkeypatch)
+    cache.mkdir(parents=True)
+    (cache / entry.filename).write_bytes(b"truncated")
+
+    def downloader(progress):
+        def refuse(url, output_file, pooch_instance):
+            raise ConnectionError("network is unreachable")
+
+        return refuse
+
+    monkeypatch.setattr(weights, "_downloader", downloader)
+    with pytest.raises(CheckpointDownloadError, match="checksum does not match") as info:
+        fetch_checkpoint("fake", progress=False)
+    assert "network is unreachable" in str(info.value)
+    assert (cache / entry.filename).read_bytes() == b"truncated"  # left for the user to replace
+
+
+def test_hash_mismatch_raises_and_keeps_nothing(cache, monkeypatch):
+    entry = register(monkeypatch)
+    serve(monkeypatch, PAYLOAD + b"tampered")
+    with pytest.raises(ChecksumMismatchError) as info:
+        fetch_checkpoint("fake", progress=False)
+    assert isinstance(info.value, CheckpointDownloadError) and isinstance(info.value, RuntimeError)
+    assert UNREACHABLE in str(info.value) and str(cache / entry.filename) in str(info.value)
+    assert not (cache / entry.filename).exists()
+    assert list(cache.iterdir()) == []
+
+
+def test_wrong_file_in_cache_is_replaced_by_a_verified_download(cache, monkeypatch):
+    entry = register(monkeypatch)
+    cache.mkdir(parents=True)
+    (cache / entry.filename).write_bytes(b"an older file")
+    calls = serve(monkeypatch, PAYLOAD)
+    assert fetch_checkpoint("fake", progress=False).read_bytes() == PAYLOAD
+    assert len(calls) == 1
+
+
+def test_xxh128_entries_ask_for_xxhash_when_it_is_missing(cache, monkeypatch):
+    monkeypatch.setitem(sys.modules, "xxhash", None)  # makes `import xxhash` fail
+    forbid_downloads(monkeypatch)
+    with pytest.raises(CheckpointDownloadError, match="pip install xxhash") as info:
+        fetch_checkpoint("vit_b_lm")
+    assert str(checkpoint_path("vit_b_lm")) in str(info.value)
+
+
+def test_xxh128_cached_file_is_verified_when_xxhash_is_installed(cache, monkeypatch):
+    xxhash = pytest.importorskip("xxhash")
+    name = "fake_xxh"
+    entry = ModelEntry(
+        name=name, config="vit_t", url=UNREACHABLE, known_hash="xxh128:" + xxhash.xxh128(PAYLOAD).hexdigest(),
+        filename="fake_xxh.pt", description="d", licence="CC-BY-4.0",
+    )  # fmt: skip
+    monkeypatch.setitem(REGISTRY, name, entry)
+    cache.mkdir(parents=True)
+    (cache / entry.filename).write_bytes(PAYLOAD)
+    forbid_downloads(monkeypatch)
+    assert fetch_checkpoint(name).read_bytes() == PAYLOAD
