@@ -227,8 +227,10 @@ class TwoWayTransformer(nn.Module):
         image_pe
             (1, C, h, w) positional encoding of the grid.
         """
-        keys = image_embedding.flatten(2).transpose(1, 2)
-        key_pe = image_pe.flatten(2).transpose(1, 2)
+        # Contiguous token-major copies: every click reads them several times, and
+        # strided (transposed) reads are several times slower on a CPU.
+        keys = image_embedding.flatten(2).transpose(1, 2).contiguous()
+        key_pe = image_pe.flatten(2).transpose(1, 2).contiguous()
         first = self.layers[0]
         k = keys + key_pe
         return ImageContext(
