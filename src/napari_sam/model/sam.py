@@ -57,6 +57,11 @@ class Sam(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(config.pixel_mean).view(-1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(config.pixel_std).view(-1, 1, 1), persistent=False)
 
+    def init_non_persistent_buffers(self) -> None:
+        """Rebuild the normalisation constants (not stored in checkpoints)."""
+        self.pixel_mean = torch.tensor(self.config.pixel_mean).view(-1, 1, 1)
+        self.pixel_std = torch.tensor(self.config.pixel_std).view(-1, 1, 1)
+
     @property
     def device(self) -> torch.device:
         return self.pixel_mean.device
@@ -187,9 +192,10 @@ def sam_from_state_dict(
         model = build_sam(config)
     check_state_dict(model.state_dict(), state_dict)
     model.load_state_dict(state_dict, strict=True, assign=True)
-    # Buffers that are not in the checkpoint were created on meta: rebuild them.
-    model.pixel_mean = torch.tensor(model.config.pixel_mean).view(-1, 1, 1)
-    model.pixel_std = torch.tensor(model.config.pixel_std).view(-1, 1, 1)
+    # Buffers that are not in checkpoints were created on meta: rebuild them.
+    for module in model.modules():
+        if hasattr(module, "init_non_persistent_buffers"):
+            module.init_non_persistent_buffers()
     for name, buf in list(model.named_buffers()):
         if buf.is_meta:
             raise CheckpointError(f"buffer {name} is neither in the checkpoint nor rebuilt")

@@ -1,0 +1,44 @@
+"""Imports flow one way: model (torch only) <- core (no Qt, no napari) <- the napari layer."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parents[1] / "src" / "napari_sam"
+STDLIB = set(sys.stdlib_module_names)
+GUI = {"napari", "qtpy", "PyQt5", "PyQt6", "PySide2", "PySide6", "magicgui", "superqt", "vispy", "npe2"}
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("path", sorted((PKG / "model").glob("*.py")), ids=lambda p: p.name)
+def test_model_imports_only_torch(path):
+    assert _imports(path) - STDLIB - {"torch", "__future__"} == set()
+
+
+@pytest.mark.parametrize("path", sorted((PKG / "core").glob("*.py")), ids=lambda p: p.name)
+def test_core_never_imports_gui(path):
+    assert _imports(path) & GUI == set()
+
+
+def test_core_and_model_have_modules():
+    assert len(list((PKG / "model").glob("*.py"))) >= 6
+    assert len(list((PKG / "core").glob("*.py"))) >= 5
+
+
+def test_importing_the_package_loads_neither_torch_nor_qt():
+    code = "import sys, napari_sam, napari_sam.weights; print(sorted(m for m in ('torch', 'qtpy', 'PyQt5', 'napari') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
