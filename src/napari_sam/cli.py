@@ -109,8 +109,10 @@ def _segment(args) -> int:
     for i, obj in enumerate(objects, start=1):
         result = predictor.predict(**obj.predict_kwargs(), multimask=obj.box is None and len(obj.points) == 1)
         best = int(result.best)
-        written = paint(labels, result.masks[best], i)
-        print(f"object {i}: {written} px, predicted IoU {result.iou[best]:.3f}")
+        mask = result.best_mask()
+        written = paint(labels, mask, i)
+        kept = "" if written == mask.sum() else f" ({int(mask.sum()) - written} px already taken by earlier objects)"
+        print(f"object {i}: {written} px{kept}, predicted IoU {result.iou[best]:.3f}")
     out = write_labels(args.out, labels, overwrite=args.overwrite)
     print(f"wrote {len(objects)} object(s) to {out}")
     return 0
