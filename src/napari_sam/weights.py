@@ -149,39 +149,32 @@ def _micro_sam(name: str, config: str, model_id: str, version: str, xxh128: str,
     )
 
 
+def _meta_sam(config: str, stem: str, sha256: str, size: int, what: str) -> ModelEntry:
+    return ModelEntry(
+        name=config,
+        config=config,
+        url=f"https://dl.fbaipublicfiles.com/segment_anything/{stem}.pth",
+        known_hash=f"sha256:{sha256}",
+        filename=f"{stem}.pth",
+        description=f"Segment Anything {what}",
+        licence="Apache-2.0",
+        homepage=_SAM_HOME,
+        size_bytes=size,
+    )
+
+
 _ENTRIES = (
-    ModelEntry(
-        name="vit_b",
-        config="vit_b",
-        url="https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
-        known_hash="sha256:ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912",
-        filename="sam_vit_b_01ec64.pth",
-        description="Segment Anything ViT-B (Meta, 91M parameters): the fast general-purpose model",
-        licence="Apache-2.0",
-        homepage=_SAM_HOME,
-        size_bytes=375_042_383,
+    _meta_sam(
+        "vit_b", "sam_vit_b_01ec64", "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912",
+        375_042_383, "ViT-B (Meta, 91M parameters): the fast general-purpose model",
     ),
-    ModelEntry(
-        name="vit_l",
-        config="vit_l",
-        url="https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth",
-        known_hash="sha256:3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622",
-        filename="sam_vit_l_0b3195.pth",
-        description="Segment Anything ViT-L (Meta, 308M parameters)",
-        licence="Apache-2.0",
-        homepage=_SAM_HOME,
-        size_bytes=1_249_524_607,
+    _meta_sam(
+        "vit_l", "sam_vit_l_0b3195", "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622",
+        1_249_524_607, "ViT-L (Meta, 308M parameters)",
     ),
-    ModelEntry(
-        name="vit_h",
-        config="vit_h",
-        url="https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
-        known_hash="sha256:a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e",
-        filename="sam_vit_h_4b8939.pth",
-        description="Segment Anything ViT-H (Meta, 636M parameters): the most accurate, the slowest",
-        licence="Apache-2.0",
-        homepage=_SAM_HOME,
-        size_bytes=2_564_550_879,
+    _meta_sam(
+        "vit_h", "sam_vit_h_4b8939", "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e",
+        2_564_550_879, "ViT-H (Meta, 636M parameters): the most accurate, the slowest",
     ),
     ModelEntry(
         name="vit_t",

@@ -34,3 +34,14 @@ class LayerNorm2d(nn.Module):
         # mean/var/sqrt chain, same arithmetic.
         y = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias, self.eps)
         return y.permute(0, 3, 1, 2)
+
+
+def neck(in_dim: int, out_chans: int) -> nn.Sequential:
+    """SAM's encoder neck: 1x1 conv, LayerNorm2d, 3x3 conv, LayerNorm2d (keys ``neck.0`` to
+    ``neck.3``), shared by the ViT and TinyViT encoders."""
+    return nn.Sequential(
+        nn.Conv2d(in_dim, out_chans, kernel_size=1, bias=False),
+        LayerNorm2d(out_chans),
+        nn.Conv2d(out_chans, out_chans, kernel_size=3, padding=1, bias=False),
+        LayerNorm2d(out_chans),
+    )

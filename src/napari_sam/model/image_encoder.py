@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import MLPBlock, LayerNorm2d
+from .common import MLPBlock, neck
 from .config import ViTConfig
 
 # Global blocks build an additive bias of (heads, N, N) floats; heads are processed in
@@ -56,12 +56,7 @@ class ImageEncoderViT(nn.Module):
             )
             for i in range(c.depth)
         )
-        self.neck = nn.Sequential(
-            nn.Conv2d(c.embed_dim, c.out_chans, kernel_size=1, bias=False),
-            LayerNorm2d(c.out_chans),
-            nn.Conv2d(c.out_chans, c.out_chans, kernel_size=3, padding=1, bias=False),
-            LayerNorm2d(c.out_chans),
-        )
+        self.neck = neck(c.embed_dim, c.out_chans)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)  # B, H, W, C (channels last throughout the blocks)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LayerNorm2d
+from .common import neck
 from .config import TinyViTConfig
 
 # MobileSAM keeps the resolution when merging into these widths (the last stage).
@@ -205,12 +205,7 @@ class TinyViT(nn.Module):
         # ImageNet classification head of the checkpoints: loaded, never used.
         self.norm_head = nn.LayerNorm(dims[-1])
         self.head = nn.Linear(dims[-1], 1000)
-        self.neck = nn.Sequential(
-            nn.Conv2d(dims[-1], c.out_chans, kernel_size=1, bias=False),
-            LayerNorm2d(c.out_chans),
-            nn.Conv2d(c.out_chans, c.out_chans, kernel_size=3, padding=1, bias=False),
-            LayerNorm2d(c.out_chans),
-        )
+        self.neck = neck(dims[-1], c.out_chans)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)
