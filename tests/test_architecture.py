@@ -42,3 +42,13 @@ def test_importing_the_package_loads_neither_torch_nor_qt():
     code = "import sys, napari_sam, napari_sam.weights; print(sorted(m for m in ('torch', 'qtpy', 'PyQt5', 'napari') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+def test_public_api_resolves_lazily():
+    code = (
+        "import sys, napari_sam; assert 'torch' not in sys.modules; "
+        "from napari_sam import load_model, Predictor, list_models; "
+        "print(load_model.__module__, Predictor.__name__, len(list_models()) > 5)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "napari_sam.core.models Predictor True"

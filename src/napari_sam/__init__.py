@@ -2,8 +2,32 @@
 
 The package is layered: :mod:`napari_sam.model` (torch only) holds SAM itself,
 :mod:`napari_sam.core` the headless machinery (preprocessing, prediction, loading, I/O),
-:mod:`napari_sam.cli` the command line, and the napari plugin sits on top. Importing
-this package loads neither torch nor Qt.
+:mod:`napari_sam.cli` the command line, and the napari plugin sits on top.
+
+The names below are imported on first use, so ``import napari_sam`` loads neither torch
+nor Qt (napari imports every plugin's package when it reads manifests).
+
+>>> from napari_sam import load_model, Predictor     # doctest: +SKIP
 """
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "load_model": "napari_sam.core.models",
+    "Predictor": "napari_sam.core.predictor",
+    "ImageEmbedding": "napari_sam.core.predictor",
+    "Prediction": "napari_sam.core.predictor",
+    "Normalization": "napari_sam.core.preprocess",
+    "list_models": "napari_sam.weights",
+    "fetch_checkpoint": "napari_sam.weights",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'napari_sam' has no attribute {name!r}")
