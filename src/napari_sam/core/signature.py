@@ -1,0 +1,125 @@
+"""What an embedding cache was computed from, and a cheap fingerprint of the image.
+
+A cache is only reused when every field of its :class:`CacheSignature` equals the
+request's; otherwise :meth:`CacheSignature.differences` says which fields differ, so the
+caller can recompute or report. The image fingerprint never reads the whole image: it
+hashes the shape, dtype and chunking with a fixed sample of chunks (corners, centre and
+an even spread), which for a Zarr or dask volume means reading a few chunks, not the
+volume (hashing everything would load a terabyte to check a cache).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+
+__all__ = ["CacheSignature", "fingerprint"]
+
+_SAMPLED_CHUNKS = 16
+
+
+def _chunk_shape(array) -> tuple[int, ...]:
+    chunks = getattr(array, "chunks", None)
+    if chunks is None:
+        return tuple(array.shape)
+    if chunks and isinstance(chunks[0], tuple):  # dask: a tuple of block sizes per axis
+        return tuple(int(c[0]) if c else 0 for c in chunks)
+    return tuple(int(c) for c in chunks)
+
+
+def fingerprint(array, samples: int = _SAMPLED_CHUNKS) -> str:
+    """A hash of an array's shape, dtype, chunking and a fixed sample of its chunks.
+
+    Parameters
+    ----------
+    array
+        numpy, dask or zarr array (anything with ``shape``, ``dtype`` and slicing).
+    samples
+        How many chunks to read at most (the first, the last, the centre and an even
+        spread between them).
+
+    Returns
+    -------
+    str
+        ``"blake2b:<hex>"``. Equal arrays give equal fingerprints; a change inside a
+        sampled chunk, or to the shape, dtype or chunking, changes it.
+    """
+    shape = tuple(int(s) for s in array.shape)
+    chunk = _chunk_shape(array)
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(json.dumps({"shape": shape, "dtype": str(np.dtype(array.dtype)), "chunks": chunk}).encode())
+    if 0 in shape:
+        return "blake2b:" + digest.hexdigest()
+    grid = [max(1, -(-s // max(c, 1))) for s, c in zip(shape, chunk)]
+    total = int(np.prod(grid))
+    picks = sorted({0, total - 1, total // 2, *np.linspace(0, total - 1, min(samples, total)).astype(int).tolist()})
+    for flat in picks[: max(samples, 3)]:
+        idx = np.unravel_index(flat, grid)
+        region = tuple(slice(i * c, min((i + 1) * c, s)) for i, c, s in zip(idx, chunk, shape))
+        block = np.ascontiguousarray(np.asarray(array[region]))
+        digest.update(repr(region).encode())
+        digest.update(block.tobytes())
+    return "blake2b:" + digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class CacheSignature:
+    """Everything an embedding depends on.
+
+    Attributes
+    ----------
+    model, checkpoint
+        Model name and checkpoint checksum (``ModelSource.name``, ``ModelSource.checksum``).
+    dtype
+        Encoder precision name.
+    normalization
+        Intensity normalisation settings, as a JSON-able dict (``dataclasses.asdict`` of a
+        :class:`~napari_sam.core.preprocess.Normalization`, plus limits if fixed).
+    tile, halo
+        Tiling of each plane (0 tile: untiled).
+    shape, dtype_in, axes
+        The image: shape, dtype name and axis names (e.g. ``"ZYX"``).
+    image_fingerprint
+        :func:`fingerprint` of the image.
+    """
+
+    model: str
+    checkpoint: str
+    dtype: str
+    normalization: dict
+    tile: int
+    halo: int
+    shape: tuple[int, ...]
+    dtype_in: str
+    axes: str
+    image_fingerprint: str
+
+    def to_json(self) -> dict:
+        """Plain JSON-able form (for Zarr attributes)."""
+        out = asdict(self)
+        out["shape"] = list(self.shape)
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict) -> "CacheSignature":
+        """Inverse of :meth:`to_json`; unknown or missing fields raise ValueError."""
+        names = {f.name for f in fields(cls)}
+        if set(data) != names:
+            raise ValueError(
+                f"not an embedding cache signature: missing {sorted(names - set(data))}, unexpected {sorted(set(data) - names)}"
+            )
+        data = dict(data)
+        data["shape"] = tuple(int(s) for s in data["shape"])
+        return cls(**data)
+
+    def differences(self, other: "CacheSignature") -> list[str]:
+        """Human-readable list of the fields that differ: ``"tile: 1024 (cache) vs 512 (request)"``."""
+        out = []
+        for f in fields(self):
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            if a != b:
+                out.append(f"{f.name}: {a!r} (cache) vs {b!r} (request)")
+        return out
