@@ -59,3 +59,19 @@ def test_signature_round_trip_and_differences():
         data = sig.to_json()
         del data["axes"]
         CacheSignature.from_json(data)
+
+
+def test_numpy_volumes_are_sampled_too():
+    vol = np.zeros((40, 1024, 1024), np.uint8)
+
+    class Spy(np.ndarray):
+        reads = 0
+
+        def __getitem__(self, idx):
+            out = super().__getitem__(idx)
+            Spy.reads += np.asarray(out).size
+            return out
+
+    spy = vol.view(Spy)
+    fingerprint(spy)
+    assert 0 < Spy.reads <= 16 * 512 * 512

@@ -24,7 +24,10 @@ _SAMPLED_CHUNKS = 16
 def _chunk_shape(array) -> tuple[int, ...]:
     chunks = getattr(array, "chunks", None)
     if chunks is None:
-        return tuple(array.shape)
+        # In-memory arrays get virtual chunks (one 512x512 block of one plane), so that
+        # a large numpy volume is sampled too, not hashed whole.
+        shape = tuple(array.shape)
+        return tuple(1 for _ in shape[:-2]) + tuple(min(s, 512) for s in shape[-2:])
     if chunks and isinstance(chunks[0], tuple):  # dask: a tuple of block sizes per axis
         return tuple(int(c[0]) if c else 0 for c in chunks)
     return tuple(int(c) for c in chunks)
