@@ -32,5 +32,5 @@ def nuclei_3d():
 
 def nuclei_3d_with_labels():
     """The 3D nuclei and their ground-truth instance labels."""
-    meta = {"name": "nuclei 3D ground truth", "scale": NUCLEI_3D_SCALE, "opacity": 0.5}
+    meta = {"name": "nuclei 3D ground truth", "scale": NUCLEI_3D_SCALE, "units": "um", "opacity": 0.5}
     return nuclei_3d() + [(_read("nuclei_3d_labels.tif"), meta, "labels")]
