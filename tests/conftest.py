@@ -40,3 +40,37 @@ def tiny_checkpoint(tmp_path_factory, tiny_sam):
     path = tmp_path_factory.mktemp("ckpt") / "tiny_sam.pth"
     torch.save(tiny_sam.state_dict(), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_checkpoint):
+    """The tiny SAM loaded from its file, as users load models (it knows its checkpoint)."""
+    from napari_sam.core.models import load_model
+
+    return load_model(tiny_checkpoint, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def nuclei_3d(shared_dir):
+    """Real 3D nuclei (GoNuclear crop, 100^3 uint8) and their instance labels."""
+    import tifffile
+
+    folder = shared_dir / "data" / "gonuclear_3d"
+    image = tifffile.imread(next((folder / "images").glob("*.tif")))
+    labels = tifffile.imread(next((folder / "labels").glob("*.tif")))
+    return image, labels
+
+
+@pytest.fixture(scope="session")
+def nuclei_2d(shared_dir):
+    """A real 2D fluorescence image (DSB 2018, 512x512 uint16, 125 nuclei) and its labels."""
+    import tifffile
+
+    folder = shared_dir / "data" / "stardist_bundled"
+    return tifffile.imread(folder / "img2d.tif"), tifffile.imread(folder / "mask2d.tif")
+
+
+@pytest.fixture(autouse=True)
+def _private_cache_dir(tmp_path_factory, monkeypatch):
+    """Every test gets its own cache folder: nothing lands in the user's cache."""
+    monkeypatch.setenv("NAPARI_SAM_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))

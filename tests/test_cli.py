@@ -81,3 +81,43 @@ def test_unknown_model_names_the_choices(tmp_path, image_file, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert "vit_zz" in err and "vit_b" in err
+
+
+def test_embed_then_info_then_resume(tmp_path, tiny_checkpoint, nuclei_3d, capsys):
+    import zarr
+
+    vol = tmp_path / "vol.zarr"
+    z = zarr.create_array(str(vol), shape=(3, 100, 100), dtype="uint8", chunks=(1, 50, 50), zarr_format=2)
+    z[...] = nuclei_3d[0][:3]
+    cache = tmp_path / "cache.zarr"
+    args = ["embed", str(vol), "--model", str(tiny_checkpoint), "--dtype", "float32", "--tile", "40", "--halo", "8",
+            "--out", str(cache)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "3x100x100 ZYX uint8" in out and "3x3 tile(s) per plane" in out and "27 tile(s) cached" in out
+    assert main(["info", str(cache)]) == 0
+    info = capsys.readouterr().out
+    assert "27/27 present" in info and "tile 40 + halo 8" in info and "tiny_sam.pth" in info
+    features = np.asarray(zarr.open_group(str(cache), mode="r")[info.split("]")[0].lstrip("[")]["features"][...])
+    assert features.shape == (3, 3, 3, 256, 64, 64) and np.abs(features).sum(axis=(3, 4, 5)).min() > 0
+    assert main(args) == 0  # nothing left to do
+    assert "27 tile(s) cached" in capsys.readouterr().out
+
+
+def test_embed_refuses_bad_requests(tmp_path, tiny_checkpoint, nuclei_3d, capsys):
+    import tifffile
+
+    path = tmp_path / "vol.tif"
+    tifffile.imwrite(path, nuclei_3d[0][:2])
+    assert main(["embed", str(tmp_path / "missing.tif"), "--model", str(tiny_checkpoint)]) == 2
+    assert "no such image" in capsys.readouterr().err
+    assert main(["embed", str(path), "--model", str(tiny_checkpoint), "--axes", "YX"]) == 2
+    assert "name 2 axes" in capsys.readouterr().err
+    (tmp_path / "notes").mkdir()
+    assert main(["embed", str(path), "--model", str(tiny_checkpoint), "--out", str(tmp_path / "notes")]) == 2
+    assert "not a Zarr v3 store" in capsys.readouterr().err
+    assert main(["embed", str(path), "--model", str(tiny_checkpoint), "--tile", "32", "--halo", "4", "--out", str(tmp_path / "c.zarr")]) == 0
+    capsys.readouterr()
+    assert main(["embed", str(path), "--model", str(tiny_checkpoint), "--tile", "50", "--out", str(tmp_path / "c.zarr"),
+                 "--on-mismatch", "error"]) == 2
+    assert "tile: 32 (cache) vs 50 (request)" in capsys.readouterr().err

@@ -18,6 +18,9 @@ _LAZY = {
     "ImageEmbedding": "napari_sam.core.predictor",
     "Prediction": "napari_sam.core.predictor",
     "Normalization": "napari_sam.core.preprocess",
+    "Embeddings": "napari_sam.core.embeddings",
+    "ImageSource": "napari_sam.core.image_source",
+    "PlaneMask": "napari_sam.core.tiled_segmentation",
     "list_models": "napari_sam.weights",
     "fetch_checkpoint": "napari_sam.weights",
 }

@@ -2,6 +2,8 @@
 
     napari-sam models
     napari-sam segment IMAGE --model NAME_OR_CHECKPOINT --point X Y [--box X0 Y0 X1 Y1] --out labels.tif
+    napari-sam embed IMAGE --model NAME_OR_CHECKPOINT --out CACHE.zarr [--axes ZYX] [--scheduler local:2]
+    napari-sam info CACHE.zarr
 
 Coordinates are pixels of the image as (x, y), that is (column, row).
 """
@@ -52,6 +54,28 @@ def _parser() -> argparse.ArgumentParser:
     seg.add_argument("--channel", type=int, help="channel to use in a multichannel image (channels last)")
     seg.add_argument("--out", required=True, help="label image to write: .tif, .zarr or .npy")
     seg.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    emb = sub.add_parser(
+        "embed",
+        help="compute the SAM embeddings of every plane (tile by tile) into a Zarr cache",
+        description="Resumable: run it again after an interruption and only missing or damaged tiles are "
+        "computed. A cache computed differently (another model, tiling, image...) is kept beside the new "
+        "entries unless --on-mismatch says otherwise.",
+    )
+    emb.add_argument("image", help="Zarr (v2, v3, OME-Zarr), TIFF, .npy, PNG or JPEG")
+    _add_model_args(emb)
+    emb.add_argument("--out", help="cache folder (.zarr); default: beside a Zarr image, else the user cache")
+    emb.add_argument("--axes", help="axis letters from TZCYX, e.g. ZYX (default: OME-Zarr metadata or a guess from the shape)")
+    emb.add_argument("--channel", type=int, help="channel to embed when the image has a C axis")
+    emb.add_argument("--tile", type=int, default=None, help="tile interior side in pixels (default 768)")
+    emb.add_argument("--halo", type=int, default=None, help="context around each tile in pixels (default 128)")
+    emb.add_argument("--planes", type=int, nargs="*", metavar="I", help="flat plane numbers to embed (default: all)")
+    emb.add_argument("--storage", choices=["float32", "float16"], default="float32", help="stored precision")
+    emb.add_argument("--statistics", choices=["volume", "plane"], default="volume", help="where intensity percentiles come from")
+    emb.add_argument("--on-mismatch", choices=["keep", "error", "replace"], default="keep", help="what to do with entries computed differently")
+    emb.add_argument("--scheduler", help="local:N for N worker processes, or a dask scheduler address (default: here, serially)")
+
+    info = sub.add_parser("info", help="show what an embedding cache holds")
+    info.add_argument("cache")
     return parser
 
 
@@ -118,6 +142,47 @@ def _segment(args) -> int:
     return 0
 
 
+def _embed(args) -> int:
+    from .core.embeddings import DEFAULT_HALO, DEFAULT_TILE, Embeddings
+    from .core.image_source import ImageSource
+    from .core.models import load_model
+
+    source = ImageSource.open(args.image, axes=args.axes, channel=args.channel)
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    emb = Embeddings(
+        source,
+        model,
+        args.out,
+        tile=args.tile or DEFAULT_TILE,
+        halo=DEFAULT_HALO if args.halo is None else args.halo,
+        statistics=args.statistics,
+        storage=args.storage,
+        on_mismatch=args.on_mismatch,
+    )
+    rows, cols = emb.grid.grid_shape
+    print(f"{source.describe()}; {rows}x{cols} tile(s) per plane; cache {emb.cache_path} ({emb.store.key})")
+    t0 = time.perf_counter()
+    done = emb.compute_all(planes=args.planes, scheduler=args.scheduler)
+    print(f"{done} tile(s) cached in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _info(args) -> int:
+    from .core.embedding_store import describe_cache
+
+    entries = describe_cache(args.cache)
+    if not entries:
+        print(f"{args.cache}: an embedding cache with no entries yet")
+    for e in entries:
+        s = e["signature"]
+        print(f"[{e['key']}] {s['model']} ({s['dtype']}, {s['checkpoint'][:23]}...)")
+        print(f"  image     {'x'.join(map(str, s['shape']))} {s['axes']} {s['dtype_in']}, channel {s['channel']}, {s['image_fingerprint'][:23]}...")
+        print(f"  tiles     {e['layout'][1]}x{e['layout'][2]} per plane, tile {s['tile']} + halo {s['halo']}")
+        print(f"  intensity {s['normalization']}")
+        print(f"  entries   {e['present']}/{e['total']} present, {e['bytes'] / 2**20:.1f} MiB on disk, stored as {s['storage']}")
+    return 0
+
+
 def _models(args) -> int:
     from .weights import list_models
 
@@ -136,7 +201,7 @@ def _download(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     args = _parser().parse_args(argv)
-    handlers = {"segment": _segment, "models": _models, "download": _download}
+    handlers = {"segment": _segment, "models": _models, "download": _download, "embed": _embed, "info": _info}
     try:
         return handlers[args.command](args)
     except (ValueError, FileExistsError, KeyError, RuntimeError) as err:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["read_image", "write_labels", "label_dtype"]
+__all__ = ["read_image", "image_axes", "write_labels", "label_dtype"]
 
 _TIFF = (".tif", ".tiff")
 _IMAGE = (".png", ".jpg", ".jpeg", ".bmp")
@@ -63,20 +63,45 @@ def read_image(path: str | os.PathLike):
     raise ValueError(f"cannot read {path}: use TIFF, Zarr, .npy, PNG or JPEG")
 
 
+def _multiscales(group) -> list | None:
+    """OME-Zarr multiscales metadata (NGFF 0.4 in the attributes, 0.5 under ``ome``)."""
+    attrs = dict(group.attrs)
+    return attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales")
+
+
 def _open_zarr_image(path: Path):
     import zarr
 
     node = zarr.open(str(path), mode="r")
     if isinstance(node, zarr.Array):
         return node
-    attrs = dict(node.attrs)
-    multiscales = attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales")
+    multiscales = _multiscales(node)
     if multiscales:
         return node[multiscales[0]["datasets"][0]["path"]]
     arrays = list(node.array_keys())
     if len(arrays) == 1:
         return node[arrays[0]]
     raise ValueError(f"{path} is a Zarr group with arrays {arrays}: give the path of one array")
+
+
+def image_axes(path: str | os.PathLike) -> str | None:
+    """Axis names (e.g. ``"TCZYX"``) that an OME-Zarr image declares, or None.
+
+    Only OME-Zarr says what its axes are; for other files the caller names them.
+    """
+    path = Path(path).expanduser()
+    if not _is_zarr(path):
+        return None
+    import zarr
+
+    node = zarr.open(str(path), mode="r")
+    if isinstance(node, zarr.Array):
+        return None
+    multiscales = _multiscales(node)
+    if not multiscales or "axes" not in multiscales[0]:
+        return None
+    names = [a["name"] if isinstance(a, dict) else a for a in multiscales[0]["axes"]]
+    return "".join(str(n)[0].upper() for n in names)
 
 
 def label_dtype(max_id: int) -> np.dtype:

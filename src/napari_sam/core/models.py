@@ -12,7 +12,7 @@ import torch
 
 from ..model import Sam, infer_config, sam_from_state_dict
 
-__all__ = ["DTYPES", "ModelSource", "load_model", "resolve_device", "resolve_dtype", "native_bfloat16"]
+__all__ = ["DTYPES", "ModelSource", "load_model", "model_identity", "resolve_device", "resolve_dtype", "native_bfloat16"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 """Encoder precisions by name. float32 reproduces the official outputs; bfloat16 halves
@@ -164,3 +164,20 @@ def load_model(
     model.source = ModelSource(name=name, path=str(path), dtype=dtype_name)
     model.checkpoint_metadata = dict(checkpoint.metadata)
     return model
+
+
+def model_identity(model: Sam) -> tuple[str, str, str]:
+    """(name, checksum, encoder precision) of a model: what cached embeddings depend on.
+
+    A model loaded from a file is identified by the file's checksum; one built in memory
+    (tests, a model being trained) by a hash of its weights.
+    """
+    dtype = next(k for k, v in DTYPES.items() if v == model.encoder_dtype)
+    source = getattr(model, "source", None)
+    if source is not None:
+        return source.name, source.checksum, dtype
+    digest = hashlib.blake2b(digest_size=16)
+    for key, value in sorted(model.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(value.detach().float().cpu().contiguous().numpy().tobytes())
+    return getattr(model.config, "name", None) or "in-memory", "blake2b:" + digest.hexdigest(), dtype

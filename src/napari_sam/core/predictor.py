@@ -17,6 +17,7 @@ from ..model.sam import Sam
 from ..model.transformer import ImageContext
 from .allocator import keep_freed_memory_for_reuse
 from .preprocess import Normalization, prepare_plane, preprocess_shape
+from .prompts import check_boxes, check_points_inside
 
 __all__ = ["ImageEmbedding", "Prediction", "Predictor"]
 
@@ -298,7 +299,7 @@ class Predictor:
             pts = np.asarray(points, dtype=np.float64)
             if pts.ndim != 3 or pts.shape[-1] != 2 or pts.shape[1] == 0:
                 raise ValueError(f"points must have shape (B, N, 2) with N >= 1, got {pts.shape}")
-            _check_points_inside(pts.reshape(-1, 2), H, W)
+            check_points_inside(pts.reshape(-1, 2), H, W)
             lbl = np.ones(pts.shape[:2], np.int64) if labels is None else np.asarray(labels)
             if lbl.shape != pts.shape[:2]:
                 raise ValueError(f"labels have shape {lbl.shape}, expected {pts.shape[:2]} to match the points")
@@ -308,7 +309,7 @@ class Predictor:
             t_labels = torch.as_tensor(lbl.astype(np.int64), device=self.device)
             batch.append(pts.shape[0])
         if boxes is not None:
-            bxs = _check_boxes(np.asarray(boxes, dtype=np.float64), H, W)
+            bxs = check_boxes(np.asarray(boxes, dtype=np.float64), H, W)
             t_boxes = torch.as_tensor(bxs * np.tile(scale, 2), dtype=torch.float32, device=self.device)
             batch.append(bxs.shape[0])
         if mask_input is not None:
@@ -343,28 +344,3 @@ class Predictor:
         if self._embedding is None:
             raise RuntimeError("no image is set: call set_image() or set_embedding() before predicting")
         return self._embedding
-
-
-def _check_points_inside(pts: np.ndarray, H: int, W: int) -> None:
-    if not np.isfinite(pts).all():
-        raise ValueError("point coordinates must be finite numbers")
-    outside = (pts[:, 0] < 0) | (pts[:, 0] >= W) | (pts[:, 1] < 0) | (pts[:, 1] >= H)
-    if outside.any():
-        bad = ", ".join(f"({x:g}, {y:g})" for x, y in pts[outside][:5])
-        raise ValueError(
-            f"{int(outside.sum())} point(s) lie outside the {H}x{W} image (coordinates are (x, y), "
-            f"x in [0, {W}), y in [0, {H})): {bad}"
-        )
-
-
-def _check_boxes(boxes: np.ndarray, H: int, W: int) -> np.ndarray:
-    if boxes.ndim != 2 or boxes.shape[1] != 4:
-        raise ValueError(f"boxes must have shape (B, 4) as (x0, y0, x1, y1), got {boxes.shape}")
-    if not np.isfinite(boxes).all():
-        raise ValueError("box coordinates must be finite numbers")
-    if ((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])).any():
-        raise ValueError(f"boxes need x1 > x0 and y1 > y0 (x0, y0, x1, y1), got {boxes.tolist()}")
-    outside = (boxes[:, 2] <= 0) | (boxes[:, 0] >= W) | (boxes[:, 3] <= 0) | (boxes[:, 1] >= H)
-    if outside.any():
-        raise ValueError(f"box(es) {boxes[outside].tolist()} lie entirely outside the {H}x{W} image")
-    return np.clip(boxes, 0, [W, H, W, H])

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["ObjectPrompt", "load_prompts"]
+__all__ = ["ObjectPrompt", "check_boxes", "check_points_inside", "load_prompts"]
 
 
 @dataclass(frozen=True)
@@ -77,3 +77,30 @@ def load_prompts(path: str | os.PathLike) -> list[ObjectPrompt]:
         except ValueError as err:
             raise ValueError(f"{path}: object {i}: {err}") from None
     return out
+
+
+def check_points_inside(pts: np.ndarray, H: int, W: int) -> None:
+    """Raise ValueError naming the (x, y) points outside an H x W plane, or non-finite ones."""
+    if not np.isfinite(pts).all():
+        raise ValueError("point coordinates must be finite numbers")
+    outside = (pts[:, 0] < 0) | (pts[:, 0] >= W) | (pts[:, 1] < 0) | (pts[:, 1] >= H)
+    if outside.any():
+        bad = ", ".join(f"({x:g}, {y:g})" for x, y in pts[outside][:5])
+        raise ValueError(
+            f"{int(outside.sum())} point(s) lie outside the {H}x{W} image (coordinates are (x, y), "
+            f"x in [0, {W}), y in [0, {H})): {bad}"
+        )
+
+
+def check_boxes(boxes: np.ndarray, H: int, W: int) -> np.ndarray:
+    """Validate (B, 4) boxes (x0, y0, x1, y1) on an H x W plane; returns them clipped to it."""
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"boxes must have shape (B, 4) as (x0, y0, x1, y1), got {boxes.shape}")
+    if not np.isfinite(boxes).all():
+        raise ValueError("box coordinates must be finite numbers")
+    if ((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])).any():
+        raise ValueError(f"boxes need x1 > x0 and y1 > y0 (x0, y0, x1, y1), got {boxes.tolist()}")
+    outside = (boxes[:, 2] <= 0) | (boxes[:, 0] >= W) | (boxes[:, 3] <= 0) | (boxes[:, 1] >= H)
+    if outside.any():
+        raise ValueError(f"box(es) {boxes[outside].tolist()} lie entirely outside the {H}x{W} image")
+    return np.clip(boxes, 0, [W, H, W, H])

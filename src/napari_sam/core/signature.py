@@ -16,21 +16,13 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
+from .sampling import chunk_shape, sample_regions
+
 __all__ = ["CacheSignature", "fingerprint"]
 
 _SAMPLED_CHUNKS = 16
-
-
-def _chunk_shape(array) -> tuple[int, ...]:
-    chunks = getattr(array, "chunks", None)
-    if chunks is None:
-        # In-memory arrays get virtual chunks (one 512x512 block of one plane), so that
-        # a large numpy volume is sampled too, not hashed whole.
-        shape = tuple(array.shape)
-        return tuple(1 for _ in shape[:-2]) + tuple(min(s, 512) for s in shape[-2:])
-    if chunks and isinstance(chunks[0], tuple):  # dask: a tuple of block sizes per axis
-        return tuple(int(c[0]) if c else 0 for c in chunks)
-    return tuple(int(c) for c in chunks)
+# A sampled chunk is read up to this side: whole-plane chunks of 16k x 16k stay affordable.
+_MAX_SIDE = 2048
 
 
 def fingerprint(array, samples: int = _SAMPLED_CHUNKS) -> str:
@@ -51,17 +43,10 @@ def fingerprint(array, samples: int = _SAMPLED_CHUNKS) -> str:
         sampled chunk, or to the shape, dtype or chunking, changes it.
     """
     shape = tuple(int(s) for s in array.shape)
-    chunk = _chunk_shape(array)
+    chunk = chunk_shape(array)
     digest = hashlib.blake2b(digest_size=16)
     digest.update(json.dumps({"shape": shape, "dtype": str(np.dtype(array.dtype)), "chunks": chunk}).encode())
-    if 0 in shape:
-        return "blake2b:" + digest.hexdigest()
-    grid = [max(1, -(-s // max(c, 1))) for s, c in zip(shape, chunk)]
-    total = int(np.prod(grid))
-    picks = sorted({0, total - 1, total // 2, *np.linspace(0, total - 1, min(samples, total)).astype(int).tolist()})
-    for flat in picks[: max(samples, 3)]:
-        idx = np.unravel_index(flat, grid)
-        region = tuple(slice(i * c, min((i + 1) * c, s)) for i, c, s in zip(idx, chunk, shape))
+    for region in sample_regions(shape, chunk, samples, max_side=_MAX_SIDE):
         block = np.ascontiguousarray(np.asarray(array[region]))
         digest.update(repr(region).encode())
         digest.update(block.tobytes())
@@ -87,6 +72,11 @@ class CacheSignature:
         The image: shape, dtype name and axis names (e.g. ``"ZYX"``).
     image_fingerprint
         :func:`fingerprint` of the image.
+    channel
+        The channel embedded, for images with a channel axis (None: grayscale or RGB).
+    storage
+        dtype name of the stored features (``"float32"``, or ``"float16"`` to halve the
+        cache at a relative precision of about 1e-3).
     """
 
     model: str
@@ -99,6 +89,8 @@ class CacheSignature:
     dtype_in: str
     axes: str
     image_fingerprint: str
+    channel: int | None = None
+    storage: str = "float32"
 
     def to_json(self) -> dict:
         """Plain JSON-able form (for Zarr attributes)."""

@@ -1,0 +1,281 @@
+"""The embedding cache on disk: a Zarr v3 group of tile embeddings, one entry per tile.
+
+Layout of a cache (a directory ending in ``.zarr``)::
+
+    cache.zarr/                 group; attrs {"napari_sam": {"format": 1}}
+      <key>/                    one group per signature; attrs {"signature": {...}}
+        features                (planes, tile rows, tile cols, 256, 64, 64), one chunk per tile
+        checksums               (planes, tile rows, tile cols) uint64, one chunk per tile
+
+``<key>`` is a hash of the :class:`~napari_sam.core.signature.CacheSignature`, so
+embeddings computed with another model, precision, tiling, normalisation or from other
+image data live beside the old ones instead of replacing or, worse, passing for them.
+
+An entry counts as present only when its checksum (xxh3-64 of the feature bytes) is
+written and matches: features are written first, the checksum last, and Zarr's local
+store writes each chunk to a temporary file that it renames into place. An interrupted
+run therefore leaves entries either complete or absent, and a file damaged later is
+caught when it is read and computed again. One chunk per entry also lets many processes
+write one cache at once without touching each other's files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import xxhash
+import zarr
+
+from .signature import CacheSignature
+
+__all__ = ["CacheMismatchError", "EmbeddingStore", "FEATURE_SHAPE", "describe_cache", "signature_key"]
+
+FORMAT = 1
+FEATURE_SHAPE = (256, 64, 64)
+_ROOT_ATTR = "napari_sam"
+_STORAGE = ("float32", "float16")
+
+
+class CacheMismatchError(ValueError):
+    """The cache holds embeddings, but none computed the way the request asks."""
+
+
+def signature_key(signature: CacheSignature) -> str:
+    """Short stable name of a signature's group inside a cache."""
+    text = json.dumps(signature.to_json(), sort_keys=True)
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+
+def _checksum(features: np.ndarray) -> int:
+    # 0 is the fill value that means "absent"; a real hash of 0 is nudged to 1.
+    return xxhash.xxh3_64_intdigest(np.ascontiguousarray(features).tobytes()) or 1
+
+
+def _open_root(path: str | os.PathLike | None, mode: str) -> zarr.Group:
+    if path is None:
+        return zarr.open_group(zarr.storage.MemoryStore(), mode="a", zarr_format=3)
+    path = Path(path).expanduser()
+    if path.exists():
+        meta = path / "zarr.json"
+        try:
+            node_type = json.loads(meta.read_text()).get("node_type")
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{path} exists but is not a Zarr v3 store: choose another cache location") from err
+        if node_type != "group":
+            raise ValueError(f"{path} is a Zarr {node_type}, not an embedding cache: choose another cache location")
+    try:
+        root = zarr.open_group(str(path), mode=mode, zarr_format=3)
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"cannot open the embedding cache {path}: {err}") from err
+    if mode != "r" and _ROOT_ATTR not in root.attrs:
+        if list(root.keys()):
+            raise ValueError(f"{path} is a Zarr group, but not an embedding cache: choose another cache location")
+        root.attrs[_ROOT_ATTR] = {"format": FORMAT}
+    fmt = dict(root.attrs).get(_ROOT_ATTR, {}).get("format")
+    if fmt != FORMAT:
+        raise ValueError(f"{path} is not an embedding cache of format {FORMAT} (found {fmt!r})")
+    return root
+
+
+def _signatures(root: zarr.Group) -> dict[str, CacheSignature]:
+    out = {}
+    for key, group in root.groups():
+        try:
+            out[key] = CacheSignature.from_json(dict(group.attrs)["signature"])
+        except (KeyError, ValueError, TypeError):
+            continue  # a group written by a crashed run before its signature: ignored, replaced when needed
+    return out
+
+
+class EmbeddingStore:
+    """Tile embeddings of one image under one signature.
+
+    Use :meth:`open`; entries are addressed as ``(plane, row, col)``: the flat plane
+    number and the tile's position in the grid.
+    """
+
+    def __init__(self, group: zarr.Group, signature: CacheSignature, path: str | None):
+        self.group = group
+        self.signature = signature
+        self.path = path
+        self.features = group["features"]
+        self.checksums = group["checksums"]
+
+    @property
+    def key(self) -> str:
+        """The signature's group name inside the cache."""
+        return signature_key(self.signature)
+
+    @property
+    def layout(self) -> tuple[int, int, int]:
+        """(planes, tile rows, tile columns)."""
+        return tuple(int(s) for s in self.checksums.shape)
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike | None,
+        signature: CacheSignature,
+        layout: tuple[int, int, int],
+        on_mismatch: str = "keep",
+    ) -> "EmbeddingStore":
+        """Open (or create) the entries for ``signature`` in the cache at ``path``.
+
+        Parameters
+        ----------
+        path
+            The cache directory (created if missing), or None for a cache in memory.
+        signature
+            What the embeddings are computed from.
+        layout
+            (planes, tile rows, tile columns) of the image.
+        on_mismatch
+            What to do when the cache holds embeddings of other signatures only:
+            ``"keep"`` (default) adds the new ones beside them and warns with the fields
+            that differ; ``"error"`` raises :class:`CacheMismatchError` saying what
+            differs; ``"replace"`` deletes the others.
+
+        Raises
+        ------
+        CacheMismatchError
+            With ``on_mismatch="error"``, naming the differing fields.
+        ValueError
+            For a path that is not an embedding cache, or a bad argument.
+        """
+        if on_mismatch not in ("keep", "error", "replace"):
+            raise ValueError(f"on_mismatch must be 'keep', 'error' or 'replace', not {on_mismatch!r}")
+        if signature.storage not in _STORAGE:
+            raise ValueError(f"storage dtype must be one of {_STORAGE}, not {signature.storage!r}")
+        root = _open_root(path, "a")
+        key = signature_key(signature)
+        existing = _signatures(root)
+        if key not in existing:
+            others = {k: s for k, s in existing.items() if k != key}
+            if others:
+                closest = min(others.values(), key=lambda s: len(s.differences(signature)))
+                diffs = "; ".join(closest.differences(signature))
+                if on_mismatch == "error":
+                    raise CacheMismatchError(
+                        f"the embedding cache {path} was computed differently ({diffs}); "
+                        "recompute into it with on_mismatch='keep' (keeps the old entries) or 'replace'"
+                    )
+                if on_mismatch == "keep":
+                    warnings.warn(
+                        f"the embedding cache {path} holds embeddings computed differently ({diffs}); "
+                        "they are kept and new ones are computed beside them",
+                        stacklevel=3,
+                    )
+                else:
+                    for k in others:
+                        _delete_group(root, k, path)
+            if key in root:  # a crashed creation left a group without its signature
+                _delete_group(root, key, path)
+            group = root.create_group(key)
+            P, R, C = layout
+            group.create_array(
+                "features",
+                shape=(P, R, C, *FEATURE_SHAPE),
+                chunks=(1, 1, 1, *FEATURE_SHAPE),
+                dtype=signature.storage,
+                fill_value=0,
+            )
+            group.create_array("checksums", shape=(P, R, C), chunks=(1, 1, 1), dtype="uint64", fill_value=0)
+            # The signature goes last: a group is only recognised once it is complete.
+            group.attrs["signature"] = signature.to_json()
+        group = root[key]
+        store = cls(group, signature, None if path is None else str(path))
+        if store.layout != tuple(layout):
+            raise ValueError(f"cache entries have layout {store.layout}, expected {tuple(layout)}")
+        return store
+
+    @classmethod
+    def attach(cls, path: str | os.PathLike, key: str) -> "EmbeddingStore":
+        """Open existing entries by their key (in a worker process, say); never creates."""
+        root = _open_root(path, "r+")
+        signatures = _signatures(root)
+        if key not in signatures:
+            raise ValueError(f"the embedding cache {path} has no entries {key!r}")
+        return cls(root[key], signatures[key], str(path))
+
+    # -- entries -----------------------------------------------------------------------
+    def write(self, entry: tuple[int, int, int], features) -> None:
+        """Store a (256, 64, 64) or (1, 256, 64, 64) embedding; the checksum goes last."""
+        data = np.asarray(features, dtype=np.float32).reshape(FEATURE_SHAPE).astype(self.signature.storage, copy=False)
+        p, r, c = entry
+        self.features[p, r, c] = data
+        self.checksums[p, r, c] = np.uint64(_checksum(data))
+
+    def read(self, entry: tuple[int, int, int]) -> np.ndarray | None:
+        """The (256, 64, 64) float32 embedding, or None when absent or damaged (a damaged
+        entry is forgotten, so that it is computed again)."""
+        p, r, c = entry
+        expected = int(self.checksums[p, r, c])
+        if expected == 0:
+            return None
+        try:
+            data = np.asarray(self.features[p, r, c])
+        except Exception:  # noqa: BLE001 - any decoding failure means a damaged chunk
+            data = None
+        if data is None or _checksum(data) != expected:
+            self.forget(entry)
+            return None
+        return data.astype(np.float32, copy=False)
+
+    def forget(self, entry: tuple[int, int, int]) -> None:
+        """Mark an entry absent."""
+        p, r, c = entry
+        self.checksums[p, r, c] = np.uint64(0)
+
+    def present(self) -> np.ndarray:
+        """(planes, rows, cols) bool: entries whose checksum is written (not verified)."""
+        return np.asarray(self.checksums[...]) != 0
+
+    def missing(self, entries, verify: bool = False) -> list[tuple[int, int, int]]:
+        """The entries, among those given, that need computing. ``verify`` also reads
+        the present ones and checks their checksums (catches damaged files)."""
+        present = self.present()
+        out = []
+        for e in entries:
+            if not present[e] or (verify and self.read(e) is None):
+                out.append(tuple(e))
+        return out
+
+
+def _delete_group(root: zarr.Group, key: str, path) -> None:
+    if path is None:
+        del root[key]
+    else:
+        shutil.rmtree(Path(path).expanduser() / key, ignore_errors=True)
+
+
+def _disk_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def describe_cache(path: str | os.PathLike) -> list[dict]:
+    """What a cache holds: one dict per signature with its fields, the entries present
+    out of the total, and the bytes on disk."""
+    path = Path(path).expanduser()
+    if not (path / "zarr.json").exists():
+        raise ValueError(f"{path} is not an embedding cache (no zarr.json)")
+    root = _open_root(path, "r")
+    out = []
+    for key, sig in sorted(_signatures(root).items()):
+        checks = np.asarray(root[key]["checksums"][...])
+        out.append(
+            {
+                "key": key,
+                "signature": sig.to_json(),
+                "layout": list(checks.shape),
+                "present": int((checks != 0).sum()),
+                "total": int(checks.size),
+                "bytes": _disk_bytes(path / key),
+            }
+        )
+    return out

@@ -1,0 +1,452 @@
+"""SAM embeddings of every plane of an image: computed on demand or ahead, tile by tile,
+cached in Zarr, in parallel or on a ``dask.distributed`` cluster.
+
+:class:`Embeddings` ties an :class:`~napari_sam.core.image_source.ImageSource`, a model
+and an :class:`~napari_sam.core.embedding_store.EmbeddingStore` together:
+
+* :meth:`Embeddings.embedding_for` returns one tile's embedding, from the cache or
+  computed now (the viewer embeds the plane the user looks at first);
+* :meth:`Embeddings.precompute` computes whatever is missing, one task per tile, and
+  yields progress; stop iterating to cancel, run it again to resume;
+* :meth:`Embeddings.segment` answers prompts on a plane across its tiles.
+
+Memory stays bounded by a few tiles whatever the image size: a task reads only its
+tile's region (plus halo) and writes its result straight into the cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..model.sam import Sam
+from .embedding_store import EmbeddingStore
+from .image_source import ImageSource
+from .models import load_model, model_identity
+from .predictor import ImageEmbedding, Predictor
+from .preprocess import Normalization
+from .signature import CacheSignature, fingerprint
+from .tiled_segmentation import PlaneMask, segment_tiled
+from .tiling import Tile, TileGrid
+
+__all__ = ["DEFAULT_HALO", "DEFAULT_TILE", "EmbedProgress", "Embeddings", "default_cache_path"]
+
+DEFAULT_TILE = 768
+"""Side of a tile's interior. With the default halo a tile's embedded region is exactly
+1024 x 1024, SAM's input size, so large planes are embedded at their own resolution,
+never shrunk (see docs/embeddings.md for the measurement)."""
+DEFAULT_HALO = 128
+"""Context on each side of a tile's interior."""
+_RECENT = 16  # embeddings kept in memory (4 MiB each): a few planes' worth of tiles
+
+
+@dataclass(frozen=True)
+class EmbedProgress:
+    """Progress of :meth:`Embeddings.precompute`.
+
+    Attributes
+    ----------
+    done, total
+        Entries (tiles) present in the cache, out of those asked for.
+    entry
+        (plane, tile row, tile column) that was just finished, or None for the first
+        report (entries already cached before the run).
+    """
+
+    done: int
+    total: int
+    entry: tuple[int, int, int] | None
+
+
+def default_cache_path(source: ImageSource, fingerprint_: str) -> Path:
+    """Beside a Zarr input when its folder is writable (``image.zarr`` ->
+    ``image.sam-embeddings.zarr``), else in the user cache folder under the image's
+    fingerprint."""
+    if source.path is not None:
+        path = Path(source.path)
+        if path.suffix == ".zarr" or (path / "zarr.json").exists() or (path / ".zarray").exists():
+            if os.access(path.parent, os.W_OK):
+                return path.with_name(path.name.removesuffix(".zarr") + ".sam-embeddings.zarr")
+    from ..weights import cache_dir
+
+    return cache_dir() / "embeddings" / (fingerprint_.split(":")[-1][:24] + ".zarr")
+
+
+class Embeddings:
+    """The embeddings of an image's planes and tiles.
+
+    Parameters
+    ----------
+    image
+        An :class:`ImageSource`, or an array (numpy, dask, zarr) described by ``axes`` and
+        ``channel``.
+    model
+        A loaded SAM (:func:`~napari_sam.core.models.load_model`).
+    cache
+        Cache directory (a ``.zarr`` folder, created if missing); None for the default
+        (:func:`default_cache_path`); False to keep embeddings in memory only.
+    axes, channel
+        See :class:`ImageSource` (when ``image`` is an array).
+    tile, halo
+        Tile interior side and halo in pixels; a plane no larger than ``tile + 2 * halo``
+        is embedded whole.
+    normalization
+        Intensity mapping. Percentiles are taken from a sample of chunks of the whole
+        image (``statistics="volume"``, so all planes and tiles agree) or of each plane
+        (``"plane"``), never of a single tile.
+    statistics
+        ``"volume"`` or ``"plane"``.
+    storage
+        ``"float32"`` (exact) or ``"float16"`` (half the disk).
+    on_mismatch
+        When the cache holds embeddings computed differently: ``"keep"`` them and compute
+        new ones beside them (with a warning saying what differs), ``"error"``, or
+        ``"replace"`` them.
+
+    Examples
+    --------
+    >>> emb = Embeddings(volume, load_model("vit_b_lm"), axes="ZYX")      # doctest: +SKIP
+    >>> for p in emb.precompute(): print(p.done, "/", p.total)            # doctest: +SKIP
+    >>> obj = emb.segment(12, points=[[300, 410]])                          # doctest: +SKIP
+    >>> labels[12][obj.slices][obj.mask] = 7                                # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        image,
+        model: Sam,
+        cache: str | os.PathLike | None | bool = None,
+        *,
+        axes: str | None = None,
+        channel: int | None = None,
+        tile: int = DEFAULT_TILE,
+        halo: int = DEFAULT_HALO,
+        normalization: Normalization = Normalization(),
+        statistics: str = "volume",
+        storage: str = "float32",
+        on_mismatch: str = "keep",
+    ):
+        if statistics not in ("volume", "plane"):
+            raise ValueError(f"statistics must be 'volume' or 'plane', not {statistics!r}")
+        self.source = image if isinstance(image, ImageSource) else ImageSource(image, axes, channel)
+        self.model = model
+        self.grid = TileGrid(self.source.plane_shape, tile, halo)
+        self.normalization = normalization
+        self.statistics = statistics
+        self.limits = self.source.intensity_limits(normalization) if statistics == "volume" else None
+        self._plane_limits: dict[int, tuple[float, float] | None] = {}
+        name, checksum, dtype = model_identity(model)
+        norm = dataclasses.asdict(normalization) | {"statistics": statistics, "resolved_limits": self.limits}
+        image_fp = fingerprint(self.source.array)
+        self.signature = CacheSignature(
+            model=name,
+            checkpoint=checksum,
+            dtype=dtype,
+            normalization=_jsonable(norm),
+            tile=tile,
+            halo=halo,
+            shape=self.source.shape,
+            dtype_in=str(self.source.dtype),
+            axes=self.source.axes,
+            image_fingerprint=image_fp,
+            channel=self.source.channel,
+            storage=storage,
+        )
+        if cache is False:
+            self.cache_path = None
+        else:
+            self.cache_path = Path(cache).expanduser() if cache not in (None, True) else default_cache_path(self.source, image_fp)
+        rows, cols = self.grid.grid_shape
+        self.store = EmbeddingStore.open(self.cache_path, self.signature, (self.source.n_planes, rows, cols), on_mismatch)
+        self._encoder = Predictor(model, normalization)
+        self._decoder = Predictor(model, normalization)
+        self._recent: OrderedDict[tuple[int, int, int], ImageEmbedding] = OrderedDict()
+        self._lock = threading.Lock()  # guards _recent and the per-entry locks
+        self._entry_locks: dict[tuple[int, int, int], threading.Lock] = {}
+        self._decode_lock = threading.Lock()
+
+    # -- entries -----------------------------------------------------------------------
+    def entries(self, planes=None) -> list[tuple[int, int, int]]:
+        """(plane, row, col) of every tile of the given planes (default: all)."""
+        flat = range(self.source.n_planes) if planes is None else [self.source.flat_index(p) for p in planes]
+        return [(p, t.index[0], t.index[1]) for p in flat for t in self.grid]
+
+    def limits_for(self, plane) -> tuple[float, float] | None:
+        """The intensity limits used for a plane."""
+        if self.statistics == "volume":
+            return self.limits
+        flat = self.source.flat_index(plane)
+        if flat not in self._plane_limits:
+            self._plane_limits[flat] = self.source.intensity_limits(self.normalization, plane=flat)
+        return self._plane_limits[flat]
+
+    def is_cached(self, plane, tile: tuple[int, int] = (0, 0)) -> bool:
+        """Whether a tile's embedding is in the cache (without reading it)."""
+        flat = self.source.flat_index(plane)
+        return bool(self.store.checksums[flat, tile[0], tile[1]] != 0)
+
+    def plane_ready(self, plane) -> bool:
+        """Whether every tile of a plane is cached."""
+        flat = self.source.flat_index(plane)
+        return bool((np.asarray(self.store.checksums[flat]) != 0).all())
+
+    def embedding_for(self, plane, tile: tuple[int, int] = (0, 0)) -> ImageEmbedding:
+        """One tile's embedding: from memory, from the cache, or computed and cached now.
+
+        Parameters
+        ----------
+        plane
+            Flat plane number or (t, z) tuple.
+        tile
+            (row, col) in :attr:`grid`; (0, 0) is the whole plane when it is one tile.
+        """
+        entry = (self.source.flat_index(plane), *self.grid[tile].index)
+        with self._lock:
+            if entry in self._recent:
+                self._recent.move_to_end(entry)
+                return self._recent[entry]
+            lock = self._entry_locks.setdefault(entry, threading.Lock())
+        with lock:  # two threads asking for the same tile compute it once
+            with self._lock:
+                if entry in self._recent:
+                    return self._recent[entry]
+            features = self.store.read(entry)
+            if features is None:
+                features = self._compute(entry)
+            emb = ImageEmbedding.from_array(features, self.grid[entry[1:]].shape)
+            with self._lock:
+                self._recent[entry] = emb
+                while len(self._recent) > _RECENT:
+                    self._recent.popitem(last=False)
+                self._entry_locks.pop(entry, None)
+        return emb
+
+    def _compute(self, entry: tuple[int, int, int]) -> np.ndarray:
+        tile = self.grid[entry[1:]]
+        region = self.source.read(entry[0], tile.outer)
+        features = _embed_region(self._encoder, region, self.limits_for(entry[0]))
+        self.store.write(entry, features)
+        # Hand out what a later read of the cache gives (float16 storage rounds).
+        return features.astype(self.signature.storage).astype(np.float32)
+
+    # -- computing ahead ---------------------------------------------------------------
+    def precompute(self, planes=None, scheduler=None, verify: bool = True) -> Iterator[EmbedProgress]:
+        """Compute every missing tile of the given planes; yields progress.
+
+        Parameters
+        ----------
+        planes
+            Plane numbers or (t, z) tuples; all planes by default.
+        scheduler
+            None: here, one tile after another (torch uses the cores). ``"local:N"``: a
+            ``dask.distributed`` LocalCluster of N worker processes. An address
+            (``"tcp://host:8786"``) or a ``distributed.Client``: that cluster. Workers load
+            the model once each (from its checkpoint file) and write into the cache
+            themselves, so the cache must be a folder every worker can reach.
+        verify
+            Also check the checksums of entries already present (catches damaged files).
+
+        Yields
+        ------
+        EmbedProgress
+            First the entries already present, then one report per finished tile.
+            Closing the generator (``break`` out of the loop) cancels the rest; what was
+            finished stays cached, and a later call resumes from there.
+        """
+        entries = self.entries(planes)
+        todo = self.store.missing(entries, verify=verify)
+        done = len(entries) - len(todo)
+        yield EmbedProgress(done, len(entries), None)
+        if scheduler is None:
+            for entry in todo:
+                self.embedding_for(entry[0], entry[1:])
+                done += 1
+                yield EmbedProgress(done, len(entries), entry)
+            return
+        for entry in _run_distributed(self, todo, scheduler):
+            done += 1
+            yield EmbedProgress(done, len(entries), entry)
+
+    def compute_all(self, planes=None, scheduler=None, progress: bool = True) -> int:
+        """:meth:`precompute` to the end with a tqdm progress bar; returns the number of
+        tiles present afterwards."""
+        from tqdm.auto import tqdm
+
+        gen = self.precompute(planes, scheduler)
+        first = next(gen)
+        with tqdm(total=first.total, initial=first.done, unit="tile", desc="embedding", disable=not progress) as bar:
+            last = first
+            for last in gen:
+                bar.update(1)
+        return last.done
+
+    # -- prompts -----------------------------------------------------------------------
+    def segment(self, plane, points=None, labels=None, box=None, multimask: bool | None = None, max_tiles: int = 16) -> PlaneMask:
+        """Segment one object on a plane from prompts in plane pixels.
+
+        Parameters
+        ----------
+        plane
+            Flat plane number or (t, z) tuple.
+        points
+            (N, 2) as (x, y) = (column, row) plane pixels.
+        labels
+            (N,) 1 foreground, 0 background.
+        box
+            (x0, y0, x1, y1).
+        multimask, max_tiles
+            See :func:`~napari_sam.core.tiled_segmentation.segment_tiled`.
+
+        Returns
+        -------
+        PlaneMask
+            The object's mask as a crop of the plane; tiles not yet embedded are
+            embedded first.
+        """
+        flat = self.source.flat_index(plane)
+
+        def answer(tile: Tile, pts, lbl, bx, multi):
+            emb = self.embedding_for(flat, tile.index)
+            with self._decode_lock:
+                self._decoder.set_embedding(emb)
+                result = self._decoder.predict(points=pts, labels=lbl, box=bx, multimask=multi)
+                return result.masks, result.iou
+
+        return segment_tiled(self.grid, answer, points, labels, box, multimask, max_tiles)
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _embed_region(predictor: Predictor, region: np.ndarray, limits) -> np.ndarray:
+    """(256, 64, 64) float32 features of one tile's pixels."""
+    emb = predictor.embed_image(region, limits=limits)
+    return emb.features[0].float().cpu().numpy()
+
+
+# -- distributed -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Job:
+    """Everything a worker process needs to embed one tile (small and picklable)."""
+
+    checkpoint: str
+    dtype: str
+    normalization: Normalization
+    threads: int
+    cache: str
+    key: str
+    entry: tuple[int, int, int]
+    outer: tuple[int, int, int, int]
+    limits: tuple[float, float] | None
+
+
+@functools.lru_cache(maxsize=2)
+def _worker_predictor(checkpoint: str, dtype: str, normalization: Normalization, threads: int) -> Predictor:
+    # Loaded once per worker process and kept: a worker runs many tiles.
+    if threads > 0:
+        torch.set_num_threads(threads)
+    return Predictor(load_model(checkpoint, device="cpu", dtype=dtype), normalization)
+
+
+@functools.lru_cache(maxsize=4)
+def _worker_store(cache: str, key: str) -> EmbeddingStore:
+    return EmbeddingStore.attach(cache, key)
+
+
+def _embed_job(job: _Job, source: ImageSource | None, region: np.ndarray | None) -> tuple[int, int, int]:
+    """The task run on a worker: read the tile (unless given), embed it, write it."""
+    predictor = _worker_predictor(job.checkpoint, job.dtype, job.normalization, job.threads)
+    if region is None:
+        region = source.read(job.entry[0], job.outer)
+    _worker_store(job.cache, job.key).write(job.entry, _embed_region(predictor, region, job.limits))
+    return job.entry
+
+
+def _connect(scheduler):
+    """A distributed Client for ``scheduler``, and whether we own (and must close) it."""
+    from distributed import Client, LocalCluster
+
+    if isinstance(scheduler, Client):
+        return scheduler, None
+    if isinstance(scheduler, str) and scheduler.startswith("local"):
+        _, _, n = scheduler.partition(":")
+        workers = int(n) if n else max(1, (os.cpu_count() or 2) // 2)
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+        return Client(cluster), cluster
+    if isinstance(scheduler, str):
+        return Client(scheduler), None
+    raise ValueError(f"scheduler must be None, 'local:N', a scheduler address or a distributed.Client, not {scheduler!r}")
+
+
+def _run_distributed(emb: Embeddings, todo: list, scheduler) -> Iterator[tuple[int, int, int]]:
+    from distributed import as_completed
+
+    model_source = getattr(emb.model, "source", None)
+    if model_source is None:
+        raise ValueError("distributed embedding loads the model from its checkpoint file in each worker: load it with load_model()")
+    if emb.cache_path is None:
+        raise ValueError("distributed embedding writes into an on-disk cache: give cache=PATH")
+    if not todo:
+        return
+    client, cluster = _connect(scheduler)
+    owned = cluster is not None
+    futures = []
+    try:
+        n_workers = max(1, len(client.scheduler_info().get("workers", {})))
+        threads = max(1, (os.cpu_count() or 1) // n_workers) if owned else 0
+        # Zarr-backed sources travel as a reference to their store and each worker reads
+        # its own tiles; other arrays are read here and each tile's pixels travel, so at
+        # most a window of tiles is in flight at once.
+        lazy = _reads_itself(emb.source)
+        window = len(todo) if lazy else 2 * n_workers
+        pending = iter(todo)
+        source_ref = client.scatter(emb.source, broadcast=True) if lazy else None
+
+        def submit(entry):
+            tile = emb.grid[entry[1:]]
+            job = _Job(
+                model_source.path, model_source.dtype, emb.normalization, threads, str(emb.cache_path),
+                emb.store.key, entry, tile.outer, emb.limits_for(entry[0]),
+            )
+            region = None if lazy else emb.source.read(entry[0], tile.outer)
+            fut = client.submit(_embed_job, job, source_ref, region, pure=False)
+            futures.append(fut)
+            return fut
+
+        queue = as_completed([submit(e) for _, e in zip(range(window), pending)])
+        for fut in queue:
+            yield fut.result()
+            nxt = next(pending, None)
+            if nxt is not None:
+                queue.add(submit(nxt))
+    finally:
+        unfinished = [f for f in futures if not f.done()]
+        if unfinished:
+            client.cancel(unfinished)
+        if owned:
+            client.close()
+            cluster.close()
+
+
+def _reads_itself(source: ImageSource) -> bool:
+    """Whether the source's array pickles as a reference (zarr on disk), not its data."""
+    try:
+        import zarr
+
+        return isinstance(source.array, zarr.Array) and not isinstance(source.array.store, zarr.storage.MemoryStore)
+    except ImportError:  # pragma: no cover
+        return False

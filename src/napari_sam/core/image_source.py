@@ -1,0 +1,242 @@
+"""An image of any layout seen as a sequence of 2D planes, read lazily.
+
+SAM embeds 2D planes. Microscopy images come as YX, YX with channels, ZYX or TZYX (and
+OME-Zarr's TCZYX), held in memory, in dask arrays or in Zarr stores far larger than
+memory. :class:`ImageSource` names the axes once, picks the channel, numbers the planes
+(every combination of the T and Z indices, row-major) and reads any rectangle of any
+plane without touching the rest of the array.
+
+Axis letters: ``T`` (time), ``Z`` (depth), ``C`` (channels; RGB(A) when it has 3 or 4
+entries and no channel is chosen), ``Y`` (rows), ``X`` (columns).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .preprocess import Normalization
+from .sampling import sample_regions
+
+__all__ = ["ImageSource", "guess_axes"]
+
+AXES = "TZCYX"
+_PLANE_AXES = "TZ"
+# Blocks sampled for intensity statistics: 64 blocks of 256 x 256 pixels, spread over the
+# image, are enough for stable percentiles and read in well under a second. The blocks lie
+# on a fixed grid, not on the storage chunks, so the same pixels give the same limits
+# (and embeddings) whether they come from a TIFF, a dask array or any Zarr chunking.
+_STAT_SAMPLES = 64
+_STAT_BLOCK = 256
+
+
+def guess_axes(shape: tuple[int, ...]) -> str:
+    """The usual reading of an unlabelled array: YX, YXC (3-4 trailing channels), ZYX, TZYX."""
+    ndim = len(shape)
+    if ndim == 2:
+        return "YX"
+    if ndim == 3:
+        return "YXC" if shape[-1] in (3, 4) else "ZYX"
+    if ndim == 4:
+        return "ZYXC" if shape[-1] in (3, 4) else "TZYX"
+    if ndim == 5:
+        return "TCZYX"
+    raise ValueError(f"cannot guess the axes of a {ndim}-D array of shape {tuple(shape)}: name them (e.g. axes='TZYX')")
+
+
+class ImageSource:
+    """A 2D, 3D or 4D image as a sequence of planes.
+
+    Parameters
+    ----------
+    array
+        numpy, dask or zarr array (anything with ``shape``, ``dtype`` and slicing).
+    axes
+        One letter per axis from ``TZCYX``, e.g. ``"ZYX"``; guessed from the shape when
+        omitted (see :func:`guess_axes`).
+    channel
+        For a ``C`` axis: the channel to segment. Omitted with 3 or 4 channels: RGB(A);
+        with one channel: that one.
+    path
+        Where the array was read from, if anywhere (the default cache goes beside it).
+
+    Attributes
+    ----------
+    plane_axes : str
+        The axes that index planes (``""``, ``"Z"``, ``"T"`` or ``"TZ"``).
+    plane_grid : tuple of int
+        Their sizes; planes are numbered row-major over this grid.
+    plane_shape : tuple of int
+        (height, width) of every plane.
+
+    Examples
+    --------
+    >>> src = ImageSource(np.zeros((5, 64, 80), np.uint16), axes="ZYX")
+    >>> src.n_planes, src.plane_shape
+    (5, (64, 80))
+    >>> src.read(3, region=(0, 10, 20, 40)).shape
+    (10, 20)
+    """
+
+    def __init__(self, array, axes: str | None = None, channel: int | None = None, path: str | os.PathLike | None = None):
+        shape = tuple(int(s) for s in array.shape)
+        axes = (axes or guess_axes(shape)).upper()
+        if len(axes) != len(shape):
+            raise ValueError(f"axes {axes!r} name {len(axes)} axes, but the image has shape {shape} ({len(shape)} axes)")
+        if len(set(axes)) != len(axes) or set(axes) - set(AXES):
+            raise ValueError(f"axes {axes!r} must be distinct letters from {AXES!r}")
+        if "Y" not in axes or "X" not in axes:
+            raise ValueError(f"axes {axes!r} must include Y and X")
+        if np.dtype(array.dtype).kind not in "uifb":
+            raise ValueError(f"cannot segment an image of dtype {array.dtype}")
+        self.array = array
+        self.axes = axes
+        self.shape = shape
+        self.dtype = np.dtype(array.dtype)
+        self.path = None if path is None else str(path)
+        self.plane_axes = "".join(a for a in axes if a in _PLANE_AXES)
+        self.plane_grid = tuple(shape[axes.index(a)] for a in self.plane_axes)
+        self.plane_shape = (shape[axes.index("Y")], shape[axes.index("X")])
+        if min(self.plane_shape) == 0 or 0 in self.plane_grid:
+            raise ValueError(f"the image is empty: shape {shape}")
+        self.rgb = False
+        if "C" in axes:
+            n = shape[axes.index("C")]
+            if channel is None:
+                if n in (3, 4):
+                    self.rgb = True
+                elif n == 1:
+                    channel = 0
+                else:
+                    raise ValueError(f"the image has {n} channels: choose one with channel=...")
+            elif not 0 <= channel < n:
+                raise ValueError(f"channel {channel} does not exist; the image has {n} channels (0 to {n - 1})")
+        elif channel is not None:
+            raise ValueError(f"channel={channel} given, but the axes {axes!r} have no C axis")
+        self.channel = channel
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, axes: str | None = None, channel: int | None = None) -> "ImageSource":
+        """Open a TIFF, .npy, PNG/JPEG file or a Zarr array/group (v2, v3, OME-Zarr, whose
+        full-resolution level is used and whose declared axes are the default)."""
+        from .io import image_axes, read_image
+
+        array = read_image(path)
+        return cls(array, axes or image_axes(path), channel, path=Path(path).expanduser())
+
+    # -- planes ----------------------------------------------------------------------------
+    @property
+    def n_planes(self) -> int:
+        """Number of 2D planes."""
+        return int(np.prod(self.plane_grid, dtype=np.int64))
+
+    def plane_index(self, plane: int | tuple[int, ...]) -> tuple[int, ...]:
+        """Normalise a flat plane number or a (t, z) tuple to the tuple form."""
+        if isinstance(plane, (int, np.integer)):
+            n = self.n_planes
+            if not -n <= plane < n:
+                raise IndexError(f"plane {plane} does not exist: the image has {n} plane(s)")
+            return tuple(int(i) for i in np.unravel_index(int(plane) % n, self.plane_grid)) if self.plane_grid else ()
+        index = tuple(int(i) for i in plane)
+        if len(index) != len(self.plane_grid):
+            raise IndexError(f"plane index {index} needs one entry per plane axis {self.plane_axes!r}")
+        for i, n, a in zip(index, self.plane_grid, self.plane_axes):
+            if not 0 <= i < n:
+                raise IndexError(f"{a} index {i} outside 0..{n - 1}")
+        return index
+
+    def flat_index(self, plane: int | tuple[int, ...]) -> int:
+        """The plane's number in 0..n_planes-1."""
+        index = self.plane_index(plane)
+        return int(np.ravel_multi_index(index, self.plane_grid)) if index else 0
+
+    def _selection(self, plane, region) -> tuple:
+        index = dict(zip(self.plane_axes, self.plane_index(plane)))
+        y0, y1, x0, x1 = region if region is not None else (0, self.plane_shape[0], 0, self.plane_shape[1])
+        sel = []
+        for a in self.axes:
+            if a in index:
+                sel.append(index[a])
+            elif a == "Y":
+                sel.append(slice(y0, y1))
+            elif a == "X":
+                sel.append(slice(x0, x1))
+            else:  # C
+                sel.append(slice(0, 3) if self.rgb else self.channel)
+        return tuple(sel)
+
+    def read(self, plane: int | tuple[int, ...] = 0, region: tuple[int, int, int, int] | None = None) -> np.ndarray:
+        """Read (part of) a plane into memory.
+
+        Parameters
+        ----------
+        plane
+            Flat plane number or (t, z) tuple.
+        region
+            ``(y0, y1, x0, x1)`` in plane pixels (end exclusive); the whole plane if None.
+
+        Returns
+        -------
+        numpy.ndarray
+            (h, w) for one channel, (h, w, 3) for RGB.
+        """
+        if region is not None:
+            y0, y1, x0, x1 = region
+            H, W = self.plane_shape
+            if not (0 <= y0 < y1 <= H and 0 <= x0 < x1 <= W):
+                raise ValueError(f"region {region} (y0, y1, x0, x1) is not inside the {H}x{W} plane")
+        data = np.asarray(self.array[self._selection(plane, region)])
+        # The result keeps the kept axes in array order: bring them to (Y, X[, C]).
+        kept = [a for a in self.axes if a in "YX" or (a == "C" and self.rgb)]
+        return np.transpose(data, [kept.index(a) for a in ("Y", "X", "C") if a in kept])
+
+    # -- intensities -------------------------------------------------------------------------
+    def intensity_limits(
+        self, normalization: Normalization = Normalization(), plane: int | tuple[int, ...] | None = None
+    ) -> tuple[float, float] | None:
+        """Intensity limits shared by every tile: from a sample of chunks of the whole
+        image (``plane=None``) or of one plane, never from the whole array.
+
+        Returns None when values pass through unchanged (uint8 data in ``"auto"`` mode).
+        """
+        mode = normalization.mode
+        if mode == "auto":
+            mode = "none" if self.dtype == np.uint8 else "percentile"
+        if mode == "none":
+            return None
+        if mode == "fixed":
+            return float(normalization.limits[0]), float(normalization.limits[1])
+        values = np.concatenate([np.ravel(np.asarray(self.array[r])) for r in self._stat_regions(plane)])
+        if values.dtype.kind == "f":
+            values = values[np.isfinite(values)]
+            if values.size == 0:
+                raise ValueError("the sampled image holds no finite values")
+        lo, hi = np.percentile(values, [normalization.low, normalization.high])
+        return float(lo), float(hi)
+
+    def _stat_regions(self, plane) -> list[tuple]:
+        # One plane is sampled as an array whose plane axes have length 1, so that the
+        # chunks it crosses are spread over it just as they are over a whole volume.
+        fixed = {} if plane is None else dict(zip(self.plane_axes, self.plane_index(plane)))
+        shape = tuple(1 if a in fixed else s for a, s in zip(self.axes, self.shape))
+        blocks = tuple(min(_STAT_BLOCK, n) if a in "YX" else 1 for a, n in zip(self.axes, shape))
+        regions = sample_regions(shape, blocks, _STAT_SAMPLES)
+        return [
+            self._cut(tuple(slice(fixed[a], fixed[a] + 1) if a in fixed else r for a, r in zip(self.axes, region)))
+            for region in regions
+        ]
+
+    def _cut(self, region: tuple) -> tuple:
+        """Limit a region to the channel(s) used."""
+        if "C" not in self.axes:
+            return region
+        c = self.axes.index("C")
+        chosen = slice(0, 3) if self.rgb else slice(self.channel, self.channel + 1)
+        return region[:c] + (chosen,) + region[c + 1 :]
+
+    def describe(self) -> str:
+        """One line for messages: shape, axes, dtype and the channel used."""
+        what = "RGB" if self.rgb else ("channel %d" % self.channel if self.channel is not None else "gray")
+        return f"{'x'.join(map(str, self.shape))} {self.axes} {self.dtype} ({what}, {self.n_planes} plane(s))"

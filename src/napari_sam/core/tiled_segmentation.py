@@ -1,0 +1,279 @@
+"""Answering one object's prompts on a plane that was embedded tile by tile.
+
+Each tile's embedding sees its interior plus a halo. A prompt is first answered by the
+tile whose interior holds the clicked point (or whose embedded region holds most of the
+box). When the mask reaches into a neighbour's interior, the object continues there, so
+that neighbour is asked too: with the user's prompts that fall in its region and with a
+foreground point taken from the part of the object that both tiles see and that the
+first tile owns, at the pixel deepest inside the mask (the surest one). Among the
+neighbour's candidate masks, the one that agrees best with what is already known on the
+shared region is kept. This repeats, tile after tile, until the object stops growing or
+``max_tiles`` is reached. Every tile contributes its mask inside its own interior only,
+so the pieces join without overlaps, and an object spanning many tiles comes out whole.
+
+The model is behind a callable, so the same code runs with SAM and, in tests, with an
+exact reference segmenter.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from .prompts import check_boxes, check_points_inside
+from .tiling import Tile, TileGrid
+
+__all__ = ["PlaneMask", "TileAnswer", "segment_tiled"]
+
+TileAnswer = Callable[[Tile, np.ndarray | None, np.ndarray | None, np.ndarray | None, bool], tuple[np.ndarray, np.ndarray]]
+"""``answer(tile, points, labels, box, multimask) -> (masks, iou)``: points (N, 2) and box
+(4,) in (x, y) pixels of the tile's embedded region; masks (C, h, w) bool over that
+region; iou (C,) predicted scores."""
+
+
+@dataclass(frozen=True)
+class PlaneMask:
+    """An object's mask placed in its plane, stored as the crop of its bounding box.
+
+    Attributes
+    ----------
+    region
+        ``(y0, y1, x0, x1)`` of the crop in plane pixels (end exclusive); all zero for an
+        empty mask.
+    mask
+        (y1 - y0, x1 - x0) bool.
+    iou
+        Predicted IoU of the first tile's answer.
+    tiles
+        Grid positions of the tiles that were asked, in order.
+    complete
+        False when the object reached further than ``max_tiles`` tiles allowed.
+    """
+
+    region: tuple[int, int, int, int]
+    mask: np.ndarray
+    iou: float
+    tiles: tuple[tuple[int, int], ...]
+    complete: bool = True
+
+    @property
+    def slices(self) -> tuple[slice, slice]:
+        """``plane[mask.slices]`` is the crop that :attr:`mask` covers."""
+        y0, y1, x0, x1 = self.region
+        return slice(y0, y1), slice(x0, x1)
+
+    @property
+    def area(self) -> int:
+        return int(self.mask.sum())
+
+    def to_full(self, shape: tuple[int, int]) -> np.ndarray:
+        """The mask as a (H, W) bool array of the whole plane (for planes that fit memory)."""
+        out = np.zeros(shape, bool)
+        out[self.slices] = self.mask
+        return out
+
+
+def _inside(points: np.ndarray, region: tuple[int, int, int, int]) -> np.ndarray:
+    y0, y1, x0, x1 = region
+    return (points[:, 0] >= x0) & (points[:, 0] < x1) & (points[:, 1] >= y0) & (points[:, 1] < y1)
+
+
+def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> tuple[int, int, int, int] | None:
+    y0, y1 = max(a[0], b[0]), min(a[1], b[1])
+    x0, x1 = max(a[2], b[2]), min(a[3], b[3])
+    return (y0, y1, x0, x1) if y0 < y1 and x0 < x1 else None
+
+
+def _local(region: tuple[int, int, int, int], tile: Tile) -> tuple[slice, slice]:
+    """A plane region as slices of the tile's embedded region."""
+    oy, ox = tile.outer[0], tile.outer[2]
+    return slice(region[0] - oy, region[1] - oy), slice(region[2] - ox, region[3] - ox)
+
+
+def _first_tile(grid: TileGrid, points: np.ndarray, labels: np.ndarray, box: np.ndarray | None) -> Tile:
+    if box is not None:
+        x0, y0, x1, y1 = box
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+
+        def score(t: Tile):
+            o = _overlap(t.outer, (y0, y1, x0, x1))
+            area = 0.0 if o is None else (o[1] - o[0]) * (o[3] - o[2])
+            iy0, iy1, ix0, ix1 = t.inner
+            return (area, -abs((iy0 + iy1) / 2 - cy) - abs((ix0 + ix1) / 2 - cx))
+
+        return max(grid, key=score)
+    fg = points[labels == 1]
+    votes: dict[tuple[int, int], int] = {}
+    for x, y in fg:
+        idx = grid.tile_at(x, y).index
+        votes[idx] = votes.get(idx, 0) + 1
+    # the tile holding most foreground points; ties go to the first point's tile
+    first = grid.tile_at(*fg[0]).index
+    best = max(votes, key=lambda i: (votes[i], i == first))
+    return grid[best]
+
+
+def _depth(mask: np.ndarray) -> np.ndarray:
+    """Distance of every mask pixel to the nearest pixel outside the mask (or the edge)."""
+    return ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+
+
+def _deepest_point(depth: np.ndarray, window: tuple[slice, slice]) -> tuple[float, float] | None:
+    """(x, y) pixel centre of the deepest mask pixel inside ``window``, or None if the
+    mask does not reach into it."""
+    sub = depth[window]
+    if not (sub > 0).any():
+        return None
+    y, x = np.unravel_index(int(np.argmax(sub)), sub.shape)
+    return float(window[1].start + x) + 0.5, float(window[0].start + y) + 0.5
+
+
+def segment_tiled(
+    grid: TileGrid,
+    answer: TileAnswer,
+    points=None,
+    labels=None,
+    box=None,
+    multimask: bool | None = None,
+    max_tiles: int = 16,
+) -> PlaneMask:
+    """Segment one object from prompts in plane pixels, across as many tiles as it spans.
+
+    Parameters
+    ----------
+    grid
+        The plane's tiles.
+    answer
+        Answers prompts on one tile (see :data:`TileAnswer`).
+    points
+        (N, 2) points as (x, y) plane pixels, or None.
+    labels
+        (N,) 1 foreground / 0 background; all foreground when omitted.
+    box
+        (x0, y0, x1, y1) in plane pixels, or None.
+    multimask
+        Ask the first tile for three candidate masks and keep the best; by default only
+        for a single point without a box, where SAM's answer is ambiguous.
+    max_tiles
+        Tiles asked at most; an object reaching further comes back with
+        ``complete=False``.
+
+    Returns
+    -------
+    PlaneMask
+    """
+    H, W = grid.shape
+    pts = np.zeros((0, 2)) if points is None else np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    lbl = np.ones(len(pts), np.int64) if labels is None else np.asarray(labels, dtype=np.int64).reshape(-1)
+    if len(lbl) != len(pts):
+        raise ValueError(f"{len(pts)} point(s) but {len(lbl)} label(s)")
+    if len(pts):
+        check_points_inside(pts, H, W)
+    bx = None if box is None else check_boxes(np.asarray(box, dtype=np.float64).reshape(1, 4), H, W)[0]
+    if bx is None and not (lbl == 1).any():
+        raise ValueError("an object needs a box or at least one foreground point")
+    if multimask is None:
+        multimask = bx is None and len(pts) == 1
+
+    first = _first_tile(grid, pts, lbl, bx)
+    masks: dict[tuple[int, int], np.ndarray] = {}  # tile index -> mask over tile.outer
+    hints: dict[tuple[int, int], list[tuple[float, float]]] = {}
+    order: list[tuple[int, int]] = []
+    queue = deque([first.index])
+    first_iou = 0.0
+    complete = True
+    while queue:
+        index = queue.popleft()
+        if index in masks:
+            continue
+        if len(masks) >= max_tiles:
+            complete = False
+            break
+        tile = grid[index]
+        oy0, _, ox0, _ = tile.outer
+        keep = _inside(pts, tile.outer)
+        t_pts = [pts[keep] - (ox0, oy0)]
+        t_lbl = [lbl[keep]]
+        for hx, hy in hints.get(index, []):
+            t_pts.append(np.array([[hx - ox0, hy - oy0]]))
+            t_lbl.append(np.array([1]))
+        t_pts_a, t_lbl_a = np.concatenate(t_pts), np.concatenate(t_lbl)
+        t_box = None
+        if bx is not None:
+            o = _overlap(tile.outer, (bx[1], bx[3], bx[0], bx[2]))
+            if o is not None:
+                t_box = np.array([o[2] - ox0, o[0] - oy0, o[3] - ox0, o[1] - oy0], dtype=np.float64)
+        if t_box is None and not (t_lbl_a == 1).any():
+            continue  # nothing to ask this tile
+        is_first = index == first.index
+        candidates, iou = answer(tile, t_pts_a if len(t_pts_a) else None, t_lbl_a if len(t_pts_a) else None, t_box, multimask or not is_first)
+        candidates = np.asarray(candidates, bool)
+        iou = np.asarray(iou, dtype=np.float64).reshape(-1)
+        if is_first:
+            pick = int(np.argmax(iou))
+            first_iou = float(iou[pick])
+        else:
+            pick = _most_consistent(candidates, iou, tile, masks, grid)
+        mask = candidates[pick]
+        masks[index] = mask
+        order.append(index)
+        # Where the mask runs into a neighbour's interior, the object goes on there.
+        depth = None
+        for other in grid.tiles_touching((tile.outer[2], tile.outer[0], tile.outer[3], tile.outer[1])):
+            if other.index in masks or other.index == index:
+                continue
+            window = _local(_overlap(other.inner, tile.outer), tile)
+            if not mask[window].any():
+                continue
+            depth = _depth(mask) if depth is None else depth
+            # The hint comes from the part this tile owns and the neighbour also sees.
+            shared = _overlap(tile.inner, other.outer)
+            hint = None if shared is None else _deepest_point(depth, _local(shared, tile))
+            hint = hint or _deepest_point(depth, window)
+            hints.setdefault(other.index, []).append((hint[0] + ox0, hint[1] + oy0))
+            queue.append(other.index)
+    return _assemble(grid, masks, order, first_iou, complete)
+
+
+def _most_consistent(candidates: np.ndarray, iou: np.ndarray, tile: Tile, masks: dict, grid: TileGrid) -> int:
+    """The candidate that agrees best (IoU) with the answers of tiles already asked, on
+    the regions both see; predicted IoU breaks ties."""
+    scores = np.zeros(len(candidates))
+    for index, known in masks.items():
+        other = grid[index]
+        o = _overlap(tile.outer, other.outer)
+        if o is None:
+            continue
+        mine, theirs = _local(o, tile), known[_local(o, other)]
+        for k, cand in enumerate(candidates):
+            c = cand[mine]
+            union = np.logical_or(c, theirs).sum()
+            scores[k] += np.logical_and(c, theirs).sum() / union if union else 0.0
+    return int(np.lexsort((iou, scores))[-1])
+
+
+def _assemble(grid: TileGrid, masks: dict, order: list, iou: float, complete: bool) -> PlaneMask:
+    pieces = []
+    for index in order:
+        tile = grid[index]
+        part = masks[index][tile.inner_in_outer]
+        if part.any():
+            pieces.append((tile.inner, part))
+    if not pieces:
+        return PlaneMask((0, 0, 0, 0), np.zeros((0, 0), bool), iou, tuple(order), complete)
+    boxes = []
+    for (y0, _, x0, _), part in pieces:
+        rows, cols = np.flatnonzero(part.any(1)), np.flatnonzero(part.any(0))
+        boxes.append((y0 + rows[0], y0 + rows[-1] + 1, x0 + cols[0], x0 + cols[-1] + 1))
+    region = (min(b[0] for b in boxes), max(b[1] for b in boxes), min(b[2] for b in boxes), max(b[3] for b in boxes))
+    out = np.zeros((region[1] - region[0], region[3] - region[2]), bool)
+    for (y0, y1, x0, x1), part in pieces:
+        o = _overlap((y0, y1, x0, x1), region)
+        out[o[0] - region[0] : o[1] - region[0], o[2] - region[2] : o[3] - region[2]] |= part[
+            o[0] - y0 : o[1] - y0, o[2] - x0 : o[3] - x0
+        ]
+    return PlaneMask(tuple(int(v) for v in region), out, iou, tuple(order), complete)

@@ -1,0 +1,119 @@
+"""The Zarr embedding cache: entries, checksums, signatures, damage."""
+
+import dataclasses
+import warnings
+
+import numpy as np
+import pytest
+import zarr
+
+from napari_sam.core.embedding_store import CacheMismatchError, EmbeddingStore, describe_cache, signature_key
+from napari_sam.core.signature import CacheSignature
+
+SIG = CacheSignature(
+    model="vit_t", checkpoint="sha256:00", dtype="float32", normalization={"mode": "auto"}, tile=768, halo=128,
+    shape=(3, 2000, 1500), dtype_in="uint16", axes="ZYX", image_fingerprint="blake2b:ab",
+)
+LAYOUT = (3, 3, 2)
+
+
+def _features(seed):
+    return np.random.default_rng(seed).standard_normal((256, 64, 64)).astype(np.float32)
+
+
+def test_entries_round_trip_and_are_absent_until_written(tmp_path):
+    store = EmbeddingStore.open(tmp_path / "c.zarr", SIG, LAYOUT)
+    assert store.layout == LAYOUT and not store.present().any()
+    assert store.read((1, 2, 1)) is None
+    store.write((1, 2, 1), _features(0))
+    assert np.array_equal(store.read((1, 2, 1)), _features(0))
+    assert store.missing([(1, 2, 1), (0, 0, 0)]) == [(0, 0, 0)]
+    again = EmbeddingStore.open(tmp_path / "c.zarr", SIG, LAYOUT)  # reopened: still there
+    assert np.array_equal(again.read((1, 2, 1)), _features(0))
+    info = describe_cache(tmp_path / "c.zarr")
+    assert [(i["key"], i["present"], i["total"]) for i in info] == [(signature_key(SIG), 1, 18)]
+    assert info[0]["bytes"] > 256 * 64 * 64  # the entry is on disk
+
+
+def test_features_without_their_checksum_count_as_absent(tmp_path):
+    # a crash between the two writes leaves the features but no checksum
+    store = EmbeddingStore.open(tmp_path / "c.zarr", SIG, LAYOUT)
+    store.features[0, 1, 1] = _features(1)
+    assert store.read((0, 1, 1)) is None and store.missing([(0, 1, 1)]) == [(0, 1, 1)]
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "other_values"])
+def test_damaged_entries_are_detected_and_forgotten(tmp_path, damage):
+    store = EmbeddingStore.open(tmp_path / "c.zarr", SIG, LAYOUT)
+    store.write((2, 0, 1), _features(2))
+    store.write((2, 1, 1), _features(3))
+    chunk = tmp_path / "c.zarr" / store.key / "features" / "c" / "2" / "0" / "1" / "0" / "0" / "0"
+    assert chunk.is_file()
+    if damage == "garbage":
+        chunk.write_bytes(b"\x00not a chunk" * 100)
+    elif damage == "truncated":
+        chunk.write_bytes(chunk.read_bytes()[:1000])
+    else:
+        store.features[2, 0, 1] = _features(9)  # valid chunk, wrong values
+    assert store.missing([(2, 0, 1), (2, 1, 1)]) == []  # presence alone does not read the data
+    assert store.missing([(2, 0, 1), (2, 1, 1)], verify=True) == [(2, 0, 1)]
+    assert store.read((2, 0, 1)) is None and not store.present()[2, 0, 1]
+    assert np.array_equal(store.read((2, 1, 1)), _features(3))
+
+
+def test_float16_storage_halves_the_cache(tmp_path):
+    sig = dataclasses.replace(SIG, storage="float16")
+    store = EmbeddingStore.open(tmp_path / "c.zarr", sig, LAYOUT)
+    store.write((0, 0, 0), _features(0))
+    back = store.read((0, 0, 0))
+    assert back.dtype == np.float32 and store.features.dtype == np.float16
+    np.testing.assert_allclose(back, _features(0), rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError, match="storage dtype"):
+        EmbeddingStore.open(tmp_path / "d.zarr", dataclasses.replace(SIG, storage="int8"), LAYOUT)
+
+
+def test_other_signatures_are_kept_refused_or_replaced(tmp_path):
+    path = tmp_path / "c.zarr"
+    EmbeddingStore.open(path, SIG, LAYOUT).write((0, 0, 0), _features(0))
+    other = dataclasses.replace(SIG, tile=512, halo=64)
+    with pytest.raises(CacheMismatchError, match=r"tile: 768 \(cache\) vs 512 \(request\); halo: 128 \(cache\) vs 64"):
+        EmbeddingStore.open(path, other, (3, 4, 3), on_mismatch="error")
+    with pytest.warns(UserWarning, match="computed differently"):
+        kept = EmbeddingStore.open(path, other, (3, 4, 3), on_mismatch="keep")
+    assert not kept.present().any()
+    assert sorted(i["key"] for i in describe_cache(path)) == sorted([signature_key(SIG), signature_key(other)])
+    # the old entries are still there and still valid
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.array_equal(EmbeddingStore.open(path, SIG, LAYOUT).read((0, 0, 0)), _features(0))
+    EmbeddingStore.open(path, dataclasses.replace(SIG, dtype="bfloat16"), LAYOUT, on_mismatch="replace")
+    assert [i["signature"]["dtype"] for i in describe_cache(path)] == ["bfloat16"]
+
+
+def test_workers_attach_to_existing_entries_only(tmp_path):
+    store = EmbeddingStore.open(tmp_path / "c.zarr", SIG, LAYOUT)
+    EmbeddingStore.attach(tmp_path / "c.zarr", store.key).write((1, 0, 0), _features(4))
+    assert np.array_equal(store.read((1, 0, 0)), _features(4))
+    with pytest.raises(ValueError, match="has no entries"):
+        EmbeddingStore.attach(tmp_path / "c.zarr", "0123456789abcdef")
+
+
+def test_foreign_folders_are_not_used_as_caches(tmp_path):
+    (tmp_path / "photos").mkdir()
+    with pytest.raises(ValueError, match="not a Zarr v3 store"):
+        EmbeddingStore.open(tmp_path / "photos", SIG, LAYOUT)
+    zarr.create_array(str(tmp_path / "image.zarr"), shape=(4, 4), dtype="uint8")
+    with pytest.raises(ValueError, match="not an embedding cache|not a Zarr"):
+        EmbeddingStore.open(tmp_path / "image.zarr", SIG, LAYOUT)
+    grp = zarr.open_group(str(tmp_path / "group.zarr"), mode="w")
+    grp.create_array("raw", shape=(4, 4), dtype="uint8")
+    with pytest.raises(ValueError, match="not an embedding cache"):
+        EmbeddingStore.open(tmp_path / "group.zarr", SIG, LAYOUT)
+    with pytest.raises(ValueError, match="not an embedding cache"):
+        describe_cache(tmp_path / "photos")
+
+
+def test_layout_must_match(tmp_path):
+    EmbeddingStore.open(tmp_path / "c.zarr", SIG, LAYOUT)
+    with pytest.raises(ValueError, match="layout"):
+        EmbeddingStore.open(tmp_path / "c.zarr", SIG, (3, 1, 1))
