@@ -1,0 +1,279 @@
+"""Fine-tuning: data, geometry, learning, checkpoints and resuming.
+
+Most tests train a "mini" SAM whose model input is 256 pixels (16x16 embedding, 64x64
+low-res masks): every code path of the real one at a sixteenth of the cost. Checkpoint
+loading uses the conftest's tiny SAM with the standard 1024 input, the only kind
+``load_model`` infers from a state dict.
+"""
+
+import copy
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from napari_sam.core.models import load_model
+from napari_sam.core.predictor import Predictor
+from napari_sam.core.training import (
+    SegmentationDataset,
+    Trainer,
+    TrainingConfig,
+    low_res_targets,
+    object_ids,
+    optimizer_state_path,
+    train,
+)
+from napari_sam.model import SamConfig, ViTConfig, build_sam
+from napari_sam.model.checkpoint import read_checkpoint
+
+MINI = SamConfig(
+    ViTConfig(embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,), img_size=256), name="mini", image_size=256
+)
+
+# Small, fast runs: two objects, one corrective iteration, no warm-up.
+FAST = dict(
+    steps=4, warmup_steps=0, learning_rate=1e-3, objects_per_image=2, corrective_iterations=1, min_object_pixels=10
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These models are tiny: with two threads on a shared 2-core machine, OpenMP waits
+    on the busy core far longer than the work takes (runs became ten times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def mini_sam():
+    torch.manual_seed(0)
+    return build_sam(MINI)
+
+
+@pytest.fixture(scope="module")
+def crop(nuclei_2d):
+    """A 64x48 piece of the real nuclei image with six nuclei (non-square on purpose)."""
+    image, labels = nuclei_2d
+    return image[208:272, 64:112], labels[208:272, 64:112]
+
+
+@pytest.fixture
+def data(crop):
+    return SegmentationDataset.from_arrays([crop[0]], [crop[1]])
+
+
+def weights(model, prefix=""):
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith(prefix)}
+
+
+# -- data ------------------------------------------------------------------------------
+
+
+def test_dataset_from_arrays_and_stack(crop):
+    image, labels = crop
+    assert object_ids(labels, min_pixels=10).size >= 2
+    ds = SegmentationDataset.from_arrays([image, image.T], [labels, labels.T], names=["a", "b"])
+    assert len(ds) == 2 and ds[1].name == "b"
+    np.testing.assert_array_equal(ds[1].labels, labels.T)
+
+    stack_labels = np.stack([labels, np.zeros_like(labels), labels[::-1]])
+    stack = SegmentationDataset.from_stack(np.stack([image] * 3), stack_labels)
+    assert stack.names == ["stack z=0", "stack z=2"]  # the empty plane is skipped
+    np.testing.assert_array_equal(stack[1].labels, labels[::-1])
+    assert len(SegmentationDataset.from_stack(np.stack([image] * 3), stack_labels, skip_empty=False)) == 3
+
+    with pytest.raises(ValueError, match="same pixels"):
+        SegmentationDataset.from_arrays([image], [labels[:10]])
+    with pytest.raises(ValueError, match="2 images but 1"):
+        SegmentationDataset.from_arrays([image, image], [labels])
+
+
+def test_dataset_from_folder(tmp_path, crop, shared_dir):
+    image, labels = crop
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    tifffile.imwrite(tmp_path / "images" / "one.tif", image)
+    tifffile.imwrite(tmp_path / "labels" / "one.tif", labels)
+    tifffile.imwrite(tmp_path / "images" / "vol.tif", np.stack([image, image]))
+    tifffile.imwrite(tmp_path / "labels" / "vol.tif", np.stack([np.zeros_like(labels), labels]))
+    ds = SegmentationDataset.from_folder(tmp_path)
+    assert ds.names == ["one.tif", "vol.tif z=1"]
+    np.testing.assert_array_equal(ds[1].image, image)
+    np.testing.assert_array_equal(ds[1].labels, labels)
+    assert ds.describe()["source"] == "folder"
+
+    tifffile.imwrite(tmp_path / "images" / "orphan.tif", image)
+    with pytest.raises(ValueError, match="orphan.tif"):
+        SegmentationDataset.from_folder(tmp_path)
+
+    real = SegmentationDataset.from_folder(shared_dir / "data" / "dsb2018_fluo")
+    assert len(real) == 21
+    assert real[0].image.shape[:2] == real[0].labels.shape
+
+
+# -- geometry --------------------------------------------------------------------------
+
+
+def test_low_res_targets_follow_the_padded_model_frame():
+    masks = torch.zeros(1, 100, 200, dtype=torch.bool)
+    masks[0, :, 100:] = True  # right half of a 100 x 200 plane
+    # 1024 input: the plane becomes 512 x 1024, i.e. 128 x 256 low-res pixels, then padding
+    t = low_res_targets(masks, (512, 1024), 1024)
+    assert t.shape == (1, 1, 256, 256)
+    assert t[0, 0, :128, 128:].all() and not t[0, 0, :128, :128].any()
+    assert not t[0, 0, 128:].any()
+
+
+def test_training_prompts_use_the_predictors_coordinates(mini_sam, crop):
+    image, labels = crop
+    data = SegmentationDataset.from_arrays([image], [labels])
+    trainer = Trainer(mini_sam, data, TrainingConfig(**FAST), device="cpu")
+    feats = trainer._features(data, 0, grad=False)
+    predictor = Predictor(mini_sam)
+    emb = predictor.set_image(image)
+    assert (emb.input_size, emb.original_size) == (feats.input_size, feats.original_size)
+    torch.testing.assert_close(emb.features, feats.embedding)
+
+    from napari_sam.core.training import _scale
+
+    box = np.array([5.0, 7.0, 30.0, 40.0])
+    expected = predictor.predict(box=box, multimask=False).low_res_logits
+    t_box = torch.as_tensor(box * np.tile(_scale(feats.input_size, feats.original_size), 2), dtype=torch.float32)
+    got, _ = trainer._decode(feats, None, None, t_box[None], None, False)
+    np.testing.assert_allclose(got[0].detach().numpy(), expected, atol=1e-4)
+
+
+def test_objects_lost_in_the_low_res_frame_are_not_trained_on(mini_sam):
+    labels = np.zeros((512, 512), np.uint16)
+    labels[100:104, 100:105] = 1  # 20 pixels: below one low-res pixel of the mini model (8x8)
+    image = (labels > 0).astype(np.uint8) * 200
+    cfg = TrainingConfig(**dict(FAST, corrective_iterations=0))
+    trainer = Trainer(mini_sam, SegmentationDataset.from_arrays([image], [labels]), cfg, device="cpu")
+    assert trainer.image_loss(trainer.train_data, 0, np.random.default_rng(0)) is None
+    labels[300:360, 300:380] = 2
+    trainer = Trainer(mini_sam, SegmentationDataset.from_arrays([image], [labels]), cfg, device="cpu")
+    parts = trainer.image_loss(trainer.train_data, 0, np.random.default_rng(0))
+    assert parts is not None and parts.loss.requires_grad
+
+
+# -- learning --------------------------------------------------------------------------
+
+
+def test_training_lowers_the_loss_on_a_fixed_batch(mini_sam, data):
+    trainer = Trainer(mini_sam, data, TrainingConfig(**FAST), device="cpu")
+    before = trainer.evaluate_loss(seed=5)
+    assert trainer.evaluate_loss(seed=5) == before  # really a fixed batch
+    records = list(trainer.run())
+    assert [r.step for r in records] == [1, 2, 3, 4]
+    assert all(np.isfinite(r.loss) and r.loss > 0 for r in records)
+    assert records[0].learning_rate == pytest.approx(1e-3) and records[-1].learning_rate < 1e-3
+    after = trainer.evaluate_loss(seed=5)
+    assert after < 0.8 * before
+
+
+def test_decoder_mode_leaves_the_image_encoder_bit_for_bit_unchanged(mini_sam, data):
+    encoder, decoder = weights(mini_sam, "image_encoder."), weights(mini_sam, "mask_decoder.")
+    trainer = Trainer(mini_sam, data, TrainingConfig(**dict(FAST, steps=1)), device="cpu")
+    next(trainer.run())
+    for k, v in weights(mini_sam, "image_encoder.").items():
+        assert torch.equal(v, encoder[k]), k
+    assert any(not torch.equal(v, decoder[k]) for k, v in weights(mini_sam, "mask_decoder.").items())
+
+
+def test_full_mode_trains_the_encoder_except_frozen_blocks(mini_sam, data):
+    before = weights(mini_sam)
+    cfg = TrainingConfig(**dict(FAST, steps=1, mode="full", freeze_encoder_blocks=1, corrective_iterations=0))
+    trainer = Trainer(mini_sam, data, cfg, device="cpu")
+    next(trainer.run())
+    after = weights(mini_sam)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    frozen = ("image_encoder.blocks.0.", "image_encoder.patch_embed.", "image_encoder.pos_embed")
+    assert not any(k.startswith(frozen) for k in changed)
+    assert any(k.startswith("image_encoder.blocks.1.") for k in changed)
+    assert any(k.startswith("mask_decoder.") for k in changed)
+
+
+def test_validation_records_and_learning_rate_schedule(mini_sam, data):
+    cfg = TrainingConfig(**dict(FAST, steps=2, validate_every=2, corrective_iterations=0))
+    records = list(Trainer(mini_sam, data, cfg, validation_data=data, device="cpu").run())
+    assert records[0].validation_iou is None
+    val = records[1].validation
+    assert 0 <= records[1].validation_iou <= 1 and val["objects"] == 6
+    assert val["iou"] == pytest.approx((val["point"] + val["box"]) / 2)
+
+    sched = TrainingConfig(steps=110, warmup_steps=10, learning_rate=1.0)
+    assert [sched.learning_rate_at(s) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert sched.learning_rate_at(60) == pytest.approx(0.5)  # half way through the cosine
+    assert sched.learning_rate_at(109) < 0.001
+    step = TrainingConfig(steps=100, warmup_steps=0, learning_rate=1.0, schedule="step", decay_steps=(50, 80))
+    assert [step.learning_rate_at(s) for s in (49, 50, 80)] == pytest.approx([1.0, 0.1, 0.01])
+    with pytest.raises(ValueError, match="mode"):
+        TrainingConfig(mode="encoder")
+    with pytest.raises(ValueError, match="freeze_encoder_blocks"):
+        TrainingConfig(freeze_encoder_blocks=2)
+
+
+# -- checkpoints -----------------------------------------------------------------------
+
+
+def test_checkpoint_reloads_with_load_model_and_gives_identical_outputs(tiny_sam, crop, tmp_path):
+    model = copy.deepcopy(tiny_sam)
+    data = SegmentationDataset.from_arrays([crop[0]], [crop[1]])
+    cfg = TrainingConfig(**dict(FAST, steps=1, objects_per_image=1, corrective_iterations=0, seed=3))
+    trainer = Trainer(model, data, cfg, device="cpu")
+    record = next(trainer.run())
+    path = trainer.save(tmp_path / "tuned.pth")
+
+    loaded = load_model(path, device="cpu")
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    assert any(not torch.equal(v, tiny_sam.state_dict()[k]) for k, v in model.state_dict().items())
+    emb = torch.randn(1, 256, 64, 64)
+    pts, lbl = torch.tensor([[[300.0, 200.0]]]), torch.ones(1, 1, dtype=torch.int64)
+    with torch.no_grad():
+        a = model.decode(emb, pts, lbl)
+        b = loaded.decode(emb, pts, lbl)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+    meta = loaded.checkpoint_metadata
+    assert meta["config"]["encoder"]["embed_dim"] == 32
+    training = meta["training"]
+    assert (training["mode"], training["steps"], training["seed"]) == ("decoder", 1, 3)
+    assert training["data"]["source"] == "arrays" and training["date"]
+    assert training["losses"] == [{"step": 1, "loss": pytest.approx(record.loss)}]
+    assert training["settings"]["objects_per_image"] == 1
+    assert optimizer_state_path(path).is_file()
+
+
+def test_resume_continues_from_the_saved_step(mini_sam, data, tmp_path):
+    cfg = TrainingConfig(**dict(FAST, steps=2))
+    straight = Trainer(copy.deepcopy(mini_sam), data, cfg, device="cpu")
+    list(straight.run())
+
+    first = Trainer(mini_sam, data, cfg, device="cpu")
+    list(first.run(until=1))
+    path = first.save(tmp_path / "half.pth")
+    resumed = Trainer.resume(path, data, device="cpu")
+    assert resumed.step == 1 and resumed.config == cfg and len(resumed.history) == 1
+    assert resumed.optimizer.state_dict()["state"], "the AdamW moments were restored"
+    records = list(resumed.run())
+    assert [r.step for r in records] == [2]
+    # Same draws and same optimizer state: the same weights as an uninterrupted run.
+    for k, v in straight.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[k], v, rtol=1e-5, atol=1e-6)
+    assert read_checkpoint(resumed.save(path)).metadata["training"]["steps"] == 2
+
+    optimizer_state_path(path).unlink()
+    with pytest.warns(UserWarning, match="fresh AdamW"):
+        Trainer.resume(path, data, device="cpu")
+
+
+def test_train_convenience_saves_the_result(mini_sam, data, tmp_path):
+    path = tmp_path / "out.pth"
+    cfg = TrainingConfig(**dict(FAST, steps=2, corrective_iterations=0))
+    trainer = train(mini_sam, data, cfg, checkpoint=path, progress=False, device="cpu")
+    assert trainer.step == 2
+    assert read_checkpoint(path).metadata["training"]["steps"] == 2
