@@ -74,6 +74,16 @@ def _parser() -> argparse.ArgumentParser:
     emb.add_argument("--on-mismatch", choices=["keep", "error", "replace"], default="keep", help="what to do with entries computed differently")
     emb.add_argument("--scheduler", help="local:N for N worker processes, or a dask scheduler address (default: here, serially)")
 
+    ann = sub.add_parser(
+        "annotate",
+        help="open napari with an image (or a bundled sample) and the Segment Anything widget docked",
+    )
+    ann.add_argument("image", nargs="?", help="image to open (default: --sample)")
+    ann.add_argument("--sample", default="nuclei_3d", choices=["nuclei_2d", "nuclei_3d"], help="bundled sample to open when no image is given")
+    ann.add_argument("--model", help="model preselected in the widget (registry name or checkpoint file)")
+    ann.add_argument("--start", action="store_true", help="load the model and create the prompt layers right away")
+    ann.add_argument("--screenshot", help=argparse.SUPPRESS)
+
     info = sub.add_parser("info", help="show what an embedding cache holds")
     info.add_argument("cache")
     return parser
@@ -183,6 +193,35 @@ def _info(args) -> int:
     return 0
 
 
+def _annotate(args) -> int:
+    import os
+
+    if args.model:
+        os.environ["NAPARI_SAM_MODEL"] = args.model
+    import napari
+
+    viewer = napari.Viewer(title="napari-sam")
+    if args.image:
+        viewer.open(args.image)
+    else:
+        viewer.open_sample("napari-sam-scale", args.sample)
+    _, widget = viewer.window.add_plugin_dock_widget("napari-sam-scale", "Segment Anything")
+    if args.start:
+        widget.start_session()
+    if args.screenshot:
+        from qtpy.QtWidgets import QApplication
+
+        deadline = time.monotonic() + 60
+        while args.start and widget.session is None and time.monotonic() < deadline:
+            QApplication.processEvents()
+            time.sleep(0.05)
+        viewer.screenshot(args.screenshot, canvas_only=False)
+        viewer.close()
+        return 0
+    napari.run()
+    return 0
+
+
 def _models(args) -> int:
     from .weights import list_models
 
@@ -201,7 +240,7 @@ def _download(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     args = _parser().parse_args(argv)
-    handlers = {"segment": _segment, "models": _models, "download": _download, "embed": _embed, "info": _info}
+    handlers = {"segment": _segment, "models": _models, "download": _download, "embed": _embed, "info": _info, "annotate": _annotate}
     try:
         return handlers[args.command](args)
     except (ValueError, FileExistsError, KeyError, RuntimeError) as err:

@@ -1,0 +1,1 @@
+"""Qt widgets of the napari plugin (imported only by napari, never by the core)."""

@@ -1,0 +1,191 @@
+"""The plugin's operations as a small Python API, for scripts, Jupyter and the napari console.
+
+:class:`Annotator` needs no viewer: give it an image (numpy, dask, zarr; 2D to 4D) and a
+model, then embed, segment from points and boxes, commit objects into a label array and
+undo. The napari dock widget drives the very same object through :mod:`napari_sam.layers`,
+so whatever the widget can do, a script can do too.
+
+>>> from napari_sam.api import Annotator                              # doctest: +SKIP
+>>> ann = Annotator(volume, model="vit_b_lm", axes="ZYX")              # doctest: +SKIP
+>>> obj = ann.segment(12, points=[[310, 240]])                          # doctest: +SKIP
+>>> ann.commit(12, [obj]).ids                                           # doctest: +SKIP
+(1,)
+
+In the napari console, :func:`attach` connects an Annotator to the viewer's layers:
+
+>>> session = attach(viewer, viewer.layers["nuclei"], model="vit_b_lm")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from .core.embeddings import DEFAULT_HALO, DEFAULT_TILE, EmbedProgress, Embeddings
+from .core.image_source import ImageSource
+from .core.labels import Commit, LabelWriter, create_label_store
+from .core.preprocess import Normalization
+from .core.tiled_segmentation import PlaneMask
+
+__all__ = ["Annotator", "attach", "MODEL_ENV_VAR"]
+
+MODEL_ENV_VAR = "NAPARI_SAM_MODEL"
+"""Environment variable naming the model used when none is given (a registry name or a
+checkpoint file)."""
+# Label images up to this size are kept in memory; larger ones go to a Zarr array on disk.
+IN_MEMORY_LABELS = 1 << 30
+
+
+def _load(model, device, dtype):
+    from .core.models import load_model
+    from .model.sam import Sam
+
+    if isinstance(model, Sam):
+        return model
+    if model is None:
+        model = os.environ.get(MODEL_ENV_VAR)
+        if not model:
+            raise ValueError(
+                f"no model given: pass model= a registry name (see `napari-sam models`) or a checkpoint file, "
+                f"or set {MODEL_ENV_VAR}"
+            )
+    return load_model(model, device=device, dtype=dtype)
+
+
+class Annotator:
+    """Segment objects of an image into a label image from point and box prompts.
+
+    Parameters
+    ----------
+    image
+        An :class:`~napari_sam.core.image_source.ImageSource`, or an array with ``axes``
+        and ``channel`` (see there).
+    model
+        A loaded SAM, a registry name, a checkpoint file, or None for ``$NAPARI_SAM_MODEL``.
+    labels
+        Where objects go: an integer array whose shape is the image's planes and plane
+        (e.g. (Z, Y, X) for a ZYX or ZYXC image), a path for a Zarr label array on disk
+        (created, or reopened to continue), or None for a new array (in memory up to
+        1 GiB, else an error asking for a path).
+    cache, tile, halo, normalization
+        See :class:`~napari_sam.core.embeddings.Embeddings`.
+    device, dtype
+        See :func:`~napari_sam.core.models.load_model` (used when ``model`` is a name).
+    """
+
+    def __init__(
+        self,
+        image,
+        model=None,
+        labels=None,
+        *,
+        axes: str | None = None,
+        channel: int | None = None,
+        cache: str | os.PathLike | None | bool = None,
+        tile: int = DEFAULT_TILE,
+        halo: int = DEFAULT_HALO,
+        normalization: Normalization = Normalization(),
+        device: str | None = None,
+        dtype: str = "auto",
+    ):
+        self.source = image if isinstance(image, ImageSource) else ImageSource(image, axes, channel)
+        self.model = _load(model, device, dtype)
+        self.embeddings = Embeddings(self.source, self.model, cache, tile=tile, halo=halo, normalization=normalization)
+        self.writer = LabelWriter(self._labels(labels))
+
+    def _labels(self, labels):
+        shape = self.labels_shape
+        if labels is None:
+            size = int(np.prod(shape)) * 4
+            if size > IN_MEMORY_LABELS:
+                raise ValueError(
+                    f"labels of shape {shape} take {size / 2**30:.1f} GiB: give labels= a path for a Zarr array on disk"
+                )
+            return np.zeros(shape, np.uint32)
+        if isinstance(labels, (str, Path)):
+            return create_label_store(labels, shape)
+        if tuple(labels.shape) != shape:
+            raise ValueError(f"labels have shape {tuple(labels.shape)}, but the image needs {shape} (planes, then Y, X)")
+        return labels
+
+    @property
+    def labels_shape(self) -> tuple[int, ...]:
+        """Shape of the label image: the plane axes, then (Y, X)."""
+        return self.source.plane_grid + self.source.plane_shape
+
+    @property
+    def labels(self):
+        """The label array objects are committed into."""
+        return self.writer.labels
+
+    def plane(self, plane) -> tuple[int, ...]:
+        """A flat plane number or (t, z) tuple as the label array's leading index."""
+        return self.source.plane_index(plane)
+
+    # -- embedding -----------------------------------------------------------------------
+    def embed(self, plane=None, progress: bool = True) -> int:
+        """Embed one plane (all its tiles) or, with ``plane=None``, every plane; returns
+        the tiles cached."""
+        return self.embeddings.compute_all(None if plane is None else [plane], progress=progress)
+
+    def embed_steps(self, plane=None, scheduler=None) -> Iterator[EmbedProgress]:
+        """:meth:`Embeddings.precompute` for one plane or all: a generator of progress
+        that a GUI or a loop drives, and cancels by closing it."""
+        return self.embeddings.precompute(None if plane is None else [plane], scheduler=scheduler)
+
+    def is_embedded(self, plane) -> bool:
+        """Whether every tile of the plane is cached."""
+        return self.embeddings.plane_ready(plane)
+
+    # -- prompts -------------------------------------------------------------------------
+    def segment(self, plane, points=None, labels=None, box=None, multimask: bool | None = None) -> PlaneMask:
+        """One object from points (N, 2) as (x, y) plane pixels with labels (1 foreground,
+        0 background) and/or a box (x0, y0, x1, y1); missing tiles are embedded first."""
+        return self.embeddings.segment(plane, points, labels, box, multimask)
+
+    def segment_boxes(self, plane, boxes) -> list[PlaneMask]:
+        """One object per box (x0, y0, x1, y1)."""
+        return [self.embeddings.segment(plane, box=b) for b in np.asarray(boxes, dtype=np.float64).reshape(-1, 4)]
+
+    def segment_prompts(self, plane, points=None, labels=None, boxes=None) -> list[PlaneMask]:
+        """The objects a set of prompts on one plane describes, as the widget reads them:
+        several boxes are several objects (points then refine none); one box and the
+        points are one object; points alone are one object."""
+        boxes = [] if boxes is None else [np.asarray(b, dtype=np.float64) for b in boxes]
+        has_points = points is not None and len(points) > 0
+        if len(boxes) > 1:
+            return self.segment_boxes(plane, boxes)
+        if not boxes and not has_points:
+            return []
+        return [self.segment(plane, points if has_points else None, labels if has_points else None, boxes[0] if boxes else None)]
+
+    # -- results -------------------------------------------------------------------------
+    def commit(self, plane, masks, overwrite: bool = False) -> Commit:
+        """Write objects into one plane of :attr:`labels` under new ids (next free ones).
+        Pixels of other objects are kept unless ``overwrite``."""
+        return self.writer.commit(self.plane(plane), list(masks), overwrite=overwrite)
+
+    def undo(self) -> Commit | None:
+        """Undo the last commit."""
+        return self.writer.undo()
+
+
+def attach(viewer, image_layer=None, model=None, **kwargs):
+    """Connect an :class:`Annotator` to a napari viewer: prompt layers, a labels layer and
+    keyboard shortcuts. Returns the :class:`~napari_sam.layers.ViewerSession`.
+
+    Parameters
+    ----------
+    viewer
+        A ``napari.Viewer``.
+    image_layer
+        The image layer to segment (default: the selected or the first image layer).
+    model, kwargs
+        As for :class:`Annotator` (``labels=`` a path gives an on-disk Zarr labels layer).
+    """
+    from .layers import ViewerSession
+
+    return ViewerSession.attach(viewer, image_layer, model=model, **kwargs)

@@ -1,0 +1,182 @@
+"""The dock widget and the viewer session, driven as a user would: real nuclei images,
+points and boxes placed through the layer APIs, buttons clicked, Labels data checked."""
+
+import numpy as np
+import pytest
+import zarr
+
+from napari_sam.api import attach
+from napari_sam.layers import KEYS
+
+pytestmark = pytest.mark.viewer
+
+
+@pytest.fixture()
+def viewer_3d(make_napari_viewer, nuclei_3d):
+    viewer = make_napari_viewer()
+    layer = viewer.add_image(nuclei_3d[0], name="nuclei", scale=(0.284, 0.127, 0.127))
+    return viewer, layer
+
+
+@pytest.fixture()
+def widget(viewer_3d, tiny_checkpoint, monkeypatch, qtbot):
+    monkeypatch.setenv("NAPARI_SAM_MODEL", str(tiny_checkpoint))
+    from napari_sam._qt.widget import SamWidget
+
+    viewer, layer = viewer_3d
+    w = SamWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    assert w.model.value == str(tiny_checkpoint) and w.image.value is layer
+    w.start_session()
+    qtbot.waitUntil(lambda: w.session is not None, timeout=30000)
+    yield w
+    _idle(w, qtbot)  # no worker may outlive the test (and the interpreter)
+
+
+def _idle(w, qtbot):
+    qtbot.waitUntil(lambda: not w._workers and not w._preview_running, timeout=60000)
+
+
+def test_session_prompts_follow_planes_scale_and_commit_only_their_plane(viewer_3d, tiny_checkpoint):
+    viewer, layer = viewer_3d
+    session = attach(viewer, layer, model=str(tiny_checkpoint), cache=False)
+    assert session.labels_layer.data.shape == (100, 100, 100)
+    np.testing.assert_allclose(session.points_layer.scale, layer.scale)
+    viewer.dims.set_current_step(0, 40)
+    assert session.current_plane() == (40,)
+    session.points_layer.add(np.array([[40, 50, 60], [40, 20, 25]]))
+    session.points_layer.features.loc[1, "positive"] = False
+    session.points_layer.add(np.array([[41, 10, 10]]))  # another plane
+    prompts = session.prompts()
+    np.testing.assert_allclose(prompts["points"], [[60, 50], [25, 20]])  # (x, y)
+    np.testing.assert_array_equal(prompts["labels"], [1, 0])
+    expected = session.annotator.segment((40,), [[60, 50], [25, 20]], [1, 0])
+    session.show_preview(session.compute_preview())
+    assert session.preview_is_current()
+    session.commit()
+    labels = session.labels_layer.data
+    assert set(np.unique(labels[40])) == {0, 1} and (labels[40] == 1).sum() == expected.area
+    assert not labels[:40].any() and not labels[41:].any()
+    assert len(session.points_layer.data) == 1  # the other plane's point stays
+    assert session.undo().ids == (1,) and not labels.any()
+
+
+def test_boxes_become_several_objects_in_one_commit(viewer_3d, tiny_checkpoint):
+    viewer, layer = viewer_3d
+    session = attach(viewer, layer, model=str(tiny_checkpoint), cache=False)
+    viewer.dims.set_current_step(0, 60)
+    boxes = [[[60, 10, 10], [60, 10, 40], [60, 35, 40], [60, 35, 10]], [[60, 60, 55], [60, 60, 90], [60, 90, 90], [60, 90, 55]]]
+    session.boxes_layer.add_rectangles(np.array(boxes, dtype=float))
+    prompts = session.prompts()
+    np.testing.assert_allclose(np.array(prompts["boxes"]), [[10, 10, 40, 35], [55, 60, 90, 90]])
+    session.commit()
+    ids = set(np.unique(session.labels_layer.data[60])) - {0}
+    assert ids <= {1, 2} and len(ids) >= 1 and not session.labels_layer.data[59].any()
+    assert len(session.boxes_layer.data) == 0
+
+
+def test_existing_labels_are_protected_unless_overwrite(viewer_3d, tiny_checkpoint):
+    viewer, layer = viewer_3d
+    existing = viewer.add_labels(np.zeros((100, 100, 100), np.uint16), name="mine", scale=layer.scale)
+    existing.data[30] = 5  # the whole plane is taken
+    session = attach(viewer, layer, model=str(tiny_checkpoint), labels=existing, cache=False)
+    assert session.labels_layer is existing and session.annotator.writer.next_id() == 6
+    viewer.dims.set_current_step(0, 30)
+    session.points_layer.add(np.array([[30, 50, 50]]))
+    session.commit()
+    assert (existing.data[30] == 5).all()
+    session.overwrite = True
+    session.points_layer.add(np.array([[30, 50, 50]]))
+    session.commit()
+    assert (existing.data[30] == 6).any()
+
+
+def test_bad_inputs_are_refused_clearly(make_napari_viewer, viewer_3d, tiny_checkpoint):
+    viewer, layer = viewer_3d
+    wrong = viewer.add_labels(np.zeros((10, 100, 100), np.uint8))
+    with pytest.raises(ValueError, match=r"labels have shape \(10, 100, 100\), but the image needs \(100, 100, 100\)"):
+        attach(viewer, layer, model=str(tiny_checkpoint), labels=wrong, cache=False)
+    with pytest.raises(ValueError, match="no image layer"):
+        attach(make_napari_viewer(), model=str(tiny_checkpoint))
+    session = attach(viewer, layer, model=str(tiny_checkpoint), cache=False)
+    session.points_layer.add(np.array([[0, 150, 20]]))  # beyond the image
+    with pytest.raises(ValueError, match="outside the 100x100 image"):
+        session.compute_preview((0,))
+
+
+def test_zarr_labels_on_disk(viewer_3d, tiny_checkpoint, tmp_path):
+    viewer, layer = viewer_3d
+    path = tmp_path / "labels.zarr"
+    session = attach(viewer, layer, model=str(tiny_checkpoint), labels=path, cache=False)
+    assert isinstance(session.labels_layer.data, zarr.Array)
+    viewer.dims.set_current_step(0, 12)
+    session.points_layer.add(np.array([[12, 40, 40]]))
+    session.commit()
+    on_disk = zarr.open_array(str(path), mode="r")
+    assert np.asarray(on_disk[12]).max() == 1 and not np.asarray(on_disk[13]).any()
+    assert sorted(p.parent.parent.name for p in (path / "c").rglob("*") if p.is_file()) == ["12"]
+
+
+def test_widget_previews_commits_and_undoes(widget, viewer_3d, qtbot):
+    viewer, _ = viewer_3d
+    session = widget.session
+    viewer.dims.set_current_step(0, 50)
+    session.points_layer.add(np.array([[50, 40, 60]]))
+    qtbot.waitUntil(lambda: session.preview_is_current() and not widget._preview_running, timeout=60000)
+    assert session.preview_layer.data.ndim == 3 and session.preview_layer.data.any()
+    assert "preview: 1 object(s)" in widget.status.value
+    widget.commit.clicked()
+    qtbot.waitUntil(lambda: session.labels_layer.data[50].any(), timeout=60000)
+    _idle(widget, qtbot)
+    assert set(np.unique(session.labels_layer.data)) == {0, 1} and not session.labels_layer.data[49].any()
+    widget.undo.clicked()
+    assert not session.labels_layer.data.any() and "undid object(s) [1]" in widget.status.value
+
+
+def test_widget_toggles_background_and_binds_keys(widget):
+    session = widget.session
+    assert session.toggle_mode() is False
+    session.points_layer.add(np.array([[0, 10, 10]]))
+    assert not session.points_layer.features["positive"].iloc[-1]
+    np.testing.assert_allclose(session.points_layer.face_color[-1], [1, 0, 0, 1])  # background: red
+    assert session.toggle_mode() is True
+    session.points_layer.add(np.array([[0, 12, 12]]))
+    np.testing.assert_allclose(session.points_layer.face_color[-1], [0, 1, 0, 1])  # foreground: lime
+    bound = {str(k).replace("+", "-").lower() for k in widget.viewer.keymap}
+    assert {k.lower() for k in KEYS.values()} <= bound
+
+
+def test_embedding_all_slices_can_be_cancelled_and_resumed(widget, qtbot):
+    store = widget.session.annotator.embeddings.store
+    worker = widget.run_embedding(current=False)
+    qtbot.waitUntil(lambda: store.present().sum() >= 2, timeout=60000)
+    widget.cancel.clicked()
+    qtbot.waitUntil(lambda: worker not in widget._workers, timeout=60000)
+    done = int(store.present().sum())
+    assert 2 <= done < 100 and "cancelled" in widget.status.value
+
+
+def test_points_on_a_slice_still_embedding_wait_for_it(widget, viewer_3d, qtbot):
+    viewer, _ = viewer_3d
+    session = widget.session
+    viewer.dims.set_current_step(0, 70)
+    widget.run_embedding(current=True)
+    session.points_layer.add(np.array([[70, 30, 30]]))  # while that slice is computing
+    qtbot.waitUntil(lambda: session.preview_is_current() and not widget._workers, timeout=60000)
+    assert session.annotator.is_embedded((70,)) and session.preview_masks
+
+
+def test_closing_the_viewer_during_a_computation(make_napari_viewer, nuclei_3d, tiny_checkpoint, monkeypatch, qtbot):
+    monkeypatch.setenv("NAPARI_SAM_MODEL", str(tiny_checkpoint))
+    from napari_sam._qt.widget import SamWidget
+
+    viewer = make_napari_viewer()
+    viewer.add_image(nuclei_3d[0], name="nuclei")
+    w = SamWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    w.start_session()
+    qtbot.waitUntil(lambda: w.session is not None, timeout=30000)
+    worker = w.run_embedding(current=False)
+    qtbot.waitUntil(lambda: w.session.annotator.embeddings.store.present().sum() >= 1, timeout=60000)
+    viewer.close()
+    qtbot.waitUntil(lambda: worker.abort_requested or not worker.is_running, timeout=30000)

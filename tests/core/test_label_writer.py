@@ -1,0 +1,92 @@
+"""Committing objects into label images: ids, protection of earlier work, undo, Zarr chunks."""
+
+import numpy as np
+import pytest
+import zarr
+
+from napari_sam.core.labels import LabelWriter, create_label_store
+from napari_sam.core.tiled_segmentation import PlaneMask
+
+
+def _obj(y0, y1, x0, x1, mask=None):
+    m = np.ones((y1 - y0, x1 - x0), bool) if mask is None else mask
+    return PlaneMask((y0, y1, x0, x1), m, 0.9, ((0, 0),))
+
+
+def test_commits_take_free_ids_and_only_their_plane():
+    labels = np.zeros((4, 50, 60), np.uint16)
+    labels[0, :5, :5] = 7  # earlier work on another plane
+    writer = LabelWriter(labels)
+    assert writer.next_id() == 8
+    c = writer.commit((2,), [_obj(10, 20, 10, 30), _obj(30, 40, 5, 15)])
+    assert c.ids == (8, 9) and c.pixels == (200, 100) and c.region == (10, 40, 5, 30)
+    assert (labels[2, 10:20, 10:30] == 8).all() and (labels[2, 30:40, 5:15] == 9).all()
+    assert (labels[[1, 3]] == 0).all() and (labels[0, :5, :5] == 7).all()
+    assert writer.next_id() == 10
+
+
+def test_existing_labels_are_kept_unless_overwrite():
+    labels = np.zeros((30, 30), np.uint8)
+    labels[0:10, 0:10] = 3
+    writer = LabelWriter(labels)
+    c = writer.commit((), [_obj(5, 15, 5, 15)])
+    assert c.ids == (4,) and c.pixels == (100 - 25,) and (labels[5:10, 5:10] == 3).all()
+    c2 = writer.commit((), [_obj(0, 4, 0, 4)])  # entirely over object 3: nothing to take
+    assert c2.ids == (0,) and c2.pixels == (0,) and writer.next_id() == 5
+    writer.commit((), [_obj(0, 4, 0, 4)], overwrite=True)
+    assert (labels[0:4, 0:4] == 5).all()
+
+
+def test_undo_restores_exactly_and_in_order():
+    labels = np.zeros((2, 40, 40), np.uint32)
+    labels[1, 20:30, 20:30] = 1
+    original = labels.copy()
+    writer = LabelWriter(labels)
+    writer.commit((1,), [_obj(15, 25, 15, 25)], overwrite=True)
+    after_first = labels.copy()
+    writer.commit((0,), [_obj(0, 40, 0, 40)])
+    assert writer.undo().plane == (0,) and np.array_equal(labels, after_first)
+    assert writer.undo().plane == (1,) and np.array_equal(labels, original)
+    assert writer.undo() is None
+
+
+def test_bad_commits_are_refused_without_writing():
+    labels = np.zeros((3, 20, 20), np.uint8)
+    writer = LabelWriter(labels)
+    with pytest.raises(ValueError, match="plane index of 1 value"):
+        writer.commit((0, 1), [_obj(0, 5, 0, 5)])
+    with pytest.raises(ValueError, match="does not fit the 20x20"):
+        writer.commit((0,), [_obj(10, 25, 0, 5)])
+    with pytest.raises(ValueError, match="nothing to commit"):
+        writer.commit((0,), [_obj(0, 5, 0, 5, np.zeros((5, 5), bool))])
+    labels[0, 0, 0] = 255
+    with pytest.raises(ValueError, match="does not fit labels of dtype uint8"):
+        writer.commit((1,), [_obj(0, 5, 0, 5)])
+    assert labels.sum() == 255
+    with pytest.raises(ValueError, match="integer dtype"):
+        LabelWriter(np.zeros((4, 4), np.float32))
+
+
+def test_zarr_labels_write_only_the_chunks_they_touch(tmp_path):
+    path = tmp_path / "labels.zarr"
+    store = create_label_store(path, (6, 2048, 2048), chunks=(256, 256))
+    assert store.chunks == (1, 256, 256) and store.dtype == np.uint32
+    writer = LabelWriter(store)
+    writer.commit((3,), [_obj(300, 400, 600, 700)])
+    chunk_files = sorted(p.relative_to(path / "c").as_posix() for p in (path / "c").rglob("*") if p.is_file())
+    assert chunk_files == ["3/1/2"]  # one 256x256 chunk of one plane
+    assert np.asarray(store[3, 300:400, 600:700]).min() == 1
+    # reopened later: the next id comes from the attributes, without scanning
+    again = LabelWriter(create_label_store(path, (6, 2048, 2048)))
+    assert again.next_id() == 2
+    with pytest.raises(ValueError, match="not \\(6, 100, 100\\)"):
+        create_label_store(path, (6, 100, 100))
+    (tmp_path / "notes.zarr").write_text("not zarr")
+    with pytest.raises(ValueError, match="not a Zarr label array"):
+        create_label_store(tmp_path / "notes.zarr", (2, 2))
+
+
+def test_next_id_of_a_large_foreign_zarr_array_is_found_chunkwise(tmp_path):
+    z = zarr.create_array(str(tmp_path / "l.zarr"), shape=(4, 300, 300), chunks=(1, 100, 100), dtype="uint16")
+    z[2, 250, 250] = 41
+    assert LabelWriter(z).next_id() == 42
