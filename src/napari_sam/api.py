@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .core.embeddings import DEFAULT_HALO, DEFAULT_TILE, EmbedProgress, Embeddings
+from .core.embeddings import EmbedProgress, Embeddings
 from .core.image_source import ImageSource
 from .core.labels import Commit, LabelWriter, create_label_store
 from .core.preprocess import Normalization
@@ -46,7 +46,9 @@ def _load(model, device, dtype):
     if isinstance(model, Sam):
         return model
     if model is None:
-        model = os.environ.get(MODEL_ENV_VAR)
+        from .core.models import DEFAULT_CHECKPOINT, DEFAULT_MODEL
+
+        model = os.environ.get(MODEL_ENV_VAR) or (DEFAULT_MODEL if DEFAULT_CHECKPOINT.is_file() else None)
         if not model:
             raise ValueError(
                 f"no model given: pass model= a registry name (see `napari-sam models`) or a checkpoint file, "
@@ -64,7 +66,8 @@ class Annotator:
         An :class:`~napari_sam.core.image_source.ImageSource`, or an array with ``axes``
         and ``channel`` (see there).
     model
-        A loaded SAM, a registry name, a checkpoint file, or None for ``$NAPARI_SAM_MODEL``.
+        A loaded SAM, a registry name, a checkpoint file, or None for ``$NAPARI_SAM_MODEL``,
+        else the default model shipped with the package.
     labels
         Where objects go: an integer array whose shape is the image's planes and plane
         (e.g. (Z, Y, X) for a ZYX or ZYXC image), a path for a Zarr label array on disk
@@ -85,8 +88,8 @@ class Annotator:
         axes: str | None = None,
         channel: int | None = None,
         cache: str | os.PathLike | None | bool = None,
-        tile: int = DEFAULT_TILE,
-        halo: int = DEFAULT_HALO,
+        tile: int | None = None,
+        halo: int | None = None,
         normalization: Normalization = Normalization(),
         device: str | None = None,
         dtype: str = "auto",

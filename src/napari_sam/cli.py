@@ -66,8 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     emb.add_argument("--out", help="cache folder (.zarr); default: beside a Zarr image, else the user cache")
     emb.add_argument("--axes", help="axis letters from TZCYX, e.g. ZYX (default: OME-Zarr metadata or a guess from the shape)")
     emb.add_argument("--channel", type=int, help="channel to embed when the image has a C axis")
-    emb.add_argument("--tile", type=int, default=None, help="tile interior side in pixels (default 768)")
-    emb.add_argument("--halo", type=int, default=None, help="context around each tile in pixels (default 128)")
+    emb.add_argument("--tile", type=int, default=None, help="tile interior side in pixels (default: 3/4 of the model input, 768 for SAM)")
+    emb.add_argument("--halo", type=int, default=None, help="context around each tile in pixels (default: 1/8 of the model input, 128 for SAM)")
     emb.add_argument("--planes", type=int, nargs="*", metavar="I", help="flat plane numbers to embed (default: all)")
     emb.add_argument("--storage", choices=["float32", "float16"], default="float32", help="stored precision")
     emb.add_argument("--statistics", choices=["volume", "plane"], default="volume", help="where intensity percentiles come from")
@@ -153,7 +153,7 @@ def _segment(args) -> int:
 
 
 def _embed(args) -> int:
-    from .core.embeddings import DEFAULT_HALO, DEFAULT_TILE, Embeddings
+    from .core.embeddings import Embeddings
     from .core.image_source import ImageSource
     from .core.models import load_model
 
@@ -163,8 +163,8 @@ def _embed(args) -> int:
         source,
         model,
         args.out,
-        tile=args.tile or DEFAULT_TILE,
-        halo=DEFAULT_HALO if args.halo is None else args.halo,
+        tile=args.tile,
+        halo=args.halo,
         statistics=args.statistics,
         storage=args.storage,
         on_mismatch=args.on_mismatch,

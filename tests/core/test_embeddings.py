@@ -286,3 +286,21 @@ def test_distributed_needs_a_model_file_and_a_disk_cache(tiny_sam, tiny_model, n
         list(Embeddings(nuclei_2d[0], tiny_sam, cache=False).precompute(scheduler="local:1"))
     with pytest.raises(ValueError, match="on-disk cache"):
         list(Embeddings(nuclei_2d[0], tiny_model, cache=False).precompute(scheduler="local:1"))
+
+
+def test_models_with_a_smaller_input_get_matching_tiles_and_cache(nuclei_2d, tmp_path):
+    from napari_sam.model import SamConfig, ViTConfig, build_sam
+
+    torch.manual_seed(0)
+    small = build_sam(SamConfig(ViTConfig(embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,), img_size=256),
+                                name="mini", image_size=256))
+    emb = Embeddings(nuclei_2d[0], small, tmp_path / "c.zarr")
+    assert (emb.grid.tile, emb.grid.halo) == (192, 32) and emb.grid.grid_shape == (3, 3)
+    assert emb.store.feature_shape == (256, 16, 16)
+    got = emb.embedding_for(0, (1, 1))
+    tile = emb.grid[1, 1]
+    expected = Predictor(small).embed_image(nuclei_2d[0][tile.outer_slices], limits=emb.limits)
+    assert got.features.shape == (1, 256, 16, 16) and torch.equal(got.features, expected.features)
+    assert got.input_size == (256, 256)
+    result = emb.segment(0, points=[[250, 260]], max_tiles=1)
+    assert result.tiles == ((1, 1),) and result.mask.dtype == bool

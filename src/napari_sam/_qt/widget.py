@@ -28,9 +28,10 @@ CHECKPOINT = "checkpoint file..."
 
 
 def _model_choices() -> list[str]:
+    from ..core.models import DEFAULT_CHECKPOINT, DEFAULT_MODEL
     from ..weights import list_models
 
-    names = [e.name for e in list_models()]
+    names = ([DEFAULT_MODEL] if DEFAULT_CHECKPOINT.is_file() else []) + [e.name for e in list_models()]
     env = os.environ.get(MODEL_ENV_VAR)
     if env and env not in names and not os.path.isfile(env):
         env = None
@@ -60,7 +61,8 @@ class SamWidget(Container):
         choices = _model_choices()
         default = os.environ.get(MODEL_ENV_VAR) or choices[0]
         self.model = ComboBox(label="model", choices=choices, value=default if default in choices else choices[0],
-                              tooltip="registry model (downloaded once, checksum verified) or a checkpoint file")
+                              tooltip="default: the small model shipped with the plugin (offline); registry models are "
+                              "downloaded once, checksum verified; or a checkpoint file")
         self.checkpoint = FileEdit(label="checkpoint", mode="r", filter="*.pth *.pt", visible=self.model.value == CHECKPOINT)
         self.device = ComboBox(label="device", choices=["auto", "cpu", "cuda", "mps"], value="auto")
         self.dtype = ComboBox(label="precision", choices=["auto", "float32", "bfloat16", "float16"], value="auto",

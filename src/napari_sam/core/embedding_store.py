@@ -113,6 +113,11 @@ class EmbeddingStore:
         return signature_key(self.signature)
 
     @property
+    def feature_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of one embedding."""
+        return tuple(int(s) for s in self.features.shape[3:])
+
+    @property
     def layout(self) -> tuple[int, int, int]:
         """(planes, tile rows, tile columns)."""
         return tuple(int(s) for s in self.checksums.shape)
@@ -124,6 +129,7 @@ class EmbeddingStore:
         signature: CacheSignature,
         layout: tuple[int, int, int],
         on_mismatch: str = "keep",
+        feature_shape: tuple[int, int, int] = FEATURE_SHAPE,
     ) -> "EmbeddingStore":
         """Open (or create) the entries for ``signature`` in the cache at ``path``.
 
@@ -135,6 +141,9 @@ class EmbeddingStore:
             What the embeddings are computed from.
         layout
             (planes, tile rows, tile columns) of the image.
+        feature_shape
+            (channels, height, width) of one embedding: (256, 64, 64) for SAM's 1024-pixel
+            input, smaller for models with a smaller input.
         on_mismatch
             What to do when the cache holds embeddings of other signatures only:
             ``"keep"`` (default) adds the new ones beside them and warns with the fields
@@ -180,8 +189,8 @@ class EmbeddingStore:
             P, R, C = layout
             group.create_array(
                 "features",
-                shape=(P, R, C, *FEATURE_SHAPE),
-                chunks=(1, 1, 1, *FEATURE_SHAPE),
+                shape=(P, R, C, *feature_shape),
+                chunks=(1, 1, 1, *feature_shape),
                 dtype=signature.storage,
                 fill_value=0,
             )
@@ -190,8 +199,11 @@ class EmbeddingStore:
             group.attrs["signature"] = signature.to_json()
         group = root[key]
         store = cls(group, signature, None if path is None else str(path))
-        if store.layout != tuple(layout):
-            raise ValueError(f"cache entries have layout {store.layout}, expected {tuple(layout)}")
+        if store.layout != tuple(layout) or store.feature_shape != tuple(feature_shape):
+            raise ValueError(
+                f"cache entries have layout {store.layout} and features {store.feature_shape}, "
+                f"expected {tuple(layout)} and {tuple(feature_shape)}"
+            )
         return store
 
     @classmethod
@@ -205,8 +217,8 @@ class EmbeddingStore:
 
     # -- entries -----------------------------------------------------------------------
     def write(self, entry: tuple[int, int, int], features) -> None:
-        """Store a (256, 64, 64) or (1, 256, 64, 64) embedding; the checksum goes last."""
-        data = np.asarray(features, dtype=np.float32).reshape(FEATURE_SHAPE).astype(self.signature.storage, copy=False)
+        """Store a (256, 64, 64) (or (1, 256, 64, 64)) embedding; the checksum goes last."""
+        data = np.asarray(features, dtype=np.float32).reshape(self.feature_shape).astype(self.signature.storage, copy=False)
         p, r, c = entry
         self.features[p, r, c] = data
         self.checksums[p, r, c] = np.uint64(_checksum(data))

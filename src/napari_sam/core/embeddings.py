@@ -38,14 +38,21 @@ from .signature import CacheSignature, fingerprint
 from .tiled_segmentation import PlaneMask, segment_tiled
 from .tiling import Tile, TileGrid
 
-__all__ = ["DEFAULT_HALO", "DEFAULT_TILE", "EmbedProgress", "Embeddings", "default_cache_path"]
+__all__ = ["DEFAULT_HALO", "DEFAULT_TILE", "EmbedProgress", "Embeddings", "default_cache_path", "default_tiling"]
 
 DEFAULT_TILE = 768
-"""Side of a tile's interior. With the default halo a tile's embedded region is exactly
-1024 x 1024, SAM's input size, so large planes are embedded at their own resolution,
-never shrunk (see docs/embeddings.md for the measurement)."""
+"""Side of a tile's interior for SAM's 1024-pixel input (three quarters of the input in
+general). With the default halo a tile's embedded region is exactly the model's input
+size, so large planes are embedded at their own resolution, never shrunk (see
+docs/embeddings.md for the measurement)."""
 DEFAULT_HALO = 128
-"""Context on each side of a tile's interior."""
+"""Context on each side of a tile's interior for a 1024-pixel input (an eighth of it)."""
+
+
+def default_tiling(image_size: int) -> tuple[int, int]:
+    """(tile, halo) whose embedded region is exactly a model input of ``image_size``."""
+    halo = image_size // 8
+    return image_size - 2 * halo, halo
 _RECENT = 16  # embeddings kept in memory (4 MiB each): a few planes' worth of tiles
 
 
@@ -98,7 +105,8 @@ class Embeddings:
         See :class:`ImageSource` (when ``image`` is an array).
     tile, halo
         Tile interior side and halo in pixels; a plane no larger than ``tile + 2 * halo``
-        is embedded whole.
+        is embedded whole. By default the embedded region of a tile is exactly the
+        model's input (768 + 2 x 128 for SAM's 1024 pixels).
     normalization
         Intensity mapping. Percentiles are taken from a sample of chunks of the whole
         image (``statistics="volume"``, so all planes and tiles agree) or of each plane
@@ -128,8 +136,8 @@ class Embeddings:
         *,
         axes: str | None = None,
         channel: int | None = None,
-        tile: int = DEFAULT_TILE,
-        halo: int = DEFAULT_HALO,
+        tile: int | None = None,
+        halo: int | None = None,
         normalization: Normalization = Normalization(),
         statistics: str = "volume",
         storage: str = "float32",
@@ -139,7 +147,12 @@ class Embeddings:
             raise ValueError(f"statistics must be 'volume' or 'plane', not {statistics!r}")
         self.source = image if isinstance(image, ImageSource) else ImageSource(image, axes, channel)
         self.model = model
+        size = model.config.image_size
+        auto_tile, auto_halo = default_tiling(size)
+        tile = auto_tile if tile is None else tile
+        halo = auto_halo if halo is None else halo
         self.grid = TileGrid(self.source.plane_shape, tile, halo)
+        self.feature_shape = (model.config.prompt_embed_dim, model.config.embedding_size, model.config.embedding_size)
         self.normalization = normalization
         self.statistics = statistics
         self.limits = self.source.intensity_limits(normalization) if statistics == "volume" else None
@@ -166,7 +179,9 @@ class Embeddings:
         else:
             self.cache_path = Path(cache).expanduser() if cache not in (None, True) else default_cache_path(self.source, image_fp)
         rows, cols = self.grid.grid_shape
-        self.store = EmbeddingStore.open(self.cache_path, self.signature, (self.source.n_planes, rows, cols), on_mismatch)
+        self.store = EmbeddingStore.open(
+            self.cache_path, self.signature, (self.source.n_planes, rows, cols), on_mismatch, self.feature_shape
+        )
         self._encoder = Predictor(model, normalization)
         self._decoder = Predictor(model, normalization)
         self._recent: OrderedDict[tuple[int, int, int], ImageEmbedding] = OrderedDict()
@@ -222,7 +237,7 @@ class Embeddings:
             features = self.store.read(entry)
             if features is None:
                 features = self._compute(entry)
-            emb = ImageEmbedding.from_array(features, self.grid[entry[1:]].shape)
+            emb = ImageEmbedding.from_array(features, self.grid[entry[1:]].shape, self.model.config.image_size)
             with self._lock:
                 self._recent[entry] = emb
                 while len(self._recent) > _RECENT:
@@ -333,7 +348,7 @@ def _jsonable(value):
 
 
 def _embed_region(predictor: Predictor, region: np.ndarray, limits) -> np.ndarray:
-    """(256, 64, 64) float32 features of one tile's pixels."""
+    """(256, 64, 64) float32 features (for a 1024-pixel model) of one tile's pixels."""
     emb = predictor.embed_image(region, limits=limits)
     return emb.features[0].float().cpu().numpy()
 

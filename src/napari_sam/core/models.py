@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from ..model import Sam, infer_config, sam_from_state_dict
+from ..model import Sam, config_from_dict, infer_config, sam_from_state_dict
 
-__all__ = ["DTYPES", "ModelSource", "load_model", "model_identity", "resolve_device", "resolve_dtype", "native_bfloat16"]
+__all__ = ["DEFAULT_MODEL", "DTYPES", "ModelSource", "load_model", "model_identity", "resolve_device", "resolve_dtype", "native_bfloat16"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 """Encoder precisions by name. float32 reproduces the official outputs; bfloat16 halves
@@ -103,10 +103,19 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return dtype
 
 
+DEFAULT_MODEL = "default"
+"""Name of the small model shipped inside the package (works offline; see docs/default_model.md)."""
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "_models" / "default.pth"
+
+
 def _resolve_checkpoint(name_or_path: str | os.PathLike) -> tuple[str, Path]:
     from ..weights import REGISTRY, fetch_checkpoint
 
     text = os.fspath(name_or_path)
+    if text == DEFAULT_MODEL:
+        if not DEFAULT_CHECKPOINT.is_file():
+            raise ValueError(f"the default model is not installed ({DEFAULT_CHECKPOINT} is missing)")
+        return DEFAULT_MODEL, DEFAULT_CHECKPOINT
     if text in REGISTRY:
         return text, Path(fetch_checkpoint(text))
     path = Path(text).expanduser()
@@ -157,7 +166,10 @@ def load_model(
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     checkpoint = read_checkpoint(path)
-    config = infer_config(checkpoint.state_dict)
+    # Our checkpoints record their configuration (needed for inputs other than 1024 pixels,
+    # which shapes alone do not reveal); others are recognised by their shapes.
+    stored = checkpoint.metadata.get("config")
+    config = config_from_dict(stored) if stored else infer_config(checkpoint.state_dict)
     model = sam_from_state_dict(checkpoint.state_dict, config, device=device)
     model.image_encoder.to(torch_dtype)
     dtype_name = next(k for k, v in DTYPES.items() if v == torch_dtype)

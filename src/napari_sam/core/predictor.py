@@ -48,8 +48,8 @@ class ImageEmbedding:
         t = torch.as_tensor(np.asarray(features), dtype=torch.float32)
         if t.ndim == 3:
             t = t[None]
-        if t.ndim != 4 or t.shape[1] != 256:
-            raise ValueError(f"an embedding has shape (1, 256, 64, 64), got {tuple(t.shape)}")
+        if t.ndim != 4 or t.shape[1] != 256 or t.shape[2] != t.shape[3]:
+            raise ValueError(f"an embedding has shape (1, 256, S, S) (S = 64 for SAM), got {tuple(t.shape)}")
         h, w = (int(s) for s in original_size)
         return cls(t, preprocess_shape(h, w, long_side), (h, w))
 

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..model import Sam, SamConfig, TinyViTConfig, ViTConfig, infer_config, sam_from_state_dict
+from ..model import Sam, SamConfig, config_from_dict, config_to_dict, infer_config, sam_from_state_dict
 from ..model.checkpoint import read_checkpoint, write_checkpoint
 from .losses import iou_prediction_loss, mask_iou, mask_loss
 from .preprocess import Normalization, prepare_plane
@@ -682,30 +682,6 @@ def _scale(input_size: tuple[int, int], original_size: tuple[int, int]) -> np.nd
 # --------------------------------------------------------------------------------------
 
 
-def _sam_config_to_dict(config: SamConfig) -> dict[str, Any]:
-    out = dataclasses.asdict(config)
-    out["encoder_type"] = type(config.encoder).__name__
-
-    def lists(v):
-        if isinstance(v, (tuple, list)):
-            return [lists(x) for x in v]
-        if isinstance(v, dict):
-            return {k: lists(x) for k, x in v.items()}
-        return v
-
-    return lists(out)
-
-
-def _sam_config_from_dict(data: Mapping[str, Any]) -> SamConfig:
-    data = dict(data)
-    kind = data.pop("encoder_type", None)
-    enc = dict(data.pop("encoder"))
-    enc_cls = TinyViTConfig if (kind == "TinyViTConfig" or "embed_dims" in enc) else ViTConfig
-    enc = {k: tuple(v) if isinstance(v, list) else v for k, v in enc.items()}
-    data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-    return SamConfig(encoder=enc_cls(**enc), **data)
-
-
 def _encoder_blocks(encoder: torch.nn.Module) -> tuple[list[torch.nn.Module], list[torch.nn.Parameter]]:
     """(blocks in order, stem parameters) of a ViT or TinyViT encoder."""
     if hasattr(encoder, "blocks"):
@@ -1137,7 +1113,7 @@ class Trainer:
         recent = [h["loss"] for h in self.history[-20:]]
         return {
             "format": CHECKPOINT_FORMAT,
-            "config": _sam_config_to_dict(self.model.config),
+            "config": config_to_dict(self.model.config),
             "training": {
                 "mode": self.config.mode,
                 "steps": self.step,
@@ -1231,7 +1207,7 @@ class Trainer:
         training = meta.get("training")
         if not isinstance(training, Mapping) or "steps" not in training:
             raise ValueError(f"{os.fspath(path)} was not written by a Trainer: it holds no training metadata to resume")
-        sam_config = _sam_config_from_dict(meta["config"]) if "config" in meta else infer_config(checkpoint.state_dict)
+        sam_config = config_from_dict(meta["config"]) if "config" in meta else infer_config(checkpoint.state_dict)
         inferred = infer_config(checkpoint.state_dict)
         if dataclasses.replace(inferred, name=sam_config.name) == sam_config:
             model = load_model(path, device="cpu", dtype="float32")

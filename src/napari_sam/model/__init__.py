@@ -1,11 +1,13 @@
 """Segment Anything in PyTorch: image encoders (ViT, TinyViT), prompt encoder and mask
 decoder, with parameter names of the official checkpoints. Imports only torch."""
 
-from .config import CONFIGS, SamConfig, TinyViTConfig, ViTConfig, infer_config
+from .config import CONFIGS, SamConfig, TinyViTConfig, ViTConfig, config_from_dict, config_to_dict, infer_config
 from .checkpoint import Checkpoint, CheckpointError, check_state_dict, read_checkpoint
 from .sam import Sam, build_sam, sam_from_state_dict
 
 __all__ = [
+    "config_from_dict",
+    "config_to_dict",
     "CONFIGS",
     "Sam",
     "SamConfig",

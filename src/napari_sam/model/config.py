@@ -8,6 +8,8 @@ nowhere else.
 
 from __future__ import annotations
 
+import dataclasses
+
 import re
 from dataclasses import dataclass, field
 from typing import Mapping, Union
@@ -192,3 +194,29 @@ def infer_config(state_dict: Mapping[str, torch.Tensor]) -> SamConfig:
         if cfg.encoder == enc:
             return cfg
     return SamConfig(enc)
+
+
+def config_to_dict(config: SamConfig) -> dict:
+    """A SamConfig as plain JSON-able data (stored in our checkpoints' metadata)."""
+
+    def plain(v):
+        if isinstance(v, (tuple, list)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    out = plain(dataclasses.asdict(config))
+    out["encoder_type"] = type(config.encoder).__name__
+    return out
+
+
+def config_from_dict(data) -> SamConfig:
+    """Inverse of :func:`config_to_dict`."""
+    data = dict(data)
+    kind = data.pop("encoder_type", None)
+    enc = dict(data.pop("encoder"))
+    enc_cls = TinyViTConfig if (kind == "TinyViTConfig" or "embed_dims" in enc) else ViTConfig
+    enc = {k: tuple(v) if isinstance(v, list) else v for k, v in enc.items()}
+    data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    return SamConfig(encoder=enc_cls(**enc), **data)
