@@ -28,6 +28,7 @@ from .core.embeddings import EmbedProgress, Embeddings
 from .core.image_source import ImageSource
 from .core.labels import Commit, LabelWriter, create_label_store
 from .core.preprocess import Normalization
+from .core.propagation import PropagationSettings, PropagationStep, propagate
 from .core.tiled_segmentation import PlaneMask
 
 __all__ = ["Annotator", "attach", "MODEL_ENV_VAR"]
@@ -171,9 +172,64 @@ class Annotator:
         Pixels of other objects are kept unless ``overwrite``."""
         return self.writer.commit(self.plane(plane), list(masks), overwrite=overwrite)
 
-    def undo(self) -> Commit | None:
-        """Undo the last commit."""
+    def object_mask(self, plane, label_id: int) -> PlaneMask:
+        """The committed object ``label_id`` on a plane, as a PlaneMask."""
+        data = np.asarray(self.labels[self.plane(plane)]) == label_id
+        if not data.any():
+            raise ValueError(f"object {label_id} is not on plane {self.plane(plane)}")
+        rows, cols = np.flatnonzero(data.any(1)), np.flatnonzero(data.any(0))
+        region = (int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1)
+        return PlaneMask(region, data[region[0] : region[1], region[2] : region[3]], 1.0, ())
+
+    def propagate(self, plane, label_id: int, axis: str | None = None, settings: PropagationSettings = PropagationSettings(),
+                  overwrite: bool = False) -> Iterator[PropagationStep]:
+        """Follow committed object ``label_id`` from ``plane`` through the neighbouring planes
+        (both directions along ``axis``, Z by default, or T), writing each plane's mask
+        under the same id as soon as it is known; a generator of progress.
+
+        Stopping the iteration leaves every plane written so far in place; the whole
+        propagation is one undo step. Other objects are kept unless ``overwrite``.
+        """
+        start = self.object_mask(plane, label_id)
+        written = 0
+        try:
+            for step in propagate(self.embeddings, plane, start, axis, settings):
+                if step.mask is not None:
+                    self.writer.commit(step.plane, [step.mask], overwrite=overwrite, ids=[label_id])
+                    written += 1
+                yield step
+        finally:
+            self.writer.group(written)
+
+    def propagate_all(self, axis: str | None = None, ids=None, settings: PropagationSettings = PropagationSettings(),
+                      overwrite: bool = False, progress: bool = True) -> dict[int, list[tuple[int, ...]]]:
+        """Propagate every object (or those in ``ids``) from the plane where it is largest.
+
+        Returns, per id, the planes it was written on.
+        """
+        from tqdm.auto import tqdm
+
+        seeds = _largest_planes(self.labels, len(self.source.plane_grid), ids)
+        out = {}
+        for label_id, plane in tqdm(seeds.items(), desc="propagating", unit="object", disable=not progress):
+            out[label_id] = [s.plane for s in self.propagate(plane, label_id, axis, settings, overwrite) if s.mask is not None]
+        return out
+
+    def undo(self) -> list[Commit]:
+        """Undo the last commit (or the last propagation); returns what was undone."""
         return self.writer.undo()
+
+
+def _largest_planes(labels, n_plane_axes: int, ids=None) -> dict[int, tuple[int, ...]]:
+    """For each object id, the plane (index over the leading axes) where it has the most
+    pixels; read plane by plane, so a Zarr label volume is never loaded whole."""
+    best: dict[int, tuple[int, tuple[int, ...]]] = {}
+    for plane in np.ndindex(*labels.shape[:n_plane_axes]):
+        values, counts = np.unique(np.asarray(labels[plane]), return_counts=True)
+        for v, c in zip(values.tolist(), counts.tolist()):
+            if v and (ids is None or v in ids) and c > best.get(v, (0, ()))[0]:
+                best[v] = (c, tuple(int(i) for i in plane))
+    return {v: plane for v, (_, plane) in sorted(best.items())}
 
 
 def attach(viewer, image_layer=None, model=None, **kwargs):

@@ -74,6 +74,24 @@ def _parser() -> argparse.ArgumentParser:
     emb.add_argument("--on-mismatch", choices=["keep", "error", "replace"], default="keep", help="what to do with entries computed differently")
     emb.add_argument("--scheduler", help="local:N for N worker processes, or a dask scheduler address (default: here, serially)")
 
+    prop = sub.add_parser(
+        "propagate",
+        help="follow annotated objects through the planes of a volume (Z, or T)",
+        description="SEEDS is a label image of the volume's shape in which each object is drawn on at least one "
+        "plane; every object is propagated from the plane where it is largest, both ways, and written under its "
+        "id. Other objects are never overwritten. The result goes to --out (SEEDS is left as it is).",
+    )
+    prop.add_argument("image", help="the volume: Zarr, TIFF or .npy")
+    prop.add_argument("seeds", help="label image with the objects to propagate")
+    _add_model_args(prop)
+    prop.add_argument("--out", required=True, help="label image to write: .tif, .zarr or .npy")
+    prop.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    prop.add_argument("--axes", help="axis letters from TZCYX (default: guessed)")
+    prop.add_argument("--channel", type=int, help="channel to use when the image has a C axis")
+    prop.add_argument("--axis", choices=["Z", "T"], help="plane axis to follow (default: the innermost)")
+    prop.add_argument("--ids", type=int, nargs="*", help="object ids to propagate (default: all)")
+    prop.add_argument("--cache", help="embedding cache folder (default: beside a Zarr image, else the user cache)")
+
     ann = sub.add_parser(
         "annotate",
         help="open napari with an image (or a bundled sample) and the Segment Anything widget docked",
@@ -193,6 +211,29 @@ def _info(args) -> int:
     return 0
 
 
+def _propagate(args) -> int:
+    from pathlib import Path
+
+    import numpy as np
+
+    from .api import Annotator
+    from .core.image_source import ImageSource
+    from .core.io import read_image, write_labels
+
+    if Path(args.out).exists() and not args.overwrite:
+        raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
+    source = ImageSource.open(args.image, axes=args.axes, channel=args.channel)
+    seeds = np.asarray(read_image(args.seeds))
+    labels = seeds.astype(np.uint32, copy=True)
+    ann = Annotator(source, args.model, labels, cache=args.cache, device=args.device, dtype=args.dtype)
+    result = ann.propagate_all(axis=args.axis, ids=args.ids)
+    for label_id, planes in result.items():
+        print(f"object {label_id}: written on {len(planes)} more plane(s)")
+    out = write_labels(args.out, ann.labels, overwrite=args.overwrite)
+    print(f"wrote {len(result)} propagated object(s) to {out}")
+    return 0
+
+
 def _annotate(args) -> int:
     import os
 
@@ -240,7 +281,7 @@ def _download(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     args = _parser().parse_args(argv)
-    handlers = {"segment": _segment, "models": _models, "download": _download, "embed": _embed, "info": _info, "annotate": _annotate}
+    handlers = {"segment": _segment, "models": _models, "download": _download, "embed": _embed, "info": _info, "annotate": _annotate, "propagate": _propagate}
     try:
         return handlers[args.command](args)
     except (ValueError, FileExistsError, KeyError, RuntimeError) as err:

@@ -272,12 +272,22 @@ class ViewerSession:
 
         self.run(work, finished, "committing")
 
-    def undo(self) -> Commit | None:
-        """Undo the last commit."""
-        commit = self.annotator.undo()
-        if commit is not None:
+    def propagation(self, label_id: int | None = None, axis: str | None = None, **settings):
+        """A generator propagating object ``label_id`` (default: the labels layer's selected
+        label) from the current plane through its neighbours; see
+        :meth:`napari_sam.api.Annotator.propagate`. Labels are written as it runs: call
+        :meth:`labels_layer.refresh` to show them."""
+        from .core.propagation import PropagationSettings
+
+        label_id = int(self.labels_layer.selected_label if label_id is None else label_id)
+        return self.annotator.propagate(self.current_plane(), label_id, axis, PropagationSettings(**settings), self.overwrite)
+
+    def undo(self) -> list[Commit]:
+        """Undo the last commit (or propagation)."""
+        undone = self.annotator.undo()
+        if undone:
             self.labels_layer.refresh()
-        return commit
+        return undone
 
     def clear_prompts(self, plane: tuple[int, ...] | None = None) -> None:
         """Remove the points and boxes of a plane (default: the current one) and the preview."""

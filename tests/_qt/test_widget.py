@@ -58,7 +58,7 @@ def test_session_prompts_follow_planes_scale_and_commit_only_their_plane(viewer_
     assert set(np.unique(labels[40])) == {0, 1} and (labels[40] == 1).sum() == expected.area
     assert not labels[:40].any() and not labels[41:].any()
     assert len(session.points_layer.data) == 1  # the other plane's point stays
-    assert session.undo().ids == (1,) and not labels.any()
+    assert [c.ids for c in session.undo()] == [(1,)] and not labels.any()
 
 
 def test_boxes_become_several_objects_in_one_commit(viewer_3d, tiny_checkpoint):
@@ -130,7 +130,7 @@ def test_widget_previews_commits_and_undoes(widget, viewer_3d, qtbot):
     _idle(widget, qtbot)
     assert set(np.unique(session.labels_layer.data)) == {0, 1} and not session.labels_layer.data[49].any()
     widget.undo.clicked()
-    assert not session.labels_layer.data.any() and "undid object(s) [1]" in widget.status.value
+    assert not session.labels_layer.data.any() and "undid object(s) [1] on 1 plane(s)" in widget.status.value
 
 
 def test_widget_toggles_background_and_binds_keys(widget):
@@ -180,3 +180,23 @@ def test_closing_the_viewer_during_a_computation(make_napari_viewer, nuclei_3d, 
     qtbot.waitUntil(lambda: w.session.annotator.embeddings.store.present().sum() >= 1, timeout=60000)
     viewer.close()
     qtbot.waitUntil(lambda: worker.abort_requested or not worker.is_running, timeout=30000)
+
+
+def test_widget_propagates_the_selected_label_and_undoes_it(widget, viewer_3d, nuclei_3d, monkeypatch, qtbot):
+    from tests.core.test_propagation import ExactEmbeddings, _start
+
+    gt = nuclei_3d[1]
+    session = widget.session
+    monkeypatch.setattr(session.annotator.embeddings, "predict", ExactEmbeddings(gt).predict)
+    obj = np.unique(gt)[6]
+    z, zs, start = _start(gt, obj)
+    session.annotator.commit(z, [start])
+    viewer, _ = viewer_3d
+    viewer.dims.set_current_step(0, z)
+    session.labels_layer.selected_label = 1
+    widget.run_propagation()
+    _idle(widget, qtbot)
+    planes = np.flatnonzero((session.labels_layer.data == 1).any(axis=(1, 2)))
+    assert len(planes) >= 5 and set(planes) <= set(zs)
+    widget.undo.clicked()
+    assert np.flatnonzero((session.labels_layer.data == 1).any(axis=(1, 2))).tolist() == [z]

@@ -45,9 +45,21 @@ def test_undo_restores_exactly_and_in_order():
     writer.commit((1,), [_obj(15, 25, 15, 25)], overwrite=True)
     after_first = labels.copy()
     writer.commit((0,), [_obj(0, 40, 0, 40)])
-    assert writer.undo().plane == (0,) and np.array_equal(labels, after_first)
-    assert writer.undo().plane == (1,) and np.array_equal(labels, original)
-    assert writer.undo() is None
+    assert writer.undo()[0].plane == (0,) and np.array_equal(labels, after_first)
+    assert writer.undo()[0].plane == (1,) and np.array_equal(labels, original)
+    assert writer.undo() == []
+
+
+def test_a_group_of_commits_is_undone_at_once():
+    labels = np.zeros((5, 20, 20), np.uint8)
+    writer = LabelWriter(labels)
+    writer.commit((0,), [_obj(0, 5, 0, 5)])
+    for z in (1, 2, 3):
+        writer.commit((z,), [_obj(2, 8, 2, 8)], ids=[2])
+    writer.group(3)
+    assert len(writer.history) == 2
+    undone = writer.undo()
+    assert [c.plane for c in undone] == [(3,), (2,), (1,)] and not labels[1:].any() and labels[0].any()
 
 
 def test_bad_commits_are_refused_without_writing():

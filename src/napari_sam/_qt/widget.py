@@ -77,13 +77,16 @@ class SamWidget(Container):
         self.cancel = PushButton(text="Cancel", enabled=False)
         self.overwrite = CheckBox(text="overwrite existing labels", value=False)
         self.commit = PushButton(text=f"Commit ({KEYS['commit']})", enabled=False)
+        self.propagate = PushButton(text="Propagate selected label through slices", enabled=False,
+                                    tooltip="follow the labels layer's selected object from this slice up and down the stack")
         self.undo = PushButton(text=f"Undo ({KEYS['undo']})", enabled=False)
         self.clear = PushButton(text=f"Clear prompts ({KEYS['clear']})", enabled=False)
         self.status = Label(value="choose an image and a model, then Start")
         self.status.native.setWordWrap(True)
         self.extend([
             self.image, self.model, self.checkpoint, self.device, self.dtype, self.cache, self.labels_path, self.start,
-            self.embed_slice, self.embed_all, self.cancel, self.overwrite, self.commit, self.undo, self.clear, self.status,
+            self.embed_slice, self.embed_all, self.cancel, self.overwrite, self.commit, self.propagate, self.undo, self.clear,
+            self.status,
         ])
 
         self.model.changed.connect(lambda v: setattr(self.checkpoint, "visible", v == CHECKPOINT))
@@ -93,6 +96,7 @@ class SamWidget(Container):
         self.cancel.clicked.connect(self.cancel_embedding)
         self.commit.clicked.connect(lambda: self.session and self.session.commit())
         self.undo.clicked.connect(self.undo_commit)
+        self.propagate.clicked.connect(self.run_propagation)
         self.clear.clicked.connect(lambda: self.session and self.session.clear_prompts())
         self.overwrite.changed.connect(lambda v: self.session and setattr(self.session, "overwrite", bool(v)))
         viewer.layers.events.inserted.connect(self.image.reset_choices)
@@ -184,6 +188,7 @@ class SamWidget(Container):
             self.viewer.dims.events.current_step.connect(self.request_preview)
             for button in (self.embed_slice, self.embed_all, self.commit, self.undo, self.clear):
                 button.enabled = True
+            self.propagate.enabled = bool(annotator.source.plane_axes)
             self.start.enabled = True
             self._say(f"{annotator.model.source.name}: click to add points ({KEYS['toggle']}: foreground/background)")
 
@@ -221,8 +226,41 @@ class SamWidget(Container):
         return self._start(worker)
 
     def cancel_embedding(self) -> None:
+        """Stop the running embedding or propagation (what is done stays)."""
         if self._embed_worker is not None:
             self._embed_worker.quit()
+
+    def run_propagation(self, label_id: int | None = None):
+        """Propagate an object through the stack in a worker, writing slice by slice."""
+        if self.session is None:
+            return None
+        session = self.session
+        try:
+            steps = session.propagation(label_id)
+        except ValueError as err:
+            self._say(str(err))
+            return None
+        bar = progress(total=0, desc="propagating")
+
+        def work():
+            yield from steps
+
+        def show(step):
+            bar.total = step.total
+            bar.n = step.done
+            bar.refresh()
+            session.labels_layer.refresh()
+            self._say(f"propagating: plane {step.plane}" + (f" ({step.stopped})" if step.stopped else ""))
+
+        worker = create_worker(work, _start_thread=False)
+        worker.yielded.connect(self._gui(show))
+        worker.finished.connect(bar.close)
+        worker.finished.connect(self._gui(lambda: setattr(self.cancel, "enabled", False)))
+        worker.finished.connect(self._gui(session.labels_layer.refresh))
+        worker.aborted.connect(lambda: self._say("propagation cancelled: the slices written so far stay"))
+        self.cancel.enabled = True
+        self._embed_worker = worker
+        return self._start(worker)
 
     def request_preview(self, *_):
         """Recompute the preview for the prompts as they are now (at most one at a time)."""
@@ -254,5 +292,6 @@ class SamWidget(Container):
 
     def undo_commit(self) -> None:
         if self.session is not None:
-            commit = self.session.undo()
-            self._say("nothing to undo" if commit is None else f"undid object(s) {list(commit.ids)}")
+            undone = self.session.undo()
+            ids = sorted({i for c in undone for i in c.ids if i})
+            self._say(f"undid object(s) {ids} on {len(undone)} plane(s)" if undone else "nothing to undo")

@@ -32,7 +32,7 @@ from ..model.sam import Sam
 from .embedding_store import EmbeddingStore
 from .image_source import ImageSource
 from .models import load_model, model_identity
-from .predictor import ImageEmbedding, Predictor
+from .predictor import ImageEmbedding, Prediction, Predictor
 from .preprocess import Normalization
 from .signature import CacheSignature, fingerprint
 from .tiled_segmentation import PlaneMask, segment_tiled
@@ -330,13 +330,24 @@ class Embeddings:
         flat = self.source.flat_index(plane)
 
         def answer(tile: Tile, pts, lbl, bx, multi):
-            emb = self.embedding_for(flat, tile.index)
-            with self._decode_lock:
-                self._decoder.set_embedding(emb)
-                result = self._decoder.predict(points=pts, labels=lbl, box=bx, multimask=multi)
-                return result.masks, result.iou
+            result = self.predict(flat, tile.index, points=pts, labels=lbl, box=bx, multimask=multi)
+            return result.masks, result.iou
 
         return segment_tiled(self.grid, answer, points, labels, box, multimask, max_tiles)
+
+    def predict(self, plane, tile: tuple[int, int] = (0, 0), points=None, labels=None, box=None, mask_input=None,
+                multimask: bool = True) -> Prediction:
+        """Answer prompts on one tile, in the coordinates of its embedded region.
+
+        The low-level call behind :meth:`segment`; useful where the low-res logits are
+        wanted (e.g. as the next mask prompt). Arguments as in
+        :meth:`~napari_sam.core.predictor.Predictor.predict`; the full-size masks cover
+        the tile's embedded region (:attr:`Tile.outer`).
+        """
+        emb = self.embedding_for(plane, tile)
+        with self._decode_lock:
+            self._decoder.set_embedding(emb)
+            return self._decoder.predict(points=points, labels=labels, box=box, mask_input=mask_input, multimask=multimask)
 
 
 def _jsonable(value):

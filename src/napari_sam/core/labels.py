@@ -102,11 +102,12 @@ class LabelWriter:
             raise ValueError(f"labels must have at least 2 axes (Y, X), got shape {labels.shape}")
         self.labels = labels
         self.max_undo = max_undo
-        self._history: list[Commit] = []
+        self._history: list[tuple[Commit, ...]] = []
         self._max_id: int | None = None
 
     @property
-    def history(self) -> tuple[Commit, ...]:
+    def history(self) -> tuple[tuple[Commit, ...], ...]:
+        """Undo steps, oldest first; a step is one commit or a group (see :meth:`group`)."""
         return tuple(self._history)
 
     def max_id(self) -> int:
@@ -188,18 +189,27 @@ class LabelWriter:
         if max(used) > self.max_id():
             self._set_max_id(max(used))
         commit = Commit(plane, region, before, tuple(used), tuple(written))
-        self._history.append(commit)
+        self._history.append((commit,))
         del self._history[: -self.max_undo]
         return commit
 
-    def undo(self) -> Commit | None:
-        """Restore the region of the last commit; returns it, or None if there is none."""
+    def group(self, count: int) -> None:
+        """Make the last ``count`` commits one undo step (a propagation through many planes
+        is undone at once)."""
+        if count > 1 and len(self._history) >= count:
+            merged = tuple(c for step in self._history[-count:] for c in step)
+            self._history[-count:] = [merged]
+
+    def undo(self) -> list[Commit]:
+        """Undo the last step (one commit or a group); returns its commits, newest first,
+        or an empty list when there is nothing to undo."""
         if not self._history:
-            return None
-        commit = self._history.pop()
-        y0, y1, x0, x1 = commit.region
-        self.labels[commit.plane + (slice(y0, y1), slice(x0, x1))] = commit.before
-        return commit
+            return []
+        step = list(reversed(self._history.pop()))
+        for commit in step:
+            y0, y1, x0, x1 = commit.region
+            self.labels[commit.plane + (slice(y0, y1), slice(x0, x1))] = commit.before
+        return step
 
 
 def create_label_store(path, shape: tuple[int, ...], chunks: tuple[int, int] = (512, 512), dtype="uint32"):

@@ -1,0 +1,147 @@
+"""Propagation through planes: prompts from the previous answer, stopping rules, labels
+written plane by plane. SAM is replaced by an exact segmenter over real 3D nuclei (the
+ground-truth object under the prompts), so the expected result is known: the object."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from napari_sam.api import Annotator
+from napari_sam.core.image_source import ImageSource
+from napari_sam.core.propagation import PropagationSettings, propagate
+from napari_sam.core.tiled_segmentation import PlaneMask
+from napari_sam.core.tiling import TileGrid
+
+
+class ExactEmbeddings:
+    """Stands in for Embeddings: answers with the ground-truth object under the prompts."""
+
+    def __init__(self, labels, iou=0.9):
+        self.labels = labels
+        self.source = ImageSource(labels, "ZYX")
+        self.grid = TileGrid(labels.shape[1:], tile=1024, halo=0)
+        self.iou = iou
+        self.prompts = []
+
+    def predict(self, plane, tile=(0, 0), points=None, labels=None, box=None, mask_input=None, multimask=True):
+        self.prompts.append((plane, points, box, mask_input is not None))
+        view = self.labels[plane]
+        if points is not None:
+            x, y = points[0]
+            obj = view[int(y), int(x)]
+        else:
+            x0, y0, x1, y1 = np.round(box).astype(int)
+            ids, counts = np.unique(view[y0:y1, x0:x1], return_counts=True)
+            counts[ids == 0] = 0
+            obj = ids[np.argmax(counts)] if counts.max() else 0
+        mask = (view == obj) & (obj > 0)
+        return SimpleNamespace(masks=mask[None], iou=np.array([self.iou]), low_res_logits=np.zeros((1, 256, 256), np.float32))
+
+
+def _start(gt, obj):
+    areas = (gt == obj).sum(axis=(1, 2))
+    zs = np.flatnonzero(areas)
+    z = int(np.argmax(areas))
+    m = gt[z] == obj
+    r, c = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
+    return z, zs, PlaneMask((r[0], r[-1] + 1, c[0], c[-1] + 1), m[r[0] : r[-1] + 1, c[0] : c[-1] + 1], 1.0, ())
+
+
+def test_exact_answers_recover_whole_nuclei_and_stop_where_they_end(nuclei_3d):
+    gt = nuclei_3d[1]
+    checked = 0
+    for obj in np.unique(gt)[1:12]:
+        z, zs, start = _start(gt, obj)
+        if not np.array_equal(zs, np.arange(zs[0], zs[-1] + 1)) or len(zs) < 5:
+            continue
+        emb = ExactEmbeddings(gt)
+        steps = list(propagate(emb, z, start, settings=PropagationSettings(min_consecutive_iou=0.0, min_area=1)))
+        written = {s.plane[0] for s in steps if s.mask is not None}
+        areas = (gt == obj).sum(axis=(1, 2))
+        # every plane where the nucleus is more than a sliver, and none where it is absent
+        assert {int(p) for p in zs if areas[p] >= 0.2 * areas.max()} - {z} <= written <= set(zs.tolist()) - {z}, obj
+        for s in steps:
+            if s.mask is not None:
+                assert np.array_equal(s.mask.to_full(gt.shape[1:]), gt[s.plane[0]] == obj)
+        ends = [s for s in steps if s.stopped]
+        assert all("ended" in s.stopped for s in ends)
+        checked += 1
+    assert checked >= 5
+
+
+def test_prompts_combine_box_points_and_the_previous_logits(nuclei_3d):
+    gt = nuclei_3d[1]
+    z, _, start = _start(gt, np.unique(gt)[3])
+    emb = ExactEmbeddings(gt)
+    list(propagate(emb, z, start, directions=(1,), settings=PropagationSettings(points=2, max_planes=3)))
+    plane, points, box, with_mask = emb.prompts[0]
+    assert plane == (z + 1,) and len(points) == 2 and box is not None and not with_mask
+    assert all(p[3] for p in emb.prompts[1:])  # from the second plane on, the logits come back
+    ys, xs = np.nonzero(start.to_full(gt.shape[1:]))
+    assert box[0] <= xs.min() and box[2] >= xs.max() and box[1] <= ys.min() and box[3] >= ys.max()
+    list(propagate(emb := ExactEmbeddings(gt), z, start, directions=(1,),
+                   settings=PropagationSettings(use_points=False, use_mask=False, max_planes=2)))
+    assert all(p[1] is None and p[2] is not None and not p[3] for p in emb.prompts)
+
+
+@pytest.mark.parametrize(
+    "settings, iou, reason",
+    [
+        (PropagationSettings(min_predicted_iou=0.95), 0.9, "predicted IoU 0.90 < 0.95"),
+        (PropagationSettings(min_area=10**6), 0.9, "the object ended"),
+    ],
+)
+def test_stopping_rules(nuclei_3d, settings, iou, reason):
+    gt = nuclei_3d[1]
+    z, _, start = _start(gt, np.unique(gt)[4])
+    if settings.min_area > 1000:
+        with pytest.raises(ValueError, match="fewer than min_area"):
+            list(propagate(ExactEmbeddings(gt, iou), z, start, settings=settings))
+        return
+    steps = list(propagate(ExactEmbeddings(gt, iou), z, start, settings=settings))
+    assert 1 <= len(steps) <= 2 and all(s.stopped == reason and s.mask is None for s in steps)
+
+
+def test_a_jump_to_another_object_stops_propagation():
+    gt = np.zeros((5, 40, 40), np.uint16)
+    gt[:3, 5:15, 5:15] = 1
+    gt[3:, 5:15, 8:30] = 2  # the next plane holds another object, mostly beside it
+    emb = ExactEmbeddings(gt)
+    start = PlaneMask((5, 15, 5, 15), np.ones((10, 10), bool), 1.0, ())
+    steps = list(propagate(emb, 1, start, directions=(1,), settings=PropagationSettings(use_box=False)))
+    assert steps[0].mask is not None and steps[0].plane == (2,)
+    assert steps[-1].plane == (3,) and steps[-1].mask is None and "IoU with the previous plane" in steps[-1].stopped
+
+
+def test_bad_requests():
+    emb = ExactEmbeddings(np.zeros((3, 10, 10), np.uint16))
+    start = PlaneMask((0, 5, 0, 5), np.ones((5, 5), bool), 1.0, ())
+    with pytest.raises(ValueError, match="not a plane axis"):
+        list(propagate(emb, 0, start, axis="T"))
+    with pytest.raises(ValueError, match="needs a box or points"):
+        PropagationSettings(use_box=False, use_points=False)
+
+
+def test_annotator_writes_each_plane_under_the_id_and_undoes_at_once(tiny_model, nuclei_3d, monkeypatch):
+    image, gt = nuclei_3d
+    ann = Annotator(image, tiny_model, cache=False)
+    exact = ExactEmbeddings(gt)
+    monkeypatch.setattr(ann.embeddings, "predict", exact.predict)
+    obj = np.unique(gt)[6]
+    z, zs, start = _start(gt, obj)
+    ann.commit(z, [start])
+    ann.labels[z - 3, :4, :4] = 99  # another object the propagation must not damage
+    steps = list(ann.propagate(z, 1, settings=PropagationSettings(min_consecutive_iou=0.0, min_area=1)))
+    planes = [s.plane[0] for s in steps if s.mask is not None]
+    assert len(planes) >= 4
+    for p in planes + [z]:
+        assert np.array_equal(ann.labels[p] == 1, gt[p] == obj)
+    assert (ann.labels[z - 3, :4, :4] == 99).all()
+    ann.undo()  # the propagation, all planes at once
+    assert (ann.labels == 1).sum() == (gt[z] == obj).sum()
+    # cancelled half-way: what was written stays consistent
+    run = ann.propagate(z, 1)
+    next(run)
+    run.close()
+    assert (ann.labels == 1).any(axis=(1, 2)).sum() == 2
