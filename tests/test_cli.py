@@ -121,3 +121,35 @@ def test_embed_refuses_bad_requests(tmp_path, tiny_checkpoint, nuclei_3d, capsys
     assert main(["embed", str(path), "--model", str(tiny_checkpoint), "--tile", "50", "--out", str(tmp_path / "c.zarr"),
                  "--on-mismatch", "error"]) == 2
     assert "tile: 32 (cache) vs 50 (request)" in capsys.readouterr().err
+
+
+def test_propagate_writes_a_new_file_and_keeps_the_seeds(tmp_path, tiny_checkpoint, nuclei_3d, capsys):
+    image, gt = nuclei_3d
+    tifffile.imwrite(tmp_path / "vol.tif", image[:20])
+    seeds = np.zeros((20, 100, 100), np.uint16)
+    seeds[10][gt[10] == gt[10].max()] = 4
+    tifffile.imwrite(tmp_path / "seeds.tif", seeds)
+    out = tmp_path / "out.tif"
+    args = ["propagate", str(tmp_path / "vol.tif"), str(tmp_path / "seeds.tif"), "--model", str(tiny_checkpoint),
+            "--dtype", "float32", "--out", str(out), "--cache", str(tmp_path / "cache.zarr")]
+    assert main(args) == 0
+    result = tifffile.imread(out)
+    assert result.shape == (20, 100, 100) and np.array_equal(result[10] == 4, seeds[10] == 4)
+    assert set(np.unique(result)) <= {0, 4}
+    assert "object 4: written on" in capsys.readouterr().out
+    assert np.array_equal(tifffile.imread(tmp_path / "seeds.tif"), seeds)
+    assert main(args) == 2 and "exists" in capsys.readouterr().err
+
+
+@pytest.mark.viewer
+def test_annotate_opens_napari_with_the_widget(tmp_path, tiny_checkpoint):
+    import subprocess
+    import sys
+
+    shot = tmp_path / "shot.png"
+    subprocess.run([sys.executable, "-m", "napari_sam.cli", "annotate", "--sample", "nuclei_2d", "--model",
+                    str(tiny_checkpoint), "--start", "--screenshot", str(shot)], check=True, timeout=300)
+    from skimage.io import imread
+
+    pixels = imread(shot)
+    assert pixels.ndim == 3 and pixels.shape[0] > 300 and pixels.shape[1] > 600 and pixels.std() > 10

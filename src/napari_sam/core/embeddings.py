@@ -331,7 +331,7 @@ class Embeddings:
 
         def answer(tile: Tile, pts, lbl, bx, multi):
             result = self.predict(flat, tile.index, points=pts, labels=lbl, box=bx, multimask=multi)
-            return result.masks, result.iou
+            return _MaskList(result), result.iou
 
         return segment_tiled(self.grid, answer, points, labels, box, multimask, max_tiles)
 
@@ -348,6 +348,19 @@ class Embeddings:
         with self._decode_lock:
             self._decoder.set_embedding(emb)
             return self._decoder.predict(points=points, labels=labels, box=box, mask_input=mask_input, multimask=multimask)
+
+
+class _MaskList:
+    """A prediction's candidate masks, upscaled one by one when asked for."""
+
+    def __init__(self, prediction: Prediction):
+        self.prediction = prediction
+
+    def __len__(self) -> int:
+        return len(self.prediction.iou)
+
+    def __getitem__(self, k: int) -> np.ndarray:
+        return self.prediction.mask(k)
 
 
 def _jsonable(value):

@@ -104,6 +104,15 @@ class Prediction:
         rows = np.arange(self.low_res_logits.shape[0])
         return self._full_size(self.low_res_logits[rows, idx][:, None])[:, 0]
 
+    def mask(self, k: int) -> np.ndarray:
+        """The k-th mask of a single prompt set at the original size; upscales only that
+        one (unless all were computed already)."""
+        if self.low_res_logits.ndim != 3:
+            raise ValueError("mask(k) is for a single prompt set; index the batch first")
+        if self._masks is not None:
+            return self._masks[k]
+        return self._full_size(self.low_res_logits[k : k + 1])[0]
+
     def __getitem__(self, i: int) -> "Prediction":
         """The prediction for the i-th prompt set of a batch."""
         return Prediction(self.iou[i], self.low_res_logits[i], self._upscale, self._return_logits)

@@ -32,7 +32,8 @@ __all__ = ["PlaneMask", "TileAnswer", "segment_tiled"]
 TileAnswer = Callable[[Tile, np.ndarray | None, np.ndarray | None, np.ndarray | None, bool], tuple[np.ndarray, np.ndarray]]
 """``answer(tile, points, labels, box, multimask) -> (masks, iou)``: points (N, 2) and box
 (4,) in (x, y) pixels of the tile's embedded region; masks (C, h, w) bool over that
-region; iou (C,) predicted scores."""
+region, or any sequence whose ``masks[k]`` gives the k-th (so that only the masks used
+are upscaled); iou (C,) predicted scores."""
 
 
 @dataclass(frozen=True)
@@ -211,14 +212,13 @@ def segment_tiled(
             continue  # nothing to ask this tile
         is_first = index == first.index
         candidates, iou = answer(tile, t_pts_a if len(t_pts_a) else None, t_lbl_a if len(t_pts_a) else None, t_box, multimask or not is_first)
-        candidates = np.asarray(candidates, bool)
         iou = np.asarray(iou, dtype=np.float64).reshape(-1)
         if is_first:
             pick = int(np.argmax(iou))
             first_iou = float(iou[pick])
         else:
             pick = _most_consistent(candidates, iou, tile, masks, grid)
-        mask = candidates[pick]
+        mask = np.asarray(candidates[pick], bool)
         masks[index] = mask
         order.append(index)
         # Where the mask runs into a neighbour's interior, the object goes on there.
@@ -249,8 +249,8 @@ def _most_consistent(candidates: np.ndarray, iou: np.ndarray, tile: Tile, masks:
         if o is None:
             continue
         mine, theirs = _local(o, tile), known[_local(o, other)]
-        for k, cand in enumerate(candidates):
-            c = cand[mine]
+        for k in range(len(iou)):
+            c = np.asarray(candidates[k], bool)[mine]
             union = np.logical_or(c, theirs).sum()
             scores[k] += np.logical_and(c, theirs).sum() / union if union else 0.0
     return int(np.lexsort((iou, scores))[-1])
