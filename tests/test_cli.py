@@ -153,3 +153,19 @@ def test_annotate_opens_napari_with_the_widget(tmp_path, tiny_checkpoint):
 
     pixels = imread(shot)
     assert pixels.ndim == 3 and pixels.shape[0] > 300 and pixels.shape[1] > 600 and pixels.std() > 10
+
+
+def test_train_writes_a_checkpoint_that_loads_and_resumes(tmp_path, tiny_checkpoint, nuclei_2d, capsys):
+    from napari_sam.core.models import load_model
+
+    image, labels = nuclei_2d
+    tifffile.imwrite(tmp_path / "img.tif", np.stack([image[:128, :128], image[128:256, 128:256]]))
+    tifffile.imwrite(tmp_path / "lab.tif", np.stack([labels[:128, :128], labels[128:256, 128:256]]))
+    out = tmp_path / "tuned.pth"
+    args = ["train", str(tmp_path / "img.tif"), "--labels", str(tmp_path / "lab.tif"), "--model", str(tiny_checkpoint),
+            "--out", str(out), "--steps", "2", "--device", "cpu"]
+    assert main(args) == 0
+    assert "saved" in capsys.readouterr().out and out.is_file()
+    model = load_model(out)
+    assert model.checkpoint_metadata["training"]["steps"] == 2 and model.checkpoint_metadata["training"]["mode"] == "decoder"
+    assert main(args) == 2 and "--resume" in capsys.readouterr().err

@@ -200,3 +200,46 @@ def test_widget_propagates_the_selected_label_and_undoes_it(widget, viewer_3d, n
     assert len(planes) >= 5 and set(planes) <= set(zs)
     widget.undo.clicked()
     assert np.flatnonzero((session.labels_layer.data == 1).any(axis=(1, 2))).tolist() == [z]
+
+
+def test_training_widget_fine_tunes_on_layers_and_hands_the_model_over(make_napari_viewer, nuclei_2d, tiny_checkpoint,
+                                                                        monkeypatch, tmp_path, qtbot):
+    import torch
+
+    from napari_sam._qt.training import TrainingWidget
+    from napari_sam._qt.widget import CHECKPOINT
+    from napari_sam.core.models import load_model
+
+    monkeypatch.setenv("NAPARI_SAM_MODEL", str(tiny_checkpoint))
+    viewer = make_napari_viewer()
+    image = viewer.add_image(np.stack([nuclei_2d[0][:128, :128], nuclei_2d[0][128:256, :128]]), name="img")
+    labels = viewer.add_labels(np.stack([nuclei_2d[1][:128, :128], np.zeros((128, 128), nuclei_2d[1].dtype)]), name="gt")
+    w = TrainingWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    w.image.value, w.labels.value = image, labels
+    w.base.value = str(tiny_checkpoint)
+    w.steps.value = 3
+    w.out.value = str(tmp_path / "tuned.pth")
+    worker = w.start()
+    assert worker is not None
+    qtbot.waitUntil(lambda: not worker.is_running and w.model is not None, timeout=120000)
+    assert "saved" in w.status.value and w.curve.series["loss"] and len(w.curve.series["loss"]) == 3
+    tuned, base = load_model(tmp_path / "tuned.pth"), load_model(tiny_checkpoint)
+    dec = [k for k in base.state_dict() if k.startswith("mask_decoder.")]
+    enc = [k for k in base.state_dict() if k.startswith("image_encoder.")]
+    assert any(not torch.equal(tuned.state_dict()[k], base.state_dict()[k]) for k in dec)
+    assert all(torch.equal(tuned.state_dict()[k], base.state_dict()[k]) for k in enc)
+    seg = w.use_model()
+    qtbot.waitUntil(lambda: seg.session is not None, timeout=30000)
+    assert seg.model.value == CHECKPOINT and seg.session.annotator.model.source.path == str(tmp_path / "tuned.pth")
+    qtbot.waitUntil(lambda: not seg._workers, timeout=30000)
+
+
+def test_training_widget_refuses_labels_of_another_shape(make_napari_viewer, nuclei_2d):
+    from napari_sam._qt.training import TrainingWidget
+
+    viewer = make_napari_viewer()
+    viewer.add_image(nuclei_2d[0], name="img")
+    viewer.add_labels(np.zeros((10, 10), np.uint8), name="small")
+    w = TrainingWidget(viewer)
+    assert w.start() is None and "do not match" in w.status.value

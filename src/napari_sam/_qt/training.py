@@ -1,0 +1,169 @@
+"""The training dock widget: fine-tune a model on finished annotations, then use it.
+
+Like the annotation widget it holds no logic of its own: the data come from
+:class:`~napari_sam.core.training.SegmentationDataset`, the steps from
+:class:`~napari_sam.core.training.Trainer`, run in a napari thread worker with a progress
+bar and a live curve of the loss and the validation IoU.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+from magicgui.widgets import ComboBox, Container, FileEdit, FloatSpinBox, Label, PushButton, SpinBox
+from napari.qt.threading import create_worker
+from napari.utils import progress
+
+from .curve import CurveWidget
+from .widget import CHECKPOINT, _model_choices
+
+if TYPE_CHECKING:  # pragma: no cover
+    import napari
+
+__all__ = ["TrainingWidget", "dataset_from_layers"]
+
+
+def dataset_from_layers(image_layer, labels_layer):
+    """Training pairs from an image layer and a Labels layer of the same shape: one pair
+    per annotated plane (planes without objects are skipped)."""
+    from ..core.training import SegmentationDataset
+    from ..layers import source_from_layer
+
+    source = source_from_layer(image_layer)
+    labels = labels_layer.data
+    if tuple(labels.shape) != source.plane_grid + source.plane_shape:
+        raise ValueError(f"labels of shape {tuple(labels.shape)} do not match the image's planes {source.plane_grid + source.plane_shape}")
+    images, masks, names = [], [], []
+    for flat in range(source.n_planes):
+        index = source.plane_index(flat)
+        plane_labels = np.asarray(labels[index])
+        if plane_labels.any():
+            images.append(source.read(flat))
+            masks.append(plane_labels)
+            names.append(f"{image_layer.name}{list(index)}")
+    if not images:
+        raise ValueError(f"the labels layer {labels_layer.name!r} holds no objects to learn from")
+    return SegmentationDataset.from_arrays(images, masks, names)
+
+
+class TrainingWidget(Container):
+    """Fine-tune SAM on an image and its finished labels.
+
+    Parameters
+    ----------
+    viewer
+        The napari viewer (npe2 passes it).
+    """
+
+    def __init__(self, viewer: napari.viewer.Viewer):
+        super().__init__(labels=True)
+        self.viewer = viewer
+        self.trainer = None
+        self.worker = None
+        self.model = None
+        self.image = ComboBox(label="image", choices=lambda *_: self._layers("Image"))
+        self.labels = ComboBox(label="labels", choices=lambda *_: self._layers("Labels"),
+                               tooltip="finished annotations: every object on an annotated plane is used")
+        choices = _model_choices()
+        self.base = ComboBox(label="start from", choices=choices, value=choices[0])
+        self.checkpoint = FileEdit(label="checkpoint", mode="r", visible=False)
+        self.mode = ComboBox(label="train", choices=[("mask decoder (fast)", "decoder"), ("whole model", "full")], value="decoder")
+        self.minutes = FloatSpinBox(label="minutes", value=10.0, min=0.5, max=24 * 60, step=0.5)
+        self.steps = SpinBox(label="steps at most", value=1000, min=1, max=1_000_000)
+        self.out = FileEdit(label="save as", mode="w", filter="*.pth", value=os.path.abspath("finetuned_sam.pth"))
+        self.train = PushButton(text="Train")
+        self.stop = PushButton(text="Stop", enabled=False)
+        self.use = PushButton(text="Use the trained model for annotation", enabled=False)
+        self.status = Label(value="pick an image and its labels")
+        self.status.native.setWordWrap(True)
+        self.curve = CurveWidget()
+        self.extend([self.image, self.labels, self.base, self.checkpoint, self.mode, self.minutes, self.steps, self.out,
+                     self.train, self.stop, self.use, self.status])
+        self.native.layout().addWidget(self.curve)
+        self.base.changed.connect(lambda v: setattr(self.checkpoint, "visible", v == CHECKPOINT))
+        self.train.clicked.connect(self.start)
+        self.stop.clicked.connect(lambda: self.worker is not None and self.worker.quit())
+        self.use.clicked.connect(self.use_model)
+        viewer.layers.events.inserted.connect(self.reset_choices)
+        viewer.layers.events.removed.connect(self.reset_choices)
+
+    def _layers(self, kind: str):
+        return [(layer.name, layer) for layer in self.viewer.layers if type(layer).__name__ == kind]
+
+    def start(self):
+        """Build the data and the trainer, then train in a worker until the time or the
+        steps run out (or Stop), and save the model."""
+        from ..core.models import load_model
+        from ..core.training import Trainer, TrainingConfig
+
+        try:
+            data = dataset_from_layers(self.image.value, self.labels.value)
+        except (ValueError, AttributeError) as err:
+            self.status.value = f"cannot train: {err}"
+            return None
+        base = str(self.checkpoint.value) if self.base.value == CHECKPOINT else self.base.value
+        steps, minutes, out = int(self.steps.value), float(self.minutes.value), str(self.out.value)
+        train, val = data.split(0.2, seed=0) if len(data) > 1 else (data, data)
+        config = TrainingConfig(mode=self.mode.value, steps=steps, validate_every=max(1, min(50, steps // 10)))
+        self.curve.clear()
+        bar = progress(total=steps, desc="training")
+
+        def work():
+            model = load_model(base, device="auto", dtype="float32")
+            self.trainer = Trainer(model, train, config, validation_data=val)
+            end = time.monotonic() + 60 * minutes
+            for record in self.trainer.run():
+                yield record
+                if time.monotonic() > end:
+                    break
+            self.trainer.save(out)
+            return out
+
+        def show(record):
+            bar.n = record.step
+            bar.refresh()
+            self.curve.add("loss", record.step, record.loss)
+            text = f"step {record.step}: loss {record.loss:.3f}"
+            if record.validation_iou is not None:
+                self.curve.add("validation IoU", record.step, record.validation_iou)
+                text += f", validation IoU {record.validation_iou:.3f}"
+            self.status.value = text
+
+        def done(path):
+            self.status.value = f"saved {path}"
+            self.model = path
+            self.use.enabled = True
+
+        def stopped():
+            if self.trainer is not None:
+                self.trainer.save(out)
+                self.model = out
+                self.use.enabled = True
+                self.status.value = f"stopped at step {self.trainer.step}; saved {out}"
+
+        self.worker = create_worker(work, _start_thread=False)
+        self.worker.yielded.connect(show)
+        self.worker.returned.connect(done)
+        self.worker.aborted.connect(stopped)
+        self.worker.errored.connect(lambda err: setattr(self.status, "value", f"error: {err}"))
+        self.worker.finished.connect(bar.close)
+        self.worker.finished.connect(lambda: (setattr(self.train, "enabled", True), setattr(self.stop, "enabled", False)))
+        self.train.enabled, self.stop.enabled = False, True
+        self.status.value = f"training on {len(train)} plane(s), validating on {len(val)}..."
+        self.worker.start()
+        return self.worker
+
+    def use_model(self):
+        """Open (or find) the Segment Anything widget and start it with the trained model."""
+        if not self.model:
+            return None
+        _, widget = self.viewer.window.add_plugin_dock_widget("napari-sam-scale", "Segment Anything")
+        widget.model.value = CHECKPOINT
+        widget.checkpoint.value = self.model
+        if self.image.value is not None:
+            widget.image.value = self.image.value
+        widget.start_session()
+        return widget
