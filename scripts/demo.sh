@@ -1,21 +1,28 @@
 #!/usr/bin/env bash
-# The main job, offline on a fresh machine: install into .venv, then segment three nuclei
-# of the bundled 2D sample (from a click, a box, and a click with a background click)
-# into a label image.
-# NAPARI_SAM_MODEL picks the model (a registry name such as vit_b_lm, or a checkpoint file).
+# The main job, offline on a fresh machine: install into .venv, then
+#  - with a display: open napari with the bundled 3D nuclei and the Segment Anything widget
+#    docked and started (click a nucleus, Shift-C commits; see docs/annotating.md);
+#  - without one (or with --headless): the same job from the command line, segmenting
+#    three nuclei of the bundled 2D sample (a click, a box, a click with a background
+#    click) into a label image, nuclei_labels.tif.
+# NAPARI_SAM_MODEL picks the model: "default" (shipped, offline), a registry name such
+# as vit_b_lm (downloaded once), or a checkpoint file.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
 if [ ! -x .venv/bin/napari-sam ]; then
   "$python" -m venv .venv
   .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q torch==2.13.0 -e .
+  .venv/bin/pip install -q torch==2.13.0 -e ".[gui]"
 fi
-model=${NAPARI_SAM_MODEL:-../shared/reference/sam_small_seed0.pth}
-case "$model" in
-  ../shared/reference/*) echo "note: $model has random weights (the pipeline runs, the masks mean nothing);" \
-    "set NAPARI_SAM_MODEL=vit_b_lm (downloaded once) for real results" ;;
-esac
-out=${1:-nuclei_labels.tif}
+model=${NAPARI_SAM_MODEL:-default}
+if [ "$model" = default ] && [ ! -f src/napari_sam/_models/default.pth ]; then
+  model=../shared/reference/sam_small_seed0.pth
+  echo "note: no default model installed; using $model, which has random weights (the masks mean nothing)"
+fi
+if [ "${1:-}" != "--headless" ] && [ -n "${DISPLAY:-}" ]; then
+  exec .venv/bin/napari-sam annotate --sample nuclei_3d --model "$model" --start
+fi
+out=${2:-nuclei_labels.tif}
 .venv/bin/napari-sam segment src/napari_sam/_data/nuclei_2d.tif --model "$model" \
   --prompts docs/examples/nuclei_2d_prompts.json --out "$out" --overwrite

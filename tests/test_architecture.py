@@ -52,3 +52,41 @@ def test_public_api_resolves_lazily():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "napari_sam.core.models Predictor True"
+
+
+def _package_imports(path: Path) -> set[str]:
+    """Modules of napari_sam that ``path`` imports (relative imports resolved)."""
+    rel = path.relative_to(PKG.parent).with_suffix("").parts  # ('napari_sam', 'core', 'x')
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = list(rel[: len(rel) - node.level])
+                out.add(".".join(base + ([node.module] if node.module else [])))
+            elif node.module and node.module.startswith("napari_sam"):
+                out.add(node.module)
+        elif isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("napari_sam")}
+    return out
+
+
+# layer -> the napari_sam modules it must never import
+FORBIDDEN = {
+    "core": ("napari_sam.api", "napari_sam.layers", "napari_sam._qt", "napari_sam.cli"),
+    "api": ("napari_sam._qt", "napari_sam.cli"),
+    "layers": ("napari_sam._qt", "napari_sam.cli"),
+}
+
+
+@pytest.mark.parametrize(
+    "path", sorted([*(PKG / "core").glob("*.py"), PKG / "api.py", PKG / "layers.py"]), ids=lambda p: p.stem
+)
+def test_imports_flow_one_way(path):
+    layer = "core" if path.parent.name == "core" else path.stem
+    bad = {m for m in _package_imports(path) if m.startswith(FORBIDDEN[layer])}
+    assert bad == set()
+
+
+@pytest.mark.parametrize("path", [PKG / "api.py", PKG / "layers.py"], ids=lambda p: p.stem)
+def test_api_and_layers_use_no_qt(path):
+    assert _imports(path) & (GUI - {"napari"}) == set()
