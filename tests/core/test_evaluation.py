@@ -1,0 +1,215 @@
+"""Evaluation: the metrics against hand-computed values, loading pairs, the prompted
+evaluation end to end (SAM with the tiny model, and the baseline), automatic and
+propagation evaluation, and the table."""
+
+import json
+
+import numpy as np
+import pytest
+
+from napari_sam.core.baseline import WatershedBaseline
+from napari_sam.core.evaluation import (
+    EvalPair,
+    evaluate_automatic,
+    evaluate_prompted,
+    evaluate_propagation,
+    format_table,
+    instance_scores,
+    iter_evaluate_prompted,
+    load_pairs,
+    mean_segmentation_accuracy,
+    pairs_from_arrays,
+    segmentation_accuracy,
+)
+from napari_sam.core.predictor import Predictor
+
+# -- metrics ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def gt_and_pred():
+    gt = np.zeros((40, 40), np.uint16)
+    gt[0:10, 0:10] = 1  # A
+    gt[20:30, 20:30] = 2  # B
+    pred = np.zeros((40, 40), np.int32)
+    pred[0:10, 1:11] = 7  # A shifted by a column: IoU 90 / 110 = 0.818
+    pred[20:30, 20:25] = 3  # half of B: IoU 50 / 100 = 0.5, not above 0.5
+    pred[35:38, 35:38] = 9  # nothing there
+    return gt, pred
+
+
+def test_accuracy_at_a_threshold_by_hand(gt_and_pred):
+    gt, pred = gt_and_pred
+    # TP = 1 (A), FP = 2, FN = 1: 1 / 4
+    assert segmentation_accuracy(gt, pred, 0.5) == pytest.approx(0.25)
+    assert segmentation_accuracy(gt, pred, 0.75) == pytest.approx(0.25)
+    # above A's IoU: TP = 0, FP = 3, FN = 2
+    assert segmentation_accuracy(gt, pred, 0.85) == 0.0
+    # below 0.5 the half of B matches too (one-to-one): TP = 2, FP = 1, FN = 0
+    assert segmentation_accuracy(gt, pred, 0.3) == pytest.approx(2 / 3)
+
+
+def test_mean_segmentation_accuracy_by_hand(gt_and_pred):
+    gt, pred = gt_and_pred
+    # A matches for t = 0.50 ... 0.80 (7 of the 10 thresholds), at 0.25 each
+    assert mean_segmentation_accuracy(gt, pred) == pytest.approx(7 * 0.25 / 10)
+    scores = instance_scores(gt, pred)
+    assert scores == pytest.approx({"msa": 0.175, "ap50": 0.25, "ap75": 0.25, "n_gt": 2, "n_pred": 3})
+
+
+def test_metric_edge_cases(gt_and_pred):
+    gt, _ = gt_and_pred
+    relabelled = np.where(gt > 0, gt + 40, 0).astype(np.int64)  # ids do not matter
+    assert mean_segmentation_accuracy(gt, relabelled) == 1.0
+    empty = np.zeros_like(gt)
+    assert mean_segmentation_accuracy(empty, empty) == 1.0
+    assert mean_segmentation_accuracy(gt, empty) == 0.0
+    assert segmentation_accuracy(empty, gt, 0.5) == 0.0
+    with pytest.raises(ValueError, match="shape"):
+        segmentation_accuracy(gt, gt[:5])
+    with pytest.raises(ValueError, match="integer"):
+        segmentation_accuracy(gt, gt.astype(float))
+
+
+# -- data -----------------------------------------------------------------------------------
+
+
+def test_pairs_from_the_shared_folder(shared_dir):
+    pairs = load_pairs(shared_dir / "data" / "dsb2018_fluo")
+    assert len(pairs) == 21
+    for p in pairs:
+        assert p.image.shape[:2] == p.labels.shape and p.labels.max() > 0
+
+
+def test_pairs_from_zarr_and_arrays(tmp_path):
+    import zarr
+
+    images = np.random.default_rng(0).integers(0, 255, (2, 16, 20), dtype=np.uint8)
+    labels = np.zeros((2, 16, 20), np.uint16)
+    labels[:, 2:6, 3:9] = 1
+    group = zarr.open_group(str(tmp_path / "pairs.zarr"), mode="w")
+    group.create_array("images", data=images)
+    group.create_array("labels", data=labels)
+    pairs = load_pairs(tmp_path / "pairs.zarr")
+    assert len(pairs) == 2
+    np.testing.assert_array_equal(pairs[1].image, images[1])
+    np.testing.assert_array_equal(pairs[1].labels, labels[1])
+    assert len(load_pairs([(images[0], labels[0])])) == 1
+    assert [p.name for p in pairs_from_arrays(images, labels, ["a", "b"])] == ["a", "b"]
+    with pytest.raises(ValueError, match="same pixels"):
+        load_pairs([(images[0], labels[0, :5])])
+    (tmp_path / "f" / "images").mkdir(parents=True)
+    (tmp_path / "f" / "labels").mkdir()
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "f" / "images" / "x.tif", images[0])
+    with pytest.raises(ValueError, match="no label image"):
+        load_pairs(tmp_path / "f")
+
+
+# -- prompted -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_pair(nuclei_2d):
+    image, labels = nuclei_2d
+    return image[:96, :96], labels[:96, :96]
+
+
+def test_prompted_evaluation_with_sam_end_to_end(tiny_sam, small_pair):
+    result = evaluate_prompted([small_pair], Predictor(tiny_sam), n_corrections=2, max_objects=3, seed=1)
+    assert result["kind"] == "prompted" and result["method"] == "sam"
+    assert result["images"] == 1 and result["objects"] == 3
+    assert len(result["iterative"]) == 3  # the point alone, then 2 corrections
+    values = [result["point"], result["box"], *result["iterative"]]
+    assert all(0.0 <= v <= 1.0 for v in values)
+    assert result["iterative"][0] == pytest.approx(result["point"])
+    assert result["per_image"][0]["objects"] == 3
+    json.dumps(result)  # JSON-able
+
+
+def test_prompted_evaluation_with_the_baseline(small_pair):
+    _, labels = small_pair
+    ids, counts = np.unique(labels[labels > 0], return_counts=True)
+    gen = iter_evaluate_prompted([small_pair, small_pair], WatershedBaseline(), n_corrections=3, min_area=10)
+    reports = []
+    while True:
+        try:
+            reports.append(next(gen))
+        except StopIteration as stop:
+            result = stop.value
+            break
+    assert [(r.done, r.total) for r in reports] == [(1, 2), (2, 2)]
+    assert result["method"] == "watershed"
+    assert result["objects"] == 2 * int((counts >= 10).sum())  # every object, both images
+    # real nuclei: the classical method gets most of them, and corrections help
+    assert result["point"] > 0.5 and result["box"] > 0.5
+    assert result["iterative"][-1] >= result["iterative"][0]
+    # a sample is reproducible
+    a = evaluate_prompted([small_pair], WatershedBaseline(), n_corrections=1, max_objects=2, seed=3)
+    b = evaluate_prompted([small_pair], WatershedBaseline(), n_corrections=1, max_objects=2, seed=3)
+    assert a == b and a["objects"] == 2
+    with pytest.raises(ValueError, match="Predictor"):
+        evaluate_prompted([small_pair], object())
+
+
+# -- automatic --------------------------------------------------------------------------------
+
+
+def test_automatic_evaluation(gt_and_pred):
+    gt, pred = gt_and_pred
+    pairs = [EvalPair(np.zeros(gt.shape), gt, "one"), EvalPair(np.zeros(gt.shape), gt, "two")]
+    perfect = evaluate_automatic(pairs, lambda image: gt.copy(), name="oracle")
+    assert perfect["msa"] == perfect["ap50"] == perfect["ap75"] == 1.0 and perfect["images"] == 2
+    half = evaluate_automatic(pairs, lambda image: pred, name="shifted")
+    assert half["msa"] == pytest.approx(0.175) and half["ap50"] == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="shape"):
+        evaluate_automatic(pairs, lambda image: gt[:10])
+    table = format_table([perfect, half])
+    assert "| oracle | 2 | 1.000 | 1.000 | 1.000 |" in table
+    assert "| shifted | 2 | 0.175 | 0.250 | 0.250 |" in table
+
+
+# -- propagation ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def volume_labels():
+    labels = np.zeros((8, 20, 20), np.uint16)
+    labels[2:7, 2:8, 2:8] = 3  # planes 2..6: the middle is 4
+    labels[0:2, 10:15, 10:15] = 5  # planes 0..1: the middle is 1
+    return np.random.default_rng(0).random(labels.shape), labels
+
+
+def test_a_perfect_propagation_scores_one(volume_labels):
+    volume, labels = volume_labels
+    starts = {}
+
+    def perfect(vol, start, mask):
+        assert vol.shape == labels.shape and mask.shape == labels.shape[1:]
+        obj = int(np.bincount(labels[start][mask]).argmax())
+        starts[obj] = start
+        return labels == obj
+
+    result = evaluate_propagation(perfect, volume, labels)
+    assert result["objects"] == 2 and result["mean_iou"] == 1.0
+    assert starts == {3: 4, 5: 1}
+    json.dumps(result)
+
+
+def test_propagation_that_stays_on_its_plane(volume_labels):
+    volume, labels = volume_labels
+
+    def stay(vol, start, mask):
+        out = np.zeros(vol.shape, bool)
+        out[start] = mask
+        return out
+
+    result = evaluate_propagation(stay, volume, labels, name="stay")
+    # one plane of five, and one of two
+    assert [r["iou"] for r in result["per_object"]] == pytest.approx([1 / 5, 1 / 2])
+    assert result["mean_iou"] == pytest.approx(0.35)
+    assert "| stay | 2 | 0.350 |" in format_table(result)
+    assert evaluate_propagation(stay, volume, labels, max_objects=1, seed=0)["objects"] == 1
+    with pytest.raises(ValueError, match="shape"):
+        evaluate_propagation(lambda v, s, m: m, volume, labels)
