@@ -169,3 +169,35 @@ def test_train_writes_a_checkpoint_that_loads_and_resumes(tmp_path, tiny_checkpo
     model = load_model(out)
     assert model.checkpoint_metadata["training"]["steps"] == 2 and model.checkpoint_metadata["training"]["mode"] == "decoder"
     assert main(args) == 2 and "--resume" in capsys.readouterr().err
+
+
+def test_segment_boxes_and_auto_modes(tmp_path, tiny_checkpoint, nuclei_2d, nuclei_3d, capsys):
+    tifffile.imwrite(tmp_path / "img.tif", nuclei_2d[0][:200, :200])
+    out = tmp_path / "boxes.tif"
+    assert main(["segment", str(tmp_path / "img.tif"), "--model", str(tiny_checkpoint), "--mode", "boxes",
+                 "--out", str(out)]) == 0
+    labels = tifffile.imread(out)
+    assert labels.shape == (200, 200) and labels.max() >= 1
+    n = int(capsys.readouterr().out.split("wrote ")[1].split(" ")[0])
+    assert n == len(np.unique(labels)) - 1
+    tifffile.imwrite(tmp_path / "vol.tif", nuclei_3d[0][:3], photometric="minisblack")
+    out3 = tmp_path / "auto.tif"
+    assert main(["segment", str(tmp_path / "vol.tif"), "--model", str(tiny_checkpoint), "--mode", "auto",
+                 "--points-per-side", "3", "--axes", "ZYX", "--out", str(out3)]) == 0
+    assert tifffile.imread(out3).shape == (3, 100, 100)
+
+
+def test_evaluate_prints_a_table_and_writes_json(tmp_path, tiny_checkpoint, nuclei_2d, capsys):
+    for sub in ("images", "labels"):
+        (tmp_path / sub).mkdir()
+    tifffile.imwrite(tmp_path / "images" / "a.tif", nuclei_2d[0][:128, :128])
+    tifffile.imwrite(tmp_path / "labels" / "a.tif", nuclei_2d[1][:128, :128])
+    report = tmp_path / "r.json"
+    assert main(["evaluate", str(tmp_path), "--model", str(tiny_checkpoint), "--baseline", "--max-objects", "3",
+                 "--corrections", "1", "--json", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert "| tiny_sam.pth | 1 | 3 |" in out and "| watershed baseline | 1 | 3 |" in out
+    results = json.loads(report.read_text())
+    assert [r["method"] for r in results] == ["tiny_sam.pth", "watershed baseline"]
+    assert all(0 <= r["point"] <= 1 and 0 <= r["box"] <= 1 for r in results)
+    assert main(["evaluate", str(tmp_path / "images"), str(tmp_path / "nothing")]) == 2

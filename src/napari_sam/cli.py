@@ -39,11 +39,19 @@ def _parser() -> argparse.ArgumentParser:
 
     seg = sub.add_parser(
         "segment",
-        help="segment objects in a 2D image from point or box prompts",
-        description="Each --box is one object (points, if given with a single box, refine it); "
-        "without boxes all points describe one object. --prompts reads many objects from JSON. "
-        "Objects get ids 1, 2, ... in order and never overwrite each other.",
+        help="segment objects from point or box prompts (--mode prompts), or everything (--mode auto|boxes)",
+        description="--mode prompts (default): each --box is one object (points, if given with a single box, "
+        "refine it); without boxes all points describe one object. --prompts reads many objects from JSON. "
+        "Objects get ids 1, 2, ... in order and never overwrite each other. --mode auto: a grid of point "
+        "prompts on every plane, filtered by predicted IoU and stability, duplicates removed; planes of a "
+        "volume are linked into 3D objects. --mode boxes: boxes from a classical detector (Otsu or LoG), "
+        "each turned into one object.",
     )
+    seg.add_argument("--mode", choices=["prompts", "auto", "boxes"], default="prompts")
+    seg.add_argument("--points-per-side", type=int, default=32, help="auto mode: grid density per tile")
+    seg.add_argument("--detector", choices=["otsu", "log"], default="otsu", help="boxes mode: the detector")
+    seg.add_argument("--min-area", type=int, default=25, help="auto and boxes modes: smaller objects are dropped")
+    seg.add_argument("--axes", help="auto and boxes modes: axis letters from TZCYX (default: guessed)")
     seg.add_argument("image", help="TIFF, Zarr, .npy, PNG or JPEG")
     _add_model_args(seg)
     seg.add_argument("--point", nargs=2, type=float, action="append", metavar=("X", "Y"), default=[], help="foreground point (x = column, y = row); repeatable")
@@ -91,6 +99,27 @@ def _parser() -> argparse.ArgumentParser:
     prop.add_argument("--axis", choices=["Z", "T"], help="plane axis to follow (default: the innermost)")
     prop.add_argument("--ids", type=int, nargs="*", help="object ids to propagate (default: all)")
     prop.add_argument("--cache", help="embedding cache folder (default: beside a Zarr image, else the user cache)")
+
+    ev = sub.add_parser(
+        "evaluate",
+        help="measure segmentation quality against ground truth (one point, box, iterative corrections; auto)",
+        description="IMAGES is a folder with images/ and labels/ TIFFs of the same names, a Zarr group with "
+        "'images' and 'labels' arrays, or a folder of images with LABELS a folder of label images. Every "
+        "ground-truth object is prompted with one point (the interior point farthest from the boundary), with "
+        "its box, and with up to --corrections extra points on the largest error, as SAM and micro-sam "
+        "evaluate. Prints a table; --json writes the numbers.",
+    )
+    ev.add_argument("images")
+    ev.add_argument("labels", nargs="?")
+    ev.add_argument("--model", help="model to evaluate (registry name or checkpoint); without it only the baseline")
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--dtype", default="float32")
+    ev.add_argument("--baseline", action="store_true", help="also the classical baseline (seeded watershed)")
+    ev.add_argument("--auto", action="store_true", help="also automatic segmentation (mSA, AP50, AP75)")
+    ev.add_argument("--corrections", type=int, default=8)
+    ev.add_argument("--max-objects", type=int, help="objects sampled per image (default: all)")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--json", help="write the results as JSON")
 
     tr = sub.add_parser(
         "train",
@@ -165,11 +194,13 @@ def _segment(args) -> int:
     from .core.models import load_model
     from .core.predictor import Predictor
 
-    objects = _object_prompts(args)
     from pathlib import Path
 
     if Path(args.out).exists() and not args.overwrite:
         raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
+    if args.mode != "prompts":
+        return _segment_all(args)
+    objects = _object_prompts(args)
     plane = _plane(read_image(args.image), args.plane, args.channel)
     t0 = time.perf_counter()
     model = load_model(args.model, device=args.device, dtype=args.dtype)
@@ -188,6 +219,94 @@ def _segment(args) -> int:
     out = write_labels(args.out, labels, overwrite=args.overwrite)
     print(f"wrote {len(objects)} object(s) to {out}")
     return 0
+
+
+def _segment_all(args) -> int:
+    """--mode auto|boxes: every plane, each into its own label plane (linked in 3D for auto)."""
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from .core import automatic
+    from .core.embeddings import Embeddings
+    from .core.image_source import ImageSource
+    from .core.io import write_labels
+    from .core.models import load_model
+
+    source = ImageSource.open(args.image, axes=args.axes, channel=args.channel)
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    emb = Embeddings(source, model, cache=False)
+    planes = []
+    for flat in tqdm(range(source.n_planes), desc=f"segmenting ({args.mode})", unit="plane"):
+        if args.mode == "auto":
+            config = automatic.GridConfig(points_per_side=args.points_per_side, min_area=args.min_area)
+            result = automatic.run(automatic.iter_grid(emb, flat, config))
+        else:
+            boxes = automatic.detect_boxes(source.read(flat), method=args.detector, min_area=args.min_area)
+            result = automatic.run(automatic.iter_from_boxes(emb, flat, boxes, min_area=args.min_area))
+        planes.append(result.labels)
+    if len(planes) > 1 and args.mode == "auto":
+        labels = automatic.link_planes(planes)
+    elif len(planes) > 1:
+        # boxes mode: ids made unique over the volume (linking is the auto mode's job)
+        offset, out = 0, []
+        for p in planes:
+            out.append(np.where(p > 0, p.astype(np.uint32) + offset, 0))
+            offset += int(p.max())
+        labels = np.stack(out)
+    else:
+        labels = planes[0]
+    labels = labels.reshape(source.plane_grid + source.plane_shape)
+    out = write_labels(args.out, labels, overwrite=args.overwrite)
+    print(f"wrote {len(np.unique(labels)) - 1} object(s) to {out}")
+    return 0
+
+
+def _evaluate(args) -> int:
+    import json
+
+    from .core import evaluation
+    from .core.baseline import WatershedBaseline
+
+    if args.labels:
+        pairs = evaluation.load_pairs(_pairs_of_folders(args.images, args.labels))
+    else:
+        pairs = evaluation.load_pairs(args.images)
+    results = []
+    methods = []
+    if args.model:
+        from .core.models import load_model
+        from .core.predictor import Predictor
+
+        model = load_model(args.model, device=args.device, dtype=args.dtype)
+        methods.append((Predictor(model), model.source.name))
+    if args.baseline or not methods:
+        methods.append((WatershedBaseline(), "watershed baseline"))
+    for method, name in methods:
+        results.append(evaluation.evaluate_prompted(pairs, method, n_corrections=args.corrections,
+                                                    max_objects=args.max_objects, seed=args.seed, name=name))
+        if args.auto and not isinstance(method, WatershedBaseline):
+            segment = evaluation.grid_segmenter(method.model)
+            results.append(evaluation.evaluate_automatic(pairs, segment, name=f"{name} (auto)"))
+    print(evaluation.format_table(results))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=1)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _pairs_of_folders(images, labels):
+    """(image, labels) arrays of the files with the same names in two folders."""
+    from pathlib import Path
+
+    import tifffile
+
+    images, labels = Path(images), Path(labels)
+    names = sorted(p.name for p in images.glob("*.tif*"))
+    missing = [n for n in names if not (labels / n).exists()]
+    if not names or missing:
+        raise ValueError(f"{images} and {labels} must hold TIFFs of the same names (missing labels: {missing[:5]})")
+    return [(tifffile.imread(images / n), tifffile.imread(labels / n)) for n in names]
 
 
 def _embed(args) -> int:
@@ -345,7 +464,7 @@ def _download(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     args = _parser().parse_args(argv)
-    handlers = {"segment": _segment, "models": _models, "download": _download, "embed": _embed, "info": _info, "annotate": _annotate, "propagate": _propagate, "train": _train}
+    handlers = {"segment": _segment, "models": _models, "download": _download, "embed": _embed, "info": _info, "annotate": _annotate, "propagate": _propagate, "train": _train, "evaluate": _evaluate}
     try:
         return handlers[args.command](args)
     except (ValueError, FileExistsError, KeyError, RuntimeError) as err:

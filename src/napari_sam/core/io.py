@@ -137,7 +137,8 @@ def write_labels(path: str | os.PathLike, labels: np.ndarray, overwrite: bool = 
         if suffix in _TIFF:
             import tifffile
 
-            tifffile.imwrite(tmp, labels, compression="zlib")
+            # minisblack: a 3-plane label volume must not be taken for an RGB image
+            tifffile.imwrite(tmp, labels, compression="zlib", photometric="minisblack")
         elif suffix == ".npy":
             np.save(tmp, labels)
         else:
