@@ -282,6 +282,28 @@ class ViewerSession:
         label_id = int(self.labels_layer.selected_label if label_id is None else label_id)
         return self.annotator.propagate(self.current_plane(), label_id, axis, PropagationSettings(**settings), self.overwrite)
 
+    def segment_everything(self, plane: tuple[int, ...] | None = None, mode: str = "auto", points_per_side: int = 16):
+        """A generator segmenting every object of a plane (default: the current one) and
+        committing them, objects already labelled kept (see :mod:`napari_sam.core.automatic`).
+
+        ``mode`` is ``"auto"`` (a grid of point prompts) or ``"boxes"`` (a classical
+        detector's boxes). Yields progress; returns the Commit (or None)."""
+        from .core import automatic
+
+        plane = self.current_plane() if plane is None else tuple(plane)
+        emb = self.annotator.embeddings
+        if mode == "auto":
+            result = yield from automatic.iter_grid(emb, plane, automatic.GridConfig(points_per_side=points_per_side))
+        else:
+            boxes = automatic.detect_boxes(self.annotator.source.read(plane))
+            result = yield from automatic.iter_from_boxes(emb, plane, boxes)
+        masks = [
+            PlaneMask(region, crop, 1.0, ())
+            for region, crop in (_crop_of(result.labels == k) for k in range(1, int(result.labels.max()) + 1))
+            if crop is not None
+        ]
+        return self.commit_masks(plane, masks) if masks else None
+
     def undo(self) -> list[Commit]:
         """Undo the last commit (or propagation)."""
         undone = self.annotator.undo()
@@ -336,6 +358,15 @@ class ViewerSession:
         for name, key in KEYS.items():
             self.viewer.bind_key(key, actions[name], overwrite=True)
         self._bound = True
+
+
+def _crop_of(mask: np.ndarray):
+    """(region, crop) of a bool mask's bounding box, or (None, None) when empty."""
+    if not mask.any():
+        return None, None
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    region = (int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1)
+    return region, mask[region[0] : region[1], region[2] : region[3]]
 
 
 def _run_now(fn, done=None, label: str = ""):

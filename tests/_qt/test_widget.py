@@ -243,3 +243,17 @@ def test_training_widget_refuses_labels_of_another_shape(make_napari_viewer, nuc
     viewer.add_labels(np.zeros((10, 10), np.uint8), name="small")
     w = TrainingWidget(viewer)
     assert w.start() is None and "do not match" in w.status.value
+
+
+def test_widget_segments_everything_on_a_slice_and_keeps_existing_labels(widget, viewer_3d, qtbot):
+    viewer, _ = viewer_3d
+    session = widget.session
+    viewer.dims.set_current_step(0, 45)
+    session.labels_layer.data[45, :10, :10] = 9
+    widget.everything_mode.value = "boxes"
+    widget.run_everything()
+    _idle(widget, qtbot)
+    data = session.labels_layer.data
+    assert "committed" in widget.status.value
+    assert (data[45, :10, :10] == 9).all() and len(np.unique(data[45])) > 2
+    assert not data[44].any() and not data[46].any()

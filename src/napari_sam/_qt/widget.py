@@ -79,13 +79,16 @@ class SamWidget(Container):
         self.commit = PushButton(text=f"Commit ({KEYS['commit']})", enabled=False)
         self.propagate = PushButton(text="Propagate selected label through slices", enabled=False,
                                     tooltip="follow the labels layer's selected object from this slice up and down the stack")
+        self.everything_mode = ComboBox(label="segment everything", choices=[("point grid (SAM)", "auto"), ("detector boxes", "boxes")], value="auto")
+        self.everything = PushButton(text="Segment everything on this slice", enabled=False)
         self.undo = PushButton(text=f"Undo ({KEYS['undo']})", enabled=False)
         self.clear = PushButton(text=f"Clear prompts ({KEYS['clear']})", enabled=False)
         self.status = Label(value="choose an image and a model, then Start")
         self.status.native.setWordWrap(True)
         self.extend([
             self.image, self.model, self.checkpoint, self.device, self.dtype, self.cache, self.labels_path, self.start,
-            self.embed_slice, self.embed_all, self.cancel, self.overwrite, self.commit, self.propagate, self.undo, self.clear,
+            self.embed_slice, self.embed_all, self.cancel, self.overwrite, self.commit, self.propagate, self.everything_mode,
+            self.everything, self.undo, self.clear,
             self.status,
         ])
 
@@ -97,6 +100,7 @@ class SamWidget(Container):
         self.commit.clicked.connect(lambda: self.session and self.session.commit())
         self.undo.clicked.connect(self.undo_commit)
         self.propagate.clicked.connect(self.run_propagation)
+        self.everything.clicked.connect(self.run_everything)
         self.clear.clicked.connect(lambda: self.session and self.session.clear_prompts())
         self.overwrite.changed.connect(lambda v: self.session and setattr(self.session, "overwrite", bool(v)))
         viewer.layers.events.inserted.connect(self.image.reset_choices)
@@ -186,7 +190,7 @@ class SamWidget(Container):
             self.session.points_layer.events.data.connect(self.request_preview)
             self.session.boxes_layer.events.data.connect(self.request_preview)
             self.viewer.dims.events.current_step.connect(self.request_preview)
-            for button in (self.embed_slice, self.embed_all, self.commit, self.undo, self.clear):
+            for button in (self.embed_slice, self.embed_all, self.commit, self.undo, self.clear, self.everything):
                 button.enabled = True
             self.propagate.enabled = bool(annotator.source.plane_axes)
             self.start.enabled = True
@@ -229,6 +233,34 @@ class SamWidget(Container):
         """Stop the running embedding or propagation (what is done stays)."""
         if self._embed_worker is not None:
             self._embed_worker.quit()
+
+    def run_everything(self):
+        """Segment every object of the current slice in a worker (progress, cancel) and
+        commit them; existing labels are kept."""
+        if self.session is None:
+            return None
+        session = self.session
+        bar = progress(total=0, desc="segmenting everything")
+
+        def show(p):
+            bar.total = p.total
+            bar.n = p.done
+            bar.refresh()
+            self._say(f"segmenting everything: {p.done}/{p.total} {p.stage}")
+
+        def done(commit):
+            session.after_commit(commit)
+            n = 0 if commit is None else sum(1 for i in commit.ids if i)
+            self._say(f"committed {n} object(s)")
+
+        worker = create_worker(session.segment_everything, None, self.everything_mode.value, _start_thread=False)
+        worker.yielded.connect(self._gui(show))
+        worker.finished.connect(bar.close)
+        worker.finished.connect(self._gui(lambda: setattr(self.cancel, "enabled", False)))
+        worker.aborted.connect(lambda: self._say("segment everything cancelled: nothing was committed"))
+        self.cancel.enabled = True
+        self._embed_worker = worker
+        return self._start(worker, done)
 
     def run_propagation(self, label_id: int | None = None):
         """Propagate an object through the stack in a worker, writing slice by slice."""
