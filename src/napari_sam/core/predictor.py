@@ -21,7 +21,7 @@ from .prompts import check_boxes, check_points_inside
 
 __all__ = ["ImageEmbedding", "Prediction", "Predictor"]
 
-LOW_RES = 256  # side of the decoder's mask logits
+LOW_RES = 256  # side of the decoder's mask logits for SAM's 1024-pixel input
 
 
 @dataclass(frozen=True)
@@ -153,6 +153,12 @@ class Predictor:
         return self.model.device
 
     @property
+    def low_res_size(self) -> int:
+        """Side of the low-res logits (and of ``mask_input``): 4x the embedding grid,
+        256 for SAM's 1024-pixel input."""
+        return 4 * self.model.config.embedding_size
+
+    @property
     def embedding(self) -> ImageEmbedding | None:
         """The embedding prompts are answered on, or None before an image is set."""
         return self._embedding
@@ -263,7 +269,8 @@ class Predictor:
         pts = None if points is None else np.asarray(points, dtype=np.float64).reshape(1, -1, 2)
         lbl = None if labels is None else np.asarray(labels).reshape(1, -1)
         bx = None if box is None else np.asarray(box, dtype=np.float64).reshape(1, 4)
-        mi = None if mask_input is None else np.asarray(mask_input, dtype=np.float32).reshape(1, 1, LOW_RES, LOW_RES)
+        side = self.low_res_size
+        mi = None if mask_input is None else np.asarray(mask_input, dtype=np.float32).reshape(1, 1, side, side)
         return self.predict_batch(pts, lbl, bx, mi, multimask, return_logits)[0]
 
     @torch.inference_mode()
@@ -323,8 +330,9 @@ class Predictor:
             batch.append(bxs.shape[0])
         if mask_input is not None:
             m = np.asarray(mask_input, dtype=np.float32)
-            if m.ndim != 4 or m.shape[1:] != (1, LOW_RES, LOW_RES):
-                raise ValueError(f"mask_input must have shape (B, 1, {LOW_RES}, {LOW_RES}), got {m.shape}")
+            side = self.low_res_size
+            if m.ndim != 4 or m.shape[1:] != (1, side, side):
+                raise ValueError(f"mask_input must have shape (B, 1, {side}, {side}), got {m.shape}")
             t_mask = torch.as_tensor(m, device=self.device)
             batch.append(m.shape[0])
         if len(set(batch)) > 1:
