@@ -1,0 +1,570 @@
+"""Train the small SAM that ships inside the package as ``load_model("default")``.
+
+One command builds the training data, trains a small SAM from scratch on the CPU and
+writes ``src/napari_sam/_models/default.pth``; a second part measures it on held-out
+real data next to a classical baseline::
+
+    .venv/bin/python scripts/train_default_model.py --minutes 45
+
+Everything random is drawn from ``--seed`` (default 0). With ``--steps`` unset, the
+number of steps is chosen after 30 timed steps to fill ``--minutes``, and printed: pass
+that number as ``--steps`` to repeat a run step for step on another machine (the run that
+produced the shipped model is documented in docs/default_model.md). Only measuring an
+existing checkpoint: ``--evaluate-only``.
+
+Data (see docs/default_model.md):
+
+* synthetic nuclei-like images generated on the fly from the seed (ellipses with wobbly
+  outlines, touching and partly overlapping, varied size, brightness, texture, blur,
+  noise, uneven illumination; some inverted or coloured like stained tissue; uint8 and
+  uint16),
+* random crops (flips, rotations, brightness) of the real data in ../shared/data,
+  except the held-out images listed in :data:`HELD_OUT`, which are only read to measure
+  the trained model.
+
+This file is not part of the package; it needs scipy and tifffile (both dependencies).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage as ndi
+
+from napari_sam.core.preprocess import Normalization, to_rgb
+from napari_sam.core.prompt_simulation import bounding_box, corrective_point, interior_point
+from napari_sam.core.training import SegmentationDataset, Trainer, TrainingConfig, object_ids
+from napari_sam.model import SamConfig, ViTConfig, build_sam
+
+ROOT = Path(__file__).resolve().parents[1]
+OUTPUT = ROOT / "src" / "napari_sam" / "_models" / "default.pth"  # where load_model("default") looks
+DATA = ROOT.parent / "shared" / "data"
+MAX_BYTES = 20_000_000
+
+# The standard prompt encoder and mask decoder alone hold 4.07M parameters (16.3 MB in
+# float32), so under the 20 MB limit the image encoder gets under a million: three
+# 64-wide blocks plus the standard 256-channel neck. A 512-pixel input would keep small
+# nuclei larger, but on 2 CPU cores it ran 3x slower per step, too slow to train from
+# scratch in under an hour; 256 pixels it is.
+IMAGE_SIZE = 256
+
+
+def model_config(image_size: int = IMAGE_SIZE) -> SamConfig:
+    encoder = ViTConfig(embed_dim=64, depth=3, num_heads=2, global_attn_indexes=(1, 2), window_size=8, img_size=image_size)
+    return SamConfig(encoder, name="default", image_size=image_size)
+
+DSB_FLUO = DATA / "dsb2018_fluo"
+_DSB_FILES = sorted(p.name for p in (DSB_FLUO / "images").glob("*.tif")) if DSB_FLUO.is_dir() else []
+
+HELD_OUT = {
+    "stardist_bundled": ["img2d.tif + mask2d.tif", "img2d_small.tif + mask2d_small.tif"],
+    "dsb2018_fluo": _DSB_FILES[-5:],
+    "gonuclear_3d": ["the whole 3D stack (images/ and labels/)"],
+}
+"""Never trained on; the quality table is measured on these."""
+
+NORMALIZATION = Normalization()  # the predictor's default: uint8 as is, else 1-99.8 percentiles
+
+
+# --------------------------------------------------------------------------------------
+# synthetic images
+# --------------------------------------------------------------------------------------
+
+
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
+    # Smooth fields at a coarse grid and upsampled: far cheaper than blurring full size.
+    step = max(1, int(sigma))
+    small = rng.standard_normal((shape[0] // step + 2, shape[1] // step + 2))
+    small = ndi.gaussian_filter(small, 1.0)
+    field = ndi.zoom(small, step, order=1)[: shape[0], : shape[1]]
+    return field / (field.std() + 1e-6)
+
+
+def synthetic_pair(rng: np.random.Generator, large: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """One nuclei-like image and its instance labels (``large``: only big, few objects)."""
+    # Sizes near the model input, and many large objects: from scratch, the decoder first
+    # learns to find an object on objects several pixels wide in its 64x64 mask grid.
+    # With only nuclei of typical size (a pixel or two of that grid) training stayed at
+    # IoU 0 for thousands of steps; with large ones mixed in it starts within a few hundred.
+    H, W = (int(v) for v in rng.integers(128, 360, size=2))
+    radius = math.exp(rng.uniform(math.log(4), math.log(45)))
+    if large:
+        radius = rng.uniform(18, 45)
+    fill = rng.uniform(0.08, 0.5)
+    n_target = max(1, int(fill * H * W / (math.pi * radius**2)))
+    n_target = min(n_target, 400)
+    labels = np.zeros((H, W), np.int32)
+    signal = np.zeros((H, W), np.float32)
+    # Heavily clustered images are where touching nuclei come from: draw centres around
+    # a few cluster seeds for part of the images.
+    clustered = rng.random() < 0.4
+    seeds = rng.uniform([0, 0], [H, W], size=(int(rng.integers(1, 6)), 2))
+    next_id = 1
+    for _ in range(n_target * 2):
+        if next_id > n_target:
+            break
+        if clustered:
+            cy, cx = seeds[rng.integers(len(seeds))] + rng.normal(0, 4 * radius, 2)
+        else:
+            cy, cx = rng.uniform(0, H), rng.uniform(0, W)
+        a = radius * rng.uniform(0.6, 1.4)
+        b = a * rng.uniform(0.5, 1.0)
+        theta = rng.uniform(0, math.pi)
+        r = int(math.ceil(a * 1.35)) + 2
+        y0, y1 = int(max(0, cy - r)), int(min(H, cy + r + 1))
+        x0, x1 = int(max(0, cx - r)), int(min(W, cx + r + 1))
+        if y1 - y0 < 2 or x1 - x0 < 2:
+            continue
+        yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+        dy, dx = yy - cy, xx - cx
+        u = dx * math.cos(theta) + dy * math.sin(theta)
+        v = -dx * math.sin(theta) + dy * math.cos(theta)
+        rho = np.sqrt((u / a) ** 2 + (v / b) ** 2)
+        phi = np.arctan2(v, u)
+        wobble = 1.0 + sum(
+            rng.normal(0, 0.06) * np.cos(k * phi + rng.uniform(0, 2 * math.pi)) for k in (2, 3, 4, 5)
+        )
+        inside = rho <= wobble
+        if inside.sum() < 6:
+            continue
+        window = labels[y0:y1, x0:x1]
+        overlap = (window[inside] > 0).mean()
+        # Touching and slightly overlapping is common, one nucleus hiding another is not.
+        if overlap > 0.25:
+            continue
+        window[inside] = next_id
+        brightness = rng.uniform(0.25, 1.0)
+        profile = 1.0 - rng.uniform(-0.3, 0.4) * np.clip(rho / wobble, 0, 1) ** 2
+        signal[y0:y1, x0:x1][inside] = (brightness * profile)[inside]
+        next_id += 1
+
+    texture = 1.0 + rng.uniform(0.0, 0.35) * _smooth_noise(rng, (H, W), rng.uniform(1.5, 4))
+    image = signal * np.clip(texture, 0.2, None)
+    # Some nuclei carry brighter spots (chromocentres, nucleoli).
+    if rng.random() < 0.4:
+        spots = (rng.random((H, W)) < 0.002) & (labels > 0)
+        image += ndi.gaussian_filter(spots.astype(np.float32), 1.2) * rng.uniform(3, 10) * image.max()
+    image = ndi.gaussian_filter(image, rng.uniform(0.4, 2.5))
+    illumination = 1.0 + rng.uniform(0, 0.5) * _smooth_noise(rng, (H, W), max(H, W) / 4)
+    background = rng.uniform(0.0, 0.25)
+    image = (image + background) * np.clip(illumination, 0.3, None)
+    image = image + rng.uniform(0.005, 0.12) * rng.standard_normal((H, W)).astype(np.float32)
+    if rng.random() < 0.5:
+        # Shot noise at a random photon count.
+        photons = rng.uniform(20, 400)
+        image = rng.poisson(np.clip(image, 0, None) * photons).astype(np.float32) / photons
+
+    kind = rng.random()
+    if kind < 0.12:
+        image = image.max() - image  # dark objects on a bright background (brightfield)
+    if kind > 0.9:
+        # Stained-tissue look: purple nuclei on pink, RGB uint8.
+        base = np.array([235, 200, 225], np.float32) * rng.uniform(0.85, 1.0)
+        nucleus = np.array([90, 50, 140], np.float32) * rng.uniform(0.6, 1.3)
+        w = np.clip(image / (np.percentile(image, 99.5) + 1e-6), 0, 1)[..., None]
+        rgb = base * (1 - w) + nucleus * w + rng.normal(0, 6, (H, W, 1))
+        out = np.clip(rgb, 0, 255).astype(np.uint8)
+    elif rng.random() < 0.55:
+        # uint8 is passed through unscaled at inference, so dim 8-bit images must occur too.
+        top = rng.uniform(50, 255)
+        out = np.clip(image / (np.percentile(image, 99.9) + 1e-6) * top, 0, 255).astype(np.uint8)
+    else:
+        gain, offset = rng.uniform(200, 20000), rng.uniform(0, 2000)
+        out = np.clip(image * gain + offset, 0, 65535).astype(np.uint16)
+
+    labels = _drop_small(labels, 12)
+    return out, labels
+
+
+def _drop_small(labels: np.ndarray, min_pixels: int) -> np.ndarray:
+    ids, counts = np.unique(labels, return_counts=True)
+    small = ids[(counts < min_pixels) & (ids != 0)]
+    if small.size:
+        labels = np.where(np.isin(labels, small), 0, labels)
+    return labels
+
+
+# --------------------------------------------------------------------------------------
+# real data
+# --------------------------------------------------------------------------------------
+
+
+def _read(path: Path) -> np.ndarray:
+    import tifffile
+
+    return tifffile.imread(path)
+
+
+def _augmented_crop(
+    image: np.ndarray, labels: np.ndarray, rng: np.random.Generator, min_side: int = 64
+) -> tuple[np.ndarray, np.ndarray]:
+    """A random crop (mostly 64 to 320 pixels a side, so that small crops magnify the
+    nuclei at the model input; sometimes the whole plane), flipped and rotated; uint8
+    brightness varied, since uint8 is not rescaled at inference."""
+    H, W = labels.shape
+    if rng.random() < 0.85:
+        side = int(rng.integers(min_side, 321))
+        h, w = min(H, side), min(W, int(side * rng.uniform(0.75, 1.33)))
+    else:
+        h, w = H, W
+    y, x = int(rng.integers(0, H - h + 1)), int(rng.integers(0, W - w + 1))
+    img, lab = image[y : y + h, x : x + w], labels[y : y + h, x : x + w]
+    k = int(rng.integers(4))
+    img, lab = np.rot90(img, k, axes=(0, 1)), np.rot90(lab, k)
+    if rng.random() < 0.5:
+        img, lab = img[:, ::-1], lab[:, ::-1]
+    img = np.ascontiguousarray(img)
+    if img.dtype == np.uint8 and rng.random() < 0.5:
+        img = np.clip(img.astype(np.float32) * rng.uniform(0.6, 1.4), 0, 255).astype(np.uint8)
+    # Objects cut by the crop border stay: a person clicks on those too.
+    return img, _drop_small(np.ascontiguousarray(lab).astype(np.int32), 12)
+
+
+def real_sources() -> list[tuple[str, np.ndarray, np.ndarray, int]]:
+    """(name, image, labels, crops to draw) of every real training plane."""
+    out = []
+    for name in _DSB_FILES[:-5]:
+        out.append((f"dsb2018_fluo/{name}", _read(DSB_FLUO / "images" / name), _read(DSB_FLUO / "labels" / name), 40))
+    he = DATA / "dsb2018_he_brightfield"
+    for p in sorted((he / "images").glob("*.tif")):
+        out.append((f"dsb2018_he_brightfield/{p.name}", _read(p), _read(he / "labels" / p.name), 15))
+    em = DATA / "em_isbi2012_membrane"
+    if em.is_dir():
+        vol, lab = _read(em / "train_volume.tif"), _read(em / "train_labels_instances_2d_cc.tif")
+        for z in range(0, 28, 2):  # z 28 and 29 validate
+            out.append((f"em_isbi2012_membrane z={z}", vol[z], lab[z], 3))
+    return out
+
+
+def build_datasets(seed: int, n_synthetic: int, n_validation: int, n_large: int = 0):
+    """(training, validation) datasets. Images are made when first drawn, each from its
+    own seed, so the set is fixed by ``seed`` whatever the order of use."""
+    loaders, names = [], []
+
+    def synth(i: int, purpose: int, large: bool = False):
+        return lambda: synthetic_pair(np.random.default_rng([seed, purpose, i]), large)
+
+    for i in range(n_synthetic):
+        loaders.append(synth(i, 1))
+        names.append(f"synthetic {i}")
+    for i in range(n_large):
+        loaders.append(synth(i, 4, True))
+        names.append(f"large synthetic {i}")
+    sources = real_sources()
+    for s, (name, image, labels, crops) in enumerate(sources):
+        for c in range(crops):
+            loaders.append(
+                lambda image=image, labels=labels, s=s, c=c: _augmented_crop(
+                    image, labels, np.random.default_rng([seed, 2, s, c])
+                )
+            )
+            names.append(f"{name} crop {c}")
+    description = {
+        "source": "scripts/train_default_model.py",
+        "seed": seed,
+        "synthetic_images": n_synthetic,
+        "large_object_synthetic_images": n_large,
+        "real_planes": [name for name, *_ in sources],
+        "real_crops": int(sum(c for *_, c in sources)),
+        "held_out": HELD_OUT,
+    }
+    train = SegmentationDataset(loaders, names, description)
+
+    val_loaders = [synth(i, 3) for i in range(n_validation)]
+    val_names = [f"synthetic validation {i}" for i in range(n_validation)]
+    em = DATA / "em_isbi2012_membrane"
+    if em.is_dir():
+        for z in (28, 29):
+            val_loaders.append(
+                lambda z=z: (_read(em / "train_volume.tif")[z], _read(em / "train_labels_instances_2d_cc.tif")[z])
+            )
+            val_names.append(f"em_isbi2012_membrane z={z}")
+    validation = SegmentationDataset(val_loaders, val_names, {"source": "synthetic + 2 EM planes", "seed": seed})
+    return train, validation
+
+
+# --------------------------------------------------------------------------------------
+# training
+# --------------------------------------------------------------------------------------
+
+
+def train(args) -> Path:
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    model = build_sam(model_config(args.image_size))
+    n_params = sum(p.numel() for p in model.parameters())
+    n_encoder = sum(p.numel() for p in model.image_encoder.parameters())
+    print(f"model: {n_params / 1e6:.2f}M parameters ({n_encoder / 1e6:.2f}M in the image encoder), input {args.image_size}")
+    train_data, val_data = build_datasets(args.seed, args.synthetic, args.validation, args.large)
+    # A start on large objects only: from scratch, the decoder has to discover that the
+    # prompt says where to look, and it does so far sooner when objects are big. They stay
+    # in the mix afterwards: without them the model forgot it all again within 200 steps.
+    easy = train_data.subset([i for i, n in enumerate(train_data.names) if n.startswith("large synthetic")])
+    print(
+        f"data: {len(train_data)} training planes ({args.synthetic} synthetic, {args.large} with large objects), "
+        f"{len(val_data)} validation planes"
+    )
+
+    steps = args.steps or 100_000  # replaced after the timed steps unless given
+    config = TrainingConfig(
+        mode="full",
+        steps=steps,
+        learning_rate=args.lr,
+        weight_decay=0.05,
+        warmup_steps=50,
+        schedule="cosine",
+        min_lr_fraction=0.05,
+        objects_per_image=args.objects,
+        corrective_iterations=args.corrective_iterations,
+        focal_weight=args.focal_weight,
+        grad_clip=1.0,
+        validate_every=0,
+        validation_objects=16,
+        seed=args.seed,
+        normalization=NORMALIZATION,
+    )
+    trainer = Trainer(model, train_data, config, validation_data=val_data, device="cpu")
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    budget = args.minutes * 60.0
+    start = time.perf_counter()
+    losses, ious = [], []
+    if args.easy_steps:
+        trainer.train_data = easy
+        print(f"first {args.easy_steps} steps on large synthetic objects only")
+    while trainer.step < config.steps:
+        if trainer.step == args.easy_steps:
+            trainer.train_data = train_data
+        record = trainer.train_step()
+        losses.append(record.loss)
+        ious.append(record.train_iou)
+        elapsed = time.perf_counter() - start
+        if not args.steps and trainer.step == 30:
+            # Validation and saving take a few percent on top of the steps.
+            per_step = elapsed / 30
+            if args.easy_steps > 30:
+                per_step *= 1.3  # the mixed data that follow are slower than the first, large-object ones
+            config.steps = max(60, int(budget * 0.95 / per_step))
+            print(f"{per_step:.2f} s per step: training {config.steps} steps (repeat with --steps {config.steps})")
+        if trainer.step % 25 == 0 or trainer.step == config.steps:
+            print(
+                f"step {trainer.step}/{config.steps}  loss {np.mean(losses[-25:]):.4f}  "
+                f"train IoU {np.mean(ious[-25:]):.3f}  lr {record.learning_rate:.2e}  {elapsed / 60:.1f} min",
+                flush=True,
+            )
+        if trainer.step % args.validate_every == 0 or trainer.step == config.steps:
+            val = trainer.validate()
+            trainer.history[-1]["validation_iou"] = val["iou"]
+            print(f"  validation IoU: point {val['point']:.3f}  box {val['box']:.3f}  ({val['objects']} objects)", flush=True)
+            trainer.save(out, optimizer=False)
+        if elapsed > budget * 1.08 and trainer.step < config.steps:
+            # A slower machine (or a busy one) must not overrun the time given.
+            print(f"time is up after {trainer.step} of {config.steps} steps: stopping early")
+            break
+    minutes = (time.perf_counter() - start) / 60
+    trainer.save(out, optimizer=False)
+    # Record what the trainer does not know about: where the run came from and what to
+    # keep out of any comparison.
+    _add_metadata(
+        out,
+        {
+            "held_out": HELD_OUT,
+            "training_minutes": round(minutes, 1),
+            "command": "scripts/train_default_model.py " + " ".join(sys.argv[1:]),
+            "torch_threads": torch.get_num_threads(),
+            "first_steps_on_large_synthetic_objects": args.easy_steps,
+        },
+    )
+    size = out.stat().st_size
+    print(f"wrote {out} ({size / 1e6:.2f} MB) after {trainer.step} steps, {minutes:.1f} min")
+    if size >= MAX_BYTES:
+        raise SystemExit(f"{out} is {size} bytes, over the {MAX_BYTES} byte limit")
+    return out
+
+
+def _add_metadata(path: Path, extra: dict) -> None:
+    from napari_sam.model.checkpoint import read_checkpoint, write_checkpoint
+
+    checkpoint = read_checkpoint(path)
+    meta = dict(checkpoint.metadata)
+    meta["default_model"] = extra
+    write_checkpoint(path, checkpoint.state_dict, meta)
+
+
+# --------------------------------------------------------------------------------------
+# evaluation
+# --------------------------------------------------------------------------------------
+
+
+def held_out_planes() -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(data set, image, labels) of every held-out plane."""
+    sd = DATA / "stardist_bundled"
+    planes = [
+        ("stardist img2d", _read(sd / "img2d.tif"), _read(sd / "mask2d.tif")),
+        ("stardist img2d_small", _read(sd / "img2d_small.tif"), _read(sd / "mask2d_small.tif")),
+    ]
+    for name in HELD_OUT["dsb2018_fluo"]:
+        planes.append(("dsb2018_fluo last 5", _read(DSB_FLUO / "images" / name), _read(DSB_FLUO / "labels" / name)))
+    gn = DATA / "gonuclear_3d"
+    img = _read(next((gn / "images").glob("*.tif")))
+    lab = _read(next((gn / "labels").glob("*.tif")))
+    for z in range(5, img.shape[0], 10):  # every tenth plane: neighbours are near copies
+        planes.append(("gonuclear_3d (z planes)", img[z], lab[z]))
+    return planes
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+def _gray(image: np.ndarray) -> np.ndarray:
+    g = NORMALIZATION.apply(to_rgb(image)).mean(axis=-1)
+    return ndi.gaussian_filter(g, 1.0)
+
+
+def _otsu(values: np.ndarray) -> float:
+    hist, edges = np.histogram(values, bins=256)
+    centres = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * centres) / np.maximum(w0, 1)
+    m1 = ((hist * centres).sum() - np.cumsum(hist * centres)) / np.maximum(w1, 1)
+    return float(centres[np.argmax(w0 * w1 * (m0 - m1) ** 2)])
+
+
+def baseline_point(gray: np.ndarray, foreground: np.ndarray, point: np.ndarray) -> np.ndarray:
+    """Classical answer to a click: the Otsu foreground component under it."""
+    x, y = int(round(point[0])), int(round(point[1]))
+    comp, _ = ndi.label(foreground)
+    if comp[y, x] == 0:
+        return np.zeros_like(foreground)
+    return comp == comp[y, x]
+
+
+def baseline_box(gray: np.ndarray, box: np.ndarray) -> np.ndarray:
+    """Classical answer to a box: Otsu inside the box, its largest component."""
+    x0, y0, x1, y1 = (int(round(v)) for v in box)
+    out = np.zeros(gray.shape, bool)
+    crop = gray[y0 : y1 + 1, x0 : x1 + 1]
+    if crop.size < 2 or crop.max() == crop.min():
+        out[y0 : y1 + 1, x0 : x1 + 1] = True
+        return out
+    comp, n = ndi.label(crop > _otsu(crop.ravel()))
+    if n:
+        sizes = np.bincount(comp.ravel())[1:]
+        out[y0 : y1 + 1, x0 : x1 + 1] = comp == 1 + int(np.argmax(sizes))
+    return out
+
+
+def evaluate(checkpoint: str | Path = "default", corrective: int = 3, max_objects: int = 0, seed: int = 0) -> dict:
+    """Mean IoU on the held-out planes: the model (point, box, point plus corrective
+    points) and the classical baseline (point, box)."""
+    from napari_sam.core.models import load_model
+    from napari_sam.core.predictor import Predictor
+
+    predictor = Predictor(load_model(str(checkpoint), device="cpu"), NORMALIZATION)
+    rng = np.random.default_rng([seed, 99])
+    rows: dict[str, dict[str, list[float]]] = {}
+    keys = ("sam_point", "sam_box", "sam_point_corrected", "otsu_point", "otsu_box")
+    for dataset, image, labels in held_out_planes():
+        ids = object_ids(labels, 16)
+        if max_objects and ids.size > max_objects:
+            ids = np.sort(rng.choice(ids, size=max_objects, replace=False))
+        if ids.size == 0:
+            continue
+        row = rows.setdefault(dataset, {k: [] for k in keys})
+        predictor.set_image(image)
+        gray = _gray(image)
+        foreground = gray > _otsu(gray.ravel())
+        masks = labels[None] == ids[:, None, None]
+        points = np.stack([interior_point(m) for m in masks])
+        boxes = np.stack([bounding_box(m) for m in masks])
+        first = predictor.predict_batch(points=points[:, None], multimask=True)
+        best = first.masks[np.arange(len(ids)), first.iou.argmax(axis=1)]
+        by_box = predictor.predict_batch(boxes=boxes).masks[:, 0]
+        for i, m in enumerate(masks):
+            row["sam_point"].append(_iou(best[i], m))
+            row["sam_box"].append(_iou(by_box[i], m))
+            row["otsu_point"].append(_iou(baseline_point(gray, foreground, points[i]), m))
+            row["otsu_box"].append(_iou(baseline_box(gray, boxes[i]), m))
+            # Corrective clicks are sent as points only: the predictor's mask_input is
+            # fixed at the 256x256 logits of 1024-pixel models.
+            pts, lbl, pred = [points[i]], [1], best[i]
+            for _ in range(corrective):
+                click = corrective_point(m, pred, rng, "center")
+                if click is None:
+                    break
+                pts.append(click[0])
+                lbl.append(int(click[1]))
+                pred = predictor.predict(points=np.array(pts), labels=np.array(lbl), multimask=False).masks[0]
+            row["sam_point_corrected"].append(_iou(pred, m))
+    summary = {name: {k: float(np.mean(v)) for k, v in r.items()} | {"objects": len(r["sam_point"])} for name, r in rows.items()}
+    everything = {k: [x for r in rows.values() for x in r[k]] for k in keys}
+    summary["all held-out objects"] = {k: float(np.mean(v)) for k, v in everything.items()} | {
+        "objects": len(everything["sam_point"])
+    }
+    return summary
+
+
+def print_table(summary: dict, corrective: int) -> None:
+    head = (
+        f"| held-out data | objects | model: 1 point | model: box | model: 1 + {corrective} corrective points "
+        "| Otsu: point | Otsu: box |"
+    )
+    print(head)
+    print("|" + "---|" * 7)
+    for name, r in summary.items():
+        print(
+            f"| {name} | {r['objects']} | {r['sam_point']:.3f} | {r['sam_box']:.3f} | {r['sam_point_corrected']:.3f} "
+            f"| {r['otsu_point']:.3f} | {r['otsu_box']:.3f} |"
+        )
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=45.0, help="training time budget (default 45)")
+    parser.add_argument("--steps", type=int, default=0, help="fixed number of steps (default: fill --minutes)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
+    parser.add_argument("--objects", type=int, default=16, help="objects per image and step")
+    parser.add_argument("--focal-weight", type=float, default=1.0, help="focal loss weight (dice: 1)")
+    parser.add_argument("--corrective-iterations", type=int, default=0, help="simulated corrective clicks per step")
+    parser.add_argument("--easy-steps", type=int, default=800, help="first steps on large synthetic objects only")
+    parser.add_argument("--large", type=int, default=1200, help="synthetic training images with large objects")
+    parser.add_argument("--synthetic", type=int, default=1500, help="synthetic training images")
+    parser.add_argument("--validation", type=int, default=12, help="synthetic validation images")
+    parser.add_argument("--validate-every", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--image-size", type=int, default=IMAGE_SIZE, help="model input side (default 256)")
+    parser.add_argument("--output", default=str(OUTPUT))
+    parser.add_argument("--evaluate-only", action="store_true", help="only measure --output")
+    parser.add_argument("--corrective", type=int, default=3, help="corrective clicks in the evaluation")
+    parser.add_argument("--json", help="also write the quality table here")
+    parser.add_argument(
+        "--no-evaluate", action="store_true", help="skip the held-out evaluation (for trial runs: never tune on it)"
+    )
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    if not args.evaluate_only:
+        train(args)
+    if args.no_evaluate:
+        return
+    start = time.perf_counter()
+    summary = evaluate(args.output, args.corrective, seed=args.seed)
+    print(f"\nheld-out evaluation ({(time.perf_counter() - start) / 60:.1f} min), mean IoU per object:")
+    print_table(summary, args.corrective)
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
