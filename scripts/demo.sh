@@ -5,8 +5,9 @@
 #  - without one (or with --headless): the same job from the command line, segmenting
 #    three nuclei of the bundled 2D sample (a click, a box, a click with a background
 #    click) into a label image, nuclei_labels.tif.
-# NAPARI_SAM_MODEL picks the model: "default" (shipped, offline), a registry name such
-# as vit_b_lm (downloaded once), or a checkpoint file.
+# NAPARI_SAM_MODEL picks the model: a registry name such as vit_b_lm (downloaded once), a
+# checkpoint file, or "default" once a default model is installed; offline, without one,
+# the randomised reference model from ../shared runs the pipeline (its masks mean nothing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
@@ -18,7 +19,8 @@ fi
 model=${NAPARI_SAM_MODEL:-default}
 if [ "$model" = default ] && [ ! -f src/napari_sam/_models/default.pth ]; then
   model=../shared/reference/sam_small_seed0.pth
-  echo "note: no default model installed; using $model, which has random weights (the masks mean nothing)"
+  echo "note: no model downloaded and no default model installed; using $model, which has random" \
+    "weights (the pipeline runs, the masks mean nothing); set NAPARI_SAM_MODEL=vit_b_lm for real results"
 fi
 if [ "${1:-}" != "--headless" ] && [ -n "${DISPLAY:-}" ]; then
   exec .venv/bin/napari-sam annotate --sample nuclei_3d --model "$model" --start
