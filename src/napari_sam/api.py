@@ -174,12 +174,10 @@ class Annotator:
 
     def object_mask(self, plane, label_id: int) -> PlaneMask:
         """The committed object ``label_id`` on a plane, as a PlaneMask."""
-        data = np.asarray(self.labels[self.plane(plane)]) == label_id
-        if not data.any():
+        mask = PlaneMask.from_full(np.asarray(self.labels[self.plane(plane)]) == label_id)
+        if not mask.area:
             raise ValueError(f"object {label_id} is not on plane {self.plane(plane)}")
-        rows, cols = np.flatnonzero(data.any(1)), np.flatnonzero(data.any(0))
-        region = (int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1)
-        return PlaneMask(region, data[region[0] : region[1], region[2] : region[3]], 1.0, ())
+        return mask
 
     def propagate(self, plane, label_id: int, axis: str | None = None, settings: PropagationSettings = PropagationSettings(),
                   overwrite: bool = False) -> Iterator[PropagationStep]:

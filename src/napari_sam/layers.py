@@ -297,11 +297,8 @@ class ViewerSession:
         else:
             boxes = automatic.detect_boxes(self.annotator.source.read(plane))
             result = yield from automatic.iter_from_boxes(emb, plane, boxes)
-        masks = [
-            PlaneMask(region, crop, 1.0, ())
-            for region, crop in (_crop_of(result.labels == k) for k in range(1, int(result.labels.max()) + 1))
-            if crop is not None
-        ]
+        masks = [PlaneMask.from_full(result.labels == k) for k in range(1, int(result.labels.max()) + 1)]
+        masks = [m for m in masks if m.area]
         return self.commit_masks(plane, masks) if masks else None
 
     def undo(self) -> list[Commit]:
@@ -358,15 +355,6 @@ class ViewerSession:
         for name, key in KEYS.items():
             self.viewer.bind_key(key, actions[name], overwrite=True)
         self._bound = True
-
-
-def _crop_of(mask: np.ndarray):
-    """(region, crop) of a bool mask's bounding box, or (None, None) when empty."""
-    if not mask.any():
-        return None, None
-    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-    region = (int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1)
-    return region, mask[region[0] : region[1], region[2] : region[3]]
 
 
 def _run_now(fn, done=None, label: str = ""):

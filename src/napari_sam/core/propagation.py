@@ -127,16 +127,6 @@ def _iou(a: PlaneMask, b: PlaneMask) -> float:
     return float(np.logical_and(fa, fb).sum() / union) if union else 0.0
 
 
-def _crop(mask: PlaneMask) -> PlaneMask:
-    """The same mask with its region shrunk to its pixels (answers come with padding)."""
-    if not mask.mask.any():
-        return mask
-    rows, cols = np.flatnonzero(mask.mask.any(1)), np.flatnonzero(mask.mask.any(0))
-    y0, x0 = mask.region[0] + rows[0], mask.region[2] + cols[0]
-    sub = mask.mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-    return PlaneMask((int(y0), int(y0 + sub.shape[0]), int(x0), int(x0 + sub.shape[1])), sub, mask.iou, mask.tiles, mask.complete)
-
-
 def _prompts(mask: PlaneMask, settings: PropagationSettings, shape: tuple[int, int]) -> dict:
     y0, y1, x0, x1 = mask.region
     H, W = shape
@@ -188,7 +178,7 @@ def propagate(embeddings, start, mask: PlaneMask, axis: str | None = None, setti
     limit = settings.max_planes or n
     total = sum(min(limit, (n - 1 - start[k]) if d > 0 else start[k]) for d in directions)
     done = 0
-    first = _crop(mask)
+    first = mask.cropped()
     if first.area < settings.min_area:
         raise ValueError(f"the starting mask has {first.area} pixel(s), fewer than min_area={settings.min_area}")
     for direction in directions:
@@ -226,7 +216,7 @@ def _answer(embeddings, plane, previous: PlaneMask, logits, settings: Propagatio
             mask_input=logits if settings.use_mask else None, multimask=False,
         )
         full = result.masks[0]
-        mask = _crop(PlaneMask((0, shape[0], 0, shape[1]), full, float(result.iou[0]), ((0, 0),)))
+        mask = PlaneMask.from_full(full, float(result.iou[0]))
         return mask, float(result.iou[0]), result.low_res_logits[0]
     answer = embeddings.segment(plane, prompts.get("points"), prompts.get("labels"), prompts.get("box"), multimask=False)
-    return _crop(answer), float(answer.iou), None
+    return answer.cropped(), float(answer.iou), None

@@ -71,6 +71,23 @@ class PlaneMask:
     def area(self) -> int:
         return int(self.mask.sum())
 
+    @classmethod
+    def from_full(cls, mask: np.ndarray, iou: float = 1.0, offset: tuple[int, int] = (0, 0)) -> "PlaneMask":
+        """The PlaneMask of a bool array (whose origin lies at ``offset`` = (y, x) in the
+        plane), cropped to its pixels; empty arrays give an empty PlaneMask."""
+        mask = np.asarray(mask, bool)
+        if not mask.any():
+            return cls((0, 0, 0, 0), np.zeros((0, 0), bool), iou, ())
+        rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+        y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+        oy, ox = offset
+        return cls((y0 + oy, y1 + oy, x0 + ox, x1 + ox), mask[y0:y1, x0:x1], iou, ())
+
+    def cropped(self) -> "PlaneMask":
+        """The same mask with its region shrunk to its pixels."""
+        out = PlaneMask.from_full(self.mask, self.iou, (self.region[0], self.region[2]))
+        return PlaneMask(out.region, out.mask, self.iou, self.tiles, self.complete) if self.area else self
+
     def to_full(self, shape: tuple[int, int]) -> np.ndarray:
         """The mask as a (H, W) bool array of the whole plane (for planes that fit memory)."""
         out = np.zeros(shape, bool)
