@@ -74,3 +74,13 @@ def nuclei_2d(shared_dir):
 def _private_cache_dir(tmp_path_factory, monkeypatch):
     """Every test gets its own cache folder: nothing lands in the user's cache."""
     monkeypatch.setenv("NAPARI_SAM_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+
+
+def drain(gen):
+    """Run a progress generator to its end: (the reports it yielded, the value it returned)."""
+    reports = []
+    while True:
+        try:
+            reports.append(next(gen))
+        except StopIteration as stop:
+            return reports, stop.value

@@ -25,6 +25,7 @@ from napari_sam.core.automatic import (
 )
 from napari_sam.core.embeddings import Embeddings
 from napari_sam.core.tiling import Tile
+from tests.conftest import drain
 
 # -- building blocks ---------------------------------------------------------------------------
 
@@ -247,13 +248,7 @@ def test_grid_mode_end_to_end(tiny_sam, crop):
     lenient = GridConfig(points_per_side=3, pred_iou_thresh=-1e9, stability_thresh=0.0, min_area=0)
     emb = Embeddings(image, tiny_sam, cache=False)
     gen = iter_grid(emb, 0, lenient)
-    reports = []
-    while True:
-        try:
-            reports.append(next(gen))
-        except StopIteration as stop:
-            result = stop.value
-            break
+    reports, result = drain(gen)
     assert reports == [Progress(1, 1, 0, (0, 0), "tiles")]
     _check_result(result, image.shape)
     assert result.n_objects >= 1  # nothing is filtered: the 27 candidates leave something
@@ -265,20 +260,10 @@ def test_grid_mode_end_to_end(tiny_sam, crop):
 
 def test_grid_mode_over_tiles(tiled):
     config = GridConfig(points_per_side=2, pred_iou_thresh=-1e9, stability_thresh=0.0, min_area=0)
-    reports = list(_drain(iter_grid(tiled, 0, config)))
-    assert [r.done for r in reports[:-1]] == [1, 2] and reports[0].total == 2
-    assert [r.tile for r in reports[:-1]] == [(0, 0), (0, 1)]
-    _check_result(reports[-1], tiled.grid.shape)
-
-
-def _drain(gen):
-    """Progress reports, then the result."""
-    while True:
-        try:
-            yield next(gen)
-        except StopIteration as stop:
-            yield stop.value
-            return
+    reports, result = drain(iter_grid(tiled, 0, config))
+    assert [r.done for r in reports] == [1, 2] and reports[0].total == 2
+    assert [r.tile for r in reports] == [(0, 0), (0, 1)]
+    _check_result(result, tiled.grid.shape)
 
 
 def test_box_mode_end_to_end(tiny_sam, crop, tiled):
@@ -292,8 +277,7 @@ def test_box_mode_end_to_end(tiny_sam, crop, tiled):
     # over tiles: boxes inside a tile's view are batched, the others go across tiles
     emb = tiled
     boxes = np.vstack([boxes, [[10, 5, 90, 40]]])  # wider than a tile's view
-    out = list(_drain(iter_from_boxes(emb, 0, boxes, batch_size=2)))
-    reports, result = out[:-1], out[-1]
+    reports, result = drain(iter_from_boxes(emb, 0, boxes, batch_size=2))
     assert reports[-1].done == reports[-1].total == len(boxes) and all(r.stage == "boxes" for r in reports)
     _check_result(result, image.shape)
     assert sum(r.tile is None for r in reports) == 1  # the wide box went across tiles

@@ -22,6 +22,7 @@ from napari_sam.core.evaluation import (
     segmentation_accuracy,
 )
 from napari_sam.core.predictor import Predictor
+from tests.conftest import drain
 
 # -- metrics ---------------------------------------------------------------------------------
 
@@ -132,13 +133,7 @@ def test_prompted_evaluation_with_the_baseline(small_pair):
     _, labels = small_pair
     ids, counts = np.unique(labels[labels > 0], return_counts=True)
     gen = iter_evaluate_prompted([small_pair, small_pair], WatershedBaseline(), n_corrections=3, min_area=10)
-    reports = []
-    while True:
-        try:
-            reports.append(next(gen))
-        except StopIteration as stop:
-            result = stop.value
-            break
+    reports, result = drain(gen)
     assert [(r.done, r.total) for r in reports] == [(1, 2), (2, 2)]
     assert result["method"] == "watershed"
     assert result["objects"] == 2 * int((counts >= 10).sum())  # every object, both images
