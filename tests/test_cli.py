@@ -201,3 +201,43 @@ def test_evaluate_prints_a_table_and_writes_json(tmp_path, tiny_checkpoint, nucl
     assert [r["method"] for r in results] == ["tiny_sam.pth", "watershed baseline"]
     assert all(0 <= r["point"] <= 1 and 0 <= r["box"] <= 1 for r in results)
     assert main(["evaluate", str(tmp_path / "images"), str(tmp_path / "nothing")]) == 2
+
+
+def test_evaluate_measures_propagation_on_volumes(tmp_path, tiny_checkpoint, nuclei_3d, capsys):
+    image, labels = nuclei_3d[0][30:46, :48, :48], nuclei_3d[1][30:46, :48, :48]
+    for sub in ("images", "labels"):
+        (tmp_path / sub).mkdir()
+    tifffile.imwrite(tmp_path / "images" / "v.tif", image)
+    tifffile.imwrite(tmp_path / "labels" / "v.tif", labels)
+    report = tmp_path / "r.json"
+    assert main(["evaluate", str(tmp_path), "--model", str(tiny_checkpoint), "--baseline", "--max-objects", "2",
+                 "--json", str(report)]) == 0
+    assert "mean 3D IoU" in capsys.readouterr().out
+    results = json.loads(report.read_text())
+    assert [r["kind"] for r in results] == ["propagation", "propagation"]
+    assert [r["method"] for r in results] == ["tiny_sam.pth (propagation)", "watershed baseline (propagation)"]
+    for r in results:
+        assert r["objects"] == 2 and 0 <= r["mean_iou"] <= 1
+        for o in r["per_object"]:
+            zs = np.flatnonzero((labels == o["id"]).any(axis=(1, 2)))
+            assert o["start_plane"] == zs[len(zs) // 2] and o["volume"] == "v"
+
+
+def test_the_headless_main_job_segments_the_prompted_nuclei(tmp_path, capsys):
+    # README's first command without a display: the default model, the bundled sample, the
+    # documented prompts (a click, a box, a click with a background click).
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    sample = repo / "src" / "napari_sam" / "_data"
+    out = tmp_path / "nuclei_labels.tif"
+    assert main(["segment", str(sample / "nuclei_2d.tif"), "--model", "default", "--prompts",
+                 str(repo / "docs" / "examples" / "nuclei_2d_prompts.json"), "--out", str(out)]) == 0
+    assert "(3x3 tile(s)) with default" in capsys.readouterr().out
+    labels, truth = tifffile.imread(out), tifffile.imread(sample / "nuclei_2d_labels.tif")
+    assert set(np.unique(labels)) == {0, 1, 2, 3}
+    for k in (1, 2, 3):
+        got = labels == k
+        ids, counts = np.unique(truth[got], return_counts=True)
+        nucleus = truth == ids[ids > 0][np.argmax(counts[ids > 0])]
+        assert (got & nucleus).sum() / (got | nucleus).sum() > 0.45

@@ -102,12 +102,14 @@ def _parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser(
         "evaluate",
-        help="measure segmentation quality against ground truth (one point, box, iterative corrections; auto)",
+        help="measure segmentation quality against ground truth (point, box, corrections; auto; propagation)",
         description="IMAGES is a folder with images/ and labels/ TIFFs of the same names, a Zarr group with "
         "'images' and 'labels' arrays, or a folder of images with LABELS a folder of label images. Every "
         "ground-truth object is prompted with one point (the interior point farthest from the boundary), with "
         "its box, and with up to --corrections extra points on the largest error, as SAM and micro-sam "
-        "evaluate. Prints a table; --json writes the numbers.",
+        "evaluate. 3D label volumes (Z, Y, X) measure propagation instead: each object starts from its "
+        "ground-truth mask on its middle plane and the mean 3D IoU is reported (the baseline propagates with the "
+        "seeded watershed). Prints a table; --json writes the numbers.",
     )
     ev.add_argument("images")
     ev.add_argument("labels", nargs="?")
@@ -191,8 +193,8 @@ def _segment(args) -> int:
 
     from .core.io import label_dtype, read_image, write_labels
     from .core.labels import paint
+    from .core.embeddings import Embeddings
     from .core.models import load_model
-    from .core.predictor import Predictor
 
     from pathlib import Path
 
@@ -204,18 +206,22 @@ def _segment(args) -> int:
     plane = _plane(read_image(args.image), args.plane, args.channel)
     t0 = time.perf_counter()
     model = load_model(args.model, device=args.device, dtype=args.dtype)
-    predictor = Predictor(model)
-    predictor.set_image(plane, channel_axis=-1 if args.channel is not None else None, channel=args.channel)
+    # As the plugin answers a click: a plane larger than the model input is embedded in
+    # full-resolution tiles and objects are followed across them.
+    emb = Embeddings(plane, model, cache=False, axes="YX" if plane.ndim == 2 else "YXC", channel=args.channel,
+                     statistics="plane")
+    emb.compute_all(progress=False)
     t_embed = time.perf_counter() - t0
     labels = np.zeros(plane.shape[:2], label_dtype(len(objects)))
-    print(f"embedded {plane.shape[1]}x{plane.shape[0]} image with {model.source.name} ({model.source.dtype}) in {t_embed:.1f} s")
+    rows, cols = emb.grid.grid_shape
+    print(f"embedded {plane.shape[1]}x{plane.shape[0]} image ({rows}x{cols} tile(s)) with {model.source.name} "
+          f"({model.source.dtype}) in {t_embed:.1f} s")
     for i, obj in enumerate(objects, start=1):
-        result = predictor.predict(**obj.predict_kwargs(), multimask=obj.box is None and len(obj.points) == 1)
-        best = int(result.best)
-        mask = result.best_mask()
+        found = emb.segment(0, **obj.predict_kwargs(), multimask=obj.box is None and len(obj.points) == 1)
+        mask = found.to_full(labels.shape)
         written = paint(labels, mask, i)
         kept = "" if written == mask.sum() else f" ({int(mask.sum()) - written} px already taken by earlier objects)"
-        print(f"object {i}: {written} px{kept}, predicted IoU {result.iou[best]:.3f}")
+        print(f"object {i}: {written} px{kept}, predicted IoU {found.iou:.3f}")
     out = write_labels(args.out, labels, overwrite=args.overwrite)
     print(f"wrote {len(objects)} object(s) to {out}")
     return 0
@@ -264,6 +270,8 @@ def _segment_all(args) -> int:
 def _evaluate(args) -> int:
     import json
 
+    import numpy as np
+
     from .core import evaluation
     from .core.baseline import WatershedBaseline
 
@@ -281,12 +289,31 @@ def _evaluate(args) -> int:
         methods.append((Predictor(model), model.source.name))
     if args.baseline or not methods:
         methods.append((WatershedBaseline(), "watershed baseline"))
+    planes = [p for p in pairs if np.asarray(p.labels).ndim == 2]
+    volumes = [p for p in pairs if np.asarray(p.labels).ndim == 3]
+    if len(planes) + len(volumes) != len(pairs):
+        raise ValueError("labels must be 2D planes or 3D (Z, Y, X) volumes")
     for method, name in methods:
-        results.append(evaluation.evaluate_prompted(pairs, method, n_corrections=args.corrections,
-                                                    max_objects=args.max_objects, seed=args.seed, name=name))
-        if args.auto and not isinstance(method, WatershedBaseline):
-            segment = evaluation.grid_segmenter(method.model)
-            results.append(evaluation.evaluate_automatic(pairs, segment, name=f"{name} (auto)"))
+        sam = not isinstance(method, WatershedBaseline)
+        if planes:
+            results.append(evaluation.evaluate_prompted(planes, method, n_corrections=args.corrections,
+                                                        max_objects=args.max_objects, seed=args.seed, name=name))
+            if args.auto and sam:
+                segment = evaluation.grid_segmenter(method.model)
+                results.append(evaluation.evaluate_automatic(planes, segment, name=f"{name} (auto)"))
+        if volumes:
+            # Volumes: each object is propagated from its ground-truth mask on its middle plane.
+            propagate = evaluation.sam_propagator(method.model) if sam else evaluation.watershed_propagator()
+            merged = None
+            for pair in volumes:
+                r = evaluation.evaluate_propagation(propagate, pair.image, pair.labels, max_objects=args.max_objects,
+                                                    seed=args.seed, name=f"{name} (propagation)")
+                for o in r["per_object"]:
+                    o["volume"] = pair.name
+                merged = r if merged is None else merged | {"per_object": merged["per_object"] + r["per_object"]}
+            merged["objects"] = len(merged["per_object"])
+            merged["mean_iou"] = float(np.mean([o["iou"] for o in merged["per_object"]])) if merged["objects"] else float("nan")
+            results.append(merged)
     print(evaluation.format_table(results))
     if args.json:
         with open(args.json, "w") as fh:

@@ -129,6 +129,36 @@ def test_prompted_evaluation_with_sam_end_to_end(tiny_sam, small_pair):
     json.dumps(result)  # JSON-able
 
 
+def test_planes_larger_than_the_model_input_are_evaluated_on_tiles(nuclei_2d):
+    # A 256-pixel model on a 300x380 crop: the evaluation must answer each prompt as the
+    # plugin does (Embeddings.segment over full-resolution tiles), not on a shrunken plane.
+    import torch
+
+    from napari_sam.core.embeddings import Embeddings
+    from napari_sam.core.prompt_simulation import interior_point
+    from napari_sam.model import SamConfig, ViTConfig, build_sam
+
+    torch.manual_seed(3)
+    model = build_sam(SamConfig(ViTConfig(32, 2, 2, (1,), window_size=8, img_size=256), image_size=256)).eval()
+    image, labels = nuclei_2d[0][:300, :380], nuclei_2d[1][:300, :380]
+    result = evaluate_prompted([(image, labels)], Predictor(model), n_corrections=1, max_objects=3, seed=2)
+    assert result["objects"] == 3 and len(result["iterative"]) == 2
+
+    ids = np.random.default_rng(2).choice(np.unique(labels[labels > 0]), 3, replace=False)
+    emb = Embeddings(image, model, cache=False, axes="YX", statistics="plane")
+    expected = []
+    for i in np.sort(ids):
+        gt = labels == i
+        mask = emb.segment(0, points=interior_point(gt)[None], labels=[1], multimask=True).to_full(gt.shape)
+        expected.append((mask & gt).sum() / (mask | gt).sum())
+    assert result["point"] == pytest.approx(np.mean(expected))
+    whole = Predictor(model)
+    whole.set_image(image)  # the shrunken whole plane answers differently
+    shrunk = [whole.predict(points=interior_point(labels == i)[None], labels=[1]).best_mask() for i in np.sort(ids)]
+    assert not all(np.array_equal(a, emb.segment(0, points=interior_point(labels == i)[None], labels=[1]).to_full(a.shape))
+                   for a, i in zip(shrunk, np.sort(ids)))
+
+
 def test_prompted_evaluation_with_the_baseline(small_pair):
     _, labels = small_pair
     ids, counts = np.unique(labels[labels > 0], return_counts=True)

@@ -277,3 +277,22 @@ def test_train_convenience_saves_the_result(mini_sam, data, tmp_path):
     trainer = train(mini_sam, data, cfg, checkpoint=path, progress=False, device="cpu")
     assert trainer.step == 2
     assert read_checkpoint(path).metadata["training"]["steps"] == 2
+
+
+@pytest.mark.parametrize("probability, expected", [(1.0, [False, True, True]), (0.0, [False, False, False])])
+def test_corrective_iterations_feed_back_the_mask_only_as_often_as_asked(mini_sam, data, probability, expected):
+    cfg = TrainingConfig(mode="decoder", **(FAST | dict(corrective_iterations=2, box_probability=0.0)),
+                         mask_prompt_probability=probability)
+    trainer = Trainer(mini_sam, data, cfg, device="cpu")
+    seen = []
+    decode = trainer._decode
+
+    def spy(feats, points, labels, boxes, mask_input, multimask):
+        seen.append(mask_input is not None)
+        return decode(feats, points, labels, boxes, mask_input, multimask)
+
+    trainer._decode = spy
+    trainer.image_loss(data, 0, np.random.default_rng(0))
+    assert seen == expected
+    with pytest.raises(ValueError, match="mask_prompt_probability"):
+        TrainingConfig(mask_prompt_probability=1.5)

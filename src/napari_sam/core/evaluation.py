@@ -12,7 +12,10 @@ Three measurements, each returning a JSON-able dict (``"kind"`` says which) that
   input. The result is the mean IoU per prompt type and after each correction. It runs
   with a SAM :class:`~napari_sam.core.predictor.Predictor` or with the classical
   :class:`~napari_sam.core.baseline.WatershedBaseline` (whose corrective points become
-  markers), so every number for SAM comes with the baseline's.
+  markers), so every number for SAM comes with the baseline's. A plane larger than the
+  model input is answered as the plugin answers it: object by object through
+  :meth:`~napari_sam.core.embeddings.Embeddings.segment` on full-resolution tiles
+  (corrections resend all points, without a mask prompt), not shrunk to the input.
 * **Automatic** (:func:`evaluate_automatic`): a label image per image from any
   segmenter (e.g. :func:`grid_segmenter`), scored by the mean segmentation accuracy
   (mSA) and the accuracy at IoU 0.5 and 0.75 (see :func:`segmentation_accuracy`).
@@ -65,7 +68,9 @@ __all__ = [
     "load_pairs",
     "mean_segmentation_accuracy",
     "pairs_from_arrays",
+    "sam_propagator",
     "segmentation_accuracy",
+    "watershed_propagator",
 ]
 
 THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))
@@ -312,11 +317,28 @@ class _SamRunner:
         self.predictor = predictor
         self.multimask_point = multimask_point
         self.batch_size = batch_size
+        self.tiles = None
 
     def set_image(self, image):
-        self.predictor.set_image(image)
+        image = np.asarray(image)
+        self.tiles = None
+        if max(image.shape[:2]) > self.predictor.model.config.image_size:
+            # Larger than the model input: measure what the plugin does with such a
+            # plane (tiles of the model input at full resolution, objects merged across
+            # tiles), not a shrunken whole plane.
+            from .embeddings import Embeddings
+
+            axes = "YX" if image.ndim == 2 else "YXC"
+            self.tiles = Embeddings(
+                image, self.predictor.model, cache=False, axes=axes,
+                normalization=self.predictor.normalization, statistics="plane",
+            )
+        else:
+            self.predictor.set_image(image)
 
     def run(self, masks: list[np.ndarray], n_corrections: int, rng) -> tuple[list, list, list]:
+        if self.tiles is not None:
+            return self._tiled(masks, n_corrections, rng)
         point_iou, box_iou, iter_iou = [], [], []
         for s in range(0, len(masks), self.batch_size):
             chunk = masks[s : s + self.batch_size]
@@ -365,6 +387,33 @@ class _SamRunner:
                 low = np.where(done[:, None, None], low, new_low)
             history.append([_iou(pred[i], masks[i]) for i in range(B)])
         return point_iou, box_iou, [list(x) for x in zip(*history)]
+
+
+    def _tiled(self, masks, n_corrections, rng):
+        # One object at a time through Embeddings.segment, as a click in the viewer is
+        # answered; corrections resend all points (the tiled path takes no mask prompt).
+        emb = self.tiles
+        shape = masks[0].shape
+
+        def seg(**prompts) -> np.ndarray:
+            return emb.segment(0, **prompts).to_full(shape)
+
+        point_iou, box_iou, iter_iou = [], [], []
+        for m in masks:
+            pts, lbl = [interior_point(m)], [1]
+            pred = seg(points=np.array(pts), labels=np.array(lbl), multimask=self.multimask_point)
+            point_iou.append(_iou(pred, m))
+            box_iou.append(_iou(seg(box=_box_of(m), multimask=False), m))
+            history = [point_iou[-1]]
+            for _ in range(n_corrections):
+                nxt = corrective_point(m, pred, rng, "center")
+                if nxt is not None:
+                    pts.append(nxt[0])
+                    lbl.append(int(nxt[1]))
+                    pred = seg(points=np.array(pts), labels=np.array(lbl), multimask=False)
+                history.append(_iou(pred, m))
+            iter_iou.append(history)
+        return point_iou, box_iou, iter_iou
 
 
 class _BaselineRunner:
@@ -630,6 +679,66 @@ def evaluate_propagation(
 
 
 # -- reporting -------------------------------------------------------------------------------
+def sam_propagator(model, settings=None) -> Callable[[np.ndarray, int, np.ndarray], np.ndarray]:
+    """A ``propagate`` for :func:`evaluate_propagation`: SAM carrying the mask from plane
+    to plane (:func:`~napari_sam.core.propagation.propagate` with ``settings``), as the
+    plugin propagates. Each volume is embedded once, however many objects it holds."""
+    from .embeddings import Embeddings
+    from .propagation import PropagationSettings, propagate
+    from .tiled_segmentation import PlaneMask
+
+    settings = settings or PropagationSettings()
+    held: dict[int, tuple] = {}
+
+    def run(volume: np.ndarray, start: int, mask: np.ndarray) -> np.ndarray:
+        if id(volume) not in held:
+            held.clear()  # the volume object is kept with its embeddings, so its id stays its own
+            held[id(volume)] = (volume, Embeddings(volume, model, cache=False, axes="ZYX"))
+        emb = held[id(volume)][1]
+        out = np.zeros(volume.shape[:3], bool)
+        out[start] = mask
+        if mask.sum() < settings.min_area:
+            return out  # too small to start from (the plugin refuses it too): the start plane alone
+        for step in propagate(emb, start, PlaneMask.from_full(mask), settings=settings):
+            if step.mask is not None:
+                out[step.plane[0]] = step.mask.to_full(mask.shape)
+        return out
+
+    return run
+
+
+def watershed_propagator(settings=None) -> Callable[[np.ndarray, int, np.ndarray], np.ndarray]:
+    """The classical counterpart of :func:`sam_propagator`: on each next plane, the
+    seeded watershed baseline answers the previous mask's deepest points and its grown
+    box; it stops by the same rules (too small, or too little overlap with the previous
+    plane)."""
+    from .propagation import PropagationSettings, _interior_points
+
+    settings = settings or PropagationSettings()
+    ws = WatershedBaseline()
+
+    def run(volume: np.ndarray, start: int, mask: np.ndarray) -> np.ndarray:
+        out = np.zeros(volume.shape[:3], bool)
+        out[start] = mask
+        for direction in (1, -1):
+            previous, z = mask, start + direction
+            while 0 <= z < volume.shape[0]:
+                points = _interior_points(previous, settings.points)
+                x0, y0, x1, y1 = _box_of(previous)
+                mx, my = settings.box_margin * (x1 - x0 + 1), settings.box_margin * (y1 - y0 + 1)
+                H, W = previous.shape
+                box = [max(0.0, x0 - mx), max(0.0, y0 - my), min(W - 1.0, x1 + mx), min(H - 1.0, y1 + my)]
+                ws.set_image(volume[z])
+                answer = ws.predict(points=points - 0.5, labels=np.ones(len(points), np.int64), box=box)
+                if answer.sum() < settings.min_area or _iou(answer, previous) < settings.min_consecutive_iou:
+                    break
+                out[z] = answer
+                previous, z = answer, z + direction
+        return out
+
+    return run
+
+
 def _fmt(v) -> str:
     if v is None:
         return "-"

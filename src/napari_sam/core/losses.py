@@ -140,6 +140,7 @@ def mask_loss(
     targets: torch.Tensor,
     focal_weight: float = FOCAL_WEIGHT,
     dice_weight: float = DICE_WEIGHT,
+    focal_alpha: float = FOCAL_ALPHA,
 ) -> torch.Tensor:
     """SAM's mask loss: ``focal_weight * focal + dice_weight * dice`` (20:1), per mask.
 
@@ -149,6 +150,10 @@ def mask_loss(
         As in :func:`sigmoid_focal_loss`.
     focal_weight, dice_weight
         Weights of the two terms.
+    focal_alpha
+        The focal loss's weight of object pixels (background: ``1 - alpha``); negative
+        for no weighting. 0.25 favours background, which suits large objects; on objects
+        a few pixels wide it pulls a model trained from scratch towards empty masks.
 
     Returns
     -------
@@ -157,7 +162,7 @@ def mask_loss(
     """
     if focal_weight < 0 or dice_weight < 0:
         raise ValueError(f"loss weights must be >= 0, got focal {focal_weight}, dice {dice_weight}")
-    return focal_weight * sigmoid_focal_loss(logits, targets) + dice_weight * dice_loss(logits, targets)
+    return focal_weight * sigmoid_focal_loss(logits, targets, alpha=focal_alpha) + dice_weight * dice_loss(logits, targets)
 
 
 def mask_iou(logits: torch.Tensor, targets: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:

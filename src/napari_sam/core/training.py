@@ -412,6 +412,9 @@ class TrainingConfig:
     corrective_iterations
         Iterations after the first prompt, each with one more corrective point and the
         previous logits as mask prompt (SAM: 8 plus 2 mask-only ones).
+    mask_prompt_probability
+        Chance that a corrective iteration gets the previous logits as mask prompt (SAM:
+        always); otherwise it sees the points alone, as the viewer's tiled previews ask.
     box_probability
         Chance that the first prompt is a box rather than a point (SAM: 0.5).
     box_noise, max_box_noise
@@ -422,6 +425,8 @@ class TrainingConfig:
         Smaller objects are never drawn.
     focal_weight, dice_weight, iou_weight
         Loss weights (20, 1 and 1 as in SAM).
+    focal_alpha
+        Weight of object pixels in the focal loss (0.25; negative: unweighted).
     freeze_encoder_blocks
         In ``"full"`` mode, the first K encoder blocks (and the patch embedding) stay frozen.
     bfloat16
@@ -452,12 +457,14 @@ class TrainingConfig:
     objects_per_image: int = 8
     images_per_step: int = 1
     corrective_iterations: int = 3
+    mask_prompt_probability: float = 1.0
     box_probability: float = 0.5
     box_noise: float = 0.1
     max_box_noise: float = 20.0
     point_placement: str = "center"
     min_object_pixels: int = 16
     focal_weight: float = 20.0
+    focal_alpha: float = 0.25
     dice_weight: float = 1.0
     iou_weight: float = 1.0
     freeze_encoder_blocks: int = 0
@@ -505,6 +512,8 @@ class TrainingConfig:
         for name in ("weight_decay", "box_noise", "max_box_noise", "focal_weight", "dice_weight", "iou_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.mask_prompt_probability <= 1:
+            raise ValueError(f"mask_prompt_probability must lie in [0, 1], got {self.mask_prompt_probability}")
         if not 0 <= self.box_probability <= 1:
             raise ValueError(f"box_probability must lie in [0, 1], got {self.box_probability}")
         if not 0 <= self.min_lr_fraction <= 1 or not 0 < self.decay_factor <= 1:
@@ -921,7 +930,7 @@ class Trainer:
             # supervises the best one.
             multimask = it == 0 and not use_box
             low, iou = self._decode(feats, points, labels, boxes, mask_input, multimask)
-            per_mask = mask_loss(low, targets, cfg.focal_weight, cfg.dice_weight)  # (n, C)
+            per_mask = mask_loss(low, targets, cfg.focal_weight, cfg.dice_weight, cfg.focal_alpha)  # (n, C)
             best = per_mask.detach().argmin(dim=1)
             total_mask = total_mask + per_mask[rows, best].mean()
             total_iou = total_iou + iou_prediction_loss(iou, low, targets).mean()
@@ -929,8 +938,10 @@ class Trainer:
             if it == iterations - 1:
                 train_iou = float(mask_iou(chosen_low, targets).mean())
                 break
-            mask_input = chosen_low.detach()
-            pred = self._upscale(mask_input, feats)
+            pred = self._upscale(chosen_low.detach(), feats)
+            # (no draw at probability 1, so runs without the option repeat exactly)
+            keep = cfg.mask_prompt_probability >= 1 or rng.random() < cfg.mask_prompt_probability
+            mask_input = chosen_low.detach() if keep else None
             new_pts = np.zeros((n, 1, 2))
             new_lbl = np.full((n, 1), _PAD_LABEL, np.int64)
             for i in range(n):
