@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The main job, offline on a fresh machine: install into .venv, then
-#  - with a display: open napari with the bundled 3D nuclei and the Segment Anything widget
+#  - with a display: open napari with the bundled 2D nuclei and the Segment Anything widget
 #    docked and started (click a nucleus, Shift-C commits; see docs/annotating.md);
 #  - without one (or with --headless): the same job from the command line, segmenting
 #    three nuclei of the bundled 2D sample (a click, a box, a click with a background
 #    click) into a label image, nuclei_labels.tif.
-# NAPARI_SAM_MODEL picks the model: a registry name such as vit_b_lm (downloaded once), a
-# checkpoint file, or "default" once a default model is installed; offline, without one,
-# the randomised reference model from ../shared runs the pipeline (its masks mean nothing).
+# The model is the small default one that ships inside the package (offline; see
+# docs/default_model.md). NAPARI_SAM_MODEL picks another: a registry name such as vit_b_lm
+# (micro-sam's light-microscopy model, downloaded once; use it for real work) or a
+# checkpoint file.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
@@ -17,13 +18,8 @@ if [ ! -x .venv/bin/napari-sam ]; then
   .venv/bin/pip install -q torch==2.13.0 -e ".[gui]"
 fi
 model=${NAPARI_SAM_MODEL:-default}
-if [ "$model" = default ] && [ ! -f src/napari_sam/_models/default.pth ]; then
-  model=../shared/reference/sam_small_seed0.pth
-  echo "note: no model downloaded and no default model installed; using $model, which has random" \
-    "weights (the pipeline runs, the masks mean nothing); set NAPARI_SAM_MODEL=vit_b_lm for real results"
-fi
 if [ "${1:-}" != "--headless" ] && [ -n "${DISPLAY:-}" ]; then
-  exec .venv/bin/napari-sam annotate --sample nuclei_3d --model "$model" --start
+  exec .venv/bin/napari-sam annotate --sample nuclei_2d --model "$model" --start
 fi
 out=${2:-nuclei_labels.tif}
 .venv/bin/napari-sam segment src/napari_sam/_data/nuclei_2d.tif --model "$model" \

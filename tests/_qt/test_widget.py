@@ -257,3 +257,32 @@ def test_widget_segments_everything_on_a_slice_and_keeps_existing_labels(widget,
     assert "committed" in widget.status.value
     assert (data[45, :10, :10] == 9).all() and len(np.unique(data[45])) > 2
     assert not data[44].any() and not data[46].any()
+
+
+def test_the_default_model_is_selected_and_segments_a_real_nucleus(make_napari_viewer, nuclei_2d, monkeypatch, qtbot):
+    # The main job: no model named anywhere, the shipped default model does the work.
+    monkeypatch.delenv("NAPARI_SAM_MODEL", raising=False)
+    from napari_sam._qt.widget import SamWidget
+    from napari_sam.core.prompt_simulation import interior_point
+
+    image, truth = nuclei_2d  # held out of the default model's training
+    viewer = make_napari_viewer()
+    viewer.add_image(image, name="nuclei")
+    w = SamWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    assert w.model.value == "default"
+    w.start_session()
+    qtbot.waitUntil(lambda: w.session is not None, timeout=60000)
+    session = w.session
+    ious = []
+    for k, i in enumerate(np.unique(truth)[[10, 50, 100]], start=1):
+        x, y = interior_point(truth == i)
+        session.points_layer.add(np.array([[y, x]]))
+        qtbot.waitUntil(lambda: session.preview_is_current() and not w._preview_running, timeout=60000)
+        w.commit.clicked()
+        qtbot.waitUntil(lambda k=k: (session.labels_layer.data == k).any(), timeout=60000)
+        _idle(w, qtbot)
+        got = session.labels_layer.data == k
+        ious.append((got & (truth == i)).sum() / (got | (truth == i)).sum())
+    assert set(np.unique(session.labels_layer.data)) == {0, 1, 2, 3}
+    assert np.mean(ious) > 0.6 and min(ious) > 0.3

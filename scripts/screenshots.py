@@ -1,0 +1,77 @@
+"""Take the screenshots of docs/annotating.md with the shipped default model.
+
+    xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python scripts/screenshots.py
+
+Opens napari with the bundled 2D nuclei sample (held out of the default model's
+training), docks the widget, and saves three window grabs to docs/images/: the widget
+before Start, a click with its preview, and the slice after several commits.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+OUT = Path(__file__).resolve().parents[1] / "docs" / "images"
+
+
+def main() -> None:
+    import napari
+    import tifffile
+    from qtpy.QtWidgets import QApplication
+
+    from napari_sam._qt.widget import SamWidget
+    from napari_sam.core.prompt_simulation import interior_point
+
+    data = Path(__file__).resolve().parents[1] / "src" / "napari_sam" / "_data"
+    image = tifffile.imread(data / "nuclei_2d.tif")
+    truth = tifffile.imread(data / "nuclei_2d_labels.tif")
+
+    app = QApplication.instance() or QApplication([])
+    viewer = napari.Viewer(show=True)
+    viewer.window._qt_window.resize(1500, 900)
+    viewer.add_image(image, name="nuclei_2d", colormap="gray")
+    widget = SamWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Segment Anything")
+
+    def settle(condition=lambda: True, timeout=120.0):
+        end = time.monotonic() + timeout
+        while not condition() or time.monotonic() < end - timeout + 0.5:
+            if time.monotonic() > end:
+                raise TimeoutError("napari did not finish in time")
+            app.processEvents()
+            time.sleep(0.01)
+
+    def grab(name: str) -> None:
+        settle()
+        path = OUT / name
+        viewer.window.screenshot(str(path), canvas_only=False)
+        print(f"wrote {path}")
+
+    settle()
+    grab("widget_start.png")
+
+    widget.start_session()
+    settle(lambda: widget.session is not None)
+    session = widget.session
+    idle = lambda: not widget._workers and not widget._preview_running  # noqa: E731
+    ids = [i for i in np.unique(truth) if i and (truth == i).sum() > 150]
+    rng = np.random.default_rng(1)
+    chosen = rng.choice(ids, size=12, replace=False)
+    for k, i in enumerate(chosen):
+        x, y = interior_point(truth == i)
+        session.points_layer.add(np.array([[y, x]]))
+        settle(lambda: session.preview_is_current() and idle())
+        if k == 0:
+            grab("widget_preview.png")
+        widget.commit.clicked()
+        settle(lambda k=k: len(np.unique(session.labels_layer.data)) > k + 1 and idle())
+    viewer.layers.selection.active = session.labels_layer
+    grab("widget_committed.png")
+    viewer.close()
+
+
+if __name__ == "__main__":
+    main()
