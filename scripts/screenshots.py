@@ -48,7 +48,11 @@ def main() -> None:
         settle()
         path = OUT / name
         viewer.window.screenshot(str(path), canvas_only=False)
-        print(f"wrote {path}")
+        # a 128-colour palette keeps each grab at about a quarter of a megabyte
+        from PIL import Image
+
+        Image.open(path).convert("RGB").quantize(colors=128).save(path, optimize=True)
+        print(f"wrote {path} ({path.stat().st_size // 1024} KiB)")
 
     settle()
     grab("widget_start.png")
@@ -60,6 +64,9 @@ def main() -> None:
     ids = [i for i in np.unique(truth) if i and (truth == i).sum() > 150]
     rng = np.random.default_rng(1)
     chosen = rng.choice(ids, size=12, replace=False)
+    # the preview screenshot shows the click nearest the middle, where it is easy to see
+    centre = np.array(truth.shape) / 2
+    chosen = sorted(chosen, key=lambda i: np.linalg.norm(np.argwhere(truth == i).mean(axis=0) - centre))
     for k, i in enumerate(chosen):
         x, y = interior_point(truth == i)
         session.points_layer.add(np.array([[y, x]]))

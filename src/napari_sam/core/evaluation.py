@@ -388,7 +388,6 @@ class _SamRunner:
             history.append([_iou(pred[i], masks[i]) for i in range(B)])
         return point_iou, box_iou, [list(x) for x in zip(*history)]
 
-
     def _tiled(self, masks, n_corrections, rng):
         # One object at a time through Embeddings.segment, as a click in the viewer is
         # answered; corrections resend all points (the tiled path takes no mask prompt).
@@ -678,7 +677,6 @@ def evaluate_propagation(
     }
 
 
-# -- reporting -------------------------------------------------------------------------------
 def sam_propagator(model, settings=None) -> Callable[[np.ndarray, int, np.ndarray], np.ndarray]:
     """A ``propagate`` for :func:`evaluate_propagation`: SAM carrying the mask from plane
     to plane (:func:`~napari_sam.core.propagation.propagate` with ``settings``), as the
@@ -712,7 +710,8 @@ def watershed_propagator(settings=None) -> Callable[[np.ndarray, int, np.ndarray
     seeded watershed baseline answers the previous mask's deepest points and its grown
     box; it stops by the same rules (too small, or too little overlap with the previous
     plane)."""
-    from .propagation import PropagationSettings, _interior_points
+    from .propagation import PropagationSettings, _prompts
+    from .tiled_segmentation import PlaneMask
 
     settings = settings or PropagationSettings()
     ws = WatershedBaseline()
@@ -722,14 +721,11 @@ def watershed_propagator(settings=None) -> Callable[[np.ndarray, int, np.ndarray
         out[start] = mask
         for direction in (1, -1):
             previous, z = mask, start + direction
-            while 0 <= z < volume.shape[0]:
-                points = _interior_points(previous, settings.points)
-                x0, y0, x1, y1 = _box_of(previous)
-                mx, my = settings.box_margin * (x1 - x0 + 1), settings.box_margin * (y1 - y0 + 1)
-                H, W = previous.shape
-                box = [max(0.0, x0 - mx), max(0.0, y0 - my), min(W - 1.0, x1 + mx), min(H - 1.0, y1 + my)]
+            while 0 <= z < volume.shape[0] and previous.any():
+                # the prompts SAM's propagation would send, from the same helper
+                prompts = _prompts(PlaneMask.from_full(previous).cropped(), settings, previous.shape)
                 ws.set_image(volume[z])
-                answer = ws.predict(points=points - 0.5, labels=np.ones(len(points), np.int64), box=box)
+                answer = ws.predict(**prompts)
                 if answer.sum() < settings.min_area or _iou(answer, previous) < settings.min_consecutive_iou:
                     break
                 out[z] = answer
@@ -739,6 +735,7 @@ def watershed_propagator(settings=None) -> Callable[[np.ndarray, int, np.ndarray
     return run
 
 
+# -- reporting -------------------------------------------------------------------------------
 def _fmt(v) -> str:
     if v is None:
         return "-"
