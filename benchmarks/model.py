@@ -12,7 +12,10 @@ bfloat16 weights). ``decoder_ms``: milliseconds from a single click on an image 
 embedding is known to its mask at the original 1024x1024 size: prompt encoding, mask
 decoding of the three multimask outputs, then the best one upscaled and thresholded,
 which is what a click in the viewer needs (the official predictor upscales all three;
-``decoder_all_ms`` times that too).
+``decoder_all_ms`` times that too). Decoding runs through the traced graphs the
+predictor uses by default; ``decoder_eager_ms`` is the same click without them.
+``--busy-thread`` adds ``decoder_busy_ms``: the click computed in a worker thread while
+the main thread runs Python, as in the viewer, traced and eager.
 Weights are random: timing does not depend on them.
 """
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import threading
 import time
 
 import numpy as np
@@ -48,7 +52,8 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["vit_b", "vit_t"])
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16"], help="encoder precisions; none skips the encoder")
+    ap.add_argument("--busy-thread", action="store_true")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     x = torch.rand(1, 3, 1024, 1024) * 255
@@ -63,14 +68,36 @@ def main() -> None:
                 ts = timed(lambda: sam.embed(x), a.repeats)
                 emit(model=name, what="encoder_s", dtype=dtype, threads=a.threads, median=statistics.median(ts), all=ts)
             sam.image_encoder.float()
-        predictor = Predictor(sam)
-        predictor.set_image(img)
         pt, lb = np.array([[500.0, 500.0]]), np.array([1])
-        predictor.predict(points=pt, labels=lb)  # warm-up
-        ts = timed(lambda: predictor.predict(points=pt, labels=lb, multimask=True).best_mask(), 20)
-        emit(model=name, what="decoder_ms", dtype="float32", threads=a.threads, median=1000 * statistics.median(ts))
-        ts = timed(lambda: predictor.predict(points=pt, labels=lb, multimask=True).masks, 20)
-        emit(model=name, what="decoder_all_ms", dtype="float32", threads=a.threads, median=1000 * statistics.median(ts))
+        for route, traced in (("decoder", True), ("decoder_eager", False)):
+            predictor = Predictor(sam, traced=traced)
+            predictor.set_image(img)
+            predictor.predict(points=pt, labels=lb)  # warm-up (and tracing)
+
+            def click():
+                return predictor.predict(points=pt, labels=lb, multimask=True).best_mask()
+
+            ts = timed(click, 20)
+            emit(model=name, what=f"{route}_ms", dtype="float32", threads=a.threads, median=1000 * statistics.median(ts))
+            if traced:
+                ts = timed(lambda: predictor.predict(points=pt, labels=lb, multimask=True).masks, 20)
+                emit(model=name, what="decoder_all_ms", dtype="float32", threads=a.threads, median=1000 * statistics.median(ts))
+            if a.busy_thread:
+                ts = beside_busy_python(click, 10)
+                emit(model=name, what="decoder_busy_ms", route="traced" if traced else "eager", dtype="float32",
+                     threads=a.threads, median=1000 * statistics.median(ts))
+
+
+def beside_busy_python(fn, repeats: int) -> list[float]:
+    """Time ``fn`` in a worker thread while the main thread runs pure Python (a GUI
+    thread drawing, in the viewer)."""
+    out: list[float] = []
+    worker = threading.Thread(target=lambda: out.extend(timed(fn, repeats)))
+    worker.start()
+    spins = 0
+    while worker.is_alive():
+        spins += 1
+    return out
 
 
 if __name__ == "__main__":

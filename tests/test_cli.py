@@ -114,6 +114,7 @@ def test_embed_refuses_bad_requests(tmp_path, tiny_checkpoint, nuclei_3d, capsys
     assert main(["embed", str(path), "--model", str(tiny_checkpoint), "--axes", "YX"]) == 2
     assert "name 2 axes" in capsys.readouterr().err
     (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("not an embedding cache")
     assert main(["embed", str(path), "--model", str(tiny_checkpoint), "--out", str(tmp_path / "notes")]) == 2
     assert "not a Zarr v3 store" in capsys.readouterr().err
     assert main(["embed", str(path), "--model", str(tiny_checkpoint), "--tile", "32", "--halo", "4", "--out", str(tmp_path / "c.zarr")]) == 0

@@ -130,6 +130,11 @@ class Annotator:
         return self.source.plane_index(plane)
 
     # -- embedding -----------------------------------------------------------------------
+    def warm_up(self) -> None:
+        """Make the first click as fast as the later ones (traces the decoder, ~1 s);
+        see :meth:`~napari_sam.core.embeddings.Embeddings.warm_up`."""
+        self.embeddings.warm_up()
+
     def embed(self, plane=None, progress: bool = True) -> int:
         """Embed one plane (all its tiles) or, with ``plane=None``, every plane; returns
         the tiles cached."""

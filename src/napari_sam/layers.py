@@ -206,12 +206,21 @@ class ViewerSession:
         return (plane, prompts["points"].tobytes(), prompts["labels"].tobytes(), b"".join(b.tobytes() for b in prompts["boxes"]))
 
     # -- the steps -------------------------------------------------------------------------
-    def compute_preview(self, plane: tuple[int, ...] | None = None) -> tuple[tuple, tuple, list[PlaneMask]]:
+    def compute_preview(self, plane: tuple[int, ...] | None = None, prompts: dict | None = None) -> tuple[tuple, tuple, list[PlaneMask]]:
         """Segment what the prompts on a plane describe (slow: run it through :attr:`run`).
+
+        Parameters
+        ----------
+        plane
+            Default: the current plane.
+        prompts
+            :meth:`prompts` of that plane. A worker thread must be handed them: napari
+            updates a layer's data and features in separate steps, so reading the layers
+            while the user clicks can see a point without its foreground flag.
 
         Returns (plane, prompt key, masks) for :meth:`show_preview`."""
         plane = self.current_plane() if plane is None else tuple(plane)
-        prompts = self.prompts(plane)
+        prompts = self.prompts(plane) if prompts is None else prompts
         masks = self.annotator.segment_prompts(plane, prompts["points"], prompts["labels"], prompts["boxes"])
         return plane, self._key(plane, prompts), masks
 

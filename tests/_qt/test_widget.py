@@ -133,6 +133,25 @@ def test_widget_previews_commits_and_undoes(widget, viewer_3d, qtbot):
     assert not session.labels_layer.data.any() and "undid object(s) [1] on 1 plane(s)" in widget.status.value
 
 
+def test_one_click_computes_one_preview_from_prompts_read_on_the_gui_thread(widget, viewer_3d, qtbot):
+    viewer, _ = viewer_3d
+    session = widget.session
+    viewer.dims.set_current_step(0, 30)
+    widget.run_embedding(current=True)
+    _idle(widget, qtbot)
+    calls = []
+    compute = session.compute_preview
+    session.compute_preview = lambda plane=None, prompts=None: calls.append((plane, prompts)) or compute(plane, prompts)
+    session.points_layer.add(np.array([[30, 40, 60]]))
+    qtbot.waitUntil(lambda: session.preview_is_current() and not widget._preview_running, timeout=60000)
+    _idle(widget, qtbot)
+    # napari sends "adding" then "added": only the second describes the new prompts
+    assert len(calls) == 1
+    plane, prompts = calls[0]
+    assert plane == (30,) and prompts["points"].shape == (1, 2) and prompts["labels"].tolist() == [1]
+    assert session.preview_layer.data.any()
+
+
 def test_widget_toggles_background_and_binds_keys(widget):
     session = widget.session
     assert session.toggle_mode() is False

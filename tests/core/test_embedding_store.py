@@ -98,8 +98,16 @@ def test_workers_attach_to_existing_entries_only(tmp_path):
         EmbeddingStore.attach(tmp_path / "c.zarr", "0123456789abcdef")
 
 
+def test_an_empty_folder_becomes_a_cache(tmp_path):
+    (tmp_path / "new").mkdir()
+    store = EmbeddingStore.open(tmp_path / "new", SIG, LAYOUT)
+    assert (tmp_path / "new" / "zarr.json").is_file()
+    assert store.read((0, 0, 0)) is None and not store.present().any()
+
+
 def test_foreign_folders_are_not_used_as_caches(tmp_path):
     (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "cells.png").write_bytes(b"not zarr")
     with pytest.raises(ValueError, match="not a Zarr v3 store"):
         EmbeddingStore.open(tmp_path / "photos", SIG, LAYOUT)
     zarr.create_array(str(tmp_path / "image.zarr"), shape=(4, 4), dtype="uint8")

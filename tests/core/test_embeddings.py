@@ -125,6 +125,23 @@ def test_embedding_on_demand_computes_only_what_is_asked(tiny_model, volume_zarr
     assert calls.count((2, 1, 1)) == 1
 
 
+def test_a_complete_plane_is_known_without_reading_the_cache_again(tiny_model, volume_zarr, tmp_path):
+    path, _ = volume_zarr
+    emb = Embeddings(zarr.open_array(str(path), mode="r"), tiny_model, tmp_path / "c.zarr", axes="ZYX", tile=200, halo=25)
+    assert not emb.plane_ready(4)
+    # another process (a dask worker, the CLI) fills the cache: a negative is asked again
+    other = Embeddings(zarr.open_array(str(path), mode="r"), tiny_model, tmp_path / "c.zarr", axes="ZYX", tile=200, halo=25)
+    other.compute_all(planes=[4], progress=False)
+    assert emb.plane_ready(4)
+
+    class Unreadable:
+        def __getitem__(self, _):
+            raise AssertionError("the cache was read again")
+
+    emb.store.checksums = Unreadable()  # the widget asks on every click, from the GUI thread
+    assert emb.plane_ready(4) and emb.is_cached(4, (1, 0))
+
+
 def test_a_second_session_reuses_the_cache(tiny_model, volume_zarr, tmp_path, monkeypatch):
     path, _ = volume_zarr
     cache = tmp_path / "c.zarr"

@@ -139,3 +139,38 @@ def test_best_mask_alone_equals_the_best_of_all_masks(predictor):
     batch = predictor.predict_batch(boxes=[[10, 10, 100, 80], [200, 100, 400, 290]], multimask=True)
     alone = batch.best_mask()
     np.testing.assert_array_equal(alone, batch.masks[np.arange(2), batch.best])
+
+
+def test_traced_and_eager_predictors_agree(tiny_sam):
+    rng = np.random.default_rng(4)
+    image = rng.integers(0, 255, (200, 300), dtype=np.uint8)
+    traced, eager = Predictor(tiny_sam), Predictor(tiny_sam, traced=False)
+    for p in (traced, eager):
+        p.set_image(image)
+    for kwargs in ({"points": [[20, 30]]}, {"points": [[20, 30], [150, 90]], "labels": [1, 0]},
+                   {"box": [10, 10, 120, 90], "multimask": False}, {"points": [[50, 50]], "box": [10, 10, 120, 90]}):
+        a, b = traced.predict(**kwargs), eager.predict(**kwargs)
+        np.testing.assert_allclose(a.low_res_logits, b.low_res_logits, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(a.iou, b.iou, rtol=1e-5, atol=1e-5)
+
+
+def test_switching_back_to_an_embedding_reuses_its_context(tiny_sam, monkeypatch):
+    p = Predictor(tiny_sam)
+    rng = np.random.default_rng(5)
+    first, second = (p.embed_image(rng.integers(0, 255, (64, 64), dtype=np.uint8)) for _ in range(2))
+    calls = []
+    compute = p._traced.image_context
+    monkeypatch.setattr(p._traced, "image_context", lambda f: calls.append(1) or compute(f))
+    a = p.set_embedding(first)
+    answer = p.predict(points=[[10, 10]]).low_res_logits
+    p.set_embedding(second)
+    assert p.set_embedding(first) is a and len(calls) == 2  # the third was remembered
+    np.testing.assert_array_equal(p.predict(points=[[10, 10]]).low_res_logits, answer)
+
+
+def test_warm_up_traces_the_usual_prompts_and_leaves_no_image(tiny_sam):
+    p = Predictor(tiny_sam)
+    p.warm_up()
+    assert len(p._traced._graphs) == 4  # context, point x 3 masks, point x 1, box
+    with pytest.raises(RuntimeError, match="no image is set"):
+        p.predict(points=[[1, 1]])

@@ -25,6 +25,8 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["SamWidget"]
 
 CHECKPOINT = "checkpoint file..."
+# Layer data events sent before an edit takes effect (napari's ActionType values).
+_BEFORE_EDIT = ("adding", "removing", "changing")
 
 
 def _model_choices() -> list[str]:
@@ -181,14 +183,16 @@ class SamWidget(Container):
         self.start.enabled = False
 
         def build():
-            return Annotator(source, spec, labels, cache=cache, device=device, dtype=dtype)
+            annotator = Annotator(source, spec, labels, cache=cache, device=device, dtype=dtype)
+            annotator.warm_up()
+            return annotator
 
         def ready(annotator):
             self.session = ViewerSession.attach(self.viewer, layer, annotator=annotator)
             self.session.run = self._run
             self.session.overwrite = bool(self.overwrite.value)
-            self.session.points_layer.events.data.connect(self.request_preview)
-            self.session.boxes_layer.events.data.connect(self.request_preview)
+            self.session.points_layer.events.data.connect(self._on_prompts_changed)
+            self.session.boxes_layer.events.data.connect(self._on_prompts_changed)
             self.viewer.dims.events.current_step.connect(self.request_preview)
             for button in (self.embed_slice, self.embed_all, self.commit, self.undo, self.clear, self.everything):
                 button.enabled = True
@@ -294,6 +298,13 @@ class SamWidget(Container):
         self._embed_worker = worker
         return self._start(worker)
 
+    def _on_prompts_changed(self, event=None) -> None:
+        # napari announces each edit twice, before ("adding") and after ("added"); only
+        # the second one holds the new prompts, and answering both doubled every preview.
+        if str(getattr(event, "action", "")) in _BEFORE_EDIT:
+            return
+        self.request_preview()
+
     def request_preview(self, *_):
         """Recompute the preview for the prompts as they are now (at most one at a time)."""
         if self.session is None or self._closed:
@@ -311,7 +322,7 @@ class SamWidget(Container):
             n = sum(1 for m in result[2] if m.area)
             self._say(f"preview: {n} object(s); {KEYS['commit']} commits" if n else "add points or boxes")
 
-        worker = create_worker(session.compute_preview, plane, _start_thread=False)
+        worker = create_worker(session.compute_preview, plane, session.prompts(plane), _start_thread=False)
         worker.finished.connect(self._preview_finished)
         if not session.annotator.is_embedded(plane):
             self._say("embedding this slice first...")

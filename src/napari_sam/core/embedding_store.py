@@ -61,7 +61,8 @@ def _open_root(path: str | os.PathLike | None, mode: str) -> zarr.Group:
     if path is None:
         return zarr.open_group(zarr.storage.MemoryStore(), mode="a", zarr_format=3)
     path = Path(path).expanduser()
-    if path.exists():
+    # An empty folder (made by hand or by a file dialog) is a fine place for a new cache.
+    if path.exists() and not (path.is_dir() and not any(path.iterdir())):
         meta = path / "zarr.json"
         try:
             node_type = json.loads(meta.read_text()).get("node_type")

@@ -188,6 +188,7 @@ class Embeddings:
         self._lock = threading.Lock()  # guards _recent and the per-entry locks
         self._entry_locks: dict[tuple[int, int, int], threading.Lock] = {}
         self._decode_lock = threading.Lock()
+        self._ready: set[int] = set()  # planes seen complete in the cache
 
     # -- entries -----------------------------------------------------------------------
     def entries(self, planes=None) -> list[tuple[int, int, int]]:
@@ -207,12 +208,22 @@ class Embeddings:
     def is_cached(self, plane, tile: tuple[int, int] = (0, 0)) -> bool:
         """Whether a tile's embedding is in the cache (without reading it)."""
         flat = self.source.flat_index(plane)
+        if flat in self._ready or (flat, *tile) in self._recent:
+            return True
         return bool(self.store.checksums[flat, tile[0], tile[1]] != 0)
 
     def plane_ready(self, plane) -> bool:
         """Whether every tile of a plane is cached."""
         flat = self.source.flat_index(plane)
-        return bool((np.asarray(self.store.checksums[flat]) != 0).all())
+        # The widget asks on every click, from the GUI thread, and a cache read waits on
+        # zarr's event loop (~15 ms here): a plane once complete is remembered. Only
+        # positives are, since another process may be filling the same cache.
+        if flat in self._ready:
+            return True
+        if (np.asarray(self.store.checksums[flat]) != 0).all():
+            self._ready.add(flat)
+            return True
+        return False
 
     def embedding_for(self, plane, tile: tuple[int, int] = (0, 0)) -> ImageEmbedding:
         """One tile's embedding: from memory, from the cache, or computed and cached now.
@@ -334,6 +345,12 @@ class Embeddings:
             return _MaskList(result), result.iou
 
         return segment_tiled(self.grid, answer, points, labels, box, multimask, max_tiles)
+
+    def warm_up(self) -> None:
+        """Prepare the decoder's traced graphs (:meth:`Predictor.warm_up`) so that the
+        first click is as fast as the later ones; GUIs call this while loading."""
+        with self._decode_lock:
+            self._decoder.warm_up()
 
     def predict(self, plane, tile: tuple[int, int] = (0, 0), points=None, labels=None, box=None, mask_input=None,
                 multimask: bool = True) -> Prediction:

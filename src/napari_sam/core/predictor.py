@@ -8,12 +8,14 @@ converted in the napari layer, never here.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ..model.sam import Sam
+from ..model.traced_decode import TracedDecode
 from ..model.transformer import ImageContext
 from .allocator import keep_freed_memory_for_reuse
 from .preprocess import Normalization, prepare_plane, preprocess_shape
@@ -22,6 +24,7 @@ from .prompts import check_boxes, check_points_inside
 __all__ = ["ImageEmbedding", "Prediction", "Predictor"]
 
 LOW_RES = 256  # side of the decoder's mask logits for SAM's 1024-pixel input
+_CONTEXTS = 4  # image contexts kept (about 19 MiB each for SAM's 64 x 64 grid)
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,12 @@ class Predictor:
     normalization
         How intensities are brought to SAM's 0-255 range; see
         :class:`~napari_sam.core.preprocess.Normalization`.
+    traced
+        Answer prompts without a mask input through traced graphs
+        (:class:`~napari_sam.model.traced_decode.TracedDecode`): the same numbers, but
+        a click computed in a worker thread no longer waits on the GUI thread for the
+        interpreter lock between operations. The first prompt of each kind traces its
+        graph (about 0.3 s).
 
     Examples
     --------
@@ -140,12 +149,16 @@ class Predictor:
     >>> mask = result.best_mask()                             # doctest: +SKIP
     """
 
-    def __init__(self, model: Sam, normalization: Normalization = Normalization()):
+    def __init__(self, model: Sam, normalization: Normalization = Normalization(), traced: bool = True):
         keep_freed_memory_for_reuse()
         self.model = model.eval()
         self.normalization = normalization
         self._embedding: ImageEmbedding | None = None
         self._context: ImageContext | None = None
+        self._traced = TracedDecode(self.model) if traced else None
+        # Recent (embedding, image context) pairs: tiled answers switch between a few
+        # tiles, and the context is the costly part of setting an embedding.
+        self._contexts: OrderedDict[int, tuple[ImageEmbedding, ImageEmbedding, ImageContext]] = OrderedDict()
 
     # -- the image ---------------------------------------------------------------------
     @property
@@ -222,15 +235,41 @@ class Predictor:
     @torch.inference_mode()
     def set_embedding(self, embedding: ImageEmbedding) -> ImageEmbedding:
         """Answer later prompts on a previously computed embedding."""
+        known = self._contexts.get(id(embedding))
+        if known is not None and known[0] is embedding:
+            self._contexts.move_to_end(id(embedding))
+            _, self._embedding, self._context = known
+            return self._embedding
         features = embedding.features.to(self.device, torch.float32)
         self._embedding = ImageEmbedding(features, embedding.input_size, embedding.original_size)
-        self._context = self.model.image_context(features)
+        self._context = self._traced.image_context(features) if self._traced else self.model.image_context(features)
+        # The entry holds the embedding itself, so its id cannot be reused while cached.
+        self._contexts[id(embedding)] = (embedding, self._embedding, self._context)
+        while len(self._contexts) > _CONTEXTS:
+            self._contexts.popitem(last=False)
         return self._embedding
+
+    def warm_up(self) -> None:
+        """Trace the graphs of the usual interactive prompts (a point with three masks, a
+        point with one, a box) on a blank embedding, so that the first real click does
+        not wait for them (about 1 s on a 2-core CPU). Forgets the current image."""
+        if self._traced is None:
+            return
+        cfg = self.model.config
+        side = cfg.image_size
+        blank = torch.zeros(1, cfg.prompt_embed_dim, cfg.embedding_size, cfg.embedding_size, device=self.device)
+        self.set_embedding(ImageEmbedding(blank, (side, side), (side, side)))
+        centre = [[side / 2, side / 2]]
+        for multimask in (True, False):
+            self.predict(points=centre, multimask=multimask)
+        self.predict(box=[0, 0, side / 2, side / 2], multimask=False)
+        self.reset_image()
 
     def reset_image(self) -> None:
         """Forget the current image."""
         self._embedding = None
         self._context = None
+        self._contexts.clear()
 
     # -- prompts -----------------------------------------------------------------------
     def predict(
@@ -338,9 +377,12 @@ class Predictor:
         if len(set(batch)) > 1:
             raise ValueError(f"points, boxes and mask_input disagree on the batch size: {batch}")
 
-        low, iou = self.model.decode(
-            emb.features, t_points, t_labels, t_boxes, t_mask, multimask_output=multimask, context=self._context
-        )
+        if t_mask is None and self._traced is not None:
+            low, iou = self._traced(t_points, t_labels, t_boxes, multimask, self._context)
+        else:
+            low, iou = self.model.decode(
+                emb.features, t_points, t_labels, t_boxes, t_mask, multimask_output=multimask, context=self._context
+            )
         return Prediction(iou.cpu().numpy(), low.cpu().numpy(), self._upscaler(emb), return_logits)
 
     def _upscaler(self, emb: ImageEmbedding):

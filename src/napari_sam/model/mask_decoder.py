@@ -3,6 +3,8 @@ and the IoU prediction head."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -107,7 +109,7 @@ class MaskDecoder(nn.Module):
             h, w = src.shape[-2:]
         else:
             hs, keys = self.transformer(tokens, context=context)
-            h = w = round(keys.shape[1] ** 0.5)
+            h = w = math.isqrt(int(keys.shape[1]))
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
 
