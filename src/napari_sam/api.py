@@ -150,26 +150,30 @@ class Annotator:
         return self.embeddings.plane_ready(plane)
 
     # -- prompts -------------------------------------------------------------------------
-    def segment(self, plane, points=None, labels=None, box=None, multimask: bool | None = None) -> PlaneMask:
+    def segment(self, plane, points=None, labels=None, box=None, multimask: bool | None = None,
+                previous: PlaneMask | None = None) -> PlaneMask:
         """One object from points (N, 2) as (x, y) plane pixels with labels (1 foreground,
-        0 background) and/or a box (x0, y0, x1, y1); missing tiles are embedded first."""
-        return self.embeddings.segment(plane, points, labels, box, multimask)
+        0 background) and/or a box (x0, y0, x1, y1); missing tiles are embedded first.
+        ``previous``: the answer that these prompts correct (SAM's interactive loop)."""
+        return self.embeddings.segment(plane, points, labels, box, multimask, previous=previous)
 
     def segment_boxes(self, plane, boxes) -> list[PlaneMask]:
         """One object per box (x0, y0, x1, y1)."""
         return [self.embeddings.segment(plane, box=b) for b in np.asarray(boxes, dtype=np.float64).reshape(-1, 4)]
 
-    def segment_prompts(self, plane, points=None, labels=None, boxes=None) -> list[PlaneMask]:
+    def segment_prompts(self, plane, points=None, labels=None, boxes=None, previous: PlaneMask | None = None) -> list[PlaneMask]:
         """The objects a set of prompts on one plane describes, as the widget reads them:
         several boxes are several objects (points then refine none); one box and the
-        points are one object; points alone are one object."""
+        points are one object; points alone are one object, which ``previous`` (the
+        answer before the latest points were added) refines."""
         boxes = [] if boxes is None else [np.asarray(b, dtype=np.float64) for b in boxes]
         has_points = points is not None and len(points) > 0
         if len(boxes) > 1:
             return self.segment_boxes(plane, boxes)
         if not boxes and not has_points:
             return []
-        return [self.segment(plane, points if has_points else None, labels if has_points else None, boxes[0] if boxes else None)]
+        return [self.segment(plane, points if has_points else None, labels if has_points else None,
+                             boxes[0] if boxes else None, previous=previous)]
 
     # -- results -------------------------------------------------------------------------
     def commit(self, plane, masks, overwrite: bool = False) -> Commit:

@@ -88,6 +88,7 @@ class ViewerSession:
         self.overwrite = False
         self.preview_masks: list[PlaneMask] = []
         self._preview_key = None
+        self._shown: tuple | None = None  # (plane, prompts, masks) of the preview on show
         self.run: Callable = _run_now
         self._bound = False
 
@@ -206,7 +207,7 @@ class ViewerSession:
         return (plane, prompts["points"].tobytes(), prompts["labels"].tobytes(), b"".join(b.tobytes() for b in prompts["boxes"]))
 
     # -- the steps -------------------------------------------------------------------------
-    def compute_preview(self, plane: tuple[int, ...] | None = None, prompts: dict | None = None) -> tuple[tuple, tuple, list[PlaneMask]]:
+    def compute_preview(self, plane: tuple[int, ...] | None = None, prompts: dict | None = None) -> tuple:
         """Segment what the prompts on a plane describe (slow: run it through :attr:`run`).
 
         Parameters
@@ -218,16 +219,33 @@ class ViewerSession:
             updates a layer's data and features in separate steps, so reading the layers
             while the user clicks can see a point without its foreground flag.
 
-        Returns (plane, prompt key, masks) for :meth:`show_preview`."""
+        Returns (plane, prompt key, masks, prompts) for :meth:`show_preview`."""
         plane = self.current_plane() if plane is None else tuple(plane)
         prompts = self.prompts(plane) if prompts is None else prompts
-        masks = self.annotator.segment_prompts(plane, prompts["points"], prompts["labels"], prompts["boxes"])
-        return plane, self._key(plane, prompts), masks
+        masks = self.annotator.segment_prompts(plane, prompts["points"], prompts["labels"], prompts["boxes"],
+                                               previous=self._refinable(plane, prompts))
+        return plane, self._key(plane, prompts), masks, prompts
+
+    def _refinable(self, plane, prompts) -> PlaneMask | None:
+        """The shown preview, when these prompts only add points to the ones it answered:
+        then, as in SAM's interactive loop, its logits guide the new answer. After a
+        point is moved or deleted, or a box changed, the answer starts afresh."""
+        shown = self._shown
+        if shown is None or shown[0] != plane or len(shown[2]) != 1:
+            return None
+        old = shown[1]
+        n = len(old["points"])
+        if not 0 < n < len(prompts["points"]) or len(old["boxes"]) != len(prompts["boxes"]):
+            return None
+        same = (np.array_equal(old["points"], prompts["points"][:n]) and np.array_equal(old["labels"], prompts["labels"][:n])
+                and all(np.array_equal(a, b) for a, b in zip(old["boxes"], prompts["boxes"])))
+        return shown[2][0] if same else None
 
     def show_preview(self, result) -> None:
         """Display a :meth:`compute_preview` result (on the GUI thread)."""
-        plane, key, masks = result
+        plane, key, masks = result[:3]
         self.preview_masks, self._preview_key = masks, key
+        self._shown = (plane, result[3], masks) if len(result) > 3 else None
         masks = [m for m in masks if m.area]
         ndim = self.image_layer.ndim
         if not masks:
@@ -269,9 +287,10 @@ class ViewerSession:
         plane = self.current_plane()
         current = self.preview_is_current(plane)
         masks = list(self.preview_masks) if current else None
+        prompts = None if current else self.prompts(plane)  # read here, on the GUI thread
 
         def work():
-            objs = masks if masks is not None else self.compute_preview(plane)[2]
+            objs = masks if masks is not None else self.compute_preview(plane, prompts)[2]
             return self.commit_masks(plane, objs)
 
         def finished(commit):

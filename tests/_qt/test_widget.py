@@ -61,6 +61,35 @@ def test_session_prompts_follow_planes_scale_and_commit_only_their_plane(viewer_
     assert [c.ids for c in session.undo()] == [(1,)] and not labels.any()
 
 
+def test_an_added_point_refines_the_shown_preview_and_other_edits_start_afresh(viewer_3d, tiny_checkpoint):
+    viewer, layer = viewer_3d
+    session = attach(viewer, layer, model=str(tiny_checkpoint), cache=False)
+    viewer.dims.set_current_step(0, 40)
+    asked = []
+    segment = session.annotator.segment_prompts
+    session.annotator.segment_prompts = lambda *a, **k: asked.append(k.get("previous")) or segment(*a, **k)
+
+    def preview():
+        session.show_preview(session.compute_preview())
+        return session.preview_masks
+
+    session.points_layer.add(np.array([[40, 50, 60]]))
+    first = preview()
+    assert asked[-1] is None and first[0].logits is not None
+    session.points_layer.add(np.array([[40, 30, 30]]))
+    second = preview()
+    assert asked[-1] is first[0]  # SAM's loop: the last answer guides the next
+    expected = session.annotator.segment((40,), [[60, 50], [30, 30]], [1, 1], previous=first[0])
+    np.testing.assert_array_equal(second[0].mask, expected.mask)
+    session.points_layer.data = session.points_layer.data[:1] + [[0, 5, 5]]  # a point moved
+    preview()
+    assert asked[-1] is None
+    viewer.dims.set_current_step(0, 41)
+    session.points_layer.add(np.array([[41, 50, 60], [41, 52, 62]]))
+    preview()
+    assert asked[-1] is None  # another plane
+
+
 def test_boxes_become_several_objects_in_one_commit(viewer_3d, tiny_checkpoint):
     viewer, layer = viewer_3d
     session = attach(viewer, layer, model=str(tiny_checkpoint), cache=False)

@@ -95,6 +95,20 @@ def test_segment_places_tile_masks_in_plane_coordinates(tiny_model, big_plane):
     assert np.array_equal(result.to_full(big_plane.shape), expected & inner)
 
 
+def test_a_correction_is_answered_with_the_previous_logits_as_mask_prompt(tiny_model, big_plane):
+    emb = Embeddings(big_plane, tiny_model, cache=False, tile=256, halo=32)
+    tile = emb.grid[1, 2]
+    pts = np.array([[600.5, 400.5], [610.5, 380.5]])
+    first = emb.segment(0, points=pts[:1], max_tiles=1)
+    assert first.logits.shape == (256, 256)
+    refined = emb.segment(0, points=pts, labels=[1, 0], max_tiles=1, previous=first)
+    local = pts - (tile.outer[2], tile.outer[0])
+    expected = emb.predict(0, (1, 2), points=local, labels=[1, 0], mask_input=first.logits, multimask=False)
+    np.testing.assert_array_equal(refined.logits, expected.low_res_logits[0])
+    plain = emb.segment(0, points=pts, labels=[1, 0], max_tiles=1)
+    assert not np.array_equal(plain.logits, refined.logits)
+
+
 def test_dask_zarr_and_numpy_inputs_give_the_same_embeddings(tiny_model, volume_zarr):
     path, data = volume_zarr
     embs = [

@@ -128,3 +128,40 @@ def test_background_clicks_and_bad_prompts():
         segment_tiled(grid, ExactSegmenter(labels), points=[[10, 10]], labels=[0])
     with pytest.raises(ValueError, match="entirely outside"):
         segment_tiled(grid, ExactSegmenter(labels), box=[400, 400, 500, 500])
+
+
+class _Candidates(list):
+    """Masks with the low-res logits a real tile answer carries."""
+
+    def __init__(self, masks, logits):
+        super().__init__(masks)
+        self.low_res_logits = logits
+
+
+def test_refining_sends_the_first_tiles_logits_as_mask_prompt_and_asks_one_mask():
+    grid = TileGrid((600, 600), tile=200, halo=25)
+    seen = []
+
+    def answer(tile, points, labels, box, multimask, mask_input=None):
+        seen.append((tile.index, multimask, None if mask_input is None else float(mask_input.mean())))
+        mask = np.zeros((250, 250), bool)
+        mask[100:120, 100:120] = True  # well inside the first tile: no neighbour is asked
+        n = 3 if multimask else 1
+        logits = np.stack([np.full((64, 64), float(len(points) + k)) for k in range(n)])
+        return _Candidates([mask] * n, logits), np.linspace(0.5, 0.9, n)
+
+    first = segment_tiled(grid, answer, points=[[320, 320]])
+    assert seen == [((1, 1), True, None)]
+    assert first.tiles == ((1, 1),) and first.logits.shape == (64, 64)
+    assert first.logits.mean() == 1 + 2  # the best of three (highest IoU: the last)
+    second = segment_tiled(grid, answer, points=[[320, 320], [330, 330]], labels=[1, 0], previous=first)
+    assert seen[-1] == ((1, 1), False, 3.0)  # the first answer's logits, one mask asked
+    assert second.logits.mean() == 2.0
+    # prompts that now start on another tile cannot use those logits
+    segment_tiled(grid, answer, points=[[50, 50], [320, 320]], previous=second)
+    assert seen[-1] == ((0, 0), False, None)
+    # an answer without logits (the exact segmenter, the baseline) is simply not refined
+    plain = segment_tiled(grid, ExactSegmenter(np.zeros((600, 600), np.int32) + 1), points=[[320, 320]])
+    assert plain.logits is None
+    segment_tiled(grid, answer, points=[[320, 320]], previous=plain)
+    assert seen[-1] == ((1, 1), True, None)

@@ -316,7 +316,8 @@ class Embeddings:
         return last.done
 
     # -- prompts -----------------------------------------------------------------------
-    def segment(self, plane, points=None, labels=None, box=None, multimask: bool | None = None, max_tiles: int = 16) -> PlaneMask:
+    def segment(self, plane, points=None, labels=None, box=None, multimask: bool | None = None, max_tiles: int = 16,
+                previous: PlaneMask | None = None) -> PlaneMask:
         """Segment one object on a plane from prompts in plane pixels.
 
         Parameters
@@ -329,8 +330,10 @@ class Embeddings:
             (N,) 1 foreground, 0 background.
         box
             (x0, y0, x1, y1).
-        multimask, max_tiles
-            See :func:`~napari_sam.core.tiled_segmentation.segment_tiled`.
+        multimask, max_tiles, previous
+            See :func:`~napari_sam.core.tiled_segmentation.segment_tiled`; ``previous``
+            is an earlier answer that the prompts correct (its logits become the mask
+            prompt).
 
         Returns
         -------
@@ -340,11 +343,11 @@ class Embeddings:
         """
         flat = self.source.flat_index(plane)
 
-        def answer(tile: Tile, pts, lbl, bx, multi):
-            result = self.predict(flat, tile.index, points=pts, labels=lbl, box=bx, multimask=multi)
+        def answer(tile: Tile, pts, lbl, bx, multi, mask_input=None):
+            result = self.predict(flat, tile.index, points=pts, labels=lbl, box=bx, mask_input=mask_input, multimask=multi)
             return _MaskList(result), result.iou
 
-        return segment_tiled(self.grid, answer, points, labels, box, multimask, max_tiles)
+        return segment_tiled(self.grid, answer, points, labels, box, multimask, max_tiles, previous)
 
     def warm_up(self) -> None:
         """Prepare the decoder's traced graphs (:meth:`Predictor.warm_up`) so that the
@@ -378,6 +381,10 @@ class _MaskList:
 
     def __getitem__(self, k: int) -> np.ndarray:
         return self.prediction.mask(k)
+
+    @property
+    def low_res_logits(self) -> np.ndarray:
+        return self.prediction.low_res_logits
 
 
 def _jsonable(value):

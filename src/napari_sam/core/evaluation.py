@@ -15,7 +15,8 @@ Three measurements, each returning a JSON-able dict (``"kind"`` says which) that
   markers), so every number for SAM comes with the baseline's. A plane larger than the
   model input is answered as the plugin answers it: object by object through
   :meth:`~napari_sam.core.embeddings.Embeddings.segment` on full-resolution tiles
-  (corrections resend all points, without a mask prompt), not shrunk to the input.
+  (corrections send all points and the previous answer as mask prompt, as the
+  viewer does), not shrunk to the input.
 * **Automatic** (:func:`evaluate_automatic`): a label image per image from any
   segmenter (e.g. :func:`grid_segmenter`), scored by the mean segmentation accuracy
   (mSA) and the accuracy at IoU 0.5 and 0.75 (see :func:`segmentation_accuracy`).
@@ -313,10 +314,11 @@ def _box_of(mask: np.ndarray) -> np.ndarray:
 class _SamRunner:
     """Prompts a batch of objects of one image through a SAM predictor."""
 
-    def __init__(self, predictor: Predictor, multimask_point: bool, batch_size: int):
+    def __init__(self, predictor: Predictor, multimask_point: bool, batch_size: int, refine: bool = True):
         self.predictor = predictor
         self.multimask_point = multimask_point
         self.batch_size = batch_size
+        self.refine = refine
         self.tiles = None
 
     def set_image(self, image):
@@ -390,26 +392,25 @@ class _SamRunner:
 
     def _tiled(self, masks, n_corrections, rng):
         # One object at a time through Embeddings.segment, as a click in the viewer is
-        # answered; corrections resend all points (the tiled path takes no mask prompt).
+        # answered; corrections send all points and the previous answer's logits.
         emb = self.tiles
         shape = masks[0].shape
-
-        def seg(**prompts) -> np.ndarray:
-            return emb.segment(0, **prompts).to_full(shape)
-
         point_iou, box_iou, iter_iou = [], [], []
         for m in masks:
             pts, lbl = [interior_point(m)], [1]
-            pred = seg(points=np.array(pts), labels=np.array(lbl), multimask=self.multimask_point)
+            answer = emb.segment(0, points=np.array(pts), labels=np.array(lbl), multimask=self.multimask_point)
+            pred = answer.to_full(shape)
             point_iou.append(_iou(pred, m))
-            box_iou.append(_iou(seg(box=_box_of(m), multimask=False), m))
+            box_iou.append(_iou(emb.segment(0, box=_box_of(m), multimask=False).to_full(shape), m))
             history = [point_iou[-1]]
             for _ in range(n_corrections):
                 nxt = corrective_point(m, pred, rng, "center")
                 if nxt is not None:
                     pts.append(nxt[0])
                     lbl.append(int(nxt[1]))
-                    pred = seg(points=np.array(pts), labels=np.array(lbl), multimask=False)
+                    previous = answer if self.refine else None
+                    answer = emb.segment(0, points=np.array(pts), labels=np.array(lbl), multimask=False, previous=previous)
+                    pred = answer.to_full(shape)
                 history.append(_iou(pred, m))
             iter_iou.append(history)
         return point_iou, box_iou, iter_iou

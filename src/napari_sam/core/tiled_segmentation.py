@@ -19,7 +19,8 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
@@ -29,11 +30,13 @@ from .tiling import Tile, TileGrid
 
 __all__ = ["PlaneMask", "TileAnswer", "segment_tiled"]
 
-TileAnswer = Callable[[Tile, np.ndarray | None, np.ndarray | None, np.ndarray | None, bool], tuple[np.ndarray, np.ndarray]]
+TileAnswer = Callable[..., tuple[np.ndarray, np.ndarray]]
 """``answer(tile, points, labels, box, multimask) -> (masks, iou)``: points (N, 2) and box
 (4,) in (x, y) pixels of the tile's embedded region; masks (C, h, w) bool over that
 region, or any sequence whose ``masks[k]`` gives the k-th (so that only the masks used
-are upscaled); iou (C,) predicted scores."""
+are upscaled); iou (C,) predicted scores. When :func:`segment_tiled` refines an earlier
+answer it also passes ``mask_input=`` (the low-res logits of that answer); masks with a
+``low_res_logits`` attribute ((C, h', w')) let the result be refined in turn."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,10 @@ class PlaneMask:
         Grid positions of the tiles that were asked, in order.
     complete
         False when the object reached further than ``max_tiles`` tiles allowed.
+    logits
+        Low-res logits of the first tile's answer (the mask prompt that refines this
+        answer when more points are added: ``previous=`` of :func:`segment_tiled`), or
+        None.
     """
 
     region: tuple[int, int, int, int]
@@ -60,6 +67,7 @@ class PlaneMask:
     iou: float
     tiles: tuple[tuple[int, int], ...]
     complete: bool = True
+    logits: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def slices(self) -> tuple[slice, slice]:
@@ -86,7 +94,7 @@ class PlaneMask:
     def cropped(self) -> "PlaneMask":
         """The same mask with its region shrunk to its pixels."""
         out = PlaneMask.from_full(self.mask, self.iou, (self.region[0], self.region[2]))
-        return PlaneMask(out.region, out.mask, self.iou, self.tiles, self.complete) if self.area else self
+        return PlaneMask(out.region, out.mask, self.iou, self.tiles, self.complete, self.logits) if self.area else self
 
     def to_full(self, shape: tuple[int, int]) -> np.ndarray:
         """The mask as a (H, W) bool array of the whole plane (for planes that fit memory)."""
@@ -158,6 +166,7 @@ def segment_tiled(
     box=None,
     multimask: bool | None = None,
     max_tiles: int = 16,
+    previous: PlaneMask | None = None,
 ) -> PlaneMask:
     """Segment one object from prompts in plane pixels, across as many tiles as it spans.
 
@@ -179,6 +188,11 @@ def segment_tiled(
     max_tiles
         Tiles asked at most; an object reaching further comes back with
         ``complete=False``.
+    previous
+        An earlier answer for the same object that these prompts correct (SAM's
+        interactive loop): its logits go to the first tile as the mask prompt, and a
+        single mask is asked for. Ignored when it has no logits or the prompts now start
+        on another tile.
 
     Returns
     -------
@@ -194,10 +208,11 @@ def segment_tiled(
     bx = None if box is None else check_boxes(np.asarray(box, dtype=np.float64).reshape(1, 4), H, W)[0]
     if bx is None and not (lbl == 1).any():
         raise ValueError("an object needs a box or at least one foreground point")
-    if multimask is None:
-        multimask = bx is None and len(pts) == 1
-
     first = _first_tile(grid, pts, lbl, bx)
+    refine = previous is not None and previous.logits is not None and previous.tiles[:1] == (first.index,)
+    if multimask is None:
+        multimask = bx is None and len(pts) == 1 and not refine
+    first_logits = None
     masks: dict[tuple[int, int], np.ndarray] = {}  # tile index -> mask over tile.outer
     hints: dict[tuple[int, int], list[tuple[float, float]]] = {}
     order: list[tuple[int, int]] = []
@@ -228,11 +243,17 @@ def segment_tiled(
         if t_box is None and not (t_lbl_a == 1).any():
             continue  # nothing to ask this tile
         is_first = index == first.index
-        candidates, iou = answer(tile, t_pts_a if len(t_pts_a) else None, t_lbl_a if len(t_pts_a) else None, t_box, multimask or not is_first)
+        asked = (tile, t_pts_a if len(t_pts_a) else None, t_lbl_a if len(t_pts_a) else None, t_box, multimask or not is_first)
+        if is_first and refine:
+            candidates, iou = answer(*asked, mask_input=previous.logits)
+        else:
+            candidates, iou = answer(*asked)
         iou = np.asarray(iou, dtype=np.float64).reshape(-1)
         if is_first:
             pick = int(np.argmax(iou))
             first_iou = float(iou[pick])
+            logits = getattr(candidates, "low_res_logits", None)
+            first_logits = None if logits is None else np.asarray(logits[pick], np.float32)
         else:
             pick = _most_consistent(candidates, iou, tile, masks, grid)
         mask = np.asarray(candidates[pick], bool)
@@ -253,7 +274,7 @@ def segment_tiled(
             hint = hint or _deepest_point(depth, window)
             hints.setdefault(other.index, []).append((hint[0] + ox0, hint[1] + oy0))
             queue.append(other.index)
-    return _assemble(grid, masks, order, first_iou, complete)
+    return dataclasses.replace(_assemble(grid, masks, order, first_iou, complete), logits=first_logits)
 
 
 def _most_consistent(candidates: np.ndarray, iou: np.ndarray, tile: Tile, masks: dict, grid: TileGrid) -> int:
