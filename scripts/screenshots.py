@@ -46,6 +46,12 @@ def main() -> None:
 
     def grab(name: str) -> None:
         settle()
+        # napari's toasts (here: its PyQt5 deprecation notice) would cover the canvas
+        from napari._qt.dialogs.qt_notification import NapariQtNotification
+
+        for toast in viewer.window._qt_window.findChildren(NapariQtNotification):
+            toast.close()
+        settle()
         path = OUT / name
         viewer.window.screenshot(str(path), canvas_only=False)
         # a 128-colour palette keeps each grab at about a quarter of a megabyte

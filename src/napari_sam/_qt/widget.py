@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label, PushButton
 from napari.qt.threading import create_worker
 from napari.utils import progress
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import QSizePolicy
 
 from ..api import MODEL_ENV_VAR, Annotator
 from ..layers import KEYS, ViewerSession, source_from_layer
@@ -87,6 +89,10 @@ class SamWidget(Container):
         self.clear = PushButton(text=f"Clear prompts ({KEYS['clear']})", enabled=False)
         self.status = Label(value="choose an image and a model, then Start")
         self.status.native.setWordWrap(True)
+        # A wrapping QLabel asks for the width of its longest word: left alone it sat as a
+        # narrow centred column under the buttons.
+        self.status.native.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Preferred)
+        self.status.native.setAlignment(Qt.AlignLeft | Qt.AlignVCenter)
         self.extend([
             self.image, self.model, self.checkpoint, self.device, self.dtype, self.cache, self.labels_path, self.start,
             self.embed_slice, self.embed_all, self.cancel, self.overwrite, self.commit, self.propagate, self.everything_mode,
