@@ -242,3 +242,17 @@ def test_the_headless_main_job_segments_the_prompted_nuclei(tmp_path, capsys):
         ids, counts = np.unique(truth[got], return_counts=True)
         nucleus = truth == ids[ids > 0][np.argmax(counts[ids > 0])]
         assert (got & nucleus).sum() / (got | nucleus).sum() > 0.45
+
+
+def test_segment_everything_with_the_default_model_uses_its_settings(tmp_path, nuclei_2d):
+    # With SAM's own filters the small default model would return nothing in auto mode.
+    from napari_sam.core.evaluation import instance_scores
+
+    image, truth = nuclei_2d
+    tifffile.imwrite(tmp_path / "img.tif", image)
+    assert main(["segment", str(tmp_path / "img.tif"), "--model", "default", "--mode", "boxes", "--out", str(tmp_path / "b.tif")]) == 0
+    boxes = tifffile.imread(tmp_path / "b.tif")
+    assert instance_scores(truth, boxes)["ap50"] > 0.4  # LoG boxes, as measured for this model
+    assert main(["segment", str(tmp_path / "img.tif"), "--model", "default", "--mode", "auto", "--points-per-side", "8",
+                 "--out", str(tmp_path / "a.tif")]) == 0
+    assert len(np.unique(tifffile.imread(tmp_path / "a.tif"))) > 10

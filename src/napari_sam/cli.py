@@ -11,6 +11,7 @@ Coordinates are pixels of the image as (x, y), that is (column, row).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 
@@ -49,7 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     seg.add_argument("--mode", choices=["prompts", "auto", "boxes"], default="prompts")
     seg.add_argument("--points-per-side", type=int, default=32, help="auto mode: grid density per tile")
-    seg.add_argument("--detector", choices=["otsu", "log"], default="otsu", help="boxes mode: the detector")
+    seg.add_argument("--detector", choices=["otsu", "log"], default=None,
+                     help="boxes mode: the detector (default: the one measured to suit the model; otsu for SAM's own)")
     seg.add_argument("--min-area", type=int, default=25, help="auto and boxes modes: smaller objects are dropped")
     seg.add_argument("--axes", help="auto and boxes modes: axis letters from TZCYX (default: guessed)")
     seg.add_argument("image", help="TIFF, Zarr, .npy, PNG or JPEG")
@@ -241,13 +243,15 @@ def _segment_all(args) -> int:
     source = ImageSource.open(args.image, axes=args.axes, channel=args.channel)
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     emb = Embeddings(source, model, cache=False)
+    advice = automatic.recommended(model)  # the grid's filters and the detector suited to the model
+    detector = args.detector or advice.detector
     planes = []
     for flat in tqdm(range(source.n_planes), desc=f"segmenting ({args.mode})", unit="plane"):
         if args.mode == "auto":
-            config = automatic.GridConfig(points_per_side=args.points_per_side, min_area=args.min_area)
+            config = dataclasses.replace(advice.grid, points_per_side=args.points_per_side, min_area=args.min_area)
             result = automatic.run(automatic.iter_grid(emb, flat, config))
         else:
-            boxes = automatic.detect_boxes(source.read(flat), method=args.detector, min_area=args.min_area)
+            boxes = automatic.detect_boxes(source.read(flat), method=detector, min_area=args.min_area)
             result = automatic.run(automatic.iter_from_boxes(emb, flat, boxes, min_area=args.min_area))
         planes.append(result.labels)
     if len(planes) > 1 and args.mode == "auto":

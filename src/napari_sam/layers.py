@@ -22,6 +22,7 @@ uses napari's thread workers. From the console the steps simply run in turn.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -310,20 +311,25 @@ class ViewerSession:
         label_id = int(self.labels_layer.selected_label if label_id is None else label_id)
         return self.annotator.propagate(self.current_plane(), label_id, axis, PropagationSettings(**settings), self.overwrite)
 
-    def segment_everything(self, plane: tuple[int, ...] | None = None, mode: str = "auto", points_per_side: int = 16):
+    def segment_everything(self, plane: tuple[int, ...] | None = None, mode: str | None = None, points_per_side: int = 16):
         """A generator segmenting every object of a plane (default: the current one) and
         committing them, objects already labelled kept (see :mod:`napari_sam.core.automatic`).
 
-        ``mode`` is ``"auto"`` (a grid of point prompts) or ``"boxes"`` (a classical
-        detector's boxes). Yields progress; returns the Commit (or None)."""
+        ``mode`` is ``"auto"`` (a grid of point prompts), ``"boxes"`` (a classical
+        detector's boxes) or None for what suits the model
+        (:func:`~napari_sam.core.automatic.recommended`, which also gives the grid's
+        filters and the detector). Yields progress; returns the Commit (or None)."""
         from .core import automatic
 
         plane = self.current_plane() if plane is None else tuple(plane)
         emb = self.annotator.embeddings
+        advice = automatic.recommended(self.annotator.model)
+        mode = advice.mode if mode is None else mode
         if mode == "auto":
-            result = yield from automatic.iter_grid(emb, plane, automatic.GridConfig(points_per_side=points_per_side))
+            config = dataclasses.replace(advice.grid, points_per_side=points_per_side)
+            result = yield from automatic.iter_grid(emb, plane, config)
         else:
-            boxes = automatic.detect_boxes(self.annotator.source.read(plane))
+            boxes = automatic.detect_boxes(self.annotator.source.read(plane), method=advice.detector)
             result = yield from automatic.iter_from_boxes(emb, plane, boxes)
         masks = [PlaneMask.from_full(result.labels == k) for k in range(1, int(result.labels.max()) + 1)]
         masks = [m for m in masks if m.area]

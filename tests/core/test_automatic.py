@@ -283,3 +283,19 @@ def test_box_mode_end_to_end(tiny_sam, crop, tiled):
     assert sum(r.tile is None for r in reports) == 1  # the wide box went across tiles
     with pytest.raises(ValueError, match=r"\(N, 4\)"):
         run(iter_from_boxes(emb, 0, [1, 2, 3]))
+
+
+def test_recommended_settings_follow_the_model(tiny_model):
+    from napari_sam.core.automatic import GridConfig, recommended
+    from napari_sam.core.models import load_model
+
+    assert recommended(tiny_model).mode == "auto" and recommended(tiny_model).grid == GridConfig()
+    default = recommended(load_model("default"))
+    assert (default.mode, default.detector) == ("boxes", "log")
+    assert default.grid.pred_iou_thresh == 0.6 and default.grid.stability_thresh == 0.8
+    tiny_model.checkpoint_metadata["automatic"] = {"mode": "boxes", "grid": {"points_per_side": 8}}
+    try:
+        advice = recommended(tiny_model)
+        assert advice.mode == "boxes" and advice.grid.points_per_side == 8 and advice.detector == "otsu"
+    finally:
+        del tiny_model.checkpoint_metadata["automatic"]

@@ -203,6 +203,9 @@ class SamWidget(Container):
             for button in (self.embed_slice, self.embed_all, self.commit, self.undo, self.clear, self.everything):
                 button.enabled = True
             self.propagate.enabled = bool(annotator.source.plane_axes)
+            from ..core.automatic import recommended
+
+            self.everything_mode.value = recommended(annotator.model).mode
             self.start.enabled = True
             self._say(f"{annotator.model.source.name}: click to add points ({KEYS['toggle']}: foreground/background)")
 
