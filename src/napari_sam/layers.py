@@ -311,14 +311,17 @@ class ViewerSession:
         label_id = int(self.labels_layer.selected_label if label_id is None else label_id)
         return self.annotator.propagate(self.current_plane(), label_id, axis, PropagationSettings(**settings), self.overwrite)
 
-    def segment_everything(self, plane: tuple[int, ...] | None = None, mode: str | None = None, points_per_side: int = 16):
+    def segment_everything(self, plane: tuple[int, ...] | None = None, mode: str | None = None, points_per_side: int = 16,
+                           rough=None):
         """A generator segmenting every object of a plane (default: the current one) and
         committing them, objects already labelled kept (see :mod:`napari_sam.core.automatic`).
 
         ``mode`` is ``"auto"`` (a grid of point prompts), ``"boxes"`` (a classical
-        detector's boxes) or None for what suits the model
-        (:func:`~napari_sam.core.automatic.recommended`, which also gives the grid's
-        filters and the detector). Yields progress; returns the Commit (or None)."""
+        detector's boxes), ``"labels"`` (the box of each object of ``rough``, a Labels
+        layer or array of the image's shape: a rough segmentation to refine) or None for
+        what suits the model (:func:`~napari_sam.core.automatic.recommended`, which also
+        gives the grid's filters and the detector). Yields progress; returns the Commit
+        (or None)."""
         from .core import automatic
 
         plane = self.current_plane() if plane is None else tuple(plane)
@@ -328,12 +331,33 @@ class ViewerSession:
         if mode == "auto":
             config = dataclasses.replace(advice.grid, points_per_side=points_per_side)
             result = yield from automatic.iter_grid(emb, plane, config)
+        elif mode == "labels":
+            boxes = automatic.boxes_from_labels(self._rough_plane(rough, plane))[0]
+            result = yield from automatic.iter_from_boxes(emb, plane, boxes)
         else:
             boxes = automatic.detect_boxes(self.annotator.source.read(plane), method=advice.detector)
             result = yield from automatic.iter_from_boxes(emb, plane, boxes)
         masks = [PlaneMask.from_full(result.labels == k) for k in range(1, int(result.labels.max()) + 1)]
         masks = [m for m in masks if m.area]
         return self.commit_masks(plane, masks) if masks else None
+
+    def check_rough(self, rough):
+        """The array of a rough segmentation for the ``"labels"`` mode of
+        :meth:`segment_everything` (a Labels layer or an array), checked against the
+        image; a ValueError says what is wrong."""
+        if rough is None:
+            raise ValueError("choose the Labels layer whose objects are to be refined")
+        data = getattr(rough, "data", rough)
+        name = getattr(rough, "name", "the rough labels")
+        if getattr(rough, "multiscale", False):
+            data = data[0]
+        shape = self.annotator.source.plane_grid + self.annotator.source.plane_shape
+        if tuple(data.shape) != tuple(shape):
+            raise ValueError(f"{name} has shape {tuple(data.shape)}, but the image's labels need {tuple(shape)}")
+        return data
+
+    def _rough_plane(self, rough, plane: tuple[int, ...]) -> np.ndarray:
+        return np.asarray(self.check_rough(rough)[plane])
 
     def undo(self) -> list[Commit]:
         """Undo the last commit (or propagation)."""

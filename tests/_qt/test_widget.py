@@ -307,6 +307,42 @@ def test_widget_segments_everything_on_a_slice_and_keeps_existing_labels(widget,
     assert not data[44].any() and not data[46].any()
 
 
+def test_widget_refines_the_objects_of_a_rough_labels_layer(widget, viewer_3d, nuclei_3d, qtbot, monkeypatch):
+    from scipy import ndimage
+
+    viewer, layer = viewer_3d
+    session = widget.session
+    image, truth = nuclei_3d
+    viewer.dims.set_current_step(0, 45)
+    wrong = viewer.add_labels(np.zeros((10, 10), np.int32), name="wrong shape")
+    rough = np.zeros(truth.shape, np.int32)
+    blobs = ndimage.binary_opening(image[45] > np.percentile(image[45], 80), iterations=2)
+    rough[45] = ndimage.label(blobs)[0]  # a threshold's blobs
+    viewer.add_labels(rough, name="threshold", scale=layer.scale)
+    names = [c.name for c in widget.rough.choices]
+    assert "threshold" in names and "SAM labels" not in names
+    widget.everything_mode.value = "labels"
+    assert not widget.rough.native.isHidden()  # shown with this mode (the window itself is not shown)
+    widget.rough.value = wrong
+    assert widget.run_everything() is None and "wrong shape has shape (10, 10)" in widget.status.value
+    widget.rough.value = viewer.layers["threshold"]
+    from napari_sam.core import automatic
+
+    asked = []
+    boxes_through_sam = automatic.iter_from_boxes
+    monkeypatch.setattr(automatic, "iter_from_boxes", lambda emb, plane, boxes, **k: asked.append((plane, boxes))
+                        or boxes_through_sam(emb, plane, boxes, **k))
+    widget.run_everything()
+    _idle(widget, qtbot)
+    # each blob of the threshold became one box prompt on this slice (the model is random
+    # here, so its masks are not checked against the blobs)
+    assert asked[0][0] == (45,)
+    np.testing.assert_array_equal(asked[0][1], automatic.boxes_from_labels(rough[45])[0])
+    data = session.labels_layer.data
+    assert 0 < len(np.unique(data[45])) - 1 <= len(np.unique(rough[45])) - 1
+    assert not data[44].any() and not data[46].any()
+
+
 def test_the_default_model_is_selected_and_segments_a_real_nucleus(make_napari_viewer, nuclei_2d, monkeypatch, qtbot):
     # The main job: no model named anywhere, the shipped default model does the work.
     monkeypatch.delenv("NAPARI_SAM_MODEL", raising=False)

@@ -83,7 +83,14 @@ class SamWidget(Container):
         self.commit = PushButton(text=f"Commit ({KEYS['commit']})", enabled=False)
         self.propagate = PushButton(text="Propagate selected label through slices", enabled=False,
                                     tooltip="follow the labels layer's selected object from this slice up and down the stack")
-        self.everything_mode = ComboBox(label="segment everything", choices=[("point grid (SAM)", "auto"), ("detector boxes", "boxes")], value="auto")
+        self.everything_mode = ComboBox(
+            label="segment everything",
+            choices=[("point grid (SAM)", "auto"), ("detector boxes", "boxes"), ("objects of a Labels layer", "labels")],
+            value="auto",
+            tooltip="labels: refine a rough segmentation (a threshold, another tool's output) object by object",
+        )
+        self.rough = ComboBox(label="rough labels", choices=self._rough_choices, visible=False,
+                              tooltip="Labels layer of the image's shape whose objects become box prompts")
         self.everything = PushButton(text="Segment everything on this slice", enabled=False)
         self.undo = PushButton(text=f"Undo ({KEYS['undo']})", enabled=False)
         self.clear = PushButton(text=f"Clear prompts ({KEYS['clear']})", enabled=False)
@@ -96,7 +103,7 @@ class SamWidget(Container):
         self.extend([
             self.image, self.model, self.checkpoint, self.device, self.dtype, self.cache, self.labels_path, self.start,
             self.embed_slice, self.embed_all, self.cancel, self.overwrite, self.commit, self.propagate, self.everything_mode,
-            self.everything, self.undo, self.clear,
+            self.rough, self.everything, self.undo, self.clear,
             self.status,
         ])
 
@@ -111,8 +118,10 @@ class SamWidget(Container):
         self.everything.clicked.connect(self.run_everything)
         self.clear.clicked.connect(lambda: self.session and self.session.clear_prompts())
         self.overwrite.changed.connect(lambda v: self.session and setattr(self.session, "overwrite", bool(v)))
-        viewer.layers.events.inserted.connect(self.image.reset_choices)
-        viewer.layers.events.removed.connect(self.image.reset_choices)
+        self.everything_mode.changed.connect(lambda v: setattr(self.rough, "visible", v == "labels"))
+        for choice in (self.image, self.rough):
+            viewer.layers.events.inserted.connect(choice.reset_choices)
+            viewer.layers.events.removed.connect(choice.reset_choices)
         self.native.destroyed.connect(self._on_close)
 
     # -- helpers -------------------------------------------------------------------------
@@ -120,6 +129,12 @@ class SamWidget(Container):
         from napari.layers import Image
 
         return [(layer.name, layer) for layer in self.viewer.layers if isinstance(layer, Image)]
+
+    def _rough_choices(self, *_):
+        from napari.layers import Labels
+
+        own = () if self.session is None else (self.session.labels_layer, self.session.preview_layer)
+        return [(layer.name, layer) for layer in self.viewer.layers if isinstance(layer, Labels) and layer not in own]
 
     def _gui(self, fn):
         """Wrap a callback that touches widgets: workers report after the viewer may have
@@ -206,6 +221,7 @@ class SamWidget(Container):
             from ..core.automatic import recommended
 
             self.everything_mode.value = recommended(annotator.model).mode
+            self.rough.reset_choices()  # without the layers the session just added
             self.start.enabled = True
             self._say(f"{annotator.model.source.name}: click to add points ({KEYS['toggle']}: foreground/background)")
 
@@ -266,7 +282,15 @@ class SamWidget(Container):
             n = 0 if commit is None else sum(1 for i in commit.ids if i)
             self._say(f"committed {n} object(s)")
 
-        worker = create_worker(session.segment_everything, None, self.everything_mode.value, _start_thread=False)
+        mode = self.everything_mode.value
+        if mode == "labels":
+            try:  # checked here, where the user can be told at once
+                session.check_rough(self.rough.value)
+            except ValueError as err:
+                self._say(str(err))
+                bar.close()
+                return None
+        worker = create_worker(session.segment_everything, None, mode, rough=self.rough.value, _start_thread=False)
         worker.yielded.connect(self._gui(show))
         worker.finished.connect(bar.close)
         worker.finished.connect(self._gui(lambda: setattr(self.cancel, "enabled", False)))

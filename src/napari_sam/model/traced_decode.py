@@ -10,9 +10,9 @@ runs all of its operations in one call with the lock released (59 ms in the same
 the rest being the CPU shared with that thread).
 
 Tracing records one path through the code, so a graph is made for each combination of
-what varies that way: batch size, which prompt kinds are present and ``multimask``.
-The number of points stays free. Prompts with a mask input, and anything that fails to
-trace, take the ordinary eager route.
+what varies that way: which prompt kinds are present and ``multimask``. The number of
+points stays free. Batches of several prompt sets (automatic modes), prompts with a mask
+input, and anything that fails to trace take the ordinary eager route.
 """
 
 from __future__ import annotations
@@ -100,8 +100,12 @@ class TracedDecode:
         bxs = boxes if has_boxes else torch.zeros(batch, 4, device=device)
         args = (coords, labels, bxs, *(getattr(context, f) for f in _CONTEXT_FIELDS))
         key = (batch, has_points, has_boxes, bool(multimask), device.type, context.keys.dtype)
-        graph = self._graphs.get(key) if self.enabled else None
-        if graph is None and self.enabled:
+        # Only single prompt sets (clicks) are traced: a batch's few large operations
+        # hardly wait on the lock, and each new batch size would cost a trace (one more
+        # decode of the whole batch).
+        traceable = self.enabled and batch == 1
+        graph = self._graphs.get(key) if traceable else None
+        if graph is None and traceable:
             graph = self._trace(key, args)
         if graph is None:
             return _Decode(self.sam, has_points, has_boxes, bool(multimask))(*args)
