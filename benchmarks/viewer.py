@@ -12,6 +12,8 @@ Prints one JSON object per line:
   :meth:`~napari_sam.layers.ViewerSession.compute_preview`), ``show`` (putting the mask
   into the preview layer, GUI thread) and ``overhead`` (the rest: drawing the new point,
   signals, thread start, the draw that shows the mask);
+* ``correction_to_preview_ms``: the same for a second point on the object, answered
+  with the first answer as mask prompt;
 * ``frame_interval_ms``: how late a 60 Hz Qt timer fires (the viewer's frame budget),
   idle and while the widget embeds slices in its worker. micro-sam had to turn its
   workers off because they slowed napari down; this shows whether ours do.
@@ -136,19 +138,27 @@ def main() -> None:
         if not condition():
             raise TimeoutError("the viewer did not finish in time")
 
-    latencies, parts = [], {"segment": [], "show": []}
-    for i in rng.choice(ids, size=args.clicks, replace=False):
-        x, y = interior_point(plane_labels == i)
+    def click(y: float, x: float) -> float:
         spent.update(segment=0.0, show=0.0)
         shown[0] = 0.0
         t = time.perf_counter()
         session.points_layer.add(np.array([[0, y, x]]))
         until(lambda: session.preview_is_current() and not widget._preview_running and shown[0] and draws[-1] > shown[0])
-        latencies.append((draws[-1] - t) * 1000)
+        if os.environ.get("NAPARI_SAM_BENCH_VERBOSE"):
+            print({k: round(v, 1) for k, v in spent.items()}, round((draws[-1] - t) * 1000, 1), flush=True)
+        return (draws[-1] - t) * 1000
+
+    latencies, corrections, parts = [], [], {"segment": [], "show": []}
+    for i in rng.choice(ids, size=args.clicks, replace=False):
+        obj = plane_labels == i
+        x, y = interior_point(obj)
+        latencies.append(click(y, x))
         for k in parts:
             parts[k].append(spent[k])
-        if os.environ.get("NAPARI_SAM_BENCH_VERBOSE"):
-            print({k: round(v, 1) for k, v in spent.items()}, round(latencies[-1], 1), flush=True)
+        # a second point on the object refines the first answer (mask prompt route)
+        ys, xs = np.nonzero(obj)
+        far = int(np.argmax((ys - y) ** 2 + (xs - x) ** 2))
+        corrections.append(click((ys[far] + y) / 2, (xs[far] + x) / 2))
         session.clear_prompts()
         until(lambda: not widget._workers and not widget._preview_running)
     med = {k: statistics.median(v) for k, v in parts.items()}
@@ -156,6 +166,8 @@ def main() -> None:
          median=round(statistics.median(latencies), 1), min=round(min(latencies), 1), max=round(max(latencies), 1),
          segment_median=round(med["segment"], 1), show_median=round(med["show"], 1),
          overhead_median=round(statistics.median([a - b - c for a, b, c in zip(latencies, parts["segment"], parts["show"])]), 1))
+    emit(what="correction_to_preview_ms", model=args.model, slice=[1024, 1024], threads=torch.get_num_threads(),
+         median=round(statistics.median(corrections), 1), min=round(min(corrections), 1), max=round(max(corrections), 1))
 
     def frame_lateness(seconds: float) -> list[float]:
         late = []

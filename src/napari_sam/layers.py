@@ -220,7 +220,11 @@ class ViewerSession:
             updates a layer's data and features in separate steps, so reading the layers
             while the user clicks can see a point without its foreground flag.
 
-        Returns (plane, prompt key, masks, prompts) for :meth:`show_preview`."""
+        Returns
+        -------
+        tuple
+            (plane, prompt key, masks, prompts), for :meth:`show_preview`.
+        """
         plane = self.current_plane() if plane is None else tuple(plane)
         prompts = self.prompts(plane) if prompts is None else prompts
         masks = self.annotator.segment_prompts(plane, prompts["points"], prompts["labels"], prompts["boxes"],
@@ -235,8 +239,8 @@ class ViewerSession:
         if shown is None or shown[0] != plane or len(shown[2]) != 1:
             return None
         old = shown[1]
-        n = len(old["points"])
-        if not 0 < n < len(prompts["points"]) or len(old["boxes"]) != len(prompts["boxes"]):
+        n = len(old["points"])  # 0 when the shown answer came from a box alone
+        if not n < len(prompts["points"]) or len(old["boxes"]) != len(prompts["boxes"]):
             return None
         same = (np.array_equal(old["points"], prompts["points"][:n]) and np.array_equal(old["labels"], prompts["labels"][:n])
                 and all(np.array_equal(a, b) for a, b in zip(old["boxes"], prompts["boxes"])))
@@ -342,9 +346,24 @@ class ViewerSession:
         return self.commit_masks(plane, masks) if masks else None
 
     def check_rough(self, rough):
-        """The array of a rough segmentation for the ``"labels"`` mode of
-        :meth:`segment_everything` (a Labels layer or an array), checked against the
-        image; a ValueError says what is wrong."""
+        """A rough segmentation for the ``"labels"`` mode of :meth:`segment_everything`,
+        checked against the image.
+
+        Parameters
+        ----------
+        rough
+            A Labels layer (its full-resolution level if multiscale) or an array.
+
+        Returns
+        -------
+        array-like
+            Its data, of the image's labels shape (planes, then Y, X).
+
+        Raises
+        ------
+        ValueError
+            Nothing given, or a shape that does not match the image.
+        """
         if rough is None:
             raise ValueError("choose the Labels layer whose objects are to be refined")
         data = getattr(rough, "data", rough)

@@ -81,9 +81,18 @@ def test_an_added_point_refines_the_shown_preview_and_other_edits_start_afresh(v
     assert asked[-1] is first[0]  # SAM's loop: the last answer guides the next
     expected = session.annotator.segment((40,), [[60, 50], [30, 30]], [1, 1], previous=first[0])
     np.testing.assert_array_equal(second[0].mask, expected.mask)
-    session.points_layer.data = session.points_layer.data[:1] + [[0, 5, 5]]  # a point moved
+    moved = np.array(session.points_layer.data, copy=True)
+    moved[0] += [0, 5, 5]
+    session.points_layer.data = np.vstack([moved, [[40, 20, 20]]])  # one point moved, one added
     preview()
     assert asked[-1] is None
+    # a point added to a box refines the box's answer
+    session.clear_prompts()
+    session.boxes_layer.add(np.array([[40, 30, 40], [40, 30, 80], [40, 70, 80], [40, 70, 40]]), shape_type="rectangle")
+    boxed = preview()
+    session.points_layer.add(np.array([[40, 50, 60]]))
+    preview()
+    assert asked[-1] is boxed[0]
     viewer.dims.set_current_step(0, 41)
     session.points_layer.add(np.array([[41, 50, 60], [41, 52, 62]]))
     preview()

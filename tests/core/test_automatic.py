@@ -299,3 +299,15 @@ def test_recommended_settings_follow_the_model(tiny_model):
         assert advice.mode == "boxes" and advice.grid.points_per_side == 8 and advice.detector == "otsu"
     finally:
         del tiny_model.checkpoint_metadata["automatic"]
+
+
+def test_malformed_advice_in_a_checkpoint_is_ignored_with_a_warning(tiny_model):
+    from napari_sam.core.automatic import Recommended, recommended
+
+    for bad in ({"mode": "everything"}, {"colour": "red"}, {"grid": {"points": 3}}, "boxes"):
+        tiny_model.checkpoint_metadata["automatic"] = bad
+        try:
+            with pytest.warns(RuntimeWarning, match="ignoring the checkpoint's advice"):
+                assert recommended(tiny_model) == Recommended()
+        finally:
+            del tiny_model.checkpoint_metadata["automatic"]

@@ -171,6 +171,6 @@ def test_switching_back_to_an_embedding_reuses_its_context(tiny_sam, monkeypatch
 def test_warm_up_traces_the_usual_prompts_and_leaves_no_image(tiny_sam):
     p = Predictor(tiny_sam)
     p.warm_up()
-    assert len(p._traced._graphs) == 4  # context, point x 3 masks, point x 1, box
+    assert len(p._traced._graphs) == 5  # context, point x 3 masks, point x 1, point + mask prompt, box
     with pytest.raises(RuntimeError, match="no image is set"):
         p.predict(points=[[1, 1]])

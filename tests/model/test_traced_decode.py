@@ -87,3 +87,23 @@ def test_a_decoder_that_cannot_be_traced_is_run_eagerly(tiny_sam, context, monke
         ref, _ = tiny_sam.decode(None, coords, labels, None, None, True, context=context)
     torch.testing.assert_close(low, ref)
     torch.testing.assert_close(again, ref)
+
+
+def test_a_click_with_the_previous_answer_as_mask_prompt_is_traced_too(tiny_sam, context):
+    grid = tiny_sam.config.embedding_size
+    torch.manual_seed(3)
+    embedding = torch.randn(1, tiny_sam.config.prompt_embed_dim, grid, grid)
+    with torch.inference_mode():
+        ctx = tiny_sam.image_context(embedding)
+    traced = TracedDecode(tiny_sam)
+    mask = torch.randn(1, 1, 4 * grid, 4 * grid)
+    with torch.inference_mode():
+        for n in (1, 3):
+            coords, labels, _ = _prompts(1, n, False)
+            low, iou = traced(coords, labels, None, False, ctx, mask, embedding)
+            ref_low, ref_iou = tiny_sam.decode(embedding, coords, labels, None, mask, False)
+            torch.testing.assert_close(low, ref_low, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(iou, ref_iou, rtol=1e-5, atol=1e-5)
+    assert [k[1:5] for k in traced._graphs] == [(True, False, True, False)]  # one graph, any point count
+    with pytest.raises(ValueError, match="needs the embedding"):
+        traced(coords, labels, None, False, ctx, mask)

@@ -290,7 +290,8 @@ class SamWidget(Container):
                 self._say(str(err))
                 bar.close()
                 return None
-        worker = create_worker(session.segment_everything, None, mode, rough=self.rough.value, _start_thread=False)
+        plane = session.current_plane()  # the slice shown now, read on the GUI thread
+        worker = create_worker(session.segment_everything, plane, mode, rough=self.rough.value, _start_thread=False)
         worker.yielded.connect(self._gui(show))
         worker.finished.connect(bar.close)
         worker.finished.connect(self._gui(lambda: setattr(self.cancel, "enabled", False)))

@@ -39,6 +39,7 @@ images and the internal mask regions are (row, col) arrays.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -97,7 +98,7 @@ class Recommended:
 
 
 def recommended(model) -> Recommended:
-    """What to use to segment everything with ``model`` (a loaded SAM).
+    """What to use to segment everything with a model.
 
     SAM's own settings (grid mode, predicted IoU above 0.88, stability above 0.95) for
     every model, except the embedded default model: it never predicts that confidently,
@@ -107,15 +108,33 @@ def recommended(model) -> Recommended:
     (docs/volumes.md); the choice was made on DSB training images, where the order was
     the same. A checkpoint may carry its own advice as metadata ``"automatic"``, a dict
     of these fields (``grid`` as GridConfig's fields).
+
+    Parameters
+    ----------
+    model
+        A loaded SAM (:func:`~napari_sam.core.models.load_model`).
+
+    Returns
+    -------
+    Recommended
+        SAM's settings when the checkpoint's advice is malformed (with a warning).
     """
     from .models import DEFAULT_MODEL
 
-    advice = dict(getattr(model, "checkpoint_metadata", {}).get("automatic") or {})
+    advice = (getattr(model, "checkpoint_metadata", None) or {}).get("automatic") or {}
     source = getattr(model, "source", None)
     if not advice and source is not None and source.name == DEFAULT_MODEL:
         advice = {"mode": "boxes", "detector": "log", "grid": {"pred_iou_thresh": 0.6, "stability_thresh": 0.8}}
-    grid = GridConfig(**advice.pop("grid", {}))
-    return Recommended(grid=grid, **advice)
+    try:
+        advice = dict(advice)
+        grid = GridConfig(**dict(advice.pop("grid", {})))
+        out = Recommended(grid=grid, **advice)
+        if out.mode not in ("auto", "boxes") or out.detector not in ("otsu", "log"):
+            raise ValueError(f"mode {out.mode!r}, detector {out.detector!r}")
+    except (TypeError, ValueError) as err:  # a checkpoint is untrusted input
+        warnings.warn(f"ignoring the checkpoint's advice on automatic segmentation ({err})", RuntimeWarning, stacklevel=2)
+        return Recommended()
+    return out
 
 
 @dataclass(frozen=True)
@@ -513,8 +532,9 @@ def _cleaned(candidates: list[_Candidate], min_area: int) -> list[_Candidate]:
 
 
 def _decoder(embeddings: Embeddings) -> Predictor:
-    # A predictor of our own: the embeddings' decoder may be serving the viewer.
-    return Predictor(embeddings.model, embeddings.normalization)
+    # A predictor of our own: the embeddings' decoder may be serving the viewer. Its
+    # batches run eagerly, so nothing is traced.
+    return Predictor(embeddings.model, embeddings.normalization, traced=False)
 
 
 def iter_grid(

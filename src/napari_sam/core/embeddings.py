@@ -182,7 +182,7 @@ class Embeddings:
         self.store = EmbeddingStore.open(
             self.cache_path, self.signature, (self.source.n_planes, rows, cols), on_mismatch, self.feature_shape
         )
-        self._encoder = Predictor(model, normalization)
+        self._encoder = Predictor(model, normalization, traced=False)  # embeds only
         self._decoder = Predictor(model, normalization)
         self._recent: OrderedDict[tuple[int, int, int], ImageEmbedding] = OrderedDict()
         self._lock = threading.Lock()  # guards _recent and the per-entry locks
@@ -422,7 +422,7 @@ def _worker_predictor(checkpoint: str, dtype: str, normalization: Normalization,
     # Loaded once per worker process and kept: a worker runs many tiles.
     if threads > 0:
         torch.set_num_threads(threads)
-    return Predictor(load_model(checkpoint, device="cpu", dtype=dtype), normalization)
+    return Predictor(load_model(checkpoint, device="cpu", dtype=dtype), normalization, traced=False)
 
 
 @functools.lru_cache(maxsize=4)

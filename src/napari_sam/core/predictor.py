@@ -135,11 +135,13 @@ class Predictor:
         How intensities are brought to SAM's 0-255 range; see
         :class:`~napari_sam.core.preprocess.Normalization`.
     traced
-        Answer prompts without a mask input through traced graphs
+        Answer single prompt sets through traced graphs
         (:class:`~napari_sam.model.traced_decode.TracedDecode`): the same numbers, but
         a click computed in a worker thread no longer waits on the GUI thread for the
         interpreter lock between operations. The first prompt of each kind traces its
-        graph (about 0.3 s).
+        graph (about 0.3 s; :meth:`warm_up` does it ahead). Batches run eagerly. Image
+        contexts are kept for the last few embeddings set: after changing the model's
+        weights, set the embedding again after :meth:`reset_image`.
 
     Examples
     --------
@@ -251,8 +253,9 @@ class Predictor:
 
     def warm_up(self) -> None:
         """Trace the graphs of the usual interactive prompts (a point with three masks, a
-        point with one, a box) on a blank embedding, so that the first real click does
-        not wait for them (about 1 s on a 2-core CPU). Forgets the current image."""
+        point with one, a correcting point with the previous answer, a box) on a blank
+        embedding, so that the first real click does not wait for them (about 1 s on a
+        2-core CPU). Forgets the current image."""
         if self._traced is None:
             return
         cfg = self.model.config
@@ -262,6 +265,7 @@ class Predictor:
         centre = [[side / 2, side / 2]]
         for multimask in (True, False):
             self.predict(points=centre, multimask=multimask)
+        self.predict(points=centre, mask_input=np.zeros((self.low_res_size,) * 2, np.float32), multimask=False)
         self.predict(box=[0, 0, side / 2, side / 2], multimask=False)
         self.reset_image()
 
@@ -377,8 +381,8 @@ class Predictor:
         if len(set(batch)) > 1:
             raise ValueError(f"points, boxes and mask_input disagree on the batch size: {batch}")
 
-        if t_mask is None and self._traced is not None:
-            low, iou = self._traced(t_points, t_labels, t_boxes, multimask, self._context)
+        if self._traced is not None:
+            low, iou = self._traced(t_points, t_labels, t_boxes, multimask, self._context, t_mask, emb.features)
         else:
             low, iou = self.model.decode(
                 emb.features, t_points, t_labels, t_boxes, t_mask, multimask_output=multimask, context=self._context

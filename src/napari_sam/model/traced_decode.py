@@ -10,9 +10,10 @@ runs all of its operations in one call with the lock released (59 ms in the same
 the rest being the CPU shared with that thread).
 
 Tracing records one path through the code, so a graph is made for each combination of
-what varies that way: which prompt kinds are present and ``multimask``. The number of
-points stays free. Batches of several prompt sets (automatic modes), prompts with a mask
-input, and anything that fails to trace take the ordinary eager route.
+what varies that way: which prompt kinds are present, whether a mask prompt (the previous
+answer, when a click corrects it) comes along, and ``multimask``. The number of points
+stays free. Batches of several prompt sets (automatic modes) and anything that fails to
+trace take the ordinary eager route.
 """
 
 from __future__ import annotations
@@ -30,21 +31,22 @@ _CONTEXT_FIELDS = ("keys", "key_pe", "keys_pe", "t2i_k", "t2i_v", "i2t_q")
 
 
 class _Decode(nn.Module):
-    """:meth:`Sam.decode` with a cached image context, over plain tensor arguments."""
+    """:meth:`Sam.decode` over plain tensor arguments: with a cached image context, or
+    with the embedding itself and a mask prompt (which changes the image side)."""
 
-    def __init__(self, sam: nn.Module, has_points: bool, has_boxes: bool, multimask: bool):
+    def __init__(self, sam: nn.Module, has_points: bool, has_boxes: bool, has_mask: bool, multimask: bool):
         super().__init__()
         self.sam = sam
-        self.has_points, self.has_boxes, self.multimask = has_points, has_boxes, multimask
+        self.has_points, self.has_boxes, self.has_mask, self.multimask = has_points, has_boxes, has_mask, multimask
 
-    def forward(self, coords, labels, boxes, keys, key_pe, keys_pe, t2i_k, t2i_v, i2t_q):
-        context = ImageContext(keys, key_pe, keys_pe, t2i_k, t2i_v, i2t_q)
+    def forward(self, coords, labels, boxes, embedding, mask, keys, key_pe, keys_pe, t2i_k, t2i_v, i2t_q):
+        context = None if self.has_mask else ImageContext(keys, key_pe, keys_pe, t2i_k, t2i_v, i2t_q)
         return self.sam.decode(
-            None,
+            embedding,
             coords if self.has_points else None,
             labels if self.has_points else None,
             boxes if self.has_boxes else None,
-            None,
+            mask if self.has_mask else None,
             multimask_output=self.multimask,
             context=context,
         )
@@ -63,18 +65,20 @@ class _Context(nn.Module):
 
 
 class TracedDecode:
-    """Answers prompts on a cached image context through traced graphs.
+    """Answers single prompt sets through traced graphs of the decoder.
 
     Parameters
     ----------
     sam
-        The model; the graphs share its parameters, so in-place weight updates (training,
-        ``load_state_dict``) reach them.
+        The model. The graphs share its parameters, so in-place weight updates
+        (training, ``load_state_dict``) reach them; image contexts computed before such
+        an update do not change (compute them again).
 
     Examples
     --------
-    >>> decode = TracedDecode(sam)                                   # doctest: +SKIP
-    >>> low_res, iou = decode(coords, labels, None, True, context)   # doctest: +SKIP
+    >>> decode = TracedDecode(sam)                                          # doctest: +SKIP
+    >>> context = decode.image_context(embedding)                           # doctest: +SKIP
+    >>> low_res, iou = decode(coords, labels, None, True, context)          # doctest: +SKIP
     """
 
     def __init__(self, sam: nn.Module):
@@ -89,34 +93,78 @@ class TracedDecode:
         boxes: torch.Tensor | None,
         multimask: bool,
         context: ImageContext,
+        mask_input: torch.Tensor | None = None,
+        embedding: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Low-res logits (B, C, h, w) and IoU predictions (B, C), as :meth:`Sam.decode`
-        with ``context`` and no mask input gives them."""
-        has_points, has_boxes = point_coords is not None, boxes is not None
-        batch = point_coords.shape[0] if has_points else boxes.shape[0]
+        """Decode prompts as :meth:`Sam.decode` does.
+
+        Parameters
+        ----------
+        point_coords, point_labels
+            (B, N, 2) points in the model-input frame and their (B, N) labels, or None.
+        boxes
+            (B, 4) boxes in the model-input frame, or None.
+        multimask
+            Three masks per prompt set instead of one.
+        context
+            :meth:`image_context` of the embedding.
+        mask_input
+            (B, 1, h, w) low-res logits of an earlier answer, or None.
+        embedding
+            (1, C, h, w) image embedding; needed with ``mask_input``.
+
+        Returns
+        -------
+        low_res_logits : torch.Tensor
+            (B, C, h, w).
+        iou_predictions : torch.Tensor
+            (B, C).
+        """
+        has_points, has_boxes, has_mask = point_coords is not None, boxes is not None, mask_input is not None
+        if has_mask and embedding is None:
+            raise ValueError("a mask prompt needs the embedding it refines")
+        batch = point_coords.shape[0] if has_points else boxes.shape[0] if has_boxes else mask_input.shape[0]
         device = context.keys.device
-        coords = point_coords if has_points else torch.zeros(batch, 1, 2, device=device)
-        labels = point_labels if has_points else torch.ones(batch, 1, dtype=torch.long, device=device)
-        bxs = boxes if has_boxes else torch.zeros(batch, 4, device=device)
-        args = (coords, labels, bxs, *(getattr(context, f) for f in _CONTEXT_FIELDS))
-        key = (batch, has_points, has_boxes, bool(multimask), device.type, context.keys.dtype)
+        # Unused inputs still need a tensor in the graph's signature.
+        blank = context.keys.new_zeros(())
+        args = (
+            point_coords if has_points else context.keys.new_zeros(batch, 1, 2),
+            point_labels if has_points else torch.ones(batch, 1, dtype=torch.long, device=device),
+            boxes if has_boxes else context.keys.new_zeros(batch, 4),
+            embedding if has_mask else blank,
+            mask_input if has_mask else blank,
+            *(getattr(context, f) for f in _CONTEXT_FIELDS),
+        )
+        flags = (has_points, has_boxes, has_mask, bool(multimask))
+        key = (batch, *flags, str(device), context.keys.dtype)
         # Only single prompt sets (clicks) are traced: a batch's few large operations
         # hardly wait on the lock, and each new batch size would cost a trace (one more
         # decode of the whole batch).
         traceable = self.enabled and batch == 1
         graph = self._graphs.get(key) if traceable else None
         if graph is None and traceable:
-            graph = self._trace(key, args)
+            graph = self._trace(key, args, _Decode(self.sam, *flags))
         if graph is None:
-            return _Decode(self.sam, has_points, has_boxes, bool(multimask))(*args)
+            return _Decode(self.sam, *flags)(*args)
         # The profiling executor would re-optimise each new point count for ~100 ms;
         # the plain interpreter runs these graphs as fast.
         with torch.jit.optimized_execution(False):
             return graph(*args)
 
     def image_context(self, embedding: torch.Tensor) -> ImageContext:
-        """:meth:`Sam.image_context`, which runs whenever the prompts move to another tile."""
-        key = ("context", tuple(embedding.shape), embedding.device.type, embedding.dtype)
+        """:meth:`Sam.image_context` (the prompt-independent image side of the first
+        decoder layer), which runs whenever the prompts move to another tile.
+
+        Parameters
+        ----------
+        embedding
+            (1, C, h, w) image embedding.
+
+        Returns
+        -------
+        ImageContext
+        """
+        key = ("context", tuple(embedding.shape), str(embedding.device), embedding.dtype)
         graph = self._graphs.get(key) if self.enabled else None
         if graph is None and self.enabled:
             graph = self._trace(key, (embedding,), _Context(self.sam))
@@ -125,10 +173,7 @@ class TracedDecode:
         with torch.jit.optimized_execution(False):
             return ImageContext(*graph(embedding))
 
-    def _trace(self, key: tuple, args: tuple, module: nn.Module | None = None) -> torch.jit.ScriptModule | None:
-        if module is None:
-            _, has_points, has_boxes, multimask = key[:4]
-            module = _Decode(self.sam, has_points, has_boxes, multimask)
+    def _trace(self, key: tuple, args: tuple, module: nn.Module) -> torch.jit.ScriptModule | None:
         try:
             with warnings.catch_warnings(), torch.no_grad():
                 # The batch size becomes a constant, as intended: it is part of the key.
