@@ -336,7 +336,7 @@ class ViewerSession:
             config = dataclasses.replace(advice.grid, points_per_side=points_per_side)
             result = yield from automatic.iter_grid(emb, plane, config)
         elif mode == "labels":
-            boxes = automatic.boxes_from_labels(self._rough_plane(rough, plane))[0]
+            boxes = automatic.boxes_from_labels(np.asarray(self.check_rough(rough)[plane]))[0]
             result = yield from automatic.iter_from_boxes(emb, plane, boxes)
         else:
             boxes = automatic.detect_boxes(self.annotator.source.read(plane), method=advice.detector)
@@ -370,13 +370,10 @@ class ViewerSession:
         name = getattr(rough, "name", "the rough labels")
         if getattr(rough, "multiscale", False):
             data = data[0]
-        shape = self.annotator.source.plane_grid + self.annotator.source.plane_shape
-        if tuple(data.shape) != tuple(shape):
+        shape = self.annotator.labels_shape
+        if tuple(data.shape) != shape:
             raise ValueError(f"{name} has shape {tuple(data.shape)}, but the image's labels need {tuple(shape)}")
         return data
-
-    def _rough_plane(self, rough, plane: tuple[int, ...]) -> np.ndarray:
-        return np.asarray(self.check_rough(rough)[plane])
 
     def undo(self) -> list[Commit]:
         """Undo the last commit (or propagation)."""
