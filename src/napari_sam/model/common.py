@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .matmul import linear
+
 
 class MLPBlock(nn.Module):
     """Two linear layers with a GELU between them (keys ``lin1``, ``lin2``)."""
@@ -15,9 +17,17 @@ class MLPBlock(nn.Module):
         self.lin1 = nn.Linear(embedding_dim, mlp_dim)
         self.lin2 = nn.Linear(mlp_dim, embedding_dim)
         self.act = act()
+        # Exact GELU and ReLU are applied inside the first product (see matmul.linear).
+        self._fused = {nn.GELU: "gelu", nn.ReLU: "relu"}.get(type(self.act))
+        if isinstance(self.act, nn.GELU) and self.act.approximate != "none":
+            self._fused = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin2(self.act(self.lin1(x)))
+        if self._fused is None:
+            h = self.act(self.lin1(x))
+        else:
+            h = linear(x, self.lin1.weight, self.lin1.bias, self._fused)
+        return linear(h, self.lin2.weight, self.lin2.bias)
 
 
 class LayerNorm2d(nn.Module):

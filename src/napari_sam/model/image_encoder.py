@@ -19,6 +19,7 @@ from torch import nn
 
 from .common import MLPBlock, neck
 from .config import ViTConfig
+from .matmul import linear
 
 # Global blocks build an additive bias of (heads, N, N) floats; heads are processed in
 # groups so that one group's bias stays below this many elements (256 MiB of float32).
@@ -124,7 +125,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
-        qkv = self.qkv(x)
+        qkv = linear(x, self.qkv.weight, self.qkv.bias)
         ws = self.window_size
         if ws > 0:
             Hp, Wp = -(-H // ws) * ws, -(-W // ws) * ws
@@ -137,7 +138,7 @@ class Attention(nn.Module):
             out = window_unpartition(out, ws, (Hp, Wp), (H, W))
         else:
             out = self._attend(qkv, H, W)
-        return self.proj(out)
+        return linear(out, self.proj.weight, self.proj.bias)
 
     def _attend(self, qkv: torch.Tensor, H: int, W: int) -> torch.Tensor:
         """Attention over (B, H, W, 3C) projected tokens; returns (B, H, W, C)."""

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .common import LayerNorm2d
+from .matmul import linear
 from .transformer import ImageContext, TwoWayTransformer
 
 
@@ -134,16 +135,19 @@ class MaskDecoder(nn.Module):
         conv1, norm, act1, conv2, act2 = self.output_upscaling
         B, h, w, _ = src.shape
 
-        def as_linear(conv: nn.ConvTranspose2d, x: torch.Tensor) -> torch.Tensor:
+        def as_linear(conv: nn.ConvTranspose2d, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
             # weight (in, out, 2, 2) -> (2 * 2 * out, in), outputs ordered (di, dj, out)
             cin, cout = conv.weight.shape[:2]
             weight = conv.weight.permute(2, 3, 1, 0).reshape(4 * cout, cin)
-            y = F.linear(x, weight, conv.bias.repeat(4))
+            y = linear(x, weight, conv.bias.repeat(4), activation)
             return y.reshape(*x.shape[:-1], 2, 2, cout)
 
         x = as_linear(conv1, src)  # (B, h, w, 2, 2, C/4)
         x = act1(F.layer_norm(x, (x.shape[-1],), norm.weight, norm.bias, norm.eps))
-        x = act2(as_linear(conv2, x))  # (B, h, w, 2, 2, 2, 2, C/8)
+        if isinstance(act2, nn.GELU) and act2.approximate == "none":
+            x = as_linear(conv2, x, "gelu")  # (B, h, w, 2, 2, 2, 2, C/8)
+        else:
+            x = act2(as_linear(conv2, x))
         # (B, M, C/8) @ (B, C/8, 16 h w): a wide GEMM, the transpose costs nothing
         m = hyper_in @ x.reshape(B, -1, x.shape[-1]).transpose(1, 2)
         # pixel (i, j, di, dj, ei, ej) lies at row 4 i + 2 di + ei, column 4 j + 2 dj + ej

@@ -23,6 +23,7 @@ import warnings
 import torch
 from torch import nn
 
+from . import matmul
 from .transformer import ImageContext
 
 __all__ = ["TracedDecode"]
@@ -174,6 +175,7 @@ class TracedDecode:
             return ImageContext(*graph(embedding))
 
     def _trace(self, key: tuple, args: tuple, module: nn.Module) -> torch.jit.ScriptModule | None:
+        matmul.available()  # settle the oneDNN route before recording, not during
         try:
             with warnings.catch_warnings(), torch.no_grad():
                 # The batch size becomes a constant, as intended: it is part of the key.

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .common import MLPBlock
+from .matmul import matmul_nt
 
 
 @dataclass
@@ -45,6 +46,13 @@ class ImageContext:
 # about 2.3x fewer FLOPs per click. Only summation order differs from the plain route.
 
 
+def _times_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b.transpose(1, 2)`` for (B, M, C) by (1 or B, N, C), one image."""
+    if a.shape[0] == 1 and b.shape[0] == 1:
+        return matmul_nt(a[0], b[0])[None]
+    return a @ b.transpose(1, 2)
+
+
 def _absorbed_token_to_image(attn: "Attention", q: torch.Tensor, x: torch.Tensor, x_pe: torch.Tensor) -> torch.Tensor:
     """Tokens (B, T, C) attend to image tokens ``x`` (values) keyed by ``x_pe``; (B, T, C)."""
     B, T, _ = q.shape
@@ -53,8 +61,8 @@ def _absorbed_token_to_image(attn: "Attention", q: torch.Tensor, x: torch.Tensor
     qh = attn.q_proj(q).reshape(B, T, H, d)
     wk = attn.k_proj.weight.reshape(H, d, -1)
     q_abs = torch.einsum("bthd,hdc->bhtc", qh, wk).reshape(B, H * T, -1)
-    scores = (q_abs @ x_pe.transpose(1, 2)) * (d**-0.5)  # (B, H*T, N)
-    px = scores.softmax(dim=-1) @ x  # (B, H*T, C)
+    scores = _times_t(q_abs, x_pe) * (d**-0.5)  # (B, H*T, N)
+    px = _times_t(scores.softmax(dim=-1), x.transpose(1, 2))  # (B, H*T, C)
     wv = attn.v_proj.weight.reshape(H, d, -1)
     out = torch.einsum("bhtc,hdc->bthd", px.reshape(B, H, T, -1), wv) + attn.v_proj.bias.reshape(H, d)
     return attn.out_proj(out.reshape(B, T, H * d))
@@ -84,14 +92,15 @@ def _absorbed_image_to_token(
         wq = attn.q_proj.weight.reshape(H, d, -1)
         k_abs = torch.einsum("bthd,hdc->bhtc", kh, wq).reshape(B, H * T, -1)
         k_bias = torch.einsum("bthd,hd->bht", kh, attn.q_proj.bias.reshape(H, d)).reshape(B, H * T, 1)
-        scores = torch.baddbmm(k_bias, k_abs, keys_pe.transpose(1, 2).expand(B, -1, -1)).reshape(B, H, T, -1)
+        scores = (_times_t(k_abs, keys_pe) + k_bias).reshape(B, H, T, -1)
     # softmax over the T prompt tokens, along the short axis of a contiguous layout
     p = (scores * (d**-0.5)).softmax(dim=2).reshape(B, H * T, -1)
     vh = attn.v_proj(v_tok).reshape(B, T, H, d)
     wo = attn.out_proj.weight.reshape(-1, H, d)
-    v_abs = torch.einsum("bthd,chd->bhtc", vh, wo).reshape(B, H * T, -1)
-    out = torch.baddbmm(keys.expand(B, -1, -1), p.transpose(1, 2), v_abs)
-    return out.add_(attn.out_proj.bias)
+    # Every image token's weights sum to one per head, so the output bias rides along
+    # as bias / H on every value row instead of costing a pass over the image tokens.
+    v_abs = (torch.einsum("bthd,chd->bhtc", vh, wo) + attn.out_proj.bias / H).reshape(B, H * T, -1)
+    return torch.baddbmm(keys.expand(B, -1, -1), p.transpose(1, 2), v_abs)
 
 
 class Attention(nn.Module):
