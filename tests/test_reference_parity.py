@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from napari_sam.core.predictor import Predictor
-from napari_sam.model import infer_config, sam_from_state_dict
+from napari_sam.model import infer_config, matmul, sam_from_state_dict
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE_DIR = Path(os.environ.get("NAPARI_SAM_REFERENCE_DIR", REPO.parent / "shared" / "reference"))
@@ -59,7 +59,16 @@ def test_config_inferred_from_state_dict(reference):
     assert model.config == config
 
 
-def test_embedding_and_every_prompt_case(reference):
+@pytest.fixture(params=["onednn", "aten"])
+def product_route(request, monkeypatch):
+    """Both ways of computing the matrix products (see ``napari_sam.model.matmul``)."""
+    if request.param == "onednn" and not matmul.available():
+        pytest.skip("this torch build has no oneDNN linear kernel")
+    monkeypatch.setattr(matmul, "enabled", request.param == "onednn")
+    return request.param
+
+
+def test_embedding_and_every_prompt_case(reference, product_route):
     stem, _, model, outputs = reference
     predictor = Predictor(model)
     images = _images(outputs)
