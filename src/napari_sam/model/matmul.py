@@ -119,11 +119,12 @@ def linear(
     if _use_onednn(x, weight) and (bias is None or bias.dtype == x.dtype):
         return _onednn(x, weight, bias, activation)
     y = F.linear(x, weight, bias)
-    if activation == "gelu":
-        return F.gelu(y)
-    if activation == "relu":
-        return F.relu(y)
-    return y
+    if activation is None:
+        return y
+    if torch.is_grad_enabled() and y.requires_grad:
+        return F.gelu(y) if activation == "gelu" else F.relu(y)
+    # y is ours alone: overwrite it rather than allocate and fill another as large
+    return torch.ops.aten.gelu_(y) if activation == "gelu" else y.relu_()
 
 
 def matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ from torch import nn
 
 from .common import neck
 from .config import TinyViTConfig
+from .matmul import linear
 
 __all__ = ["TinyViT"]
 
@@ -179,7 +180,8 @@ class Mlp(nn.Module):
         self.act = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(_gelu(self.fc1(self.norm(x))))
+        h = linear(self.norm(x), self.fc1.weight, self.fc1.bias, "gelu")
+        return linear(h, self.fc2.weight, self.fc2.bias)
 
 
 class Attention(nn.Module):
@@ -225,13 +227,13 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(windows, N, C) tokens in and out, N = window_size**2."""
         Bw, N, C = x.shape
-        qkv = self.qkv(self.norm(x)).view(Bw, N, self.num_heads, 3, self.head_dim)
+        qkv = linear(self.norm(x), self.qkv.weight, self.qkv.bias).view(Bw, N, self.num_heads, 3, self.head_dim)
         q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)
         # (1, heads, N, N), broadcast over windows: a 4-D mask is what lets PyTorch pick its
         # fused CPU kernel; with a 3-D one it falls back to the unfused math path.
         bias = self.attention_biases[:, self.attention_bias_idxs].to(q.dtype).unsqueeze(0)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        return self.proj(out.transpose(1, 2).reshape(Bw, N, C))
+        return linear(out.transpose(1, 2).reshape(Bw, N, C), self.proj.weight, self.proj.bias)
 
 
 class TinyViTBlock(nn.Module):
