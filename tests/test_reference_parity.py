@@ -59,18 +59,30 @@ def test_config_inferred_from_state_dict(reference):
     assert model.config == config
 
 
-@pytest.fixture(params=["onednn", "aten"])
-def product_route(request, monkeypatch):
-    """Both ways of computing the matrix products (see ``napari_sam.model.matmul``)."""
-    if request.param == "onednn" and not matmul.available():
+@pytest.fixture(params=["onednn-cached", "aten-cached", "onednn-plain"])
+def route(request, monkeypatch):
+    """Both ways of computing the matrix products (see ``napari_sam.model.matmul``), and
+    both decoder formulations: the cached image context of interactive prediction, and
+    the plain one (no context) that training differentiates."""
+    products, decoder = request.param.split("-")
+    if products == "onednn" and not matmul.available():
         pytest.skip("this torch build has no oneDNN linear kernel")
-    monkeypatch.setattr(matmul, "enabled", request.param == "onednn")
-    return request.param
+    monkeypatch.setattr(matmul, "enabled", products == "onednn")
+    return decoder
 
 
-def test_embedding_and_every_prompt_case(reference, product_route):
+def test_embedding_and_every_prompt_case(reference, route, monkeypatch):
     stem, _, model, outputs = reference
-    predictor = Predictor(model)
+    predictor = Predictor(model, traced=route == "cached")
+    plain_calls = []
+    if route == "plain":
+        decode = model.decode
+
+        def plain(*args, **kwargs):
+            plain_calls.append(1)
+            return decode(*args, **{**kwargs, "context": None})
+
+        monkeypatch.setattr(model, "decode", plain)
     images = _images(outputs)
     assert images, f"{stem}: no images in the outputs file"
     checked = 0
@@ -108,6 +120,7 @@ def test_embedding_and_every_prompt_case(reference, product_route):
                 np.testing.assert_allclose(logits, full_logits, **LOGIT_TOL, err_msg=key + " full-size logits")
             checked += 1
     assert checked >= 10 * len(images), f"{stem}: only {checked} prompt cases checked"
+    assert len(plain_calls) >= (checked if route == "plain" else 0)
 
 
 def test_encoder_input_path_matches_official_embedding(reference):

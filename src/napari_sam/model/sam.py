@@ -88,7 +88,9 @@ class Sam(nn.Module):
     def image_context(self, embedding: torch.Tensor) -> ImageContext:
         """Decoder work that depends only on the image (1, 256, 64, 64), reusable for every
         prompt without a mask input."""
-        src = embedding + self.prompt_encoder.no_mask_dense()
+        return self._context_of(embedding + self.prompt_encoder.no_mask_dense())
+
+    def _context_of(self, src: torch.Tensor) -> ImageContext:
         return self.mask_decoder.transformer.image_context(src, self.prompt_encoder.get_dense_pe())
 
     def decode(
@@ -116,8 +118,11 @@ class Sam(nn.Module):
         multimask_output
             Three masks per prompt set instead of one.
         context
-            Result of :meth:`image_context` for this embedding; ignored when a mask input
-            is given (the mask changes the image side).
+            Result of :meth:`image_context` for this embedding: decode by the cheaper
+            route that reuses it (the plain route, without it, is the one training
+            differentiates). A mask input changes the image side, so with one the
+            context is computed again for the embedding plus the mask, and the same
+            route follows.
 
         Returns
         -------
@@ -126,7 +131,11 @@ class Sam(nn.Module):
         """
         points = None if point_coords is None else (point_coords, point_labels)
         sparse, dense = self.prompt_encoder(points, boxes, mask_input)
-        if dense is None and context is not None:
+        if context is not None:
+            if dense is not None:
+                # Three projections of the image tokens, then the click's route: far less
+                # than projecting them in every layer, as the plain route does.
+                context = self._context_of(embedding + dense)
             return self.mask_decoder(sparse, multimask_output, context=context)
         if dense is None:
             dense = self.prompt_encoder.no_mask_dense()

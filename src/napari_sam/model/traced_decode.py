@@ -32,8 +32,8 @@ _CONTEXT_FIELDS = ("keys", "key_pe", "keys_pe", "t2i_k", "t2i_v", "i2t_q")
 
 
 class _Decode(nn.Module):
-    """:meth:`Sam.decode` over plain tensor arguments: with a cached image context, or
-    with the embedding itself and a mask prompt (which changes the image side)."""
+    """:meth:`Sam.decode` over plain tensor arguments, with the cached image context (and,
+    for a mask prompt, the embedding, whose image side the mask changes)."""
 
     def __init__(self, sam: nn.Module, has_points: bool, has_boxes: bool, has_mask: bool, multimask: bool):
         super().__init__()
@@ -41,7 +41,7 @@ class _Decode(nn.Module):
         self.has_points, self.has_boxes, self.has_mask, self.multimask = has_points, has_boxes, has_mask, multimask
 
     def forward(self, coords, labels, boxes, embedding, mask, keys, key_pe, keys_pe, t2i_k, t2i_v, i2t_q):
-        context = None if self.has_mask else ImageContext(keys, key_pe, keys_pe, t2i_k, t2i_v, i2t_q)
+        context = ImageContext(keys, key_pe, keys_pe, t2i_k, t2i_v, i2t_q)
         return self.sam.decode(
             embedding,
             coords if self.has_points else None,
