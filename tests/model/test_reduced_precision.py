@@ -1,0 +1,49 @@
+"""The bfloat16 encoder: its attention by separate products computes the same function,
+and its residual stream stays float32, which keeps it as close to float32 as the
+official code's autocast."""
+
+import numpy as np
+import pytest
+import torch
+
+from napari_sam.model import sam_from_state_dict
+from napari_sam.model.image_encoder import Attention, get_rel_pos
+
+
+@pytest.mark.parametrize("size, window", [(64, 0), (30, 14)], ids=["global", "windowed"])
+def test_attention_by_products_is_the_fused_attention(size, window):
+    torch.manual_seed(0)
+    attn = Attention(96, 3, (size, size) if window == 0 else (window, window), window)
+    for p in attn.parameters():
+        p.data.normal_(0, 0.1)
+    x = torch.randn(1, size, size, 96)
+    n = size * size if window == 0 else window * window
+    with torch.inference_mode():
+        qkv = torch.randn(2, n, 3 * 96)  # two windows, or two images
+        side = int(n**0.5)
+        fused = attn._attend(qkv.reshape(2, side, side, -1), side, side)
+        q, k, v = qkv.reshape(2, n, 3, 3, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        qg = q.reshape(2, 3, side, side, -1)
+        rel_h = torch.einsum("bnhwc,hkc->bnhwk", qg, get_rel_pos(side, side, attn.rel_pos_h))
+        rel_w = torch.einsum("bnhwc,wkc->bnhwk", qg, get_rel_pos(side, side, attn.rel_pos_w))
+        for step in (1, 3):
+            apart = attn._attend_by_products(q, k, v, rel_h, rel_w, step)
+            torch.testing.assert_close(apart.transpose(1, 2).reshape(fused.shape), fused, rtol=1e-5, atol=1e-5)
+        assert attn(x).shape == (1, size, size, 96)
+
+
+def test_bfloat16_embedding_error_on_a_real_image(reference_dir):
+    """The small reference model on its image: relative RMS error of the bfloat16
+    embedding measured at 0.49% (0.54% when the residual stream was bfloat16 too)."""
+    path = reference_dir / "sam_small_seed0.pth"
+    state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    image = np.load(path.with_name(path.stem + "_outputs.npz"))["square/image"]
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].float()
+    model = sam_from_state_dict(state_dict)
+    with torch.inference_mode():
+        ref = model.embed(x)
+        model.image_encoder.to(torch.bfloat16)
+        low = model.embed(x)
+    assert low.dtype == torch.float32 and low.shape == ref.shape
+    rel = float((low - ref).square().mean().sqrt() / ref.square().mean().sqrt())
+    assert rel < 0.0075, rel
