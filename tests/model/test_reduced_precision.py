@@ -1,6 +1,6 @@
-"""The bfloat16 encoder: its attention by separate products computes the same function,
-and its residual stream stays float32, which keeps it as close to float32 as the
-official code's autocast."""
+"""The encoder's attention by separate products (its CPU route) computes what the fused
+kernel computes, and the bfloat16 encoder, whose residual stream stays float32, stays
+close to float32."""
 
 import numpy as np
 import pytest
@@ -18,18 +18,30 @@ def test_attention_by_products_is_the_fused_attention(size, window):
         p.data.normal_(0, 0.1)
     x = torch.randn(1, size, size, 96)
     n = size * size if window == 0 else window * window
+    qkv = torch.randn(2, n, 3 * 96)  # two windows, or two images
+    side = int(n**0.5)
+    # while autograd records, the fused kernel (with the bias as a mask) computes it
+    fused = attn._attend(qkv.clone().requires_grad_().reshape(2, side, side, -1), side, side).detach()
     with torch.inference_mode():
-        qkv = torch.randn(2, n, 3 * 96)  # two windows, or two images
-        side = int(n**0.5)
-        fused = attn._attend(qkv.reshape(2, side, side, -1), side, side)
-        q, k, v = qkv.reshape(2, n, 3, 3, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        qg = q.reshape(2, 3, side, side, -1)
-        rel_h = torch.einsum("bnhwc,hkc->bnhwk", qg, get_rel_pos(side, side, attn.rel_pos_h))
-        rel_w = torch.einsum("bnhwc,wkc->bnhwk", qg, get_rel_pos(side, side, attn.rel_pos_w))
+        torch.testing.assert_close(
+            attn._attend(qkv.reshape(2, side, side, -1), side, side),  # by products, on a CPU
+            attn._attend_by_products(*_split(attn, qkv, side), 3).transpose(1, 2).reshape(fused.shape),
+            rtol=1e-6,
+            atol=1e-6,
+        )
         for step in (1, 3):
-            apart = attn._attend_by_products(q, k, v, rel_h, rel_w, step)
+            apart = attn._attend_by_products(*_split(attn, qkv, side), step)
             torch.testing.assert_close(apart.transpose(1, 2).reshape(fused.shape), fused, rtol=1e-5, atol=1e-5)
         assert attn(x).shape == (1, size, size, 96)
+
+
+def _split(attn, qkv, side):
+    n = side * side
+    q, k, v = qkv.reshape(qkv.shape[0], n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    qg = q.reshape(qkv.shape[0], attn.num_heads, side, side, -1)
+    rel_h = torch.einsum("bnhwc,hkc->bnhwk", qg, get_rel_pos(side, side, attn.rel_pos_h))
+    rel_w = torch.einsum("bnhwc,wkc->bnhwk", qg, get_rel_pos(side, side, attn.rel_pos_w))
+    return q, k, v, rel_h, rel_w
 
 
 def test_bfloat16_embedding_error_on_a_real_image(reference_dir):
