@@ -14,6 +14,7 @@ needs_onednn = pytest.mark.skipif(not matmul.available(), reason="this torch bui
 
 
 def _count_onednn_calls(monkeypatch):
+    monkeypatch.setattr(matmul, "enabled", True)  # whatever NAPARI_SAM_ONEDNN says
     calls = []
     real = matmul._kernel
 
@@ -76,6 +77,7 @@ def test_unknown_activation_is_refused():
 @needs_onednn
 def test_traced_graph_records_the_route(monkeypatch):
     """A traced decoder calls the kernel from its graph (no Python in between)."""
+    monkeypatch.setattr(matmul, "enabled", True)
     mlp = MLPBlock(256, 2048, torch.nn.ReLU)
     x = torch.randn(64, 256)
     with torch.no_grad(), warnings.catch_warnings():
