@@ -132,3 +132,35 @@ def test_encoder_input_path_matches_official_embedding(reference):
     emb = predictor.set_image(image)  # uint8 RGB passes through unnormalised
     assert emb.original_size == image.shape[:2]
     np.testing.assert_allclose(emb.features.numpy(), outputs["square/embedding"], **EMB_TOL)
+
+
+def test_training_route_matches_official(reference):
+    """What the trainer differentiates (autograd recording: ``F.linear``, the fused
+    attention kernel, the plain decoder) gives the official numbers too."""
+    stem, _, model, outputs = reference
+    image = outputs["square/image"]
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].float()
+    before = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            emb = model.embed(x)
+            assert emb.requires_grad
+            np.testing.assert_allclose(emb.detach().numpy(), outputs["square/embedding"], **EMB_TOL, err_msg=stem)
+            official = torch.from_numpy(outputs["square/embedding"])
+            for key in ("square/one_point/multi1", "square/points_with_mask/multi0"):
+                get = lambda name: outputs[f"{key}/{name}"] if f"{key}/{name}" in outputs.files else None  # noqa: E731
+                mask = get("in_mask_input")
+                low, iou = model.decode(
+                    official,
+                    torch.from_numpy(get("in_point_coords")).float()[None],
+                    torch.from_numpy(get("in_point_labels")).long()[None],
+                    mask_input=None if mask is None else torch.from_numpy(mask).float()[None],
+                    multimask_output=key.endswith("multi1"),
+                )
+                assert low.requires_grad
+                np.testing.assert_allclose(low[0].detach().numpy(), get("low_res_logits"), **LOGIT_TOL, err_msg=key)
+                np.testing.assert_allclose(iou[0].detach().numpy(), get("iou_predictions"), atol=IOU_ATOL, err_msg=key)
+    finally:
+        for p, flag in zip(model.parameters(), before):
+            p.requires_grad_(flag)

@@ -105,3 +105,32 @@ def test_encoder_and_decoder_agree_across_routes(tiny_sam, monkeypatch):
         out[route] = emb, low, iou
     for a, b in zip(out[True], out[False]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_autocast_and_a_trainable_bias_keep_to_aten(monkeypatch):
+    calls = _count_onednn_calls(monkeypatch)
+    x, w, b = torch.randn(4096, 256), torch.randn(256, 256), torch.randn(256)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = matmul.linear(x, w, b, "gelu")  # autocast decides the precision, as for F.linear
+        assert got.dtype == F.linear(x, w, b).dtype == torch.bfloat16
+    bias = b.clone().requires_grad_()
+    matmul.linear(x, w, bias).sum().backward()  # frozen weights, trainable bias
+    assert calls == []
+    torch.testing.assert_close(bias.grad, torch.full((256,), 4096.0))
+
+
+def test_probe_leaves_the_random_stream_alone(monkeypatch):
+    monkeypatch.setattr(matmul, "_working", None)
+    torch.manual_seed(5)
+    matmul.available()
+    after_probe = torch.rand(3)
+    torch.manual_seed(5)
+    assert torch.equal(torch.rand(3), after_probe)
+
+
+def test_default_follows_the_setting_and_the_processor(monkeypatch):
+    monkeypatch.setattr(matmul, "_measured_here", lambda: True)
+    assert matmul._enabled_by(None) and matmul._enabled_by("") and matmul._enabled_by("1")
+    assert not matmul._enabled_by("0")
+    monkeypatch.setattr(matmul, "_measured_here", lambda: False)
+    assert not matmul._enabled_by(None) and matmul._enabled_by(" 1 ") and not matmul._enabled_by("0")

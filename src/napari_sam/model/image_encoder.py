@@ -70,7 +70,8 @@ class ImageEncoderViT(nn.Module):
         # With reduced-precision weights the residual stream stays float32: rounding it
         # to bfloat16 after every block is what costs most accuracy, and keeping it costs
         # little (the products still run in the weights' precision; see Block).
-        x = x.float() + self.pos_embed.float()
+        stream = torch.promote_types(x.dtype, torch.float32)
+        x = x.to(stream) + self.pos_embed.to(stream)
         for blk in self.blocks:
             x = blk(x)
         return self.neck(x.permute(0, 3, 1, 2).to(self.pos_embed.dtype))

@@ -90,8 +90,9 @@ class Sam(nn.Module):
         prompt without a mask input."""
         return self._context_of(embedding + self.prompt_encoder.no_mask_dense())
 
-    def _context_of(self, src: torch.Tensor) -> ImageContext:
-        return self.mask_decoder.transformer.image_context(src, self.prompt_encoder.get_dense_pe())
+    def _context_of(self, src: torch.Tensor, key_pe: torch.Tensor | None = None) -> ImageContext:
+        pe = None if key_pe is not None else self.prompt_encoder.get_dense_pe()
+        return self.mask_decoder.transformer.image_context(src, pe, key_pe)
 
     def decode(
         self,
@@ -135,7 +136,7 @@ class Sam(nn.Module):
             if dense is not None:
                 # Three projections of the image tokens, then the click's route: far less
                 # than projecting them in every layer, as the plain route does.
-                context = self._context_of(embedding + dense)
+                context = self._context_of(embedding + dense, context.key_pe)
             return self.mask_decoder(sparse, multimask_output, context=context)
         if dense is None:
             dense = self.prompt_encoder.no_mask_dense()

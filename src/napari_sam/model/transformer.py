@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .common import MLPBlock
-from .matmul import matmul_nt
+from .matmul import linear, matmul_nt
 
 
 @dataclass
@@ -25,7 +25,8 @@ class ImageContext:
 
     ``keys`` and ``key_pe`` are (1, N, C) image tokens and their positional encoding
     (N = 64 * 64), ``keys_pe`` their sum; ``t2i_k``, ``t2i_v`` and ``i2t_q`` are the first
-    layer's image-side projections. All broadcast over a batch of prompts.
+    layer's image-side projections. All broadcast over a batch of prompts; a context
+    built for B mask prompts holds B sets of image tokens (``key_pe`` stays (1, N, C)).
     """
 
     keys: torch.Tensor
@@ -226,29 +227,36 @@ class TwoWayTransformer(nn.Module):
         self.final_attn_token_to_image = Attention(embedding_dim, num_heads, attention_downsample_rate)
         self.norm_final_attn = nn.LayerNorm(embedding_dim)
 
-    def image_context(self, image_embedding: torch.Tensor, image_pe: torch.Tensor) -> ImageContext:
+    def image_context(
+        self, image_embedding: torch.Tensor, image_pe: torch.Tensor | None = None, key_pe: torch.Tensor | None = None
+    ) -> ImageContext:
         """Precompute the first layer's image-side projections.
 
         Parameters
         ----------
         image_embedding
-            (1, C, h, w) image embedding with the dense prompt embedding already added.
+            (1 or B, C, h, w) image embedding with the dense prompt embedding already
+            added (B: one mask prompt each).
         image_pe
             (1, C, h, w) positional encoding of the grid.
+        key_pe
+            Or the same as (1, h * w, C) tokens, as an earlier context holds them.
         """
         # Contiguous token-major copies: every click reads them several times, and
         # strided (transposed) reads are several times slower on a CPU.
         keys = image_embedding.flatten(2).transpose(1, 2).contiguous()
-        key_pe = image_pe.flatten(2).transpose(1, 2).contiguous()
+        if key_pe is None:
+            key_pe = image_pe.flatten(2).transpose(1, 2).contiguous()
         first = self.layers[0]
+        t2i, i2t = first.cross_attn_token_to_image, first.cross_attn_image_to_token
         k = keys + key_pe
         return ImageContext(
             keys=keys,
             key_pe=key_pe,
             keys_pe=k,
-            t2i_k=first.cross_attn_token_to_image.k_proj(k),
-            t2i_v=first.cross_attn_token_to_image.v_proj(keys),
-            i2t_q=first.cross_attn_image_to_token.q_proj(k),
+            t2i_k=linear(k, t2i.k_proj.weight, t2i.k_proj.bias),
+            t2i_v=linear(keys, t2i.v_proj.weight, t2i.v_proj.bias),
+            i2t_q=linear(k, i2t.q_proj.weight, i2t.q_proj.bias),
         )
 
     def forward(
