@@ -134,3 +134,15 @@ def test_default_follows_the_setting_and_the_processor(monkeypatch):
     assert not matmul._enabled_by("0")
     monkeypatch.setattr(matmul, "_measured_here", lambda: False)
     assert not matmul._enabled_by(None) and matmul._enabled_by(" 1 ") and not matmul._enabled_by("0")
+
+
+def test_activation_names_of_modules():
+    assert matmul.activation_of(torch.nn.GELU()) == "gelu"
+    assert matmul.activation_of(torch.nn.GELU(approximate="tanh")) is None  # not what oneDNN's "gelu" computes
+    assert matmul.activation_of(torch.nn.ReLU()) == "relu"
+    assert matmul.activation_of(torch.nn.SiLU()) is None
+    y = torch.randn(5)
+    want = F.gelu(y)
+    with torch.no_grad():
+        assert matmul.activate(y, "gelu") is y  # in place: no second tensor
+    torch.testing.assert_close(y, want)

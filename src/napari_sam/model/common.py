@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .matmul import linear
+from .matmul import activation_of, linear
 
 
 class MLPBlock(nn.Module):
@@ -18,9 +18,7 @@ class MLPBlock(nn.Module):
         self.lin2 = nn.Linear(mlp_dim, embedding_dim)
         self.act = act()
         # Exact GELU and ReLU are applied inside the first product (see matmul.linear).
-        self._fused = {nn.GELU: "gelu", nn.ReLU: "relu"}.get(type(self.act))
-        if isinstance(self.act, nn.GELU) and self.act.approximate != "none":
-            self._fused = None
+        self._fused = activation_of(self.act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fused is None:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .common import LayerNorm2d
-from .matmul import linear
+from .matmul import activation_of, linear
 from .transformer import ImageContext, TwoWayTransformer
 
 
@@ -144,10 +144,8 @@ class MaskDecoder(nn.Module):
 
         x = as_linear(conv1, src)  # (B, h, w, 2, 2, C/4)
         x = act1(F.layer_norm(x, (x.shape[-1],), norm.weight, norm.bias, norm.eps))
-        if isinstance(act2, nn.GELU) and act2.approximate == "none":
-            x = as_linear(conv2, x, "gelu")  # (B, h, w, 2, 2, 2, 2, C/8)
-        else:
-            x = act2(as_linear(conv2, x))
+        fused = activation_of(act2)
+        x = as_linear(conv2, x, fused) if fused else act2(as_linear(conv2, x))  # (B, h, w, 2, 2, 2, 2, C/8)
         # (B, M, C/8) @ (B, C/8, 16 h w): a wide GEMM, the transpose costs nothing
         m = hyper_in @ x.reshape(B, -1, x.shape[-1]).transpose(1, 2)
         # pixel (i, j, di, dj, ei, ej) lies at row 4 i + 2 di + ei, column 4 j + 2 dj + ej

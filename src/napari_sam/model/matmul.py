@@ -34,7 +34,7 @@ from typing import List, Optional, Union
 import torch
 import torch.nn.functional as F
 
-__all__ = ["available", "enabled", "linear", "matmul_nt"]
+__all__ = ["activate", "activation_of", "available", "enabled", "linear", "matmul_nt"]
 
 
 def _measured_here() -> bool:
@@ -168,13 +168,25 @@ def linear(
         raise ValueError(f"unknown activation {activation!r}; known: gelu, relu")
     if _use_onednn(x, weight, bias):
         return _onednn(x, weight, bias, activation)
-    y = F.linear(x, weight, bias)
+    return activate(F.linear(x, weight, bias), activation)
+
+
+def activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:
+    """Apply ``activation`` (None, ``"gelu"``, ``"relu"``) to a tensor the caller has just
+    computed and owns: in place unless autograd needs ``y``, so that no second tensor as
+    large is allocated (large allocations cost page faults on every forward)."""
     if activation is None:
         return y
     if torch.is_grad_enabled() and y.requires_grad:
         return F.gelu(y) if activation == "gelu" else F.relu(y)
-    # y is ours alone: overwrite it rather than allocate and fill another as large
     return torch.ops.aten.gelu_(y) if activation == "gelu" else y.relu_()
+
+
+def activation_of(module: torch.nn.Module) -> str | None:
+    """The name :func:`linear` knows for an activation module (exact GELU, ReLU), or None."""
+    if isinstance(module, torch.nn.GELU):
+        return "gelu" if module.approximate == "none" else None
+    return "relu" if isinstance(module, torch.nn.ReLU) else None
 
 
 def matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from torch import nn
 
 from .common import neck
 from .config import TinyViTConfig
-from .matmul import linear
+from .matmul import activate, linear
 
 __all__ = ["TinyViT"]
 
@@ -42,14 +42,8 @@ _BAND_ROWS = 32
 
 
 def _gelu(x: torch.Tensor) -> torch.Tensor:
-    """Exact (erf) GELU, in place when autograd does not need ``x``.
-
-    Every caller passes a freshly computed tensor it owns; in place, no tensor as large as
-    ``x`` is allocated (large allocations cost page faults on every forward).
-    """
-    if x.requires_grad:
-        return F.gelu(x)
-    return torch.ops.aten.gelu_(x)
+    """Exact (erf) GELU of a freshly computed tensor, in place where autograd allows."""
+    return activate(x, "gelu")
 
 
 def _nchw(x: torch.Tensor) -> torch.Tensor:
