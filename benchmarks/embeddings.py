@@ -39,7 +39,8 @@ def emit(**record) -> None:
 def make_volume(path: Path, planes: int, side: int, chunk: int = 512) -> None:
     import zarr
 
-    z = zarr.create_array(str(path), shape=(planes, side, side), dtype="uint16", chunks=(1, chunk, chunk), overwrite=True)
+    z = zarr.create_array(str(path), shape=(planes, side, side), dtype="uint16", chunks=(1, chunk, chunk),
+                          overwrite=True)
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:chunk, 0:chunk]
     for p in range(planes):
@@ -109,9 +110,9 @@ def main() -> None:
     import torch
     import zarr
 
-    from napari_sam.core.embeddings import DEFAULT_HALO, DEFAULT_TILE, Embeddings
+    from napari_sam.core.embeddings import Embeddings
     from napari_sam.core.models import load_model
-    from napari_sam.core.tiling import TileGrid
+    from napari_sam.core.tiling import DEFAULT_HALO, DEFAULT_TILE, TileGrid
     from napari_sam.model import build_sam
 
     scratch = Path(args.scratch or tempfile.mkdtemp(prefix="napari-sam-bench-"))
@@ -162,7 +163,8 @@ def main() -> None:
             cache = scratch / f"cache_mem_{side}_{storage}.zarr"
             shutil.rmtree(cache, ignore_errors=True)
             r = run_child(vol, checkpoint, cache, args.max_tiles, storage)
-            emit(what="peak_rss_mib", volume=[args.depth, side, side], volume_gib=round(args.depth * side * side * 2 / 2**30, 2),
+            emit(what="peak_rss_mib", volume=[args.depth, side, side],
+                 volume_gib=round(args.depth * side * side * 2 / 2**30, 2),
                  storage=storage, **r, cache_mib_per_tile=round(dir_mib(cache) / r["tiles"], 2))
     print(f"scratch data left in {scratch}", file=sys.stderr)
 

@@ -30,8 +30,8 @@ import time
 import numpy as np
 import torch
 
-from napari_sam.core.allocator import keep_freed_memory_for_reuse
 from napari_sam.core.predictor import Predictor
+from napari_sam.core.runtime import configure_runtime
 from napari_sam.model import build_sam
 
 
@@ -53,13 +53,14 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["vit_b", "vit_t"])
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16"], help="encoder precisions; none skips the encoder")
+    ap.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16"],
+                    help="encoder precisions; none skips the encoder")
     ap.add_argument("--busy-thread", action="store_true")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    # Every embedding path of the package runs under this allocator setting (a
-    # Predictor applies it on creation); the encoder timings below come first.
-    keep_freed_memory_for_reuse()
+    # Models loaded by the package run under these process-wide settings (load_model
+    # applies them); the models below are built in memory, so they are applied here.
+    configure_runtime()
     x = torch.rand(1, 3, 1024, 1024) * 255
     img = (np.random.default_rng(0).random((1024, 1024, 3)) * 255).astype(np.uint8)
     for name in a.models:
@@ -69,7 +70,7 @@ def main() -> None:
             for dtype in a.dtypes:
                 sam.image_encoder.to(getattr(torch, dtype))
                 sam.embed(x)  # warm-up
-                ts = timed(lambda: sam.embed(x), a.repeats)
+                ts = timed(lambda sam=sam: sam.embed(x), a.repeats)
                 emit(model=name, what="encoder_s", dtype=dtype, threads=a.threads, median=statistics.median(ts), all=ts)
             sam.image_encoder.float()
         pt, lb = np.array([[500.0, 500.0]]), np.array([1])
@@ -78,14 +79,17 @@ def main() -> None:
             predictor.set_image(img)
             predictor.predict(points=pt, labels=lb)  # warm-up (and tracing)
 
-            def click():
+            def click(predictor=predictor, pt=pt, lb=lb):
                 return predictor.predict(points=pt, labels=lb, multimask=True).best_mask()
 
             ts = timed(click, 20)
-            emit(model=name, what=f"{route}_ms", dtype="float32", threads=a.threads, median=1000 * statistics.median(ts))
+            emit(model=name, what=f"{route}_ms", dtype="float32", threads=a.threads,
+                 median=1000 * statistics.median(ts))
             if traced:
-                ts = timed(lambda: predictor.predict(points=pt, labels=lb, multimask=True).masks, 20)
-                emit(model=name, what="decoder_all_ms", dtype="float32", threads=a.threads, median=1000 * statistics.median(ts))
+                ts = timed(lambda predictor=predictor, pt=pt, lb=lb:
+                           predictor.predict(points=pt, labels=lb, multimask=True).masks, 20)
+                emit(model=name, what="decoder_all_ms", dtype="float32", threads=a.threads,
+                     median=1000 * statistics.median(ts))
             if a.busy_thread:
                 ts = beside_busy_python(click, 10)
                 emit(model=name, what="decoder_busy_ms", route="traced" if traced else "eager", dtype="float32",

@@ -109,7 +109,8 @@ def main() -> None:
                 "max_abs": float(diff.abs().max()), "max_value": float(ref.abs().max()),
                 "relative_rms": float(diff.square().mean().sqrt() / ref.square().mean().sqrt()),
             }), flush=True)
-            got = masks_official(predictor, emb, clicks) if label.startswith("official") else masks_ours(ours, emb, clicks)
+            got = (masks_official(predictor, emb, clicks) if label.startswith("official")
+                   else masks_ours(ours, emb, clicks))
             ious = [iou(m, r) for m, r in zip(got, ref_masks)]
             print(json.dumps({
                 "image": name, "what": "masks", "vs": "official float32", "which": label,

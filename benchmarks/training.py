@@ -34,8 +34,8 @@ def main() -> None:
 
     import torch
 
-    from napari_sam.core.training import SegmentationDataset, Trainer, TrainingConfig
     from napari_sam.model import build_sam
+    from napari_sam.train import SegmentationDataset, Trainer, TrainingConfig
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -57,7 +57,8 @@ def main() -> None:
             emit(what="steps_per_s", model=name, mode=mode, threads=torch.get_num_threads(),
                  objects_per_image=config.objects_per_image, corrective_iterations=config.corrective_iterations,
                  steps_per_s=round(1 / seconds, 3), s_per_step=round(seconds, 2), first_step_s=round(first, 1),
-                 cpus=os.cpu_count(), images=len(data), image_shapes=[list(np.shape(data[i].image)) for i in range(len(data))])
+                 cpus=os.cpu_count(), images=len(data),
+                 image_shapes=[list(np.shape(data[i].image)) for i in range(len(data))])
 
 
 if __name__ == "__main__":

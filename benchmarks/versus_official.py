@@ -13,7 +13,7 @@ implementation's environment with this repository's ``src`` on the path:
 Prints one JSON object per measurement (``what``: ``encoder_s`` float32 and bfloat16,
 the official one under autocast as its benchmark does; ``decoder_ms``, a click to its
 best mask at the original 1024x1024 size; ``impl``; ``median`` over the rounds), then one
-``ratio`` line per measurement. Both run under the allocator setting our predictor makes
+``ratio`` line per measurement. Both run under the allocator setting our load_model makes
 (glibc keeps freed blocks), which helps the official code too: these ratios isolate the
 code.
 """
@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from precision import perturbed_official
 
-from napari_sam.core.allocator import keep_freed_memory_for_reuse
 from napari_sam.core.predictor import Predictor
+from napari_sam.core.runtime import configure_runtime
 from napari_sam.model import sam_from_state_dict
 
 
@@ -49,7 +49,7 @@ def main() -> None:
     ap.add_argument("--clicks", type=int, default=20, help="clicks timed per round")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    keep_freed_memory_for_reuse()
+    configure_runtime()
     from segment_anything import SamPredictor
 
     official = perturbed_official(0)
@@ -92,12 +92,15 @@ def main() -> None:
         print(json.dumps({"impl": impl, "what": what, "dtype": dtype, "threads": a.threads, "rounds": a.rounds,
                           "median": statistics.median(ts), "all": ts}), flush=True)
     for what, dtype in dict.fromkeys((w, d) for w, d, _ in times):
-        ratio = statistics.median(times[(what, dtype, "official")]) / statistics.median(times[(what, dtype, "napari_sam")])
+        ratio = statistics.median(times[(what, dtype, "official")]) / statistics.median(
+            times[(what, dtype, "napari_sam")]
+        )
         print(json.dumps({"what": what, "dtype": dtype, "ratio": ratio, "against": "official, same dtype"}), flush=True)
     ratio = statistics.median(times[("encoder_s", "float32", "official")]) / statistics.median(
         times[("encoder_s", "bfloat16", "napari_sam")]
     )
-    print(json.dumps({"what": "encoder_s", "dtype": "bfloat16", "ratio": ratio, "against": "official float32"}), flush=True)
+    print(json.dumps({"what": "encoder_s", "dtype": "bfloat16", "ratio": ratio, "against": "official float32"}),
+          flush=True)
 
 
 if __name__ == "__main__":

@@ -50,17 +50,15 @@ def main() -> None:
     args = ap.parse_args()
 
     import napari
+    import tifffile
     import torch
     from qtpy.QtCore import QEventLoop, QTimer
     from qtpy.QtWidgets import QApplication
 
     from napari_sam._qt.widget import SamWidget
-    from napari_sam.model import build_sam
-
-    import tifffile
-
     from napari_sam.core.models import DEFAULT_CHECKPOINT
     from napari_sam.core.prompt_simulation import interior_point
+    from napari_sam.model import build_sam
 
     scratch = tempfile.mkdtemp(prefix="napari-sam-viewer-bench-")
     if args.model is None:
@@ -104,7 +102,7 @@ def main() -> None:
     session = widget.session
     viewer.dims.set_current_step(0, 0)
     widget.run_embedding(current=True)
-    wait(lambda: not widget._workers)
+    wait(lambda: not widget.workers.busy)
 
     # Time the two halves of a preview where they run: instance attributes shadow the
     # methods the widget looks up.
@@ -127,7 +125,9 @@ def main() -> None:
     draws: list[float] = []
     viewer.window._qt_viewer.canvas._scene_canvas.events.draw.connect(lambda _e: draws.append(time.perf_counter()))
     shown = [0.0]
-    session.show_preview = lambda result, _f=session.show_preview: (_f(result), shown.__setitem__(0, time.perf_counter()))[0]
+    session.show_preview = lambda result, _f=session.show_preview: (
+        _f(result), shown.__setitem__(0, time.perf_counter())
+    )[0]
 
     def until(condition, timeout=60.0) -> None:
         loop, timer, end = QEventLoop(), QTimer(), time.monotonic() + timeout
@@ -143,7 +143,8 @@ def main() -> None:
         shown[0] = 0.0
         t = time.perf_counter()
         session.points_layer.add(np.array([[0, y, x]]))
-        until(lambda: session.preview_is_current() and not widget._preview_running and shown[0] and draws[-1] > shown[0])
+        until(lambda: session.preview_is_current() and not widget._preview_running and shown[0]
+              and draws[-1] > shown[0])
         if os.environ.get("NAPARI_SAM_BENCH_VERBOSE"):
             print({k: round(v, 1) for k, v in spent.items()}, round((draws[-1] - t) * 1000, 1), flush=True)
         return (draws[-1] - t) * 1000
@@ -160,14 +161,17 @@ def main() -> None:
         far = int(np.argmax((ys - y) ** 2 + (xs - x) ** 2))
         corrections.append(click((ys[far] + y) / 2, (xs[far] + x) / 2))
         session.clear_prompts()
-        until(lambda: not widget._workers and not widget._preview_running)
+        until(lambda: not widget.workers.busy and not widget._preview_running)
     med = {k: statistics.median(v) for k, v in parts.items()}
     emit(what="click_to_preview_ms", model=args.model, slice=[1024, 1024], threads=torch.get_num_threads(),
          median=round(statistics.median(latencies), 1), min=round(min(latencies), 1), max=round(max(latencies), 1),
          segment_median=round(med["segment"], 1), show_median=round(med["show"], 1),
-         overhead_median=round(statistics.median([a - b - c for a, b, c in zip(latencies, parts["segment"], parts["show"])]), 1))
+         overhead_median=round(
+             statistics.median([a - b - c for a, b, c in zip(latencies, parts["segment"], parts["show"])]), 1
+         ))
     emit(what="correction_to_preview_ms", model=args.model, slice=[1024, 1024], threads=torch.get_num_threads(),
-         median=round(statistics.median(corrections), 1), min=round(min(corrections), 1), max=round(max(corrections), 1))
+         median=round(statistics.median(corrections), 1), min=round(min(corrections), 1),
+         max=round(max(corrections), 1))
 
     def frame_lateness(seconds: float) -> list[float]:
         late = []
@@ -196,8 +200,8 @@ def main() -> None:
         emit(what="frame_interval_ms", condition=condition, model=args.model, target=16,
              median=round(statistics.median(intervals), 1), p95=round(float(np.percentile(intervals, 95)), 1),
              max=round(max(intervals), 1), frames=len(intervals))
-    widget.cancel_embedding()
-    wait(lambda: not widget._workers)
+    widget.workers.cancel()
+    wait(lambda: not widget.workers.busy)
     viewer.close()
 
 

@@ -66,7 +66,7 @@ def main() -> None:
     widget.start_session()
     settle(lambda: widget.session is not None)
     session = widget.session
-    idle = lambda: not widget._workers and not widget._preview_running  # noqa: E731
+    idle = lambda: not widget.workers.busy and not widget._preview_running  # noqa: E731
     ids = [i for i in np.unique(truth) if i and (truth == i).sum() > 150]
     rng = np.random.default_rng(1)
     chosen = rng.choice(ids, size=12, replace=False)

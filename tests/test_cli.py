@@ -36,7 +36,8 @@ def test_segment_from_prompts_file_to_zarr(tmp_path, image_file, tiny_checkpoint
     prompts = tmp_path / "p.json"
     prompts.write_text(json.dumps([{"points": [[60, 45]]}, {"points": [[120, 90], [10, 10]], "labels": [1, 0]}]))
     out = tmp_path / "labels.zarr"
-    assert main(["segment", str(image_file), "--model", str(tiny_checkpoint), "--prompts", str(prompts), "--out", str(out)]) == 0
+    assert main(["segment", str(image_file), "--model", str(tiny_checkpoint), "--prompts", str(prompts),
+                 "--out", str(out)]) == 0
     arr = zarr.open_array(str(out), mode="r")
     assert arr.shape == (120, 160) and arr.metadata.zarr_format == 3
     assert np.asarray(arr).max() <= 2
@@ -72,7 +73,8 @@ def test_volume_needs_a_plane(tmp_path, tiny_checkpoint, capsys):
     out = tmp_path / "o.tif"
     assert main(["segment", str(vol), "--model", str(tiny_checkpoint), "--point", "3", "3", "--out", str(out)]) == 2
     assert "--plane" in capsys.readouterr().err
-    assert main(["segment", str(vol), "--model", str(tiny_checkpoint), "--point", "3", "3", "--plane", "2", "--out", str(out)]) == 0
+    assert main(["segment", str(vol), "--model", str(tiny_checkpoint), "--point", "3", "3", "--plane", "2",
+                 "--out", str(out)]) == 0
     assert tifffile.imread(out).shape == (64, 64)
 
 
@@ -117,7 +119,8 @@ def test_embed_refuses_bad_requests(tmp_path, tiny_checkpoint, nuclei_3d, capsys
     (tmp_path / "notes" / "todo.txt").write_text("not an embedding cache")
     assert main(["embed", str(path), "--model", str(tiny_checkpoint), "--out", str(tmp_path / "notes")]) == 2
     assert "not a Zarr v3 store" in capsys.readouterr().err
-    assert main(["embed", str(path), "--model", str(tiny_checkpoint), "--tile", "32", "--halo", "4", "--out", str(tmp_path / "c.zarr")]) == 0
+    assert main(["embed", str(path), "--model", str(tiny_checkpoint), "--tile", "32", "--halo", "4",
+                 "--out", str(tmp_path / "c.zarr")]) == 0
     capsys.readouterr()
     assert main(["embed", str(path), "--model", str(tiny_checkpoint), "--tile", "50", "--out", str(tmp_path / "c.zarr"),
                  "--on-mismatch", "error"]) == 2
@@ -168,7 +171,7 @@ def test_train_writes_a_checkpoint_that_loads_and_resumes(tmp_path, tiny_checkpo
     assert main(args) == 0
     assert "saved" in capsys.readouterr().out and out.is_file()
     model = load_model(out)
-    assert model.checkpoint_metadata["training"]["steps"] == 2 and model.checkpoint_metadata["training"]["mode"] == "decoder"
+    assert model.metadata["training"]["steps"] == 2 and model.metadata["training"]["mode"] == "decoder"
     assert main(args) == 2 and "--resume" in capsys.readouterr().err
 
 
@@ -246,11 +249,12 @@ def test_the_headless_main_job_segments_the_prompted_nuclei(tmp_path, capsys):
 
 def test_segment_everything_with_the_default_model_uses_its_settings(tmp_path, nuclei_2d):
     # With SAM's own filters the small default model would return nothing in auto mode.
-    from napari_sam.core.evaluation import instance_scores
+    from napari_sam.evaluate import instance_scores
 
     image, truth = nuclei_2d
     tifffile.imwrite(tmp_path / "img.tif", image)
-    assert main(["segment", str(tmp_path / "img.tif"), "--model", "default", "--mode", "boxes", "--out", str(tmp_path / "b.tif")]) == 0
+    assert main(["segment", str(tmp_path / "img.tif"), "--model", "default", "--mode", "boxes",
+                 "--out", str(tmp_path / "b.tif")]) == 0
     boxes = tifffile.imread(tmp_path / "b.tif")
     assert instance_scores(truth, boxes)["ap50"] > 0.4  # LoG boxes, as measured for this model
     assert main(["segment", str(tmp_path / "img.tif"), "--model", "default", "--mode", "auto", "--points-per-side", "8",

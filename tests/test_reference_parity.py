@@ -94,9 +94,11 @@ def test_embedding_and_every_prompt_case(reference, route, monkeypatch):
         )
         # Prompts are answered on the official embedding so that decoder differences are
         # measured on their own, not compounded with the encoder's.
-        predictor.set_embedding(type(emb)(torch.from_numpy(outputs[f"{image}/embedding"]), emb.input_size, original_size))
+        predictor.set_embedding(
+            type(emb)(torch.from_numpy(outputs[f"{image}/embedding"]), emb.input_size, original_size)
+        )
         for key in _cases(outputs, image):
-            get = lambda name: outputs[f"{key}/{name}"] if f"{key}/{name}" in outputs.files else None  # noqa: E731
+            get = lambda name, key=key: outputs[f"{key}/{name}"] if f"{key}/{name}" in outputs.files else None  # noqa: E731
             multimask = key.endswith("multi1")
             mask_input = get("in_mask_input")
             result = predictor.predict(
@@ -149,7 +151,7 @@ def test_training_route_matches_official(reference):
             np.testing.assert_allclose(emb.detach().numpy(), outputs["square/embedding"], **EMB_TOL, err_msg=stem)
             official = torch.from_numpy(outputs["square/embedding"])
             for key in ("square/one_point/multi1", "square/points_with_mask/multi0"):
-                get = lambda name: outputs[f"{key}/{name}"] if f"{key}/{name}" in outputs.files else None  # noqa: E731
+                get = lambda name, key=key: outputs[f"{key}/{name}"] if f"{key}/{name}" in outputs.files else None  # noqa: E731
                 mask = get("in_mask_input")
                 low, iou = model.decode(
                     official,

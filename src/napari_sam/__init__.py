@@ -15,12 +15,13 @@ __version__ = "0.1.0"
 _LAZY = {
     "load_model": "napari_sam.core.models",
     "Predictor": "napari_sam.core.predictor",
-    "ImageEmbedding": "napari_sam.core.predictor",
+    "ImageEmbedding": "napari_sam.core.image_embedding",
     "Prediction": "napari_sam.core.predictor",
     "Normalization": "napari_sam.core.preprocess",
     "Embeddings": "napari_sam.core.embeddings",
     "ImageSource": "napari_sam.core.image_source",
-    "PlaneMask": "napari_sam.core.tiled_segmentation",
+    "PlaneMask": "napari_sam.core.masks",
+    "Prompt": "napari_sam.core.prompts",
     "list_models": "napari_sam.weights",
     "fetch_checkpoint": "napari_sam.weights",
 }

@@ -11,8 +11,10 @@ so whatever the widget can do, a script can do too.
 >>> ann.commit(12, [obj]).ids                                           # doctest: +SKIP
 (1,)
 
-In the napari console, :func:`attach` connects an Annotator to the viewer's layers:
+In the napari console, :func:`napari_sam.layers.attach` connects an Annotator to the
+viewer's layers:
 
+>>> from napari_sam.layers import attach                                # doctest: +SKIP
 >>> session = attach(viewer, viewer.layers["nuclei"], model="vit_b_lm")  # doctest: +SKIP
 """
 
@@ -24,38 +26,19 @@ from pathlib import Path
 
 import numpy as np
 
-from .core.embeddings import EmbedProgress, Embeddings
+from .core.embeddings import Embeddings, EmbedProgress
 from .core.image_source import ImageSource
 from .core.labels import Commit, LabelWriter, create_label_store
+from .core.masks import PlaneMask
+from .core.models import resolve_model
 from .core.preprocess import Normalization
+from .core.prompts import Prompt
 from .core.propagation import PropagationSettings, PropagationStep, propagate
-from .core.tiled_segmentation import PlaneMask
 
-__all__ = ["Annotator", "attach", "MODEL_ENV_VAR"]
+__all__ = ["Annotator"]
 
-MODEL_ENV_VAR = "NAPARI_SAM_MODEL"
-"""Environment variable naming the model used when none is given (a registry name or a
-checkpoint file)."""
 # Label images up to this size are kept in memory; larger ones go to a Zarr array on disk.
 IN_MEMORY_LABELS = 1 << 30
-
-
-def _load(model, device, dtype):
-    from .core.models import load_model
-    from .model.sam import Sam
-
-    if isinstance(model, Sam):
-        return model
-    if model is None:
-        from .core.models import DEFAULT_CHECKPOINT, DEFAULT_MODEL
-
-        model = os.environ.get(MODEL_ENV_VAR) or (DEFAULT_MODEL if DEFAULT_CHECKPOINT.is_file() else None)
-        if not model:
-            raise ValueError(
-                f"no model given: pass model= a registry name (see `napari-sam models`) or a checkpoint file, "
-                f"or set {MODEL_ENV_VAR}"
-            )
-    return load_model(model, device=device, dtype=dtype)
 
 
 class Annotator:
@@ -68,7 +51,8 @@ class Annotator:
         and ``channel`` (see there).
     model
         A loaded SAM, a registry name, a checkpoint file, or None for ``$NAPARI_SAM_MODEL``,
-        else the default model shipped with the package.
+        else the default model shipped with the package
+        (:func:`~napari_sam.core.models.resolve_model`).
     labels
         Where objects go: an integer array whose shape is the image's planes and plane
         (e.g. (Z, Y, X) for a ZYX or ZYXC image), a path for a Zarr label array on disk
@@ -77,7 +61,7 @@ class Annotator:
     cache, tile, halo, normalization
         See :class:`~napari_sam.core.embeddings.Embeddings`.
     device, dtype
-        See :func:`~napari_sam.core.models.load_model` (used when ``model`` is a name).
+        See :func:`~napari_sam.core.models.load_model` (used when ``model`` is not loaded).
     """
 
     def __init__(
@@ -96,7 +80,7 @@ class Annotator:
         dtype: str = "auto",
     ):
         self.source = image if isinstance(image, ImageSource) else ImageSource(image, axes, channel)
-        self.model = _load(model, device, dtype)
+        self.model = resolve_model(model, device, dtype)
         self.embeddings = Embeddings(self.source, self.model, cache, tile=tile, halo=halo, normalization=normalization)
         self.writer = LabelWriter(self._labels(labels))
 
@@ -112,7 +96,9 @@ class Annotator:
         if isinstance(labels, (str, Path)):
             return create_label_store(labels, shape)
         if tuple(labels.shape) != shape:
-            raise ValueError(f"labels have shape {tuple(labels.shape)}, but the image needs {shape} (planes, then Y, X)")
+            raise ValueError(
+                f"labels have shape {tuple(labels.shape)}, but the image needs {shape} (planes, then Y, X)"
+            )
         return labels
 
     @property
@@ -150,30 +136,37 @@ class Annotator:
         return self.embeddings.plane_ready(plane)
 
     # -- prompts -------------------------------------------------------------------------
-    def segment(self, plane, points=None, labels=None, box=None, multimask: bool | None = None,
-                previous: PlaneMask | None = None) -> PlaneMask:
-        """One object from points (N, 2) as (x, y) plane pixels with labels (1 foreground,
-        0 background) and/or a box (x0, y0, x1, y1); missing tiles are embedded first.
-        ``previous``: the answer that these prompts correct (SAM's interactive loop)."""
-        return self.embeddings.segment(plane, points, labels, box, multimask, previous=previous)
+    def segment(self, plane, prompt: Prompt | None = None, *, points=None, labels=None, box=None,
+                previous: PlaneMask | None = None, multimask: bool | None = None) -> PlaneMask:
+        """One object on a plane; missing tiles are embedded first.
 
-    def segment_boxes(self, plane, boxes) -> list[PlaneMask]:
-        """One object per box (x0, y0, x1, y1)."""
-        return [self.embeddings.segment(plane, box=b) for b in np.asarray(boxes, dtype=np.float64).reshape(-1, 4)]
+        Parameters
+        ----------
+        plane
+            Flat plane number or (t, z) tuple.
+        prompt
+            A :class:`~napari_sam.core.prompts.Prompt`; or, instead, the keywords below.
+        points
+            (N, 2) as (x, y) = (column, row) plane pixels.
+        labels
+            (N,) 1 foreground, 0 background (default: all foreground).
+        box
+            (x0, y0, x1, y1) in plane pixels.
+        previous
+            The answer that these prompts correct (SAM's interactive loop).
+        multimask
+            Three candidates and the best kept; by default for a single point only.
 
-    def segment_prompts(self, plane, points=None, labels=None, boxes=None, previous: PlaneMask | None = None) -> list[PlaneMask]:
-        """The objects a set of prompts on one plane describes, as the widget reads them:
-        several boxes are several objects (points then refine none); one box and the
-        points are one object; points alone are one object, which ``previous`` (the
-        answer before the latest points were added) refines."""
-        boxes = [] if boxes is None else [np.asarray(b, dtype=np.float64) for b in boxes]
-        has_points = points is not None and len(points) > 0
-        if len(boxes) > 1:
-            return self.segment_boxes(plane, boxes)
-        if not boxes and not has_points:
-            return []
-        return [self.segment(plane, points if has_points else None, labels if has_points else None,
-                             boxes[0] if boxes else None, previous=previous)]
+        Returns
+        -------
+        PlaneMask
+        """
+        loose = points is not None or labels is not None or box is not None or previous is not None
+        if prompt is None:
+            prompt = Prompt.make(points, labels, box, previous)
+        elif loose:
+            raise ValueError("give either a Prompt or points/labels/box/previous, not both")
+        return self.embeddings.segment(plane, prompt, multimask)
 
     # -- results -------------------------------------------------------------------------
     def commit(self, plane, masks, overwrite: bool = False) -> Commit:
@@ -188,7 +181,8 @@ class Annotator:
             raise ValueError(f"object {label_id} is not on plane {self.plane(plane)}")
         return mask
 
-    def propagate(self, plane, label_id: int, axis: str | None = None, settings: PropagationSettings = PropagationSettings(),
+    def propagate(self, plane, label_id: int, axis: str | None = None,
+                  settings: PropagationSettings = PropagationSettings(),
                   overwrite: bool = False) -> Iterator[PropagationStep]:
         """Follow committed object ``label_id`` from ``plane`` through the neighbouring planes
         (both directions along ``axis``, Z by default, or T), writing each plane's mask
@@ -219,7 +213,9 @@ class Annotator:
         seeds = _largest_planes(self.labels, len(self.source.plane_grid), ids)
         out = {}
         for label_id, plane in tqdm(seeds.items(), desc="propagating", unit="object", disable=not progress):
-            out[label_id] = [s.plane for s in self.propagate(plane, label_id, axis, settings, overwrite) if s.mask is not None]
+            out[label_id] = [
+                s.plane for s in self.propagate(plane, label_id, axis, settings, overwrite) if s.mask is not None
+            ]
         return out
 
     def undo(self) -> list[Commit]:
@@ -237,21 +233,3 @@ def _largest_planes(labels, n_plane_axes: int, ids=None) -> dict[int, tuple[int,
             if v and (ids is None or v in ids) and c > best.get(v, (0, ()))[0]:
                 best[v] = (c, tuple(int(i) for i in plane))
     return {v: plane for v, (_, plane) in sorted(best.items())}
-
-
-def attach(viewer, image_layer=None, model=None, **kwargs):
-    """Connect an :class:`Annotator` to a napari viewer: prompt layers, a labels layer and
-    keyboard shortcuts. Returns the :class:`~napari_sam.layers.ViewerSession`.
-
-    Parameters
-    ----------
-    viewer
-        A ``napari.Viewer``.
-    image_layer
-        The image layer to segment (default: the selected or the first image layer).
-    model, kwargs
-        As for :class:`Annotator` (``labels=`` a path gives an on-disk Zarr labels layer).
-    """
-    from .layers import ViewerSession
-
-    return ViewerSession.attach(viewer, image_layer, model=model, **kwargs)

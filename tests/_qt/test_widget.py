@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 import zarr
 
-from napari_sam.api import attach
-from napari_sam.layers import KEYS
+from napari_sam.layers import KEYS, attach
 
 pytestmark = pytest.mark.viewer
 
@@ -34,7 +33,7 @@ def widget(viewer_3d, tiny_checkpoint, monkeypatch, qtbot):
 
 
 def _idle(w, qtbot):
-    qtbot.waitUntil(lambda: not w._workers and not w._preview_running, timeout=60000)
+    qtbot.waitUntil(lambda: not w.workers.busy and not w._preview_running, timeout=60000)
 
 
 def test_session_prompts_follow_planes_scale_and_commit_only_their_plane(viewer_3d, tiny_checkpoint):
@@ -47,10 +46,11 @@ def test_session_prompts_follow_planes_scale_and_commit_only_their_plane(viewer_
     session.points_layer.add(np.array([[40, 50, 60], [40, 20, 25]]))
     session.points_layer.features.loc[1, "positive"] = False
     session.points_layer.add(np.array([[41, 10, 10]]))  # another plane
-    prompts = session.prompts()
-    np.testing.assert_allclose(prompts["points"], [[60, 50], [25, 20]])  # (x, y)
-    np.testing.assert_array_equal(prompts["labels"], [1, 0])
-    expected = session.annotator.segment((40,), [[60, 50], [25, 20]], [1, 0])
+    (prompt,) = session.prompts()
+    np.testing.assert_allclose(prompt.points, [[60, 50], [25, 20]])  # (x, y)
+    np.testing.assert_array_equal(prompt.labels, [1, 0])
+    assert prompt.box is None
+    expected = session.annotator.segment((40,), points=[[60, 50], [25, 20]], labels=[1, 0])
     session.show_preview(session.compute_preview())
     assert session.preview_is_current()
     session.commit()
@@ -66,8 +66,8 @@ def test_an_added_point_refines_the_shown_preview_and_other_edits_start_afresh(v
     session = attach(viewer, layer, model=str(tiny_checkpoint), cache=False)
     viewer.dims.set_current_step(0, 40)
     asked = []
-    segment = session.annotator.segment_prompts
-    session.annotator.segment_prompts = lambda *a, **k: asked.append(k.get("previous")) or segment(*a, **k)
+    segment = session.annotator.segment
+    session.annotator.segment = lambda plane, prompt: asked.append(prompt.previous) or segment(plane, prompt)
 
     def preview():
         session.show_preview(session.compute_preview())
@@ -79,7 +79,7 @@ def test_an_added_point_refines_the_shown_preview_and_other_edits_start_afresh(v
     session.points_layer.add(np.array([[40, 30, 30]]))
     second = preview()
     assert asked[-1] is first[0]  # SAM's loop: the last answer guides the next
-    expected = session.annotator.segment((40,), [[60, 50], [30, 30]], [1, 1], previous=first[0])
+    expected = segment((40,), points=[[60, 50], [30, 30]], labels=[1, 1], previous=first[0])
     np.testing.assert_array_equal(second[0].mask, expected.mask)
     moved = np.array(session.points_layer.data, copy=True)
     moved[0] += [0, 5, 5]
@@ -103,10 +103,12 @@ def test_boxes_become_several_objects_in_one_commit(viewer_3d, tiny_checkpoint):
     viewer, layer = viewer_3d
     session = attach(viewer, layer, model=str(tiny_checkpoint), cache=False)
     viewer.dims.set_current_step(0, 60)
-    boxes = [[[60, 10, 10], [60, 10, 40], [60, 35, 40], [60, 35, 10]], [[60, 60, 55], [60, 60, 90], [60, 90, 90], [60, 90, 55]]]
+    boxes = [[[60, 10, 10], [60, 10, 40], [60, 35, 40], [60, 35, 10]],
+             [[60, 60, 55], [60, 60, 90], [60, 90, 90], [60, 90, 55]]]
     session.boxes_layer.add_rectangles(np.array(boxes, dtype=float))
     prompts = session.prompts()
-    np.testing.assert_allclose(np.array(prompts["boxes"]), [[10, 10, 40, 35], [55, 60, 90, 90]])
+    np.testing.assert_allclose(np.array([p.box for p in prompts]), [[10, 10, 40, 35], [55, 60, 90, 90]])
+    assert all(len(p.points) == 0 for p in prompts)
     session.commit()
     ids = set(np.unique(session.labels_layer.data[60])) - {0}
     assert ids <= {1, 2} and len(ids) >= 1 and not session.labels_layer.data[59].any()
@@ -123,7 +125,7 @@ def test_existing_labels_are_protected_unless_overwrite(viewer_3d, tiny_checkpoi
     session.points_layer.add(np.array([[30, 50, 50]]))
     session.commit()
     assert (existing.data[30] == 5).all()
-    session.overwrite = True
+    session.set_overwrite(True)
     session.points_layer.add(np.array([[30, 50, 50]]))
     session.commit()
     assert (existing.data[30] == 6).any()
@@ -186,7 +188,8 @@ def test_one_click_computes_one_preview_from_prompts_read_on_the_gui_thread(widg
     # napari sends "adding" then "added": only the second describes the new prompts
     assert len(calls) == 1
     plane, prompts = calls[0]
-    assert plane == (30,) and prompts["points"].shape == (1, 2) and prompts["labels"].tolist() == [1]
+    assert plane == (30,) and len(prompts) == 1
+    assert prompts[0].points.shape == (1, 2) and prompts[0].labels.tolist() == [1]
     assert session.preview_layer.data.any()
 
 
@@ -208,7 +211,7 @@ def test_embedding_all_slices_can_be_cancelled_and_resumed(widget, qtbot):
     worker = widget.run_embedding(current=False)
     qtbot.waitUntil(lambda: store.present().sum() >= 2, timeout=60000)
     widget.cancel.clicked()
-    qtbot.waitUntil(lambda: worker not in widget._workers, timeout=60000)
+    qtbot.waitUntil(lambda: not widget.workers.running(worker), timeout=60000)
     done = int(store.present().sum())
     assert 2 <= done < 100 and "cancelled" in widget.status.value
 
@@ -219,7 +222,7 @@ def test_points_on_a_slice_still_embedding_wait_for_it(widget, viewer_3d, qtbot)
     viewer.dims.set_current_step(0, 70)
     widget.run_embedding(current=True)
     session.points_layer.add(np.array([[70, 30, 30]]))  # while that slice is computing
-    qtbot.waitUntil(lambda: session.preview_is_current() and not widget._workers, timeout=60000)
+    qtbot.waitUntil(lambda: session.preview_is_current() and not widget.workers.busy, timeout=60000)
     assert session.annotator.is_embedded((70,)) and session.preview_masks
 
 
@@ -244,7 +247,7 @@ def test_widget_propagates_the_selected_label_and_undoes_it(widget, viewer_3d, n
 
     gt = nuclei_3d[1]
     session = widget.session
-    monkeypatch.setattr(session.annotator.embeddings, "predict", ExactEmbeddings(gt).predict)
+    monkeypatch.setattr(session.annotator.embeddings, "segment", ExactEmbeddings(gt).segment)
     obj = np.unique(gt)[6]
     z, zs, start = _start(gt, obj)
     session.annotator.commit(z, [start])
@@ -270,7 +273,8 @@ def test_training_widget_fine_tunes_on_layers_and_hands_the_model_over(make_napa
     monkeypatch.setenv("NAPARI_SAM_MODEL", str(tiny_checkpoint))
     viewer = make_napari_viewer()
     image = viewer.add_image(np.stack([nuclei_2d[0][:128, :128], nuclei_2d[0][128:256, :128]]), name="img")
-    labels = viewer.add_labels(np.stack([nuclei_2d[1][:128, :128], np.zeros((128, 128), nuclei_2d[1].dtype)]), name="gt")
+    labels = viewer.add_labels(np.stack([nuclei_2d[1][:128, :128], np.zeros((128, 128), nuclei_2d[1].dtype)]),
+                               name="gt")
     w = TrainingWidget(viewer)
     viewer.window.add_dock_widget(w)
     w.image.value, w.labels.value = image, labels
@@ -289,7 +293,7 @@ def test_training_widget_fine_tunes_on_layers_and_hands_the_model_over(make_napa
     seg = w.use_model()
     qtbot.waitUntil(lambda: seg.session is not None, timeout=30000)
     assert seg.model.value == CHECKPOINT and seg.session.annotator.model.source.path == str(tmp_path / "tuned.pth")
-    qtbot.waitUntil(lambda: not seg._workers, timeout=30000)
+    qtbot.waitUntil(lambda: not seg.workers.busy, timeout=30000)
 
 
 def test_training_widget_refuses_labels_of_another_shape(make_napari_viewer, nuclei_2d):
@@ -335,7 +339,7 @@ def test_widget_refines_the_objects_of_a_rough_labels_layer(widget, viewer_3d, n
     widget.rough.value = wrong
     assert widget.run_everything() is None and "wrong shape has shape (10, 10)" in widget.status.value
     widget.rough.value = viewer.layers["threshold"]
-    from napari_sam.core import automatic
+    from napari_sam import auto as automatic
 
     asked = []
     boxes_through_sam = automatic.iter_from_boxes
@@ -381,7 +385,7 @@ def test_the_default_model_is_selected_and_segments_a_real_nucleus(make_napari_v
     assert np.mean(ious) > 0.6 and min(ious) > 0.3
     # Segment everything: what was measured to suit this model is preselected, keeps the
     # three objects above, and finds most nuclei of this image it never saw.
-    from napari_sam.core.evaluation import instance_scores
+    from napari_sam.evaluate import instance_scores
 
     assert w.everything_mode.value == "boxes"
     clicked = np.array(session.labels_layer.data, copy=True)

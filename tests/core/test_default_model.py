@@ -2,13 +2,11 @@
 SAM, says what it is and what it was trained on, and segments real nuclei that it never
 saw better than the classical baseline does."""
 
-import numpy as np
 import pytest
 
-from napari_sam.core.baseline import WatershedBaseline
-from napari_sam.core.evaluation import evaluate_prompted
 from napari_sam.core.models import DEFAULT_CHECKPOINT, load_model
 from napari_sam.core.predictor import Predictor
+from napari_sam.evaluate import WatershedBaseline, evaluate_prompted
 from napari_sam.model.checkpoint import read_checkpoint
 from napari_sam.model.config import infer_config
 
@@ -22,7 +20,7 @@ def test_it_ships_small_and_says_what_it_is(default_model):
     assert DEFAULT_CHECKPOINT.is_file() and DEFAULT_CHECKPOINT.stat().st_size < 20_000_000
     assert default_model.source.name == "default"
     assert default_model.config.image_size == 256
-    meta = default_model.checkpoint_metadata
+    meta = default_model.metadata
     assert meta["training"]["mode"] == "full" and meta["training"]["steps"] >= 1000
     assert meta["default_model"]["command"].startswith("scripts/train_default_model.py")
     held_out = meta["default_model"]["held_out"]
@@ -40,7 +38,7 @@ def held_out_results(default_model, shared_dir):
 
     folder = shared_dir / "data" / "dsb2018_fluo"
     names = sorted(p.name for p in (folder / "images").glob("*.tif"))[-5:]
-    assert names == sorted(default_model.checkpoint_metadata["default_model"]["held_out"]["dsb2018_fluo"])
+    assert names == sorted(default_model.metadata["default_model"]["held_out"]["dsb2018_fluo"])
     pairs = [(tifffile.imread(folder / "images" / n), tifffile.imread(folder / "labels" / n)) for n in names]
     options = dict(n_corrections=2, max_objects=8, seed=0, min_area=16)
     sam = evaluate_prompted(pairs, Predictor(default_model), **options)

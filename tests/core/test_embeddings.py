@@ -22,6 +22,7 @@ from napari_sam.core.image_source import ImageSource
 from napari_sam.core.models import load_model
 from napari_sam.core.predictor import Predictor
 from napari_sam.core.preprocess import Normalization
+from napari_sam.core.prompts import Prompt
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,7 @@ def test_one_tile_plane_matches_the_2d_predictor(tiny_model, nuclei_2d):
     reference = predictor.set_image(image, limits=emb.limits)
     assert torch.equal(emb.embedding_for(0).features, reference.features)
     mask = predictor.predict(points=[[200, 310]]).best_mask()
-    result = emb.segment(0, points=[[200, 310]])
+    result = emb.segment(0, Prompt.make(points=[[200, 310]]))
     assert np.array_equal(result.to_full(image.shape), mask)
 
 
@@ -83,7 +84,7 @@ def test_segment_places_tile_masks_in_plane_coordinates(tiny_model, big_plane):
     emb = Embeddings(big_plane, tiny_model, cache=False, tile=256, halo=32)
     tile = emb.grid[1, 2]
     x, y = 600.5, 400.5
-    result = emb.segment(0, points=[[x, y]], max_tiles=1)
+    result = emb.segment(0, Prompt.make(points=[[x, y]]), max_tiles=1)
     predictor = Predictor(tiny_model)
     predictor.set_embedding(emb.embedding_for(0, (1, 2)))
     local = predictor.predict(points=[[x - tile.outer[2], y - tile.outer[0]]]).best_mask()
@@ -99,13 +100,15 @@ def test_a_correction_is_answered_with_the_previous_logits_as_mask_prompt(tiny_m
     emb = Embeddings(big_plane, tiny_model, cache=False, tile=256, halo=32)
     tile = emb.grid[1, 2]
     pts = np.array([[600.5, 400.5], [610.5, 380.5]])
-    first = emb.segment(0, points=pts[:1], max_tiles=1)
+    first = emb.segment(0, Prompt.make(points=pts[:1]), max_tiles=1)
     assert first.logits.shape == (256, 256)
-    refined = emb.segment(0, points=pts, labels=[1, 0], max_tiles=1, previous=first)
+    refined = emb.segment(0, Prompt.make(points=pts, labels=[1, 0], previous=first), max_tiles=1)
     local = pts - (tile.outer[2], tile.outer[0])
-    expected = emb.predict(0, (1, 2), points=local, labels=[1, 0], mask_input=first.logits, multimask=False)
+    predictor = Predictor(tiny_model)
+    predictor.set_embedding(emb.embedding_for(0, (1, 2)))
+    expected = predictor.predict(points=local, labels=[1, 0], mask_input=first.logits, multimask=False)
     np.testing.assert_array_equal(refined.logits, expected.low_res_logits[0])
-    plain = emb.segment(0, points=pts, labels=[1, 0], max_tiles=1)
+    plain = emb.segment(0, Prompt.make(points=pts, labels=[1, 0]), max_tiles=1)
     assert not np.array_equal(plain.logits, refined.logits)
 
 
@@ -124,7 +127,8 @@ def test_dask_zarr_and_numpy_inputs_give_the_same_embeddings(tiny_model, volume_
 
 def test_embedding_on_demand_computes_only_what_is_asked(tiny_model, volume_zarr, tmp_path, monkeypatch):
     path, _ = volume_zarr
-    emb = Embeddings(zarr.open_array(str(path), mode="r"), tiny_model, tmp_path / "c.zarr", axes="ZYX", tile=200, halo=25)
+    emb = Embeddings(zarr.open_array(str(path), mode="r"), tiny_model, tmp_path / "c.zarr", axes="ZYX", tile=200,
+                     halo=25)
     calls = _count_computes(monkeypatch, emb)
     emb.embedding_for(6, (0, 1))
     emb.embedding_for(6, (0, 1))
@@ -141,10 +145,12 @@ def test_embedding_on_demand_computes_only_what_is_asked(tiny_model, volume_zarr
 
 def test_a_complete_plane_is_known_without_reading_the_cache_again(tiny_model, volume_zarr, tmp_path):
     path, _ = volume_zarr
-    emb = Embeddings(zarr.open_array(str(path), mode="r"), tiny_model, tmp_path / "c.zarr", axes="ZYX", tile=200, halo=25)
+    emb = Embeddings(zarr.open_array(str(path), mode="r"), tiny_model, tmp_path / "c.zarr", axes="ZYX", tile=200,
+                     halo=25)
     assert not emb.plane_ready(4)
     # another process (a dask worker, the CLI) fills the cache: a negative is asked again
-    other = Embeddings(zarr.open_array(str(path), mode="r"), tiny_model, tmp_path / "c.zarr", axes="ZYX", tile=200, halo=25)
+    other = Embeddings(zarr.open_array(str(path), mode="r"), tiny_model, tmp_path / "c.zarr", axes="ZYX", tile=200,
+                       halo=25)
     other.compute_all(planes=[4], progress=False)
     assert emb.plane_ready(4)
 
@@ -268,7 +274,8 @@ def test_resume_after_the_process_is_killed(tiny_checkpoint, volume_zarr, tmp_pa
     fresh = Embeddings(zarr.open_array(str(path), mode="r"), model, cache=False, axes="ZYX", tile=100, halo=10)
     for entry in [(0, 0, 0), (4, 1, 2), (8, 2, 2)]:
         np.testing.assert_allclose(
-            resumed.embedding_for(entry[0], entry[1:]).features, fresh.embedding_for(entry[0], entry[1:]).features, atol=1e-5
+            resumed.embedding_for(entry[0], entry[1:]).features, fresh.embedding_for(entry[0], entry[1:]).features,
+            atol=1e-5
         )
 
 
@@ -333,5 +340,5 @@ def test_models_with_a_smaller_input_get_matching_tiles_and_cache(nuclei_2d, tmp
     expected = Predictor(small).embed_image(nuclei_2d[0][tile.outer_slices], limits=emb.limits)
     assert got.features.shape == (1, 256, 16, 16) and torch.equal(got.features, expected.features)
     assert got.input_size == (256, 256)
-    result = emb.segment(0, points=[[250, 260]], max_tiles=1)
+    result = emb.segment(0, Prompt.make(points=[[250, 260]]), max_tiles=1)
     assert result.tiles == ((1, 1),) and result.mask.dtype == bool

@@ -32,7 +32,8 @@ def volume_source(request, nuclei_3d, tmp_path):
     if kind == "ome_zarr":
         return ImageSource.open(_ome_zarr(tmp_path / "img.ome.zarr", image, "ZYX")), image
     fmt = 2 if kind == "zarr_v2" else 3
-    z = zarr.create_array(str(tmp_path / "img.zarr"), shape=image.shape, dtype=image.dtype, chunks=(1, 32, 32), zarr_format=fmt)
+    z = zarr.create_array(str(tmp_path / "img.zarr"), shape=image.shape, dtype=image.dtype, chunks=(1, 32, 32),
+                          zarr_format=fmt)
     z[...] = image
     return ImageSource.open(tmp_path / "img.zarr", axes="ZYX"), image
 

@@ -5,7 +5,7 @@ import pytest
 import zarr
 
 from napari_sam.core.labels import LabelWriter, create_label_store
-from napari_sam.core.tiled_segmentation import PlaneMask
+from napari_sam.core.masks import PlaneMask
 
 
 def _obj(y0, y1, x0, x1, mask=None):

@@ -51,3 +51,23 @@ def test_unavailable_device(tiny_checkpoint):
         pytest.skip("this machine has CUDA")
     with pytest.raises(ValueError, match="no CUDA GPU"):
         load_model(tiny_checkpoint, device="cuda")
+
+
+def test_resolve_model_passes_a_loaded_model_and_loads_names(tiny_model, tiny_checkpoint, monkeypatch):
+    from napari_sam.core import models
+
+    assert models.resolve_model(tiny_model) is tiny_model
+    monkeypatch.setenv(models.MODEL_ENV_VAR, str(tiny_checkpoint))
+    assert models.default_model_spec() == str(tiny_checkpoint)
+    loaded = models.resolve_model(None, device="cpu", dtype="float32")
+    assert loaded.source.path == str(tiny_checkpoint) and loaded.metadata == {}
+    assert models.model_choices()[0] == str(tiny_checkpoint)  # a file named by the variable comes first
+    monkeypatch.delenv(models.MODEL_ENV_VAR)
+    monkeypatch.setattr(models, "DEFAULT_CHECKPOINT", tiny_checkpoint.parent / "missing.pth")
+    assert models.default_model_spec() is None and models.DEFAULT_MODEL not in models.model_choices()
+    with pytest.raises(ValueError, match="no model given"):
+        models.resolve_model(None)
+
+
+def test_a_model_built_in_memory_declares_no_source(tiny_sam):
+    assert tiny_sam.source is None and tiny_sam.metadata == {}

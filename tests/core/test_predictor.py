@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from napari_sam.core.predictor import ImageEmbedding, Predictor
+from napari_sam.core.image_embedding import ImageEmbedding
+from napari_sam.core.predictor import Predictor
 
 
 @pytest.fixture(scope="module")

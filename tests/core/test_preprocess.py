@@ -12,7 +12,8 @@ def test_percentiles_map_to_0_and_255():
     assert out.dtype == np.float32
     assert out.min() == 0 and out.max() == 255
     assert abs((img < lo).mean() - 0.01) < 0.005  # those pixels are the ones clipped to 0
-    np.testing.assert_allclose(out[img == img.flat[0]][0], np.clip((img.flat[0] - lo) * 255 / (hi - lo), 0, 255), rtol=1e-5)
+    np.testing.assert_allclose(out[img == img.flat[0]][0], np.clip((img.flat[0] - lo) * 255 / (hi - lo), 0, 255),
+                               rtol=1e-5)
 
 
 def test_uint8_passes_through_by_default_and_fixed_limits_apply():

@@ -9,8 +9,9 @@ import pytest
 
 from napari_sam.api import Annotator
 from napari_sam.core.image_source import ImageSource
+from napari_sam.core.masks import PlaneMask
 from napari_sam.core.propagation import PropagationSettings, propagate
-from napari_sam.core.tiled_segmentation import PlaneMask
+from napari_sam.core.tiled_segmentation import segment_tiled
 from napari_sam.core.tiling import TileGrid
 
 
@@ -36,7 +37,26 @@ class ExactEmbeddings:
             counts[ids == 0] = 0
             obj = ids[np.argmax(counts)] if counts.max() else 0
         mask = (view == obj) & (obj > 0)
-        return SimpleNamespace(masks=mask[None], iou=np.array([self.iou]), low_res_logits=np.zeros((1, 256, 256), np.float32))
+        return SimpleNamespace(masks=mask[None], iou=np.array([self.iou]),
+                               low_res_logits=np.zeros((1, 256, 256), np.float32))
+
+    def segment(self, plane, prompt, multimask=None, max_tiles=16):
+        """As Embeddings.segment: the tiled answer of ``prompt``, each tile asked through
+        :meth:`predict`."""
+
+        def answer(tile, points, labels, box, multi, mask_input=None):
+            result = self.predict(plane, tile.index, points, labels, box, mask_input, multi)
+            return _Candidates(result.masks, result.low_res_logits), result.iou
+
+        return segment_tiled(self.grid, answer, prompt, multimask, max_tiles)
+
+
+class _Candidates(list):
+    """Candidate masks that carry their low-res logits, as the decoder's answers do."""
+
+    def __init__(self, masks, low_res_logits):
+        super().__init__(masks)
+        self.low_res_logits = low_res_logits
 
 
 def _start(gt, obj):
@@ -127,7 +147,7 @@ def test_annotator_writes_each_plane_under_the_id_and_undoes_at_once(tiny_model,
     image, gt = nuclei_3d
     ann = Annotator(image, tiny_model, cache=False)
     exact = ExactEmbeddings(gt)
-    monkeypatch.setattr(ann.embeddings, "predict", exact.predict)
+    monkeypatch.setattr(ann.embeddings, "segment", exact.segment)
     obj = np.unique(gt)[6]
     z, zs, start = _start(gt, obj)
     ann.commit(z, [start])

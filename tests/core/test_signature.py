@@ -43,7 +43,8 @@ def test_fingerprint_sees_changes_in_sampled_chunks_and_metadata(tmp_path):
 
 def _sig(**over):
     sig = CacheSignature(
-        model="vit_b", checkpoint="sha256:00", dtype="float32", normalization={"mode": "auto", "low": 1.0, "high": 99.8},
+        model="vit_b", checkpoint="sha256:00", dtype="float32",
+        normalization={"mode": "auto", "low": 1.0, "high": 99.8},
         tile=1024, halo=128, shape=(10, 2048, 2048), dtype_in="uint16", axes="ZYX", image_fingerprint="blake2b:ab",
     )
     return dataclasses.replace(sig, **over)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from napari_sam.core.prompts import Prompt
 from napari_sam.core.tiled_segmentation import segment_tiled
 from napari_sam.core.tiling import TileGrid
 
@@ -75,11 +76,11 @@ def test_objects_crossing_tile_borders_come_out_whole(nuclei_2d, tile, halo):
     segmenter = ExactSegmenter(labels)
     for obj in crossing:
         truth = labels == obj
-        by_point = segment_tiled(grid, segmenter, points=[_deepest(truth)])
+        by_point = segment_tiled(grid, segmenter, Prompt.make(points=[_deepest(truth)]))
         assert by_point.complete and len(by_point.tiles) >= 2
         assert np.array_equal(by_point.to_full(labels.shape), truth), f"object {obj} by point"
         ys, xs = np.nonzero(truth)
-        by_box = segment_tiled(grid, segmenter, box=[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+        by_box = segment_tiled(grid, segmenter, Prompt.make(box=[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]))
         assert np.array_equal(by_box.to_full(labels.shape), truth), f"object {obj} by box"
 
 
@@ -97,8 +98,8 @@ def test_a_point_near_a_border_gives_the_untiled_mask(nuclei_2d):
         edges = np.array([t.inner[2] for t in tiled if t.inner[2] > 0])
         k = np.argmin(np.abs(xs[:, None] - edges[None]).min(1))
         point = [[xs[k] + 0.5, ys[k] + 0.5]]
-        a = segment_tiled(tiled, segmenter, points=point).to_full(labels.shape)
-        b = segment_tiled(untiled, segmenter, points=point).to_full(labels.shape)
+        a = segment_tiled(tiled, segmenter, Prompt.make(points=point)).to_full(labels.shape)
+        b = segment_tiled(untiled, segmenter, Prompt.make(points=point)).to_full(labels.shape)
         assert np.array_equal(a, b)
         checked += 1
     assert checked >= 10
@@ -109,10 +110,10 @@ def test_objects_larger_than_a_tile_and_the_tile_budget():
     labels[50:350, 40:460] = 1  # spans every tile
     labels[180:220, 200:300] = 0  # with a hole
     grid = TileGrid(labels.shape, tile=100, halo=20)
-    whole = segment_tiled(grid, ExactSegmenter(labels), points=[[45, 55]], max_tiles=len(grid))
+    whole = segment_tiled(grid, ExactSegmenter(labels), Prompt.make(points=[[45, 55]]), max_tiles=len(grid))
     assert whole.complete and np.array_equal(whole.to_full(labels.shape), labels == 1)
     assert whole.region == (50, 350, 40, 460) and whole.mask.shape == (300, 420)
-    part = segment_tiled(grid, ExactSegmenter(labels), points=[[45, 55]], max_tiles=3)
+    part = segment_tiled(grid, ExactSegmenter(labels), Prompt.make(points=[[45, 55]]), max_tiles=3)
     assert not part.complete and len(part.tiles) == 3
     assert part.to_full(labels.shape).sum() < whole.area and not (part.to_full(labels.shape) & (labels == 0)).any()
 
@@ -120,14 +121,14 @@ def test_objects_larger_than_a_tile_and_the_tile_budget():
 def test_background_clicks_and_bad_prompts():
     labels = np.zeros((300, 300), np.int64)
     grid = TileGrid(labels.shape, tile=100, halo=10)
-    empty = segment_tiled(grid, ExactSegmenter(labels), points=[[150, 150]])
+    empty = segment_tiled(grid, ExactSegmenter(labels), Prompt.make(points=[[150, 150]]))
     assert empty.area == 0 and empty.mask.shape == (0, 0) and empty.region == (0, 0, 0, 0)
     with pytest.raises(ValueError, match="outside"):
-        segment_tiled(grid, ExactSegmenter(labels), points=[[350, 10]])
+        segment_tiled(grid, ExactSegmenter(labels), Prompt.make(points=[[350, 10]]))
     with pytest.raises(ValueError, match="box or at least one foreground point"):
-        segment_tiled(grid, ExactSegmenter(labels), points=[[10, 10]], labels=[0])
+        segment_tiled(grid, ExactSegmenter(labels), Prompt.make(points=[[10, 10]], labels=[0]))
     with pytest.raises(ValueError, match="entirely outside"):
-        segment_tiled(grid, ExactSegmenter(labels), box=[400, 400, 500, 500])
+        segment_tiled(grid, ExactSegmenter(labels), Prompt.make(box=[400, 400, 500, 500]))
 
 
 class _Candidates(list):
@@ -150,18 +151,18 @@ def test_refining_sends_the_first_tiles_logits_as_mask_prompt_and_asks_one_mask(
         logits = np.stack([np.full((64, 64), float(len(points) + k)) for k in range(n)])
         return _Candidates([mask] * n, logits), np.linspace(0.5, 0.9, n)
 
-    first = segment_tiled(grid, answer, points=[[320, 320]])
+    first = segment_tiled(grid, answer, Prompt.make(points=[[320, 320]]))
     assert seen == [((1, 1), True, None)]
     assert first.tiles == ((1, 1),) and first.logits.shape == (64, 64)
     assert first.logits.mean() == 1 + 2  # the best of three (highest IoU: the last)
-    second = segment_tiled(grid, answer, points=[[320, 320], [330, 330]], labels=[1, 0], previous=first)
+    second = segment_tiled(grid, answer, Prompt.make(points=[[320, 320], [330, 330]], labels=[1, 0], previous=first))
     assert seen[-1] == ((1, 1), False, 3.0)  # the first answer's logits, one mask asked
     assert second.logits.mean() == 2.0
     # prompts that now start on another tile cannot use those logits
-    segment_tiled(grid, answer, points=[[50, 50], [320, 320]], previous=second)
+    segment_tiled(grid, answer, Prompt.make(points=[[50, 50], [320, 320]], previous=second))
     assert seen[-1] == ((0, 0), False, None)
     # an answer without logits (the exact segmenter, the baseline) is simply not refined
-    plain = segment_tiled(grid, ExactSegmenter(np.zeros((600, 600), np.int32) + 1), points=[[320, 320]])
+    plain = segment_tiled(grid, ExactSegmenter(np.zeros((600, 600), np.int32) + 1), Prompt.make(points=[[320, 320]]))
     assert plain.logits is None
-    segment_tiled(grid, answer, points=[[320, 320]], previous=plain)
+    segment_tiled(grid, answer, Prompt.make(points=[[320, 320]], previous=plain))
     assert seen[-1] == ((1, 1), True, None)

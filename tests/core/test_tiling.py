@@ -4,7 +4,8 @@ import pytest
 from napari_sam.core.tiling import TileGrid
 
 
-@pytest.mark.parametrize("shape, tile, halo", [((5000, 3000), 1024, 128), ((1000, 1000), 1024, 64), ((2100, 1500), 512, 0), ((7, 9000), 1024, 100)])
+@pytest.mark.parametrize("shape, tile, halo", [((5000, 3000), 1024, 128), ((1000, 1000), 1024, 64),
+                                               ((2100, 1500), 512, 0), ((7, 9000), 1024, 100)])
 def test_interiors_partition_the_plane_and_outers_add_the_halo(shape, tile, halo):
     grid = TileGrid(shape, tile, halo)
     owner = np.zeros(shape, np.int32)
@@ -47,7 +48,8 @@ def test_tiles_touching_a_box():
     assert len(grid.tiles_touching((0, 0, 4096, 4096))) == 16
 
 
-@pytest.mark.parametrize("bad", [dict(shape=(0, 5)), dict(shape=(5,)), dict(shape=(5, 5), tile=0), dict(shape=(5, 5), halo=-1)])
+@pytest.mark.parametrize("bad", [dict(shape=(0, 5)), dict(shape=(5,)), dict(shape=(5, 5), tile=0),
+                                 dict(shape=(5, 5), halo=-1)])
 def test_bad_grids(bad):
     with pytest.raises(ValueError):
         TileGrid(**bad)

@@ -128,14 +128,6 @@ def test_probe_leaves_the_random_stream_alone(monkeypatch):
     assert torch.equal(torch.rand(3), after_probe)
 
 
-def test_default_follows_the_setting_and_the_processor(monkeypatch):
-    monkeypatch.setattr(matmul, "_measured_here", lambda: True)
-    assert matmul._enabled_by(None) and matmul._enabled_by("") and matmul._enabled_by("1")
-    assert not matmul._enabled_by("0")
-    monkeypatch.setattr(matmul, "_measured_here", lambda: False)
-    assert not matmul._enabled_by(None) and matmul._enabled_by(" 1 ") and not matmul._enabled_by("0")
-
-
 def test_activation_names_of_modules():
     assert matmul.activation_of(torch.nn.GELU()) == "gelu"
     assert matmul.activation_of(torch.nn.GELU(approximate="tanh")) is None  # not what oneDNN's "gelu" computes

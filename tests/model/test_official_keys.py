@@ -8,7 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from napari_sam.model import CONFIGS, SamConfig, CheckpointError, ViTConfig, build_sam, infer_config, sam_from_state_dict
+from napari_sam.model import (
+    CONFIGS,
+    CheckpointError,
+    SamConfig,
+    ViTConfig,
+    build_sam,
+    infer_config,
+    sam_from_state_dict,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 REFERENCE_DIR = Path(os.environ.get("NAPARI_SAM_REFERENCE_DIR", REPO.parent / "shared" / "reference"))

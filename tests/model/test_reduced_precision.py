@@ -24,7 +24,8 @@ def test_attention_by_products_is_the_fused_attention(size, window):
     fused = attn._attend(qkv.clone().requires_grad_().reshape(2, side, side, -1), side, side).detach()
     with torch.inference_mode():
         # without autograd, on a CPU, _attend takes the products
-        torch.testing.assert_close(attn._attend(qkv.reshape(2, side, side, -1), side, side), fused, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(attn._attend(qkv.reshape(2, side, side, -1), side, side), fused,
+                                   rtol=1e-5, atol=1e-5)
         for step in (1, 3):
             apart = attn._attend_by_products(*_split(attn, qkv, side), step)
             torch.testing.assert_close(apart.transpose(1, 2).reshape(fused.shape), fused, rtol=1e-5, atol=1e-5)

@@ -1,8 +1,8 @@
 """The training dock widget: fine-tune a model on finished annotations, then use it.
 
 Like the annotation widget it holds no logic of its own: the data come from
-:class:`~napari_sam.core.training.SegmentationDataset`, the steps from
-:class:`~napari_sam.core.training.Trainer`, run in a napari thread worker with a progress
+:class:`~napari_sam.train.SegmentationDataset`, the steps from
+:class:`~napari_sam.train.Trainer`, run in a napari thread worker with a progress
 bar and a live curve of the loss and the validation IoU.
 """
 
@@ -14,11 +14,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from magicgui.widgets import ComboBox, Container, FileEdit, FloatSpinBox, Label, PushButton, SpinBox
-from napari.qt.threading import create_worker
-from napari.utils import progress
 
 from .curve import CurveWidget
-from .widget import CHECKPOINT, _model_choices
+from .widget import CHECKPOINT, model_picker_choices
+from .workers import Workers
 
 if TYPE_CHECKING:  # pragma: no cover
     import napari
@@ -29,13 +28,14 @@ __all__ = ["TrainingWidget", "dataset_from_layers"]
 def dataset_from_layers(image_layer, labels_layer):
     """Training pairs from an image layer and a Labels layer of the same shape: one pair
     per annotated plane (planes without objects are skipped)."""
-    from ..core.training import SegmentationDataset
     from ..layers import source_from_layer
+    from ..train import SegmentationDataset
 
     source = source_from_layer(image_layer)
     labels = labels_layer.data
     if tuple(labels.shape) != source.plane_grid + source.plane_shape:
-        raise ValueError(f"labels of shape {tuple(labels.shape)} do not match the image's planes {source.plane_grid + source.plane_shape}")
+        raise ValueError(f"labels of shape {tuple(labels.shape)} do not match the image's planes "
+                         f"{source.plane_grid + source.plane_shape}")
     images, masks, names = [], [], []
     for flat in range(source.n_planes):
         index = source.plane_index(flat)
@@ -64,13 +64,15 @@ class TrainingWidget(Container):
         self.trainer = None
         self.worker = None
         self.model = None
+        self.workers = Workers(lambda text: setattr(self.status, "value", text))
         self.image = ComboBox(label="image", choices=lambda *_: self._layers("Image"))
         self.labels = ComboBox(label="labels", choices=lambda *_: self._layers("Labels"),
                                tooltip="finished annotations: every object on an annotated plane is used")
-        choices = _model_choices()
+        choices = model_picker_choices()
         self.base = ComboBox(label="start from", choices=choices, value=choices[0])
         self.checkpoint = FileEdit(label="checkpoint", mode="r", visible=False)
-        self.mode = ComboBox(label="train", choices=[("mask decoder (fast)", "decoder"), ("whole model", "full")], value="decoder")
+        self.mode = ComboBox(label="train", choices=[("mask decoder (fast)", "decoder"), ("whole model", "full")],
+                             value="decoder")
         self.minutes = FloatSpinBox(label="minutes", value=10.0, min=0.5, max=24 * 60, step=0.5)
         self.steps = SpinBox(label="steps at most", value=1000, min=1, max=1_000_000)
         self.out = FileEdit(label="save as", mode="w", filter="*.pth", value=os.path.abspath("finetuned_sam.pth"))
@@ -85,10 +87,13 @@ class TrainingWidget(Container):
         self.native.layout().addWidget(self.curve)
         self.base.changed.connect(lambda v: setattr(self.checkpoint, "visible", v == CHECKPOINT))
         self.train.clicked.connect(self.start)
-        self.stop.clicked.connect(lambda: self.worker is not None and self.worker.quit())
+        self.stop.clicked.connect(self.workers.cancel)
         self.use.clicked.connect(self.use_model)
         viewer.layers.events.inserted.connect(self.reset_choices)
         viewer.layers.events.removed.connect(self.reset_choices)
+        # The workers, not the widget, are captured: by the time Qt reports the destruction the
+        # widget's Python attributes may be gone.
+        self.native.destroyed.connect(lambda *_, workers=self.workers: workers.close())
 
     def _layers(self, kind: str):
         return [(layer.name, layer) for layer in self.viewer.layers if type(layer).__name__ == kind]
@@ -96,8 +101,8 @@ class TrainingWidget(Container):
     def start(self):
         """Build the data and the trainer, then train in a worker until the time or the
         steps run out (or Stop), and save the model."""
-        from ..core.models import load_model
-        from ..core.training import Trainer, TrainingConfig
+        from ..core.models import resolve_model
+        from ..train import Trainer, TrainingConfig
 
         try:
             data = dataset_from_layers(self.image.value, self.labels.value)
@@ -109,10 +114,9 @@ class TrainingWidget(Container):
         train, val = data.split(0.2, seed=0) if len(data) > 1 else (data, data)
         config = TrainingConfig(mode=self.mode.value, steps=steps, validate_every=max(1, min(50, steps // 10)))
         self.curve.clear()
-        bar = progress(total=steps, desc="training")
 
         def work():
-            model = load_model(base, device="auto", dtype="float32")
+            model = resolve_model(base, device="auto", dtype="float32")
             self.trainer = Trainer(model, train, config, validation_data=val)
             end = time.monotonic() + 60 * minutes
             for record in self.trainer.run():
@@ -123,8 +127,6 @@ class TrainingWidget(Container):
             return out
 
         def show(record):
-            bar.n = record.step
-            bar.refresh()
             self.curve.add("loss", record.step, record.loss)
             text = f"step {record.step}: loss {record.loss:.3f}"
             if record.validation_iou is not None:
@@ -144,16 +146,13 @@ class TrainingWidget(Container):
                 self.use.enabled = True
                 self.status.value = f"stopped at step {self.trainer.step}; saved {out}"
 
-        self.worker = create_worker(work, _start_thread=False)
-        self.worker.yielded.connect(show)
-        self.worker.returned.connect(done)
-        self.worker.aborted.connect(stopped)
-        self.worker.errored.connect(lambda err: setattr(self.status, "value", f"error: {err}"))
-        self.worker.finished.connect(bar.close)
-        self.worker.finished.connect(lambda: (setattr(self.train, "enabled", True), setattr(self.stop, "enabled", False)))
         self.train.enabled, self.stop.enabled = False, True
         self.status.value = f"training on {len(train)} plane(s), validating on {len(val)}..."
-        self.worker.start()
+        self.worker = self.workers.steps(work, desc="training", show=show, done=done,
+                                         progress_of=lambda r: (r.step, steps))
+        self.worker.aborted.connect(self.workers.gui(stopped))
+        self.worker.finished.connect(self.workers.gui(lambda: setattr(self.train, "enabled", True)))
+        self.worker.finished.connect(self.workers.gui(lambda: setattr(self.stop, "enabled", False)))
         return self.worker
 
     def use_model(self):

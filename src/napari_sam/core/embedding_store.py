@@ -26,7 +26,9 @@ import json
 import os
 import shutil
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import xxhash
@@ -57,7 +59,7 @@ def _checksum(features: np.ndarray) -> int:
     return xxhash.xxh3_64_intdigest(np.ascontiguousarray(features).tobytes()) or 1
 
 
-def _open_root(path: str | os.PathLike | None, mode: str) -> zarr.Group:
+def _open_root(path: str | os.PathLike | None, mode: Literal["r", "r+", "a"]) -> zarr.Group:
     if path is None:
         return zarr.open_group(zarr.storage.MemoryStore(), mode="a", zarr_format=3)
     path = Path(path).expanduser()
@@ -78,7 +80,8 @@ def _open_root(path: str | os.PathLike | None, mode: str) -> zarr.Group:
         if list(root.keys()):
             raise ValueError(f"{path} is a Zarr group, but not an embedding cache: choose another cache location")
         root.attrs[_ROOT_ATTR] = {"format": FORMAT}
-    fmt = dict(root.attrs).get(_ROOT_ATTR, {}).get("format")
+    ours = dict(root.attrs).get(_ROOT_ATTR, {})
+    fmt = ours.get("format") if isinstance(ours, Mapping) else None
     if fmt != FORMAT:
         raise ValueError(f"{path} is not an embedding cache of format {FORMAT} (found {fmt!r})")
     return root
@@ -88,10 +91,28 @@ def _signatures(root: zarr.Group) -> dict[str, CacheSignature]:
     out = {}
     for key, group in root.groups():
         try:
-            out[key] = CacheSignature.from_json(dict(group.attrs)["signature"])
+            data = dict(group.attrs)["signature"]
+            if not isinstance(data, Mapping):
+                raise TypeError(f"signature of {key!r} is not a mapping")
+            out[key] = CacheSignature.from_json(data)
         except (KeyError, ValueError, TypeError):
             continue  # a group written by a crashed run before its signature: ignored, replaced when needed
     return out
+
+
+# Zarr returns a member as "array or group"; the layout above fixes which one each is.
+def _array(group: zarr.Group, name: str) -> zarr.Array:
+    node = group[name]
+    if not isinstance(node, zarr.Array):
+        raise ValueError(f"{name!r} in the embedding cache is a group, not an array")
+    return node
+
+
+def _group(root: zarr.Group, name: str) -> zarr.Group:
+    node = root[name]
+    if not isinstance(node, zarr.Group):
+        raise ValueError(f"{name!r} in the embedding cache is an array, not a group")
+    return node
 
 
 class EmbeddingStore:
@@ -105,8 +126,8 @@ class EmbeddingStore:
         self.group = group
         self.signature = signature
         self.path = path
-        self.features = group["features"]
-        self.checksums = group["checksums"]
+        self.features = _array(group, "features")
+        self.checksums = _array(group, "checksums")
 
     @property
     def key(self) -> str:
@@ -116,12 +137,14 @@ class EmbeddingStore:
     @property
     def feature_shape(self) -> tuple[int, int, int]:
         """(channels, height, width) of one embedding."""
-        return tuple(int(s) for s in self.features.shape[3:])
+        c, h, w = self.features.shape[3:]
+        return int(c), int(h), int(w)
 
     @property
     def layout(self) -> tuple[int, int, int]:
         """(planes, tile rows, tile columns)."""
-        return tuple(int(s) for s in self.checksums.shape)
+        p, r, c = self.checksums.shape
+        return int(p), int(r), int(c)
 
     @classmethod
     def open(
@@ -198,7 +221,7 @@ class EmbeddingStore:
             group.create_array("checksums", shape=(P, R, C), chunks=(1, 1, 1), dtype="uint64", fill_value=0)
             # The signature goes last: a group is only recognised once it is complete.
             group.attrs["signature"] = signature.to_json()
-        group = root[key]
+        group = _group(root, key)
         store = cls(group, signature, None if path is None else str(path))
         if store.layout != tuple(layout) or store.feature_shape != tuple(feature_shape):
             raise ValueError(
@@ -214,12 +237,14 @@ class EmbeddingStore:
         signatures = _signatures(root)
         if key not in signatures:
             raise ValueError(f"the embedding cache {path} has no entries {key!r}")
-        return cls(root[key], signatures[key], str(path))
+        return cls(_group(root, key), signatures[key], str(path))
 
     # -- entries -----------------------------------------------------------------------
     def write(self, entry: tuple[int, int, int], features) -> None:
         """Store a (256, 64, 64) (or (1, 256, 64, 64)) embedding; the checksum goes last."""
-        data = np.asarray(features, dtype=np.float32).reshape(self.feature_shape).astype(self.signature.storage, copy=False)
+        data = np.asarray(features, dtype=np.float32).reshape(self.feature_shape).astype(
+            self.signature.storage, copy=False
+        )
         p, r, c = entry
         self.features[p, r, c] = data
         self.checksums[p, r, c] = np.uint64(_checksum(data))
@@ -228,7 +253,8 @@ class EmbeddingStore:
         """The (256, 64, 64) float32 embedding, or None when absent or damaged (a damaged
         entry is forgotten, so that it is computed again)."""
         p, r, c = entry
-        expected = int(self.checksums[p, r, c])
+        # Zarr types an element read as any scalar or array; here it is one uint64.
+        expected = int(np.asarray(self.checksums[p, r, c]))
         if expected == 0:
             return None
         try:
@@ -280,7 +306,7 @@ def describe_cache(path: str | os.PathLike) -> list[dict]:
     root = _open_root(path, "r")
     out = []
     for key, sig in sorted(_signatures(root).items()):
-        checks = np.asarray(root[key]["checksums"][...])
+        checks = np.asarray(_array(_group(root, key), "checksums")[...])
         out.append(
             {
                 "key": key,

@@ -17,7 +17,6 @@ tile's region (plus halo) and writes its result straight into the cache.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import threading
 from collections import OrderedDict
@@ -26,33 +25,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..model.sam import Sam
+from .distributed import embed_region, run_distributed
 from .embedding_store import EmbeddingStore
+from .image_embedding import ImageEmbedding
 from .image_source import ImageSource
-from .models import load_model, model_identity
-from .predictor import ImageEmbedding, Prediction, Predictor
+from .masks import PlaneMask
+from .models import model_identity
+from .predictor import Prediction, Predictor
 from .preprocess import Normalization
+from .prompts import Prompt
 from .signature import CacheSignature, fingerprint
-from .tiled_segmentation import PlaneMask, segment_tiled
-from .tiling import Tile, TileGrid
+from .tiled_segmentation import segment_tiled
+from .tiling import Tile, TileGrid, default_tiling
 
-__all__ = ["DEFAULT_HALO", "DEFAULT_TILE", "EmbedProgress", "Embeddings", "default_cache_path", "default_tiling"]
+__all__ = ["EmbedProgress", "Embeddings", "default_cache_path"]
 
-DEFAULT_TILE = 768
-"""Side of a tile's interior for SAM's 1024-pixel input (three quarters of the input in
-general). With the default halo a tile's embedded region is exactly the model's input
-size, so large planes are embedded at their own resolution, never shrunk (see
-docs/embeddings.md for the measurement)."""
-DEFAULT_HALO = 128
-"""Context on each side of a tile's interior for a 1024-pixel input (an eighth of it)."""
-
-
-def default_tiling(image_size: int) -> tuple[int, int]:
-    """(tile, halo) whose embedded region is exactly a model input of ``image_size``."""
-    halo = image_size // 8
-    return image_size - 2 * halo, halo
 _RECENT = 16  # embeddings kept in memory (4 MiB each): a few planes' worth of tiles
 
 
@@ -124,7 +113,7 @@ class Embeddings:
     --------
     >>> emb = Embeddings(volume, load_model("vit_b_lm"), axes="ZYX")      # doctest: +SKIP
     >>> for p in emb.precompute(): print(p.done, "/", p.total)            # doctest: +SKIP
-    >>> obj = emb.segment(12, points=[[300, 410]])                          # doctest: +SKIP
+    >>> obj = emb.segment(12, Prompt.make(points=[[300, 410]]))             # doctest: +SKIP
     >>> labels[12][obj.slices][obj.mask] = 7                                # doctest: +SKIP
     """
 
@@ -176,8 +165,10 @@ class Embeddings:
         )
         if cache is False:
             self.cache_path = None
+        elif cache is None or cache is True:
+            self.cache_path = default_cache_path(self.source, image_fp)
         else:
-            self.cache_path = Path(cache).expanduser() if cache not in (None, True) else default_cache_path(self.source, image_fp)
+            self.cache_path = Path(cache).expanduser()
         rows, cols = self.grid.grid_shape
         self.store = EmbeddingStore.open(
             self.cache_path, self.signature, (self.source.n_planes, rows, cols), on_mismatch, self.feature_shape
@@ -259,7 +250,7 @@ class Embeddings:
     def _compute(self, entry: tuple[int, int, int]) -> np.ndarray:
         tile = self.grid[entry[1:]]
         region = self.source.read(entry[0], tile.outer)
-        features = _embed_region(self._encoder, region, self.limits_for(entry[0]))
+        features = embed_region(self._encoder, region, self.limits_for(entry[0]))
         self.store.write(entry, features)
         # Hand out what a later read of the cache gives (float16 storage rounds).
         return features.astype(self.signature.storage).astype(np.float32)
@@ -298,7 +289,7 @@ class Embeddings:
                 done += 1
                 yield EmbedProgress(done, len(entries), entry)
             return
-        for entry in _run_distributed(self, todo, scheduler):
+        for entry in run_distributed(self, todo, scheduler):
             done += 1
             yield EmbedProgress(done, len(entries), entry)
 
@@ -311,29 +302,22 @@ class Embeddings:
         first = next(gen)
         with tqdm(total=first.total, initial=first.done, unit="tile", desc="embedding", disable=not progress) as bar:
             last = first
-            for last in gen:
+            for last in gen:  # noqa: B007 - the last report is returned after the loop
                 bar.update(1)
         return last.done
 
     # -- prompts -----------------------------------------------------------------------
-    def segment(self, plane, points=None, labels=None, box=None, multimask: bool | None = None, max_tiles: int = 16,
-                previous: PlaneMask | None = None) -> PlaneMask:
-        """Segment one object on a plane from prompts in plane pixels.
+    def segment(self, plane, prompt: Prompt, multimask: bool | None = None, max_tiles: int = 16) -> PlaneMask:
+        """Segment one object on a plane from its prompt in plane pixels.
 
         Parameters
         ----------
         plane
             Flat plane number or (t, z) tuple.
-        points
-            (N, 2) as (x, y) = (column, row) plane pixels.
-        labels
-            (N,) 1 foreground, 0 background.
-        box
-            (x0, y0, x1, y1).
-        multimask, max_tiles, previous
-            See :func:`~napari_sam.core.tiled_segmentation.segment_tiled`; ``previous``
-            is an earlier answer that the prompts correct (its logits become the mask
-            prompt).
+        prompt
+            Points (x, y) = (column, row), labels, box and the earlier answer it corrects.
+        multimask, max_tiles
+            See :func:`~napari_sam.core.tiled_segmentation.segment_tiled`.
 
         Returns
         -------
@@ -344,10 +328,10 @@ class Embeddings:
         flat = self.source.flat_index(plane)
 
         def answer(tile: Tile, pts, lbl, bx, multi, mask_input=None):
-            result = self.predict(flat, tile.index, points=pts, labels=lbl, box=bx, mask_input=mask_input, multimask=multi)
+            result = self._decode(flat, tile.index, pts, lbl, bx, mask_input, multi)
             return _MaskList(result), result.iou
 
-        return segment_tiled(self.grid, answer, points, labels, box, multimask, max_tiles, previous)
+        return segment_tiled(self.grid, answer, prompt, multimask, max_tiles)
 
     def warm_up(self) -> None:
         """Prepare the decoder's traced graphs (:meth:`Predictor.warm_up`) so that the
@@ -355,19 +339,13 @@ class Embeddings:
         with self._decode_lock:
             self._decoder.warm_up()
 
-    def predict(self, plane, tile: tuple[int, int] = (0, 0), points=None, labels=None, box=None, mask_input=None,
-                multimask: bool = True) -> Prediction:
-        """Answer prompts on one tile, in the coordinates of its embedded region.
-
-        The low-level call behind :meth:`segment`; useful where the low-res logits are
-        wanted (e.g. as the next mask prompt). Arguments as in
-        :meth:`~napari_sam.core.predictor.Predictor.predict`; the full-size masks cover
-        the tile's embedded region (:attr:`Tile.outer`).
-        """
+    def _decode(self, plane, tile: tuple[int, int], points, labels, box, mask_input, multimask: bool) -> Prediction:
+        """Answer prompts on one tile, in the coordinates of its embedded region."""
         emb = self.embedding_for(plane, tile)
         with self._decode_lock:
             self._decoder.set_embedding(emb)
-            return self._decoder.predict(points=points, labels=labels, box=box, mask_input=mask_input, multimask=multimask)
+            return self._decoder.predict(points=points, labels=labels, box=box, mask_input=mask_input,
+                                         multimask=multimask)
 
 
 class _MaskList:
@@ -393,123 +371,3 @@ def _jsonable(value):
     if isinstance(value, (tuple, list)):
         return [_jsonable(v) for v in value]
     return value
-
-
-def _embed_region(predictor: Predictor, region: np.ndarray, limits) -> np.ndarray:
-    """(256, 64, 64) float32 features (for a 1024-pixel model) of one tile's pixels."""
-    emb = predictor.embed_image(region, limits=limits)
-    return emb.features[0].float().cpu().numpy()
-
-
-# -- distributed -------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Job:
-    """Everything a worker process needs to embed one tile (small and picklable)."""
-
-    checkpoint: str
-    dtype: str
-    normalization: Normalization
-    threads: int
-    cache: str
-    key: str
-    entry: tuple[int, int, int]
-    outer: tuple[int, int, int, int]
-    limits: tuple[float, float] | None
-
-
-@functools.lru_cache(maxsize=2)
-def _worker_predictor(checkpoint: str, dtype: str, normalization: Normalization, threads: int) -> Predictor:
-    # Loaded once per worker process and kept: a worker runs many tiles.
-    if threads > 0:
-        torch.set_num_threads(threads)
-    return Predictor(load_model(checkpoint, device="cpu", dtype=dtype), normalization, traced=False)
-
-
-@functools.lru_cache(maxsize=4)
-def _worker_store(cache: str, key: str) -> EmbeddingStore:
-    return EmbeddingStore.attach(cache, key)
-
-
-def _embed_job(job: _Job, source: ImageSource | None, region: np.ndarray | None) -> tuple[int, int, int]:
-    """The task run on a worker: read the tile (unless given), embed it, write it."""
-    predictor = _worker_predictor(job.checkpoint, job.dtype, job.normalization, job.threads)
-    if region is None:
-        region = source.read(job.entry[0], job.outer)
-    _worker_store(job.cache, job.key).write(job.entry, _embed_region(predictor, region, job.limits))
-    return job.entry
-
-
-def _connect(scheduler):
-    """A distributed Client for ``scheduler``, and whether we own (and must close) it."""
-    from distributed import Client, LocalCluster
-
-    if isinstance(scheduler, Client):
-        return scheduler, None
-    if isinstance(scheduler, str) and scheduler.startswith("local"):
-        _, _, n = scheduler.partition(":")
-        workers = int(n) if n else max(1, (os.cpu_count() or 2) // 2)
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
-        return Client(cluster), cluster
-    if isinstance(scheduler, str):
-        return Client(scheduler), None
-    raise ValueError(f"scheduler must be None, 'local:N', a scheduler address or a distributed.Client, not {scheduler!r}")
-
-
-def _run_distributed(emb: Embeddings, todo: list, scheduler) -> Iterator[tuple[int, int, int]]:
-    from distributed import as_completed
-
-    model_source = getattr(emb.model, "source", None)
-    if model_source is None:
-        raise ValueError("distributed embedding loads the model from its checkpoint file in each worker: load it with load_model()")
-    if emb.cache_path is None:
-        raise ValueError("distributed embedding writes into an on-disk cache: give cache=PATH")
-    if not todo:
-        return
-    client, cluster = _connect(scheduler)
-    owned = cluster is not None
-    futures = []
-    try:
-        n_workers = max(1, len(client.scheduler_info().get("workers", {})))
-        threads = max(1, (os.cpu_count() or 1) // n_workers) if owned else 0
-        # Zarr-backed sources travel as a reference to their store and each worker reads
-        # its own tiles; other arrays are read here and each tile's pixels travel, so at
-        # most a window of tiles is in flight at once.
-        lazy = _reads_itself(emb.source)
-        window = len(todo) if lazy else 2 * n_workers
-        pending = iter(todo)
-        source_ref = client.scatter(emb.source, broadcast=True) if lazy else None
-
-        def submit(entry):
-            tile = emb.grid[entry[1:]]
-            job = _Job(
-                model_source.path, model_source.dtype, emb.normalization, threads, str(emb.cache_path),
-                emb.store.key, entry, tile.outer, emb.limits_for(entry[0]),
-            )
-            region = None if lazy else emb.source.read(entry[0], tile.outer)
-            fut = client.submit(_embed_job, job, source_ref, region, pure=False)
-            futures.append(fut)
-            return fut
-
-        queue = as_completed([submit(e) for _, e in zip(range(window), pending)])
-        for fut in queue:
-            yield fut.result()
-            nxt = next(pending, None)
-            if nxt is not None:
-                queue.add(submit(nxt))
-    finally:
-        unfinished = [f for f in futures if not f.done()]
-        if unfinished:
-            client.cancel(unfinished)
-        if owned:
-            client.close()
-            cluster.close()
-
-
-def _reads_itself(source: ImageSource) -> bool:
-    """Whether the source's array pickles as a reference (zarr on disk), not its data."""
-    try:
-        import zarr
-
-        return isinstance(source.array, zarr.Array) and not isinstance(source.array.store, zarr.storage.MemoryStore)
-    except ImportError:  # pragma: no cover
-        return False

@@ -80,11 +80,14 @@ class ImageSource:
     (10, 20)
     """
 
-    def __init__(self, array, axes: str | None = None, channel: int | None = None, path: str | os.PathLike | None = None):
+    def __init__(self, array, axes: str | None = None, channel: int | None = None,
+                 path: str | os.PathLike | None = None):
         shape = tuple(int(s) for s in array.shape)
         axes = (axes or guess_axes(shape)).upper()
         if len(axes) != len(shape):
-            raise ValueError(f"axes {axes!r} name {len(axes)} axes, but the image has shape {shape} ({len(shape)} axes)")
+            raise ValueError(
+                f"axes {axes!r} name {len(axes)} axes, but the image has shape {shape} ({len(shape)} axes)"
+            )
         if len(set(axes)) != len(axes) or set(axes) - set(AXES):
             raise ValueError(f"axes {axes!r} must be distinct letters from {AXES!r}")
         if "Y" not in axes or "X" not in axes:
@@ -155,7 +158,7 @@ class ImageSource:
     def _selection(self, plane, region) -> tuple:
         index = dict(zip(self.plane_axes, self.plane_index(plane)))
         y0, y1, x0, x1 = region if region is not None else (0, self.plane_shape[0], 0, self.plane_shape[1])
-        sel = []
+        sel: list[int | slice | None] = []
         for a in self.axes:
             if a in index:
                 sel.append(index[a])
@@ -207,6 +210,8 @@ class ImageSource:
         if mode == "none":
             return None
         if mode == "fixed":
+            if normalization.limits is None:  # __post_init__ already refuses this; it narrows the type
+                raise ValueError("normalization mode 'fixed' needs limits=(lower, upper)")
             return float(normalization.limits[0]), float(normalization.limits[1])
         values = np.concatenate([np.ravel(np.asarray(self.array[r])) for r in self._stat_regions(plane)])
         if values.dtype.kind == "f":
@@ -233,7 +238,12 @@ class ImageSource:
         if "C" not in self.axes:
             return region
         c = self.axes.index("C")
-        chosen = slice(0, 3) if self.rgb else slice(self.channel, self.channel + 1)
+        if self.rgb:
+            chosen = slice(0, 3)
+        elif self.channel is None:  # __init__ picks a channel whenever C is not RGB
+            raise ValueError(f"no channel chosen among the {self.shape[c]} of axis C")
+        else:
+            chosen = slice(self.channel, self.channel + 1)
         return region[:c] + (chosen,) + region[c + 1 :]
 
     def describe(self) -> str:

@@ -22,7 +22,10 @@ _IMAGE = (".png", ".jpg", ".jpeg", ".bmp")
 
 
 def _is_zarr(path: Path) -> bool:
-    return path.suffix == ".zarr" or (path / "zarr.json").exists() or (path / ".zarray").exists() or (path / ".zgroup").exists()
+    return (
+        path.suffix == ".zarr" or (path / "zarr.json").exists() or (path / ".zarray").exists()
+        or (path / ".zgroup").exists()
+    )
 
 
 def read_image(path: str | os.PathLike):

@@ -122,7 +122,9 @@ class LabelWriter:
             else:
                 import dask.array as da
 
-                self._max_id = int(da.from_array(self.labels, chunks=getattr(self.labels, "chunks", "auto")).max().compute())
+                self._max_id = int(
+                    da.from_array(self.labels, chunks=getattr(self.labels, "chunks", "auto")).max().compute()
+                )
         return self._max_id
 
     def next_id(self) -> int:
@@ -157,7 +159,10 @@ class LabelWriter:
         """
         plane = tuple(int(i) for i in plane)
         if len(plane) != self.labels.ndim - 2:
-            raise ValueError(f"labels of shape {tuple(self.labels.shape)} need a plane index of {self.labels.ndim - 2} value(s), got {plane}")
+            raise ValueError(
+                f"labels of shape {tuple(self.labels.shape)} need a plane index of {self.labels.ndim - 2} value(s), "
+                f"got {plane}"
+            )
         masks = [m for m in masks if m.mask.any()]
         if not masks:
             raise ValueError("nothing to commit: the objects are empty")
@@ -229,7 +234,8 @@ def create_label_store(path, shape: tuple[int, ...], chunks: tuple[int, int] = (
             raise ValueError(f"{path} exists and is not a Zarr label array: choose another place") from err
         if tuple(existing.shape) != tuple(shape) or np.dtype(existing.dtype).kind not in "ui":
             raise ValueError(
-                f"{path} holds {existing.dtype} labels of shape {tuple(existing.shape)}, not {tuple(shape)}: choose another place"
+                f"{path} holds {existing.dtype} labels of shape {tuple(existing.shape)}, not {tuple(shape)}: "
+                "choose another place"
             )
         return existing
     chunk = tuple(1 for _ in shape[:-2]) + tuple(min(c, s) for c, s in zip(chunks, shape[-2:]))

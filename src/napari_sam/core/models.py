@@ -5,49 +5,21 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..model import Sam, config_from_dict, infer_config, sam_from_state_dict
+from ..model import ModelSource, Sam, config_from_dict, infer_config, sam_from_state_dict
+from .runtime import configure_runtime
 
-__all__ = ["DEFAULT_MODEL", "DTYPES", "ModelSource", "load_model", "model_identity", "resolve_device", "resolve_dtype", "native_bfloat16"]
+__all__ = [
+    "DEFAULT_MODEL", "DTYPES", "MODEL_ENV_VAR", "default_model_spec", "load_model", "model_choices", "resolve_model",
+    "model_identity", "resolve_device", "resolve_dtype", "native_bfloat16",
+]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 """Encoder precisions by name. float32 reproduces the official outputs; bfloat16 halves
 memory and is about twice as fast where the hardware computes it natively."""
-
-
-@dataclass
-class ModelSource:
-    """Where a loaded model came from: enough to tell whether cached embeddings fit it.
-
-    Attributes
-    ----------
-    name
-        Registry name, or the checkpoint's file name for a local file.
-    path
-        The checkpoint file.
-    dtype
-        Encoder precision name.
-    """
-
-    name: str
-    path: str
-    dtype: str
-    _checksum: str | None = field(default=None, repr=False)
-
-    @property
-    def checksum(self) -> str:
-        """sha256 of the checkpoint file (computed once, on first use)."""
-        if self._checksum is None:
-            digest = hashlib.sha256()
-            with open(self.path, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 22), b""):
-                    digest.update(block)
-            self._checksum = "sha256:" + digest.hexdigest()
-        return self._checksum
 
 
 def native_bfloat16(device: torch.device) -> bool:
@@ -106,6 +78,9 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 DEFAULT_MODEL = "default"
 """Name of the small model shipped inside the package (works offline; see docs/default_model.md)."""
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "_models" / "default.pth"
+MODEL_ENV_VAR = "NAPARI_SAM_MODEL"
+"""Environment variable naming the model used when none is given (a registry name or a
+checkpoint file)."""
 
 
 def _resolve_checkpoint(name_or_path: str | os.PathLike) -> tuple[str, Path]:
@@ -149,10 +124,14 @@ def load_model(
         ``"float16"`` (GPU only) or ``"auto"`` (bfloat16 where the hardware computes it
         natively). The prompt encoder and mask decoder stay in float32.
 
+    The package's process-wide settings are applied first
+    (:func:`~napari_sam.core.runtime.configure_runtime`: glibc keeps freed blocks for
+    reuse, and large CPU matrix products go through oneDNN where that is faster).
+
     Returns
     -------
     Sam
-        In evaluation mode, with ``model.source`` (a :class:`ModelSource`) set.
+        In evaluation mode, with :attr:`Sam.source` and :attr:`Sam.metadata` set.
 
     Raises
     ------
@@ -162,6 +141,7 @@ def load_model(
     """
     from ..model.checkpoint import read_checkpoint
 
+    configure_runtime()
     name, path = _resolve_checkpoint(name_or_path)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
@@ -174,8 +154,58 @@ def load_model(
     model.image_encoder.to(torch_dtype)
     dtype_name = next(k for k, v in DTYPES.items() if v == torch_dtype)
     model.source = ModelSource(name=name, path=str(path), dtype=dtype_name)
-    model.checkpoint_metadata = dict(checkpoint.metadata)
+    model.metadata = dict(checkpoint.metadata)
     return model
+
+
+def default_model_spec() -> str | None:
+    """The model used when none is named: ``$NAPARI_SAM_MODEL``, else the default model
+    shipped with the package, else None."""
+    return os.environ.get(MODEL_ENV_VAR) or (DEFAULT_MODEL if DEFAULT_CHECKPOINT.is_file() else None)
+
+
+def model_choices() -> list[str]:
+    """The models a picker offers, in order: ``$NAPARI_SAM_MODEL`` when it names a file
+    or an unknown name is not listed otherwise, the shipped default, then the registry."""
+    from ..weights import list_models
+
+    names = ([DEFAULT_MODEL] if DEFAULT_CHECKPOINT.is_file() else []) + [e.name for e in list_models()]
+    env = os.environ.get(MODEL_ENV_VAR)
+    if env and env not in names and not os.path.isfile(env):
+        env = None
+    return ([env] if env and env not in names else []) + names
+
+
+def resolve_model(
+    model: Sam | str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = "auto",
+) -> Sam:
+    """The model a user meant: the one API, widgets and command line share.
+
+    Parameters
+    ----------
+    model
+        A loaded Sam (returned as it is), a registry name or checkpoint file (loaded with
+        :func:`load_model`), or None for :func:`default_model_spec`.
+    device, dtype
+        As for :func:`load_model` (used when the model is loaded here).
+
+    Raises
+    ------
+    ValueError
+        When no model is named and none is configured or shipped, or for the errors of
+        :func:`load_model`.
+    """
+    if isinstance(model, Sam):
+        return model
+    spec = model if model is not None else default_model_spec()
+    if not spec:
+        raise ValueError(
+            f"no model given: name one (a registry name, see `napari-sam models`, or a checkpoint file), "
+            f"or set {MODEL_ENV_VAR}"
+        )
+    return load_model(spec, device=device, dtype=dtype)
 
 
 def model_identity(model: Sam) -> tuple[str, str, str]:
@@ -185,9 +215,8 @@ def model_identity(model: Sam) -> tuple[str, str, str]:
     (tests, a model being trained) by a hash of its weights.
     """
     dtype = next(k for k, v in DTYPES.items() if v == model.encoder_dtype)
-    source = getattr(model, "source", None)
-    if source is not None:
-        return source.name, source.checksum, dtype
+    if model.source is not None:
+        return model.source.name, model.source.checksum, dtype
     digest = hashlib.blake2b(digest_size=16)
     for key, value in sorted(model.state_dict().items()):
         digest.update(key.encode())

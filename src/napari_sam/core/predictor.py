@@ -9,7 +9,6 @@ converted in the napari layer, never here.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -17,44 +16,14 @@ import torch
 from ..model.sam import Sam
 from ..model.traced_decode import TracedDecode
 from ..model.transformer import ImageContext
-from .allocator import keep_freed_memory_for_reuse
-from .preprocess import Normalization, prepare_plane, preprocess_shape
+from .image_embedding import ImageEmbedding
+from .masks import upscale_logits
+from .preprocess import Normalization, prepare_plane
 from .prompts import check_boxes, check_points_inside
 
-__all__ = ["ImageEmbedding", "Prediction", "Predictor"]
+__all__ = ["Prediction", "Predictor"]
 
-LOW_RES = 256  # side of the decoder's mask logits for SAM's 1024-pixel input
 _CONTEXTS = 4  # image contexts kept (about 19 MiB each for SAM's 64 x 64 grid)
-
-
-@dataclass(frozen=True)
-class ImageEmbedding:
-    """The SAM embedding of one plane (or tile), with the sizes that map prompts and masks.
-
-    Attributes
-    ----------
-    features
-        (1, 256, 64, 64) float32 tensor.
-    input_size
-        (h, w) of the resized plane inside the padded 1024x1024 model input.
-    original_size
-        (H, W) of the plane in pixels.
-    """
-
-    features: torch.Tensor
-    input_size: tuple[int, int]
-    original_size: tuple[int, int]
-
-    @classmethod
-    def from_array(cls, features, original_size: tuple[int, int], long_side: int = 1024) -> "ImageEmbedding":
-        """Wrap a stored (1, 256, 64, 64) or (256, 64, 64) array (e.g. from a cache)."""
-        t = torch.as_tensor(np.asarray(features), dtype=torch.float32)
-        if t.ndim == 3:
-            t = t[None]
-        if t.ndim != 4 or t.shape[1] != 256 or t.shape[2] != t.shape[3]:
-            raise ValueError(f"an embedding has shape (1, 256, S, S) (S = 64 for SAM), got {tuple(t.shape)}")
-        h, w = (int(s) for s in original_size)
-        return cls(t, preprocess_shape(h, w, long_side), (h, w))
 
 
 class Prediction:
@@ -152,7 +121,6 @@ class Predictor:
     """
 
     def __init__(self, model: Sam, normalization: Normalization = Normalization(), traced: bool = True):
-        keep_freed_memory_for_reuse()
         self.model = model.eval()
         self.normalization = normalization
         self._embedding: ImageEmbedding | None = None
@@ -186,7 +154,8 @@ class Predictor:
         if x.ndim != 4 or x.shape[:2] != (1, 3) or max(x.shape[-2:]) != size:
             raise ValueError(f"model input must be (1, 3, h, w) with longest side {size}, got {tuple(x.shape)}")
         features = self.model.embed(x.to(self.device, torch.float32))
-        return ImageEmbedding(features, (int(x.shape[-2]), int(x.shape[-1])), tuple(int(s) for s in original_size))
+        return ImageEmbedding(features, (int(x.shape[-2]), int(x.shape[-1])),
+                              (int(original_size[0]), int(original_size[1])))
 
     def embed_image(
         self,
@@ -382,6 +351,7 @@ class Predictor:
             raise ValueError(f"points, boxes and mask_input disagree on the batch size: {batch}")
 
         if self._traced is not None:
+            assert self._context is not None, "set_embedding() makes the context with the embedding"
             low, iou = self._traced(t_points, t_labels, t_boxes, multimask, self._context, t_mask, emb.features)
         else:
             low, iou = self.model.decode(
@@ -394,12 +364,8 @@ class Predictor:
 
         @torch.inference_mode()
         def upscale(low: np.ndarray, return_logits: bool) -> np.ndarray:
-            t = torch.from_numpy(low)
-            lead = t.shape[:-2]
-            t = t.reshape(-1, 1, *t.shape[-2:]).to(model.device)
-            full = model.postprocess_masks(t, emb.input_size, emb.original_size)
-            full = full if return_logits else full > model.mask_threshold
-            return full.reshape(*lead, *full.shape[-2:]).cpu().numpy()
+            full = upscale_logits(model, torch.from_numpy(low), emb.input_size, emb.original_size)
+            return (full if return_logits else full > model.mask_threshold).cpu().numpy()
 
         return upscale
 

@@ -66,6 +66,8 @@ class Normalization:
         if mode == "none":
             return None
         if mode == "fixed":
+            if self.limits is None:  # __post_init__ already refuses this; it narrows the type
+                raise ValueError("normalization mode 'fixed' needs limits=(lower, upper)")
             return float(self.limits[0]), float(self.limits[1])
         lo, hi = np.percentile(data, [self.low, self.high])
         return float(lo), float(hi)

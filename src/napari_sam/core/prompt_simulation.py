@@ -15,7 +15,9 @@ so that a seed reproduces a run.
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
+
+from .masks import bounding_box as exact_box
+from .masks import deepest_pixel, depth
 
 __all__ = [
     "FOREGROUND",
@@ -43,6 +45,14 @@ def _mask(mask, name: str = "mask") -> np.ndarray:
 def _nonempty(mask: np.ndarray, name: str = "mask") -> None:
     if not mask.any():
         raise ValueError(f"{name} is empty: an object needs at least one foreground pixel")
+
+
+def _deepest(mask: np.ndarray, rng: np.random.Generator | None) -> tuple[int, int]:
+    """(row, col) of the pixel of a non-empty mask farthest from its boundary."""
+    pixel = deepest_pixel(depth(mask), rng=rng)
+    if pixel is None:  # callers check for pixels first; an empty mask has no inside
+        raise ValueError("mask is empty: an object needs at least one foreground pixel")
+    return pixel
 
 
 def _xy(row: int, col: int) -> np.ndarray:
@@ -76,21 +86,6 @@ def random_point(mask, rng: np.random.Generator) -> np.ndarray:
     return _xy(rows[i], cols[i])
 
 
-def _far_from_boundary(region: np.ndarray, rng: np.random.Generator | None) -> tuple[int, int]:
-    # Padding with background so that the image border counts as the region's boundary: a
-    # click hugging the border is as unnatural as one hugging the object's edge.
-    # Only the region's bounding box matters (everything beyond it is background), so
-    # the transform runs on that crop: objects are small next to the image.
-    rows = np.flatnonzero(region.any(axis=1))
-    cols = np.flatnonzero(region.any(axis=0))
-    r0, c0 = rows[0], cols[0]
-    crop = region[r0 : rows[-1] + 1, c0 : cols[-1] + 1]
-    dist = ndimage.distance_transform_edt(np.pad(crop, 1))[1:-1, 1:-1]
-    rr, cc = np.nonzero(dist == dist.max())
-    i = 0 if rng is None else int(rng.integers(rr.size))
-    return int(r0 + rr[i]), int(c0 + cc[i])
-
-
 def interior_point(mask, rng: np.random.Generator | None = None) -> np.ndarray:
     """The object's pixel farthest from its boundary: where a person would click.
 
@@ -114,7 +109,7 @@ def interior_point(mask, rng: np.random.Generator | None = None) -> np.ndarray:
     """
     mask = _mask(mask)
     _nonempty(mask)
-    return _xy(*_far_from_boundary(mask, rng))
+    return _xy(*_deepest(mask, rng))
 
 
 def bounding_box(
@@ -154,9 +149,7 @@ def bounding_box(
     _nonempty(mask)
     if noise < 0 or max_noise < 0:
         raise ValueError(f"noise and max_noise must be >= 0, got {noise} and {max_noise}")
-    rows = np.flatnonzero(mask.any(axis=1))
-    cols = np.flatnonzero(mask.any(axis=0))
-    box = np.array([cols[0], rows[0], cols[-1], rows[-1]], dtype=np.float64)
+    box = exact_box(mask)
     if noise == 0:
         return box
     if rng is None:
@@ -245,7 +238,7 @@ def corrective_point(
     # Ties go to the missed object: adding to the object is the more common correction.
     region, label = (fn, FOREGROUND) if n_fn >= n_fp else (fp, BACKGROUND)
     if placement == "center":
-        row, col = _far_from_boundary(region, rng)
+        row, col = _deepest(region, rng)
     else:
         rows, cols = np.nonzero(region)
         i = int(rng.integers(rows.size))

@@ -1,50 +1,101 @@
-"""Prompt sets: the points and box that describe one object, in (x, y) pixel coordinates."""
+"""Prompts: the points and box that describe one object, in (x, y) pixel coordinates."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["ObjectPrompt", "check_boxes", "check_points_inside", "load_prompts"]
+from .masks import PlaneMask
+
+__all__ = ["Prompt", "check_boxes", "check_points_inside", "load_prompts"]
 
 
 @dataclass(frozen=True)
-class ObjectPrompt:
-    """The prompts for one object on one plane.
+class Prompt:
+    """What the user said about one object on one plane: the value every layer passes down.
+
+    Built and validated once, where the prompts enter (a viewer's layers, the command
+    line, the Python API), then handed unchanged to the tiled segmentation and the
+    decoder. Coordinates are plane pixels as (x, y) = (column, row).
 
     Attributes
     ----------
     points
-        (N, 2) float array of (x, y) pixel coordinates, N may be 0.
+        (N, 2) float64 (x, y); N may be 0.
     labels
-        (N,) int array: 1 foreground, 0 background.
+        (N,) int64: 1 foreground, 0 background.
     box
-        (4,) float array (x0, y0, x1, y1), or None.
+        (4,) float64 (x0, y0, x1, y1), or None.
+    previous
+        An earlier answer for the same object that these prompts correct (SAM's
+        interactive loop): its low-res logits become the mask prompt. None for a fresh
+        object.
     """
 
     points: np.ndarray
     labels: np.ndarray
     box: np.ndarray | None = None
+    previous: PlaneMask | None = field(default=None, compare=False)
 
     @classmethod
-    def make(cls, points=None, labels=None, box=None) -> "ObjectPrompt":
-        """Build and validate from lists or arrays; labels default to foreground."""
+    def make(cls, points=None, labels=None, box=None, previous: PlaneMask | None = None) -> Prompt:
+        """Build and validate from lists or arrays; labels default to foreground.
+
+        Raises
+        ------
+        ValueError
+            For mismatched points and labels, labels other than 0/1, non-finite values,
+            a box that is not (x0, y0, x1, y1) with x1 > x0 and y1 > y0, or an object with
+            neither a box nor a foreground point.
+        """
         pts = np.zeros((0, 2)) if points is None else np.asarray(points, dtype=np.float64).reshape(-1, 2)
         lbl = np.ones(len(pts), np.int64) if labels is None else np.asarray(labels, dtype=np.int64).reshape(-1)
         if len(lbl) != len(pts):
             raise ValueError(f"{len(pts)} point(s) but {len(lbl)} label(s)")
         if not np.isin(lbl, (0, 1)).all():
             raise ValueError("point labels must be 1 (foreground) or 0 (background)")
-        bx = None if box is None else np.asarray(box, dtype=np.float64).reshape(4)
+        if not np.isfinite(pts).all():
+            raise ValueError("point coordinates must be finite numbers")
+        bx = None
+        if box is not None:
+            bx = np.asarray(box, dtype=np.float64).reshape(-1)
+            if bx.shape != (4,):
+                raise ValueError(f"a box is (x0, y0, x1, y1), got {bx.size} number(s)")
+            if not np.isfinite(bx).all():
+                raise ValueError("box coordinates must be finite numbers")
+            if bx[2] <= bx[0] or bx[3] <= bx[1]:
+                raise ValueError(f"boxes need x1 > x0 and y1 > y0 (x0, y0, x1, y1), got {bx.tolist()}")
         if bx is None and not (lbl == 1).any():
             raise ValueError("an object needs a box or at least one foreground point")
-        return cls(pts, lbl, bx)
+        return cls(pts, lbl, bx, previous)
+
+    @property
+    def ambiguous(self) -> bool:
+        """A single point without a box: SAM's answer is ambiguous (ask for three masks)."""
+        return self.box is None and len(self.points) == 1
+
+    def on_plane(self, shape: tuple[int, int]) -> Prompt:
+        """This prompt checked against an (H, W) plane, its box clipped to it.
+
+        Raises
+        ------
+        ValueError
+            Naming the points outside the plane, or a box entirely outside it.
+        """
+        H, W = shape
+        if len(self.points):
+            check_points_inside(self.points, H, W)
+        bx = None if self.box is None else check_boxes(self.box.reshape(1, 4), H, W)[0]
+        return dataclasses.replace(self, box=bx)
 
     def predict_kwargs(self) -> dict:
-        """Keyword arguments for :meth:`napari_sam.core.predictor.Predictor.predict`."""
+        """``points``, ``labels`` and ``box`` for the decoder-level calls
+        (:meth:`~napari_sam.core.predictor.Predictor.predict` and its baseline
+        counterpart), None where absent."""
         has_points = len(self.points) > 0
         return {
             "points": self.points if has_points else None,
@@ -53,7 +104,7 @@ class ObjectPrompt:
         }
 
 
-def load_prompts(path: str | os.PathLike) -> list[ObjectPrompt]:
+def load_prompts(path: str | os.PathLike) -> list[Prompt]:
     """Read prompts from JSON: a list of objects, each with optional ``points`` ([[x, y], ...]),
     ``labels`` ([1, 0, ...]) and ``box`` ([x0, y0, x1, y1]).
 
@@ -73,7 +124,7 @@ def load_prompts(path: str | os.PathLike) -> list[ObjectPrompt]:
         if unknown:
             raise ValueError(f"{path}: object {i} has unknown field(s) {sorted(unknown)}")
         try:
-            out.append(ObjectPrompt.make(obj.get("points"), obj.get("labels"), obj.get("box")))
+            out.append(Prompt.make(obj.get("points"), obj.get("labels"), obj.get("box")))
         except ValueError as err:
             raise ValueError(f"{path}: object {i}: {err}") from None
     return out

@@ -18,15 +18,16 @@ labels.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
 
-from .tiled_segmentation import PlaneMask
+from .masks import PlaneMask, interior_points, region_iou
+from .prompts import Prompt
 
-__all__ = ["PropagationSettings", "PropagationStep", "propagate"]
+__all__ = ["PropagationSettings", "PropagationStep", "next_prompt", "propagate"]
 
 
 @dataclass(frozen=True)
@@ -100,47 +101,24 @@ class PropagationStep:
     total: int = 0
 
 
-def _interior_points(mask: np.ndarray, n: int) -> np.ndarray:
-    """(n, 2) (x, y) crop pixels deep inside the mask and far apart."""
-    depth = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
-    out = []
-    for _ in range(n):
-        if depth.max() <= 0:
-            break
-        y, x = np.unravel_index(int(np.argmax(depth)), depth.shape)
-        out.append((x + 0.5, y + 0.5))
-        # suppress the inscribed disc so that the next point lies elsewhere in the object
-        r = max(2.0, float(depth[y, x]))
-        yy, xx = np.ogrid[: depth.shape[0], : depth.shape[1]]
-        depth = np.where((yy - y) ** 2 + (xx - x) ** 2 <= r**2, 0, depth)
-    return np.array(out, dtype=np.float64).reshape(-1, 2)
-
-
-def _iou(a: PlaneMask, b: PlaneMask) -> float:
-    y0, y1 = min(a.region[0], b.region[0]), max(a.region[1], b.region[1])
-    x0, x1 = min(a.region[2], b.region[2]), max(a.region[3], b.region[3])
-    fa = np.zeros((y1 - y0, x1 - x0), bool)
-    fb = np.zeros_like(fa)
-    fa[a.region[0] - y0 : a.region[1] - y0, a.region[2] - x0 : a.region[3] - x0] = a.mask
-    fb[b.region[0] - y0 : b.region[1] - y0, b.region[2] - x0 : b.region[3] - x0] = b.mask
-    union = np.logical_or(fa, fb).sum()
-    return float(np.logical_and(fa, fb).sum() / union) if union else 0.0
-
-
-def _prompts(mask: PlaneMask, settings: PropagationSettings, shape: tuple[int, int]) -> dict:
+def next_prompt(mask: PlaneMask, settings: PropagationSettings, shape: tuple[int, int]) -> Prompt:
+    """The prompt that an object's mask on one plane gives the next plane: its box grown
+    by ``box_margin`` (clipped to the (H, W) plane) and its deepest interior points, as
+    ``settings`` choose. The previous answer's logits are added by :func:`propagate`
+    where they apply."""
     y0, y1, x0, x1 = mask.region
     H, W = shape
-    out: dict = {}
+    box = points = None
     if settings.use_box:
         my, mx = settings.box_margin * (y1 - y0), settings.box_margin * (x1 - x0)
-        out["box"] = np.array([max(0, x0 - mx), max(0, y0 - my), min(W, x1 + mx), min(H, y1 + my)])
+        box = np.array([max(0, x0 - mx), max(0, y0 - my), min(W, x1 + mx), min(H, y1 + my)])
     if settings.use_points:
-        pts = _interior_points(mask.mask, settings.points) + (x0, y0)
-        out["points"], out["labels"] = pts, np.ones(len(pts), np.int64)
-    return out
+        points = interior_points(mask.mask, settings.points) + (x0, y0)
+    return Prompt.make(points, None, box)
 
 
-def propagate(embeddings, start, mask: PlaneMask, axis: str | None = None, settings: PropagationSettings = PropagationSettings(),
+def propagate(embeddings, start, mask: PlaneMask, axis: str | None = None,
+              settings: PropagationSettings = PropagationSettings(),
               directions: tuple[int, ...] = (1, -1)) -> Iterator[PropagationStep]:
     """Carry an object from plane ``start`` through the neighbouring planes.
 
@@ -178,19 +156,21 @@ def propagate(embeddings, start, mask: PlaneMask, axis: str | None = None, setti
     limit = settings.max_planes or n
     total = sum(min(limit, (n - 1 - start[k]) if d > 0 else start[k]) for d in directions)
     done = 0
-    first = mask.cropped()
+    # The start is the user's mask, not a decoder answer: it has no logits to refine.
+    first = dataclasses.replace(mask.cropped(), logits=None)
     if first.area < settings.min_area:
         raise ValueError(f"the starting mask has {first.area} pixel(s), fewer than min_area={settings.min_area}")
     for direction in directions:
-        previous, logits = first, None
+        previous = first
         for step in range(1, limit + 1):
             index = start[k] + direction * step
             if not 0 <= index < n:
                 break
             plane = start[:k] + (index,) + start[k + 1 :]
-            answer, iou, logits = _answer(embeddings, plane, previous, logits, settings)
+            answer = _answer(embeddings, plane, previous, settings)
+            iou = answer.iou
             done += 1
-            overlap = _iou(answer, previous) if answer.area else 0.0
+            overlap = region_iou(answer, previous) if answer.area else 0.0
             reason = ""
             if answer.area < settings.min_area:
                 reason = "the object ended (mask vanished)"
@@ -205,18 +185,10 @@ def propagate(embeddings, start, mask: PlaneMask, axis: str | None = None, setti
             previous = answer
 
 
-def _answer(embeddings, plane, previous: PlaneMask, logits, settings: PropagationSettings):
-    """The object on ``plane`` from the previous answer: (mask, predicted IoU, logits)."""
-    shape = embeddings.source.plane_shape
-    prompts = _prompts(previous, settings, shape)
-    if len(embeddings.grid) == 1:
-        # One tile: answer directly, so that the low-res logits can be fed back.
-        result = embeddings.predict(
-            plane, (0, 0), points=prompts.get("points"), labels=prompts.get("labels"), box=prompts.get("box"),
-            mask_input=logits if settings.use_mask else None, multimask=False,
-        )
-        full = result.masks[0]
-        mask = PlaneMask.from_full(full, float(result.iou[0]))
-        return mask, float(result.iou[0]), result.low_res_logits[0]
-    answer = embeddings.segment(plane, prompts.get("points"), prompts.get("labels"), prompts.get("box"), multimask=False)
-    return answer.cropped(), float(answer.iou), None
+def _answer(embeddings, plane, previous: PlaneMask, settings: PropagationSettings) -> PlaneMask:
+    """The object on ``plane`` from its answer on the plane before."""
+    prompt = next_prompt(previous, settings, embeddings.source.plane_shape)
+    if settings.use_mask and len(embeddings.grid) == 1:
+        # The logits live in a tile's frame: fed back only where the plane is one tile.
+        prompt = dataclasses.replace(prompt, previous=previous)
+    return embeddings.segment(plane, prompt, multimask=False).cropped()

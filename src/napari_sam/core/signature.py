@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 import numpy as np
 
@@ -99,12 +101,13 @@ class CacheSignature:
         return out
 
     @classmethod
-    def from_json(cls, data: dict) -> "CacheSignature":
+    def from_json(cls, data: Mapping[str, Any]) -> "CacheSignature":
         """Inverse of :meth:`to_json`; unknown or missing fields raise ValueError."""
         names = {f.name for f in fields(cls)}
         if set(data) != names:
             raise ValueError(
-                f"not an embedding cache signature: missing {sorted(names - set(data))}, unexpected {sorted(set(data) - names)}"
+                f"not an embedding cache signature: missing {sorted(names - set(data))}, "
+                f"unexpected {sorted(set(data) - names)}"
             )
         data = dict(data)
         data["shape"] = tuple(int(s) for s in data["shape"])

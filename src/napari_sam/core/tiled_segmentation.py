@@ -17,18 +17,17 @@ exact reference segmenter.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from collections.abc import Callable
-import dataclasses
-from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import ndimage
 
-from .prompts import check_boxes, check_points_inside
+from .masks import PlaneMask, deepest_pixel, depth, iou
+from .prompts import Prompt
 from .tiling import Tile, TileGrid
 
-__all__ = ["PlaneMask", "TileAnswer", "segment_tiled"]
+__all__ = ["TileAnswer", "segment_tiled"]
 
 TileAnswer = Callable[..., tuple[np.ndarray, np.ndarray]]
 """``answer(tile, points, labels, box, multimask) -> (masks, iou)``: points (N, 2) and box
@@ -37,70 +36,6 @@ region, or any sequence whose ``masks[k]`` gives the k-th (so that only the mask
 are upscaled); iou (C,) predicted scores. When :func:`segment_tiled` refines an earlier
 answer it also passes ``mask_input=`` (the low-res logits of that answer); masks with a
 ``low_res_logits`` attribute ((C, h', w')) let the result be refined in turn."""
-
-
-@dataclass(frozen=True)
-class PlaneMask:
-    """An object's mask placed in its plane, stored as the crop of its bounding box.
-
-    Attributes
-    ----------
-    region
-        ``(y0, y1, x0, x1)`` of the crop in plane pixels (end exclusive); all zero for an
-        empty mask.
-    mask
-        (y1 - y0, x1 - x0) bool.
-    iou
-        Predicted IoU of the first tile's answer.
-    tiles
-        Grid positions of the tiles that were asked, in order.
-    complete
-        False when the object reached further than ``max_tiles`` tiles allowed.
-    logits
-        Low-res logits of the first tile's answer (the mask prompt that refines this
-        answer when more points are added: ``previous=`` of :func:`segment_tiled`), or
-        None.
-    """
-
-    region: tuple[int, int, int, int]
-    mask: np.ndarray
-    iou: float
-    tiles: tuple[tuple[int, int], ...]
-    complete: bool = True
-    logits: np.ndarray | None = field(default=None, repr=False, compare=False)
-
-    @property
-    def slices(self) -> tuple[slice, slice]:
-        """``plane[mask.slices]`` is the crop that :attr:`mask` covers."""
-        y0, y1, x0, x1 = self.region
-        return slice(y0, y1), slice(x0, x1)
-
-    @property
-    def area(self) -> int:
-        return int(self.mask.sum())
-
-    @classmethod
-    def from_full(cls, mask: np.ndarray, iou: float = 1.0, offset: tuple[int, int] = (0, 0)) -> "PlaneMask":
-        """The PlaneMask of a bool array (whose origin lies at ``offset`` = (y, x) in the
-        plane), cropped to its pixels; empty arrays give an empty PlaneMask."""
-        mask = np.asarray(mask, bool)
-        if not mask.any():
-            return cls((0, 0, 0, 0), np.zeros((0, 0), bool), iou, ())
-        rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-        y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
-        oy, ox = offset
-        return cls((y0 + oy, y1 + oy, x0 + ox, x1 + ox), mask[y0:y1, x0:x1], iou, ())
-
-    def cropped(self) -> "PlaneMask":
-        """The same mask with its region shrunk to its pixels."""
-        out = PlaneMask.from_full(self.mask, self.iou, (self.region[0], self.region[2]))
-        return PlaneMask(out.region, out.mask, self.iou, self.tiles, self.complete, self.logits) if self.area else self
-
-    def to_full(self, shape: tuple[int, int]) -> np.ndarray:
-        """The mask as a (H, W) bool array of the whole plane (for planes that fit memory)."""
-        out = np.zeros(shape, bool)
-        out[self.slices] = self.mask
-        return out
 
 
 def _inside(points: np.ndarray, region: tuple[int, int, int, int]) -> np.ndarray:
@@ -143,32 +78,21 @@ def _first_tile(grid: TileGrid, points: np.ndarray, labels: np.ndarray, box: np.
     return grid[best]
 
 
-def _depth(mask: np.ndarray) -> np.ndarray:
-    """Distance of every mask pixel to the nearest pixel outside the mask (or the edge)."""
-    return ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
-
-
-def _deepest_point(depth: np.ndarray, window: tuple[slice, slice]) -> tuple[float, float] | None:
+def _deepest_point(distances: np.ndarray, window: tuple[slice, slice]) -> tuple[float, float] | None:
     """(x, y) pixel centre of the deepest mask pixel inside ``window``, or None if the
     mask does not reach into it."""
-    sub = depth[window]
-    if not (sub > 0).any():
-        return None
-    y, x = np.unravel_index(int(np.argmax(sub)), sub.shape)
-    return float(window[1].start + x) + 0.5, float(window[0].start + y) + 0.5
+    pixel = deepest_pixel(distances, window)
+    return None if pixel is None else (pixel[1] + 0.5, pixel[0] + 0.5)
 
 
 def segment_tiled(
     grid: TileGrid,
     answer: TileAnswer,
-    points=None,
-    labels=None,
-    box=None,
+    prompt: Prompt,
     multimask: bool | None = None,
     max_tiles: int = 16,
-    previous: PlaneMask | None = None,
 ) -> PlaneMask:
-    """Segment one object from prompts in plane pixels, across as many tiles as it spans.
+    """Segment one object from its prompt in plane pixels, across as many tiles as it spans.
 
     Parameters
     ----------
@@ -176,42 +100,35 @@ def segment_tiled(
         The plane's tiles.
     answer
         Answers prompts on one tile (see :data:`TileAnswer`).
-    points
-        (N, 2) points as (x, y) plane pixels, or None.
-    labels
-        (N,) 1 foreground / 0 background; all foreground when omitted.
-    box
-        (x0, y0, x1, y1) in plane pixels, or None.
+    prompt
+        Points and box in plane pixels; its ``previous`` answer, when it has logits and
+        the prompt still starts on the tile that answered it, sends those logits to the
+        first tile as the mask prompt (SAM's interactive loop) and a single mask is asked
+        for.
     multimask
         Ask the first tile for three candidate masks and keep the best; by default only
-        for a single point without a box, where SAM's answer is ambiguous.
+        for an ambiguous prompt (a single point without a box).
     max_tiles
         Tiles asked at most; an object reaching further comes back with
         ``complete=False``.
-    previous
-        An earlier answer for the same object that these prompts correct (SAM's
-        interactive loop): its logits go to the first tile as the mask prompt, and a
-        single mask is asked for. Ignored when it has no logits or the prompts now start
-        on another tile.
 
     Returns
     -------
     PlaneMask
+
+    Raises
+    ------
+    ValueError
+        For points outside the plane or a box entirely outside it.
     """
-    H, W = grid.shape
-    pts = np.zeros((0, 2)) if points is None else np.asarray(points, dtype=np.float64).reshape(-1, 2)
-    lbl = np.ones(len(pts), np.int64) if labels is None else np.asarray(labels, dtype=np.int64).reshape(-1)
-    if len(lbl) != len(pts):
-        raise ValueError(f"{len(pts)} point(s) but {len(lbl)} label(s)")
-    if len(pts):
-        check_points_inside(pts, H, W)
-    bx = None if box is None else check_boxes(np.asarray(box, dtype=np.float64).reshape(1, 4), H, W)[0]
-    if bx is None and not (lbl == 1).any():
-        raise ValueError("an object needs a box or at least one foreground point")
+    prompt = prompt.on_plane(grid.shape)
+    pts, lbl, bx, previous = prompt.points, prompt.labels, prompt.box, prompt.previous
     first = _first_tile(grid, pts, lbl, bx)
-    refine = previous is not None and previous.logits is not None and previous.tiles[:1] == (first.index,)
+    # The mask prompt for the first tile, when the previous answer came from it.
+    refine_logits = previous.logits if previous is not None and previous.tiles[:1] == (first.index,) else None
+    refine = refine_logits is not None
     if multimask is None:
-        multimask = bx is None and len(pts) == 1 and not refine
+        multimask = prompt.ambiguous and not refine
     first_logits = None
     masks: dict[tuple[int, int], np.ndarray] = {}  # tile index -> mask over tile.outer
     hints: dict[tuple[int, int], list[tuple[float, float]]] = {}
@@ -243,41 +160,47 @@ def segment_tiled(
         if t_box is None and not (t_lbl_a == 1).any():
             continue  # nothing to ask this tile
         is_first = index == first.index
-        asked = (tile, t_pts_a if len(t_pts_a) else None, t_lbl_a if len(t_pts_a) else None, t_box, multimask or not is_first)
+        asked = (tile, t_pts_a if len(t_pts_a) else None, t_lbl_a if len(t_pts_a) else None, t_box,
+                 multimask or not is_first)
         if is_first and refine:
-            candidates, iou = answer(*asked, mask_input=previous.logits)
+            candidates, predicted = answer(*asked, mask_input=refine_logits)
         else:
-            candidates, iou = answer(*asked)
-        iou = np.asarray(iou, dtype=np.float64).reshape(-1)
+            candidates, predicted = answer(*asked)
+        predicted = np.asarray(predicted, dtype=np.float64).reshape(-1)
         if is_first:
-            pick = int(np.argmax(iou))
-            first_iou = float(iou[pick])
+            pick = int(np.argmax(predicted))
+            first_iou = float(predicted[pick])
             logits = getattr(candidates, "low_res_logits", None)
             first_logits = None if logits is None else np.asarray(logits[pick], np.float32)
         else:
-            pick = _most_consistent(candidates, iou, tile, masks, grid)
+            pick = _most_consistent(candidates, predicted, tile, masks, grid)
         mask = np.asarray(candidates[pick], bool)
         masks[index] = mask
         order.append(index)
         # Where the mask runs into a neighbour's interior, the object goes on there.
-        depth = None
+        distances = None
         for other in grid.tiles_touching((tile.outer[2], tile.outer[0], tile.outer[3], tile.outer[1])):
             if other.index in masks or other.index == index:
                 continue
-            window = _local(_overlap(other.inner, tile.outer), tile)
+            seen = _overlap(other.inner, tile.outer)
+            if seen is None:  # tiles_touching returns only tiles whose interior overlaps
+                raise RuntimeError(f"tile {other.index} does not overlap tile {index}")
+            window = _local(seen, tile)
             if not mask[window].any():
                 continue
-            depth = _depth(mask) if depth is None else depth
+            distances = depth(mask) if distances is None else distances
             # The hint comes from the part this tile owns and the neighbour also sees.
             shared = _overlap(tile.inner, other.outer)
-            hint = None if shared is None else _deepest_point(depth, _local(shared, tile))
-            hint = hint or _deepest_point(depth, window)
+            hint = None if shared is None else _deepest_point(distances, _local(shared, tile))
+            hint = hint or _deepest_point(distances, window)
+            if hint is None:  # the mask reaches into the window, so it has a deepest pixel
+                raise RuntimeError(f"no mask pixel found where the mask reaches tile {other.index}")
             hints.setdefault(other.index, []).append((hint[0] + ox0, hint[1] + oy0))
             queue.append(other.index)
     return dataclasses.replace(_assemble(grid, masks, order, first_iou, complete), logits=first_logits)
 
 
-def _most_consistent(candidates: np.ndarray, iou: np.ndarray, tile: Tile, masks: dict, grid: TileGrid) -> int:
+def _most_consistent(candidates: np.ndarray, predicted: np.ndarray, tile: Tile, masks: dict, grid: TileGrid) -> int:
     """The candidate that agrees best (IoU) with the answers of tiles already asked, on
     the regions both see; predicted IoU breaks ties."""
     scores = np.zeros(len(candidates))
@@ -287,14 +210,12 @@ def _most_consistent(candidates: np.ndarray, iou: np.ndarray, tile: Tile, masks:
         if o is None:
             continue
         mine, theirs = _local(o, tile), known[_local(o, other)]
-        for k in range(len(iou)):
-            c = np.asarray(candidates[k], bool)[mine]
-            union = np.logical_or(c, theirs).sum()
-            scores[k] += np.logical_and(c, theirs).sum() / union if union else 0.0
-    return int(np.lexsort((iou, scores))[-1])
+        for k in range(len(predicted)):
+            scores[k] += iou(np.asarray(candidates[k], bool)[mine], theirs)
+    return int(np.lexsort((predicted, scores))[-1])
 
 
-def _assemble(grid: TileGrid, masks: dict, order: list, iou: float, complete: bool) -> PlaneMask:
+def _assemble(grid: TileGrid, masks: dict, order: list, predicted: float, complete: bool) -> PlaneMask:
     pieces = []
     for index in order:
         tile = grid[index]
@@ -302,7 +223,7 @@ def _assemble(grid: TileGrid, masks: dict, order: list, iou: float, complete: bo
         if part.any():
             pieces.append((tile.inner, part))
     if not pieces:
-        return PlaneMask((0, 0, 0, 0), np.zeros((0, 0), bool), iou, tuple(order), complete)
+        return PlaneMask.empty(predicted, tuple(order), complete)
     boxes = []
     for (y0, _, x0, _), part in pieces:
         rows, cols = np.flatnonzero(part.any(1)), np.flatnonzero(part.any(0))
@@ -311,7 +232,10 @@ def _assemble(grid: TileGrid, masks: dict, order: list, iou: float, complete: bo
     out = np.zeros((region[1] - region[0], region[3] - region[2]), bool)
     for (y0, y1, x0, x1), part in pieces:
         o = _overlap((y0, y1, x0, x1), region)
+        if o is None:  # region is the union of the pieces' boxes
+            raise RuntimeError(f"piece {(y0, y1, x0, x1)} lies outside the assembled region {region}")
         out[o[0] - region[0] : o[1] - region[0], o[2] - region[2] : o[3] - region[2]] |= part[
             o[0] - y0 : o[1] - y0, o[2] - x0 : o[3] - x0
         ]
-    return PlaneMask(tuple(int(v) for v in region), out, iou, tuple(order), complete)
+    ry0, ry1, rx0, rx1 = (int(v) for v in region)
+    return PlaneMask((ry0, ry1, rx0, rx1), out, predicted, tuple(order), complete)

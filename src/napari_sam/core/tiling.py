@@ -16,7 +16,21 @@ import math
 from dataclasses import dataclass
 from functools import cached_property
 
-__all__ = ["Tile", "TileGrid"]
+__all__ = ["DEFAULT_HALO", "DEFAULT_TILE", "Tile", "TileGrid", "default_tiling"]
+
+DEFAULT_TILE = 768
+"""Side of a tile's interior for SAM's 1024-pixel input (three quarters of the input in
+general). With the default halo a tile's embedded region is exactly the model's input
+size, so large planes are embedded at their own resolution, never shrunk (see
+docs/embeddings.md for the measurement)."""
+DEFAULT_HALO = 128
+"""Context on each side of a tile's interior for a 1024-pixel input (an eighth of it)."""
+
+
+def default_tiling(image_size: int) -> tuple[int, int]:
+    """(tile, halo) whose embedded region is exactly a model input of ``image_size``."""
+    halo = image_size // 8
+    return image_size - 2 * halo, halo
 
 
 @dataclass(frozen=True)
@@ -86,8 +100,8 @@ class TileGrid:
     """
 
     shape: tuple[int, int]
-    tile: int = 1024
-    halo: int = 128
+    tile: int = DEFAULT_TILE
+    halo: int = DEFAULT_HALO
 
     def __post_init__(self):
         if len(self.shape) != 2 or min(self.shape) <= 0:

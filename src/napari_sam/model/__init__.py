@@ -1,8 +1,8 @@
 """Segment Anything in PyTorch: image encoders (ViT, TinyViT), prompt encoder and mask
 decoder, with parameter names of the official checkpoints. Imports only torch."""
 
+from .checkpoint import Checkpoint, CheckpointError, ModelSource, check_state_dict, read_checkpoint
 from .config import CONFIGS, SamConfig, TinyViTConfig, ViTConfig, config_from_dict, config_to_dict, infer_config
-from .checkpoint import Checkpoint, CheckpointError, check_state_dict, read_checkpoint
 from .sam import Sam, build_sam, sam_from_state_dict
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "SamConfig",
     "Checkpoint",
     "CheckpointError",
+    "ModelSource",
     "TinyViTConfig",
     "ViTConfig",
     "build_sam",

@@ -22,6 +22,7 @@ state, epoch counters) are returned apart, as :attr:`Checkpoint.extras`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -35,6 +36,7 @@ __all__ = [
     "METADATA_KEY",
     "SAM_MODULES",
     "Checkpoint",
+    "ModelSource",
     "CheckpointError",
     "UntrustedCheckpointError",
     "check_state_dict",
@@ -62,6 +64,37 @@ _NON_PARAMETERS = ("pixel_mean", "pixel_std")
 """Normalisation buffers that some re-saved checkpoints contain; the official ones do not."""
 
 _MAX_LISTED = 10
+
+
+@dataclass
+class ModelSource:
+    """Where a loaded model came from: enough to tell whether cached embeddings fit it.
+
+    Attributes
+    ----------
+    name
+        Registry name, or the checkpoint's file name for a local file.
+    path
+        The checkpoint file.
+    dtype
+        Encoder precision name.
+    """
+
+    name: str
+    path: str
+    dtype: str
+    _checksum: str | None = field(default=None, repr=False)
+
+    @property
+    def checksum(self) -> str:
+        """sha256 of the checkpoint file (computed once, on first use)."""
+        if self._checksum is None:
+            digest = hashlib.sha256()
+            with open(self.path, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 22), b""):
+                    digest.update(block)
+            self._checksum = "sha256:" + digest.hexdigest()
+        return self._checksum
 
 
 class CheckpointError(ValueError):

@@ -9,7 +9,6 @@ nowhere else.
 from __future__ import annotations
 
 import dataclasses
-
 import re
 from dataclasses import dataclass, field
 from typing import Mapping, Union
@@ -156,7 +155,7 @@ def infer_config(state_dict: Mapping[str, torch.Tensor]) -> SamConfig:
             }
             depths.append(len(blocks))
             if s == 0:
-                dims.append(state_dict[f"image_encoder.layers.0.blocks.0.conv3.c.weight"].shape[0])
+                dims.append(state_dict["image_encoder.layers.0.blocks.0.conv3.c.weight"].shape[0])
                 heads.append(TinyViTConfig().num_heads[0])
                 windows.append(TinyViTConfig().window_sizes[0])
                 continue
@@ -190,7 +189,7 @@ def infer_config(state_dict: Mapping[str, torch.Tensor]) -> SamConfig:
             "not a SAM state dict: found neither image_encoder.patch_embed.proj.weight (ViT) "
             "nor image_encoder.patch_embed.seq.0.c.weight (TinyViT)"
         )
-    for name, cfg in CONFIGS.items():
+    for _name, cfg in CONFIGS.items():
         if cfg.encoder == enc:
             return cfg
     return SamConfig(enc)

@@ -4,6 +4,7 @@ and the IoU prediction head."""
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -103,6 +104,10 @@ class MaskDecoder(nn.Module):
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         tokens = torch.cat([output_tokens.expand(bs, -1, -1), sparse_prompt_embeddings], dim=1)
         if context is None:
+            if image_embeddings is None or image_pe is None or dense_prompt_embeddings is None:
+                raise ValueError(
+                    "the decoder needs image_embeddings, image_pe and dense_prompt_embeddings, or a context"
+                )
             src = image_embeddings + dense_prompt_embeddings
             if src.shape[0] != bs:
                 src = src.expand(bs, -1, -1, -1)
@@ -133,9 +138,14 @@ class MaskDecoder(nn.Module):
         official ``output_upscaling`` ones, used in place.
         """
         conv1, norm, act1, conv2, act2 = self.output_upscaling
+        # Sequential items are typed as plain Modules; these are the layers built above.
+        conv1, conv2 = cast(nn.ConvTranspose2d, conv1), cast(nn.ConvTranspose2d, conv2)
+        norm = cast(LayerNorm2d, norm)
         B, h, w, _ = src.shape
 
         def as_linear(conv: nn.ConvTranspose2d, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
+            if conv.bias is None:
+                raise ValueError("the upscaling convolutions of a SAM decoder have a bias")
             # weight (in, out, 2, 2) -> (2 * 2 * out, in), outputs ordered (di, dj, out)
             cin, cout = conv.weight.shape[:2]
             weight = conv.weight.permute(2, 3, 1, 0).reshape(4 * cout, cin)

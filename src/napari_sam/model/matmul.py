@@ -17,28 +17,30 @@ fewer than about a million multiply-adds (a few prompt tokens through a 256-wide
 stay with ``F.linear``, whose call costs less. Results agree with ``F.linear`` to
 float32 rounding (summation order).
 
-The route is on by default on AMD x86-64 processors only, where it was measured. On
-Intel processors MKL is at its best, and elsewhere nothing was measured.
-``NAPARI_SAM_ONEDNN=1`` turns it on anywhere, ``NAPARI_SAM_ONEDNN=0`` off; so does
-:data:`enabled`.
+The route is off until something turns it on: :data:`enabled`, which
+:func:`napari_sam.core.runtime.configure_runtime` sets (``load_model`` calls it) to
+:func:`faster_here` unless ``NAPARI_SAM_ONEDNN`` says otherwise. It was measured faster on
+AMD x86-64 processors only; on Intel processors MKL is at its best, and elsewhere nothing
+was measured. Importing this module changes nothing.
 """
 
 from __future__ import annotations
 
-import os
 import platform
 import threading
 import warnings
+from collections.abc import Callable
 from typing import List, Optional, Union
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["activate", "activation_of", "available", "enabled", "linear", "matmul_nt"]
+__all__ = ["activate", "activation_of", "available", "enabled", "faster_here", "linear", "matmul_nt"]
 
 
-def _measured_here() -> bool:
-    """An AMD x86-64 processor (the vendor is read on Linux; elsewhere: unknown, no)."""
+def faster_here() -> bool:
+    """Whether the route was measured faster on this kind of processor: AMD x86-64 (the
+    vendor is read on Linux; elsewhere it is unknown, so no)."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
     try:
@@ -51,21 +53,15 @@ def _measured_here() -> bool:
     return False
 
 
-def _enabled_by(setting: str | None) -> bool:
-    """``NAPARI_SAM_ONEDNN``: "1" on, "0" off, anything else: where it was measured."""
-    setting = (setting or "").strip()
-    return setting == "1" or (setting != "0" and _measured_here())
-
-
-#: Route large CPU products through oneDNN (default: on AMD x86-64; see above).
-enabled: bool = _enabled_by(os.environ.get("NAPARI_SAM_ONEDNN"))
+#: Route large CPU products through oneDNN (off until configured; see the module docstring).
+enabled: bool = False
 
 # Below this many multiply-adds the call overhead of oneDNN outweighs its faster kernel
 # (measured: 7 x 256 -> 256 is a tie, 7 x 256 -> 2048 twice as fast).
 _MIN_MACS = 1 << 20
 _ACTIVATIONS = (None, "gelu", "relu")
 _working: bool | None = None
-_scripted = None
+_scripted: Callable[..., torch.Tensor] | None = None
 _probe_lock = threading.Lock()
 
 
@@ -104,7 +100,9 @@ def _probe():
         if not torch.backends.mkldnn.is_available():
             return False, None
         g = torch.Generator(device="cpu").manual_seed(0)
-        x, w, b = (torch.randn(*shape, generator=g, dtype=torch.float32, device="cpu") for shape in ((8, 16), (4, 16), (4,)))
+        x, w, b = (
+            torch.randn(*shape, generator=g, dtype=torch.float32, device="cpu") for shape in ((8, 16), (4, 16), (4,))
+        )
         with torch.no_grad(), torch.autocast("cpu", enabled=False), warnings.catch_warnings():
             # TorchScript is deprecated in favour of torch.compile, which needs a
             # compiler at run time; should scripting go, the route stays off.
@@ -121,7 +119,12 @@ def _probe():
 
 
 def _onednn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, activation: str | None) -> torch.Tensor:
-    call = _scripted if torch.jit.is_tracing() else _kernel
+    call: Callable[..., torch.Tensor] = _kernel
+    if torch.jit.is_tracing():
+        # _use_onednn let us here, so the probe has run and compiled the wrapper.
+        if _scripted is None:
+            raise RuntimeError("the oneDNN route was taken while tracing, before its probe compiled the wrapper")
+        call = _scripted
     return call(x, w, b, activation or "none", "none" if activation == "gelu" else "")
 
 

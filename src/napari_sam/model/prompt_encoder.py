@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import nn
@@ -22,6 +23,8 @@ class PositionEmbeddingRandom(nn.Module):
     Coordinates normalised to [0, 1] are mapped to ``[sin(2 pi f . p), cos(2 pi f . p)]``
     with a fixed Gaussian matrix ``f`` of shape (2, num_pos_feats) stored in the checkpoint.
     """
+
+    positional_encoding_gaussian_matrix: torch.Tensor
 
     def __init__(self, num_pos_feats: int = 128):
         super().__init__()
@@ -93,6 +96,10 @@ class PromptEncoder(nn.Module):
         """Positional encoding of the image embedding grid, (1, C, h, w)."""
         return self.pe_layer(self.image_embedding_size).unsqueeze(0)
 
+    def _point_embedding(self, kind: int) -> torch.Tensor:
+        # ModuleList items are typed as plain Modules; these are the Embeddings built above.
+        return cast(nn.Embedding, self.point_embeddings[kind]).weight
+
     def _embed_points(self, points: torch.Tensor, labels: torch.Tensor, pad: bool) -> torch.Tensor:
         points = points + 0.5  # pixel centres
         if pad:
@@ -102,14 +109,14 @@ class PromptEncoder(nn.Module):
         labels = labels[..., None]
         # Padding points carry no position, only the learned "not a point" embedding.
         emb = torch.where(labels == PAD_LABEL, self.not_a_point_embed.weight, emb)
-        emb = emb + torch.where(labels == BACKGROUND, self.point_embeddings[0].weight, 0.0)
-        emb = emb + torch.where(labels == FOREGROUND, self.point_embeddings[1].weight, 0.0)
+        emb = emb + torch.where(labels == BACKGROUND, self._point_embedding(0), 0.0)
+        emb = emb + torch.where(labels == FOREGROUND, self._point_embedding(1), 0.0)
         return emb
 
     def _embed_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
         corners = (boxes + 0.5).reshape(-1, 2, 2)
         emb = self.pe_layer.forward_with_coords(corners, self.input_image_size)
-        corner_kind = torch.cat([self.point_embeddings[2].weight, self.point_embeddings[3].weight])
+        corner_kind = torch.cat([self._point_embedding(2), self._point_embedding(3)])
         return emb + corner_kind
 
     def forward(

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import CheckpointError, check_state_dict
+from .checkpoint import CheckpointError, ModelSource, check_state_dict
 from .config import CONFIGS, SamConfig, TinyViTConfig, ViTConfig, infer_config
 from .image_encoder import ImageEncoderViT
 from .mask_decoder import MaskDecoder
 from .prompt_encoder import PromptEncoder
 from .transformer import ImageContext, TwoWayTransformer
+
+if TYPE_CHECKING:
+    from .tiny_vit import TinyViT
 
 
 class Sam(nn.Module):
@@ -29,11 +32,15 @@ class Sam(nn.Module):
     """
 
     mask_threshold: float = 0.0
+    # Registered as buffers in __init__; declared so that they read as tensors.
+    pixel_mean: torch.Tensor
+    pixel_std: torch.Tensor
 
     def __init__(self, config: SamConfig):
         super().__init__()
         self.config = config
         enc = config.encoder
+        self.image_encoder: ImageEncoderViT | TinyViT
         if isinstance(enc, ViTConfig):
             self.image_encoder = ImageEncoderViT(enc)
         elif isinstance(enc, TinyViTConfig):
@@ -48,11 +55,18 @@ class Sam(nn.Module):
         )
         self.mask_decoder = MaskDecoder(
             config.prompt_embed_dim,
-            TwoWayTransformer(config.decoder_depth, config.prompt_embed_dim, config.decoder_heads, config.decoder_mlp_dim),
+            TwoWayTransformer(
+                config.decoder_depth, config.prompt_embed_dim, config.decoder_heads, config.decoder_mlp_dim
+            ),
             config.num_multimask_outputs,
             config.iou_head_depth,
             config.iou_head_hidden_dim,
         )
+        self.source: ModelSource | None = None
+        """Where the weights came from (set by the loader; None for a model built in memory)."""
+        self.metadata: dict = {}
+        """The checkpoint's metadata (configuration, training provenance, advice such as
+        ``"automatic"``); plain JSON types, empty for official checkpoints."""
         # Not part of the checkpoints (the official model does not save them either).
         self.register_buffer("pixel_mean", torch.tensor(config.pixel_mean).view(-1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(config.pixel_std).view(-1, 1, 1), persistent=False)
@@ -148,7 +162,8 @@ class Sam(nn.Module):
             dense_prompt_embeddings=dense,
         )
 
-    def postprocess_masks(self, masks: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int]) -> torch.Tensor:
+    def postprocess_masks(self, masks: torch.Tensor, input_size: tuple[int, int],
+                          original_size: tuple[int, int]) -> torch.Tensor:
         """Low-res logits (B, C, 256, 256) to logits at the original image size.
 
         Upscales to the padded input, crops the padding away, then resizes to the original
@@ -204,8 +219,9 @@ def sam_from_state_dict(
     model.load_state_dict(state_dict, strict=True, assign=True)
     # Buffers that are not in checkpoints were created on meta: rebuild them.
     for module in model.modules():
-        if hasattr(module, "init_non_persistent_buffers"):
-            module.init_non_persistent_buffers()
+        init = getattr(module, "init_non_persistent_buffers", None)
+        if init is not None:
+            init()
     for name, buf in list(model.named_buffers()):
         if buf.is_meta:
             raise CheckpointError(f"buffer {name} is neither in the checkpoint nor rebuilt")

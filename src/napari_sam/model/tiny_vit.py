@@ -73,8 +73,11 @@ class Conv2dBN(nn.Module):
 
     def fused(self) -> tuple[torch.Tensor, torch.Tensor]:
         bn = self.bn
-        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-        return self.c.weight * scale.view(-1, 1, 1, 1), bn.bias - bn.running_mean * scale
+        running_mean, running_var = bn.running_mean, bn.running_var
+        if running_mean is None or running_var is None:
+            raise RuntimeError("folding a batch norm needs its running statistics (track_running_stats=True)")
+        scale = bn.weight * torch.rsqrt(running_var + bn.eps)
+        return self.c.weight * scale.view(-1, 1, 1, 1), bn.bias - running_mean * scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) in and out, in whichever memory format ``x`` has."""

@@ -19,12 +19,16 @@ trace take the ordinary eager route.
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from . import matmul
 from .transformer import ImageContext
+
+if TYPE_CHECKING:
+    from .sam import Sam
 
 __all__ = ["TracedDecode"]
 
@@ -35,7 +39,7 @@ class _Decode(nn.Module):
     """:meth:`Sam.decode` over plain tensor arguments, with the cached image context (and,
     for a mask prompt, the embedding, whose image side the mask changes)."""
 
-    def __init__(self, sam: nn.Module, has_points: bool, has_boxes: bool, has_mask: bool, multimask: bool):
+    def __init__(self, sam: Sam, has_points: bool, has_boxes: bool, has_mask: bool, multimask: bool):
         super().__init__()
         self.sam = sam
         self.has_points, self.has_boxes, self.has_mask, self.multimask = has_points, has_boxes, has_mask, multimask
@@ -56,7 +60,7 @@ class _Decode(nn.Module):
 class _Context(nn.Module):
     """:meth:`Sam.image_context` as a tuple of tensors."""
 
-    def __init__(self, sam: nn.Module):
+    def __init__(self, sam: Sam):
         super().__init__()
         self.sam = sam
 
@@ -82,7 +86,7 @@ class TracedDecode:
     >>> low_res, iou = decode(coords, labels, None, True, context)          # doctest: +SKIP
     """
 
-    def __init__(self, sam: nn.Module):
+    def __init__(self, sam: Sam):
         self.sam = sam
         self.enabled = True
         self._graphs: dict[tuple, torch.jit.ScriptModule] = {}
@@ -124,7 +128,14 @@ class TracedDecode:
         has_points, has_boxes, has_mask = point_coords is not None, boxes is not None, mask_input is not None
         if has_mask and embedding is None:
             raise ValueError("a mask prompt needs the embedding it refines")
-        batch = point_coords.shape[0] if has_points else boxes.shape[0] if has_boxes else mask_input.shape[0]
+        if point_coords is not None:
+            batch = point_coords.shape[0]
+        elif boxes is not None:
+            batch = boxes.shape[0]
+        elif mask_input is not None:
+            batch = mask_input.shape[0]
+        else:
+            raise ValueError("nothing to decode: give points, boxes or a mask prompt")
         device = context.keys.device
         # Unused inputs still need a tensor in the graph's signature.
         blank = context.keys.new_zeros(())

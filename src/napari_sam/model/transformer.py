@@ -10,6 +10,7 @@ is :meth:`TwoWayTransformer.image_context`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -90,6 +91,8 @@ def _absorbed_image_to_token(
         qh = q_img.reshape(q_img.shape[0], -1, H, d).permute(0, 2, 3, 1)  # (b, H, d, N)
         scores = kh.permute(0, 2, 1, 3) @ qh  # (B, H, T, N)
     else:
+        if keys_pe is None:
+            raise ValueError("image-to-token attention needs q_img or keys_pe")
         wq = attn.q_proj.weight.reshape(H, d, -1)
         k_abs = torch.einsum("bthd,hdc->bhtc", kh, wq).reshape(B, H * T, -1)
         k_bias = torch.einsum("bthd,hd->bht", kh, attn.q_proj.bias.reshape(H, d)).reshape(B, H * T, 1)
@@ -144,7 +147,8 @@ class Attention(nn.Module):
 class TwoWayAttentionBlock(nn.Module):
     """Self-attention of the tokens, tokens -> image, MLP on the tokens, image -> tokens."""
 
-    def __init__(self, embedding_dim: int, num_heads: int, mlp_dim: int, downsample_rate: int, skip_first_layer_pe: bool):
+    def __init__(self, embedding_dim: int, num_heads: int, mlp_dim: int, downsample_rate: int,
+                 skip_first_layer_pe: bool):
         super().__init__()
         self.self_attn = Attention(embedding_dim, num_heads)
         self.norm1 = nn.LayerNorm(embedding_dim)
@@ -218,14 +222,21 @@ class TwoWayTransformer(nn.Module):
         Cross-attention works at ``embedding_dim / rate`` channels (128).
     """
 
-    def __init__(self, depth: int, embedding_dim: int, num_heads: int, mlp_dim: int, attention_downsample_rate: int = 2):
+    def __init__(self, depth: int, embedding_dim: int, num_heads: int, mlp_dim: int,
+                 attention_downsample_rate: int = 2):
         super().__init__()
         self.layers = nn.ModuleList(
-            TwoWayAttentionBlock(embedding_dim, num_heads, mlp_dim, attention_downsample_rate, skip_first_layer_pe=i == 0)
+            TwoWayAttentionBlock(
+                embedding_dim, num_heads, mlp_dim, attention_downsample_rate, skip_first_layer_pe=i == 0
+            )
             for i in range(depth)
         )
         self.final_attn_token_to_image = Attention(embedding_dim, num_heads, attention_downsample_rate)
         self.norm_final_attn = nn.LayerNorm(embedding_dim)
+
+    def _block(self, i: int) -> TwoWayAttentionBlock:
+        # ModuleList items are typed as plain Modules; these are the blocks built above.
+        return cast(TwoWayAttentionBlock, self.layers[i])
 
     def image_context(
         self, image_embedding: torch.Tensor, image_pe: torch.Tensor | None = None, key_pe: torch.Tensor | None = None
@@ -246,8 +257,10 @@ class TwoWayTransformer(nn.Module):
         # strided (transposed) reads are several times slower on a CPU.
         keys = image_embedding.flatten(2).transpose(1, 2).contiguous()
         if key_pe is None:
+            if image_pe is None:
+                raise ValueError("an image context needs image_pe or key_pe")
             key_pe = image_pe.flatten(2).transpose(1, 2).contiguous()
-        first = self.layers[0]
+        first = self._block(0)
         t2i, i2t = first.cross_attn_token_to_image, first.cross_attn_image_to_token
         k = keys + key_pe
         return ImageContext(
@@ -279,6 +292,8 @@ class TwoWayTransformer(nn.Module):
         queries = point_embedding
         final = self.final_attn_token_to_image
         if context is None:
+            if image_embedding is None or image_pe is None:
+                raise ValueError("the transformer needs image_embedding and image_pe, or a context")
             keys = image_embedding.flatten(2).transpose(1, 2)
             key_pe = image_pe.flatten(2).transpose(1, 2)
             for layer in self.layers:
@@ -287,8 +302,10 @@ class TwoWayTransformer(nn.Module):
             attn_out = final(q, keys + key_pe, keys)
         else:
             keys, key_pe = context.keys, context.key_pe
-            for i, layer in enumerate(self.layers):
-                queries, keys = layer.forward_cached(queries, keys, point_embedding, key_pe, context if i == 0 else None)
+            for i in range(len(self.layers)):
+                queries, keys = self._block(i).forward_cached(
+                    queries, keys, point_embedding, key_pe, context if i == 0 else None
+                )
             attn_out = _absorbed_token_to_image(final, queries + point_embedding, keys, keys + key_pe)
         queries = self.norm_final_attn(queries + attn_out)
         return queries, keys

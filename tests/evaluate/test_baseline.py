@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from napari_sam.core.baseline import WatershedBaseline, watershed_segment
 from napari_sam.core.prompt_simulation import bounding_box, interior_point
+from napari_sam.evaluate.baseline import WatershedBaseline, watershed_segment
 
 
 def _iou(a, b):

@@ -7,9 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from napari_sam.core.baseline import WatershedBaseline
-from napari_sam.core.evaluation import (
+from napari_sam.core.predictor import Predictor
+from napari_sam.core.prompts import Prompt
+from napari_sam.evaluate import (
     EvalPair,
+    WatershedBaseline,
     evaluate_automatic,
     evaluate_prompted,
     evaluate_propagation,
@@ -21,7 +23,6 @@ from napari_sam.core.evaluation import (
     pairs_from_arrays,
     segmentation_accuracy,
 )
-from napari_sam.core.predictor import Predictor
 from tests.conftest import drain
 
 # -- metrics ---------------------------------------------------------------------------------
@@ -104,8 +105,15 @@ def test_pairs_from_zarr_and_arrays(tmp_path):
     import tifffile
 
     tifffile.imwrite(tmp_path / "f" / "images" / "x.tif", images[0])
-    with pytest.raises(ValueError, match="no label image"):
+    with pytest.raises(ValueError, match="no label file"):
         load_pairs(tmp_path / "f")
+    # images and labels in two folders of their own
+    tifffile.imwrite(tmp_path / "f" / "labels" / "x.tif", labels[0])
+    two = load_pairs(tmp_path / "f" / "images", tmp_path / "f" / "labels")
+    assert [p.name for p in two] == ["x"]
+    np.testing.assert_array_equal(two[0].labels, labels[0])
+    with pytest.raises(ValueError, match="no folder"):
+        load_pairs(tmp_path / "f" / "images", tmp_path / "nothing")
 
 
 # -- prompted -------------------------------------------------------------------------------
@@ -149,14 +157,16 @@ def test_planes_larger_than_the_model_input_are_evaluated_on_tiles(nuclei_2d):
     expected = []
     for i in np.sort(ids):
         gt = labels == i
-        mask = emb.segment(0, points=interior_point(gt)[None], labels=[1], multimask=True).to_full(gt.shape)
+        mask = emb.segment(0, Prompt.make(interior_point(gt)[None], [1]), multimask=True).to_full(gt.shape)
         expected.append((mask & gt).sum() / (mask | gt).sum())
     assert result["point"] == pytest.approx(np.mean(expected))
     whole = Predictor(model)
     whole.set_image(image)  # the shrunken whole plane answers differently
     shrunk = [whole.predict(points=interior_point(labels == i)[None], labels=[1]).best_mask() for i in np.sort(ids)]
-    assert not all(np.array_equal(a, emb.segment(0, points=interior_point(labels == i)[None], labels=[1]).to_full(a.shape))
-                   for a, i in zip(shrunk, np.sort(ids)))
+    assert not all(
+        np.array_equal(a, emb.segment(0, Prompt.make(interior_point(labels == i)[None], [1])).to_full(a.shape))
+        for a, i in zip(shrunk, np.sort(ids))
+    )
 
 
 def test_prompted_evaluation_with_the_baseline(small_pair):

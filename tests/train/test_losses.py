@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from napari_sam.core.losses import dice_loss, iou_prediction_loss, mask_iou, mask_loss, sigmoid_focal_loss
+from napari_sam.train.losses import dice_loss, iou_prediction_loss, mask_iou, mask_loss, sigmoid_focal_loss
 
 LN3 = math.log(3.0)
 

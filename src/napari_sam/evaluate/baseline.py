@@ -31,8 +31,9 @@ from scipy import ndimage
 from skimage.filters import gaussian, sobel, threshold_local, threshold_otsu
 from skimage.segmentation import watershed
 
-from .preprocess import to_rgb
-from .prompts import check_boxes, check_points_inside
+from ..core.masks import deepest_pixel, depth
+from ..core.preprocess import to_rgb
+from ..core.prompts import check_boxes, check_points_inside
 
 __all__ = ["WatershedBaseline", "watershed_segment"]
 
@@ -281,13 +282,12 @@ class WatershedBaseline:
         H, W = self.shape
         r0, r1 = int(np.floor(bx[1])), min(int(np.ceil(bx[3])) + 1, H)
         c0, c1 = int(np.floor(bx[0])), min(int(np.ceil(bx[2])) + 1, W)
-        fg = self._foreground[r0:r1, c0:c1]
-        if not fg.any():
+        # depth measured inside the box only (its edge counts as boundary): a neighbour
+        # outside it must not win
+        pixel = deepest_pixel(depth(self._foreground[r0:r1, c0:c1]))
+        if pixel is None:
             return None
-        # depth measured inside the box only: a neighbour outside it must not win
-        depth = ndimage.distance_transform_edt(np.pad(fg, 1))[1:-1, 1:-1]
-        r, c = np.unravel_index(int(np.argmax(depth)), depth.shape)
-        return np.array([[r0 + r, c0 + c]])
+        return np.array([[r0 + pixel[0], c0 + pixel[1]]])
 
 
 def _reconstruct(seed: np.ndarray, mask: np.ndarray) -> np.ndarray:

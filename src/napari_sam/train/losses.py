@@ -162,7 +162,9 @@ def mask_loss(
     """
     if focal_weight < 0 or dice_weight < 0:
         raise ValueError(f"loss weights must be >= 0, got focal {focal_weight}, dice {dice_weight}")
-    return focal_weight * sigmoid_focal_loss(logits, targets, alpha=focal_alpha) + dice_weight * dice_loss(logits, targets)
+    return (
+        focal_weight * sigmoid_focal_loss(logits, targets, alpha=focal_alpha) + dice_weight * dice_loss(logits, targets)
+    )
 
 
 def mask_iou(logits: torch.Tensor, targets: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:

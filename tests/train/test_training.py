@@ -15,7 +15,9 @@ import torch
 
 from napari_sam.core.models import load_model
 from napari_sam.core.predictor import Predictor
-from napari_sam.core.training import (
+from napari_sam.model import SamConfig, ViTConfig, build_sam
+from napari_sam.model.checkpoint import read_checkpoint
+from napari_sam.train import (
     SegmentationDataset,
     Trainer,
     TrainingConfig,
@@ -24,8 +26,6 @@ from napari_sam.core.training import (
     optimizer_state_path,
     train,
 )
-from napari_sam.model import SamConfig, ViTConfig, build_sam
-from napari_sam.model.checkpoint import read_checkpoint
 
 MINI = SamConfig(
     ViTConfig(embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,), img_size=256), name="mini", image_size=256
@@ -135,13 +135,13 @@ def test_training_prompts_use_the_predictors_coordinates(mini_sam, crop):
     predictor = Predictor(mini_sam)
     emb = predictor.set_image(image)
     assert (emb.input_size, emb.original_size) == (feats.input_size, feats.original_size)
-    torch.testing.assert_close(emb.features, feats.embedding)
+    torch.testing.assert_close(emb.features, feats.features)
 
-    from napari_sam.core.training import _scale
+    from napari_sam.train.frames import model_scale
 
     box = np.array([5.0, 7.0, 30.0, 40.0])
     expected = predictor.predict(box=box, multimask=False).low_res_logits
-    t_box = torch.as_tensor(box * np.tile(_scale(feats.input_size, feats.original_size), 2), dtype=torch.float32)
+    t_box = torch.as_tensor(box * np.tile(model_scale(feats.input_size, feats.original_size), 2), dtype=torch.float32)
     got, _ = trainer._decode(feats, None, None, t_box[None], None, False)
     np.testing.assert_allclose(got[0].detach().numpy(), expected, atol=1e-4)
 
@@ -238,7 +238,7 @@ def test_checkpoint_reloads_with_load_model_and_gives_identical_outputs(tiny_sam
         b = loaded.decode(emb, pts, lbl)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
-    meta = loaded.checkpoint_metadata
+    meta = loaded.metadata
     assert meta["config"]["encoder"]["embed_dim"] == 32
     training = meta["training"]
     assert (training["mode"], training["steps"], training["seed"]) == ("decoder", 1, 3)

@@ -1,0 +1,92 @@
+"""Automatic instance segmentation of a plane, and linking of plane instances into 3D.
+
+Three ways to segment every object of a plane without clicking:
+
+* **Grid mode** (:func:`iter_grid`, :func:`segment_grid`; :mod:`~napari_sam.auto.grid`),
+  SAM's "segment everything": a regular grid of single-point prompts, each giving three
+  candidate masks, filtered by predicted IoU and stability, deduplicated by box
+  non-maximum suppression and cleaned (:mod:`~napari_sam.auto.candidates`).
+* **Detector-prompted mode** (:func:`iter_from_boxes`, :func:`segment_detections`;
+  :mod:`~napari_sam.auto.boxes`): boxes from a classical detector (:func:`detect_boxes`:
+  Otsu threshold and connected components, or Laplacian-of-Gaussian blobs), from a label
+  image (:func:`boxes_from_labels`) or given by hand; each box becomes one object
+  through SAM.
+* **3D** (:func:`link_planes`, :mod:`~napari_sam.auto.link`): instances of consecutive
+  planes are matched by overlap (Hungarian assignment on IoU) and given one id per 3D
+  object; :func:`segment_grid_volume` does both.
+
+:func:`recommended` (:mod:`~napari_sam.auto.recommend`) reads which mode and filters suit
+a model from its checkpoint.
+
+Long work is written as generators that yield :class:`Progress` and *return* their result
+(``StopIteration.value``); :func:`run` drives one to the end, and the ``segment_*``
+functions are the one-call versions (:mod:`~napari_sam.auto.results`).
+
+Coordinates: prompts are (x, y) = (column, row) pixels, boxes (x0, y0, x1, y1); label
+images and the internal mask regions are (row, col) arrays.
+
+The names below are imported on first use, so that importing this package loads
+neither torch nor scikit-image.
+
+>>> from napari_sam.auto import segment_grid, GridConfig   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+_LAZY = {
+    "AutomaticResult": "results",
+    "Progress": "results",
+    "run": "results",
+    "box_nms": "candidates",
+    "clean_mask": "candidates",
+    "masks_to_labels": "candidates",
+    "stability_score": "candidates",
+    "GridConfig": "grid",
+    "grid_points": "grid",
+    "iter_grid": "grid",
+    "iter_grid_volume": "grid",
+    "segment_grid": "grid",
+    "segment_grid_volume": "grid",
+    "boxes_from_labels": "boxes",
+    "detect_boxes": "boxes",
+    "iter_from_boxes": "boxes",
+    "segment_detections": "boxes",
+    "link_planes": "link",
+    "Recommended": "recommend",
+    "recommended": "recommend",
+}
+
+__all__ = [
+    "AutomaticResult",
+    "GridConfig",
+    "Progress",
+    "Recommended",
+    "box_nms",
+    "boxes_from_labels",
+    "clean_mask",
+    "detect_boxes",
+    "grid_points",
+    "iter_from_boxes",
+    "iter_grid",
+    "iter_grid_volume",
+    "link_planes",
+    "masks_to_labels",
+    "recommended",
+    "run",
+    "segment_detections",
+    "segment_grid",
+    "segment_grid_volume",
+    "stability_score",
+]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -1,0 +1,106 @@
+"""``napari-sam train`` and ``napari-sam evaluate``: fine-tuning and measuring quality."""
+
+from __future__ import annotations
+
+import time
+
+__all__ = ["evaluate", "train"]
+
+
+def train(args) -> int:
+    from pathlib import Path
+
+    from tqdm.auto import tqdm
+
+    from ..core.io import read_image
+    from ..core.models import resolve_model
+    from ..train import SegmentationDataset, Trainer, TrainingConfig
+
+    if args.labels:
+        image, labels = read_image(args.data), read_image(args.labels)
+        data = (SegmentationDataset.from_stack if labels.ndim == 3 else SegmentationDataset.from_arrays)(
+            *((image, labels) if labels.ndim == 3 else ([image], [labels]))
+        )
+    else:
+        data = SegmentationDataset.from_folder(args.data)
+    if args.validation:
+        train, val = data, SegmentationDataset.from_folder(args.validation)
+    else:
+        train, val = data.split(0.1, seed=args.seed) if len(data) > 1 else (data, None)
+    config = TrainingConfig(mode=args.mode, steps=args.steps, learning_rate=args.learning_rate, seed=args.seed)
+    out = Path(args.out)
+    if args.resume and out.exists():
+        trainer = Trainer.resume(out, train, val, device=args.device)
+    else:
+        if out.exists():
+            raise FileExistsError(f"{out} exists; pass --resume to continue it, or choose another --out")
+        trainer = Trainer(resolve_model(args.model, device=args.device, dtype="float32"), train, config,
+                          validation_data=val)
+    print(f"training on {len(train)} pair(s), validating on {len(val) if val is not None else 0}; {config.mode} mode")
+    end = time.monotonic() + 60 * args.minutes if args.minutes else None
+    with tqdm(total=trainer.config.steps, initial=trainer.step, unit="step", desc="training") as bar:
+        for record in trainer.run():
+            bar.update(1)
+            post = {"loss": f"{record.loss:.3f}"}
+            if record.validation_iou is not None:
+                post["val_iou"] = f"{record.validation_iou:.3f}"
+            bar.set_postfix(post)
+            if end is not None and time.monotonic() > end:
+                break
+    trainer.save(out)
+    print(f"saved {out} after {trainer.step} step(s)")
+    return 0
+
+
+def evaluate(args) -> int:
+    import json
+
+    import numpy as np
+
+    from .. import evaluate
+    from ..evaluate import WatershedBaseline
+
+    pairs = evaluate.load_pairs(args.images, args.labels)
+    results = []
+    methods = []
+    if args.model:
+        from ..core.models import resolve_model
+        from ..core.predictor import Predictor
+
+        model = resolve_model(args.model, device=args.device, dtype=args.dtype)
+        methods.append((Predictor(model), model.source.name))
+    if args.baseline or not methods:
+        methods.append((WatershedBaseline(), "watershed baseline"))
+    planes = [p for p in pairs if np.asarray(p.labels).ndim == 2]
+    volumes = [p for p in pairs if np.asarray(p.labels).ndim == 3]
+    if len(planes) + len(volumes) != len(pairs):
+        raise ValueError("labels must be 2D planes or 3D (Z, Y, X) volumes")
+    for method, name in methods:
+        sam = not isinstance(method, WatershedBaseline)
+        if planes:
+            results.append(evaluate.evaluate_prompted(planes, method, n_corrections=args.corrections,
+                                                      max_objects=args.max_objects, seed=args.seed, name=name))
+            if args.auto and sam:
+                segment = evaluate.grid_segmenter(method.model)
+                results.append(evaluate.evaluate_automatic(planes, segment, name=f"{name} (auto)"))
+        if volumes:
+            # Volumes: each object is propagated from its ground-truth mask on its middle plane.
+            propagate = evaluate.sam_propagator(method.model) if sam else evaluate.watershed_propagator()
+            merged = None
+            for pair in volumes:
+                r = evaluate.evaluate_propagation(propagate, pair.image, pair.labels, max_objects=args.max_objects,
+                                                  seed=args.seed, name=f"{name} (propagation)")
+                for o in r["per_object"]:
+                    o["volume"] = pair.name
+                merged = r if merged is None else merged | {"per_object": merged["per_object"] + r["per_object"]}
+            merged["objects"] = len(merged["per_object"])
+            merged["mean_iou"] = (
+                float(np.mean([o["iou"] for o in merged["per_object"]])) if merged["objects"] else float("nan")
+            )
+            results.append(merged)
+    print(evaluate.format_table(results))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=1)
+        print(f"wrote {args.json}")
+    return 0

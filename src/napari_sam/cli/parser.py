@@ -1,0 +1,161 @@
+"""The ``napari-sam`` command line's arguments: one sub-command per job."""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["build_parser"]
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="registry name (see `napari-sam models`) or checkpoint file (default: "
+                   "$NAPARI_SAM_MODEL, else the small model shipped with the package)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        help="encoder precision: float32 (exact), bfloat16, float16 (GPU) or auto (default: "
+        "bfloat16 where the hardware computes it natively, else float32)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="napari-sam", description="Segment Anything for microscopy.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("models", help="list the models that can be loaded by name")
+
+    dl = sub.add_parser("download", help="download a model into the cache (checksum verified)")
+    dl.add_argument("name")
+
+    seg = sub.add_parser(
+        "segment",
+        help="segment objects from point or box prompts (--mode prompts), or everything (--mode auto|boxes)",
+        description="--mode prompts (default): each --box is one object (points, if given with a single box, "
+        "refine it); without boxes all points describe one object. --prompts reads many objects from JSON. "
+        "Objects get ids 1, 2, ... in order and never overwrite each other. --mode auto: a grid of point "
+        "prompts on every plane, filtered by predicted IoU and stability, duplicates removed; planes of a "
+        "volume are linked into 3D objects. --mode boxes: boxes from a classical detector (Otsu or LoG), "
+        "each turned into one object.",
+    )
+    seg.add_argument("--mode", choices=["prompts", "auto", "boxes"], default="prompts")
+    seg.add_argument("--points-per-side", type=int, default=32, help="auto mode: grid density per tile")
+    seg.add_argument("--detector", choices=["otsu", "log"], default=None,
+                     help="boxes mode: the detector (default: the one measured to suit the model; otsu for SAM's own)")
+    seg.add_argument("--min-area", type=int, default=25, help="auto and boxes modes: smaller objects are dropped")
+    seg.add_argument("--axes", help="auto and boxes modes: axis letters from TZCYX (default: guessed)")
+    seg.add_argument("image", help="TIFF, Zarr, .npy, PNG or JPEG")
+    _add_model_args(seg)
+    seg.add_argument("--point", nargs=2, type=float, action="append", metavar=("X", "Y"), default=[],
+                     help="foreground point (x = column, y = row); repeatable")
+    seg.add_argument("--bg-point", nargs=2, type=float, action="append", metavar=("X", "Y"), default=[],
+                     help="background point; repeatable")
+    seg.add_argument("--box", nargs=4, type=float, action="append", metavar=("X0", "Y0", "X1", "Y1"), default=[],
+                     help="box around one object; repeatable")
+    seg.add_argument("--prompts", help="JSON file: a list of {points, labels, box} objects")
+    seg.add_argument("--plane", type=int, nargs="*", default=[], metavar="I",
+                     help="index of the 2D plane in a 3D/4D image (leading axes)")
+    seg.add_argument("--channel", type=int, help="channel to use in a multichannel image (channels last)")
+    seg.add_argument("--out", required=True, help="label image to write: .tif, .zarr or .npy")
+    seg.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    emb = sub.add_parser(
+        "embed",
+        help="compute the SAM embeddings of every plane (tile by tile) into a Zarr cache",
+        description="Resumable: run it again after an interruption and only missing or damaged tiles are "
+        "computed. A cache computed differently (another model, tiling, image...) is kept beside the new "
+        "entries unless --on-mismatch says otherwise.",
+    )
+    emb.add_argument("image", help="Zarr (v2, v3, OME-Zarr), TIFF, .npy, PNG or JPEG")
+    _add_model_args(emb)
+    emb.add_argument("--out", help="cache folder (.zarr); default: beside a Zarr image, else the user cache")
+    emb.add_argument("--axes",
+                     help="axis letters from TZCYX, e.g. ZYX (default: OME-Zarr metadata or a guess from the shape)")
+    emb.add_argument("--channel", type=int, help="channel to embed when the image has a C axis")
+    emb.add_argument("--tile", type=int, default=None,
+                     help="tile interior side in pixels (default: 3/4 of the model input, 768 for SAM)")
+    emb.add_argument("--halo", type=int, default=None,
+                     help="context around each tile in pixels (default: 1/8 of the model input, 128 for SAM)")
+    emb.add_argument("--planes", type=int, nargs="*", metavar="I", help="flat plane numbers to embed (default: all)")
+    emb.add_argument("--storage", choices=["float32", "float16"], default="float32", help="stored precision")
+    emb.add_argument("--statistics", choices=["volume", "plane"], default="volume",
+                     help="where intensity percentiles come from")
+    emb.add_argument("--on-mismatch", choices=["keep", "error", "replace"], default="keep",
+                     help="what to do with entries computed differently")
+    emb.add_argument("--scheduler",
+                     help="local:N for N worker processes, or a dask scheduler address (default: here, serially)")
+
+    prop = sub.add_parser(
+        "propagate",
+        help="follow annotated objects through the planes of a volume (Z, or T)",
+        description="SEEDS is a label image of the volume's shape in which each object is drawn on at least one "
+        "plane; every object is propagated from the plane where it is largest, both ways, and written under its "
+        "id. Other objects are never overwritten. The result goes to --out (SEEDS is left as it is).",
+    )
+    prop.add_argument("image", help="the volume: Zarr, TIFF or .npy")
+    prop.add_argument("seeds", help="label image with the objects to propagate")
+    _add_model_args(prop)
+    prop.add_argument("--out", required=True, help="label image to write: .tif, .zarr or .npy")
+    prop.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    prop.add_argument("--axes", help="axis letters from TZCYX (default: guessed)")
+    prop.add_argument("--channel", type=int, help="channel to use when the image has a C axis")
+    prop.add_argument("--axis", choices=["Z", "T"], help="plane axis to follow (default: the innermost)")
+    prop.add_argument("--ids", type=int, nargs="*", help="object ids to propagate (default: all)")
+    prop.add_argument("--cache", help="embedding cache folder (default: beside a Zarr image, else the user cache)")
+
+    ev = sub.add_parser(
+        "evaluate",
+        help="measure segmentation quality against ground truth (point, box, corrections; auto; propagation)",
+        description="IMAGES is a folder with images/ and labels/ TIFFs of the same names, a Zarr group with "
+        "'images' and 'labels' arrays, or a folder of images with LABELS a folder of label images. Every "
+        "ground-truth object is prompted with one point (the interior point farthest from the boundary), with "
+        "its box, and with up to --corrections extra points on the largest error, as SAM and micro-sam "
+        "evaluate. 3D label volumes (Z, Y, X) measure propagation instead: each object starts from its "
+        "ground-truth mask on its middle plane and the mean 3D IoU is reported (the baseline propagates with the "
+        "seeded watershed). Prints a table; --json writes the numbers.",
+    )
+    ev.add_argument("images")
+    ev.add_argument("labels", nargs="?")
+    ev.add_argument("--model", help="model to evaluate (registry name or checkpoint); without it only the baseline")
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--dtype", default="float32")
+    ev.add_argument("--baseline", action="store_true", help="also the classical baseline (seeded watershed)")
+    ev.add_argument("--auto", action="store_true", help="also automatic segmentation (mSA, AP50, AP75)")
+    ev.add_argument("--corrections", type=int, default=8)
+    ev.add_argument("--max-objects", type=int, help="objects sampled per image (default: all)")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--json", help="write the results as JSON")
+
+    tr = sub.add_parser(
+        "train",
+        help="fine-tune a model on your own annotations (decoder only on cached embeddings, or the whole model)",
+        description="DATA is a folder with images/ and labels/ TIFFs of the same names (a 3D file counts as a "
+        "stack of planes), or an image file with --labels. SAM's recipe: simulated point and box prompts, "
+        "corrective points from the error region, 20:1 focal+dice loss plus the IoU-prediction loss, AdamW "
+        "with warm-up and decay. The checkpoint loads with --model everywhere.",
+    )
+    tr.add_argument("data", help="folder of images/ and labels/, or one image file")
+    tr.add_argument("--labels", help="label image for a single image file given as DATA")
+    _add_model_args(tr)
+    tr.add_argument("--out", required=True, help="checkpoint to write (.pth)")
+    tr.add_argument("--mode", choices=["decoder", "full"], default="decoder")
+    tr.add_argument("--steps", type=int, default=1000)
+    tr.add_argument("--minutes", type=float, help="stop after this many minutes (the checkpoint is saved)")
+    tr.add_argument("--learning-rate", type=float)
+    tr.add_argument("--validation", help="folder of validation pairs (default: a 10%% split of DATA)")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--resume", action="store_true", help="continue from --out if it exists")
+
+    ann = sub.add_parser(
+        "annotate",
+        help="open napari with an image (or a bundled sample) and the Segment Anything widget docked",
+    )
+    ann.add_argument("image", nargs="?", help="image to open (default: --sample)")
+    ann.add_argument("--sample", default="nuclei_3d", choices=["nuclei_2d", "nuclei_3d"],
+                     help="bundled sample to open when no image is given")
+    ann.add_argument("--model", help="model preselected in the widget (registry name or checkpoint file)")
+    ann.add_argument("--start", action="store_true", help="load the model and create the prompt layers right away")
+    ann.add_argument("--screenshot", help=argparse.SUPPRESS)
+
+    info = sub.add_parser("info", help="show what an embedding cache holds")
+    info.add_argument("cache")
+    return parser

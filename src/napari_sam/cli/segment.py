@@ -1,0 +1,144 @@
+"""``napari-sam segment`` (prompts, or every object) and ``napari-sam propagate``."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+__all__ = ["propagate", "segment"]
+
+
+def _object_prompts(args):
+    """The objects the command line describes: each --box is one object (points refine a
+    single box only); without boxes, all points are one object; --prompts adds its own."""
+    from ..core.prompts import Prompt, load_prompts
+
+    objects = load_prompts(args.prompts) if args.prompts else []
+    points = args.point + args.bg_point
+    labels = [1] * len(args.point) + [0] * len(args.bg_point)
+    if len(args.box) > 1 and points:
+        raise ValueError("points can refine a single --box only; use --prompts for several objects with points")
+    if args.box:
+        objects += [Prompt.make(points or None, labels or None, b) for b in args.box]
+    elif points:
+        objects.append(Prompt.make(points, labels))
+    if not objects:
+        raise ValueError("no prompts: give --point, --box or --prompts")
+    return objects
+
+
+def _plane(image, plane_index, channel):
+    import numpy as np
+
+    index = tuple(plane_index)
+    spatial = image.ndim - len(index) - (1 if channel is not None else 0)
+    if spatial != 2 and not (spatial == 3 and channel is None and image.shape[-1] in (3, 4)):
+        raise ValueError(
+            f"the image has shape {tuple(image.shape)}: choose a 2D plane with --plane "
+            f"(one index per leading axis){' and --channel' if channel is None else ''}"
+        )
+    return np.asarray(image[index] if index else image[...])
+
+
+def segment(args) -> int:
+    from pathlib import Path
+
+    import numpy as np
+
+    from ..core.embeddings import Embeddings
+    from ..core.io import label_dtype, read_image, write_labels
+    from ..core.labels import paint
+    from ..core.models import resolve_model
+
+    if Path(args.out).exists() and not args.overwrite:
+        raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
+    if args.mode != "prompts":
+        return _segment_all(args)
+    objects = _object_prompts(args)
+    plane = _plane(read_image(args.image), args.plane, args.channel)
+    t0 = time.perf_counter()
+    model = resolve_model(args.model, device=args.device, dtype=args.dtype)
+    # As the plugin answers a click: a plane larger than the model input is embedded in
+    # full-resolution tiles and objects are followed across them.
+    emb = Embeddings(plane, model, cache=False, axes="YX" if plane.ndim == 2 else "YXC", channel=args.channel,
+                     statistics="plane")
+    emb.compute_all(progress=False)
+    t_embed = time.perf_counter() - t0
+    labels = np.zeros(plane.shape[:2], label_dtype(len(objects)))
+    rows, cols = emb.grid.grid_shape
+    print(f"embedded {plane.shape[1]}x{plane.shape[0]} image ({rows}x{cols} tile(s)) with {model.source.name} "
+          f"({model.source.dtype}) in {t_embed:.1f} s")
+    for i, obj in enumerate(objects, start=1):
+        found = emb.segment(0, obj)
+        mask = found.to_full(labels.shape)
+        written = paint(labels, mask, i)
+        kept = "" if written == mask.sum() else f" ({int(mask.sum()) - written} px already taken by earlier objects)"
+        print(f"object {i}: {written} px{kept}, predicted IoU {found.iou:.3f}")
+    out = write_labels(args.out, labels, overwrite=args.overwrite)
+    print(f"wrote {len(objects)} object(s) to {out}")
+    return 0
+
+
+def _segment_all(args) -> int:
+    """--mode auto|boxes: every plane, each into its own label plane (linked in 3D for auto)."""
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from ..auto import detect_boxes, iter_from_boxes, iter_grid, link_planes, recommended, run
+    from ..core.embeddings import Embeddings
+    from ..core.image_source import ImageSource
+    from ..core.io import write_labels
+    from ..core.models import resolve_model
+
+    source = ImageSource.open(args.image, axes=args.axes, channel=args.channel)
+    model = resolve_model(args.model, device=args.device, dtype=args.dtype)
+    emb = Embeddings(source, model, cache=False)
+    advice = recommended(model)  # the grid's filters and the detector suited to the model
+    detector = args.detector or advice.detector
+    planes = []
+    for flat in tqdm(range(source.n_planes), desc=f"segmenting ({args.mode})", unit="plane"):
+        if args.mode == "auto":
+            config = dataclasses.replace(advice.grid, points_per_side=args.points_per_side, min_area=args.min_area)
+            result = run(iter_grid(emb, flat, config))
+        else:
+            boxes = detect_boxes(source.read(flat), method=detector, min_area=args.min_area)
+            result = run(iter_from_boxes(emb, flat, boxes, min_area=args.min_area))
+        planes.append(result.labels)
+    if len(planes) > 1 and args.mode == "auto":
+        labels = link_planes(planes)
+    elif len(planes) > 1:
+        # boxes mode: ids made unique over the volume (linking is the auto mode's job)
+        offset, out = 0, []
+        for p in planes:
+            out.append(np.where(p > 0, p.astype(np.uint32) + offset, 0))
+            offset += int(p.max())
+        labels = np.stack(out)
+    else:
+        labels = planes[0]
+    labels = labels.reshape(source.plane_grid + source.plane_shape)
+    out = write_labels(args.out, labels, overwrite=args.overwrite)
+    print(f"wrote {len(np.unique(labels)) - 1} object(s) to {out}")
+    return 0
+
+
+def propagate(args) -> int:
+    from pathlib import Path
+
+    import numpy as np
+
+    from ..api import Annotator
+    from ..core.image_source import ImageSource
+    from ..core.io import read_image, write_labels
+
+    if Path(args.out).exists() and not args.overwrite:
+        raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
+    source = ImageSource.open(args.image, axes=args.axes, channel=args.channel)
+    seeds = np.asarray(read_image(args.seeds))
+    labels = seeds.astype(np.uint32, copy=True)
+    ann = Annotator(source, args.model, labels, cache=args.cache, device=args.device, dtype=args.dtype)
+    result = ann.propagate_all(axis=args.axis, ids=args.ids)
+    for label_id, planes in result.items():
+        print(f"object {label_id}: written on {len(planes)} more plane(s)")
+    out = write_labels(args.out, ann.labels, overwrite=args.overwrite)
+    print(f"wrote {len(result)} propagated object(s) to {out}")
+    return 0

@@ -1,0 +1,153 @@
+"""Embedding tiles on a ``dask.distributed`` cluster (or local worker processes).
+
+Each task embeds one tile and writes it straight into the on-disk cache, so nothing but
+small job descriptions and tile indices travel back. Workers load the model from its
+checkpoint file once and keep it; Zarr-backed images are read by the workers themselves,
+other arrays are read here and sent a few tiles at a time, so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .embedding_store import EmbeddingStore
+from .image_source import ImageSource
+from .models import load_model
+from .predictor import Predictor
+from .preprocess import Normalization
+
+__all__ = ["embed_region", "run_distributed"]
+
+
+def embed_region(predictor: Predictor, region: np.ndarray, limits) -> np.ndarray:
+    """(256, 64, 64) float32 features (for a 1024-pixel model) of one tile's pixels."""
+    emb = predictor.embed_image(region, limits=limits)
+    return emb.features[0].float().cpu().numpy()
+
+
+@dataclass(frozen=True)
+class _Job:
+    """Everything a worker process needs to embed one tile (small and picklable)."""
+
+    checkpoint: str
+    dtype: str
+    normalization: Normalization
+    threads: int
+    cache: str
+    key: str
+    entry: tuple[int, int, int]
+    outer: tuple[int, int, int, int]
+    limits: tuple[float, float] | None
+
+
+@functools.lru_cache(maxsize=2)
+def _worker_predictor(checkpoint: str, dtype: str, normalization: Normalization, threads: int) -> Predictor:
+    # Loaded once per worker process and kept: a worker runs many tiles.
+    if threads > 0:
+        torch.set_num_threads(threads)
+    return Predictor(load_model(checkpoint, device="cpu", dtype=dtype), normalization, traced=False)
+
+
+@functools.lru_cache(maxsize=4)
+def _worker_store(cache: str, key: str) -> EmbeddingStore:
+    return EmbeddingStore.attach(cache, key)
+
+
+def _embed_job(job: _Job, source: ImageSource | None, region: np.ndarray | None) -> tuple[int, int, int]:
+    """The task run on a worker: read the tile (unless given), embed it, write it."""
+    predictor = _worker_predictor(job.checkpoint, job.dtype, job.normalization, job.threads)
+    if region is None:
+        if source is None:
+            raise ValueError("an embedding job needs either the tile or the image source to read it from")
+        region = source.read(job.entry[0], job.outer)
+    _worker_store(job.cache, job.key).write(job.entry, embed_region(predictor, region, job.limits))
+    return job.entry
+
+
+def _connect(scheduler):
+    """A distributed Client for ``scheduler``, and whether we own (and must close) it."""
+    from distributed import Client, LocalCluster
+
+    if isinstance(scheduler, Client):
+        return scheduler, None
+    if isinstance(scheduler, str) and scheduler.startswith("local"):
+        _, _, n = scheduler.partition(":")
+        workers = int(n) if n else max(1, (os.cpu_count() or 2) // 2)
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+        return Client(cluster), cluster
+    if isinstance(scheduler, str):
+        return Client(scheduler), None
+    raise ValueError(
+        f"scheduler must be None, 'local:N', a scheduler address or a distributed.Client, not {scheduler!r}"
+    )
+
+
+def run_distributed(emb, todo: list, scheduler) -> Iterator[tuple[int, int, int]]:
+    """Embed the cache entries ``todo`` of an :class:`~napari_sam.core.embeddings.Embeddings`
+    on ``scheduler`` ("local:N", an address or a Client), yielding each entry when it is
+    stored; closing the generator cancels what is still queued."""
+    from distributed import as_completed
+
+    model_source = emb.model.source
+    if model_source is None:
+        raise ValueError(
+            "distributed embedding loads the model from its checkpoint file in each worker: load it with load_model()"
+        )
+    if emb.cache_path is None:
+        raise ValueError("distributed embedding writes into an on-disk cache: give cache=PATH")
+    if not todo:
+        return
+    client, cluster = _connect(scheduler)
+    owned = cluster is not None
+    futures = []
+    try:
+        n_workers = max(1, len(client.scheduler_info().get("workers", {})))
+        threads = max(1, (os.cpu_count() or 1) // n_workers) if owned else 0
+        # Zarr-backed sources travel as a reference to their store and each worker reads
+        # its own tiles; other arrays are read here and each tile's pixels travel, so at
+        # most a window of tiles is in flight at once.
+        lazy = _reads_itself(emb.source)
+        window = len(todo) if lazy else 2 * n_workers
+        pending = iter(todo)
+        source_ref = client.scatter(emb.source, broadcast=True) if lazy else None
+
+        def submit(entry):
+            tile = emb.grid[entry[1:]]
+            job = _Job(
+                model_source.path, model_source.dtype, emb.normalization, threads, str(emb.cache_path),
+                emb.store.key, entry, tile.outer, emb.limits_for(entry[0]),
+            )
+            region = None if lazy else emb.source.read(entry[0], tile.outer)
+            fut = client.submit(_embed_job, job, source_ref, region, pure=False)
+            futures.append(fut)
+            return fut
+
+        queue = as_completed([submit(e) for _, e in zip(range(window), pending)])
+        for fut in queue:
+            yield fut.result()
+            nxt = next(pending, None)
+            if nxt is not None:
+                queue.add(submit(nxt))
+    finally:
+        unfinished = [f for f in futures if not f.done()]
+        if unfinished:
+            client.cancel(unfinished)
+        if owned:
+            client.close()
+            cluster.close()
+
+
+def _reads_itself(source: ImageSource) -> bool:
+    """Whether the source's array pickles as a reference (zarr on disk), not its data."""
+    try:
+        import zarr
+
+        return isinstance(source.array, zarr.Array) and not isinstance(source.array.store, zarr.storage.MemoryStore)
+    except ImportError:  # pragma: no cover
+        return False

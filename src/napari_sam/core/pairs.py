@@ -1,0 +1,78 @@
+"""Images with their instance labels, as training and evaluation read them from disk.
+
+One layout is understood everywhere (``napari-sam train``, ``napari-sam evaluate``, the
+Python API): a folder holding ``images/`` and ``labels/`` with files of the same names,
+or two such folders given separately. Label images are integer instance ids, 0 being
+background, covering the same pixels as their image (2D planes, or 3D stacks whose
+planes pair up).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["check_pair", "pair_files", "read_pair"]
+
+
+def pair_files(
+    images: str | os.PathLike, labels: str | os.PathLike | None = None, pattern: str = "*.tif*"
+) -> list[tuple[Path, Path]]:
+    """The (image file, label file) pairs of a folder layout, sorted by name.
+
+    Parameters
+    ----------
+    images
+        A folder with ``images/`` and ``labels/`` subfolders, or (with ``labels``) the
+        folder of images itself.
+    labels
+        The folder of label images, named as their images; None for the subfolder layout.
+    pattern
+        Which image files to take (glob).
+
+    Raises
+    ------
+    ValueError
+        When a folder is missing, holds no matching image, or an image has no label file;
+        the message names the folder and the first missing files.
+    """
+    root = Path(images).expanduser()
+    if labels is None:
+        img_dir, lab_dir = root / "images", root / "labels"
+    else:
+        img_dir, lab_dir = root, Path(labels).expanduser()
+    for d in (img_dir, lab_dir):
+        if not d.is_dir():
+            hint = "expected images/ and labels/ with files of the same names" if labels is None else "not a folder"
+            raise ValueError(f"no folder {d}: {hint}")
+    files = sorted(p for p in img_dir.glob(pattern) if p.is_file())
+    if not files:
+        raise ValueError(f"no image files matching {pattern!r} in {img_dir}")
+    missing = [p.name for p in files if not (lab_dir / p.name).is_file()]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f", ... ({len(missing) - 5} more)" if len(missing) > 5 else "")
+        raise ValueError(
+            f"{len(missing)} image(s) in {img_dir} have no label file of the same name in {lab_dir}: {shown}"
+        )
+    return [(p, lab_dir / p.name) for p in files]
+
+
+def check_pair(image: np.ndarray, labels: np.ndarray, name: str) -> None:
+    """Raise ValueError (naming the pair) unless ``labels`` are integer ids covering the
+    pixels of ``image`` (whose trailing channel axis, if any, is ignored)."""
+    if labels.dtype.kind not in "iub":
+        raise ValueError(f"{name}: labels must be integer instance ids, got dtype {labels.dtype}")
+    if image.shape[: labels.ndim] != labels.shape:
+        raise ValueError(f"{name}: image {image.shape} and labels {labels.shape} do not cover the same pixels")
+
+
+def read_pair(image_file: str | os.PathLike, label_file: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Read and check one pair of files (any format :func:`~napari_sam.core.io.read_image`
+    reads); returns (image, labels) as numpy arrays."""
+    from .io import read_image
+
+    image, labels = np.asarray(read_image(image_file)), np.asarray(read_image(label_file))
+    check_pair(image, labels, Path(image_file).name)
+    return image, labels

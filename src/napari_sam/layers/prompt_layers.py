@@ -1,0 +1,187 @@
+"""The napari side of prompts: the layers a session adds, their coordinates, and the
+:class:`~napari_sam.core.prompts.Prompt` values they describe.
+
+Coordinates go from a prompt layer's data to the world (its scale, translate, ...) and
+from the world to the image layer's data, so prompt layers may have transforms of their
+own. napari orders coordinates (plane..., row, col); the core takes (x, y) = (col, row):
+converted here, nowhere else.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..core.image_source import ImageSource
+from ..core.prompts import Prompt
+
+__all__ = [
+    "BACKGROUND",
+    "BOXES",
+    "FOREGROUND",
+    "LABELS",
+    "POINTS",
+    "PREVIEW",
+    "add_session_layers",
+    "image_layer_of",
+    "plane_of",
+    "prompts_on",
+    "remove_prompts_on",
+    "source_from_layer",
+    "to_image",
+    "toggle_foreground",
+]
+
+POINTS = "SAM points"
+BOXES = "SAM boxes"
+PREVIEW = "SAM preview"
+LABELS = "SAM labels"
+FOREGROUND, BACKGROUND = "lime", "red"
+
+
+def source_from_layer(layer) -> ImageSource:
+    """The ImageSource of an image layer: its full-resolution data, with axes (T)(Z)YX(C)
+    from the layer's dimensionality (RGB layers keep their colours)."""
+    data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+    spatial = layer.ndim
+    if spatial < 2 or spatial > 4:
+        raise ValueError(f"layer {layer.name!r} has {spatial} dimensions: SAM segments 2D planes of 2D to 4D images")
+    axes = "TZ"[2 - (spatial - 2) :] + "YX" + ("C" if layer.rgb else "")
+    return ImageSource(data, axes)
+
+
+def image_layer_of(viewer, image_layer=None):
+    """The image layer to segment: the one given (or named), else the selected or the
+    first image layer."""
+    from napari.layers import Image
+
+    if image_layer is None:
+        images = [layer for layer in viewer.layers if isinstance(layer, Image)]
+        selected = [layer for layer in viewer.layers.selection if isinstance(layer, Image)]
+        if not images:
+            raise ValueError("the viewer has no image layer to segment: open an image first")
+        image_layer = (selected or images)[0]
+    elif isinstance(image_layer, str):
+        image_layer = viewer.layers[image_layer]
+    if not isinstance(image_layer, Image):
+        raise ValueError(f"layer {image_layer.name!r} is not an image layer")
+    return image_layer
+
+
+def _find(viewer, name: str):
+    return viewer.layers[name] if name in viewer.layers else None
+
+
+def add_session_layers(viewer, image_layer, point_size: float) -> tuple:
+    """The points, boxes and preview layers of a session, added over ``image_layer`` with
+    its geometry, or found when an earlier session left them.
+
+    Returns
+    -------
+    tuple
+        (points, boxes, preview) layers.
+    """
+    geometry = {"scale": image_layer.scale, "translate": image_layer.translate, "units": image_layer.units}
+    points = _find(viewer, POINTS)
+    points = points if points is not None else viewer.add_points(
+        np.zeros((0, image_layer.ndim)),
+        name=POINTS,
+        ndim=image_layer.ndim,
+        features={"positive": np.zeros(0, bool)},
+        face_color="positive",
+        # categories are coloured in sorted order: False (background), then True
+        face_color_cycle=[BACKGROUND, FOREGROUND],
+        border_color="white",
+        size=point_size,
+        **geometry,
+    )
+    points.feature_defaults["positive"] = True
+    points.current_face_color = FOREGROUND
+    boxes = _find(viewer, BOXES)
+    boxes = boxes if boxes is not None else viewer.add_shapes(
+        name=BOXES, ndim=image_layer.ndim, edge_color="yellow", face_color="transparent", edge_width=2, **geometry
+    )
+    preview = _find(viewer, PREVIEW)
+    preview = preview if preview is not None else viewer.add_labels(
+        np.zeros((1,) * image_layer.ndim, np.uint8), name=PREVIEW, opacity=0.6, **geometry
+    )
+    return points, boxes, preview
+
+
+def to_image(image_layer, layer, coords: np.ndarray) -> np.ndarray:
+    """(N, ndim) data coordinates of ``layer`` -> data coordinates of the image layer."""
+    if len(coords) == 0:
+        return np.zeros((0, image_layer.ndim))
+    world = [layer.data_to_world(c) for c in np.asarray(coords, dtype=np.float64)]
+    return np.array([image_layer.world_to_data(w) for w in world], dtype=np.float64)
+
+
+def plane_of(image_layer, coords: np.ndarray) -> tuple[int, ...]:
+    """The plane (index over the image's plane axes) of image data coordinates."""
+    n = image_layer.ndim - 2
+    return tuple(int(np.round(c)) for c in coords[:n])
+
+
+def prompts_on(image_layer, points_layer, boxes_layer, plane: tuple[int, ...]) -> list[Prompt]:
+    """The objects that the prompt layers describe on one plane.
+
+    The rule of the prompt layers: several boxes are several objects (points then refine
+    none of them); one box and the points are one object; points alone are one object;
+    nothing is no object. A point's ``positive`` feature says foreground (True) or
+    background; boxes are the Shapes layer's rectangles.
+
+    Returns
+    -------
+    list of Prompt
+        In the core's frame: (x, y) plane pixels.
+
+    Raises
+    ------
+    ValueError
+        For points that describe no object (background points alone).
+    """
+    n = image_layer.ndim - 2
+    pts = to_image(image_layer, points_layer, points_layer.data)
+    positive = np.asarray(points_layer.features.get("positive", np.ones(len(pts), bool)), bool)
+    on_plane = np.array([plane_of(image_layer, p) == plane for p in pts], bool) if len(pts) else np.zeros(0, bool)
+    points = pts[on_plane][:, [n + 1, n]]  # napari's (row, col) -> SAM's (x, y)
+    labels = positive[on_plane].astype(np.int64)
+    boxes = []
+    for shape, kind in zip(boxes_layer.data, boxes_layer.shape_type):
+        if kind != "rectangle":
+            continue
+        corners = to_image(image_layer, boxes_layer, shape)
+        if plane_of(image_layer, corners.mean(0)) != plane:
+            continue
+        ys, xs = corners[:, n], corners[:, n + 1]
+        boxes.append(np.array([xs.min(), ys.min(), xs.max(), ys.max()]))
+    if len(boxes) > 1:
+        return [Prompt.make(box=b) for b in boxes]
+    if not boxes and not len(points):
+        return []
+    return [Prompt.make(points if len(points) else None, labels if len(points) else None, boxes[0] if boxes else None)]
+
+
+def remove_prompts_on(image_layer, points_layer, boxes_layer, plane: tuple[int, ...]) -> None:
+    """Delete the points and boxes placed on one plane."""
+    pts = to_image(image_layer, points_layer, points_layer.data)
+    keep = [i for i, p in enumerate(pts) if plane_of(image_layer, p) != plane]
+    if len(keep) != len(pts):
+        points_layer.selected_data = set(range(len(pts))) - set(keep)
+        points_layer.remove_selected()
+    drop = [
+        i for i, s in enumerate(boxes_layer.data)
+        if plane_of(image_layer, to_image(image_layer, boxes_layer, s).mean(0)) == plane
+    ]
+    if drop:
+        boxes_layer.selected_data = set(drop)
+        boxes_layer.remove_selected()
+
+
+def toggle_foreground(points_layer) -> bool:
+    """Switch the points layer's new points between foreground and background; returns
+    True for foreground."""
+    positive = not bool(points_layer.feature_defaults["positive"].iloc[0])
+    points_layer.feature_defaults["positive"] = positive
+    # the layer controls show the colour the next point gets
+    points_layer.current_face_color = FOREGROUND if positive else BACKGROUND
+    return positive

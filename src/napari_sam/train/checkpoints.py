@@ -1,0 +1,162 @@
+"""Checkpoints of a training run: the model in the official key format with the
+configuration and the training provenance as metadata
+(:func:`napari_sam.core.models.load_model` reads them), the optimizer state beside it,
+and resuming from both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+import numpy as np
+import torch
+
+from ..model import Sam, config_from_dict, config_to_dict, infer_config, sam_from_state_dict
+from ..model.checkpoint import PathLike, read_checkpoint, write_checkpoint
+from .config import TrainingConfig
+from .dataset import SegmentationDataset
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
+
+__all__ = ["CHECKPOINT_FORMAT", "describe_base", "optimizer_state_path", "resume", "save", "training_metadata"]
+
+CHECKPOINT_FORMAT = 1
+"""Version of the metadata layout written by :meth:`Trainer.save`."""
+
+_MAX_HISTORY = 2000  # loss records kept in checkpoint metadata (thinned beyond that)
+
+
+def optimizer_state_path(checkpoint: PathLike) -> Path:
+    """Where :meth:`Trainer.save` keeps the optimizer state of ``checkpoint``."""
+    path = Path(checkpoint)
+    return path.with_name(path.name + ".optimizer.pt")
+
+
+def describe_base(model: Sam) -> dict[str, Any]:
+    """Provenance of the model a run starts from: its configuration's name, where its
+    weights came from, and the run that trained it, if any."""
+    source = model.source
+    out: dict[str, Any] = {"config": model.config.name}
+    if source is not None:
+        out.update(name=source.name, checksum=source.checksum)
+    previous = model.metadata.get("training")
+    if previous:
+        out["fine_tuned"] = {k: previous.get(k) for k in ("mode", "steps", "date", "data")}
+    return out
+
+
+def training_metadata(trainer: Trainer) -> dict[str, Any]:
+    """The configuration and training provenance written into checkpoints (see
+    :meth:`Trainer.metadata`)."""
+    from .. import __version__
+
+    history = trainer.history
+    if len(history) > _MAX_HISTORY:
+        stride = math.ceil(len(history) / _MAX_HISTORY)
+        history = history[::stride] + ([history[-1]] if (len(history) - 1) % stride else [])
+    recent = [h["loss"] for h in trainer.history[-20:]]
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "config": config_to_dict(trainer.model.config),
+        "training": {
+            "mode": trainer.config.mode,
+            "steps": trainer.step,
+            "seed": trainer.config.seed,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "settings": trainer.config.to_dict(),
+            "data": trainer.train_data.describe(),
+            "validation_data": None if trainer.validation_data is None else trainer.validation_data.describe(),
+            "base_model": trainer.base_model,
+            "final_loss": float(np.mean(recent)) if recent else None,
+            "losses": [dict(h) for h in history],
+            "device": str(trainer.device),
+            "torch": str(torch.__version__),
+            "napari_sam": __version__,
+        },
+    }
+
+
+def save(trainer: Trainer, path: PathLike, optimizer: bool = True) -> Path:
+    """Write the trainer's model (and optimizer state) to ``path`` (see
+    :meth:`Trainer.save`)."""
+    path = Path(path)
+    # Floating tensors go out as float32 whatever precision the encoder ran in:
+    # the file is the official format, which loaders cast as they need.
+    state = {
+        k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().contiguous()
+        for k, v in trainer.model.state_dict().items()
+    }
+    write_checkpoint(path, state, trainer.metadata())
+    if optimizer:
+        target = optimizer_state_path(path)
+        tmp = target.with_name(target.name + f".partial-{os.getpid()}")
+        try:
+            torch.save(
+                {"optimizer": trainer.optimizer.state_dict(), "step": trainer.step, "param_names": trainer.param_names},
+                tmp,
+            )
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+    return path
+
+
+def resume(
+    cls: type[Trainer],
+    path: PathLike,
+    train_data: SegmentationDataset,
+    validation_data: SegmentationDataset | None = None,
+    config: TrainingConfig | None = None,
+    device: str | torch.device | None = None,
+) -> Trainer:
+    """A ``cls`` trainer continuing the run saved at ``path`` (see :meth:`Trainer.resume`)."""
+    from ..core.models import load_model
+
+    checkpoint = read_checkpoint(path)
+    meta = checkpoint.metadata
+    training = meta.get("training")
+    if not isinstance(training, Mapping) or "steps" not in training:
+        raise ValueError(f"{os.fspath(path)} was not written by a Trainer: it holds no training metadata to resume")
+    sam_config = config_from_dict(meta["config"]) if "config" in meta else infer_config(checkpoint.state_dict)
+    inferred = infer_config(checkpoint.state_dict)
+    if dataclasses.replace(inferred, name=sam_config.name) == sam_config:
+        model = load_model(path, device="cpu", dtype="float32")
+    else:
+        # A configuration load_model cannot infer from the shapes (e.g. another input size).
+        model = sam_from_state_dict(checkpoint.state_dict, sam_config)
+        model.metadata = dict(meta)
+    if config is None:
+        config = TrainingConfig.from_dict(training["settings"])
+    trainer = cls(model, train_data, config, validation_data, device)
+    trainer.step = int(training["steps"])
+    trainer.history = [dict(h) for h in training.get("losses", [])]
+    if "base_model" in training:
+        trainer.base_model = dict(training["base_model"])
+
+    state_file = optimizer_state_path(path)
+    if not state_file.is_file():
+        warnings.warn(
+            f"no optimizer state at {state_file}: training resumes with fresh AdamW moments",
+            UserWarning,
+            stacklevel=3,
+        )
+        return trainer
+    state = torch.load(state_file, map_location="cpu", weights_only=True)
+    if state.get("param_names") != trainer.param_names or int(state.get("step", -1)) != trainer.step:
+        warnings.warn(
+            f"the optimizer state at {state_file} belongs to other trainable parameters or another step: "
+            "training resumes with fresh AdamW moments",
+            UserWarning,
+            stacklevel=3,
+        )
+        return trainer
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    return trainer

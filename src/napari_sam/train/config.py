@@ -1,0 +1,214 @@
+"""The settings of a training run and its learning-rate schedule.
+
+Every setting is recorded in the checkpoint (:meth:`TrainingConfig.to_dict`) so that a
+run can be resumed or repeated from its file alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from ..core.preprocess import Normalization
+
+__all__ = ["MODES", "SCHEDULES", "TrainingConfig"]
+
+MODES = ("decoder", "full")
+SCHEDULES = ("cosine", "step", "constant")
+
+
+@dataclass
+class TrainingConfig:
+    """Settings of a training run (all recorded in the checkpoint).
+
+    Parameters
+    ----------
+    mode
+        ``"decoder"`` (prompt encoder and mask decoder; image embeddings computed once)
+        or ``"full"`` (the whole model).
+    steps
+        Optimizer steps of the whole run; the learning-rate schedule spans them.
+    learning_rate
+        Peak learning rate of AdamW; None: 1e-4 for ``"decoder"``, 1e-5 for ``"full"``.
+    weight_decay
+        AdamW weight decay (0.1 as in SAM), applied to weight matrices and kernels only.
+    warmup_steps
+        Linear warm-up from ``learning_rate / warmup_steps`` to ``learning_rate``.
+    schedule
+        After warm-up: ``"cosine"`` decay to ``min_lr_fraction * learning_rate``,
+        ``"step"`` (multiply by ``decay_factor`` at each of ``decay_steps``, as SAM) or
+        ``"constant"``.
+    decay_steps, decay_factor, min_lr_fraction
+        See ``schedule``.
+    objects_per_image
+        Objects drawn from each image per step (SAM: up to 64 masks per GPU).
+    images_per_step
+        Images whose gradients are summed into one step.
+    corrective_iterations
+        Iterations after the first prompt, each with one more corrective point and the
+        previous logits as mask prompt (SAM: 8 plus 2 mask-only ones).
+    mask_prompt_probability
+        Chance that a corrective iteration gets the previous logits as mask prompt (SAM:
+        always); otherwise it sees the points alone, as the viewer's tiled previews ask.
+    box_probability
+        Chance that the first prompt is a box rather than a point (SAM: 0.5).
+    box_noise, max_box_noise
+        Box jitter: standard deviation as a fraction of the side, clipped to pixels.
+    point_placement
+        Corrective points: ``"center"`` of the larger error region or ``"random"`` in it.
+    min_object_pixels
+        Smaller objects are never drawn.
+    focal_weight, dice_weight, iou_weight
+        Loss weights (20, 1 and 1 as in SAM).
+    focal_alpha
+        Weight of object pixels in the focal loss (0.25; negative: unweighted).
+    freeze_encoder_blocks
+        In ``"full"`` mode, the first K encoder blocks (and the patch embedding) stay frozen.
+    bfloat16
+        Run forward passes under bfloat16 autocast (GPUs with native bfloat16).
+    grad_clip
+        Clip the gradient norm to this value; None: no clipping.
+    validate_every
+        Validate every this many steps (and after the last step) when validation data
+        are given; 0 never.
+    validation_objects
+        Objects per validation image.
+    seed
+        Seeds every random draw; step ``n`` draws from ``(seed, n)``, so a resumed run
+        repeats the draws of an uninterrupted one.
+    normalization
+        How intensities become SAM's 0-255 range (as at inference).
+    """
+
+    mode: str = "decoder"
+    steps: int = 1000
+    learning_rate: float | None = None
+    weight_decay: float = 0.1
+    warmup_steps: int = 50
+    schedule: str = "cosine"
+    decay_steps: tuple[int, ...] = ()
+    decay_factor: float = 0.1
+    min_lr_fraction: float = 0.0
+    objects_per_image: int = 8
+    images_per_step: int = 1
+    corrective_iterations: int = 3
+    mask_prompt_probability: float = 1.0
+    box_probability: float = 0.5
+    box_noise: float = 0.1
+    max_box_noise: float = 20.0
+    point_placement: str = "center"
+    min_object_pixels: int = 16
+    focal_weight: float = 20.0
+    focal_alpha: float = 0.25
+    dice_weight: float = 1.0
+    iou_weight: float = 1.0
+    freeze_encoder_blocks: int = 0
+    bfloat16: bool = False
+    grad_clip: float | None = None
+    validate_every: int = 100
+    validation_objects: int = 16
+    seed: int = 0
+    normalization: Normalization = field(default_factory=Normalization)
+
+    def __post_init__(self):
+        self.decay_steps = tuple(int(s) for s in self.decay_steps)
+        if isinstance(self.normalization, Mapping):
+            norm = dict(self.normalization)
+            if norm.get("limits") is not None:
+                norm["limits"] = tuple(norm["limits"])
+            self.normalization = Normalization(**norm)
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {self.mode!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, not {self.schedule!r}")
+        if self.point_placement not in ("center", "random"):
+            raise ValueError(f"point_placement must be 'center' or 'random', not {self.point_placement!r}")
+        positive = {
+            "steps": self.steps,
+            "objects_per_image": self.objects_per_image,
+            "images_per_step": self.images_per_step,
+        }
+        for name, value in positive.items():
+            if int(value) != value or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value}")
+        non_negative = {
+            "warmup_steps": self.warmup_steps,
+            "corrective_iterations": self.corrective_iterations,
+            "freeze_encoder_blocks": self.freeze_encoder_blocks,
+            "validate_every": self.validate_every,
+            "min_object_pixels": self.min_object_pixels,
+            "validation_objects": self.validation_objects,
+        }
+        for name, value in non_negative.items():
+            if int(value) != value or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value}")
+        if self.learning_rate is not None and not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        for name in ("weight_decay", "box_noise", "max_box_noise", "focal_weight", "dice_weight", "iou_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.mask_prompt_probability <= 1:
+            raise ValueError(f"mask_prompt_probability must lie in [0, 1], got {self.mask_prompt_probability}")
+        if not 0 <= self.box_probability <= 1:
+            raise ValueError(f"box_probability must lie in [0, 1], got {self.box_probability}")
+        if not 0 <= self.min_lr_fraction <= 1 or not 0 < self.decay_factor <= 1:
+            raise ValueError("min_lr_fraction must lie in [0, 1] and decay_factor in (0, 1]")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be positive or None, got {self.grad_clip}")
+        if self.freeze_encoder_blocks and self.mode != "full":
+            raise ValueError(
+                "freeze_encoder_blocks applies to mode 'full' only (the decoder mode freezes the whole encoder)"
+            )
+
+    @property
+    def peak_learning_rate(self) -> float:
+        """``learning_rate``, or the default of the mode."""
+        if self.learning_rate is not None:
+            return float(self.learning_rate)
+        return 1e-4 if self.mode == "decoder" else 1e-5
+
+    def learning_rate_at(self, step: int) -> float:
+        """Learning rate for the step that follows ``step`` completed steps.
+
+        Parameters
+        ----------
+        step
+            Steps done so far (0 for the first step).
+        """
+        peak = self.peak_learning_rate
+        if step < self.warmup_steps:
+            return peak * (step + 1) / self.warmup_steps
+        if self.schedule == "constant":
+            return peak
+        if self.schedule == "step":
+            return peak * self.decay_factor ** sum(step >= s for s in self.decay_steps)
+        span = max(1, self.steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        floor = self.min_lr_fraction
+        return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types (for checkpoint metadata)."""
+        out = dataclasses.asdict(self)
+        out["decay_steps"] = list(self.decay_steps)
+        norm = out["normalization"]
+        if norm.get("limits") is not None:
+            norm["limits"] = list(norm["limits"])
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TrainingConfig":
+        """Inverse of :meth:`to_dict`; unknown keys are refused.
+
+        Raises
+        ------
+        ValueError
+            For keys that are not settings, or invalid values.
+        """
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown training settings: {unknown}")
+        return cls(**dict(data))
