@@ -34,7 +34,8 @@ LAYERS = {
     "_qt": {"layers", "api", "core", "model", "weights", "train", "auto"},
     "cli": {"api", "core", "model", "weights", "train", "auto", "evaluate"},
     "_sample_data": set(),
-    "__init__": set(),  # names resolve lazily; checked by the subprocess tests below
+    "__init__": {"_lazy"},  # names resolve lazily; checked by the subprocess tests below
+    "_lazy": set(),  # the lazy-name mechanism of the package and its subpackages
 }
 """Each layer and the layers it may import (besides itself)."""
 
@@ -119,7 +120,7 @@ def _layer_of_module(module: str) -> str:
 def _forbidden(path: Path, source: str | None = None) -> list[str]:
     """The napari_sam modules ``path`` imports although its layer may not."""
     layer = _layer(path)
-    allowed = LAYERS[layer] | {layer, "__init__"}  # the root package: its version string
+    allowed = LAYERS[layer] | {layer, "__init__", "_lazy"}  # the root's version string; lazy names
     return sorted(m for m in _package_imports(path, source) if _layer_of_module(m) not in allowed)
 
 

@@ -10,6 +10,8 @@ nor Qt (napari imports every plugin's package when it reads manifests).
 >>> from napari_sam import load_model, Predictor     # doctest: +SKIP
 """
 
+from ._lazy import lazy_names
+
 __version__ = "0.1.0"
 
 _LAZY = {
@@ -28,10 +30,4 @@ _LAZY = {
 
 __all__ = ["__version__", *_LAZY]
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'napari_sam' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_names(__name__, _LAZY)

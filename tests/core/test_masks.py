@@ -116,3 +116,12 @@ def test_plane_mask_crop_round_trip():
     np.testing.assert_array_equal(m.to_full((40, 40)), full)
     padded = PlaneMask((0, 40, 0, 40), full, 0.7, ((0, 0),))
     assert padded.cropped().region == m.region and padded.cropped().tiles == ((0, 0),)
+
+
+def test_iou_of_tensors_matches_numpy_and_keeps_the_device_type():
+    rng = np.random.default_rng(3)
+    a, b = rng.random((4, 9, 9)) > 0.5, rng.random((4, 9, 9)) > 0.6
+    a[1] = b[1] = False
+    got = iou(torch.from_numpy(a), torch.from_numpy(b), empty=1.0)
+    assert isinstance(got, torch.Tensor) and got.dtype == torch.float32
+    np.testing.assert_allclose(got.numpy(), iou(a, b, empty=1.0), rtol=1e-6)

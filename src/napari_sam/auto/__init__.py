@@ -33,6 +33,8 @@ neither torch nor scikit-image.
 
 from __future__ import annotations
 
+from .._lazy import lazy_names
+
 _LAZY = {
     "AutomaticResult": "results",
     "Progress": "results",
@@ -79,14 +81,4 @@ __all__ = [
     "stability_score",
 ]
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_names(__name__, _LAZY)

@@ -204,22 +204,15 @@ class ImageSource:
 
         Returns None when values pass through unchanged (uint8 data in ``"auto"`` mode).
         """
-        mode = normalization.mode
-        if mode == "auto":
-            mode = "none" if self.dtype == np.uint8 else "percentile"
-        if mode == "none":
-            return None
-        if mode == "fixed":
-            if normalization.limits is None:  # __post_init__ already refuses this; it narrows the type
-                raise ValueError("normalization mode 'fixed' needs limits=(lower, upper)")
-            return float(normalization.limits[0]), float(normalization.limits[1])
-        values = np.concatenate([np.ravel(np.asarray(self.array[r])) for r in self._stat_regions(plane)])
-        if values.dtype.kind == "f":
-            values = values[np.isfinite(values)]
-            if values.size == 0:
-                raise ValueError("the sampled image holds no finite values")
-        lo, hi = np.percentile(values, [normalization.low, normalization.high])
-        return float(lo), float(hi)
+        def sample() -> np.ndarray:
+            values = np.concatenate([np.ravel(np.asarray(self.array[r])) for r in self._stat_regions(plane)])
+            if values.dtype.kind == "f":
+                values = values[np.isfinite(values)]
+                if values.size == 0:
+                    raise ValueError("the sampled image holds no finite values")
+            return values
+
+        return normalization.resolve_limits(sample, self.dtype)
 
     def _stat_regions(self, plane) -> list[tuple]:
         # One plane is sampled as an array whose plane axes have length 1, so that the

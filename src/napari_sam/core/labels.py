@@ -145,7 +145,7 @@ class LabelWriter:
         plane
             Index of the plane in the leading axes of the label array.
         masks
-            :class:`~napari_sam.core.tiled_segmentation.PlaneMask` objects (anything with
+            :class:`~napari_sam.core.masks.PlaneMask` objects (anything with
             ``region`` (y0, y1, x0, x1) and a bool ``mask`` crop).
         overwrite
             Also take pixels that belong to other objects; by default only background

@@ -103,22 +103,29 @@ class PlaneMask:
 
 
 # -- overlap ---------------------------------------------------------------------------------
-def iou(a, b, empty: float = 0.0) -> float | np.ndarray:
+def iou(a, b, empty: float = 0.0):
     """Intersection over union of masks, over their last two axes.
 
     Parameters
     ----------
     a, b
-        (..., H, W) masks (anything that is true counts), broadcast against each other.
+        (..., H, W) masks (anything that is true counts), broadcast against each other:
+        numpy arrays, or torch tensors (training measures on the device, where its
+        masks are).
     empty
         The value where both masks are empty: 0 where "nothing matched" is the honest
         answer (propagation), 1 where two empty answers agree (evaluation, training).
 
     Returns
     -------
-    float or numpy.ndarray
-        A float for two 2D masks, else an array of the leading shape.
+    float, numpy.ndarray or torch.Tensor
+        For numpy masks a float for two 2D masks, else an array of the leading shape;
+        for tensors a float32 tensor of the leading shape.
     """
+    if type(a).__module__.startswith("torch"):
+        inter_t = (a.bool() & b.bool()).sum(dim=(-2, -1)).float()
+        union_t = (a.bool() | b.bool()).sum(dim=(-2, -1)).float()
+        return inter_t.new_tensor(empty).where(union_t == 0, inter_t / union_t.clamp(min=1))
     a, b = np.asarray(a, bool), np.asarray(b, bool)
     inter = np.logical_and(a, b).sum(axis=(-2, -1))
     union = np.logical_or(a, b).sum(axis=(-2, -1))

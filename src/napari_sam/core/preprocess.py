@@ -18,6 +18,7 @@ Three steps bring one to the other:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,18 +59,30 @@ class Normalization:
         if self.mode == "fixed" and self.limits is None:
             raise ValueError("normalization mode 'fixed' needs limits=(lower, upper)")
 
-    def resolve_limits(self, data: np.ndarray) -> tuple[float, float] | None:
-        """Intensity limits for ``data``, or None when values pass through unchanged."""
+    def resolve_limits(
+        self, data: np.ndarray | Callable[[], np.ndarray], dtype: np.dtype | None = None
+    ) -> tuple[float, float] | None:
+        """Intensity limits, or None when values pass through unchanged.
+
+        Parameters
+        ----------
+        data
+            The values (any shape), or a callable returning them: a sample is then read
+            only when percentiles are needed.
+        dtype
+            The image's dtype (default: that of ``data``; needed with a callable).
+        """
         mode = self.mode
         if mode == "auto":
-            mode = "none" if data.dtype == np.uint8 else "percentile"
+            kind = np.dtype(dtype) if dtype is not None else np.asarray(data).dtype
+            mode = "none" if kind == np.uint8 else "percentile"
         if mode == "none":
             return None
         if mode == "fixed":
             if self.limits is None:  # __post_init__ already refuses this; it narrows the type
                 raise ValueError("normalization mode 'fixed' needs limits=(lower, upper)")
             return float(self.limits[0]), float(self.limits[1])
-        lo, hi = np.percentile(data, [self.low, self.high])
+        lo, hi = np.percentile(data() if callable(data) else data, [self.low, self.high])
         return float(lo), float(hi)
 
     def apply(self, data: np.ndarray, limits: tuple[float, float] | None = None) -> np.ndarray:

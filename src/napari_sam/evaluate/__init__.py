@@ -25,6 +25,8 @@ neither torch nor scikit-image.
 
 from __future__ import annotations
 
+from .._lazy import lazy_names
+
 _LAZY = {
     "EvalPair": "data",
     "load_pairs": "data",
@@ -49,14 +51,4 @@ _LAZY = {
 
 __all__ = sorted(_LAZY)
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_names(__name__, _LAZY)

@@ -41,6 +41,8 @@ neither torch nor the data readers.
 
 from __future__ import annotations
 
+from .._lazy import lazy_names
+
 _LAZY = {
     "TrainingPair": "dataset",
     "SegmentationDataset": "dataset",
@@ -59,14 +61,4 @@ _LAZY = {
 
 __all__ = sorted(_LAZY)
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_names(__name__, _LAZY)

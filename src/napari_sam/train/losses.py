@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..core.masks import iou
+
 __all__ = [
     "FOCAL_ALPHA",
     "FOCAL_GAMMA",
@@ -185,10 +187,7 @@ def mask_iou(logits: torch.Tensor, targets: torch.Tensor, threshold: float = 0.0
         Shape ``(...)``, no gradient.
     """
     targets = _check(logits, targets).detach() > 0.5
-    pred = logits.detach() > threshold
-    inter = (pred & targets).sum(dim=(-2, -1)).float()
-    union = (pred | targets).sum(dim=(-2, -1)).float()
-    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+    return iou(logits.detach() > threshold, targets, empty=1.0)
 
 
 def iou_prediction_loss(iou_predictions: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
