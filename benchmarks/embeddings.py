@@ -66,7 +66,7 @@ def child(args) -> None:
     from napari_sam.core.embeddings import Embeddings
     from napari_sam.core.models import load_model
 
-    model = load_model(args.checkpoint)
+    model = load_model(args.checkpoint, dtype="float32")
     base = peak_rss_mib()
     emb = Embeddings(zarr.open_array(args.volume, mode="r"), model, args.cache, axes="ZYX", storage=args.storage)
     entries = emb.entries([0])[: args.max_tiles]
@@ -140,7 +140,7 @@ def main() -> None:
 
     # Throughput on the first volume: serial here, then a LocalCluster.
     side = args.sides[0]
-    model = load_model(checkpoint)
+    model = load_model(checkpoint, dtype="float32")
     z = zarr.open_array(str(volumes[side]), mode="r")
     planes = list(range(args.planes))
     rates = {}

@@ -499,7 +499,7 @@ def evaluate(checkpoint: str | Path = "default", corrections: int = 8, seed: int
     from napari_sam.core.predictor import Predictor
     from napari_sam.evaluate import WatershedBaseline
 
-    model = load_model(str(checkpoint), device="cpu")
+    model = load_model(str(checkpoint), device="cpu", dtype="float32")
     groups: dict[str, list] = {}
     for name, image, labels in held_out_planes():
         groups.setdefault(name, []).append(evaluation.EvalPair(image, labels, name))

@@ -122,8 +122,8 @@ def test_embed_refuses_bad_requests(tmp_path, tiny_checkpoint, nuclei_3d, capsys
     assert main(["embed", str(path), "--model", str(tiny_checkpoint), "--tile", "32", "--halo", "4",
                  "--out", str(tmp_path / "c.zarr")]) == 0
     capsys.readouterr()
-    assert main(["embed", str(path), "--model", str(tiny_checkpoint), "--tile", "50", "--out", str(tmp_path / "c.zarr"),
-                 "--on-mismatch", "error"]) == 2
+    assert main(["embed", str(path), "--model", str(tiny_checkpoint), "--tile", "50", "--halo", "4",
+                 "--out", str(tmp_path / "c.zarr"), "--on-mismatch", "error"]) == 2
     assert "tile: 32 (cache) vs 50 (request)" in capsys.readouterr().err
 
 

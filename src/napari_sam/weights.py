@@ -233,7 +233,8 @@ def get_entry(name: str) -> ModelEntry:
         return REGISTRY[name]
     except (KeyError, TypeError):
         raise UnknownModelError(
-            f"unknown model {name!r}; available models: {', '.join(REGISTRY)}"
+            f"unknown model {name!r}; available models: {', '.join(REGISTRY)}, and 'default' (shipped with "
+            f"the package, never downloaded)"
         ) from None
 
 

@@ -7,7 +7,13 @@ import numpy as np
 import pytest
 import zarr
 
-from napari_sam.core.embedding_store import CacheMismatchError, EmbeddingStore, describe_cache, signature_key
+from napari_sam.core.embedding_store import (
+    CacheMismatchError,
+    EmbeddingStore,
+    TileCheck,
+    describe_cache,
+    signature_key,
+)
 from napari_sam.core.signature import CacheSignature
 
 SIG = CacheSignature(
@@ -125,3 +131,18 @@ def test_layout_must_match(tmp_path):
     EmbeddingStore.open(tmp_path / "c.zarr", SIG, LAYOUT)
     with pytest.raises(ValueError, match="layout"):
         EmbeddingStore.open(tmp_path / "c.zarr", SIG, (3, 1, 1))
+
+
+def test_verify_reads_every_tile_and_reports_damage_without_repairing(tmp_path):
+    store = EmbeddingStore.open(tmp_path / "c.zarr", SIG, LAYOUT)
+    for entry in [(0, 0, 0), (1, 2, 1), (2, 1, 0)]:
+        store.write(entry, _features(sum(entry)))
+    assert store.verify() == TileCheck(3, [], []) and store.verify().clean
+    features = tmp_path / "c.zarr" / store.key / "features" / "c"
+    (features / "1" / "2" / "1" / "0" / "0" / "0").write_bytes(b"garbage" * 50)
+    (features / "2" / "1" / "0" / "0" / "0" / "0").unlink()
+    check = store.verify()
+    assert check == TileCheck(3, [(1, 2, 1)], [(2, 1, 0)]) and not check.clean
+    assert store.present().sum() == 3  # a check changes nothing; the next embed repairs
+    described = describe_cache(tmp_path / "c.zarr", verify=True)[0]["check"]
+    assert described == check and describe_cache(tmp_path / "c.zarr")[0]["check"] is None

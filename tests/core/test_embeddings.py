@@ -266,7 +266,7 @@ def test_resume_after_the_process_is_killed(tiny_checkpoint, volume_zarr, tmp_pa
         proc.wait()
     present = describe_cache(cache)[0]["present"]
     assert 5 <= present < 81  # killed mid-run: 9 planes x 3 x 3 tiles
-    model = load_model(tiny_checkpoint)
+    model = load_model(tiny_checkpoint, dtype="float32")  # as the killed run's --dtype
     resumed = Embeddings(zarr.open_array(str(path), mode="r"), model, cache, axes="ZYX", tile=100, halo=10)
     first = next(resumed.precompute())
     assert first.done >= present - 1  # at most the entry being written was lost

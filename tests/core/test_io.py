@@ -51,3 +51,35 @@ def test_paint_never_overwrites_unless_asked():
 
 def test_label_dtype():
     assert label_dtype(255) == np.uint8 and label_dtype(256) == np.uint16 and label_dtype(70000) == np.uint32
+
+
+def test_write_labels_replaces_only_what_it_wrote(tmp_path):
+    import zarr
+
+    from napari_sam.core.io import check_output
+
+    labels = np.ones((4, 4), np.uint8)
+    ours = write_labels(tmp_path / "ours.zarr", labels)
+    assert zarr.open_array(str(ours), mode="r").attrs["napari_sam"] == {"kind": "labels"}
+    write_labels(ours, labels * 3, overwrite=True)  # ours: replaced
+    assert (np.asarray(zarr.open_array(str(ours), mode="r")) == 3).all()
+    image = zarr.create_array(str(tmp_path / "image.zarr"), shape=(4, 4), dtype="uint8")
+    image[...] = 5
+    with pytest.raises(ValueError, match="not a label array written by napari-sam"):
+        write_labels(tmp_path / "image.zarr", labels, overwrite=True)
+    assert (np.asarray(image) == 5).all()
+    with pytest.raises(ValueError, match="is the image"):
+        check_output(tmp_path / "image.zarr", {"image": tmp_path / "image.zarr"}, overwrite=True)
+    with pytest.raises(ValueError, match="lies inside the image"):
+        check_output(tmp_path / "image.zarr" / "l.tif", {"image": tmp_path / "image.zarr"})
+    with pytest.raises(ValueError, match="contains the image"):
+        check_output(tmp_path / "x.zarr", {"image": tmp_path / "x.zarr" / "0"})
+
+
+def test_unreadable_files_are_named(tmp_path):
+    (tmp_path / "a.tif").write_bytes(b"not a tiff at all")
+    (tmp_path / "a.txt").write_text("text")
+    (tmp_path / "empty.zarr").mkdir()
+    for name, message in [("a.tif", "as a TIFF image"), ("a.txt", "use TIFF, Zarr"), ("empty.zarr", "as Zarr")]:
+        with pytest.raises(ValueError, match=f"cannot read {tmp_path / name}.*{message}"):
+            read_image(tmp_path / name)

@@ -227,7 +227,7 @@ def test_checkpoint_reloads_with_load_model_and_gives_identical_outputs(tiny_sam
     record = next(trainer.run())
     path = trainer.save(tmp_path / "tuned.pth")
 
-    loaded = load_model(path, device="cpu")
+    loaded = load_model(path, device="cpu", dtype="float32")  # exact: the weights as trained
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
     assert any(not torch.equal(v, tiny_sam.state_dict()[k]) for k, v in model.state_dict().items())

@@ -6,13 +6,55 @@
     napari-sam info CACHE.zarr
 
 Coordinates are pixels of the image as (x, y), that is (column, row).
+
+Errors: a mistake in what was asked (a path, a plane, a channel, prompts, a model, an
+output) ends with one line, ``napari-sam <command>: error: <what and which>``, and exit
+status 2. Anything else is a bug: its traceback is printed with the version and a request
+to report it, and the exit status is 1.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import sys
+import traceback
 
-__all__ = ["main"]
+__all__ = ["UsageError", "main", "is_user_error"]
+
+
+class UsageError(ValueError):
+    """A request the command line refuses; its message names the option or file at fault."""
+
+
+_OS_USER_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.ENOENT, errno.EEXIST,
+                   errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG}
+"""OSError numbers that describe the user's files or disk, not a fault of the program."""
+
+
+def is_user_error(err: BaseException) -> bool:
+    """Whether ``err`` reports a mistake in the request (one line) rather than a bug (traceback).
+
+    Bad values are ValueErrors throughout the package (unknown model names, unreadable
+    checkpoints and malformed JSON included); files are OSErrors with a number that
+    describes the file system; a failed download is a ``CheckpointDownloadError``.
+    """
+    from ..weights import CheckpointDownloadError
+
+    if isinstance(err, (ValueError, CheckpointDownloadError)):  # JSONDecodeError, CheckpointError, ...
+        return True
+    return isinstance(err, OSError) and err.errno in _OS_USER_ERRNOS or isinstance(
+        err, (FileNotFoundError, PermissionError, FileExistsError, IsADirectoryError, NotADirectoryError))
+
+
+def _one_line(err: BaseException) -> str:
+    if isinstance(err, json.JSONDecodeError):
+        text = f"malformed JSON at line {err.lineno} column {err.colno}: {err.msg}"
+    elif isinstance(err, OSError) and err.filename is not None and err.strerror:
+        text = f"{err.strerror}: {err.filename}"
+    else:
+        text = str(err) or type(err).__name__
+    return " ".join(text.split())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +76,17 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         return handlers[args.command](args)
-    except (ValueError, FileExistsError, KeyError, RuntimeError) as err:
-        print(f"napari-sam {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"napari-sam {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if is_user_error(err):
+            print(f"napari-sam {args.command}: error: {_one_line(err)}", file=sys.stderr)
+            return 2
+        from .. import __version__
+
+        traceback.print_exc()
+        print(f"napari-sam {args.command}: internal error in napari-sam {__version__} (python "
+              f"{sys.version.split()[0]}): this is a bug; please report it to the developers with the "
+              f"traceback above and the command you ran", file=sys.stderr)
+        return 1

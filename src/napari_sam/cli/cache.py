@@ -8,12 +8,26 @@ __all__ = ["embed", "info"]
 
 
 def embed(args) -> int:
+    from pathlib import Path
+
     from ..core.embeddings import Embeddings
     from ..core.image_source import ImageSource
+    from ..core.io import check_folder_writable, check_not_an_input
     from ..core.models import resolve_model
+    from ..core.tiling import default_tiling
+    from .inputs import check_planes, check_tiling
 
+    # Everything the request can get wrong is checked before the model loads.
+    check_tiling(args.tile, args.halo)
+    if args.out is not None:
+        check_not_an_input(args.out, {"image": args.image})
+        out = Path(args.out).expanduser()
+        check_folder_writable(out if out.is_dir() else out.parent)
     source = ImageSource.open(args.image, axes=args.axes, channel=args.channel)
+    check_planes(args.planes, source.n_planes)
     model = resolve_model(args.model, device=args.device, dtype=args.dtype)
+    auto_tile, auto_halo = default_tiling(model.config.image_size)
+    check_tiling(args.tile, args.halo, auto_tile, auto_halo)  # one of them left to the model's default
     emb = Embeddings(
         source,
         model,
@@ -33,18 +47,34 @@ def embed(args) -> int:
 
 
 def info(args) -> int:
+    """Print what a cache holds; with ``--verify`` read every tile: exit 1 if any is damaged
+    or missing, else 0."""
     from ..core.embedding_store import describe_cache
+    from ..core.signature import describe_fingerprint
 
-    entries = describe_cache(args.cache)
+    entries = describe_cache(args.cache, verify=args.verify)
     if not entries:
         print(f"{args.cache}: an embedding cache with no entries yet")
+    bad = 0
     for e in entries:
         s = e["signature"]
         print(f"[{e['key']}] {s['model']} ({s['dtype']}, {s['checkpoint'][:23]}...)")
         print(f"  image     {'x'.join(map(str, s['shape']))} {s['axes']} {s['dtype_in']}, channel {s['channel']}, "
-              f"{s['image_fingerprint'][:23]}...")
+              f"{s['image_fingerprint'].split(':')[-1][:16]}...")
+        print(f"  image fingerprint: {describe_fingerprint(s['image_fingerprint'])}")
         print(f"  tiles     {e['layout'][1]}x{e['layout'][2]} per plane, tile {s['tile']} + halo {s['halo']}")
         print(f"  intensity {s['normalization']}")
         print(f"  entries   {e['present']}/{e['total']} present, {e['bytes'] / 2**20:.1f} MiB on disk, "
               f"stored as {s['storage']}")
-    return 0
+        check = e["check"]
+        if check is None:
+            print("  tiles counted, not checked: --verify reads each one against its checksum")
+            continue
+        print(f"  verified  {check.checked} tile(s) read: {len(check.damaged)} damaged, {len(check.missing)} missing")
+        for what, found in (("damaged", check.damaged), ("missing", check.missing)):
+            for plane, row, col in found:
+                print(f"  {what:9} plane {plane}, tile row {row}, col {col}")
+        bad += len(check.damaged) + len(check.missing)
+    if bad:
+        print(f"{bad} tile(s) damaged or missing: the next `napari-sam embed` on this cache computes them again")
+    return 1 if bad else 0

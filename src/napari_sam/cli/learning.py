@@ -12,10 +12,16 @@ def train(args) -> int:
 
     from tqdm.auto import tqdm
 
-    from ..core.io import read_image
+    from ..core.io import check_folder_writable, check_not_an_input, read_image
     from ..core.models import resolve_model
     from ..train import SegmentationDataset, Trainer, TrainingConfig
 
+    # the checkpoint's place is checked before hours of training, not after
+    if Path(args.out).suffix.lower() not in (".pth", ".pt"):
+        raise ValueError(f"--out {args.out}: a checkpoint is written as .pth (or .pt)")
+    check_not_an_input(args.out, {"data": args.data, "labels": args.labels, "validation": args.validation},
+                       inside_ok=True)
+    check_folder_writable(Path(args.out).expanduser().parent)
     if args.labels:
         image, labels = read_image(args.data), read_image(args.labels)
         data = (SegmentationDataset.from_stack if labels.ndim == 3 else SegmentationDataset.from_arrays)(
@@ -54,11 +60,19 @@ def train(args) -> int:
 
 def evaluate(args) -> int:
     import json
+    from pathlib import Path
 
     import numpy as np
 
     from .. import evaluate
+    from ..core.io import check_folder_writable, check_not_an_input
     from ..evaluate import WatershedBaseline
+
+    if args.json:
+        if Path(args.json).suffix.lower() != ".json":
+            raise ValueError(f"--json {args.json}: the results are written as a .json file")
+        check_not_an_input(args.json, {"images": args.images, "labels": args.labels}, what="--json", inside_ok=True)
+        check_folder_writable(Path(args.json).expanduser().parent)
 
     pairs = evaluate.load_pairs(args.images, args.labels)
     results = []

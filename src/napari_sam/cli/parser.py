@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="boxes mode: the detector (default: the one measured to suit the model; otsu for SAM's own)")
     seg.add_argument("--min-area", type=int, default=25, help="auto and boxes modes: smaller objects are dropped")
     seg.add_argument("--axes", help="auto and boxes modes: axis letters from TZCYX (default: guessed)")
-    seg.add_argument("image", help="TIFF, Zarr, .npy, PNG or JPEG")
+    seg.add_argument("image", help="TIFF, Zarr, .npy, PNG or JPEG (a bool mask image is read as 0/255)")
     _add_model_args(seg)
     seg.add_argument("--point", nargs=2, type=float, action="append", metavar=("X", "Y"), default=[],
                      help="foreground point (x = column, y = row); repeatable")
@@ -56,8 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--plane", type=int, nargs="*", default=[], metavar="I",
                      help="index of the 2D plane in a 3D/4D image (leading axes)")
     seg.add_argument("--channel", type=int, help="channel to use in a multichannel image (channels last)")
-    seg.add_argument("--out", required=True, help="label image to write: .tif, .zarr or .npy")
-    seg.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    seg.add_argument("--out", required=True, help="label image to write: .tif, .zarr or .npy, in an existing folder; "
+                     "never an input")
+    seg.add_argument("--overwrite", action="store_true",
+                     help="replace --out if it exists: a .tif/.npy file, or a .zarr label array napari-sam wrote "
+                     "(never another folder or Zarr group)")
     emb = sub.add_parser(
         "embed",
         help="compute the SAM embeddings of every plane (tile by tile) into a Zarr cache",
@@ -65,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
         "computed. A cache computed differently (another model, tiling, image...) is kept beside the new "
         "entries unless --on-mismatch says otherwise.",
     )
-    emb.add_argument("image", help="Zarr (v2, v3, OME-Zarr), TIFF, .npy, PNG or JPEG")
+    emb.add_argument("image", help="Zarr (v2, v3, OME-Zarr), TIFF, .npy, PNG or JPEG (a bool mask image is read as "
+                     "0/255)")
     _add_model_args(emb)
     emb.add_argument("--out", help="cache folder (.zarr); default: beside a Zarr image, else the user cache")
     emb.add_argument("--axes",
@@ -74,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     emb.add_argument("--tile", type=int, default=None,
                      help="tile interior side in pixels (default: 3/4 of the model input, 768 for SAM)")
     emb.add_argument("--halo", type=int, default=None,
-                     help="context around each tile in pixels (default: 1/8 of the model input, 128 for SAM)")
+                     help="context around each tile in pixels, at most --tile (default: 1/8 of the model input, "
+                     "128 for SAM)")
     emb.add_argument("--planes", type=int, nargs="*", metavar="I", help="flat plane numbers to embed (default: all)")
     emb.add_argument("--storage", choices=["float32", "float16"], default="float32", help="stored precision")
     emb.add_argument("--statistics", choices=["volume", "plane"], default="volume",
@@ -94,8 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     prop.add_argument("image", help="the volume: Zarr, TIFF or .npy")
     prop.add_argument("seeds", help="label image with the objects to propagate")
     _add_model_args(prop)
-    prop.add_argument("--out", required=True, help="label image to write: .tif, .zarr or .npy")
-    prop.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    prop.add_argument("--out", required=True, help="label image to write: .tif, .zarr or .npy, in an existing folder; "
+                      "never the image or the seeds")
+    prop.add_argument("--overwrite", action="store_true",
+                      help="replace --out if it exists: a .tif/.npy file, or a .zarr label array napari-sam wrote")
     prop.add_argument("--axes", help="axis letters from TZCYX (default: guessed)")
     prop.add_argument("--channel", type=int, help="channel to use when the image has a C axis")
     prop.add_argument("--axis", choices=["Z", "T"], help="plane axis to follow (default: the innermost)")
@@ -156,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     ann.add_argument("--start", action="store_true", help="load the model and create the prompt layers right away")
     ann.add_argument("--screenshot", help=argparse.SUPPRESS)
 
-    info = sub.add_parser("info", help="show what an embedding cache holds")
+    info = sub.add_parser(
+        "info", help="show what an embedding cache holds",
+        description="Without --verify the tiles are counted from their recorded checksums, not read. With "
+        "--verify every tile is read against its checksum and damaged or missing ones are listed (plane, tile "
+        "row, col); the exit code is 1 when any is found, 0 when the cache is clean.",
+    )
     info.add_argument("cache")
+    info.add_argument("--verify", action="store_true", help="read every tile against its checksum (slow)")
     return parser

@@ -6,15 +6,23 @@ __all__ = ["download", "models"]
 
 
 def models(args) -> int:
+    from ..core.models import DEFAULT_CHECKPOINT, DEFAULT_MODEL
     from ..weights import list_models
 
+    if DEFAULT_CHECKPOINT.is_file():
+        print(f"{DEFAULT_MODEL:24s} the small model shipped with the package (no download; the default when "
+              f"--model is not given)")
     for entry in list_models():
         print(f"{entry.name:24s} {entry.description}")
     return 0
 
 
 def download(args) -> int:
+    from ..core.models import DEFAULT_CHECKPOINT, DEFAULT_MODEL
     from ..weights import fetch_checkpoint
 
+    if args.name == DEFAULT_MODEL:
+        print(DEFAULT_CHECKPOINT)  # shipped inside the package: nothing to fetch
+        return 0
     print(fetch_checkpoint(args.name))
     return 0

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
+
+from . import UsageError
 
 __all__ = ["propagate", "segment"]
 
@@ -27,35 +30,26 @@ def _object_prompts(args):
     return objects
 
 
-def _plane(image, plane_index, channel):
-    import numpy as np
-
-    index = tuple(plane_index)
-    spatial = image.ndim - len(index) - (1 if channel is not None else 0)
-    if spatial != 2 and not (spatial == 3 and channel is None and image.shape[-1] in (3, 4)):
-        raise ValueError(
-            f"the image has shape {tuple(image.shape)}: choose a 2D plane with --plane "
-            f"(one index per leading axis){' and --channel' if channel is None else ''}"
-        )
-    return np.asarray(image[index] if index else image[...])
+def _inputs(args) -> dict:
+    """The paths a command reads, by what they are: no output may be one of them."""
+    names = {"image": "image", "seeds": "seeds", "prompts": "--prompts file", "cache": "--cache"}
+    return {label: getattr(args, key) for key, label in names.items() if getattr(args, key, None) is not None}
 
 
 def segment(args) -> int:
-    from pathlib import Path
-
     import numpy as np
 
     from ..core.embeddings import Embeddings
-    from ..core.io import label_dtype, read_image, write_labels
+    from ..core.io import check_output, label_dtype, read_image, write_labels
     from ..core.labels import paint
     from ..core.models import resolve_model
+    from .inputs import select_plane
 
-    if Path(args.out).exists() and not args.overwrite:
-        raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
+    check_output(args.out, _inputs(args), overwrite=args.overwrite)  # before any work
     if args.mode != "prompts":
         return _segment_all(args)
     objects = _object_prompts(args)
-    plane = _plane(read_image(args.image), args.plane, args.channel)
+    plane = select_plane(read_image(args.image), args.plane, args.channel, args.image)
     t0 = time.perf_counter()
     model = resolve_model(args.model, device=args.device, dtype=args.dtype)
     # As the plugin answers a click: a plane larger than the model input is embedded in
@@ -68,14 +62,19 @@ def segment(args) -> int:
     rows, cols = emb.grid.grid_shape
     print(f"embedded {plane.shape[1]}x{plane.shape[0]} image ({rows}x{cols} tile(s)) with {model.source.name} "
           f"({model.source.dtype}) in {t_embed:.1f} s")
+    empty = []
     for i, obj in enumerate(objects, start=1):
         found = emb.segment(0, obj)
         mask = found.to_full(labels.shape)
         written = paint(labels, mask, i)
+        if not written:
+            empty.append(i)
         kept = "" if written == mask.sum() else f" ({int(mask.sum()) - written} px already taken by earlier objects)"
         print(f"object {i}: {written} px{kept}, predicted IoU {found.iou:.3f}")
-    out = write_labels(args.out, labels, overwrite=args.overwrite)
-    print(f"wrote {len(objects)} object(s) to {out}")
+    out = write_labels(args.out, labels, overwrite=args.overwrite, inputs=_inputs(args))
+    # Ids follow the prompts' order, so an empty prompt leaves its id unused.
+    note = f"; prompt(s) {', '.join(map(str, empty))} gave an empty mask (no id written)" if empty else ""
+    print(f"wrote {len(objects) - len(empty)} object(s) to {out}{note}")
     return 0
 
 
@@ -116,29 +115,31 @@ def _segment_all(args) -> int:
     else:
         labels = planes[0]
     labels = labels.reshape(source.plane_grid + source.plane_shape)
-    out = write_labels(args.out, labels, overwrite=args.overwrite)
+    out = write_labels(args.out, labels, overwrite=args.overwrite, inputs=_inputs(args))
     print(f"wrote {len(np.unique(labels)) - 1} object(s) to {out}")
     return 0
 
 
 def propagate(args) -> int:
-    from pathlib import Path
-
     import numpy as np
 
     from ..api import Annotator
     from ..core.image_source import ImageSource
-    from ..core.io import read_image, write_labels
+    from ..core.io import check_folder_writable, check_not_an_input, check_output, read_image, write_labels
 
-    if Path(args.out).exists() and not args.overwrite:
-        raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
+    check_output(args.out, _inputs(args), overwrite=args.overwrite)  # before any work
+    if args.cache is not None:
+        check_not_an_input(args.cache, {"image": args.image, "seeds": args.seeds}, what="--cache")
+        check_folder_writable(Path(args.cache).expanduser().parent)
     source = ImageSource.open(args.image, axes=args.axes, channel=args.channel)
     seeds = np.asarray(read_image(args.seeds))
+    if seeds.dtype.kind not in "biu":
+        raise UsageError(f"the seeds {args.seeds} are {seeds.dtype}: a label image has integer (or bool) values")
     labels = seeds.astype(np.uint32, copy=True)
     ann = Annotator(source, args.model, labels, cache=args.cache, device=args.device, dtype=args.dtype)
     result = ann.propagate_all(axis=args.axis, ids=args.ids)
     for label_id, planes in result.items():
         print(f"object {label_id}: written on {len(planes)} more plane(s)")
-    out = write_labels(args.out, ann.labels, overwrite=args.overwrite)
+    out = write_labels(args.out, ann.labels, overwrite=args.overwrite, inputs=_inputs(args))
     print(f"wrote {len(result)} propagated object(s) to {out}")
     return 0

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 import torch
@@ -88,10 +89,12 @@ def _connect(scheduler):
     )
 
 
-def run_distributed(emb, todo: list, scheduler) -> Iterator[tuple[int, int, int]]:
+def run_distributed(emb, todo: Iterable[tuple[int, int, int]], scheduler) -> Iterator[tuple[int, int, int]]:
     """Embed the cache entries ``todo`` of an :class:`~napari_sam.core.embeddings.Embeddings`
     on ``scheduler`` ("local:N", an address or a Client), yielding each entry when it is
-    stored; closing the generator cancels what is still queued."""
+    stored; closing the generator cancels what is still queued. ``todo`` is consumed a
+    window at a time (a few tiles per worker), so a lazy stream of claimed entries
+    (:func:`~napari_sam.core.claims.share_work`) claims only what is about to run."""
     from distributed import as_completed
 
     model_source = emb.model.source
@@ -101,8 +104,11 @@ def run_distributed(emb, todo: list, scheduler) -> Iterator[tuple[int, int, int]
         )
     if emb.cache_path is None:
         raise ValueError("distributed embedding writes into an on-disk cache: give cache=PATH")
-    if not todo:
+    pending = iter(todo)
+    head = next(pending, None)
+    if head is None:
         return
+    pending = chain([head], pending)
     client, cluster = _connect(scheduler)
     owned = cluster is not None
     futures = []
@@ -110,11 +116,10 @@ def run_distributed(emb, todo: list, scheduler) -> Iterator[tuple[int, int, int]
         n_workers = max(1, len(client.scheduler_info().get("workers", {})))
         threads = max(1, (os.cpu_count() or 1) // n_workers) if owned else 0
         # Zarr-backed sources travel as a reference to their store and each worker reads
-        # its own tiles; other arrays are read here and each tile's pixels travel, so at
-        # most a window of tiles is in flight at once.
+        # its own tiles; other arrays are read here and each tile's pixels travel. Either
+        # way at most a window of tiles is in flight, so that claims are not hoarded.
         lazy = _reads_itself(emb.source)
-        window = len(todo) if lazy else 2 * n_workers
-        pending = iter(todo)
+        window = (4 if lazy else 2) * n_workers
         source_ref = client.scatter(emb.source, broadcast=True) if lazy else None
 
         def submit(entry):

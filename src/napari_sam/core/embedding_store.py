@@ -27,6 +27,7 @@ import os
 import shutil
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -36,7 +37,9 @@ import zarr
 
 from .signature import CacheSignature
 
-__all__ = ["CacheMismatchError", "EmbeddingStore", "FEATURE_SHAPE", "describe_cache", "signature_key"]
+__all__ = [
+    "CacheMismatchError", "EmbeddingStore", "FEATURE_SHAPE", "TileCheck", "describe_cache", "signature_key",
+]
 
 FORMAT = 1
 FEATURE_SHAPE = (256, 64, 64)
@@ -113,6 +116,22 @@ def _group(root: zarr.Group, name: str) -> zarr.Group:
     if not isinstance(node, zarr.Group):
         raise ValueError(f"{name!r} in the embedding cache is an array, not a group")
     return node
+
+
+@dataclass(frozen=True)
+class TileCheck:
+    """Every recorded tile read against its checksum (:meth:`EmbeddingStore.verify`):
+    how many were ``checked``; (plane, tile row, tile col) of those ``damaged`` (features
+    undecodable or not matching) and ``missing`` (checksum recorded, features chunk gone)."""
+
+    checked: int
+    damaged: list[tuple[int, int, int]]
+    missing: list[tuple[int, int, int]]
+
+    @property
+    def clean(self) -> bool:
+        """Whether every recorded entry was found intact."""
+        return not self.damaged and not self.missing
 
 
 class EmbeddingStore:
@@ -275,6 +294,35 @@ class EmbeddingStore:
         """(planes, rows, cols) bool: entries whose checksum is written (not verified)."""
         return np.asarray(self.checksums[...]) != 0
 
+    def verify(self) -> TileCheck:
+        """Read every entry whose checksum is recorded and compare; changes nothing.
+
+        Unlike :meth:`read`, a damaged entry is reported, not forgotten, so that a cache
+        can be checked while it is read only (``napari-sam info --verify``).
+        """
+        checks = np.asarray(self.checksums[...])
+        damaged, missing = [], []
+        for index in zip(*np.nonzero(checks)):
+            entry = (int(index[0]), int(index[1]), int(index[2]))
+            if not self._has_features(entry):
+                missing.append(entry)
+                continue
+            try:
+                data = np.asarray(self.features[entry])
+            except Exception:  # noqa: BLE001 - any decoding failure means a damaged chunk
+                damaged.append(entry)
+                continue
+            if _checksum(data) != int(checks[entry]):
+                damaged.append(entry)
+        return TileCheck(int((checks != 0).sum()), damaged, missing)
+
+    def _has_features(self, entry: tuple[int, int, int]) -> bool:
+        """Whether the entry's features chunk exists (Zarr reads an absent one as zeros)."""
+        if self.path is None:
+            return True  # in memory: an absent chunk reads as zeros and fails its checksum
+        key = self.features.metadata.encode_chunk_key((*entry, 0, 0, 0))
+        return (Path(self.path).expanduser() / self.key / "features" / key).is_file()
+
     def missing(self, entries, verify: bool = False) -> list[tuple[int, int, int]]:
         """The entries, among those given, that need computing. ``verify`` also reads
         the present ones and checks their checksums (catches damaged files)."""
@@ -297,16 +345,31 @@ def _disk_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def describe_cache(path: str | os.PathLike) -> list[dict]:
-    """What a cache holds: one dict per signature with its fields, the entries present
-    out of the total, and the bytes on disk."""
+def describe_cache(path: str | os.PathLike, verify: bool = False) -> list[dict]:
+    """What a cache holds: one dict per signature.
+
+    Parameters
+    ----------
+    path
+        The cache folder.
+    verify
+        Also read every present entry against its checksum (slow: all the tiles are
+        read); the result is under ``"check"`` (a :class:`TileCheck`), else None.
+
+    Returns
+    -------
+    list of dict
+        ``key``, ``signature`` (its fields), ``layout``, ``present`` (entries whose
+        checksum is recorded: counted, not read), ``total``, ``bytes`` on disk, ``check``.
+    """
     path = Path(path).expanduser()
     if not (path / "zarr.json").exists():
         raise ValueError(f"{path} is not an embedding cache (no zarr.json)")
     root = _open_root(path, "r")
     out = []
     for key, sig in sorted(_signatures(root).items()):
-        checks = np.asarray(_array(_group(root, key), "checksums")[...])
+        group = _group(root, key)
+        checks = np.asarray(_array(group, "checksums")[...])
         out.append(
             {
                 "key": key,
@@ -315,6 +378,7 @@ def describe_cache(path: str | os.PathLike) -> list[dict]:
                 "present": int((checks != 0).sum()),
                 "total": int(checks.size),
                 "bytes": _disk_bytes(path / key),
+                "check": EmbeddingStore(group, sig, str(path)).verify() if verify else None,
             }
         )
     return out

@@ -16,7 +16,9 @@ tile's region (plus halo) and writes its result straight into the cache.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import os
 import threading
 from collections import OrderedDict
@@ -27,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ..model.sam import Sam
+from .claims import CLAIM_TIMEOUT, TileClaims, cache_lock, claims_folder, share_work
 from .distributed import embed_region, run_distributed
 from .embedding_store import EmbeddingStore
 from .image_embedding import ImageEmbedding
@@ -170,9 +173,10 @@ class Embeddings:
         else:
             self.cache_path = Path(cache).expanduser()
         rows, cols = self.grid.grid_shape
-        self.store = EmbeddingStore.open(
-            self.cache_path, self.signature, (self.source.n_planes, rows, cols), on_mismatch, self.feature_shape
-        )
+        with cache_lock(self.cache_path):  # another process may be creating the same entries
+            self.store = EmbeddingStore.open(
+                self.cache_path, self.signature, (self.source.n_planes, rows, cols), on_mismatch, self.feature_shape
+            )
         self._encoder = Predictor(model, normalization, traced=False)  # embeds only
         self._decoder = Predictor(model, normalization)
         self._recent: OrderedDict[tuple[int, int, int], ImageEmbedding] = OrderedDict()
@@ -256,7 +260,8 @@ class Embeddings:
         return features.astype(self.signature.storage).astype(np.float32)
 
     # -- computing ahead ---------------------------------------------------------------
-    def precompute(self, planes=None, scheduler=None, verify: bool = True) -> Iterator[EmbedProgress]:
+    def precompute(self, planes=None, scheduler=None, verify: bool = True,
+                   claim_timeout: float = CLAIM_TIMEOUT) -> Iterator[EmbedProgress]:
         """Compute every missing tile of the given planes; yields progress.
 
         Parameters
@@ -271,6 +276,10 @@ class Embeddings:
             themselves, so the cache must be a folder every worker can reach.
         verify
             Also check the checksums of entries already present (catches damaged files).
+        claim_timeout
+            Seconds after which another writer's claim on a tile is abandoned even if its
+            process cannot be checked (:mod:`~napari_sam.core.claims`): writers of one
+            cache share the tiles, each computing those it claims, then waiting for the rest.
 
         Yields
         ------
@@ -283,15 +292,21 @@ class Embeddings:
         todo = self.store.missing(entries, verify=verify)
         done = len(entries) - len(todo)
         yield EmbedProgress(done, len(entries), None)
-        if scheduler is None:
-            for entry in todo:
-                self.embedding_for(entry[0], entry[1:])
+        # Other writers of this cache (another `embed`) may be computing some of the same
+        # tiles: each is claimed before it is computed (a cache in memory has no others).
+        claims = None if self.cache_path is None else TileClaims(
+            claims_folder(self.cache_path, self.store.key), claim_timeout)
+        first = None if scheduler is None else functools.partial(run_distributed, self, scheduler=scheduler)
+        # Closed explicitly: an error here must not leave claims held by a live process.
+        with contextlib.closing(share_work(todo, claims, self._stored, first)) as work:
+            for entry, computing in work:
+                if computing:
+                    self.embedding_for(entry[0], entry[1:])
                 done += 1
                 yield EmbedProgress(done, len(entries), entry)
-            return
-        for entry in run_distributed(self, todo, scheduler):
-            done += 1
-            yield EmbedProgress(done, len(entries), entry)
+
+    def _stored(self, entry: tuple[int, int, int]) -> bool:
+        return bool(int(np.asarray(self.store.checksums[entry])) != 0)
 
     def compute_all(self, planes=None, scheduler=None, progress: bool = True) -> int:
         """:meth:`precompute` to the end with a tqdm progress bar; returns the number of

@@ -4,21 +4,33 @@ Zarr inputs are returned as zarr arrays (lazy: nothing is read until indexed), s
 volume larger than memory can be opened; everything else is read into memory.
 Label images are written atomically: to a temporary name beside the target, then renamed,
 so an interrupted write never leaves a half-written file under the real name.
+
+Writing follows one rule (:func:`check_output`): an output is never an input (nor inside
+one, nor around one), its folder must already exist and accept files, and replacing an
+existing target is allowed only for the kind of thing this module writes: a TIFF or .npy
+file, or a Zarr array that carries our label marker. A Zarr group, an OME-Zarr image or
+any other folder is never deleted.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["read_image", "image_axes", "write_labels", "label_dtype"]
+__all__ = ["read_image", "image_axes", "write_labels", "label_dtype", "check_output", "check_not_an_input",
+           "check_folder_writable"]
 
 _TIFF = (".tif", ".tiff")
 _IMAGE = (".png", ".jpg", ".jpeg", ".bmp")
+_LABEL_SUFFIXES = _TIFF + (".zarr", ".npy")
+_MARKER_VALUE = {"kind": "labels"}
+"""Attributes of every Zarr label array we write: only such a store may be replaced."""
 
 
 def _is_zarr(path: Path) -> bool:
@@ -53,17 +65,26 @@ def read_image(path: str | os.PathLike):
     if _is_zarr(path):
         return _open_zarr_image(path)
     suffix = path.suffix.lower()
-    if suffix in _TIFF:
-        import tifffile
+    if path.is_dir():
+        raise ValueError(f"cannot read {path}: a folder that is not a Zarr store")
+    if suffix not in _TIFF + _IMAGE + (".npy",):
+        raise ValueError(f"cannot read {path}: use TIFF, Zarr, .npy, PNG or JPEG")
+    try:
+        if suffix in _TIFF:
+            import tifffile
 
-        return tifffile.imread(path)
-    if suffix == ".npy":
-        return np.load(path, allow_pickle=False)
-    if suffix in _IMAGE:
+            return tifffile.imread(path)
+        if suffix == ".npy":
+            return np.load(path, allow_pickle=False)
         from skimage.io import imread
 
         return imread(path)
-    raise ValueError(f"cannot read {path}: use TIFF, Zarr, .npy, PNG or JPEG")
+    except (PermissionError, MemoryError):
+        raise
+    except Exception as err:  # each reader has its own errors for a damaged file
+        text = " ".join(str(err).split()) or type(err).__name__
+        kind = "TIFF" if suffix in _TIFF else suffix.lstrip(".").upper()
+        raise ValueError(f"cannot read {path} as a {kind} image: {text}") from err
 
 
 def _multiscales(group) -> list | None:
@@ -75,7 +96,11 @@ def _multiscales(group) -> list | None:
 def _open_zarr_image(path: Path):
     import zarr
 
-    node = zarr.open(str(path), mode="r")
+    try:
+        node = zarr.open(str(path), mode="r")
+    except Exception as err:  # zarr reports a folder without metadata in several ways
+        text = " ".join(str(err).split()) or type(err).__name__
+        raise ValueError(f"cannot read {path} as Zarr: {text}") from err
     if isinstance(node, zarr.Array):
         return node
     multiscales = _multiscales(node)
@@ -115,27 +140,158 @@ def label_dtype(max_id: int) -> np.dtype:
     return np.dtype(np.uint64)
 
 
-def write_labels(path: str | os.PathLike, labels: np.ndarray, overwrite: bool = False) -> Path:
+def _resolved(path: str | os.PathLike) -> Path:
+    return Path(path).expanduser().resolve()
+
+
+def check_not_an_input(output: str | os.PathLike, inputs: Mapping[str, str | os.PathLike | None],
+                       what: str = "--out", inside_ok: bool = False) -> None:
+    """Refuse an output that is an input, lies inside one or contains one.
+
+    Parameters
+    ----------
+    output
+        Where something will be written (a file, a Zarr store or a cache folder).
+    inputs
+        The inputs by what they are (``{"image": path, "seeds": path}``); None values are skipped.
+    what
+        How to name the output in the message (an option such as ``--out``).
+    inside_ok
+        Allow a new file inside an input folder (a folder of training pairs), though never
+        inside a Zarr store.
+
+    Raises
+    ------
+    ValueError
+        Naming both paths.
+    """
+    out = _resolved(output)
+    for name, path in inputs.items():
+        if path is None:
+            continue
+        src = _resolved(path)
+        same = out == src or (out.exists() and src.exists() and os.path.samefile(out, src))
+        if same:
+            relation = "is"
+        elif out.is_relative_to(src) and not (inside_ok and src.is_dir() and not _is_zarr(src)):
+            relation = "lies inside"
+        elif src.is_relative_to(out):
+            relation = "contains"
+        else:
+            continue
+        raise ValueError(f"{what} {output} {relation} the {name} {path}: writing there would destroy an input; "
+                         f"choose another path")
+
+
+def check_folder_writable(folder: str | os.PathLike) -> None:
+    """Raise unless ``folder`` exists, is a folder and accepts new files.
+
+    Writability is tested by creating (and removing) a file there: permission bits say
+    nothing about read-only mounts, ACLs or the super-user.
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        raise FileNotFoundError(f"the folder {folder} does not exist; create it first")
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{folder} is not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".napari-sam-probe-", dir=folder)
+    except OSError as err:
+        raise PermissionError(f"cannot write in the folder {folder}: {err.strerror or err}") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def _is_our_label_store(path: Path) -> bool:
+    try:
+        meta = json.loads((path / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return meta.get("node_type") == "array" and (meta.get("attributes") or {}).get("napari_sam") == _MARKER_VALUE
+
+
+def check_output(path: str | os.PathLike, inputs: Mapping[str, str | os.PathLike | None] | None = None,
+                 overwrite: bool = False, what: str = "--out") -> Path:
+    """Check, before any work, that a label image can be written to ``path``.
+
+    Parameters
+    ----------
+    path
+        Target: ``.tif``/``.tiff``, ``.zarr`` or ``.npy``.
+    inputs
+        Paths the command reads, by what they are: the target may be none of them, nor
+        inside or around one (see :func:`check_not_an_input`).
+    overwrite
+        Allow replacing an existing target, which must then be of the kind written here:
+        a TIFF or .npy file, or a Zarr label array written by :func:`write_labels`.
+    what
+        How to name the target in messages.
+
+    Returns
+    -------
+    pathlib.Path
+        The target, with ``~`` expanded.
+
+    Raises
+    ------
+    ValueError
+        An unknown suffix, an input as target, or a target that ``overwrite`` may not replace.
+    FileExistsError
+        The target exists and ``overwrite`` is False.
+    FileNotFoundError, NotADirectoryError, PermissionError
+        The target's folder is missing, not a folder, or not writable.
+    """
+    path = Path(path).expanduser()
+    suffix = path.suffix.lower()
+    if suffix not in _LABEL_SUFFIXES:
+        raise ValueError(f"cannot write labels to {path}: use .tif, .zarr or .npy")
+    check_not_an_input(path, inputs or {}, what)
+    if path.exists() or path.is_symlink():
+        if not overwrite:
+            raise FileExistsError(f"{path} exists; pass --overwrite (overwrite=True) to replace it")
+        if suffix == ".zarr":
+            if not _is_our_label_store(path):
+                raise ValueError(f"{what} {path} exists and is not a label array written by napari-sam (a Zarr "
+                                 f"group, an image or another folder): --overwrite never deletes it; remove it "
+                                 f"yourself or choose another path")
+        elif not path.is_file():
+            raise ValueError(f"{what} {path} exists and is not a file: --overwrite replaces only a "
+                             f"{suffix} file; remove it yourself or choose another path")
+    check_folder_writable(path.parent)
+    return path
+
+
+def write_labels(path: str | os.PathLike, labels: np.ndarray, overwrite: bool = False,
+                 inputs: Mapping[str, str | os.PathLike | None] | None = None) -> Path:
     """Write a label image as TIFF, Zarr (v3) or .npy, atomically.
 
     Parameters
     ----------
     path
         Target; the format follows the suffix (``.tif``, ``.tiff``, ``.zarr``, ``.npy``).
+        Its folder must exist.
     labels
         Integer label image.
     overwrite
-        Replace an existing target. Without it an existing file is an error, so that
-        nothing is lost by accident.
+        Replace an existing target of the kind written here (see :func:`check_output`).
+        Without it an existing target is an error, so that nothing is lost by accident.
+    inputs
+        Paths the target must not be, lie inside or contain.
+
+    Returns
+    -------
+    pathlib.Path
+        The target.
+
+    Raises
+    ------
+    ValueError, FileExistsError, FileNotFoundError, NotADirectoryError, PermissionError
+        As :func:`check_output`; nothing is written then.
     """
-    path = Path(path).expanduser()
+    path = check_output(path, inputs, overwrite)
     suffix = path.suffix.lower()
-    if suffix not in _TIFF + (".zarr", ".npy"):
-        raise ValueError(f"cannot write labels to {path}: use .tif, .zarr or .npy")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)) / path.name
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = staging / path.name
     try:
         if suffix in _TIFF:
             import tifffile
@@ -148,14 +304,15 @@ def write_labels(path: str | os.PathLike, labels: np.ndarray, overwrite: bool = 
             import zarr
 
             chunks = tuple(min(s, 1024) for s in labels.shape)
-            arr = zarr.create_array(str(tmp), shape=labels.shape, dtype=labels.dtype, chunks=chunks, zarr_format=3)
+            arr = zarr.create_array(str(tmp), shape=labels.shape, dtype=labels.dtype, chunks=chunks, zarr_format=3,
+                                    attributes={"napari_sam": dict(_MARKER_VALUE)})
             arr[...] = labels
-        if path.exists():
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
-        os.replace(tmp, path)
+        if path.is_dir() and not path.is_symlink():
+            # A folder cannot be replaced in one rename: the old store moves aside first. Only
+            # between these two renames is the name empty; a kill there leaves both stores,
+            # complete, in the hidden staging folder beside the target.
+            os.replace(path, staging / ".old")
+        os.replace(tmp, path)  # a file is replaced in one step
     finally:
-        shutil.rmtree(tmp.parent, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
     return path

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -47,6 +49,9 @@ def paint(labels: np.ndarray, mask: np.ndarray, label_id: int, overwrite: bool =
 
 
 _MAX_ID_ATTR = "napari_sam_max_id"
+# A write-ahead note of the write in progress, inside the Zarr array's folder: a process
+# killed between chunks leaves it behind, and the next LabelWriter rolls the write back.
+_JOURNAL = ".napari_sam_pending.npz"
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,13 @@ class LabelWriter:
     The next free id is found once (chunk by chunk, through dask, for large arrays) and
     then counted up; for a Zarr array the largest id is also kept in its attributes so
     that reopening a large label volume needs no scan.
+
+    A commit or undo on a Zarr array in a local folder survives a kill of the process:
+    the new largest id is recorded before any pixel is written, and the region's earlier
+    values are noted beside the array first. A writer opened on an array whose note was
+    left by a dead process writes those values back (``recovered`` is then True), so an
+    interrupted commit is absent as a whole, never half there. The undo history is kept
+    in memory only: after a crash it is empty, never partial.
     """
 
     def __init__(self, labels, max_undo: int = 20):
@@ -104,6 +116,8 @@ class LabelWriter:
         self.max_undo = max_undo
         self._history: list[tuple[Commit, ...]] = []
         self._max_id: int | None = None
+        self._journal = _journal_path(labels)
+        self.recovered = self._recover()
 
     @property
     def history(self) -> tuple[tuple[Commit, ...], ...]:
@@ -190,9 +204,7 @@ class LabelWriter:
             n = paint(after, full, label_id, overwrite)
             written.append(n)
             used.append(label_id if n else 0)
-        self.labels[index] = after
-        if max(used) > self.max_id():
-            self._set_max_id(max(used))
+        self._write(plane, region, before, after, max(self.max_id(), max(used)))
         commit = Commit(plane, region, before, tuple(used), tuple(written))
         self._history.append((commit,))
         del self._history[: -self.max_undo]
@@ -213,8 +225,91 @@ class LabelWriter:
         step = list(reversed(self._history.pop()))
         for commit in step:
             y0, y1, x0, x1 = commit.region
-            self.labels[commit.plane + (slice(y0, y1), slice(x0, x1))] = commit.before
+            current = np.array(self.labels[commit.plane + (slice(y0, y1), slice(x0, x1))])
+            self._write(commit.plane, commit.region, current, commit.before, self.max_id())
         return step
+
+    def _write(self, plane: tuple[int, ...], region, before: np.ndarray, after: np.ndarray, max_id: int) -> None:
+        """Replace ``before`` by ``after`` in one region, as one step that a kill cannot
+        leave half done (see the class notes)."""
+        y0, y1, x0, x1 = region
+        index = plane + (slice(y0, y1), slice(x0, x1))
+        old_max = self.max_id()
+        if self._journal is not None:
+            _write_journal(self._journal, plane, region, before, old_max)
+        try:
+            # the id first: a kill between the two leaves an unused id, never an unrecorded one
+            if max_id > old_max:
+                self._set_max_id(max_id)
+            self.labels[index] = after
+        except BaseException:
+            # an error or Ctrl-C between chunks: put the region back as it was
+            self.labels[index] = before
+            if max_id > old_max:
+                self._set_max_id(old_max)
+            if self._journal is not None:
+                self._journal.unlink(missing_ok=True)
+            raise
+        if self._journal is not None:
+            self._journal.unlink(missing_ok=True)
+
+    def _recover(self) -> bool:
+        """Roll back a write that a dead process left half done; True if there was one."""
+        if self._journal is None or not self._journal.exists():
+            return False
+        try:
+            with np.load(self._journal, allow_pickle=False) as note:
+                plane = tuple(int(i) for i in note["plane"])
+                y0, y1, x0, x1 = (int(i) for i in note["region"])
+                before, old_max = note["before"], int(note["max_id"])
+                pid, host = int(note["pid"]), str(note["host"])
+        except Exception as err:  # noqa: BLE001 - any damage means the note was never completed
+            # the note is written to a temporary name and renamed, so a damaged one was not
+            # finished: no pixel was written after it
+            raise ValueError(f"{self._journal} is damaged; remove it to open the labels") from err
+        if host == socket.gethostname() and _alive(pid):
+            return False  # a write in progress in a living process is not ours to undo
+        if host != socket.gethostname():
+            raise ValueError(
+                f"{self._journal}: a write by process {pid} on {host} did not finish; "
+                "if that process has ended, remove the note to open the labels as they are"
+            )
+        self.labels[plane + (slice(y0, y1), slice(x0, x1))] = before
+        if self.max_id() != old_max:
+            self._set_max_id(old_max)
+        self._journal.unlink(missing_ok=True)
+        return True
+
+
+def _journal_path(labels) -> Path | None:
+    """Where the write-ahead note of a Zarr array in a local folder goes (None otherwise:
+    numpy arrays live and die with the process, and other stores are written as is)."""
+    store_path = getattr(labels, "store_path", None)
+    root = getattr(getattr(store_path, "store", None), "root", None)
+    if store_path is None or root is None:
+        return None
+    return Path(root) / str(store_path.path) / _JOURNAL
+
+
+def _write_journal(path: Path, plane, region, before: np.ndarray, max_id: int) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    with open(tmp, "wb") as f:
+        np.savez(f, plane=np.asarray(plane, np.int64).reshape(-1), region=np.asarray(region, np.int64),
+                 before=before, max_id=np.int64(max_id), pid=np.int64(os.getpid()),
+                 host=np.str_(socket.gethostname()))
+    os.replace(tmp, path)  # the note is whole or absent
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this process is not inside a write while it opens a writer
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def create_label_store(path, shape: tuple[int, ...], chunks: tuple[int, int] = (512, 512), dtype="uint32"):

@@ -100,14 +100,14 @@ def _resolve_checkpoint(name_or_path: str | os.PathLike) -> tuple[str, Path]:
         raise ValueError(f"{path} is not a checkpoint file")
     raise ValueError(
         f"{text!r} is neither a model name nor an existing checkpoint file. "
-        f"Known model names: {', '.join(sorted(REGISTRY))}"
+        f"Known model names: {', '.join([DEFAULT_MODEL, *sorted(REGISTRY)])}"
     )
 
 
 def load_model(
     name_or_path: str | os.PathLike,
     device: str | torch.device | None = None,
-    dtype: str | torch.dtype | None = "float32",
+    dtype: str | torch.dtype | None = "auto",
 ) -> Sam:
     """Load a SAM from the registry or from a checkpoint file.
 
@@ -120,9 +120,11 @@ def load_model(
     device
         ``"cpu"``, ``"cuda"``, ``"mps"``, or None/``"auto"`` for the best one present.
     dtype
-        Precision of the image encoder: ``"float32"`` (exact; default), ``"bfloat16"``,
-        ``"float16"`` (GPU only) or ``"auto"`` (bfloat16 where the hardware computes it
-        natively). The prompt encoder and mask decoder stay in float32.
+        Precision of the image encoder: ``"auto"`` (default: bfloat16 where the hardware
+        computes it natively, else float32; the same default as the CLI, the Annotator and
+        the widget, so their embedding caches are shared), ``"float32"`` (exact),
+        ``"bfloat16"``, ``"float16"`` (GPU only), or None for float32. The prompt encoder
+        and mask decoder stay in float32.
 
     The package's process-wide settings are applied first
     (:func:`~napari_sam.core.runtime.configure_runtime`: glibc keeps freed blocks for

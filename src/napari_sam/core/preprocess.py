@@ -82,7 +82,14 @@ class Normalization:
             if self.limits is None:  # __post_init__ already refuses this; it narrows the type
                 raise ValueError("normalization mode 'fixed' needs limits=(lower, upper)")
             return float(self.limits[0]), float(self.limits[1])
-        lo, hi = np.percentile(data() if callable(data) else data, [self.low, self.high])
+        values = np.asarray(data() if callable(data) else data)
+        if values.dtype == bool:
+            values = values.view(np.uint8)  # numpy has no percentile of bools
+        if values.dtype.kind == "f":
+            values = values[np.isfinite(values)]  # one NaN pixel must not make every limit NaN
+        if values.size == 0:
+            return 0.0, 0.0  # nothing to stretch: apply() gives a black plane
+        lo, hi = np.percentile(values, [self.low, self.high])
         return float(lo), float(hi)
 
     def apply(self, data: np.ndarray, limits: tuple[float, float] | None = None) -> np.ndarray:
@@ -96,6 +103,7 @@ class Normalization:
             # A constant plane (an empty tile, say) has no contrast to stretch.
             return np.zeros(data.shape, np.float32)
         out = (data.astype(np.float32) - np.float32(lo)) * np.float32(255.0 / (hi - lo))
+        out[np.isnan(out)] = 0.0  # missing values (NaN) are background, not a NaN plane
         return np.clip(out, 0.0, 255.0, out=out)
 
 

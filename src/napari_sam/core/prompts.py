@@ -52,12 +52,17 @@ class Prompt:
             a box that is not (x0, y0, x1, y1) with x1 > x0 and y1 > y0, or an object with
             neither a box nor a foreground point.
         """
-        pts = np.zeros((0, 2)) if points is None else np.asarray(points, dtype=np.float64).reshape(-1, 2)
-        lbl = np.ones(len(pts), np.int64) if labels is None else np.asarray(labels, dtype=np.int64).reshape(-1)
-        if len(lbl) != len(pts):
-            raise ValueError(f"{len(pts)} point(s) but {len(lbl)} label(s)")
-        if not np.isin(lbl, (0, 1)).all():
+        pts = np.zeros((0, 2)) if points is None else np.asarray(points, dtype=np.float64)
+        if pts.size % 2:
+            raise ValueError(f"points are (x, y) pairs, got {pts.size} number(s)")
+        pts = pts.reshape(-1, 2)
+        # read as floats first: casting 0.5 or NaN straight to int would pass as 0
+        raw = np.ones(len(pts)) if labels is None else np.asarray(labels, dtype=np.float64).reshape(-1)
+        if len(raw) != len(pts):
+            raise ValueError(f"{len(pts)} point(s) but {len(raw)} label(s)")
+        if not np.isin(raw, (0, 1)).all():
             raise ValueError("point labels must be 1 (foreground) or 0 (background)")
+        lbl = raw.astype(np.int64)
         if not np.isfinite(pts).all():
             raise ValueError("point coordinates must be finite numbers")
         bx = None
@@ -111,21 +116,40 @@ def load_prompts(path: str | os.PathLike) -> list[Prompt]:
     Examples
     --------
     ``[{"points": [[120, 85]]}, {"box": [10, 10, 60, 48]}, {"points": [[30, 40], [35, 60]], "labels": [1, 0]}]``
+
+    Raises
+    ------
+    FileNotFoundError
+        No such file (the message names it).
+    ValueError
+        Malformed JSON (with the line and column), or an object that is not a valid prompt;
+        the message starts with the file's name.
     """
-    with open(path) as fh:
-        data = json.load(fh)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such prompts file: {path}") from None
+    except IsADirectoryError:
+        raise IsADirectoryError(f"the prompts file {path} is a folder") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a JSON text file (not UTF-8)") from None
     if isinstance(data, dict):
         data = data.get("objects", [data])
     if not isinstance(data, list) or not data:
         raise ValueError(f"{path}: expected a non-empty list of objects")
     out = []
     for i, obj in enumerate(data):
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}: object {i} is a {type(obj).__name__}, not an object with points, labels, box")
         unknown = set(obj) - {"points", "labels", "box"}
         if unknown:
             raise ValueError(f"{path}: object {i} has unknown field(s) {sorted(unknown)}")
         try:
             out.append(Prompt.make(obj.get("points"), obj.get("labels"), obj.get("box")))
-        except ValueError as err:
+        except (ValueError, TypeError) as err:  # TypeError: values of the wrong kind, e.g. strings
             raise ValueError(f"{path}: object {i}: {err}") from None
     return out
 

@@ -156,8 +156,19 @@ def _strip_prefixes(key: str) -> str:
     return stripped
 
 
+def _looks_like_checkpoint(name: str) -> bool:
+    """Whether the file starts as a PyTorch archive (zip), a pickle (protocol 2-5) or a legacy
+    tar does: other bytes would reach the unpickler, whose complaint reads as unsafe objects."""
+    with open(name, "rb") as fh:
+        head = fh.read(512)
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04",
+                                                                                 b"\x05") or head[257:262] == b"ustar"
+
+
 def _load(path: PathLike) -> Any:
     name = os.fspath(path)
+    if not _looks_like_checkpoint(name):
+        raise CheckpointError(f"{name} is not a readable PyTorch checkpoint (neither a PyTorch archive nor a pickle)")
     try:
         return torch.load(name, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:

@@ -1,0 +1,159 @@
+"""One error path: every mistake in a request ends in one line naming it and exit status 2;
+anything else is a bug, reported with its traceback, the version and exit status 1."""
+
+import json
+
+import numpy as np
+import pytest
+import tifffile
+
+from napari_sam.cli import main
+
+
+@pytest.fixture()
+def files(tmp_path):
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 1000, (64, 64)).astype(np.uint16)
+    img[20:40, 20:40] += 3000
+    tifffile.imwrite(tmp_path / "img.tif", img)
+    tifffile.imwrite(tmp_path / "vol.tif", rng.integers(0, 255, (5, 64, 64), dtype=np.uint8),
+                     photometric="minisblack")
+    tifffile.imwrite(tmp_path / "rgb5.tif", rng.integers(0, 255, (64, 64, 5), dtype=np.uint8),
+                     photometric="minisblack", planarconfig="contig")
+    (tmp_path / "bad.json").write_text('[{"points": [[1, 2]]},\n {"points": [[3 4]]}]')
+    (tmp_path / "notimage.tif").write_bytes(b"\x00\x13J\x86" + bytes(range(256)) * 4)
+    (tmp_path / "random.pth").write_bytes(np.random.default_rng(1).bytes(4096))
+    return tmp_path
+
+
+def _run(argv, capsys):
+    rc = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["segment", "{d}/missing.tif", "--point", 3, 3], "no such image: {d}/missing.tif"),
+        (["segment", "{d}/notimage.tif", "--point", 3, 3], "cannot read {d}/notimage.tif as a TIFF image"),
+        (["segment", "{d}/vol.tif", "--point", 3, 3, "--plane", 200], "--plane 200 does not exist"),
+        (["segment", "{d}/vol.tif", "--point", 3, 3, "--plane", 1, 2], "needs --plane with 1 index(es) (0 to 4)"),
+        (["segment", "{d}/rgb5.tif", "--point", 3, 3, "--channel", 7], "--channel 7 does not exist"),
+        (["segment", "{d}/img.tif", "--point", 3, 3, "--channel", 0], "no channel axis"),
+        (["segment", "{d}/img.tif", "--prompts", "{d}/missing.json"], "no such prompts file: {d}/missing.json"),
+        (["segment", "{d}/img.tif", "--prompts", "{d}/bad.json"], "{d}/bad.json: malformed JSON at line 2, column 17"),
+        (["embed", "{d}/vol.tif", "--planes", 7, "--out", "{d}/c.zarr"], "--planes 7: the image has 5 plane(s)"),
+        (["embed", "{d}/vol.tif", "--tile", 16, "--halo", 64, "--out", "{d}/c.zarr"],
+         "--halo 64 is larger than --tile 16: each tile would embed more halo than interior"),
+    ],
+)
+def test_mistakes_end_in_one_line_before_the_model_loads(files, monkeypatch, capsys, argv, expected):
+    import napari_sam.core.models as models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(models, "load_model", refuse)
+    argv = [a.format(d=files) if isinstance(a, str) else a for a in argv]
+    out_args = [] if argv[0] == "embed" else ["--out", files / "o.tif"]
+    rc, _, err = _run([*argv, "--model", "x.pth", *out_args], capsys)
+    assert rc == 2
+    assert err.startswith(f"napari-sam {argv[0]}: error: ") and err.count("\n") == 1, err
+    assert expected.format(d=files) in err
+    assert "Traceback" not in err and not (files / "o.tif").exists()
+
+
+def test_halo_wider_than_the_default_tile_is_refused(files, tiny_checkpoint, capsys):
+    rc, _, err = _run(["embed", files / "vol.tif", "--model", tiny_checkpoint, "--halo", 900,
+                       "--out", files / "c.zarr"], capsys)
+    assert rc == 2 and "--halo 900 is larger than the default tile 768" in err and not (files / "c.zarr").exists()
+    rc, _, err = _run(["embed", files / "vol.tif", "--model", tiny_checkpoint, "--tile", 50,
+                       "--out", files / "c.zarr"], capsys)
+    assert rc == 2 and "--tile 50 is smaller than the default halo 128" in err and "--halo of at most 50" in err
+
+
+def test_unknown_model_and_random_checkpoint(files, capsys):
+    rc, _, err = _run(["segment", files / "img.tif", "--model", "vit_zz", "--point", 3, 3, "--out",
+                       files / "o.tif"], capsys)
+    assert rc == 2 and "Known model names: default, vit_b" in err
+    rc, _, err = _run(["segment", files / "img.tif", "--model", files / "random.pth", "--point", 3, 3, "--out",
+                       files / "o.tif"], capsys)
+    assert rc == 2 and "neither a PyTorch archive nor a pickle" in err and "pickled Python objects" not in err
+    rc, out, _ = _run(["models"], capsys)
+    assert rc == 0 and out.splitlines()[0].startswith("default ") and "vit_b " in out
+    rc, _, err = _run(["download", "vit_zz"], capsys)
+    assert rc == 2 and "'default'" in err
+
+
+@pytest.mark.parametrize("command, suffix", [("segment", ".npy"), ("embed", ".npy"), ("embed", ".zarr")])
+def test_bool_images_are_taken_as_black_and_white(files, tiny_checkpoint, capsys, command, suffix):
+    import zarr
+
+    mask = np.zeros((64, 64), bool)
+    mask[20:40, 20:40] = True
+    if suffix == ".npy":
+        np.save(files / "mask.npy", mask)
+    else:  # lazy: never read whole
+        zarr.create_array(str(files / "mask.zarr"), shape=mask.shape, dtype=bool, chunks=(32, 32))[...] = mask
+    argv = [command, files / f"mask{suffix}", "--model", tiny_checkpoint, "--dtype", "float32"]
+    if command == "segment":
+        argv += ["--point", 30, 30, "--out", files / "o.tif"]
+    else:
+        argv += ["--out", files / "c.zarr"]
+    rc, out, err = _run(argv, capsys)
+    assert rc == 0, err
+    if command == "segment":
+        assert tifffile.imread(files / "o.tif").shape == (64, 64)
+    else:
+        assert "64x64 YX bool" in out and "1 tile(s) cached" in out
+
+
+def test_only_objects_with_pixels_are_counted(files, tiny_checkpoint, monkeypatch, capsys):
+    from napari_sam.core.embeddings import Embeddings
+
+    original = Embeddings.segment
+    calls = []
+
+    class Empty:
+        iou = 0.0
+
+        def to_full(self, shape):
+            return np.zeros(shape, bool)
+
+    def second_is_empty(self, plane, prompt):
+        calls.append(prompt)
+        return Empty() if len(calls) == 2 else original(self, plane, prompt)
+
+    monkeypatch.setattr(Embeddings, "segment", second_is_empty)
+    rc, out, _ = _run(["segment", files / "img.tif", "--model", tiny_checkpoint, "--dtype", "float32",
+                       "--box", 20, 20, 40, 40, "--box", 1, 1, 5, 5, "--out", files / "o.tif"], capsys)
+    assert rc == 0
+    assert "wrote 1 object(s)" in out and "prompt(s) 2 gave an empty mask" in out
+    assert 2 not in tifffile.imread(files / "o.tif")
+
+
+def test_a_bug_prints_its_traceback_the_version_and_exit_1(files, monkeypatch, capsys):
+    import napari_sam
+    from napari_sam.cli import registry
+
+    def broken(args):
+        raise RuntimeError("something inside went wrong")
+
+    monkeypatch.setattr(registry, "models", broken)
+    rc, _, err = _run(["models"], capsys)
+    assert rc == 1
+    assert "Traceback" in err and "RuntimeError: something inside went wrong" in err
+    assert f"napari-sam {napari_sam.__version__}" in err and "please report it" in err
+
+
+def test_malformed_prompt_objects_name_the_file(tmp_path):
+    from napari_sam.core.prompts import load_prompts
+
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps([[1, 2]]))
+    with pytest.raises(ValueError, match=f"{path}: object 0 is a list"):
+        load_prompts(path)
+    path.write_text(json.dumps([{"points": "here"}]))
+    with pytest.raises(ValueError, match=f"{path}: object 0"):
+        load_prompts(path)
