@@ -67,7 +67,8 @@ def _open_root(path: str | os.PathLike | None, mode: Literal["r", "r+", "a"]) ->
         return zarr.open_group(zarr.storage.MemoryStore(), mode="a", zarr_format=3)
     path = Path(path).expanduser()
     # An empty folder (made by hand or by a file dialog) is a fine place for a new cache.
-    if path.exists() and not (path.is_dir() and not any(path.iterdir())):
+    fresh = not path.exists() or (path.is_dir() and not any(path.iterdir()))
+    if not fresh:
         meta = path / "zarr.json"
         try:
             node_type = json.loads(meta.read_text()).get("node_type")
@@ -76,7 +77,14 @@ def _open_root(path: str | os.PathLike | None, mode: Literal["r", "r+", "a"]) ->
         if node_type != "group":
             raise ValueError(f"{path} is a Zarr {node_type}, not an embedding cache: choose another cache location")
     try:
-        root = zarr.open_group(str(path), mode=mode, zarr_format=3)
+        if fresh and mode != "r":
+            try:
+                # One metadata write: a reader never sees the new group without its marker.
+                root = zarr.create_group(str(path), attributes={_ROOT_ATTR: {"format": FORMAT}}, zarr_format=3)
+            except zarr.errors.ContainsGroupError:  # another writer created it first
+                root = zarr.open_group(str(path), mode=mode, zarr_format=3)
+        else:
+            root = zarr.open_group(str(path), mode=mode, zarr_format=3)
     except (OSError, ValueError, KeyError) as err:
         raise ValueError(f"cannot open the embedding cache {path}: {err}") from err
     if mode != "r" and _ROOT_ATTR not in root.attrs:
