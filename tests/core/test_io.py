@@ -83,3 +83,29 @@ def test_unreadable_files_are_named(tmp_path):
     for name, message in [("a.tif", "as a TIFF image"), ("a.txt", "use TIFF, Zarr"), ("empty.zarr", "as Zarr")]:
         with pytest.raises(ValueError, match=f"cannot read {tmp_path / name}.*{message}"):
             read_image(tmp_path / name)
+
+
+def test_a_failed_final_rename_puts_the_old_zarr_labels_back(tmp_path, monkeypatch):
+    import os
+
+    import zarr
+
+    from napari_sam.core import io
+
+    target = tmp_path / "labels.zarr"
+    io.write_labels(target, np.full((4, 5), 3, np.uint16))
+    real = os.replace
+    calls = []
+
+    def failing(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:  # the new store into place
+            raise OSError("disk vanished")
+        return real(src, dst)
+
+    monkeypatch.setattr(io.os, "replace", failing)
+    with pytest.raises(OSError, match="disk vanished"):
+        io.write_labels(target, np.ones((4, 5), np.uint16), overwrite=True)
+    monkeypatch.undo()
+    assert (np.asarray(zarr.open_array(str(target), mode="r")) == 3).all()
+    assert [p.name for p in tmp_path.iterdir()] == ["labels.zarr"]  # no staging folder left

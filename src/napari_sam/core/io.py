@@ -307,12 +307,19 @@ def write_labels(path: str | os.PathLike, labels: np.ndarray, overwrite: bool = 
             arr = zarr.create_array(str(tmp), shape=labels.shape, dtype=labels.dtype, chunks=chunks, zarr_format=3,
                                     attributes={"napari_sam": dict(_MARKER_VALUE)})
             arr[...] = labels
+        old = None
         if path.is_dir() and not path.is_symlink():
             # A folder cannot be replaced in one rename: the old store moves aside first. Only
             # between these two renames is the name empty; a kill there leaves both stores,
             # complete, in the hidden staging folder beside the target.
-            os.replace(path, staging / ".old")
-        os.replace(tmp, path)  # a file is replaced in one step
+            old = staging / ".old"
+            os.replace(path, old)
+        try:
+            os.replace(tmp, path)  # a file is replaced in one step
+        except BaseException:
+            if old is not None:  # the staging folder is about to be removed: the old store goes back first
+                os.replace(old, path)
+            raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path
