@@ -109,3 +109,27 @@ def test_a_failed_final_rename_puts_the_old_zarr_labels_back(tmp_path, monkeypat
     monkeypatch.undo()
     assert (np.asarray(zarr.open_array(str(target), mode="r")) == 3).all()
     assert [p.name for p in tmp_path.iterdir()] == ["labels.zarr"]  # no staging folder left
+
+
+def test_upper_case_suffixes_and_linked_stores(tmp_path):
+    out = write_labels(tmp_path / "labels.NPY", np.ones((3, 4), np.uint16))
+    assert out.name == "labels.NPY" and np.load(out).sum() == 12
+    assert [p.name for p in tmp_path.iterdir()] == ["labels.NPY"]
+    real = write_labels(tmp_path / "real.zarr", np.ones((3, 4), np.uint16))
+    (tmp_path / "link.zarr").symlink_to(real)
+    with pytest.raises(ValueError, match="symbolic link"):
+        write_labels(tmp_path / "link.zarr", np.zeros((3, 4), np.uint16), overwrite=True)
+    assert np.load(out).sum() == 12 and real.is_dir()
+
+
+def test_a_label_store_of_a_session_can_be_replaced_with_overwrite(tmp_path):
+    import zarr
+
+    from napari_sam.core.labels import LabelWriter, create_label_store
+    from napari_sam.core.masks import PlaneMask
+
+    store = tmp_path / "session.zarr"
+    writer = LabelWriter(create_label_store(store, (2, 6, 6)))
+    writer.commit((0,), [PlaneMask.from_full(np.ones((6, 6), bool))])
+    write_labels(store, np.full((2, 6, 6), 7, np.uint16), overwrite=True)
+    assert (np.asarray(zarr.open_array(str(store), mode="r")) == 7).all()

@@ -34,7 +34,7 @@ def train(args) -> int:
     else:
         train, val = data.split(0.1, seed=args.seed) if len(data) > 1 else (data, None)
     config = TrainingConfig(mode=args.mode, steps=args.steps, learning_rate=args.learning_rate, seed=args.seed)
-    out = Path(args.out)
+    out = Path(args.out).expanduser()  # the path the checks above looked at
     if args.resume and out.exists():
         trainer = Trainer.resume(out, train, val, device=args.device)
     else:
@@ -114,7 +114,7 @@ def evaluate(args) -> int:
             results.append(merged)
     print(evaluate.format_table(results))
     if args.json:
-        with open(args.json, "w") as fh:
+        with open(Path(args.json).expanduser(), "w") as fh:
             json.dump(results, fh, indent=1)
         print(f"wrote {args.json}")
     return 0

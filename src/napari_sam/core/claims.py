@@ -82,7 +82,7 @@ def claims_folder(cache: str | os.PathLike, key: str) -> Path:
     return Path(cache).expanduser() / key / "checksums" / "claims"
 
 
-def _process_start(pid: int) -> int | None:
+def process_start(pid: int) -> int | None:
     """The process's start time in clock ticks since boot (Linux), None if unknown."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -104,7 +104,9 @@ def _process_state(pid: int) -> str | None:
     return stat[stat.rfind(")") + 2:][:1] or None
 
 
-def _alive(pid: int, started: int | None) -> bool:
+def process_alive(pid: int, started: int | None) -> bool:
+    """Whether process ``pid`` of this host runs, and is the one that started at ``started``
+    (its start time from /proc, when known): a reused pid or a zombie counts as dead."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -116,7 +118,7 @@ def _alive(pid: int, started: int | None) -> bool:
     if _process_state(pid) in ("Z", "X"):
         return False  # killed, not yet reaped by its parent
     if started is not None:
-        now = _process_start(pid)
+        now = process_start(pid)
         if now is not None and now != started:
             return False  # the pid was reused by a later process
     return True
@@ -149,7 +151,7 @@ class Claim:
     def mine(cls) -> "Claim":
         """A new claim by this process, now."""
         pid = os.getpid()
-        return cls(pid, socket.gethostname(), _process_start(pid), time.time(), uuid.uuid4().hex)
+        return cls(pid, socket.gethostname(), process_start(pid), time.time(), uuid.uuid4().hex)
 
     def stale(self, timeout: float = CLAIM_TIMEOUT) -> bool:
         """Whether the claim's writer is gone (same host) or the claim is older than
@@ -157,7 +159,7 @@ class Claim:
         if time.time() - self.time > timeout:
             return True
         if self.host == socket.gethostname():
-            return not _alive(self.pid, self.started)
+            return not process_alive(self.pid, self.started)
         return False
 
 

@@ -23,14 +23,15 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["read_image", "image_axes", "write_labels", "label_dtype", "check_output", "check_not_an_input",
-           "check_folder_writable"]
+__all__ = ["LABELS_MARKER", "read_image", "image_axes", "write_labels", "label_dtype", "check_output",
+           "check_not_an_input", "check_folder_writable"]
 
 _TIFF = (".tif", ".tiff")
 _IMAGE = (".png", ".jpg", ".jpeg", ".bmp")
 _LABEL_SUFFIXES = _TIFF + (".zarr", ".npy")
-_MARKER_VALUE = {"kind": "labels"}
-"""Attributes of every Zarr label array we write: only such a store may be replaced."""
+LABELS_MARKER = {"kind": "labels"}
+"""The ``napari_sam`` attribute of every Zarr label array we write (files and
+:func:`~napari_sam.core.labels.create_label_store`): only such a store may be replaced."""
 
 
 def _is_zarr(path: Path) -> bool:
@@ -207,7 +208,7 @@ def _is_our_label_store(path: Path) -> bool:
         meta = json.loads((path / "zarr.json").read_text())
     except (OSError, ValueError):
         return False
-    return meta.get("node_type") == "array" and (meta.get("attributes") or {}).get("napari_sam") == _MARKER_VALUE
+    return meta.get("node_type") == "array" and (meta.get("attributes") or {}).get("napari_sam") == LABELS_MARKER
 
 
 def check_output(path: str | os.PathLike, inputs: Mapping[str, str | os.PathLike | None] | None = None,
@@ -250,6 +251,8 @@ def check_output(path: str | os.PathLike, inputs: Mapping[str, str | os.PathLike
         if not overwrite:
             raise FileExistsError(f"{path} exists; pass --overwrite (overwrite=True) to replace it")
         if suffix == ".zarr":
+            if path.is_symlink():  # a folder under a link cannot be replaced by a rename
+                raise ValueError(f"{what} {path} is a symbolic link: give the path it points to")
             if not _is_our_label_store(path):
                 raise ValueError(f"{what} {path} exists and is not a label array written by napari-sam (a Zarr "
                                  f"group, an image or another folder): --overwrite never deletes it; remove it "
@@ -299,13 +302,14 @@ def write_labels(path: str | os.PathLike, labels: np.ndarray, overwrite: bool = 
             # minisblack: a 3-plane label volume must not be taken for an RGB image
             tifffile.imwrite(tmp, labels, compression="zlib", photometric="minisblack")
         elif suffix == ".npy":
-            np.save(tmp, labels)
+            with open(tmp, "wb") as fh:  # np.save on a name would add ".npy" to "x.NPY"
+                np.save(fh, labels)
         else:
             import zarr
 
             chunks = tuple(min(s, 1024) for s in labels.shape)
             arr = zarr.create_array(str(tmp), shape=labels.shape, dtype=labels.dtype, chunks=chunks, zarr_format=3,
-                                    attributes={"napari_sam": dict(_MARKER_VALUE)})
+                                    attributes={"napari_sam": dict(LABELS_MARKER)})
             arr[...] = labels
         old = None
         if path.is_dir() and not path.is_symlink():

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from .claims import process_alive, process_start
+from .io import LABELS_MARKER
 
 __all__ = ["Commit", "LabelWriter", "create_label_store", "next_free_id", "paint"]
 
@@ -236,6 +240,8 @@ class LabelWriter:
         index = plane + (slice(y0, y1), slice(x0, x1))
         old_max = self.max_id()
         if self._journal is not None:
+            with _WRITING_LOCK:
+                _WRITING.add(str(self._journal))
             _write_journal(self._journal, plane, region, before, old_max)
         try:
             # the id first: a kill between the two leaves an unused id, never an unrecorded one
@@ -250,6 +256,10 @@ class LabelWriter:
             if self._journal is not None:
                 self._journal.unlink(missing_ok=True)
             raise
+        finally:
+            if self._journal is not None:
+                with _WRITING_LOCK:
+                    _WRITING.discard(str(self._journal))
         if self._journal is not None:
             self._journal.unlink(missing_ok=True)
 
@@ -263,12 +273,17 @@ class LabelWriter:
                 y0, y1, x0, x1 = (int(i) for i in note["region"])
                 before, old_max = note["before"], int(note["max_id"])
                 pid, host = int(note["pid"]), str(note["host"])
+                started = int(note["started"]) if "started" in note.files and int(note["started"]) >= 0 else None
         except Exception as err:  # noqa: BLE001 - any damage means the note was never completed
             # the note is written to a temporary name and renamed, so a damaged one was not
             # finished: no pixel was written after it
             raise ValueError(f"{self._journal} is damaged; remove it to open the labels") from err
-        if host == socket.gethostname() and _alive(pid):
-            return False  # a write in progress in a living process is not ours to undo
+        if host == socket.gethostname() and (str(self._journal) in _WRITING or _alive(pid, started)):
+            # one writer at a time: undoing a write in progress would tear it, and carrying
+            # on would overwrite its note with ours
+            raise ValueError(
+                f"{self._journal}: process {pid} is writing these labels now; close that session first"
+            )
         if host != socket.gethostname():
             raise ValueError(
                 f"{self._journal}: a write by process {pid} on {host} did not finish; "
@@ -279,6 +294,12 @@ class LabelWriter:
             self._set_max_id(old_max)
         self._journal.unlink(missing_ok=True)
         return True
+
+
+_WRITING: set[str] = set()
+"""Notes of the writes this process is making now (another writer of this process, a
+second session on the same labels, must not take them for a crash)."""
+_WRITING_LOCK = threading.Lock()
 
 
 def _journal_path(labels) -> Path | None:
@@ -296,20 +317,14 @@ def _write_journal(path: Path, plane, region, before: np.ndarray, max_id: int) -
     with open(tmp, "wb") as f:
         np.savez(f, plane=np.asarray(plane, np.int64).reshape(-1), region=np.asarray(region, np.int64),
                  before=before, max_id=np.int64(max_id), pid=np.int64(os.getpid()),
-                 host=np.str_(socket.gethostname()))
+                 started=np.int64(process_start(os.getpid()) or -1), host=np.str_(socket.gethostname()))
     os.replace(tmp, path)  # the note is whole or absent
 
 
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # this process is not inside a write while it opens a writer
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def _alive(pid: int, started: int | None) -> bool:
+    # Writes of this process are known (_WRITING): a note naming our own pid is a dead
+    # process's whose pid we were given.
+    return pid != os.getpid() and process_alive(pid, started)
 
 
 def create_label_store(path, shape: tuple[int, ...], chunks: tuple[int, int] = (512, 512), dtype="uint32"):
@@ -334,6 +349,7 @@ def create_label_store(path, shape: tuple[int, ...], chunks: tuple[int, int] = (
             )
         return existing
     chunk = tuple(1 for _ in shape[:-2]) + tuple(min(c, s) for c, s in zip(chunks, shape[-2:]))
-    arr = zarr.create_array(path, shape=tuple(shape), chunks=chunk, dtype=dtype, fill_value=0, zarr_format=3)
+    arr = zarr.create_array(path, shape=tuple(shape), chunks=chunk, dtype=dtype, fill_value=0, zarr_format=3,
+                            attributes={"napari_sam": dict(LABELS_MARKER)})
     arr.attrs[_MAX_ID_ATTR] = 0
     return arr
