@@ -301,8 +301,10 @@ def test_numpy_labels_have_no_note_and_a_failed_write_is_rolled_back(tmp_path, m
     original, calls = local._put, SimpleNamespace(n=0)
 
     def failing(path, value, exclusive=False):
+        # one named chunk of plane 1 fails: zarr writes chunks concurrently, so a count of
+        # calls would land on a different write from run to run
         calls.n += 1
-        if calls.n == 3:
+        if str(path).replace("\\", "/").endswith("c/1/1/1"):
             raise OSError(28, "No space left on device")
         return original(path, value, exclusive)
 
