@@ -31,6 +31,7 @@ from .core.image_source import ImageSource
 from .core.labels import Commit, LabelWriter, create_label_store
 from .core.masks import PlaneMask
 from .core.models import resolve_model
+from .core.ngff import LabelImage
 from .core.preprocess import Normalization
 from .core.prompts import Prompt
 from .core.propagation import PropagationSettings, PropagationStep, propagate
@@ -56,8 +57,10 @@ class Annotator:
     labels
         Where objects go: an integer array whose shape is the image's planes and plane
         (e.g. (Z, Y, X) for a ZYX or ZYXC image), a path for a Zarr label array on disk
-        (created, or reopened to continue), or None for a new array (in memory up to
-        1 GiB, else an error asking for a path).
+        (created, or reopened to continue), a :class:`~napari_sam.core.ngff.LabelImage`
+        (an OME-Zarr label image, whose lower resolution levels follow every commit and
+        undo; see :func:`~napari_sam.core.ngff.open_label_image`), or None for a new array
+        (in memory up to 1 GiB, else an error asking for a path).
     cache, tile, halo, normalization
         See :class:`~napari_sam.core.embeddings.Embeddings`.
     device, dtype
@@ -82,7 +85,10 @@ class Annotator:
         self.source = image if isinstance(image, ImageSource) else ImageSource(image, axes, channel)
         self.model = resolve_model(model, device, dtype)
         self.embeddings = Embeddings(self.source, self.model, cache, tile=tile, halo=halo, normalization=normalization)
-        self.writer = LabelWriter(self._labels(labels))
+        # an OME-Zarr label image: its lower levels follow every change of level 0
+        self.label_image = labels if isinstance(labels, LabelImage) else None
+        on_write = labels.update if isinstance(labels, LabelImage) else None
+        self.writer = LabelWriter(self._labels(labels), on_write=on_write)
 
     def _labels(self, labels):
         shape = self.labels_shape
@@ -95,6 +101,11 @@ class Annotator:
             return np.zeros(shape, np.uint32)
         if isinstance(labels, (str, Path)):
             return create_label_store(labels, shape)
+        if isinstance(labels, LabelImage):
+            if tuple(labels.data.shape) != shape:
+                raise ValueError(f"the label image {labels.path} has shape {tuple(labels.data.shape)} "
+                                 f"({labels.axes}), but the image needs {shape} (planes, then Y, X)")
+            return labels.data
         if tuple(labels.shape) != shape:
             raise ValueError(
                 f"labels have shape {tuple(labels.shape)}, but the image needs {shape} (planes, then Y, X)"
@@ -110,6 +121,13 @@ class Annotator:
     def labels(self):
         """The label array objects are committed into."""
         return self.writer.labels
+
+    @property
+    def label_levels(self) -> list:
+        """The label array and, for an NGFF label image, its lower-resolution levels (full
+        resolution first, each (planes..., Y, X)); what a viewer shows at each zoom."""
+        image = getattr(self, "label_image", None)
+        return list(image.levels) if image is not None else [self.labels]
 
     def plane(self, plane) -> tuple[int, ...]:
         """A flat plane number or (t, z) tuple as the label array's leading index."""

@@ -32,7 +32,7 @@ def dataset_from_layers(image_layer, labels_layer):
     from ..train import SegmentationDataset
 
     source = source_from_layer(image_layer)
-    labels = labels_layer.data
+    labels = labels_layer.data[0] if labels_layer.multiscale else labels_layer.data
     if tuple(labels.shape) != source.plane_grid + source.plane_shape:
         raise ValueError(f"labels of shape {tuple(labels.shape)} do not match the image's planes "
                          f"{source.plane_grid + source.plane_shape}")

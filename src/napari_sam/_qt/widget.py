@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label, PushButton
+from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label, LineEdit, PushButton
 from napari.qt.threading import create_worker
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QSizePolicy
@@ -27,11 +27,19 @@ from .workers import Workers
 if TYPE_CHECKING:  # pragma: no cover
     import napari
 
-__all__ = ["CHECKPOINT", "SamWidget", "model_picker_choices"]
+__all__ = ["CHECKPOINT", "SamWidget", "model_picker_choices", "ome_zarr_of"]
 
 CHECKPOINT = "checkpoint file..."
 # Layer data events sent before an edit takes effect (napari's ActionType values).
 _BEFORE_EDIT = ("adding", "removing", "changing")
+
+
+def ome_zarr_of(layer) -> str | None:
+    """The OME-Zarr container an image layer was read from, or None."""
+    from ..core.ngff import is_ome_zarr
+
+    path = getattr(getattr(layer, "source", None), "path", None)
+    return str(path) if path and is_ome_zarr(path) else None
 
 
 def model_picker_choices() -> list[str]:
@@ -75,6 +83,12 @@ class SamWidget(Container):
         self.labels_path = FileEdit(label="labels on disk", mode="w", value="", filter="*.zarr",
                                     tooltip="Zarr array for the labels (needed for images larger than memory); "
                                     "empty: in memory")
+        self.ngff_labels = CheckBox(text="labels into the image's OME-Zarr", value=False, visible=False,
+                                    tooltip="write objects as an NGFF label image labels/<name> inside the OME-Zarr "
+                                    "the image was opened from, its pyramid kept current (the image arrays are never "
+                                    "touched; an existing label image of that name is continued)")
+        self.ngff_name = LineEdit(label="label image", value="napari-sam", visible=False,
+                                  tooltip="name of the label image under labels/ in the OME-Zarr")
         self.start = PushButton(text="Start")
         self.embed_slice = PushButton(text="Embed slice", enabled=False)
         self.embed_all = PushButton(text="Embed all slices", enabled=False)
@@ -103,13 +117,17 @@ class SamWidget(Container):
         self.status.native.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Preferred)
         self.status.native.setAlignment(Qt.AlignLeft | Qt.AlignVCenter)
         self.extend([
-            self.image, self.model, self.checkpoint, self.device, self.dtype, self.cache, self.labels_path, self.start,
+            self.image, self.model, self.checkpoint, self.device, self.dtype, self.cache, self.labels_path,
+            self.ngff_labels, self.ngff_name, self.start,
             self.embed_slice, self.embed_all, self.cancel, self.overwrite, self.commit, self.propagate,
             self.everything_mode, self.rough, self.everything, self.undo, self.clear,
             self.status,
         ])
 
         self.model.changed.connect(lambda v: setattr(self.checkpoint, "visible", v == CHECKPOINT))
+        self.image.changed.connect(self._image_changed)
+        self.ngff_labels.changed.connect(lambda v: setattr(self.ngff_name, "visible", bool(v)))
+        self._image_changed(self.image.value)
         self.start.clicked.connect(self.start_session)
         self.embed_slice.clicked.connect(lambda: self.run_embedding(current=True))
         self.embed_all.clicked.connect(lambda: self.run_embedding(current=False))
@@ -140,6 +158,12 @@ class SamWidget(Container):
 
         own = () if self.session is None else (self.session.labels_layer, self.session.preview_layer)
         return [(layer.name, layer) for layer in self.viewer.layers if isinstance(layer, Labels) and layer not in own]
+
+    def _image_changed(self, layer) -> None:
+        # the choice exists only for an image read from an OME-Zarr container
+        offered = ome_zarr_of(layer) is not None
+        self.ngff_labels.visible = offered
+        self.ngff_name.visible = offered and bool(self.ngff_labels.value)
 
     def _say(self, text: str) -> None:
         self.status.value = text
@@ -175,12 +199,23 @@ class SamWidget(Container):
             return
         cache = str(self.cache.value) if str(self.cache.value) not in ("", ".") else None
         labels = str(self.labels_path.value) if str(self.labels_path.value) not in ("", ".") else None
+        container = ome_zarr_of(layer) if self.ngff_labels.value else None
+        name = str(self.ngff_name.value).strip()
+        if container is not None and labels is not None:
+            self._say("choose one place for the labels: a Zarr array on disk or the image's OME-Zarr")
+            return
         source = source_from_layer(layer)
         device, dtype = self.device.value, self.dtype.value
         self.start.enabled = False
 
         def build():
-            annotator = Annotator(source, spec, labels, cache=cache, device=device, dtype=dtype)
+            if container is not None:
+                from ..core.ngff import open_label_image
+
+                target = open_label_image(container, name)
+            else:
+                target = labels
+            annotator = Annotator(source, spec, target, cache=cache, device=device, dtype=dtype)
             annotator.warm_up()
             return annotator
 

@@ -1,4 +1,5 @@
-"""``napari-sam segment`` (prompts, or every object) and ``napari-sam propagate``."""
+"""``napari-sam segment`` (prompts, or every object) and ``napari-sam propagate``; their labels go to a
+file (--out) and/or into an OME-Zarr image as an NGFF label image (--labels-into)."""
 
 from __future__ import annotations
 
@@ -36,20 +37,80 @@ def _inputs(args) -> dict:
     return {label: getattr(args, key) for key, label in names.items() if getattr(args, key, None) is not None}
 
 
+DEFAULT_LABEL_NAME = "napari-sam"
+"""The label image that --labels-into writes when --label-name is not given."""
+
+
+def _check_out(args) -> None:
+    """--out, checked before any work; one of --out and --labels-into is required."""
+    from ..core.io import check_output
+
+    if args.out is None and args.labels_into is None:
+        raise UsageError("no output: give --out (a .tif, .zarr or .npy file), --labels-into (an OME-Zarr image), "
+                         "or both")
+    if args.label_name is not None and args.labels_into is None:
+        raise UsageError(f"--label-name {args.label_name} names a label image of --labels-into, which is not given")
+    if args.out is not None:
+        check_output(args.out, _inputs(args), overwrite=args.overwrite)
+
+
+def _check_labels_into(args, shape: tuple[int, ...]) -> None:
+    """--labels-into, checked before the model loads: an OME-Zarr image whose labels have ``shape``."""
+    from ..core.ngff import check_label_target
+
+    if args.labels_into is not None:
+        check_label_target(args.labels_into, args.label_name or DEFAULT_LABEL_NAME, shape=shape,
+                           overwrite=args.overwrite)
+
+
+def _write(args, labels, what: str, note: str = "", plane: tuple[int, ...] | None = None) -> None:
+    """Write the labels to --out and/or into --labels-into; print where they went."""
+    from ..core.io import write_labels
+    from ..core.ngff import write_label_image
+
+    if args.out is not None:
+        out = write_labels(args.out, labels, overwrite=args.overwrite, inputs=_inputs(args))
+        print(f"wrote {what} to {out}{note}")
+    if args.labels_into is not None:
+        image = write_label_image(args.labels_into, args.label_name or DEFAULT_LABEL_NAME, labels,
+                                  overwrite=args.overwrite, plane=plane or None)
+        where = f" (plane {plane})" if plane else ""
+        print(f"wrote {what} into {image.container} as the label image {image.path.relative_to(image.container)}"
+              f"{where}, {len(image.levels)} resolution level(s){note}")
+
+
+def _prompt_target(args, image, plane) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """In --mode prompts: the label shape of the whole image (the planes, then Y, X) and the
+    index of the segmented plane in it; an OME-Zarr C axis among the --plane indices is dropped,
+    as label images have none."""
+    from ..core.io import image_axes
+
+    shape = tuple(int(n) for n in image.shape[: len(args.plane)]) + tuple(plane.shape[:2])
+    index = tuple(args.plane)
+    axes = image_axes(args.image) or ""
+    if "C" in axes[: len(args.plane)]:
+        c = axes.index("C")
+        shape, index = shape[:c] + shape[c + 1:], index[:c] + index[c + 1:]
+    return shape, index
+
+
 def segment(args) -> int:
     import numpy as np
 
     from ..core.embeddings import Embeddings
-    from ..core.io import check_output, label_dtype, read_image, write_labels
+    from ..core.io import label_dtype, read_image
     from ..core.labels import paint
     from ..core.models import resolve_model
     from .inputs import select_plane
 
-    check_output(args.out, _inputs(args), overwrite=args.overwrite)  # before any work
+    _check_out(args)  # before any work
     if args.mode != "prompts":
         return _segment_all(args)
     objects = _object_prompts(args)
-    plane = select_plane(read_image(args.image), args.plane, args.channel, args.image)
+    image = read_image(args.image)
+    plane = select_plane(image, args.plane, args.channel, args.image)
+    label_shape, index = _prompt_target(args, image, plane)
+    _check_labels_into(args, label_shape)
     t0 = time.perf_counter()
     model = resolve_model(args.model, device=args.device, dtype=args.dtype)
     # As the plugin answers a click: a plane larger than the model input is embedded in
@@ -71,10 +132,9 @@ def segment(args) -> int:
             empty.append(i)
         kept = "" if written == mask.sum() else f" ({int(mask.sum()) - written} px already taken by earlier objects)"
         print(f"object {i}: {written} px{kept}, predicted IoU {found.iou:.3f}")
-    out = write_labels(args.out, labels, overwrite=args.overwrite, inputs=_inputs(args))
     # Ids follow the prompts' order, so an empty prompt leaves its id unused.
     note = f"; prompt(s) {', '.join(map(str, empty))} gave an empty mask (no id written)" if empty else ""
-    print(f"wrote {len(objects) - len(empty)} object(s) to {out}{note}")
+    _write(args, labels, f"{len(objects) - len(empty)} object(s)", note, plane=index)
     return 0
 
 
@@ -86,10 +146,10 @@ def _segment_all(args) -> int:
     from ..auto import detect_boxes, iter_from_boxes, iter_grid, link_planes, recommended, run
     from ..core.embeddings import Embeddings
     from ..core.image_source import ImageSource
-    from ..core.io import write_labels
     from ..core.models import resolve_model
 
     source = ImageSource.open(args.image, axes=args.axes, channel=args.channel)
+    _check_labels_into(args, source.plane_grid + source.plane_shape)
     model = resolve_model(args.model, device=args.device, dtype=args.dtype)
     emb = Embeddings(source, model, cache=False)
     advice = recommended(model)  # the grid's filters and the detector suited to the model
@@ -115,8 +175,7 @@ def _segment_all(args) -> int:
     else:
         labels = planes[0]
     labels = labels.reshape(source.plane_grid + source.plane_shape)
-    out = write_labels(args.out, labels, overwrite=args.overwrite, inputs=_inputs(args))
-    print(f"wrote {len(np.unique(labels)) - 1} object(s) to {out}")
+    _write(args, labels, f"{len(np.unique(labels)) - 1} object(s)")
     return 0
 
 
@@ -125,13 +184,14 @@ def propagate(args) -> int:
 
     from ..api import Annotator
     from ..core.image_source import ImageSource
-    from ..core.io import check_folder_writable, check_not_an_input, check_output, read_image, write_labels
+    from ..core.io import check_folder_writable, check_not_an_input, read_image
 
-    check_output(args.out, _inputs(args), overwrite=args.overwrite)  # before any work
+    _check_out(args)  # before any work
     if args.cache is not None:
         check_not_an_input(args.cache, {"image": args.image, "seeds": args.seeds}, what="--cache")
         check_folder_writable(Path(args.cache).expanduser().parent)
     source = ImageSource.open(args.image, axes=args.axes, channel=args.channel)
+    _check_labels_into(args, source.plane_grid + source.plane_shape)
     seeds = np.asarray(read_image(args.seeds))
     if seeds.dtype.kind not in "biu":
         raise UsageError(f"the seeds {args.seeds} are {seeds.dtype}: a label image has integer (or bool) values")
@@ -140,6 +200,5 @@ def propagate(args) -> int:
     result = ann.propagate_all(axis=args.axis, ids=args.ids)
     for label_id, planes in result.items():
         print(f"object {label_id}: written on {len(planes)} more plane(s)")
-    out = write_labels(args.out, ann.labels, overwrite=args.overwrite, inputs=_inputs(args))
-    print(f"wrote {len(result)} propagated object(s) to {out}")
+    _write(args, ann.labels, f"{len(result)} propagated object(s)")
     return 0

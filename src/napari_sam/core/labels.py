@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,6 +97,11 @@ class LabelWriter:
         chunks they cover, whatever the size of the volume.
     max_undo
         Commits kept for :meth:`undo`.
+    on_write
+        Called as ``on_write(plane, region)`` after every change of ``labels`` in
+        ``plane + (y0:y1, x0:x1)``: commits, undos, roll-backs and recoveries (a label
+        pyramid keeps its lower levels current this way). On disk it runs while the write's
+        note still exists, so a kill inside it is rolled back and redone on reopening.
 
     Notes
     -----
@@ -111,13 +117,15 @@ class LabelWriter:
     in memory only: after a crash it is empty, never partial.
     """
 
-    def __init__(self, labels, max_undo: int = 20):
+    def __init__(self, labels, max_undo: int = 20,
+                 on_write: Callable[[tuple[int, ...], tuple[int, int, int, int]], None] | None = None):
         if np.dtype(labels.dtype).kind not in "ui":
             raise ValueError(f"labels must have an integer dtype, not {labels.dtype}")
         if labels.ndim < 2:
             raise ValueError(f"labels must have at least 2 axes (Y, X), got shape {labels.shape}")
         self.labels = labels
         self.max_undo = max_undo
+        self.on_write = on_write
         self._history: list[tuple[Commit, ...]] = []
         self._max_id: int | None = None
         self._journal = _journal_path(labels)
@@ -248,11 +256,13 @@ class LabelWriter:
             if max_id > old_max:
                 self._set_max_id(max_id)
             self.labels[index] = after
+            self._written(plane, region)
         except BaseException:
             # an error or Ctrl-C between chunks: put the region back as it was
             self.labels[index] = before
             if max_id > old_max:
                 self._set_max_id(old_max)
+            self._written(plane, region)  # a failure here keeps the note: reopening finishes the roll-back
             if self._journal is not None:
                 self._journal.unlink(missing_ok=True)
             raise
@@ -292,8 +302,14 @@ class LabelWriter:
         self.labels[plane + (slice(y0, y1), slice(x0, x1))] = before
         if self.max_id() != old_max:
             self._set_max_id(old_max)
+        self._written(plane, (y0, y1, x0, x1))
         self._journal.unlink(missing_ok=True)
         return True
+
+    def _written(self, plane: tuple[int, ...], region) -> None:
+        if self.on_write is not None:
+            y0, y1, x0, x1 = (int(i) for i in region)
+            self.on_write(tuple(plane), (y0, y1, x0, x1))
 
 
 _WRITING: set[str] = set()

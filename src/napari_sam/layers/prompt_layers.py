@@ -9,6 +9,8 @@ converted here, nowhere else.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from ..core.image_source import ImageSource
@@ -39,14 +41,51 @@ FOREGROUND, BACKGROUND = "lime", "red"
 
 
 def source_from_layer(layer) -> ImageSource:
-    """The ImageSource of an image layer: its full-resolution data, with axes (T)(Z)YX(C)
-    from the layer's dimensionality (RGB layers keep their colours)."""
+    """The ImageSource of an image layer: its full-resolution data (level 0 of a pyramid),
+    with axes (T)(Z)YX(C).
+
+    The axes come from the layer's axis labels when they are axis letters (napari-ome-zarr
+    gives the OME-Zarr's own), else from its dimensionality; RGB layers keep their colours.
+    A layer read from a Zarr store (an OME-Zarr opened with napari-ome-zarr, say) is read
+    through that store, so the embedding cache is the one beside it that ``napari-sam
+    embed`` fills, and is shared with the command line.
+    """
     data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
     spatial = layer.ndim
     if spatial < 2 or spatial > 4:
         raise ValueError(f"layer {layer.name!r} has {spatial} dimensions: SAM segments 2D planes of 2D to 4D images")
-    axes = "TZ"[2 - (spatial - 2) :] + "YX" + ("C" if layer.rgb else "")
-    return ImageSource(data, axes)
+    axes = _layer_axes(layer) or "TZ"[2 - (spatial - 2) :] + "YX"
+    axes += "C" if layer.rgb else ""
+    stored, path = _stored_array(layer, data)
+    return ImageSource(data if stored is None else stored, axes, path=path)
+
+
+def _layer_axes(layer) -> str | None:
+    """The layer's axis labels as our letters, when they name the axes (t, z, y, x)."""
+    labels = [str(a).upper() for a in getattr(layer, "axis_labels", ())]
+    axes = "".join(labels)
+    if len(labels) == layer.ndim and all(len(a) == 1 for a in labels) and axes.endswith("YX") \
+            and set(axes) <= set("TZYX") and len(set(axes)) == len(axes):
+        return axes
+    return None
+
+
+def _stored_array(layer, data) -> tuple:
+    """(zarr array, path) of the store the layer was read from when it holds exactly the
+    layer's full-resolution data, else (None, None)."""
+    from ..core.io import read_image
+
+    path = getattr(getattr(layer, "source", None), "path", None)
+    if not path or not os.path.isdir(path):  # only a Zarr folder is opened lazily; a file would be read whole
+        return None, None
+    try:
+        stored = read_image(path)
+    except (ValueError, OSError):  # a file format we do not read, or not there any more
+        return None, None
+    if not hasattr(stored, "store_path") or tuple(stored.shape) != tuple(data.shape) \
+            or np.dtype(stored.dtype) != np.dtype(data.dtype):
+        return None, None  # a TIFF held in memory, or one channel of a multichannel store
+    return stored, path
 
 
 def image_layer_of(viewer, image_layer=None):

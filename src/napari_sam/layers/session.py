@@ -100,12 +100,20 @@ class ViewerSession:
 
         image_layer = image_layer_of(viewer, image_layer)
         labels_layer = labels if isinstance(labels, Labels) else None
+        if labels_layer is not None and labels_layer.multiscale:
+            raise ValueError(f"the Labels layer {labels_layer.name!r} is a pyramid, which napari reads but cannot "
+                             "write: to continue an OME-Zarr label image, open it with "
+                             "napari_sam.core.ngff.open_label_image and pass that as labels")
         if annotator is None:
             annotator = Annotator(source_from_layer(image_layer), model, labels_layer.data if labels_layer else labels,
                                   **kwargs)
         if labels_layer is None:
-            labels_layer = viewer.add_labels(annotator.labels, name=LABELS, scale=image_layer.scale,
-                                             translate=image_layer.translate, units=image_layer.units)
+            # An NGFF label image comes with its pyramid: napari then shows the level that
+            # suits the zoom, as it does for the image, instead of loading whole full-size planes.
+            levels = annotator.label_levels
+            labels_layer = viewer.add_labels(levels if len(levels) > 1 else levels[0], multiscale=len(levels) > 1,
+                                             name=LABELS, scale=image_layer.scale, translate=image_layer.translate,
+                                             units=image_layer.units)
         points, boxes, preview = add_session_layers(viewer, image_layer,
                                                     max(4.0, 0.015 * max(annotator.source.plane_shape)))
         session = cls(viewer, image_layer, annotator, points, boxes, labels_layer, preview, run, overwrite)
