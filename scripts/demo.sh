@@ -9,16 +9,26 @@
 # docs/default_model.md). NAPARI_SAM_MODEL picks another: a registry name such as vit_b_lm
 # (micro-sam's light-microscopy model, downloaded once; use it for real work) or a
 # checkpoint file.
+# The headless job needs only the core install; the viewer job adds the napari extra
+# (napari, a Qt binding, magicgui; docs/install.md), also into a .venv made headless before.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
+viewer=0
+if [ "${1:-}" != "--headless" ] && [ -n "${DISPLAY:-}" ]; then
+  viewer=1
+fi
 if [ ! -x .venv/bin/napari-sam ]; then
   "$python" -m venv .venv
   .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q torch==2.13.0 -e ".[gui]"
+  .venv/bin/pip install -q torch==2.13.0 -e .
 fi
 model=${NAPARI_SAM_MODEL:-default}
-if [ "${1:-}" != "--headless" ] && [ -n "${DISPLAY:-}" ]; then
+if [ "$viewer" = 1 ]; then
+  # the package's own check: it fails, without importing Qt, when the extra is missing
+  if ! .venv/bin/python -c "import napari_sam._qt" 2>/dev/null; then
+    .venv/bin/pip install -q torch==2.13.0 -e ".[napari]"
+  fi
   exec .venv/bin/napari-sam annotate --sample nuclei_2d --model "$model" --start
 fi
 out=${2:-nuclei_labels.tif}

@@ -22,10 +22,17 @@ OUT = Path(__file__).resolve().parents[1] / "docs" / "images"
 DATA = Path(__file__).resolve().parents[1] / "src" / "napari_sam" / "_data"
 
 
-def mosaic(tile: np.ndarray, n: int = 4) -> np.ndarray:
-    """An n x n mosaic of mirrored copies: seamless, and no copy sits the same way as its neighbours."""
-    rows = [np.concatenate([tile[:, ::-1] if j % 2 else tile for j in range(n)], axis=1) for _ in range(n)]
-    return np.concatenate([r[::-1] if i % 2 else r for i, r in enumerate(rows)], axis=0)
+def mosaic(tile: np.ndarray, n: int = 4, labels: bool = False) -> np.ndarray:
+    """An n x n mosaic of mirrored copies: seamless, and no copy sits the same way as its
+    neighbours; for a label image each copy's ids are made its own."""
+    step = int(tile.max()) + 1 if labels else 0
+
+    def copy(i: int, j: int) -> np.ndarray:
+        t = tile[::-1] if i % 2 else tile
+        t = t[:, ::-1] if j % 2 else t
+        return np.where(t > 0, t.astype(np.int64) + (i * n + j) * step, 0) if labels else t
+
+    return np.concatenate([np.concatenate([copy(i, j) for j in range(n)], axis=1) for i in range(n)], axis=0)
 
 
 def main(out: Path = OUT) -> None:
@@ -40,7 +47,7 @@ def main(out: Path = OUT) -> None:
     from napari_sam.core.prompt_simulation import interior_point
 
     image = mosaic(tifffile.imread(DATA / "nuclei_2d.tif"))
-    truth = mosaic(tifffile.imread(DATA / "nuclei_2d_labels.tif"))
+    truth = mosaic(tifffile.imread(DATA / "nuclei_2d_labels.tif"), labels=True)
     folder = Path(tempfile.mkdtemp(prefix="napari-sam-omezarr-"))
     path = folder / "nuclei_mosaic.ome.zarr"
     root = zarr.open_group(str(path), mode="w", zarr_format=3)
@@ -84,17 +91,18 @@ def main(out: Path = OUT) -> None:
     # one click per nucleus of the top-left quarter, as a user would annotate a region
     quarter = truth[:1024, :1024]
     ids = [i for i in np.unique(quarter) if i and (quarter == i).sum() > 150]
-    for k, i in enumerate(ids):
-        x, y = interior_point(truth == i)
+    for i in ids:
+        x, y = interior_point(quarter == i)
         session.points_layer.add(np.array([[y, x]]))
         settle(lambda: session.preview_is_current() and idle())
         widget.commit.clicked()
-        settle(lambda k=k: idle() and len(session.annotator.writer.history) == k + 1)
+        # a commit clears the plane's prompts (the undo history is capped, so not counted)
+        settle(lambda: idle() and len(session.points_layer.data) == 0)
     print(f"committed {len(ids)} nuclei into {path}/labels/napari-sam")
     viewer.layers.selection.active = session.labels_layer
     viewer.reset_view()
     grab("ome_zarr_zoomed_out.png")
-    viewer.scene.camera.center = (300, 300)
+    viewer.scene.camera.center = (512, 512)
     viewer.scene.camera.zoom = 3.0
     grab("ome_zarr_zoomed_in.png")
     viewer.close()

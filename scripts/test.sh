@@ -3,6 +3,10 @@
 # Creates .venv, installs the package with its test extras (CPU torch 2.13.0), installs the
 # system libraries napari needs headless (Xvfb, Mesa; only as root, only when missing), and
 # runs pytest under a virtual display. Extra arguments go to pytest.
+# The test extra holds everything the suite needs: the napari and bioimageio extras, pytest,
+# pytest-qt, ruff, mypy, hypothesis. tests/test_install.py also installs the core alone into
+# a fresh venv (about two minutes, from the same package index); NAPARI_SAM_SKIP_INSTALL_TEST=1
+# skips it where no index is reachable.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)

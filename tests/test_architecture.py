@@ -30,12 +30,13 @@ LAYERS = {
     # evaluation runs the automatic modes and the classical baseline it owns
     "evaluate": {"core", "model", "auto"},
     "api": {"core", "model", "weights"},
-    "layers": {"api", "core", "model", "auto"},
-    "_qt": {"layers", "api", "core", "model", "weights", "train", "auto"},
-    "cli": {"api", "core", "model", "weights", "train", "auto", "evaluate"},
+    "layers": {"api", "core", "model", "auto", "_extras"},
+    "_qt": {"layers", "api", "core", "model", "weights", "train", "auto", "_extras"},
+    "cli": {"api", "core", "model", "weights", "train", "auto", "evaluate", "_extras"},
     "_sample_data": set(),
     "__init__": {"_lazy"},  # names resolve lazily; checked by the subprocess tests below
     "_lazy": set(),  # the lazy-name mechanism of the package and its subpackages
+    "_extras": set(),  # which optional dependencies the viewer parts need, and the pip line
 }
 """Each layer and the layers it may import (besides itself)."""
 

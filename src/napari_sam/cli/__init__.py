@@ -59,7 +59,7 @@ def _one_line(err: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
-    from . import cache, learning, registry, segment, viewer
+    from . import cache, learning, registry, segment, share, viewer
     from .parser import build_parser
 
     args = build_parser().parse_args(argv)
@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         "annotate": viewer.annotate,
         "models": registry.models,
         "download": registry.download,
+        "export": share.export_package,
+        "import": share.import_package,
     }
     try:
         return handlers[args.command](args)

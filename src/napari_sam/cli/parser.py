@@ -19,6 +19,22 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_output_args(p: argparse.ArgumentParser, never: str) -> None:
+    """--out and/or --labels-into: where the labels go (one of them is required)."""
+    p.add_argument("--out", help=f"label image to write: .tif, .zarr or .npy, in an existing folder; never {never} "
+                   "(give --out, --labels-into, or both)")
+    p.add_argument("--labels-into", metavar="IMAGE.ome.zarr",
+                   help="write the labels into this OME-Zarr image (NGFF 0.4 or 0.5) as the label image "
+                   "labels/NAME, with one resolution level per image level (same shapes without C, same scales), "
+                   "so OME-Zarr viewers show them over the image; the segmented image itself or another OME-Zarr of "
+                   "the same shape. Only labels/NAME is added: the image's arrays and metadata stay as they are")
+    p.add_argument("--label-name", metavar="NAME",
+                   help="name of the label image under labels/ for --labels-into (default: napari-sam)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it exists (a .tif/.npy file, or a .zarr label array napari-sam wrote; "
+                   "never another folder or Zarr group), and an existing label image labels/NAME of --labels-into")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="napari-sam", description="Segment Anything for microscopy.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -36,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Objects get ids 1, 2, ... in order and never overwrite each other. --mode auto: a grid of point "
         "prompts on every plane, filtered by predicted IoU and stability, duplicates removed; planes of a "
         "volume are linked into 3D objects. --mode boxes: boxes from a classical detector (Otsu or LoG), "
-        "each turned into one object.",
+        "each turned into one object. The labels go to --out (a file) and/or, with --labels-into, into an "
+        "OME-Zarr image as the NGFF label image labels/NAME (in --mode prompts a volume gets the objects on its "
+        "--plane).",
     )
     seg.add_argument("--mode", choices=["prompts", "auto", "boxes"], default="prompts")
     seg.add_argument("--points-per-side", type=int, default=32, help="auto mode: grid density per tile")
@@ -56,11 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--plane", type=int, nargs="*", default=[], metavar="I",
                      help="index of the 2D plane in a 3D/4D image (leading axes)")
     seg.add_argument("--channel", type=int, help="channel to use in a multichannel image (channels last)")
-    seg.add_argument("--out", required=True, help="label image to write: .tif, .zarr or .npy, in an existing folder; "
-                     "never an input")
-    seg.add_argument("--overwrite", action="store_true",
-                     help="replace --out if it exists: a .tif/.npy file, or a .zarr label array napari-sam wrote "
-                     "(never another folder or Zarr group)")
+    _add_output_args(seg, "an input")
     emb = sub.add_parser(
         "embed",
         help="compute the SAM embeddings of every plane (tile by tile) into a Zarr cache",
@@ -94,15 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="follow annotated objects through the planes of a volume (Z, or T)",
         description="SEEDS is a label image of the volume's shape in which each object is drawn on at least one "
         "plane; every object is propagated from the plane where it is largest, both ways, and written under its "
-        "id. Other objects are never overwritten. The result goes to --out (SEEDS is left as it is).",
+        "id. Other objects are never overwritten. The result goes to --out and/or into an OME-Zarr image with "
+        "--labels-into (SEEDS is left as it is).",
     )
     prop.add_argument("image", help="the volume: Zarr, TIFF or .npy")
     prop.add_argument("seeds", help="label image with the objects to propagate")
     _add_model_args(prop)
-    prop.add_argument("--out", required=True, help="label image to write: .tif, .zarr or .npy, in an existing folder; "
-                      "never the image or the seeds")
-    prop.add_argument("--overwrite", action="store_true",
-                      help="replace --out if it exists: a .tif/.npy file, or a .zarr label array napari-sam wrote")
+    _add_output_args(prop, "the image or the seeds")
     prop.add_argument("--axes", help="axis letters from TZCYX (default: guessed)")
     prop.add_argument("--channel", type=int, help="channel to use when the image has a C axis")
     prop.add_argument("--axis", choices=["Z", "T"], help="plane axis to follow (default: the innermost)")
@@ -171,4 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     info.add_argument("cache")
     info.add_argument("--verify", action="store_true", help="read every tile against its checksum (slow)")
+
+    from .share import add_share_commands
+
+    add_share_commands(sub)
     return parser

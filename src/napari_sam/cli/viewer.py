@@ -1,4 +1,4 @@
-"""``napari-sam annotate``: napari with an image and the dock widget."""
+"""``napari-sam annotate``: napari with an image and the dock widget (the ``napari`` extra)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,13 @@ __all__ = ["annotate"]
 
 
 def annotate(args) -> int:
+    from .._extras import require
+    from . import UsageError
+
+    try:
+        require("the viewer", ("napari", "magicgui", "qtpy"), qt=True)
+    except ImportError as err:  # a request this installation cannot serve: one line, exit 2
+        raise UsageError(str(err)) from None
     import napari
 
     viewer = napari.Viewer(title="napari-sam")

@@ -83,6 +83,17 @@ MODEL_ENV_VAR = "NAPARI_SAM_MODEL"
 checkpoint file)."""
 
 
+def _is_bioimageio_package(path: Path) -> bool:
+    """A zip whose top level holds a bioimage.io description (a torch checkpoint is a zip too)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return bool({"rdf.yaml", "bioimageio.yaml"} & set(archive.namelist()))
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
 def _resolve_checkpoint(name_or_path: str | os.PathLike) -> tuple[str, Path]:
     from ..weights import REGISTRY, fetch_checkpoint
 
@@ -95,6 +106,9 @@ def _resolve_checkpoint(name_or_path: str | os.PathLike) -> tuple[str, Path]:
         return text, Path(fetch_checkpoint(text))
     path = Path(text).expanduser()
     if path.is_file():
+        if _is_bioimageio_package(path):
+            raise ValueError(f"{path} is a bioimage.io model package: turn it into a checkpoint first with "
+                             f"`napari-sam import {path} --out model.pth` (napari_sam.train.import_bioimageio)")
         return path.name, path
     if path.exists():
         raise ValueError(f"{path} is not a checkpoint file")

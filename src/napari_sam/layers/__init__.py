@@ -5,9 +5,17 @@
 and nowhere else); :mod:`~napari_sam.layers.session` drives an
 :class:`~napari_sam.api.Annotator` from them. :func:`attach` is the entry point from the
 napari console.
+
+It needs napari (the ``napari`` extra); without it, importing this package fails at once
+with one line that says so and gives the command that installs it.
 """
 
-from .prompt_layers import source_from_layer
-from .session import KEYS, ViewerSession, attach
+from .._extras import require
+
+require("napari_sam.layers", ("napari",))
+
+# after the check, so that a missing napari is reported by it and not by a submodule
+from .prompt_layers import source_from_layer  # noqa: E402
+from .session import KEYS, ViewerSession, attach  # noqa: E402
 
 __all__ = ["KEYS", "ViewerSession", "attach", "source_from_layer"]

@@ -57,6 +57,9 @@ _LAZY = {
     "CHECKPOINT_FORMAT": "checkpoints",
     "optimizer_state_path": "checkpoints",
     "train": "run",
+    "export_bioimageio": "bioimageio",
+    "validate_bioimageio": "bioimageio",
+    "import_bioimageio": "bioimageio_import",
 }
 
 __all__ = sorted(_LAZY)
