@@ -9,7 +9,6 @@ before Start, a click with its preview, and the slice after several commits.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ OUT = Path(__file__).resolve().parents[1] / "docs" / "images"
 def main() -> None:
     import napari
     import tifffile
+    import window_grabs
     from qtpy.QtWidgets import QApplication
 
     from napari_sam._qt.widget import SamWidget
@@ -36,28 +36,11 @@ def main() -> None:
     widget = SamWidget(viewer)
     viewer.window.add_dock_widget(widget, name="Segment Anything")
 
-    def settle(condition=lambda: True, timeout=120.0):
-        end = time.monotonic() + timeout
-        while not condition() or time.monotonic() < end - timeout + 0.5:
-            if time.monotonic() > end:
-                raise TimeoutError("napari did not finish in time")
-            app.processEvents()
-            time.sleep(0.01)
+    def settle(condition=lambda: True):
+        window_grabs.settle(app, condition)
 
     def grab(name: str) -> None:
-        settle()
-        # napari's toasts (here: its PyQt5 deprecation notice) would cover the canvas
-        from napari._qt.dialogs.qt_notification import NapariQtNotification
-
-        for toast in viewer.window._qt_window.findChildren(NapariQtNotification):
-            toast.close()
-        settle()
-        path = OUT / name
-        viewer.window.screenshot(str(path), canvas_only=False)
-        # a 128-colour palette keeps each grab at about a quarter of a megabyte
-        from PIL import Image
-
-        Image.open(path).convert("RGB").quantize(colors=128).save(path, optimize=True)
+        path = window_grabs.grab(app, viewer, OUT / name)
         print(f"wrote {path} ({path.stat().st_size // 1024} KiB)")
 
     settle()

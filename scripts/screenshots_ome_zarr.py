@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +37,7 @@ def mosaic(tile: np.ndarray, n: int = 4, labels: bool = False) -> np.ndarray:
 def main(out: Path = OUT) -> None:
     import napari
     import tifffile
+    import window_grabs
     import zarr
     from ome_zarr.format import FormatV05
     from ome_zarr.writer import write_image
@@ -60,26 +60,11 @@ def main(out: Path = OUT) -> None:
     widget = SamWidget(viewer)
     viewer.window.add_dock_widget(widget, name="Segment Anything")
 
-    def settle(condition=lambda: True, timeout=180.0):
-        end = time.monotonic() + timeout
-        while not condition() or time.monotonic() < end - timeout + 0.5:
-            if time.monotonic() > end:
-                raise TimeoutError("napari did not finish in time")
-            app.processEvents()
-            time.sleep(0.01)
+    def settle(condition=lambda: True):
+        window_grabs.settle(app, condition)
 
     def grab(name: str) -> None:
-        settle()
-        from napari._qt.dialogs.qt_notification import NapariQtNotification
-
-        for toast in viewer.window._qt_window.findChildren(NapariQtNotification):
-            toast.close()
-        settle()
-        target = out / name
-        viewer.window.screenshot(str(target), canvas_only=False)
-        from PIL import Image
-
-        Image.open(target).convert("RGB").quantize(colors=128).save(target, optimize=True)
+        target = window_grabs.grab(app, viewer, out / name)
         print(f"wrote {target} ({target.stat().st_size // 1024} KiB); labels shown at pyramid level "
               f"{widget.session.labels_layer.data_level}, image at level {viewer.layers[0].data_level}")
 

@@ -115,6 +115,8 @@ def test_outputs_are_required_and_checked_before_the_model_loads(tmp_path, no_mo
          "vol.tif is not an OME-Zarr image"),
         (["segment", path, "--point", 3, 3, "--plane", 1, "--labels-into", path, "--label-name", "a/b"],
          "label image name 'a/b'"),
+        (["segment", path, "--point", 3, 3, "--plane", 1, "--labels-into", path, "--label-name", ""],
+         "label image name ''"),  # not the default name in disguise
         (["segment", tmp_path / "vol.tif", "--point", 3, 3, "--plane", 1, "--labels-into", other],
          "labels of shape (3, 64, 64) do not fit"),
     ]
@@ -161,3 +163,34 @@ def test_boxes_propagate_and_a_prompted_plane_go_into_a_volume(tmp_path, tiny_ch
     group = zarr.open_group(str(path / "labels"), mode="r")
     assert sorted((dict(group.attrs).get("ome") or dict(group.attrs))["labels"]) == ["boxes", "napari-sam"]
     assert image_files(path) == before
+
+
+def test_add_annotates_a_volume_plane_by_plane_keeping_earlier_objects(tmp_path, tiny_checkpoint, nuclei_3d, capsys):
+    image, _ = nuclei_3d
+    path = make_image(tmp_path / "vol.ome.zarr", image[40:43, :64, :64], "zyx")
+    before = image_files(path)
+    model = ["--model", str(tiny_checkpoint), "--dtype", "float32"]
+
+    def add(plane: int, box: list[int]) -> int:
+        return main(["segment", str(path), *model, "--plane", str(plane), "--box", *map(str, box),
+                     "--labels-into", str(path), "--add"])
+
+    assert add(0, [5, 5, 30, 30]) == 0  # creates labels/napari-sam
+    assert add(2, [10, 10, 40, 40]) == 0
+    assert add(0, [35, 35, 60, 60]) == 0  # the same plane again: the first object stays
+    out = capsys.readouterr().out
+    assert "as ids [1]" in out and "as ids [2]" in out and "as ids [3]" in out
+    levels, node, _ = read_labels(path)
+    full = levels[0]
+    assert set(np.unique(full[0])) == {0, 1, 3} and set(np.unique(full[2])) == {0, 2} and not full[1].any()
+    assert_pyramid(levels, node)
+    assert image_files(path) == before
+    # --add needs --labels-into, prompts, and no --overwrite: one line each, nothing written
+    for extra in (["--overwrite"], ["--mode", "boxes"]):
+        assert main(["segment", str(path), *model, "--plane", "1", "--box", "5", "5", "30", "30",
+                     "--labels-into", str(path), "--add", *extra]) == 2
+        assert "--add" in capsys.readouterr().err
+    assert main(["segment", str(path), *model, "--plane", "1", "--box", "5", "5", "30", "30",
+                 "--out", str(tmp_path / "x.tif"), "--add"]) == 2
+    assert not (tmp_path / "x.tif").exists()
+    np.testing.assert_array_equal(read_labels(path)[0][0], full)

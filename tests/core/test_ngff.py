@@ -454,3 +454,68 @@ def test_an_interrupted_create_leaves_nothing_under_the_name_and_leftovers_are_c
     assert np.asarray(open_label_image(path, "cells").data[...]).min() == 2  # put back
     _, nodes = read_back(path)
     assert sorted(nodes) == ["cells", "other"]
+
+
+def _cut_between_renames(path: Path, name: str) -> Path:
+    """Leave ``labels/<name>`` as a writer killed between the two renames of its replacement
+    leaves it: moved aside into that dead writer's staging folder, the name empty."""
+    from napari_sam.core.staging import PREFIX, _host_tag
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    cut = path / "labels" / f"{PREFIX}.{_host_tag()}.{int(dead.stdout)}.-1.cut"
+    cut.mkdir()
+    os.replace(path / "labels" / name, cut / f".old.{name}")
+    return cut
+
+
+def test_a_label_image_cut_off_mid_replacement_is_put_back_and_never_replaced_unasked(tmp_path):
+    from napari_sam.core.staging import make_staging, swap_in
+
+    path = make_image(tmp_path, "0.5", "zyx")
+    write_label_image(path, "cells", np.full((4, 48, 64), 2, np.uint8))
+    # reopened to continue: the old label image, not a new empty one in its place
+    cut = _cut_between_renames(path, "cells")
+    label = open_label_image(path, "cells")
+    assert not cut.exists() and np.asarray(label.data[...]).min() == 2
+    # a whole write without overwrite: refused, as if the writer had never been cut off
+    _cut_between_renames(path, "cells")
+    with pytest.raises(FileExistsError, match=r"labels/cells exists; pass --overwrite"):
+        write_label_image(path, "cells", np.zeros((4, 48, 64), np.uint8))
+    assert np.asarray(open_label_image(path, "cells").data[...]).min() == 2
+    # a name taken after the caller looked is not replaced either
+    staging = make_staging(path / "labels")
+    (staging / "cells").mkdir()
+    with pytest.raises(FileExistsError, match="appeared while napari-sam was writing it"):
+        swap_in(staging, "cells")
+    assert (staging / "cells").is_dir() and np.asarray(open_label_image(path, "cells").data[...]).min() == 2
+
+
+def test_replacing_a_label_image_that_cannot_be_moved_is_refused_before_any_work(tmp_path, monkeypatch):
+    import napari_sam.core.io as io
+
+    path = make_image(tmp_path, "0.4", "zyx")
+    write_label_image(path, "cells", np.full((4, 48, 64), 2, np.uint8))
+    target = path / "labels" / "cells"
+    make = io.tempfile.mkstemp
+
+    def read_only_label_image(*args, dir=None, **kwargs):  # the label image's folder is read-only
+        if Path(dir) == target:
+            raise PermissionError(13, "Permission denied")
+        return make(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(io.tempfile, "mkstemp", read_only_label_image)
+    with pytest.raises(PermissionError, match="cannot write in the folder .*labels/cells"):
+        check_label_target(path, "cells", shape=(4, 48, 64), overwrite=True)
+    with pytest.raises(PermissionError, match="cannot write in the folder .*labels/cells"):
+        write_label_image(path, "cells", np.zeros((4, 48, 64), np.uint8), overwrite=True)
+    assert np.asarray(open_label_image(path, "cells").data[...]).min() == 2
+
+
+def test_level_factors_believe_the_shapes_when_a_declared_scale_contradicts_them():
+    from napari_sam.core.label_pyramid import level_factors
+
+    shapes = [(1001, 777), (500, 388), (250, 194)]
+    # conforming: the declared ratios are used as they are (2.002..., not 2)
+    assert level_factors(shapes, [(1.0, 1.0), (2.002, 2.0026), (4.004, 4.005)])[1] == (2.002, 2.0026)
+    # every level declared at scale 1: a crop of level 0 would follow; the shapes decide instead
+    assert level_factors(shapes, [(1.0, 1.0)] * 3)[2] == (round(1001 / 250, 9), round(777 / 194, 9))

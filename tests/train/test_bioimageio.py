@@ -182,7 +182,9 @@ def test_trained_checkpoint_round_trip(trained, package, nuclei_2d, tmp_path):
     back = import_bioimageio(package, tmp_path / "back.pth")
     original = load_model(trained, device="cpu", dtype="float32")
     imported = load_model(back, device="cpu", dtype="float32")
-    assert imported.metadata == original.metadata and imported.metadata["training"]["steps"] == 2
+    # the metadata come back as they were, with the package's licence and authors added
+    assert imported.metadata == {**original.metadata, "license": "CC-BY-4.0", "authors": ["Ada Tester"]}
+    assert imported.metadata["training"]["steps"] == 2
     assert imported.config == original.config
     assert imported.state_dict().keys() == original.state_dict().keys()
     assert all(torch.equal(v, original.state_dict()[k]) for k, v in imported.state_dict().items())
@@ -278,7 +280,7 @@ def test_import_refuses_bad_packages(package, tmp_path):
     with zipfile.ZipFile(package) as archive:
         weights = archive.read("weights.pt")
     import_bioimageio(with_weights("foreign_sam.zip", weights), out)
-    assert read_checkpoint(out).metadata == {}
+    assert read_checkpoint(out).metadata == {"license": rdf_of(package)["license"], "authors": ["Ada Tester"]}
     with pytest.raises(FileExistsError, match="overwrite"):
         import_bioimageio(package, out)
 
@@ -304,7 +306,12 @@ def test_cli_export_and_import(trained, package, tmp_path, capsys, monkeypatch):
                  "--name", "tuned nuclei"]) == 0
     assert rdf_of(out)["name"] == "tuned nuclei" and rdf_of(out)["license"] == "MIT"
     assert main(["import", str(out), "--out", str(tmp_path / "cli.pth")]) == 0
-    assert read_checkpoint(tmp_path / "cli.pth").metadata == read_checkpoint(trained).metadata
+    assert read_checkpoint(tmp_path / "cli.pth").metadata == {**read_checkpoint(trained).metadata, "license": "MIT",
+                                                                "authors": ["Ada"]}
+    # exported again, the model keeps its licence and authors without being told
+    assert main(["export", str(tmp_path / "cli.pth"), "--out", str(tmp_path / "again.zip")]) == 0
+    assert rdf_of(tmp_path / "again.zip")["license"] == "MIT"
+    assert rdf_of(tmp_path / "again.zip")["authors"] == [{"name": "Ada"}]
     capsys.readouterr()
 
     def one_line(argv, *words):

@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="index of the 2D plane in a 3D/4D image (leading axes)")
     seg.add_argument("--channel", type=int, help="channel to use in a multichannel image (channels last)")
     _add_output_args(seg, "an input")
+    seg.add_argument("--add", action="store_true",
+                     help="--mode prompts with --labels-into: add the objects to the label image labels/NAME if it "
+                     "exists (next free ids; its objects' pixels are kept), so a volume can be annotated plane by "
+                     "plane in several runs; created if missing")
     emb = sub.add_parser(
         "embed",
         help="compute the SAM embeddings of every plane (tile by tile) into a Zarr cache",

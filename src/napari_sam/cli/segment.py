@@ -3,6 +3,7 @@ file (--out) and/or into an OME-Zarr image as an NGFF label image (--labels-into
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import time
 from pathlib import Path
@@ -41,6 +42,11 @@ DEFAULT_LABEL_NAME = "napari-sam"
 """The label image that --labels-into writes when --label-name is not given."""
 
 
+def _label_name(args) -> str:
+    # an empty --label-name is refused by the name check, not replaced by the default
+    return DEFAULT_LABEL_NAME if args.label_name is None else args.label_name
+
+
 def _check_out(args) -> None:
     """--out, checked before any work; one of --out and --labels-into is required."""
     from ..core.io import check_output
@@ -54,13 +60,52 @@ def _check_out(args) -> None:
         check_output(args.out, _inputs(args), overwrite=args.overwrite)
 
 
+def _adding(args) -> bool:
+    """Whether objects are added to an existing label image (--add) rather than written anew."""
+    if not getattr(args, "add", False):
+        return False
+    if args.labels_into is None or args.mode != "prompts":
+        raise UsageError("--add adds prompted objects to a label image: it needs --labels-into and --mode prompts")
+    if args.overwrite:
+        raise UsageError("--add keeps the label image's objects and --overwrite replaces the label image: "
+                         "give one of them")
+    return True
+
+
 def _check_labels_into(args, shape: tuple[int, ...]) -> None:
     """--labels-into, checked before the model loads: an OME-Zarr image whose labels have ``shape``."""
-    from ..core.ngff import check_label_target
+    from ..core.ngff import check_label_target, open_label_image
 
-    if args.labels_into is not None:
-        check_label_target(args.labels_into, args.label_name or DEFAULT_LABEL_NAME, shape=shape,
-                           overwrite=args.overwrite)
+    if args.labels_into is None:
+        return
+    name = _label_name(args)
+    if _adding(args) and (Path(args.labels_into).expanduser() / "labels" / name).exists():
+        # continued, not replaced: opening it checks that it is a label image that fits the image
+        open_label_image(args.labels_into, name, create=False)
+        return
+    check_label_target(args.labels_into, name, shape=shape, overwrite=args.overwrite)
+
+
+def _add_objects(args, labels, index: tuple[int, ...]) -> None:
+    """--add: commit the plane's objects into labels/NAME under its next free ids."""
+    import numpy as np
+
+    from ..core.labels import LabelWriter
+    from ..core.masks import PlaneMask
+    from ..core.ngff import open_label_image
+
+    image = open_label_image(args.labels_into, _label_name(args))
+    writer = LabelWriter(image.data, on_write=image.update)
+    masks = [PlaneMask.from_full(labels == i) for i in np.unique(labels) if i]
+    if not masks:
+        print(f"nothing added to {image.container}: every prompt gave an empty mask")
+        return
+    commit = writer.commit(index, masks)
+    kept = sum(m.area for m in masks) - sum(commit.pixels)
+    note = f" ({kept} px kept for objects already there)" if kept else ""
+    where = f" (plane {index})" if index else ""
+    print(f"added {sum(1 for i in commit.ids if i)} object(s) as ids {[i for i in commit.ids if i]} to the label "
+          f"image {image.path.relative_to(image.container)} of {image.container}{where}{note}")
 
 
 def _write(args, labels, what: str, note: str = "", plane: tuple[int, ...] | None = None) -> None:
@@ -72,7 +117,7 @@ def _write(args, labels, what: str, note: str = "", plane: tuple[int, ...] | Non
         out = write_labels(args.out, labels, overwrite=args.overwrite, inputs=_inputs(args))
         print(f"wrote {what} to {out}{note}")
     if args.labels_into is not None:
-        image = write_label_image(args.labels_into, args.label_name or DEFAULT_LABEL_NAME, labels,
+        image = write_label_image(args.labels_into, _label_name(args), labels,
                                   overwrite=args.overwrite, plane=plane or None)
         where = f" (plane {plane})" if plane else ""
         print(f"wrote {what} into {image.container} as the label image {image.path.relative_to(image.container)}"
@@ -134,6 +179,12 @@ def segment(args) -> int:
         print(f"object {i}: {written} px{kept}, predicted IoU {found.iou:.3f}")
     # Ids follow the prompts' order, so an empty prompt leaves its id unused.
     note = f"; prompt(s) {', '.join(map(str, empty))} gave an empty mask (no id written)" if empty else ""
+    if _adding(args):
+        _add_objects(args, labels, index)
+        if args.out is not None:  # the file gets this run's objects, as without --add
+            _write(argparse.Namespace(**{**vars(args), "labels_into": None}), labels,
+                   f"{len(objects) - len(empty)} object(s)", note)
+        return 0
     _write(args, labels, f"{len(objects) - len(empty)} object(s)", note, plane=index)
     return 0
 

@@ -59,8 +59,9 @@ def level_factors(shapes: Sequence[Sequence[int]], scales: Sequence[Sequence[flo
     Returns
     -------
     list of tuple of float
-        Level-k scale / level-0 scale per axis; where a scale is missing or zero, the
-        shape ratio (level-0 size / level-k size) stands in. Rounded to 9 decimals, so that
+        Level-k scale / level-0 scale per axis; where a scale is missing or zero, or
+        disagrees with the shapes by more than a level-k pixel, the shape ratio (level-0
+        size / level-k size) stands in. Rounded to 9 decimals, so that
         a ratio such as 0.3 / 0.1 reads 3, not 2.9999999999999996.
     """
     base = scales[0]
@@ -68,10 +69,13 @@ def level_factors(shapes: Sequence[Sequence[int]], scales: Sequence[Sequence[flo
     for shape, scale in zip(shapes, scales):
         factors = []
         for axis, (n0, n) in enumerate(zip(shapes[0], shape)):
+            f = n0 / n if n else 1.0
             if scale is not None and base is not None and base[axis] and scale[axis]:
-                f = float(scale[axis]) / float(base[axis])
-            else:
-                f = n0 / n if n else 1.0
+                declared = float(scale[axis]) / float(base[axis])
+                # A declared scale that the shapes contradict (every level at scale 1, say)
+                # would make a lower level a crop of level 0: the shapes are believed then.
+                if abs(n * declared - n0) <= max(declared, 1.0):
+                    f = declared
             factors.append(round(f, 9))
         out.append(tuple(factors))
     return out

@@ -127,10 +127,20 @@ def _check_writable(image: OmeZarrImage) -> None:
     check_folder_writable(folder if folder.is_dir() else image.path)
 
 
+def _settle(image: OmeZarrImage) -> None:
+    """Put back what a dead writer left moved aside (see :mod:`~napari_sam.core.staging`)
+    before a name under ``labels/`` is looked at: a label image cut off between the two
+    renames of its replacement then counts as existing, and is never replaced unasked."""
+    folder = image.path / "labels"
+    if folder.is_dir():
+        clean_staging(folder)
+
+
 def _check_target(image: OmeZarrImage, name: str, shape: Sequence[int] | None, overwrite: bool) -> Path:
     if shape is not None and tuple(int(n) for n in shape) != image.label_shape:
         raise ValueError(f"labels of shape {tuple(shape)} do not fit the OME-Zarr image {image.path}: its label "
                          f"images have shape {image.label_shape} (axes {image.label_axes})")
+    _settle(image)
     target = image.path / "labels" / name
     if target.exists() or target.is_symlink():
         if not overwrite:
@@ -138,6 +148,7 @@ def _check_target(image: OmeZarrImage, name: str, shape: Sequence[int] | None, o
         if target.is_symlink() or not ((target / "zarr.json").is_file() or (target / ".zgroup").is_file()):
             raise ValueError(f"{target} is not a label image (a link, a file or a folder without a Zarr group): "
                              "--overwrite never deletes it; remove it yourself or choose another name")
+        check_folder_writable(target)  # a folder is moved aside only when it can be written (its '..' changes)
     _check_writable(image)
     return target
 
@@ -212,6 +223,7 @@ def open_label_image(image_path: str | os.PathLike, name: str, *, create: bool =
 
     _check_name(name)
     image = read_ome_zarr(image_path)
+    _settle(image)
     target = image.path / "labels" / name
     if (target.exists() or target.is_symlink()) and not overwrite:
         try:
@@ -231,7 +243,7 @@ def open_label_image(image_path: str | os.PathLike, name: str, *, create: bool =
     _check_target(image, name, None, overwrite)
     if np.dtype(dtype).kind != "u":
         raise ValueError(f"label images have an unsigned integer dtype, not {np.dtype(dtype)}")
-    return _create(image, name, np.dtype(dtype), chunks)
+    return _create(image, name, np.dtype(dtype), chunks, replace=overwrite)
 
 
 def write_label_image(image_path: str | os.PathLike, name: str, labels: np.ndarray, *, overwrite: bool = False,
@@ -298,13 +310,14 @@ def write_label_image(image_path: str | os.PathLike, name: str, labels: np.ndarr
         staged.data.attrs[_MAX_ID_ATTR] = top
 
     dtype = np.dtype(np.uint32 if top <= np.iinfo(np.uint32).max else np.uint64)
-    return _create(image, name, dtype, chunks, fill, colors, properties)
+    return _create(image, name, dtype, chunks, fill, colors, properties, replace=overwrite)
 
 
 def _create(image: OmeZarrImage, name: str, dtype: np.dtype, chunks: tuple[int, int],
             fill: Callable[[LabelImage], None] | None = None, colors: Mapping | None = None,
-            properties: Mapping | None = None) -> LabelImage:
-    """Build ``labels/<name>`` under a staging name and rename it into place (replacing one there)."""
+            properties: Mapping | None = None, *, replace: bool) -> LabelImage:
+    """Build ``labels/<name>`` under a staging name and rename it into place (replacing one
+    there only when ``replace``)."""
     import zarr
     from ome_zarr.writer import write_label_metadata, write_multiscales_metadata
 
@@ -337,7 +350,7 @@ def _create(image: OmeZarrImage, name: str, dtype: np.dtype, chunks: tuple[int, 
                                  {"label-value": int(k), **dict(v)} for k, v in properties.items()])
         if fill is not None:
             fill(_open_group(group, image.path, name, staging / name))
-        swap_in(staging, name)
+        swap_in(staging, name, replace=replace)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     _list_label(image, name)

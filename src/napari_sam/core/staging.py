@@ -34,8 +34,10 @@ def make_staging(folder: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"{PREFIX}.{_host_tag()}.{pid}.{process_start(pid) or -1}.", dir=folder))
 
 
-def swap_in(staging: Path, name: str) -> None:
-    """Rename ``staging/name`` to ``name`` in the staging folder's parent, replacing a folder there.
+def swap_in(staging: Path, name: str, replace: bool = False) -> None:
+    """Rename ``staging/name`` to ``name`` in the staging folder's parent, replacing a folder
+    there only when ``replace`` is true (else FileExistsError: one may have appeared, or been
+    put back by :func:`clean_staging`, since the caller looked).
 
     The old folder moves aside into the staging folder first (a folder cannot be replaced
     by one rename); only between the two renames is the name empty. A failure of the
@@ -45,6 +47,9 @@ def swap_in(staging: Path, name: str) -> None:
     target = staging.parent / name
     old = None
     if target.exists() or target.is_symlink():
+        if not replace:
+            raise FileExistsError(f"{target} exists (it appeared while napari-sam was writing it): nothing was "
+                                  "replaced")
         old = staging / f"{_ASIDE}{name}"
         os.replace(target, old)
     try:

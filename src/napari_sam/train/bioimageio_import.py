@@ -227,6 +227,10 @@ def import_bioimageio(package: PathLike, out: PathLike | None = None, *, overwri
         raise ValueError(f"{src}: {err}") from None
     if "config" not in metadata and inferred != config:
         metadata["config"] = config_to_dict(config)  # shapes alone would not tell load_model
+    # The package's licence and authors travel with the weights: a model exported again
+    # keeps them instead of asking anew (and cannot change licence unnoticed).
+    metadata.setdefault("license", str(descr.license))
+    metadata.setdefault("authors", [str(a.name) for a in descr.authors])
     write_checkpoint(target, state, metadata)
     return target
 
