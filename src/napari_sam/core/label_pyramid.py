@@ -119,6 +119,7 @@ def update_levels(levels: Sequence, factors: Sequence[Sequence[float]], plane: t
     if len(plane) != lead:
         raise ValueError(f"a plane of labels of shape {shape0} has {lead} index(es), got {plane}")
     y0, y1, x0, x1 = region
+    block = None  # the changed box of level 0, read once: every lower level samples inside it
     for level, f in zip(levels[1:], factors[1:]):
         shape = tuple(level.shape)
         spans = [affected_range(p, p + 1, n0, n, a) for p, n0, n, a in zip(plane, shape0, shape, f)]
@@ -129,8 +130,8 @@ def update_levels(levels: Sequence, factors: Sequence[Sequence[float]], plane: t
         (j0, j1), (i0, i1) = spans[-2:]
         rows = source_indices(shape0[-2], shape[-2], f[-2])[j0:j1]
         cols = source_indices(shape0[-1], shape[-1], f[-1])[i0:i1]
-        # one read of the written box (every source lies in it), sampled in memory
-        block = np.asarray(base[plane + (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))])
-        values = block[np.ix_(rows - rows[0], cols - cols[0])]
+        if block is None:
+            block = np.asarray(base[plane + (slice(y0, y1), slice(x0, x1))])
+        values = block[np.ix_(rows - y0, cols - x0)]
         target = tuple(slice(a, b) for a, b in spans)
         level[target] = np.broadcast_to(values, tuple(b - a for a, b in spans))
