@@ -1,6 +1,6 @@
 """Automatic instance segmentation of a plane, and linking of plane instances into 3D.
 
-Three ways to segment every object of a plane without clicking:
+Ways to segment every object of a plane without clicking:
 
 * **Grid mode** (:func:`iter_grid`, :func:`segment_grid`; :mod:`~napari_sam.auto.grid`),
   SAM's "segment everything": a regular grid of single-point prompts, each giving three
@@ -11,6 +11,11 @@ Three ways to segment every object of a plane without clicking:
   Otsu threshold and connected components, or Laplacian-of-Gaussian blobs), from a label
   image (:func:`boxes_from_labels`) or given by hand; each box becomes one object
   through SAM.
+* **AIS** (:func:`iter_ais`, :func:`segment_ais`; :mod:`~napari_sam.auto.ais`),
+  micro-sam's automatic instance segmentation: a model's instance decoder predicts
+  foreground and centre/boundary distances from the cached embeddings, tile by tile
+  (:mod:`~napari_sam.auto.instance_maps`), and a seeded watershed on the stitched maps
+  gives every object at once (:func:`instances_from_maps`).
 * **3D** (:func:`link_planes`, :mod:`~napari_sam.auto.link`): instances of consecutive
   planes are matched by overlap (Hungarian assignment on IoU) and given one id per 3D
   object; :func:`segment_grid_volume` does both.
@@ -54,11 +59,19 @@ _LAZY = {
     "iter_from_boxes": "boxes",
     "segment_detections": "boxes",
     "link_planes": "link",
+    "AISSettings": "ais",
+    "instances_from_maps": "ais",
+    "iter_ais": "ais",
+    "iter_ais_volume": "ais",
+    "segment_ais": "ais",
+    "segment_ais_volume": "ais",
+    "iter_instance_maps": "instance_maps",
     "Recommended": "recommend",
     "recommended": "recommend",
 }
 
 __all__ = [
+    "AISSettings",
     "AutomaticResult",
     "GridConfig",
     "Progress",
@@ -68,13 +81,19 @@ __all__ = [
     "clean_mask",
     "detect_boxes",
     "grid_points",
+    "instances_from_maps",
+    "iter_ais",
+    "iter_ais_volume",
     "iter_from_boxes",
     "iter_grid",
     "iter_grid_volume",
+    "iter_instance_maps",
     "link_planes",
     "masks_to_labels",
     "recommended",
     "run",
+    "segment_ais",
+    "segment_ais_volume",
     "segment_detections",
     "segment_grid",
     "segment_grid_volume",

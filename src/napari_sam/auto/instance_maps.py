@@ -1,0 +1,137 @@
+"""The instance decoder's maps of a whole plane, decoded tile by tile from cached
+embeddings and stitched without seams.
+
+Each tile of :attr:`Embeddings.grid <napari_sam.core.embeddings.Embeddings.grid>` was
+embedded from its interior plus halo (``Tile.outer``). Its embedding is decoded to the
+three maps (foreground, centre distances, boundary distances) at the tile's own
+full-resolution size, with the tile's ``input_size`` and ``original_size``, exactly as
+micro-sam's ``TiledInstanceSegmentationWithDecoder.initialize`` does: the decoder runs on
+a batch of embeddings in the model input frame (:meth:`InstanceDecoder.maps
+<napari_sam.model.instance_decoder.InstanceDecoder.maps>`) and each tile's maps are
+brought to its region on their own (:meth:`InstanceDecoder.resize
+<napari_sam.model.instance_decoder.InstanceDecoder.resize>`), because border tiles are
+smaller. Only the interior of each tile's maps is kept: the interiors partition the
+plane, so every pixel comes from exactly one tile, and from the tile that saw it with the
+most context. The *maps* are stitched, not labels, so that the post-processing
+(:func:`~napari_sam.auto.ais.instances_from_maps`) runs once on the whole plane and an
+object crossing a tile border is one object wherever the maps say so.
+
+Coordinates: maps are (channel, row, col) arrays in plane pixels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+
+import numpy as np
+import torch
+
+from ..core.image_embedding import ImageEmbedding
+from ..core.tiling import Tile
+from .results import Progress
+
+__all__ = ["iter_instance_maps", "tile_instance_maps"]
+
+
+def _device(decoder) -> torch.device:
+    """Where the decoder's weights are (the CPU for a module without parameters)."""
+    try:
+        return next(decoder.parameters()).device
+    except (AttributeError, StopIteration):
+        return torch.device("cpu")
+
+
+def _check_decoder(decoder) -> None:
+    if getattr(decoder, "training", False):
+        # Batch norm in training mode would normalise by each batch and update its
+        # running statistics: the maps would change the decoder.
+        raise ValueError("the instance decoder is in training mode; call decoder.eval() before segmenting")
+
+
+@torch.inference_mode()
+def tile_instance_maps(decoder, embeddings: list[ImageEmbedding], image_size: int) -> list[np.ndarray]:
+    """Decode a batch of tile embeddings to maps at each tile's full resolution.
+
+    Parameters
+    ----------
+    decoder
+        An :class:`~napari_sam.model.instance_decoder.InstanceDecoder` in eval mode (any
+        object with its ``maps`` and ``resize`` methods).
+    embeddings
+        Tile embeddings of one model (features (1, 256, S, S)), with the ``input_size`` and
+        ``original_size`` of the region each was computed from.
+    image_size
+        Side of the square model input (``model.config.image_size``).
+
+    Returns
+    -------
+    list of numpy.ndarray
+        One (3, rows, cols) float32 array per embedding, (rows, cols) its
+        ``original_size``: foreground, centre distances, boundary distances in [0, 1].
+    """
+    _check_decoder(decoder)
+    if not embeddings:
+        return []
+    device = _device(decoder)
+    batch = torch.cat([e.features for e in embeddings]).to(device)
+    maps = decoder.maps(batch)
+    out = []
+    for k, emb in enumerate(embeddings):
+        tile = decoder.resize(maps[k : k + 1], emb.input_size, emb.original_size, image_size)[0]
+        out.append(tile.float().cpu().numpy())
+    return out
+
+
+def _place(out: np.ndarray, tile: Tile, maps: np.ndarray) -> None:
+    y0, y1, x0, x1 = tile.inner
+    out[:, y0:y1, x0:x1] = maps[(slice(None), *tile.inner_in_outer)]
+
+
+def iter_instance_maps(
+    embeddings, plane, decoder, batch_size: int = 1
+) -> Generator[Progress, None, np.ndarray]:
+    """The decoder's maps of one plane, tile by tile.
+
+    Parameters
+    ----------
+    embeddings
+        The image's :class:`~napari_sam.core.embeddings.Embeddings` (read: ``grid``,
+        ``source.flat_index``, ``embedding_for``, ``model.config.image_size``); tiles not
+        yet embedded are embedded on the way.
+    plane
+        Flat plane number or (t, z) tuple.
+    decoder
+        An :class:`~napari_sam.model.instance_decoder.InstanceDecoder` in eval mode, made
+        for the embeddings' image encoder (its ``embed_dim`` is checked, nothing else can be).
+    batch_size
+        Tiles decoded at once (memory grows with it: each tile's decoder features are
+        about ``64 * 4 * image_size ** 2`` bytes at the released checkpoints' width).
+
+    Yields
+    ------
+    Progress
+        After each tile (``stage="tiles"``); closing the generator cancels the rest.
+
+    Returns
+    -------
+    numpy.ndarray
+        Through ``StopIteration.value``: (3, H, W) float32 maps of the plane (12 bytes per
+        pixel; the whole plane is held in memory).
+    """
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    _check_decoder(decoder)
+    flat = embeddings.source.flat_index(plane)
+    grid = embeddings.grid
+    image_size = int(embeddings.model.config.image_size)
+    out = np.empty((3, *grid.shape), np.float32)
+    tiles = list(grid)
+    done = 0
+    for start in range(0, len(tiles), int(batch_size)):
+        chunk = tiles[start : start + int(batch_size)]
+        batch = [embeddings.embedding_for(flat, tile.index) for tile in chunk]
+        for tile, maps in zip(chunk, tile_instance_maps(decoder, batch, image_size)):
+            _place(out, tile, maps)
+            done += 1
+            yield Progress(done, len(tiles), flat, tile.index, "tiles")
+    return out
