@@ -126,8 +126,7 @@ class Annotator:
     def label_levels(self) -> list:
         """The label array and, for an NGFF label image, its lower-resolution levels (full
         resolution first, each (planes..., Y, X)); what a viewer shows at each zoom."""
-        image = getattr(self, "label_image", None)
-        return list(image.levels) if image is not None else [self.labels]
+        return list(self.label_image.levels) if self.label_image is not None else [self.labels]
 
     def plane(self, plane) -> tuple[int, ...]:
         """A flat plane number or (t, z) tuple as the label array's leading index."""
