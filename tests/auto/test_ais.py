@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 import torch
 from scipy import ndimage as ndi
-from skimage.segmentation import find_boundaries
 
 from napari_sam.auto.ais import (
     AISSettings,
@@ -34,6 +33,7 @@ from napari_sam.core.embeddings import Embeddings
 from napari_sam.core.image_embedding import ImageEmbedding
 from napari_sam.core.tiling import TileGrid
 from napari_sam.model.instance_decoder import InstanceDecoder, InstanceDecoderConfig
+from napari_sam.train.instance_targets import instance_targets
 from tests.conftest import drain
 
 REPO = Path(__file__).resolve().parents[2]
@@ -43,36 +43,6 @@ SETS = sorted(p.parent for folder in (OWN_SETS, REFERENCE_DIR / "ais") for p in 
 
 
 # --- maps with known instances --------------------------------------------------------
-
-
-def object_maps(labels: np.ndarray) -> np.ndarray:
-    """(3, H, W) float32 foreground, centre and boundary distances of a label image, as
-    torch-em's ``PerObjectDistanceTransform`` defines them for micro-sam's decoder: per
-    object, the Euclidean distance to its rounded centroid (to its deepest pixel when the
-    centroid lies outside it) and its deepest pixel's depth minus each pixel's depth
-    (distance to the object's inner boundary pixels), each divided by its maximum over the
-    object; 1 outside objects."""
-    eps = 1e-7
-    out = np.ones((3, *labels.shape), np.float32)
-    out[0] = labels > 0
-    boundaries = find_boundaries(labels, mode="inner")
-    for index, box in enumerate(ndi.find_objects(labels), start=1):
-        if box is None:
-            continue
-        mask = labels[box] == index
-        depth = ndi.distance_transform_edt(~boundaries[box])
-        depth[~mask] = 0
-        deepest = np.unravel_index(np.argmax(depth), depth.shape)
-        centre = np.round(ndi.center_of_mass(labels == index)).astype(int) - [s.start for s in box]
-        if not (0 <= centre[0] < mask.shape[0] and 0 <= centre[1] < mask.shape[1]) or not mask[tuple(centre)]:
-            centre = deepest
-        rows, cols = np.indices(mask.shape)
-        to_centre = np.hypot(rows - centre[0], cols - centre[1])
-        to_boundary = depth[deepest] - depth
-        for channel, values in ((1, to_centre), (2, to_boundary)):
-            values = np.where(mask, values, 0)
-            out[channel][box][mask] = (values / (np.abs(values).max() + eps))[mask]
-    return out
 
 
 def discs(shape, centres, radii) -> np.ndarray:
@@ -99,7 +69,7 @@ def matched_ious(truth: np.ndarray, found: np.ndarray) -> list[float]:
 
 def test_five_discs_are_recovered():
     truth = discs((128, 160), [(30, 30), (30, 110), (95, 40), (90, 120), (64, 75)], [14, 18, 10, 22, 8])
-    labels = instances_from_maps(*object_maps(truth))
+    labels = instances_from_maps(*instance_targets(truth))
     assert labels.dtype == np.uint32 and labels.shape == truth.shape
     np.testing.assert_array_equal(np.unique(labels), np.arange(6))
     ious = matched_ious(truth, labels)
@@ -112,14 +82,14 @@ def test_touching_objects_are_split():
     # two discs whose union is one connected blob, and a third touching the second
     truth = discs((96, 160), [(48, 40), (48, 80), (48, 122)], [22, 22, 20])
     assert ndi.label(truth > 0)[1] == 1
-    labels = instances_from_maps(*object_maps(truth))
+    labels = instances_from_maps(*instance_targets(truth))
     assert labels.max() == 3
     assert min(matched_ious(truth, labels)) > 0.9
 
 
 def test_objects_under_min_size_are_removed_and_ids_stay_dense():
     truth = discs((96, 96), [(20, 20), (70, 70), (20, 75)], [12, 15, 5])  # the last: 81 pixels
-    maps = object_maps(truth)
+    maps = instance_targets(truth)
     kept_all = instances_from_maps(*maps, AISSettings(min_size=0))
     assert kept_all.max() == 3
     small = kept_all[20, 75]
@@ -187,7 +157,7 @@ def reference(request):
 def test_distance_maps_of_the_tests_are_torch_ems(reference):
     """The maps these tests build are the decoder's training targets as torch-em makes them."""
     _, data = reference
-    ours = object_maps(data["instances"].astype(np.int32))
+    ours = instance_targets(data["instances"].astype(np.int32))
     # stored as float16: 1e-3 is its rounding near 1
     np.testing.assert_allclose(ours, data["targets"].astype(np.float32), atol=1e-3, rtol=0)
 
@@ -331,7 +301,7 @@ def test_objects_across_tile_borders_are_one_object():
     # borders at rows 32 and 64 and columns 40, 80 and 120: the first disc straddles a
     # row border, the second a column border, the third a corner of four tiles
     truth = discs(shape, [(32, 20), (60, 80), (64, 120), (15, 140)], [12, 14, 15, 9])
-    maps = object_maps(truth)
+    maps = instance_targets(truth)
     decoder = _KnownMaps([maps])
     reports, stitched = drain(iter_instance_maps(emb, 0, decoder))
     assert len(reports) == 12 and decoder.calls == 12
@@ -347,7 +317,7 @@ def test_objects_across_tile_borders_are_one_object():
 
 def test_closing_the_generator_stops_decoding():
     emb = _fake_embeddings((96, 160), 1, tile=40, halo=8)
-    decoder = _KnownMaps([object_maps(discs((96, 160), [(40, 40)], [10]))])
+    decoder = _KnownMaps([instance_targets(discs((96, 160), [(40, 40)], [10]))])
     gen = iter_ais(emb, 0, decoder)
     first = next(gen)
     gen.close()
@@ -359,7 +329,7 @@ def test_volume_planes_are_linked_through_z():
     shape = (64, 96)
     truths = [discs(shape, [(30, 20 + z), (30, 70 - z)], [12, 10]) for z in range(3)]
     truths[2][truths[2] == 2] = 0  # the second object ends after two planes
-    decoder = _KnownMaps([object_maps(t) for t in truths])
+    decoder = _KnownMaps([instance_targets(t) for t in truths])
     emb = _fake_embeddings(shape, 3, tile=40, halo=8)
     reports, (volume, planes) = drain(iter_ais_volume(emb, decoder))
     assert volume.shape == (3, *shape) and volume.dtype == np.uint32 and len(planes) == 3

@@ -224,3 +224,60 @@ def test_the_default_configuration_is_micro_sams():
     assert config.features == (512, 256, 128, 64) and config.embed_dim == 256 and config.out_channels == 3
     with pytest.raises(ValueError, match="initial_features"):
         InstanceDecoderConfig(initial_features=0)
+
+
+@pytest.mark.parametrize("scale", [4, 8])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_a_coarser_decoder_round_trips_through_its_state_dict(scale, transposed):
+    """Our coarser decoders (not micro-sam's) are told apart by their keys alone."""
+    torch.manual_seed(0)
+    config = InstanceDecoderConfig(initial_features=4, transposed=transposed, scale=scale)
+    decoder = InstanceDecoder(config).eval()
+    assert ("deconv3.block.0" in dict(decoder.named_modules())) == (scale == 8)
+    assert not any(k.startswith(("deconv4.", "deconv_out.")) for k in decoder.state_dict())
+    loaded = instance_decoder_from_state_dict(decoder.state_dict())
+    assert loaded.config == config
+    x = torch.randn(2, 256, 3, 5)
+    maps = loaded.maps(x)
+    # the model-input frame at 16 pixels per token, whatever the decoder's own resolution
+    assert maps.shape == (2, 3, 48, 80) and float(maps.min()) >= 0 and float(maps.max()) <= 1
+    torch.testing.assert_close(maps, decoder.maps(x), rtol=0, atol=0)
+
+
+def test_an_unknown_scale_is_refused():
+    with pytest.raises(ValueError, match="scale must be 4, 8 or 16"):
+        InstanceDecoderConfig(scale=2)
+
+
+def test_load_model_attaches_a_decoder_kept_out_of_the_sam_weights(tmp_path, tiny_sam):
+    from napari_sam.core.models import load_model
+    from napari_sam.model.checkpoint import write_checkpoint
+
+    torch.manual_seed(1)
+    decoder = InstanceDecoder(InstanceDecoderConfig(initial_features=4, scale=4, transposed=True))
+    path = tmp_path / "with_decoder.pth"
+    write_checkpoint(path, tiny_sam.state_dict(), {"note": "x"}, extras={"decoder_state": decoder.state_dict()})
+    model = load_model(path, device="cpu", dtype="float32")
+    assert model.instance_decoder is not None and not model.instance_decoder.training
+    assert model.instance_decoder.config.scale == 4
+    assert not any(k.startswith("instance") for k in model.state_dict())
+    x = torch.randn(1, 256, 4, 4)
+    torch.testing.assert_close(model.instance_decoder.maps(x), decoder.eval().maps(x), rtol=0, atol=0)
+    model.instance_decoder = None
+    assert model.instance_decoder is None
+    # a checkpoint without one loads without one
+    plain = tmp_path / "plain.pth"
+    write_checkpoint(plain, tiny_sam.state_dict())
+    assert load_model(plain, device="cpu", dtype="float32").instance_decoder is None
+
+
+def test_a_decoder_that_does_not_fit_fails_the_model_load(tmp_path, tiny_sam):
+    from napari_sam.core.models import load_model
+    from napari_sam.model.checkpoint import write_checkpoint
+
+    state = InstanceDecoder(InstanceDecoderConfig(initial_features=4)).state_dict()
+    state.pop("out_conv.bias")
+    path = tmp_path / "broken.pth"
+    write_checkpoint(path, tiny_sam.state_dict(), extras={"decoder_state": state})
+    with pytest.raises(CheckpointError, match="out_conv.bias"):
+        load_model(path, device="cpu", dtype="float32")

@@ -147,7 +147,9 @@ def load_model(
     Returns
     -------
     Sam
-        In evaluation mode, with :attr:`Sam.source` and :attr:`Sam.metadata` set.
+        In evaluation mode, with :attr:`Sam.source` and :attr:`Sam.metadata` set, and
+        :attr:`Sam.instance_decoder` when the checkpoint carries micro-sam's
+        ``decoder_state`` (loaded strictly: a decoder that does not fit is an error).
 
     Raises
     ------
@@ -156,6 +158,8 @@ def load_model(
         names the missing, unexpected and misshapen keys).
     """
     from ..model.checkpoint import read_checkpoint
+    from ..model.decoder_checkpoint import DECODER_KEY, find_decoder_state
+    from ..model.instance_decoder import instance_decoder_from_state_dict
 
     configure_runtime()
     name, path = _resolve_checkpoint(name_or_path)
@@ -171,6 +175,10 @@ def load_model(
     dtype_name = next(k for k, v in DTYPES.items() if v == torch_dtype)
     model.source = ModelSource(name=name, path=str(path), dtype=dtype_name)
     model.metadata = dict(checkpoint.metadata)
+    if DECODER_KEY in checkpoint.extras:
+        # micro-sam's instance decoder in the same file; float32 like the mask decoder.
+        decoder = instance_decoder_from_state_dict(find_decoder_state(checkpoint.extras, str(path)))
+        model.instance_decoder = decoder.to(device).eval()
     return model
 
 

@@ -32,19 +32,8 @@ from typing import Any, Mapping, Sequence, Union
 
 import torch
 
-__all__ = [
-    "METADATA_KEY",
-    "SAM_MODULES",
-    "Checkpoint",
-    "ModelSource",
-    "CheckpointError",
-    "UntrustedCheckpointError",
-    "check_state_dict",
-    "normalize_checkpoint",
-    "read_checkpoint",
-    "read_state_dict",
-    "write_checkpoint",
-]
+__all__ = ["METADATA_KEY", "SAM_MODULES", "Checkpoint", "ModelSource", "CheckpointError", "UntrustedCheckpointError",
+           "check_state_dict", "normalize_checkpoint", "read_checkpoint", "read_state_dict", "write_checkpoint"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -306,6 +295,7 @@ def write_checkpoint(
     path: PathLike,
     state_dict: Mapping[str, torch.Tensor],
     metadata: Mapping[str, Any] | None = None,
+    extras: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
 ) -> None:
     """Write a checkpoint that :func:`read_checkpoint` reads back with its metadata.
 
@@ -322,6 +312,9 @@ def write_checkpoint(
     metadata
         Plain JSON types only (dicts, lists, strings, numbers, booleans, None): for
         instance the configuration and the training provenance.
+    extras
+        Further state dicts stored as top-level entries beside the SAM weights (read back
+        into :attr:`Checkpoint.extras`), e.g. micro-sam's ``"decoder_state"``.
 
     Raises
     ------
@@ -333,13 +326,17 @@ def write_checkpoint(
         json.dumps(metadata, allow_nan=True)
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"checkpoint metadata must be plain JSON types: {err}") from err
-    bad = [str(k) for k, v in state_dict.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
-    if bad:
-        raise CheckpointError(f"{len(bad)} state-dict entries are not tensors: {_few(bad)}")
+    extras = {str(k): dict(v) for k, v in (extras or {}).items()}
+    for entries in (state_dict, *extras.values()):
+        bad = [str(k) for k, v in entries.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+        if bad:
+            raise CheckpointError(f"{len(bad)} state-dict entries are not tensors: {_few(bad)}")
+    if {"state_dict", METADATA_KEY} & set(extras):
+        raise CheckpointError("extras may not be named 'state_dict' or " + repr(METADATA_KEY))
     target = os.fspath(path)
     tmp = f"{target}.partial-{os.getpid()}"
     try:
-        torch.save({"state_dict": dict(state_dict), METADATA_KEY: metadata}, tmp)
+        torch.save({"state_dict": dict(state_dict), METADATA_KEY: metadata, **extras}, tmp)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

@@ -66,17 +66,32 @@ class InstanceDecoderConfig:
     transposed
         Whether it upsamples with 2x2 transposed convolutions (micro-sam's checkpoints
         trained before mid 2025) instead of bilinear interpolation and a 1x1 convolution.
+    scale
+        Pixels per embedding token of the decoder's own output: 16 (micro-sam's, the model
+        input's resolution), or ours, 8 or 4: the decoder stops that many levels early
+        (without ``deconv4``/``deconv_out``, and for 4 also without ``deconv3`` and the
+        last level; ``decoder_head`` reads the last level alone) and its logits are
+        enlarged bilinearly. The finest levels cost most of the time on a CPU; the
+        embedded default model's decoder uses 4, the resolution of SAM's own mask logits.
     """
 
     embed_dim: int = 256
     initial_features: int = 64
     out_channels: int = 3
     transposed: bool = False
+    scale: int = UPSCALE
 
     def __post_init__(self):
         for name in ("embed_dim", "initial_features", "out_channels"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"instance decoder {name} must be a positive number, not {getattr(self, name)}")
+        if self.scale not in (4, 8, 16):
+            raise ValueError(f"instance decoder scale must be 4, 8 or 16 pixels per token, not {self.scale}")
+
+    @property
+    def levels(self) -> int:
+        """Upsampling levels of the decoder path (3 in micro-sam's)."""
+        return {16: 3, 8: 3, 4: 2}[self.scale]
 
     @property
     def features(self) -> tuple[int, int, int, int]:
@@ -112,6 +127,8 @@ def infer_decoder_config(state_dict: Mapping[str, torch.Tensor]) -> InstanceDeco
         initial_features=int(shapes["out_conv.weight"][1]),
         out_channels=int(shapes["out_conv.weight"][0]),
         transposed=transposed,
+        scale=16 if any(k.startswith("deconv4.") for k in state_dict)
+        else 8 if any(k.startswith("deconv3.") for k in state_dict) else 4,
     )
 
 
@@ -212,13 +229,17 @@ class InstanceDecoder(nn.Module):
         f8, f4, f2, f1 = config.features
         t = config.transposed
         self.base = ConvPair(config.embed_dim, f8)
-        self.decoder = Levels(config.features, t)
+        self.decoder = Levels(config.features[: config.levels + 1], t)
         self.deconv1 = UpBlock(config.embed_dim, f8, t)
         self.deconv2 = UpBlock(f8, f4, t)
-        self.deconv3 = UpBlock(f4, f2, t)
-        self.deconv4 = UpBlock(f2, f1, t)
-        self.deconv_out = _upsampler(f1, f1, t)
-        self.decoder_head = ConvPair(2 * f1, f1)
+        if config.scale >= 8:
+            self.deconv3 = UpBlock(f4, f2, t)
+        if config.scale == UPSCALE:
+            self.deconv4 = UpBlock(f2, f1, t)
+            self.deconv_out = _upsampler(f1, f1, t)
+            self.decoder_head = ConvPair(2 * f1, f1)
+        else:
+            self.decoder_head = ConvPair(config.features[config.levels], f1)
         self.out_conv = nn.Conv2d(f1, config.out_channels, 1)
 
     def maps(self, embedding: torch.Tensor) -> torch.Tensor:
@@ -242,12 +263,17 @@ class InstanceDecoder(nn.Module):
                 f"not a tensor of shape {tuple(embedding.shape)}"
             )
         embedding = embedding.to(self.out_conv.weight.dtype)
-        z9 = self.deconv1(embedding)
-        z6 = self.deconv2(z9)
-        z3 = self.deconv3(z6)
-        z0 = self.deconv4(z3)
-        x = self.decoder(self.base(embedding), (z9, z6, z3))
-        x = self.decoder_head(torch.cat([self.deconv_out(x), z0], dim=1))
+        skips = [self.deconv1(embedding)]
+        skips.append(self.deconv2(skips[-1]))
+        if self.config.scale >= 8:
+            skips.append(self.deconv3(skips[-1]))
+        x = self.decoder(self.base(embedding), skips)
+        if self.config.scale != UPSCALE:
+            logits = self.out_conv(self.decoder_head(x))
+            factor = UPSCALE // self.config.scale
+            return torch.sigmoid(F.interpolate(logits, scale_factor=factor, mode="bilinear", align_corners=False))
+        z3 = skips[-1]
+        x = self.decoder_head(torch.cat([self.deconv_out(x), self.deconv4(z3)], dim=1))
         return torch.sigmoid(self.out_conv(x))
 
     @staticmethod

@@ -16,6 +16,7 @@ from .prompt_encoder import PromptEncoder
 from .transformer import ImageContext, TwoWayTransformer
 
 if TYPE_CHECKING:
+    from .instance_decoder import InstanceDecoder
     from .tiny_vit import TinyViT
 
 
@@ -67,6 +68,9 @@ class Sam(nn.Module):
         self.metadata: dict = {}
         """The checkpoint's metadata (configuration, training provenance, advice such as
         ``"automatic"``); plain JSON types, empty for official checkpoints."""
+        # Kept outside the module tree: the official key format (what state_dict() gives and
+        # checkpoints store under "state_dict") has no place for it; micro-sam stores it apart too.
+        self._heads: dict[str, nn.Module] = {}
         # Not part of the checkpoints (the official model does not save them either).
         self.register_buffer("pixel_mean", torch.tensor(config.pixel_mean).view(-1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(config.pixel_std).view(-1, 1, 1), persistent=False)
@@ -75,6 +79,30 @@ class Sam(nn.Module):
         """Rebuild the normalisation constants (not stored in checkpoints)."""
         self.pixel_mean = torch.tensor(self.config.pixel_mean).view(-1, 1, 1)
         self.pixel_std = torch.tensor(self.config.pixel_std).view(-1, 1, 1)
+
+    def __setattr__(self, name: str, value) -> None:
+        # nn.Module would register a module assigned here as a submodule, past the property.
+        if name == "instance_decoder":
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    @property
+    def instance_decoder(self) -> InstanceDecoder | None:
+        """micro-sam's instance decoder (:mod:`~napari_sam.model.instance_decoder`) when the
+        checkpoint carries one (its ``decoder_state``), else None.
+
+        It is not a submodule: ``state_dict()``, ``to()`` and ``train()`` leave it alone;
+        the loader puts it on the model's device in eval mode.
+        """
+        return self._heads.get("instance_decoder")  # type: ignore[return-value]
+
+    @instance_decoder.setter
+    def instance_decoder(self, decoder: InstanceDecoder | None) -> None:
+        if decoder is None:
+            self._heads.pop("instance_decoder", None)
+        else:
+            self._heads["instance_decoder"] = decoder
 
     @property
     def device(self) -> torch.device:

@@ -27,7 +27,11 @@ The modules, one idea each:
 * :mod:`~napari_sam.train.validation`: single-prompt IoU on validation planes;
 * :mod:`~napari_sam.train.trainer`: the steps (:class:`Trainer`, :class:`TrainingRecord`);
 * :mod:`~napari_sam.train.checkpoints`: saving, provenance and resuming;
-* :mod:`~napari_sam.train.run`: :func:`train`, a whole run with a progress bar.
+* :mod:`~napari_sam.train.run`: :func:`train`, a whole run with a progress bar;
+* :mod:`~napari_sam.train.instance_targets` and :mod:`~napari_sam.train.instance_decoder`:
+  an instance decoder for AIS (micro-sam's), trained on the frozen model's embeddings
+  (:func:`iter_train_instance_decoder`) and stored beside SAM
+  (:func:`save_with_instance_decoder`).
 
 Checkpoints are written in the official key format with the configuration and the
 training provenance as metadata (:func:`napari_sam.core.models.load_model` reads them),
@@ -60,6 +64,11 @@ _LAZY = {
     "export_bioimageio": "bioimageio",
     "validate_bioimageio": "bioimageio",
     "import_bioimageio": "bioimageio_import",
+    "DecoderTrainingConfig": "instance_decoder",
+    "DecoderTrainingProgress": "instance_decoder",
+    "iter_train_instance_decoder": "instance_decoder",
+    "save_with_instance_decoder": "instance_decoder",
+    "instance_targets": "instance_targets",
 }
 
 __all__ = sorted(_LAZY)

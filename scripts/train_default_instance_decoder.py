@@ -1,0 +1,133 @@
+"""Train the embedded default model's instance decoder (AIS) and ship it in the checkpoint.
+
+One command (about 25 minutes on 2 CPU cores; see docs/automatic.md)::
+
+    .venv/bin/python scripts/train_default_instance_decoder.py --write
+
+trains a decoder on the frozen default model's embeddings with the package's trainer
+(:func:`napari_sam.train.iter_train_instance_decoder`) and, with ``--write``, stores it in
+``src/napari_sam/_models/default.pth`` as micro-sam stores its decoders (a
+``decoder_state`` entry beside the SAM weights, which stay untouched), with the
+provenance in the metadata and AIS as the recommended automatic mode.
+
+Data: the default model's own training data (scripts/train_default_model.py's
+``build_datasets`` with the same seed: synthetic nuclei and crops of the real data in
+../shared/data, never the held-out images) plus crops of the two CryoNuSeg H&E example
+tiles (MIT). MoNuSeg is never used (non-commercial licence; evaluation only).
+Checkpoints and a log go to ``--checkpoint-dir`` (default ``runs/instance_decoder``): an
+interrupted run started again with the same arguments resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import train_default_model as base  # noqa: E402  (the default model's own data recipe)
+
+from napari_sam.core.models import load_model  # noqa: E402
+from napari_sam.train import SegmentationDataset  # noqa: E402
+from napari_sam.train.instance_decoder import (  # noqa: E402
+    DecoderTrainingConfig,
+    iter_train_instance_decoder,
+    save_with_instance_decoder,
+)
+
+MAX_BYTES = 25_000_000
+CRYONUSEG = base.DATA / "cryonuseg_he_examples"
+
+
+def datasets(seed: int, n_synthetic: int, n_large: int, n_validation: int, crops: int):
+    """(training, validation): the default model's recipe plus CryoNuSeg H&E crops."""
+    train, validation = base.build_datasets(seed, n_synthetic, n_validation, n_large)
+    loaders, names = list(train._loaders), list(train.names)
+    if CRYONUSEG.is_dir():
+        for s, path in enumerate(sorted((CRYONUSEG / "images").glob("*.tif"))):
+            image, labels = base._read(path), base._read(CRYONUSEG / "labels" / path.name)
+            for c in range(crops):
+                loaders.append(lambda image=image, labels=labels, s=s, c=c: base._augmented_crop(
+                    image, labels, np.random.default_rng([seed, 5, s, c])))
+                names.append(f"cryonuseg_he_examples/{path.name} crop {c}")
+    description = dict(train.description, cryonuseg_crops=crops, source="scripts/train_default_instance_decoder.py")
+    return SegmentationDataset(loaders, names, description), validation
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--features", type=int, default=16, help="decoder width (initial_features)")
+    parser.add_argument("--scale", type=int, default=4, help="decoder output pixels per token (4, 8 or 16)")
+    parser.add_argument("--synthetic", type=int, default=600, help="synthetic training images")
+    parser.add_argument("--large", type=int, default=100, help="synthetic images of few large objects")
+    parser.add_argument("--validation", type=int, default=40, help="synthetic validation images")
+    parser.add_argument("--cryonuseg-crops", type=int, default=15)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--checkpoint-dir", default=str(base.ROOT / "runs" / "instance_decoder"))
+    parser.add_argument("--write", action="store_true", help="store the decoder in the default model's checkpoint")
+    args = parser.parse_args(argv)
+
+    from tqdm.auto import tqdm
+
+    torch.set_num_threads(args.threads)
+    model = load_model("default", device="cpu", dtype="float32")
+    train, validation = datasets(args.seed, args.synthetic, args.large, args.validation, args.cryonuseg_crops)
+    config = DecoderTrainingConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
+                                   initial_features=args.features, scale=args.scale, seed=args.seed)
+    folder = Path(args.checkpoint_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    log = open(folder / "log.jsonl", "a")
+    started = time.time()
+    run = iter_train_instance_decoder(model, train, validation, config, folder)
+    with tqdm(total=config.steps, desc="instance decoder") as bar:
+        while True:
+            try:
+                p = next(run)
+            except StopIteration as stop:
+                decoder = stop.value
+                break
+            if p.stage == "embed":
+                bar.set_description(f"embedding planes {p.step}/{p.steps}")
+                bar.refresh()
+                continue
+            bar.set_description("instance decoder")
+            bar.n = p.step
+            bar.set_postfix(loss=f"{p.loss:.3f}")
+            bar.refresh()
+            if p.validation_loss is not None:
+                record = {"step": p.step, "loss": p.loss, "validation_loss": p.validation_loss,
+                          "best_step": p.best_step, "seconds": round(time.time() - started, 1)}
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                tqdm.write(json.dumps(record))
+    minutes = (time.time() - started) / 60
+    provenance = {
+        "command": "scripts/train_default_instance_decoder.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "config": config.as_dict(),
+        "training_data": {k: v for k, v in train.description.items() if k != "real_planes"},
+        "training_planes": len(train),
+        "validation": validation.description,
+        "minutes_this_run": round(minutes, 1),
+        "torch": torch.__version__,
+        "threads": args.threads,
+    }
+    print(json.dumps(provenance, indent=1))
+    if args.write:
+        save_with_instance_decoder(model, decoder, base.OUTPUT, provenance, dict(base.AUTOMATIC_ADVICE, mode="ais"))
+        size = base.OUTPUT.stat().st_size
+        print(f"wrote {base.OUTPUT} ({size / 1e6:.1f} MB)")
+        if size > MAX_BYTES:
+            raise SystemExit(f"{base.OUTPUT} is {size} bytes, over the {MAX_BYTES} limit")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,330 @@
+"""Training an instance decoder for AIS on a frozen SAM's image embeddings.
+
+The decoder (:mod:`napari_sam.model.instance_decoder`) reads nothing but the image
+embedding, so with the encoder frozen every training plane is embedded once and the run
+only ever computes the decoder: minutes on a CPU. Targets are the per-object distance
+maps of :mod:`~napari_sam.train.instance_targets`; the loss is micro-sam's (torch-em's
+``DiceBasedDistanceLoss``): a Dice loss on the foreground plus Dice losses on both
+distance maps, counted inside objects only.
+
+Planes go through the same preparation as at inference (:func:`prepare_plane`: the
+longest side to the model input), and the decoder's maps through the same resizing
+(:meth:`InstanceDecoder.resize`) back to the plane, so a decoder trained on tiles of the
+model input's size sees at inference what it saw here.
+
+Runs are resumable: every ``validate_every`` steps the decoder, the optimizer and the step
+are written to ``checkpoint_dir`` (atomically), and the decoder with the lowest validation
+loss is kept apart; a new run with the same directory and settings continues from there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..core.image_embedding import ImageEmbedding
+from ..core.preprocess import Normalization, prepare_plane
+from ..model import Sam
+from ..model.instance_decoder import InstanceDecoder, InstanceDecoderConfig
+from .dataset import SegmentationDataset
+from .instance_targets import instance_targets
+
+__all__ = ["DecoderTrainingConfig", "DecoderTrainingProgress", "distance_dice_loss", "iter_train_instance_decoder",
+           "save_with_instance_decoder"]
+
+LAST, BEST = "instance_decoder_last.pt", "instance_decoder_best.pt"
+
+
+@dataclass(frozen=True)
+class DecoderTrainingConfig:
+    """Settings of :func:`iter_train_instance_decoder`.
+
+    Parameters
+    ----------
+    steps, batch_size
+        Optimiser steps, and planes per step (drawn at random, with replacement).
+    learning_rate, weight_decay, warmup_steps
+        AdamW; the rate rises linearly over ``warmup_steps``, then follows a cosine down to
+        2 % of its peak at the last step.
+    initial_features, scale, transposed
+        The decoder's shape (:class:`~napari_sam.model.instance_decoder.InstanceDecoderConfig`).
+    validate_every
+        Steps between validations and checkpoints.
+    seed
+        Fixes the initial weights and each step's draw (a resumed run draws what the
+        uninterrupted run would have).
+    normalization
+        Intensity mapping of the planes (as at inference).
+    """
+
+    steps: int = 3000
+    batch_size: int = 8
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    initial_features: int = 16
+    scale: int = 4
+    transposed: bool = True
+    validate_every: int = 250
+    seed: int = 0
+    normalization: Normalization = field(default_factory=Normalization)
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "validate_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be positive, not {self.learning_rate}")
+
+    def decoder_config(self, embed_dim: int = 256) -> InstanceDecoderConfig:
+        return InstanceDecoderConfig(embed_dim=embed_dim, initial_features=self.initial_features,
+                                     transposed=self.transposed, scale=self.scale)
+
+    def as_dict(self) -> dict:
+        """Plain JSON types, for checkpoint metadata."""
+        out = dataclasses.asdict(self)
+        out["normalization"] = dataclasses.asdict(self.normalization)
+        return out
+
+
+@dataclass(frozen=True)
+class DecoderTrainingProgress:
+    """One step done: its training loss, and the validation loss when it validated.
+
+    Before the first step, planes are embedded in batches: reports of ``stage="embed"``
+    count planes in ``step``/``steps`` (``loss`` is NaN).
+    """
+
+    step: int
+    steps: int
+    loss: float
+    validation_loss: float | None = None
+    best_step: int | None = None
+    stage: str = "train"
+
+
+def distance_dice_loss(maps: torch.Tensor, targets: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """micro-sam's decoder loss: Dice on the foreground, plus Dice on each distance map
+    with both prediction and target zeroed outside the target's objects.
+
+    Parameters
+    ----------
+    maps, targets
+        (B, 3, H, W) in [0, 1]: foreground, centre distances, boundary distances.
+
+    Returns
+    -------
+    torch.Tensor
+        Scalar: the sum of the three Dice losses (each over the whole batch), in [0, 3].
+    """
+    if maps.shape != targets.shape or maps.dim() != 4 or maps.shape[1] != 3:
+        raise ValueError(f"maps {tuple(maps.shape)} and targets {tuple(targets.shape)} must both be (B, 3, H, W)")
+    inside = targets[:, :1]
+    pred = torch.cat([maps[:, :1], maps[:, 1:] * inside], dim=1)
+    true = torch.cat([targets[:, :1], targets[:, 1:] * inside], dim=1)
+    dims = (0, 2, 3)
+    overlap = (pred * true).sum(dims)
+    total = (pred * pred).sum(dims) + (true * true).sum(dims)
+    return (1 - 2 * overlap / total.clamp_min(eps)).sum()
+
+
+class _Planes:
+    """Embeddings (CPU, float32) and targets (uint8, 1/255 steps) of a dataset's planes,
+    each computed when first drawn."""
+
+    def __init__(self, model: Sam, data: SegmentationDataset, normalization: Normalization):
+        self.model, self.data, self.normalization = model, data, normalization
+        self.cache: dict[int, tuple[ImageEmbedding, np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def fill(self, batch_size: int = 16) -> Generator[int, None, None]:
+        """Embed every plane not yet embedded, ``batch_size`` at a time (much faster than
+        one by one); yields the number of planes ready after each batch."""
+        missing = [i for i in range(len(self.data)) if i not in self.cache]
+        for start in range(0, len(missing), batch_size):
+            chunk = missing[start : start + batch_size]
+            pairs = [self.data[i] for i in chunk]
+            prepared = [prepare_plane(p.image, self.normalization, self.data.channel_axis, self.data.channel,
+                                      long_side=self.model.config.image_size) for p in pairs]
+            model = self.model
+            with torch.no_grad():
+                # Model.embed, with each plane padded to the square input first so they stack.
+                x = torch.cat([model.preprocess(x.float().to(model.device)) for x, _ in prepared])
+                features = model.image_encoder(x.to(model.encoder_dtype)).float().cpu()
+            for j, (i, pair, (x, original)) in enumerate(zip(chunk, pairs, prepared)):
+                emb = ImageEmbedding(features[j : j + 1].clone(), (int(x.shape[-2]), int(x.shape[-1])), original)
+                self.cache[i] = (emb, np.round(instance_targets(pair.labels) * 255).astype(np.uint8))
+            yield len(self.data) - len(missing) + start + len(chunk)
+
+    def get(self, index: int) -> tuple[ImageEmbedding, torch.Tensor]:
+        if index not in self.cache:
+            for _ in self.fill():
+                pass
+        emb, targets = self.cache[index]
+        return emb, torch.from_numpy(targets).float().div_(255)
+
+
+def _batch_loss(decoder: InstanceDecoder, planes: _Planes, indices, device) -> torch.Tensor:
+    embs, targets = zip(*(planes.get(int(i)) for i in indices))
+    maps = decoder.maps(torch.cat([e.features for e in embs]).to(device))
+    side = planes.model.config.image_size
+    preds = [decoder.resize(maps[j : j + 1], e.input_size, e.original_size, side) for j, e in enumerate(embs)]
+    if all(p.shape == preds[0].shape for p in preds):
+        return distance_dice_loss(torch.cat(preds), torch.stack(targets).to(device))
+    # Planes of different sizes: the loss per plane, averaged.
+    return torch.stack([distance_dice_loss(p, t[None].to(device)) for p, t in zip(preds, targets)]).mean()
+
+
+def _rate(config: DecoderTrainingConfig, step: int) -> float:
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    span = max(config.steps - config.warmup_steps, 1)
+    return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(step - config.warmup_steps, span) / span))
+
+
+def _save(path: Path, payload: dict) -> None:
+    tmp = path.with_name(f"{path.name}.partial-{os.getpid()}")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def _validate(decoder: InstanceDecoder, planes: _Planes, batch_size: int, device) -> float:
+    decoder.eval()
+    losses, weights = [], []
+    with torch.no_grad():
+        for start in range(0, len(planes), batch_size):
+            chunk = range(start, min(start + batch_size, len(planes)))
+            losses.append(float(_batch_loss(decoder, planes, chunk, device)))
+            weights.append(len(chunk))
+    decoder.train()
+    return float(np.average(losses, weights=weights))
+
+
+def iter_train_instance_decoder(
+    model: Sam,
+    train: SegmentationDataset,
+    validation: SegmentationDataset | None = None,
+    config: DecoderTrainingConfig | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+) -> Generator[DecoderTrainingProgress, None, InstanceDecoder]:
+    """Train an instance decoder on the frozen ``model``'s embeddings of ``train``.
+
+    Parameters
+    ----------
+    model
+        The SAM whose image encoder the decoder will read (left unchanged).
+    train, validation
+        2D planes with instance labels (:class:`SegmentationDataset`); without a validation
+        set the last step's decoder is returned.
+    config
+        :class:`DecoderTrainingConfig`.
+    checkpoint_dir
+        Where the run's checkpoints go; a run finding a checkpoint of the same settings
+        there resumes from it (a finished run returns at once).
+
+    Yields
+    ------
+    DecoderTrainingProgress
+        After each step; closing the generator stops the run (the last checkpoint stays).
+
+    Returns
+    -------
+    InstanceDecoder
+        Through ``StopIteration.value``: the decoder with the lowest validation loss, in
+        eval mode, on the model's device.
+    """
+    config = config or DecoderTrainingConfig()
+    if len(train) == 0:
+        raise ValueError("the training set is empty")
+    device = model.device
+    torch.manual_seed(config.seed)
+    decoder = InstanceDecoder(config.decoder_config(model.config.prompt_embed_dim)).to(device).train()
+    optimizer = torch.optim.AdamW(decoder.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _rate(config, step))
+    folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    start, best_loss, best_step, best_state = 0, math.inf, None, None
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        if (folder / LAST).is_file():
+            state = torch.load(folder / LAST, map_location=device, weights_only=True)
+            if state.get("config") != config.as_dict():
+                raise ValueError(f"{folder / LAST} was written with other settings; use another checkpoint_dir")
+            decoder.load_state_dict(state["decoder"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            start, best_loss, best_step = int(state["step"]), float(state["best_loss"]), state["best_step"]
+        if (folder / BEST).is_file():
+            best_state = torch.load(folder / BEST, map_location=device, weights_only=True)["decoder"]
+    planes = _Planes(model, train, config.normalization)
+    val_planes = _Planes(model, validation, config.normalization) if validation else None
+    if start < config.steps:
+        total = len(planes) + (len(val_planes) if val_planes is not None else 0)
+        for group, offset in ((planes, 0), (val_planes, len(planes))):
+            for ready in group.fill() if group is not None else ():
+                yield DecoderTrainingProgress(offset + ready, total, math.nan, stage="embed")
+    for step in range(start, config.steps):
+        # Each step's draw depends on the seed and the step only: resuming draws the same.
+        indices = np.random.default_rng([config.seed, step]).integers(len(planes), size=config.batch_size)
+        loss = _batch_loss(decoder, planes, indices, device)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        done = step + 1
+        val_loss = None
+        if done % config.validate_every == 0 or done == config.steps:
+            if val_planes is not None:
+                val_loss = _validate(decoder, val_planes, config.batch_size, device)
+                if val_loss < best_loss:
+                    best_loss, best_step = val_loss, done
+                    best_state = {k: v.detach().clone() for k, v in decoder.state_dict().items()}
+                    if folder is not None:
+                        _save(folder / BEST, {"decoder": best_state, "step": done, "loss": val_loss})
+            if folder is not None:
+                _save(folder / LAST, {"decoder": decoder.state_dict(), "optimizer": optimizer.state_dict(),
+                                      "scheduler": scheduler.state_dict(), "step": done, "best_loss": best_loss,
+                                      "best_step": best_step, "config": config.as_dict()})
+        yield DecoderTrainingProgress(done, config.steps, float(loss.detach()), val_loss, best_step)
+    if best_state is not None:
+        decoder.load_state_dict(best_state)
+    return decoder.eval()
+
+
+def save_with_instance_decoder(
+    model: Sam, decoder: InstanceDecoder, path: str | os.PathLike, provenance: dict | None = None,
+    advice: dict | None = None,
+) -> Path:
+    """Write ``model`` with ``decoder`` beside it, as micro-sam stores its decoders.
+
+    The SAM weights go under the official keys in float32, the decoder under
+    ``"decoder_state"``; :func:`~napari_sam.core.models.load_model` gives it back as
+    :attr:`Sam.instance_decoder`. The model's metadata is kept, with ``provenance`` (plain
+    JSON types) under ``"instance_decoder"`` and, when given, ``advice`` as its
+    ``"automatic"`` entry (:func:`napari_sam.auto.recommended`). Written atomically.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+    """
+    from ..model.checkpoint import write_checkpoint
+    from ..model.decoder_checkpoint import DECODER_KEY
+
+    meta = dict(model.metadata)
+    if provenance is not None:
+        meta["instance_decoder"] = provenance
+    if advice is not None:
+        meta["automatic"] = advice
+    state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    decoder_state = {k: v.detach().float().cpu() for k, v in decoder.state_dict().items()}
+    write_checkpoint(path, state, meta, extras={DECODER_KEY: decoder_state})
+    return Path(path)
