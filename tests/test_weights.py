@@ -19,11 +19,13 @@ from napari_sam.weights import (
     REGISTRY,
     CheckpointDownloadError,
     ChecksumMismatchError,
+    DecoderFile,
     ModelEntry,
     UnknownModelError,
     cache_dir,
     checkpoint_path,
     fetch_checkpoint,
+    fetch_decoder,
     list_models,
 )
 
@@ -266,3 +268,131 @@ def test_xxh128_cached_file_is_verified_when_xxhash_is_installed(cache, monkeypa
     (cache / entry.filename).write_bytes(PAYLOAD)
     forbid_downloads(monkeypatch)
     assert fetch_checkpoint(name).read_bytes() == PAYLOAD
+
+
+# --- instance decoders as files of their own ----------------------------------------
+
+# micro-sam 1.8.14's registry (micro_sam/util.py, models()): "<name>_decoder" -> address, xxh128
+MICRO_SAM_DECODERS = {
+    "vit_l_lm": ("idealistic-rat/1.2/files/vit_l_decoder.pt", "2faeafa03819dfe03e7c46a44aaac64a"),
+    "vit_b_lm": ("diplomatic-bug/1.2/files/vit_b_decoder.pt", "708b15ac620e235f90bb38612c4929ba"),
+    "vit_t_lm": ("faithful-chicken/1.1/files/vit_t_decoder.pt", "3e914a5f397b0312cdd36813031f8823"),
+    "vit_l_em_organelles": ("humorous-crab/1.2/files/vit_l_decoder.pt", "334877640bfdaaabce533e3252a17294"),
+    "vit_b_em_organelles": ("noisy-ox/1.2/files/vit_b_decoder.pt", "bb6398956a6b0132c26b631c14f95ce2"),
+    "vit_t_em_organelles": ("greedy-whale/1/files/vit_t_decoder.pt", "8f897c7bb93174a4d1638827c4dd6f44"),
+}
+
+
+def register_with_decoder(monkeypatch, decoder_payload=PAYLOAD, name="fake_lm"):
+    entry = ModelEntry(
+        name=name, config="vit_b", url=UNREACHABLE, known_hash="sha256:" + hashlib.sha256(b"sam").hexdigest(),
+        filename=f"{name}.pt", description="d", licence="CC-BY-4.0",
+        decoder=DecoderFile(UNREACHABLE.replace("fake.pth", "fake_decoder.pt"),
+                            "sha256:" + hashlib.sha256(decoder_payload).hexdigest(), f"{name}_decoder.pt"),
+    )  # fmt: skip
+    monkeypatch.setitem(REGISTRY, name, entry)
+    return entry
+
+
+def test_micro_sam_models_name_their_decoder_files_as_micro_sam_does():
+    with_decoder = {e.name for e in list_models() if e.decoder is not None}
+    assert with_decoder == set(MICRO_SAM_DECODERS)
+    for name, (tail, xxh128) in MICRO_SAM_DECODERS.items():
+        entry, decoder = REGISTRY[name], REGISTRY[name].decoder
+        assert decoder.url == "https://uk1s3.embassy.ebi.ac.uk/public-datasets/bioimage.io/" + tail
+        assert decoder.known_hash == f"xxh128:{xxh128}"
+        # beside the SAM weights of the same BioImage.IO model version
+        assert decoder.url.rsplit("/", 1)[0] == entry.url.rsplit("/", 1)[0]
+        assert decoder.filename == entry.filename.replace(".pt", "_decoder.pt")
+    files = [e.filename for e in list_models()] + [e.decoder.filename for e in list_models() if e.decoder]
+    hashes = [e.known_hash for e in list_models()] + [e.decoder.known_hash for e in list_models() if e.decoder]
+    assert len(set(files)) == len(files) and len(set(hashes)) == len(hashes)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"url": "http://example.org/d.pt"}, "https://"),
+        ({"known_hash": "xxh128:abc"}, "32 lower-case hex"),
+        ({"known_hash": "crc32:" + "0" * 8}, "algorithm"),
+        ({"filename": "sub/d.pt"}, "bare file name"),
+    ],
+)
+def test_decoder_file_rejects_malformed_fields(change, message):
+    fields = dict(url="https://example.org/d.pt", known_hash="md5:" + "0" * 32, filename="d.pt")
+    fields.update(change)
+    with pytest.raises(ValueError, match=message):
+        DecoderFile(**fields)
+
+
+def test_decoder_file_needs_its_own_file_name():
+    with pytest.raises(ValueError, match="file name of its own"):
+        ModelEntry(name="x", config="vit_b", url="https://example.org/x.pt", known_hash="md5:" + "0" * 32,
+                   filename="x.pt", description="d", licence="MIT",
+                   decoder=DecoderFile("https://example.org/d.pt", "md5:" + "1" * 32, "x.pt"))
+
+
+@pytest.mark.parametrize("name", ["vit_b", "vit_l", "vit_h", "vit_t"])
+def test_models_without_a_decoder_file_fetch_nothing(name, cache, monkeypatch):
+    forbid_downloads(monkeypatch)
+    assert fetch_decoder(name) is None
+    assert not cache.exists()
+
+
+def test_fetch_decoder_refuses_an_unknown_name(cache, monkeypatch):
+    forbid_downloads(monkeypatch)
+    with pytest.raises(UnknownModelError, match="vit_b_lm"):
+        fetch_decoder("vit_x_lm")
+
+
+def test_decoder_download_lands_in_the_cache_and_only_the_decoder_is_fetched(cache, monkeypatch):
+    entry = register_with_decoder(monkeypatch)
+    calls = serve(monkeypatch, PAYLOAD)
+    path = fetch_decoder("fake_lm", progress=False)
+    assert path == cache / entry.decoder.filename and path.read_bytes() == PAYLOAD
+    assert calls == [entry.decoder.url]  # the SAM weights were not asked for
+    assert fetch_decoder("fake_lm") == path and len(calls) == 1
+    assert sorted(p.name for p in cache.iterdir()) == [entry.decoder.filename]
+
+
+def test_decoder_with_the_wrong_checksum_is_refused_and_not_kept(cache, monkeypatch):
+    entry = register_with_decoder(monkeypatch)
+    serve(monkeypatch, PAYLOAD + b"tampered")
+    with pytest.raises(ChecksumMismatchError, match="instance decoder of model 'fake_lm'") as info:
+        fetch_decoder("fake_lm", progress=False)
+    assert entry.decoder.url in str(info.value) and str(cache / entry.decoder.filename) in str(info.value)
+    assert list(cache.iterdir()) == []
+
+
+def test_offline_decoder_failure_names_url_file_and_path(cache, monkeypatch):
+    entry = register_with_decoder(monkeypatch)
+    with pytest.raises(CheckpointDownloadError) as info:
+        fetch_decoder("fake_lm", progress=False)  # the real downloader, against a refused local port
+    text = str(info.value)
+    assert "instance decoder of model 'fake_lm'" in text
+    assert entry.decoder.url in text and entry.decoder.filename in text
+    assert str(cache / entry.decoder.filename) in text
+    assert not (cache / entry.decoder.filename).exists()
+
+
+def test_registry_decoder_asks_for_xxhash_when_it_is_missing(cache, monkeypatch):
+    monkeypatch.setitem(sys.modules, "xxhash", None)  # makes `import xxhash` fail
+    forbid_downloads(monkeypatch)
+    with pytest.raises(CheckpointDownloadError, match="pip install xxhash") as info:
+        fetch_decoder("vit_b_em_organelles")
+    assert REGISTRY["vit_b_em_organelles"].decoder.filename in str(info.value)
+
+
+def test_a_fetched_decoder_file_loads_as_the_instance_decoder(cache, monkeypatch):
+    torch = pytest.importorskip("torch")
+    from napari_sam.model.decoder_checkpoint import load_instance_decoder
+    from napari_sam.model.instance_decoder import InstanceDecoder, InstanceDecoderConfig
+
+    original = InstanceDecoder(InstanceDecoderConfig(initial_features=4, transposed=True))
+    buffer = cache.parent / "decoder_bytes.pt"
+    torch.save(original.state_dict(), buffer)  # micro-sam's decoder files: the state dict alone
+    register_with_decoder(monkeypatch, decoder_payload=buffer.read_bytes())
+    serve(monkeypatch, buffer.read_bytes())
+    loaded = load_instance_decoder(fetch_decoder("fake_lm", progress=False))
+    assert loaded.config == original.config
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in original.state_dict().items())

@@ -1,8 +1,11 @@
 """Registry of public SAM checkpoints, the cache they live in, and their download.
 
-Nothing here touches the network until :func:`fetch_checkpoint` is called. Every file is
-pinned to a checksum; a file whose checksum does not match is never handed out. Where
-the machine is offline, the error says which file to fetch by hand and where to put it.
+Nothing here touches the network until :func:`fetch_checkpoint` or :func:`fetch_decoder`
+is called. Every file is pinned to a checksum; a file whose checksum does not match is
+never handed out. Where the machine is offline, the error says which file to fetch by
+hand and where to put it.
+micro-sam's light-microscopy and EM models keep their instance decoder in a file of its
+own (:attr:`ModelEntry.decoder`), fetched only by :func:`fetch_decoder`.
 
 The cache folder is ``$NAPARI_SAM_CACHE_DIR`` when that variable is set, otherwise the
 operating system's user cache folder for ``napari-sam`` (see :func:`cache_dir`).
@@ -11,10 +14,10 @@ operating system's user cache folder for ``napari-sam`` (see :func:`cache_dir`).
 from __future__ import annotations
 
 import os
-import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
+
+from ._registry_entry import ENCODERS, DecoderFile, ModelEntry
 
 __all__ = [
     "CACHE_ENV_VAR",
@@ -22,23 +25,19 @@ __all__ = [
     "REGISTRY",
     "CheckpointDownloadError",
     "ChecksumMismatchError",
+    "DecoderFile",
     "ModelEntry",
     "UnknownModelError",
     "cache_dir",
     "checkpoint_path",
     "fetch_checkpoint",
+    "fetch_decoder",
     "get_entry",
     "list_models",
 ]
 
 CACHE_ENV_VAR = "NAPARI_SAM_CACHE_DIR"
 """Environment variable that, when set, names the folder checkpoints are cached in."""
-
-ENCODERS = frozenset({"vit_b", "vit_l", "vit_h", "vit_t"})
-"""Names of the image-encoder configurations a checkpoint can be built on."""
-
-_HEX_DIGITS = {"sha256": 64, "md5": 32, "xxh128": 32}
-"""Hash algorithms a registry entry may use, with the length of their hex digest."""
 
 
 class UnknownModelError(KeyError, ValueError):
@@ -65,87 +64,26 @@ class ChecksumMismatchError(CheckpointDownloadError):
     """A downloaded file's checksum differs from the registry's."""
 
 
-@dataclass(frozen=True)
-class ModelEntry:
-    """One downloadable checkpoint.
-
-    Parameters
-    ----------
-    name
-        Registry name, e.g. ``"vit_b_lm"``.
-    config
-        Image-encoder configuration the weights fit: ``"vit_b"``, ``"vit_l"``,
-        ``"vit_h"`` or ``"vit_t"``.
-    url
-        HTTPS address of the file.
-    known_hash
-        Checksum in pooch's ``"algorithm:hexdigest"`` form (``sha256``, ``md5`` or
-        ``xxh128``; the last needs the ``xxhash`` package).
-    filename
-        Name of the file in the cache folder.
-    description
-        One line for menus and ``napari-sam models``.
-    licence
-        SPDX identifier of the weights' licence.
-    homepage
-        Where the weights are described and cited from.
-    size_bytes
-        Size of the file, where known (for progress and disk-space messages).
-    """
-
-    name: str
-    config: str
-    url: str
-    known_hash: str
-    filename: str
-    description: str
-    licence: str
-    homepage: str = ""
-    size_bytes: Optional[int] = None
-
-    def __post_init__(self):
-        if self.config not in ENCODERS:
-            raise ValueError(f"{self.name}: config {self.config!r} is not one of {sorted(ENCODERS)}")
-        if not self.url.startswith("https://"):
-            raise ValueError(f"{self.name}: url must start with https://, not {self.url!r}")
-        algorithm, _, digest = self.known_hash.partition(":")
-        if algorithm not in _HEX_DIGITS:
-            raise ValueError(
-                f"{self.name}: hash algorithm {algorithm!r} is not one of {sorted(_HEX_DIGITS)} "
-                f"(write the hash as 'algorithm:hexdigest')"
-            )
-        if not re.fullmatch(f"[0-9a-f]{{{_HEX_DIGITS[algorithm]}}}", digest):
-            raise ValueError(
-                f"{self.name}: {algorithm} digest must be {_HEX_DIGITS[algorithm]} lower-case hex digits, "
-                f"not {digest!r}"
-            )
-        if not self.filename or Path(self.filename).name != self.filename:
-            raise ValueError(f"{self.name}: filename must be a bare file name, not {self.filename!r}")
-        if self.size_bytes is not None and self.size_bytes <= 0:
-            raise ValueError(f"{self.name}: size_bytes must be positive")
-
-    @property
-    def hash_algorithm(self) -> str:
-        """The algorithm part of :attr:`known_hash`, e.g. ``"sha256"``."""
-        return self.known_hash.partition(":")[0]
-
-
 _SAM_HOME = "https://github.com/facebookresearch/segment-anything"
 _MOBILE_SAM_HOME = "https://github.com/ChaoningZhang/MobileSAM"
 _MICRO_SAM_HOME = "https://github.com/computational-cell-analytics/micro-sam"
 _BIOIMAGE_IO = "https://uk1s3.embassy.ebi.ac.uk/public-datasets/bioimage.io"
 
 
-def _micro_sam(name: str, config: str, model_id: str, version: str, xxh128: str, what: str) -> ModelEntry:
+def _micro_sam(name: str, config: str, model_id: str, version: str, xxh128: str, decoder_xxh128: str,
+              what: str) -> ModelEntry:
+    files = f"{_BIOIMAGE_IO}/{model_id}/{version}/files"
+    stem = f"micro_sam_{name}_{model_id}_{version}"
     return ModelEntry(
         name=name,
         config=config,
-        url=f"{_BIOIMAGE_IO}/{model_id}/{version}/files/{config}.pt",
+        url=f"{files}/{config}.pt",
         known_hash=f"xxh128:{xxh128}",
-        filename=f"micro_sam_{name}_{model_id}_{version}.pt",
+        filename=f"{stem}.pt",
         description=f"micro-sam {config}, fine-tuned for {what} (BioImage.IO {model_id} {version})",
         licence="CC-BY-4.0",
         homepage=_MICRO_SAM_HOME,
+        decoder=DecoderFile(f"{files}/{config}_decoder.pt", f"xxh128:{decoder_xxh128}", f"{stem}_decoder.pt"),
     )
 
 
@@ -163,6 +101,9 @@ def _meta_sam(config: str, stem: str, sha256: str, size: int, what: str) -> Mode
     )
 
 
+_LM, _EM = "light microscopy", "electron microscopy organelles (mitochondria, nuclei)"
+# micro-sam's registry (micro_sam/util.py, models()): name, encoder, BioImage.IO id and
+# version, xxh128 of the SAM weights, xxh128 of the decoder ("<name>_decoder"), what for.
 _ENTRIES = (
     _meta_sam(
         "vit_b", "sam_vit_b_01ec64", "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912",
@@ -190,21 +131,20 @@ _ENTRIES = (
         homepage=_MOBILE_SAM_HOME,
         size_bytes=40_728_226,
     ),
-    _micro_sam("vit_b_lm", "vit_b", "diplomatic-bug", "1.2", "fe9252a29f3f4ea53c15a06de471e186", "light microscopy"),
-    _micro_sam("vit_l_lm", "vit_l", "idealistic-rat", "1.2", "017f20677997d628426dec80a8018f9d", "light microscopy"),
-    _micro_sam("vit_t_lm", "vit_t", "faithful-chicken", "1.1", "72ec5074774761a6e5c05a08942f981e", "light microscopy"),
-    _micro_sam(
-        "vit_b_em_organelles", "vit_b", "noisy-ox", "1.2", "f3bf2ed83d691456bae2c3f9a05fb438",
-        "electron microscopy organelles (mitochondria, nuclei)",
-    ),
-    _micro_sam(
-        "vit_l_em_organelles", "vit_l", "humorous-crab", "1.2", "810b084b6e51acdbf760a993d8619f2d",
-        "electron microscopy organelles (mitochondria, nuclei)",
-    ),
-    _micro_sam(
-        "vit_t_em_organelles", "vit_t", "greedy-whale", "1", "253474720c497cce605e57c9b1d18fd9",
-        "electron microscopy organelles (mitochondria, nuclei)",
-    ),
+    *(_micro_sam(*row) for row in (
+        ("vit_b_lm", "vit_b", "diplomatic-bug", "1.2", "fe9252a29f3f4ea53c15a06de471e186",
+         "708b15ac620e235f90bb38612c4929ba", _LM),
+        ("vit_l_lm", "vit_l", "idealistic-rat", "1.2", "017f20677997d628426dec80a8018f9d",
+         "2faeafa03819dfe03e7c46a44aaac64a", _LM),
+        ("vit_t_lm", "vit_t", "faithful-chicken", "1.1", "72ec5074774761a6e5c05a08942f981e",
+         "3e914a5f397b0312cdd36813031f8823", _LM),
+        ("vit_b_em_organelles", "vit_b", "noisy-ox", "1.2", "f3bf2ed83d691456bae2c3f9a05fb438",
+         "bb6398956a6b0132c26b631c14f95ce2", _EM),
+        ("vit_l_em_organelles", "vit_l", "humorous-crab", "1.2", "810b084b6e51acdbf760a993d8619f2d",
+         "334877640bfdaaabce533e3252a17294", _EM),
+        ("vit_t_em_organelles", "vit_t", "greedy-whale", "1", "253474720c497cce605e57c9b1d18fd9",
+         "8f897c7bb93174a4d1638827c4dd6f44", _EM),
+    )),
 )
 
 REGISTRY: dict[str, ModelEntry] = {entry.name: entry for entry in _ENTRIES}
@@ -284,24 +224,64 @@ def _downloader(progress: bool):
     return pooch.HTTPDownloader(progressbar=progress)
 
 
-def _by_hand(entry: ModelEntry, path: Path) -> str:
+def _by_hand(file: ModelEntry | DecoderFile, path: Path) -> str:
+    algorithm, _, digest = file.known_hash.partition(":")
     return (
-        f"To install it by hand, download {entry.url} on a machine with internet access and "
-        f"save it as {path} (the file name must be {entry.filename!r}; its {entry.hash_algorithm} "
-        f"checksum must be {entry.known_hash.partition(':')[2]}). "
+        f"To install it by hand, download {file.url} on a machine with internet access and "
+        f"save it as {path} (the file name must be {file.filename!r}; its {algorithm} "
+        f"checksum must be {digest}). "
         f"Set {CACHE_ENV_VAR} to use another cache folder."
     )
 
 
-def _check_hash_support(entry: ModelEntry, path: Path) -> None:
-    if entry.hash_algorithm.startswith("xxh"):
+def _check_hash_support(file: ModelEntry | DecoderFile, what: str, path: Path) -> None:
+    algorithm = file.known_hash.partition(":")[0]
+    if algorithm.startswith("xxh"):
         try:
             import xxhash  # noqa: F401
         except ImportError:
             raise CheckpointDownloadError(
-                f"the checksum of {entry.name!r} ({entry.filename}) is an {entry.hash_algorithm} hash, "
+                f"the checksum of {what} ({file.filename}) is an {algorithm} hash, "
                 f"which needs the 'xxhash' package: pip install xxhash. The file is, or will be, at {path}."
             ) from None
+
+
+def _fetch(file: ModelEntry | DecoderFile, what: str, progress: bool) -> Path:
+    """The verified cached copy of a registry file; ``what`` names it in errors."""
+    import pooch
+
+    folder = cache_dir()
+    path = folder / file.filename
+    _check_hash_support(file, what, path)
+    stale = path.exists()  # present but possibly with the wrong checksum
+    transfer = _downloader(progress)
+    completed = []  # set once the bytes arrived, so a later failure is the checksum's
+
+    def download(url, output_file, pooch_instance):
+        transfer(url, output_file, pooch_instance)
+        completed.append(url)
+
+    try:
+        fetched = pooch.retrieve(
+            url=file.url, known_hash=file.known_hash, fname=file.filename, path=folder, downloader=download
+        )
+    except Exception as err:  # requests' errors, OSError, pooch's ValueError: no verified file
+        if completed and isinstance(err, ValueError):
+            raise ChecksumMismatchError(
+                f"the file downloaded from {file.url} for {what} does not have the expected "
+                f"checksum and was deleted ({err}). The address may now serve another file. "
+                + _by_hand(file, path)
+            ) from err
+        present = (
+            f"A file is present at {path} but its checksum does not match, so it was not used. "
+            if stale and path.exists()
+            else ""
+        )
+        raise CheckpointDownloadError(
+            f"could not download {file.filename!r} for {what} from {file.url}: "
+            f"{type(err).__name__}: {err}. " + present + _by_hand(file, path)
+        ) from err
+    return Path(fetched)
 
 
 def fetch_checkpoint(name: str, progress: bool = True) -> Path:
@@ -334,38 +314,26 @@ def fetch_checkpoint(name: str, progress: bool = True) -> Path:
         algorithm's package is missing. The message names the URL, the file name and
         the path where the file can be placed by hand.
     """
-    import pooch
-
     entry = get_entry(name)
-    folder = cache_dir()
-    path = folder / entry.filename
-    _check_hash_support(entry, path)
-    stale = path.exists()  # present but possibly with the wrong checksum
-    transfer = _downloader(progress)
-    completed = []  # set once the bytes arrived, so a later failure is the checksum's
+    return _fetch(entry, f"model {entry.name!r}", progress)
 
-    def download(url, output_file, pooch_instance):
-        transfer(url, output_file, pooch_instance)
-        completed.append(url)
 
-    try:
-        fetched = pooch.retrieve(
-            url=entry.url, known_hash=entry.known_hash, fname=entry.filename, path=folder, downloader=download
-        )
-    except Exception as err:  # requests' errors, OSError, pooch's ValueError: no verified file
-        if completed and isinstance(err, ValueError):
-            raise ChecksumMismatchError(
-                f"the file downloaded from {entry.url} for model {entry.name!r} does not have the expected "
-                f"checksum and was deleted ({err}). The address may now serve another file. "
-                + _by_hand(entry, path)
-            ) from err
-        present = (
-            f"A file is present at {path} but its checksum does not match, so it was not used. "
-            if stale and path.exists()
-            else ""
-        )
-        raise CheckpointDownloadError(
-            f"could not download {entry.filename!r} for model {entry.name!r} from {entry.url}: "
-            f"{type(err).__name__}: {err}. " + present + _by_hand(entry, path)
-        ) from err
-    return Path(fetched)
+def fetch_decoder(name: str, progress: bool = True) -> Optional[Path]:
+    """The verified local path of a registry model's instance decoder file
+    (:attr:`ModelEntry.decoder`), cached and downloaded as :func:`fetch_checkpoint` does.
+
+    Returns
+    -------
+    pathlib.Path or None
+        The decoder's state dict alone, in :func:`cache_dir`; None, without any network
+        access, for a model whose decoder is not a file of its own.
+
+    Raises
+    ------
+    UnknownModelError, ChecksumMismatchError, CheckpointDownloadError
+        As :func:`fetch_checkpoint`.
+    """
+    entry = get_entry(name)
+    if entry.decoder is None:
+        return None
+    return _fetch(entry.decoder, f"the instance decoder of model {entry.name!r}", progress)

@@ -157,3 +157,15 @@ def test_malformed_prompt_objects_name_the_file(tmp_path):
     path.write_text(json.dumps([{"points": "here"}]))
     with pytest.raises(ValueError, match=f"{path}: object 0"):
         load_prompts(path)
+
+
+def test_download_fetches_a_micro_sam_models_decoder_file_too(capsys, monkeypatch, tmp_path):
+    from napari_sam import weights
+
+    monkeypatch.setattr(weights, "fetch_checkpoint", lambda name, *a, **k: tmp_path / f"{name}.pt")
+    monkeypatch.setattr(weights, "fetch_decoder", lambda name, *a, **k: tmp_path / f"{name}_decoder.pt")
+    rc, out, _ = _run(["download", "vit_b_lm"], capsys)
+    assert rc == 0 and out.split() == [str(tmp_path / "vit_b_lm.pt"), str(tmp_path / "vit_b_lm_decoder.pt")]
+    monkeypatch.setattr(weights, "fetch_decoder", lambda name, *a, **k: None)
+    rc, out, _ = _run(["download", "vit_b"], capsys)
+    assert rc == 0 and out.split() == [str(tmp_path / "vit_b.pt")]

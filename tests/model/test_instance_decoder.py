@@ -281,3 +281,24 @@ def test_a_decoder_that_does_not_fit_fails_the_model_load(tmp_path, tiny_sam):
     write_checkpoint(path, tiny_sam.state_dict(), extras={"decoder_state": state})
     with pytest.raises(CheckpointError, match="out_conv.bias"):
         load_model(path, device="cpu", dtype="float32")
+
+
+def test_a_registry_model_brings_its_separate_decoder_file(tmp_path, tiny_checkpoint, monkeypatch):
+    """micro-sam's registry keeps vit_b_lm's decoder in a file of its own; both are fetched."""
+    from napari_sam import weights
+    from napari_sam.core.models import load_model
+
+    torch.manual_seed(2)
+    decoder = InstanceDecoder(InstanceDecoderConfig(initial_features=4))
+    decoder_file = tmp_path / "vit_t_lm_decoder.pt"
+    torch.save(decoder.state_dict(), decoder_file)
+    asked = []
+    monkeypatch.setattr(weights, "fetch_checkpoint", lambda name, *a, **k: asked.append(name) or tiny_checkpoint)
+    monkeypatch.setattr(weights, "fetch_decoder", lambda name, *a, **k: asked.append(name) or decoder_file)
+    model = load_model("vit_t_lm", device="cpu", dtype="float32")
+    assert asked == ["vit_t_lm", "vit_t_lm"]
+    x = torch.randn(1, 256, 2, 2)
+    torch.testing.assert_close(model.instance_decoder.maps(x), decoder.eval().maps(x), rtol=0, atol=0)
+    # a model without a decoder file gets none
+    monkeypatch.setattr(weights, "fetch_decoder", lambda name, *a, **k: None)
+    assert load_model("vit_t_lm", device="cpu", dtype="float32").instance_decoder is None

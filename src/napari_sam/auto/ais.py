@@ -172,7 +172,7 @@ def instances_from_maps(
 
 
 def iter_ais(
-    embeddings, plane, decoder, settings: AISSettings | None = None, batch_size: int = 1
+    embeddings, plane, decoder, settings: AISSettings | None = None, batch_size: int | None = None
 ) -> Generator[Progress, None, np.ndarray]:
     """AIS on one plane: its tiles' maps decoded and stitched, then post-processed once.
 
@@ -188,7 +188,7 @@ def iter_ais(
     settings
         :class:`AISSettings`; micro-sam's defaults when None.
     batch_size
-        Tiles decoded at once (:func:`~napari_sam.auto.instance_maps.iter_instance_maps`).
+        Tiles decoded at once (default: :func:`~napari_sam.auto.instance_maps.default_batch_size`).
 
     Yields
     ------
@@ -215,7 +215,7 @@ def segment_ais(
     settings: AISSettings | None = None,
     progress: Callable[[Progress], object] | None = None,
     *,
-    batch_size: int = 1,
+    batch_size: int | None = None,
 ) -> np.ndarray:
     """:func:`iter_ais` in one call; ``progress`` (if given) is called with each
     :class:`~napari_sam.auto.results.Progress`. Returns (H, W) uint32 labels."""
@@ -231,7 +231,7 @@ def segment_ais(
 
 def iter_ais_volume(
     embeddings, decoder, planes=None, settings: AISSettings | None = None, link_iou: float = 0.3,
-    batch_size: int = 1,
+    batch_size: int | None = None,
 ) -> Generator[Progress, None, tuple[np.ndarray, list[np.ndarray]]]:
     """AIS on several planes, their objects linked into 3D
     (:func:`~napari_sam.auto.link.link_planes`).

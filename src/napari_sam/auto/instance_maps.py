@@ -30,7 +30,7 @@ from ..core.image_embedding import ImageEmbedding
 from ..core.tiling import Tile
 from .results import Progress
 
-__all__ = ["iter_instance_maps", "tile_instance_maps"]
+__all__ = ["default_batch_size", "iter_instance_maps", "tile_instance_maps"]
 
 
 def _device(decoder) -> torch.device:
@@ -73,13 +73,26 @@ def tile_instance_maps(decoder, embeddings: list[ImageEmbedding], image_size: in
     if not embeddings:
         return []
     device = _device(decoder)
-    batch = torch.cat([e.features for e in embeddings]).to(device)
-    maps = decoder.maps(batch)
     out = []
-    for k, emb in enumerate(embeddings):
-        tile = decoder.resize(maps[k : k + 1], emb.input_size, emb.original_size, image_size)[0]
-        out.append(tile.float().cpu().numpy())
+    # No autograd graph: it would keep every layer's output alive and cost time.
+    with torch.inference_mode():
+        maps = decoder.maps(torch.cat([e.features for e in embeddings]).to(device))
+        for k, emb in enumerate(embeddings):
+            tile = decoder.resize(maps[k : k + 1], emb.input_size, emb.original_size, image_size)[0]
+            out.append(tile.float().cpu().numpy())
     return out
+
+
+def default_batch_size(decoder, image_size: int, budget: int = 256 * 2**20) -> int:
+    """Tiles decoded at once so that the decoder's largest features stay near ``budget``
+    bytes: 1 for micro-sam's decoders on 1024-pixel inputs (about 2 GB of features per
+    tile), dozens for the default model's small, coarse one."""
+    config = getattr(decoder, "config", None)
+    if config is None:
+        return 1
+    side = image_size * getattr(config, "scale", 16) / 16
+    per_tile = 2 * config.initial_features * 4 * side * side * 4  # a few maps alive at once, float32
+    return int(max(1, min(64, budget // per_tile)))
 
 
 def _place(out: np.ndarray, tile: Tile, maps: np.ndarray) -> None:
@@ -88,7 +101,7 @@ def _place(out: np.ndarray, tile: Tile, maps: np.ndarray) -> None:
 
 
 def iter_instance_maps(
-    embeddings, plane, decoder, batch_size: int = 1
+    embeddings, plane, decoder, batch_size: int | None = None
 ) -> Generator[Progress, None, np.ndarray]:
     """The decoder's maps of one plane, tile by tile.
 
@@ -105,7 +118,8 @@ def iter_instance_maps(
         for the embeddings' image encoder (its ``embed_dim`` is checked, nothing else can be).
     batch_size
         Tiles decoded at once (memory grows with it: each tile's decoder features are
-        about ``64 * 4 * image_size ** 2`` bytes at the released checkpoints' width).
+        about ``64 * 4 * image_size ** 2`` bytes at the released checkpoints' width); by
+        default :func:`default_batch_size`.
 
     Yields
     ------
@@ -118,12 +132,13 @@ def iter_instance_maps(
         Through ``StopIteration.value``: (3, H, W) float32 maps of the plane (12 bytes per
         pixel; the whole plane is held in memory).
     """
+    _check_decoder(decoder)
+    image_size = int(embeddings.model.config.image_size)
+    batch_size = default_batch_size(decoder, image_size) if batch_size is None else batch_size
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    _check_decoder(decoder)
     flat = embeddings.source.flat_index(plane)
     grid = embeddings.grid
-    image_size = int(embeddings.model.config.image_size)
     out = np.empty((3, *grid.shape), np.float32)
     tiles = list(grid)
     done = 0

@@ -19,10 +19,13 @@ def models(args) -> int:
 
 def download(args) -> int:
     from ..core.models import DEFAULT_CHECKPOINT, DEFAULT_MODEL
-    from ..weights import fetch_checkpoint
+    from ..weights import fetch_checkpoint, fetch_decoder
 
     if args.name == DEFAULT_MODEL:
         print(DEFAULT_CHECKPOINT)  # shipped inside the package: nothing to fetch
         return 0
     print(fetch_checkpoint(args.name))
+    decoder = fetch_decoder(args.name)  # micro-sam's instance decoder, a file of its own
+    if decoder is not None:
+        print(decoder)
     return 0

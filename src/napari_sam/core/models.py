@@ -94,22 +94,25 @@ def _is_bioimageio_package(path: Path) -> bool:
         return False
 
 
-def _resolve_checkpoint(name_or_path: str | os.PathLike) -> tuple[str, Path]:
-    from ..weights import REGISTRY, fetch_checkpoint
+def _resolve_checkpoint(name_or_path: str | os.PathLike) -> tuple[str, Path, Path | None]:
+    """(name, checkpoint file, separate instance-decoder file or None)."""
+    from ..weights import REGISTRY, fetch_checkpoint, fetch_decoder
 
     text = os.fspath(name_or_path)
     if text == DEFAULT_MODEL:
         if not DEFAULT_CHECKPOINT.is_file():
             raise ValueError(f"the default model is not installed ({DEFAULT_CHECKPOINT} is missing)")
-        return DEFAULT_MODEL, DEFAULT_CHECKPOINT
+        return DEFAULT_MODEL, DEFAULT_CHECKPOINT, None
     if text in REGISTRY:
-        return text, Path(fetch_checkpoint(text))
+        # micro-sam keeps its models' instance decoders in files of their own and fetches
+        # both together; so do we (both checksummed, into the cache).
+        return text, Path(fetch_checkpoint(text)), fetch_decoder(text)
     path = Path(text).expanduser()
     if path.is_file():
         if _is_bioimageio_package(path):
             raise ValueError(f"{path} is a bioimage.io model package: turn it into a checkpoint first with "
                              f"`napari-sam import {path} --out model.pth` (napari_sam.train.import_bioimageio)")
-        return path.name, path
+        return path.name, path, None
     if path.exists():
         raise ValueError(f"{path} is not a checkpoint file")
     raise ValueError(
@@ -149,7 +152,8 @@ def load_model(
     Sam
         In evaluation mode, with :attr:`Sam.source` and :attr:`Sam.metadata` set, and
         :attr:`Sam.instance_decoder` when the checkpoint carries micro-sam's
-        ``decoder_state`` (loaded strictly: a decoder that does not fit is an error).
+        ``decoder_state`` or the registry lists a decoder file for the model (fetched with
+        it; loaded strictly: a decoder that does not fit is an error).
 
     Raises
     ------
@@ -158,11 +162,11 @@ def load_model(
         names the missing, unexpected and misshapen keys).
     """
     from ..model.checkpoint import read_checkpoint
-    from ..model.decoder_checkpoint import DECODER_KEY, find_decoder_state
+    from ..model.decoder_checkpoint import DECODER_KEY, find_decoder_state, read_decoder_state
     from ..model.instance_decoder import instance_decoder_from_state_dict
 
     configure_runtime()
-    name, path = _resolve_checkpoint(name_or_path)
+    name, path, decoder_file = _resolve_checkpoint(name_or_path)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     checkpoint = read_checkpoint(path)
@@ -175,10 +179,15 @@ def load_model(
     dtype_name = next(k for k, v in DTYPES.items() if v == torch_dtype)
     model.source = ModelSource(name=name, path=str(path), dtype=dtype_name)
     model.metadata = dict(checkpoint.metadata)
+    # micro-sam's instance decoder, from the same file (wins, as in micro-sam) or its own;
+    # float32 like the mask decoder.
+    decoder_state = None
     if DECODER_KEY in checkpoint.extras:
-        # micro-sam's instance decoder in the same file; float32 like the mask decoder.
-        decoder = instance_decoder_from_state_dict(find_decoder_state(checkpoint.extras, str(path)))
-        model.instance_decoder = decoder.to(device).eval()
+        decoder_state = find_decoder_state(checkpoint.extras, str(path))
+    elif decoder_file is not None:
+        decoder_state = read_decoder_state(decoder_file)
+    if decoder_state is not None:
+        model.instance_decoder = instance_decoder_from_state_dict(decoder_state).to(device).eval()
     return model
 
 

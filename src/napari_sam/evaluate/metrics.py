@@ -19,7 +19,7 @@ import numpy as np
 
 from ..core.masks import label_iou
 
-__all__ = ["THRESHOLDS", "instance_scores", "mean_segmentation_accuracy", "segmentation_accuracy"]
+__all__ = ["THRESHOLDS", "instance_scores", "mean_segmentation_accuracy", "object_f1", "segmentation_accuracy"]
 
 THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))
 """IoU thresholds 0.50, 0.55, ..., 0.95 of the mean segmentation accuracy."""
@@ -89,3 +89,33 @@ def instance_scores(gt, pred) -> dict:
         "n_gt": int(iou.shape[0]),
         "n_pred": int(iou.shape[1]),
     }
+
+
+def object_f1(gt, pred, threshold: float = 0.5) -> dict:
+    """Object-level precision, recall and F1 at one IoU threshold.
+
+    Works on label images of any dimension: on (Z, H, W) volumes an object is a 3D
+    object, so an object split into two ids along z, or two objects merged into one,
+    costs a match (how 3D linking is judged).
+
+    Parameters
+    ----------
+    gt, pred
+        Integer label images of one shape, 0 = background.
+    threshold
+        Objects match when their IoU is above it (one-to-one by Hungarian assignment
+        below 0.5).
+
+    Returns
+    -------
+    dict
+        ``{"precision", "recall", "f1", "tp", "n_gt", "n_pred"}``; precision, recall and
+        F1 are 1 when neither image has objects.
+    """
+    iou = _object_iou(gt, pred)
+    n_gt, n_pred = iou.shape
+    tp = int((iou > threshold).sum()) if threshold >= 0.5 else _matched(iou, threshold)
+    precision = tp / n_pred if n_pred else float(n_gt == 0)
+    recall = tp / n_gt if n_gt else float(n_pred == 0)
+    f1 = 2 * tp / (n_gt + n_pred) if n_gt + n_pred else 1.0
+    return {"precision": precision, "recall": recall, "f1": f1, "tp": tp, "n_gt": n_gt, "n_pred": n_pred}

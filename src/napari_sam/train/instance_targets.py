@@ -55,7 +55,10 @@ def instance_targets(labels: np.ndarray) -> np.ndarray:
         depth = ndi.distance_transform_edt(~boundaries[box])
         depth[~mask] = 0
         deepest = np.unravel_index(np.argmax(depth), depth.shape)
-        centre = np.round(ndi.center_of_mass(mask)).astype(int)
+        # Rounded in image coordinates, as torch-em does: numpy rounds halves to even,
+        # so rounding in box coordinates would move some centres by a pixel.
+        start = np.array([sl.start for sl in box])
+        centre = (np.round(np.asarray(ndi.center_of_mass(mask)) + start) - start).astype(int)
         if not mask[tuple(centre)]:
             centre = np.asarray(deepest)
         rows, cols = np.indices(mask.shape)
