@@ -23,13 +23,14 @@ MAX_LINES = 400
 
 LAYERS = {
     "model": set(),
-    "weights": set(),  # the registry of downloadable checkpoints
+    "weights": {"_registry_entry"},  # the registry of downloadable checkpoints
+    "_registry_entry": set(),  # what one registry entry is (a checkpoint and its decoder file), validated
     "core": {"model", "weights"},
     "train": {"core", "model"},
     "auto": {"core", "model"},
     # evaluation runs the automatic modes and the classical baseline it owns
     "evaluate": {"core", "model", "auto"},
-    "api": {"core", "model", "weights"},
+    "api": {"core", "model", "weights", "auto"},  # Annotator.segment_everything runs the automatic modes
     "layers": {"api", "core", "model", "auto", "_extras"},
     "_qt": {"layers", "api", "core", "model", "weights", "train", "auto", "_extras"},
     "cli": {"api", "core", "model", "weights", "train", "auto", "evaluate", "_extras"},

@@ -21,8 +21,9 @@ viewer's layers:
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -35,6 +36,9 @@ from .core.ngff import LabelImage
 from .core.preprocess import Normalization
 from .core.prompts import Prompt
 from .core.propagation import PropagationSettings, PropagationStep, propagate
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .auto import Progress
 
 __all__ = ["Annotator"]
 
@@ -235,9 +239,152 @@ class Annotator:
             ]
         return out
 
+    # -- every object ---------------------------------------------------------------------
+    def segment_everything(self, plane=None, mode: str | None = None, *, whole_volume: bool = False,
+                           commit: bool = True, overwrite: bool = False, progress: bool = True, rough=None,
+                           link_iou: float = 0.3, **settings) -> np.ndarray:
+        """Segment every object of a plane, or of a stack linked in 3D, and commit them.
+
+        Parameters
+        ----------
+        plane
+            Flat plane number or (t, z) tuple; None for a 2D image (or a 3D whole volume).
+        mode
+            One of :func:`~napari_sam.auto.modes.available_modes` (``"ais"``, ``"apg"`` with
+            an instance decoder; ``"auto"``, ``"boxes"``), ``"labels"`` (each object of
+            ``rough`` refined through SAM) or None for the one the model recommends.
+        whole_volume
+            Every plane along the innermost plane axis (Z, else T) through ``plane`` (for a
+            TZYX image, the Z stack at its t), the objects linked plane to plane into 3D
+            objects (:func:`~napari_sam.auto.link.link_planes`, IoU of at least ``link_iou``).
+        commit, overwrite
+            Write the objects into :attr:`labels` under new ids (a 3D object gets one id on
+            every plane), as one undo step; objects already there keep their pixels unless
+            ``overwrite``. ``commit=False`` only returns them.
+        progress, rough
+            Show a tqdm bar. ``mode="labels"``: an integer array of :attr:`labels_shape`.
+        settings
+            Of the mode (:mod:`napari_sam.auto.modes`): ``min_size`` (AIS), ``points_per_side``...
+
+        Returns
+        -------
+        numpy.ndarray
+            (H, W), or (Z, H, W) with ``whole_volume``, uint32 (row, col): the pixels written
+            under their ids in :attr:`labels`, or with ``commit=False`` all found, ids 1..n.
+
+        Raises
+        ------
+        ValueError
+            A missing plane, an unknown mode or setting, a decoder mode without a decoder.
+        """
+        from tqdm.auto import tqdm
+
+        steps = self.segment_everything_steps(plane, mode, whole_volume=whole_volume, commit=commit,
+                                              overwrite=overwrite, rough=rough, link_iou=link_iou, **settings)
+        with tqdm(desc="segmenting everything", disable=not progress) as bar:
+            while True:
+                try:
+                    report = next(steps)
+                except StopIteration as stop:
+                    return stop.value
+                if whole_volume == (report.stage == "planes"):  # a volume counts planes, a plane its units
+                    bar.unit, bar.total, bar.n = report.stage, report.total, report.done
+                    bar.refresh()
+
+    def segment_everything_steps(self, plane=None, mode: str | None = None, *, whole_volume: bool = False,
+                                 commit: bool = True, overwrite: bool = False, rough=None, link_iou: float = 0.3,
+                                 **settings) -> Generator[Progress, None, np.ndarray]:
+        """:meth:`segment_everything` as a generator of :class:`~napari_sam.auto.Progress`
+        (the mode's tiles or boxes, and one ``stage="planes"`` report per plane of a
+        volume) returning the labels; closing it cancels (nothing is committed)."""
+        planes = self._everything_planes(plane, whole_volume)
+        if mode == "labels":
+            rough = self._rough(rough)
+        elif rough is not None:
+            raise ValueError(f"rough labels are for mode 'labels', not {mode!r}")
+        return self._everything(planes, mode, whole_volume, commit, overwrite, rough, link_iou, settings)
+
+    def _everything(self, planes, mode, whole_volume, commit, overwrite, rough, link_iou, settings):
+        from .auto.modes import iter_segment_plane, iter_segment_volume
+
+        if mode == "labels":
+            found = yield from _refine(self.embeddings, planes, rough, link_iou, settings)
+            found = found if whole_volume else found[0]
+        elif whole_volume:
+            found = yield from iter_segment_volume(self.embeddings, mode, planes, link_iou=link_iou, **settings)
+        else:
+            found = yield from iter_segment_plane(self.embeddings, planes[0], mode, **settings)
+        found = np.asarray(found, np.uint32)
+        stack = found.reshape(len(planes), *found.shape[-2:])
+        return self._commit_found(planes, stack, overwrite).reshape(found.shape) if commit else found
+
+    def _everything_planes(self, plane, whole_volume: bool) -> list[tuple[int, ...]]:
+        grid = self.source.plane_grid
+        if not whole_volume:
+            if plane is None and self.source.n_planes > 1:
+                raise ValueError(f"the image has {self.source.n_planes} planes ({self.source.plane_axes}): give "
+                                 "plane=, or whole_volume=True")
+            return [self.plane(0 if plane is None else plane)]
+        if not grid:
+            raise ValueError("whole_volume needs a stack of planes; this image is a single 2D plane")
+        if plane is None and int(np.prod(grid[:-1])) > 1:
+            raise ValueError(f"the image has {self.source.plane_axes} planes: give plane= to choose the stack along "
+                             f"{self.source.plane_axes[-1]}")
+        outer = self.plane(0 if plane is None else plane)[:-1]
+        return [outer + (i,) for i in range(grid[-1])]
+
+    def _rough(self, rough):
+        if rough is None:
+            raise ValueError("mode 'labels' refines a rough segmentation: give rough= (a label array)")
+        if tuple(rough.shape) != self.labels_shape:
+            raise ValueError(f"the rough labels have shape {tuple(rough.shape)}, but the image's labels need "
+                             f"{self.labels_shape}")
+        return rough
+
+    def _commit_found(self, planes, found: np.ndarray, overwrite: bool) -> np.ndarray:
+        """Write (Z, H, W) objects (ids 1..n, one per 3D object) under new ids, one undo
+        step; returns them under those ids where they were written."""
+        from scipy import ndimage as ndi
+
+        base = self.writer.next_id() - 1
+        out = np.zeros(found.shape, np.uint32)
+        limit, written = self.writer.max_undo, 0
+        self.writer.max_undo = limit + len(planes)  # room for every plane of this one undo step
+        try:
+            for k, plane in enumerate(planes):
+                masks, ids = [], []
+                for i, box in enumerate(ndi.find_objects(found[k]), start=1):
+                    if box is not None:
+                        masks.append(PlaneMask((box[0].start, box[0].stop, box[1].start, box[1].stop),
+                                               found[k][box] == i, 1.0, ()))
+                        ids.append(base + i)
+                if masks:
+                    self.writer.commit(plane, masks, overwrite=overwrite, ids=ids)
+                    written += 1
+                    now = np.asarray(self.labels[plane])
+                    mine = (found[k] > 0) & (now == found[k].astype(np.int64) + base)
+                    out[k][mine] = now[mine]
+        finally:
+            self.writer.max_undo = limit
+            self.writer.group(written)
+        return out
+
     def undo(self) -> list[Commit]:
         """Undo the last commit (or the last propagation); returns what was undone."""
         return self.writer.undo()
+
+
+def _refine(embeddings, planes, rough, link_iou: float, settings: dict):
+    """Mode "labels": the box of each object of ``rough`` through SAM, plane by plane,
+    linked into (Z, H, W) 3D objects."""
+    from .auto import Progress, boxes_from_labels, iter_from_boxes, link_planes
+
+    found = []
+    for k, plane in enumerate(planes, start=1):
+        boxes = boxes_from_labels(np.asarray(rough[plane]))[0]
+        found.append((yield from iter_from_boxes(embeddings, plane, boxes, **settings)).labels)
+        yield Progress(k, len(planes), embeddings.source.flat_index(plane), None, "planes")
+    return link_planes(found, link_iou)
 
 
 def _largest_planes(labels, n_plane_axes: int, ids=None) -> dict[int, tuple[int, ...]]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
+import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label, LineEdit, PushButton
 from napari.qt.threading import create_worker
 from qtpy.QtCore import Qt
@@ -22,6 +23,7 @@ from qtpy.QtWidgets import QSizePolicy
 from ..api import Annotator
 from ..core.models import default_model_spec, model_choices
 from ..layers import KEYS, ViewerSession, source_from_layer
+from ..layers.everything import EverythingProgress, mode_choices
 from .workers import Workers
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -99,12 +101,13 @@ class SamWidget(Container):
                                     tooltip="follow the labels layer's selected object from this slice up and down "
                                     "the stack")
         self.everything_mode = ComboBox(
-            label="segment everything",
-            choices=[("point grid (SAM)", "auto"), ("detector boxes", "boxes"),
-                     ("objects of a Labels layer", "labels")],
-            value="auto",
-            tooltip="labels: refine a rough segmentation (a threshold, another tool's output) object by object",
+            label="segment everything", choices=mode_choices(), value="auto",
+            tooltip="AIS, APG: from the model's instance decoder (models that have one, e.g. vit_b_lm); labels: "
+            "refine a rough segmentation (a threshold, another tool's output) object by object",
         )
+        self.whole_volume = CheckBox(text="whole volume", value=False, visible=False,
+                                     tooltip="every slice of the stack, objects linked from slice to slice into 3D "
+                                     "objects")
         self.rough = ComboBox(label="rough labels", choices=self._rough_choices, visible=False,
                               tooltip="Labels layer of the image's shape whose objects become box prompts")
         self.everything = PushButton(text="Segment everything on this slice", enabled=False)
@@ -120,7 +123,7 @@ class SamWidget(Container):
             self.image, self.model, self.checkpoint, self.device, self.dtype, self.cache, self.labels_path,
             self.ngff_labels, self.ngff_name, self.start,
             self.embed_slice, self.embed_all, self.cancel, self.overwrite, self.commit, self.propagate,
-            self.everything_mode, self.rough, self.everything, self.undo, self.clear,
+            self.everything_mode, self.rough, self.whole_volume, self.everything, self.undo, self.clear,
             self.status,
         ])
 
@@ -140,6 +143,7 @@ class SamWidget(Container):
         self.clear.clicked.connect(lambda: self.session and self.session.clear_prompts())
         self.overwrite.changed.connect(lambda v: self.session and self.session.set_overwrite(v))
         self.everything_mode.changed.connect(lambda v: setattr(self.rough, "visible", v == "labels"))
+        self.whole_volume.changed.connect(self._everything_scope)
         for choice in (self.image, self.rough):
             viewer.layers.events.inserted.connect(choice.reset_choices)
             viewer.layers.events.removed.connect(choice.reset_choices)
@@ -167,6 +171,13 @@ class SamWidget(Container):
 
     def _say(self, text: str) -> None:
         self.status.value = text
+
+    def _stack(self) -> bool:
+        return self.session is not None and bool(self.session.annotator.source.plane_axes)
+
+    def _everything_scope(self, *_) -> None:
+        volume = bool(self.whole_volume.value) and self._stack()
+        self.everything.text = f"Segment everything {'in this volume' if volume else 'on this slice'}"
 
     # -- steps ---------------------------------------------------------------------------
     def choose_model(self, spec: str) -> None:
@@ -230,9 +241,13 @@ class SamWidget(Container):
             for button in (self.embed_slice, self.embed_all, self.commit, self.undo, self.clear, self.everything):
                 button.enabled = True
             self.propagate.enabled = bool(annotator.source.plane_axes)
+            self.everything_mode.choices = ()  # emptied first: new choices are appended, not put in order
+            self.everything_mode.choices = mode_choices(annotator.model)
             self.everything_mode.value = recommended(annotator.model).mode
+            self.whole_volume.visible = bool(annotator.source.plane_axes)
             self.rough.reset_choices()  # without the layers the session just added
             self.start.enabled = True
+            self._everything_scope()
             self._say(f"{annotator.model.source.name}: click to add points ({KEYS['toggle']}: foreground/background)")
 
         def failed(err):
@@ -255,12 +270,14 @@ class SamWidget(Container):
         )
 
     def run_everything(self):
-        """Segment every object of the current slice in a worker (progress, cancel) and
-        commit them; existing labels are kept."""
+        """Segment every object of the current slice, or of the whole volume (linked
+        through it), in a worker (progress, cancel) and commit them; existing labels are
+        kept unless overwriting is on."""
         if self.session is None:
             return None
         session = self.session
         mode = self.everything_mode.value
+        volume = bool(self.whole_volume.value) and self._stack()
         if mode == "labels":
             try:  # checked here, where the user can be told at once
                 session.check_rough(self.rough.value)
@@ -268,16 +285,18 @@ class SamWidget(Container):
                 self._say(str(err))
                 return None
 
-        def done(commit):
-            session.after_commit(commit)
-            n = 0 if commit is None else sum(1 for i in commit.ids if i)
-            self._say(f"committed {n} object(s)")
+        def done(written):
+            session.labels_layer.refresh()
+            n = len(np.unique(written[written > 0]))
+            where = f" on {int(written.any(axis=(-2, -1)).sum())} slice(s)" if volume else ""
+            self._say(f"committed {n} object(s){where}")
 
         plane = session.current_plane()  # the slice shown now, read on the GUI thread
         rough = self.rough.value
+        tracker = EverythingProgress(session.annotator.source.plane_grid[-1] if volume else 1)
         return self.workers.steps(
-            lambda: session.segment_everything(plane, mode, rough=rough), desc="segmenting everything",
-            show=lambda p: self._say(f"segmenting everything: {p.done}/{p.total} {p.stage}"),
+            lambda: session.segment_everything(plane, mode, rough=rough, whole_volume=volume),
+            desc="segmenting everything", show=lambda p: self._say(tracker.text(p)), progress_of=tracker.of,
             done=done, cancelled="segment everything cancelled: nothing was committed",
         )
 

@@ -16,12 +16,17 @@ Ways to segment every object of a plane without clicking:
   foreground and centre/boundary distances from the cached embeddings, tile by tile
   (:mod:`~napari_sam.auto.instance_maps`), and a seeded watershed on the stitched maps
   gives every object at once (:func:`instances_from_maps`).
+* **APG** (:func:`iter_apg`, :func:`segment_apg`; :mod:`~napari_sam.auto.apg`),
+  micro-sam's automatic prompt generation: objects found in the instance decoder's maps
+  become point prompts for SAM, and SAM's masks, filtered, are the objects.
 * **3D** (:func:`link_planes`, :mod:`~napari_sam.auto.link`): instances of consecutive
   planes are matched by overlap (Hungarian assignment on IoU) and given one id per 3D
   object; :func:`segment_grid_volume` does both.
 
 :func:`recommended` (:mod:`~napari_sam.auto.recommend`) reads which mode and filters suit
-a model from its checkpoint.
+a model from its checkpoint; :func:`segment_plane` and :func:`segment_volume`
+(:mod:`~napari_sam.auto.modes`) run any mode by name (:data:`MODES`,
+:func:`available_modes`), with the model's advice as defaults.
 
 Long work is written as generators that yield :class:`Progress` and *return* their result
 (``StopIteration.value``); :func:`run` drives one to the end, and the ``segment_*``
@@ -66,37 +71,55 @@ _LAZY = {
     "segment_ais": "ais",
     "segment_ais_volume": "ais",
     "iter_instance_maps": "instance_maps",
+    "APGSettings": "apg",
+    "iter_apg": "apg",
+    "segment_apg": "apg",
+    "MODES": "modes",
+    "available_modes": "modes",
+    "iter_segment_plane": "modes",
+    "iter_segment_volume": "modes",
+    "segment_plane": "modes",
+    "segment_volume": "modes",
     "Recommended": "recommend",
     "recommended": "recommend",
 }
 
 __all__ = [
     "AISSettings",
+    "APGSettings",
     "AutomaticResult",
     "GridConfig",
+    "MODES",
     "Progress",
     "Recommended",
     "box_nms",
     "boxes_from_labels",
     "clean_mask",
+    "available_modes",
     "detect_boxes",
     "grid_points",
     "instances_from_maps",
     "iter_ais",
     "iter_ais_volume",
+    "iter_apg",
     "iter_from_boxes",
     "iter_grid",
     "iter_grid_volume",
     "iter_instance_maps",
+    "iter_segment_plane",
+    "iter_segment_volume",
     "link_planes",
     "masks_to_labels",
     "recommended",
     "run",
     "segment_ais",
     "segment_ais_volume",
+    "segment_apg",
     "segment_detections",
     "segment_grid",
     "segment_grid_volume",
+    "segment_plane",
+    "segment_volume",
     "stability_score",
 ]
 

@@ -172,6 +172,15 @@ def iter_from_boxes(
     if boxes.ndim != 2 or boxes.shape[1] != 4:
         raise ValueError(f"boxes must have shape (N, 4) as (x0, y0, x1, y1), got {boxes.shape}")
     flat = embeddings.source.flat_index(plane)
+    candidates = yield from _iter_box_candidates(embeddings, flat, boxes, batch_size)
+    return masks_to_labels(embeddings.grid.shape, candidates, min_area)
+
+
+def _iter_box_candidates(
+    embeddings: Embeddings, flat: int, boxes: np.ndarray, batch_size: int, stage: str = "boxes"
+) -> Generator[Progress, None, list[_Candidate]]:
+    """SAM's mask of each (N, 4) box of a plane (see :func:`iter_from_boxes`), as
+    candidates in plane coordinates; shared with APG's refinement by boxes."""
     grid = embeddings.grid
     H, W = grid.shape
     groups: dict[tuple[int, int], list[int]] = {}
@@ -184,36 +193,68 @@ def iter_from_boxes(
             groups.setdefault(tile.index, []).append(i)
         else:
             across.append(i)
-    predictor = decoder(embeddings)
-    threshold = float(embeddings.model.mask_threshold)
-    candidates: list[_Candidate] = []
-    done = 0
-    for index, members in groups.items():
-        tile = grid[index]
-        oy, ox = tile.outer[0], tile.outer[2]
-        predictor.set_embedding(embeddings.embedding_for(flat, index))
-        for start in range(0, len(members), batch_size):
-            chunk = members[start : start + batch_size]
-            local = boxes[chunk] - (ox, oy, ox, oy)
-            pred = predictor.predict_batch(boxes=local, multimask=False)
-            for c0 in range(0, len(chunk), UPSCALE_CHUNK):
-                sub = slice(c0, c0 + UPSCALE_CHUNK)
-                logits = full_logits(predictor, pred.low_res_logits[sub, 0])
-                stab = stability_score(logits, 1.0, threshold)
-                for j in range(logits.shape[0]):
-                    iou = float(pred.iou[c0 + j, 0])
-                    candidate = _Candidate.of(logits[j] > threshold, (oy, ox), iou, float(stab[j]))
-                    if candidate is not None:
-                        candidates.append(candidate)
-            done += len(chunk)
-            yield Progress(done, len(boxes), flat, index, "boxes")
+    found = yield from _iter_tile_prompts(embeddings, flat, groups, batch_size, len(boxes), boxes=boxes, stage=stage)
+    candidates = [c for _, c in found]
+    done = len(boxes) - len(across)
     for i in across:
         obj = embeddings.segment(flat, Prompt.make(box=boxes[i]))
         if obj.area:
             candidates.append(_Candidate(obj.region, obj.mask, float(obj.iou)))
         done += 1
-        yield Progress(done, len(boxes), flat, None, "boxes")
-    return masks_to_labels(grid.shape, candidates, min_area)
+        yield Progress(done, len(boxes), flat, None, stage)
+    return candidates
+
+
+def _iter_tile_prompts(
+    embeddings: Embeddings,
+    flat: int,
+    groups: dict[tuple[int, int], list[int]],
+    batch_size: int,
+    total: int,
+    boxes: np.ndarray | None = None,
+    points: np.ndarray | None = None,
+    multimask: bool = False,
+    stage: str = "boxes",
+) -> Generator[Progress, None, list[tuple[int, _Candidate]]]:
+    """SAM's mask for each prompt of each tile's group, decoded in batches on the tile's
+    embedding (shared by the detector-prompted mode and APG).
+
+    ``groups`` maps a tile index to the numbers of its prompts: rows of ``boxes``
+    ((N, 4) x0, y0, x1, y1) and/or of ``points`` ((N, 2) x, y, one foreground point
+    each), in plane pixels and inside the tile's embedded region. With ``multimask`` the
+    candidate of highest predicted IoU is kept, as SAM chooses. Yields Progress after
+    each batch (``done`` counts prompts out of ``total``); returns (prompt number,
+    candidate in plane coordinates) pairs, without empty masks.
+    """
+    predictor = decoder(embeddings)
+    threshold = float(embeddings.model.mask_threshold)
+    found: list[tuple[int, _Candidate]] = []
+    done = 0
+    for index, members in groups.items():
+        tile = embeddings.grid[index]
+        oy, ox = tile.outer[0], tile.outer[2]
+        predictor.set_embedding(embeddings.embedding_for(flat, index))
+        for start in range(0, len(members), batch_size):
+            chunk = members[start : start + batch_size]
+            prompt: dict = {}
+            if boxes is not None:
+                prompt["boxes"] = boxes[chunk] - (ox, oy, ox, oy)
+            if points is not None:
+                prompt["points"] = (points[chunk] - (ox, oy))[:, None, :]
+            pred = predictor.predict_batch(**prompt, multimask=multimask)
+            best = pred.iou.argmax(axis=1)
+            rows = np.arange(len(chunk))
+            low, ious = pred.low_res_logits[rows, best], pred.iou[rows, best]
+            for c0 in range(0, len(chunk), UPSCALE_CHUNK):
+                logits = full_logits(predictor, low[c0 : c0 + UPSCALE_CHUNK])
+                stab = stability_score(logits, 1.0, threshold)
+                for j in range(logits.shape[0]):
+                    candidate = _Candidate.of(logits[j] > threshold, (oy, ox), float(ious[c0 + j]), float(stab[j]))
+                    if candidate is not None:
+                        found.append((chunk[c0 + j], candidate))
+            done += len(chunk)
+            yield Progress(done, total, flat, index, stage)
+    return found
 
 
 def segment_detections(

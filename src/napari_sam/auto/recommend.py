@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from .ais import AISSettings
+from .apg import APGSettings
 from .grid import GridConfig
 
 __all__ = ["Recommended", "recommended"]
+
+_DECODER_MODES = ("ais", "apg")
+_MODES = ("auto", "boxes", *_DECODER_MODES)
 
 
 @dataclass(frozen=True)
@@ -17,31 +22,53 @@ class Recommended:
     Attributes
     ----------
     mode
-        ``"auto"`` (grid of points) or ``"boxes"`` (detector boxes, each through SAM).
+        ``"auto"`` (grid of points), ``"boxes"`` (detector boxes, each through SAM),
+        ``"ais"`` or ``"apg"`` (the instance decoder's modes; see
+        :mod:`~napari_sam.auto.modes`).
     detector
         :func:`~napari_sam.auto.boxes.detect_boxes` method for ``"boxes"``.
     grid
         Filters for ``"auto"``.
+    ais
+        Post-processing for ``"ais"``.
+    apg
+        Settings for ``"apg"``.
     """
 
     mode: str = "auto"
     detector: str = "otsu"
     grid: GridConfig = field(default_factory=GridConfig)
+    ais: AISSettings = field(default_factory=AISSettings)
+    apg: APGSettings = field(default_factory=APGSettings)
+
+
+def _warn(message: str) -> None:
+    # stacklevel 3: the caller of recommended()
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def recommended(model) -> Recommended:
     """What to use to segment everything with a model.
 
     The advice is the checkpoint's metadata ``"automatic"`` (:attr:`Sam.metadata`), a
-    dict of these fields (``grid`` as :class:`~napari_sam.auto.grid.GridConfig`'s
-    fields); without it, SAM's own settings (grid mode, predicted IoU above 0.88,
-    stability above 0.95). The embedded default model carries
-    ``{"mode": "boxes", "detector": "log", "grid": {"pred_iou_thresh": 0.6,
-    "stability_thresh": 0.8}}``: it never predicts confidently enough for SAM's filters,
-    so nothing would pass. On the held-out DSB images it measured mSA 0.342 / AP50 0.571
-    with Laplacian-of-Gaussian boxes against 0.153 / 0.366 in grid mode with those
-    relaxed filters and 0.287 / 0.423 for Otsu components alone (docs/volumes.md); the
-    choice was made on DSB training images, where the order was the same.
+    dict of these fields (``grid``, ``ais`` and ``apg`` as dicts of
+    :class:`~napari_sam.auto.grid.GridConfig`'s, :class:`~napari_sam.auto.ais.AISSettings`'
+    and :class:`~napari_sam.auto.apg.APGSettings`' fields); without it, SAM's own
+    settings (grid mode, predicted IoU above 0.88, stability above 0.95).
+
+    A model with an instance decoder (:attr:`Sam.instance_decoder`) whose advice names no
+    mode gets ``"ais"``, as micro-sam recommends AIS whenever a decoder exists. Advice
+    naming ``"ais"`` or ``"apg"`` for a model without a decoder (a checkpoint whose
+    ``decoder_state`` is missing) falls back, with a warning, to ``"boxes"`` when the
+    advice names a detector and to ``"auto"`` otherwise, keeping its other settings.
+
+    The embedded default model carries ``{"mode": "boxes", "detector": "log", "grid":
+    {"pred_iou_thresh": 0.6, "stability_thresh": 0.8}}``: it never predicts confidently
+    enough for SAM's filters, so nothing would pass. On the held-out DSB images it
+    measured mSA 0.342 / AP50 0.571 with Laplacian-of-Gaussian boxes against 0.153 /
+    0.366 in grid mode with those relaxed filters and 0.287 / 0.423 for Otsu components
+    alone (docs/volumes.md); the choice was made on DSB training images, where the order
+    was the same.
 
     Parameters
     ----------
@@ -51,18 +78,32 @@ def recommended(model) -> Recommended:
     Returns
     -------
     Recommended
-        SAM's settings when the checkpoint's advice is malformed (with a warning).
+        SAM's settings (or ``"ais"`` with micro-sam's settings for a model with a
+        decoder) when the checkpoint's advice is malformed (with a warning).
     """
+    has_decoder = model.instance_decoder is not None
+    fallback = Recommended(mode="ais") if has_decoder else Recommended()
     advice = model.metadata.get("automatic") or {}
     try:
         advice = dict(advice)
-        grid = GridConfig(**dict(advice.pop("grid", {})))
-        out = Recommended(grid=grid, **advice)
-        if out.mode not in ("auto", "boxes") or out.detector not in ("otsu", "log"):
+        named_mode = "mode" in advice
+        settings = {
+            "grid": GridConfig(**dict(advice.pop("grid", {}))),
+            "ais": AISSettings(**dict(advice.pop("ais", {}))),
+            "apg": APGSettings(**dict(advice.pop("apg", {}))),
+        }
+        out = Recommended(**settings, **advice)
+        if out.mode not in _MODES or out.detector not in ("otsu", "log"):
             raise ValueError(f"mode {out.mode!r}, detector {out.detector!r}")
     except (TypeError, ValueError) as err:  # a checkpoint is untrusted input
-        warnings.warn(
-            f"ignoring the checkpoint's advice on automatic segmentation ({err})", RuntimeWarning, stacklevel=2
+        _warn(f"ignoring the checkpoint's advice on automatic segmentation ({err})")
+        return fallback
+    if not named_mode and has_decoder:
+        return replace(out, mode="ais")
+    if out.mode in _DECODER_MODES and not has_decoder:
+        mode = "boxes" if "detector" in advice else "auto"
+        _warn(
+            f"the checkpoint advises mode {out.mode!r} but the model has no instance decoder; using {mode!r}"
         )
-        return Recommended()
+        return replace(out, mode=mode)
     return out

@@ -28,7 +28,7 @@ class Progress:
     tile
         (row, col) of the tile just finished, or None.
     stage
-        What the units are: ``"tiles"``, ``"boxes"`` or ``"planes"``.
+        What the units are: ``"tiles"``, ``"boxes"``, ``"prompts"`` or ``"planes"``.
     """
 
     done: int

@@ -46,22 +46,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     seg = sub.add_parser(
         "segment",
-        help="segment objects from point or box prompts (--mode prompts), or everything (--mode auto|boxes)",
+        help="segment objects from point or box prompts (--mode prompts), or everything (--mode ais|apg|auto|boxes)",
         description="--mode prompts (default): each --box is one object (points, if given with a single box, "
         "refine it); without boxes all points describe one object. --prompts reads many objects from JSON. "
-        "Objects get ids 1, 2, ... in order and never overwrite each other. --mode auto: a grid of point "
-        "prompts on every plane, filtered by predicted IoU and stability, duplicates removed; planes of a "
-        "volume are linked into 3D objects. --mode boxes: boxes from a classical detector (Otsu or LoG), "
-        "each turned into one object. The labels go to --out (a file) and/or, with --labels-into, into an "
+        "Objects get ids 1, 2, ... in order and never overwrite each other. Every object of every plane: "
+        "--mode ais (micro-sam's automatic instance segmentation from the model's instance decoder: models such "
+        "as vit_b_lm have one), --mode apg (objects of the decoder's maps as point prompts for SAM), --mode auto "
+        "(a grid of point prompts filtered by predicted IoU and stability, duplicates removed) or --mode boxes "
+        "(boxes from a classical detector, Otsu or LoG, each through SAM), with the settings the model "
+        "recommends; the planes of a volume are linked into 3D objects (the Z stack of each time point of a "
+        "TZYX image). The labels go to --out (a file) and/or, with --labels-into, into an "
         "OME-Zarr image as the NGFF label image labels/NAME (in --mode prompts a volume gets the objects on its "
         "--plane).",
     )
-    seg.add_argument("--mode", choices=["prompts", "auto", "boxes"], default="prompts")
+    seg.add_argument("--mode", choices=["prompts", "ais", "apg", "auto", "boxes"], default="prompts")
     seg.add_argument("--points-per-side", type=int, default=32, help="auto mode: grid density per tile")
     seg.add_argument("--detector", choices=["otsu", "log"], default=None,
                      help="boxes mode: the detector (default: the one measured to suit the model; otsu for SAM's own)")
-    seg.add_argument("--min-area", type=int, default=25, help="auto and boxes modes: smaller objects are dropped")
-    seg.add_argument("--axes", help="auto and boxes modes: axis letters from TZCYX (default: guessed)")
+    seg.add_argument("--min-area", type=int, default=None,
+                     help="automatic modes: smaller objects are dropped (default: 25 for auto and boxes, the "
+                     "model's advice for ais and apg)")
+    seg.add_argument("--axes", help="automatic modes: axis letters from TZCYX (default: guessed)")
     seg.add_argument("image", help="TIFF, Zarr, .npy, PNG or JPEG (a bool mask image is read as 0/255)")
     _add_model_args(seg)
     seg.add_argument("--point", nargs=2, type=float, action="append", metavar=("X", "Y"), default=[],
@@ -142,7 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="auto")
     ev.add_argument("--dtype", default="float32")
     ev.add_argument("--baseline", action="store_true", help="also the classical baseline (seeded watershed)")
-    ev.add_argument("--auto", action="store_true", help="also automatic segmentation (mSA, AP50, AP75)")
+    ev.add_argument("--auto", action="store_true",
+                    help="also automatic segmentation: every mode the model offers, with its recommended settings, "
+                    "beside a classical baseline (mSA, AP50, AP75, seconds per plane)")
+    ev.add_argument("--auto-modes", metavar="MODES",
+                    help="with --auto (implied): comma-separated modes to measure, from ais, apg, auto, boxes "
+                    "(default: all the model offers; ais and apg need an instance decoder)")
     ev.add_argument("--corrections", type=int, default=8)
     ev.add_argument("--max-objects", type=int, help="objects sampled per image (default: all)")
     ev.add_argument("--seed", type=int, default=0)

@@ -4,7 +4,6 @@ file (--out) and/or into an OME-Zarr image as an NGFF label image (--labels-into
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 from pathlib import Path
 
@@ -189,43 +188,66 @@ def segment(args) -> int:
     return 0
 
 
+def _mode_settings(args) -> dict:
+    """The settings of --mode that the command line gives (the model's advice for the rest)."""
+    min_area = args.min_area
+    if args.mode == "auto":
+        return {"points_per_side": args.points_per_side, "min_area": 25 if min_area is None else min_area}
+    if args.mode == "boxes":
+        detector = {} if args.detector is None else {"detector": args.detector}
+        return {"min_area": 25 if min_area is None else min_area, **detector}
+    return {} if min_area is None else {"min_size": min_area}
+
+
+def _check_mode(mode: str, model) -> None:
+    """A decoder mode for a model without an instance decoder: one line naming models that have one."""
+    from ..auto.modes import available_modes
+    from ..weights import list_models
+
+    if mode not in available_modes(model):
+        # micro-sam's fine-tuned checkpoints all carry their instance decoder
+        named = [e.name for e in list_models() if e.description.startswith("micro-sam")]
+        raise UsageError(f"--mode {mode} needs a model with an instance decoder, which {model.source.name} lacks; "
+                         f"{', '.join(named)} have one (--model NAME, see `napari-sam models`)")
+
+
 def _segment_all(args) -> int:
-    """--mode auto|boxes: every plane, each into its own label plane (linked in 3D for auto)."""
+    """--mode ais|apg|auto|boxes: every plane; the planes of a stack linked into 3D objects
+    (for TZYX, the Z stack of each time point, ids unique over the image)."""
     import numpy as np
     from tqdm.auto import tqdm
 
-    from ..auto import detect_boxes, iter_from_boxes, iter_grid, link_planes, recommended, run
+    from ..auto.modes import iter_segment_plane, iter_segment_volume
     from ..core.embeddings import Embeddings
     from ..core.image_source import ImageSource
     from ..core.models import resolve_model
 
+    if args.detector is not None and args.mode != "boxes":
+        raise UsageError(f"--detector chooses the boxes of --mode boxes, not of --mode {args.mode}")
     source = ImageSource.open(args.image, axes=args.axes, channel=args.channel)
     _check_labels_into(args, source.plane_grid + source.plane_shape)
     model = resolve_model(args.model, device=args.device, dtype=args.dtype)
+    _check_mode(args.mode, model)
     emb = Embeddings(source, model, cache=False)
-    advice = recommended(model)  # the grid's filters and the detector suited to the model
-    detector = args.detector or advice.detector
-    planes = []
-    for flat in tqdm(range(source.n_planes), desc=f"segmenting ({args.mode})", unit="plane"):
-        if args.mode == "auto":
-            config = dataclasses.replace(advice.grid, points_per_side=args.points_per_side, min_area=args.min_area)
-            result = run(iter_grid(emb, flat, config))
-        else:
-            boxes = detect_boxes(source.read(flat), method=detector, min_area=args.min_area)
-            result = run(iter_from_boxes(emb, flat, boxes, min_area=args.min_area))
-        planes.append(result.labels)
-    if len(planes) > 1 and args.mode == "auto":
-        labels = link_planes(planes)
-    elif len(planes) > 1:
-        # boxes mode: ids made unique over the volume (linking is the auto mode's job)
-        offset, out = 0, []
-        for p in planes:
-            out.append(np.where(p > 0, p.astype(np.uint32) + offset, 0))
-            offset += int(p.max())
-        labels = np.stack(out)
-    else:
-        labels = planes[0]
-    labels = labels.reshape(source.plane_grid + source.plane_shape)
+    settings = _mode_settings(args)
+    grid = source.plane_grid
+    stacks = [[outer + (i,) for i in range(grid[-1])] for outer in np.ndindex(*grid[:-1])] if grid else [[()]]
+    found, offset = [], 0
+    with tqdm(total=source.n_planes, desc=f"segmenting ({args.mode})", unit="plane") as bar:
+        for planes in stacks:
+            steps = (iter_segment_volume(emb, args.mode, planes, **settings) if grid
+                     else iter_segment_plane(emb, 0, args.mode, **settings))
+            while True:
+                try:
+                    report = next(steps)
+                except StopIteration as stop:
+                    labels = stop.value
+                    break
+                bar.update(report.stage == "planes")
+            found.append(np.where(labels > 0, labels + np.uint32(offset), np.uint32(0)))
+            offset += int(labels.max())
+        bar.update(source.n_planes - bar.n)
+    labels = np.stack(found).reshape(grid + source.plane_shape)
     _write(args, labels, f"{len(np.unique(labels)) - 1} object(s)")
     return 0
 

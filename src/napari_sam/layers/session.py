@@ -265,64 +265,36 @@ class ViewerSession:
                                         self.overwrite)
 
     def segment_everything(self, plane: tuple[int, ...] | None = None, mode: str | None = None,
-                           points_per_side: int = 16, rough=None):
-        """A generator segmenting every object of a plane (default: the current one) and
-        committing them, objects already labelled kept (see :mod:`napari_sam.auto`).
+                           points_per_side: int = 16, rough=None, *, whole_volume: bool = False, **settings):
+        """A generator segmenting every object of a plane (default: the current one), or of
+        the stack through it, and committing them; objects already labelled are kept unless
+        :attr:`overwrite`. See :meth:`napari_sam.api.Annotator.segment_everything`.
 
-        ``mode`` is ``"auto"`` (a grid of point prompts), ``"boxes"`` (a classical
-        detector's boxes), ``"labels"`` (the box of each object of ``rough``, a Labels
-        layer or array of the image's shape: a rough segmentation to refine) or None for
-        what suits the model (:func:`~napari_sam.auto.recommended`, which also
-        gives the grid's filters and the detector). Yields progress; returns the Commit
-        (or None)."""
-        from .. import auto as automatic
+        ``mode`` is one of :func:`~napari_sam.layers.everything.mode_choices`' (``"ais"``
+        and ``"apg"`` with an instance decoder, ``"auto"``, ``"boxes"``), ``"labels"`` (the
+        box of each object of ``rough``, a Labels layer or array of the image's shape: a
+        rough segmentation to refine) or None for what the model recommends
+        (:func:`~napari_sam.auto.recommended`). ``points_per_side`` is the grid's density
+        in ``"auto"`` mode. Yields :class:`~napari_sam.auto.Progress`; returns the labels
+        written ((H, W), or (Z, H, W) with ``whole_volume``; ids as in the labels layer).
+        Call :meth:`labels_layer.refresh` afterwards."""
+        from ..auto import recommended
+        from .everything import rough_labels
 
         plane = self.current_plane() if plane is None else tuple(plane)
-        emb = self.annotator.embeddings
-        advice = automatic.recommended(self.annotator.model)
-        mode = advice.mode if mode is None else mode
+        mode = recommended(self.annotator.model).mode if mode is None else mode
         if mode == "auto":
-            config = dataclasses.replace(advice.grid, points_per_side=points_per_side)
-            result = yield from automatic.iter_grid(emb, plane, config)
-        elif mode == "labels":
-            boxes = automatic.boxes_from_labels(np.asarray(self.check_rough(rough)[plane]))[0]
-            result = yield from automatic.iter_from_boxes(emb, plane, boxes)
-        else:
-            boxes = automatic.detect_boxes(self.annotator.source.read(plane), method=advice.detector)
-            result = yield from automatic.iter_from_boxes(emb, plane, boxes)
-        masks = [PlaneMask.from_full(result.labels == k) for k in range(1, int(result.labels.max()) + 1)]
-        masks = [m for m in masks if m.area]
-        return self.commit_masks(plane, masks) if masks else None
+            settings = {"points_per_side": points_per_side, **settings}
+        if mode == "labels":
+            rough = rough_labels(rough, self.annotator.labels_shape)
+        return self.annotator.segment_everything_steps(plane, mode, whole_volume=whole_volume,
+                                                       overwrite=self.overwrite, rough=rough, **settings)
 
     def check_rough(self, rough):
-        """A rough segmentation for the ``"labels"`` mode of :meth:`segment_everything`,
-        checked against the image.
+        """:func:`~napari_sam.layers.everything.rough_labels` against this image."""
+        from .everything import rough_labels
 
-        Parameters
-        ----------
-        rough
-            A Labels layer (its full-resolution level if multiscale) or an array.
-
-        Returns
-        -------
-        array-like
-            Its data, of the image's labels shape (planes, then Y, X).
-
-        Raises
-        ------
-        ValueError
-            Nothing given, or a shape that does not match the image.
-        """
-        if rough is None:
-            raise ValueError("choose the Labels layer whose objects are to be refined")
-        data = getattr(rough, "data", rough)
-        name = getattr(rough, "name", "the rough labels")
-        if getattr(rough, "multiscale", False):
-            data = data[0]
-        shape = self.annotator.labels_shape
-        if tuple(data.shape) != shape:
-            raise ValueError(f"{name} has shape {tuple(data.shape)}, but the image's labels need {tuple(shape)}")
-        return data
+        return rough_labels(rough, self.annotator.labels_shape)
 
     def undo(self) -> list[Commit]:
         """Undo the last commit (or propagation)."""

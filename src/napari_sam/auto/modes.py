@@ -1,0 +1,250 @@
+"""Every automatic mode behind one call: which modes a model offers, and a plane or a
+volume segmented in the mode asked for (or the one the model recommends).
+
+The modes, in the order a menu shows them:
+
+``"ais"``
+    micro-sam's automatic instance segmentation: the instance decoder's maps
+    post-processed by a seeded watershed (:mod:`~napari_sam.auto.ais`).
+``"apg"``
+    micro-sam's automatic prompt generation: objects found in the same maps become point
+    prompts for SAM (:mod:`~napari_sam.auto.apg`).
+``"auto"``
+    SAM's grid of points (:mod:`~napari_sam.auto.grid`).
+``"boxes"``
+    boxes of a classical detector, each through SAM (:mod:`~napari_sam.auto.boxes`).
+
+The first two need the model's instance decoder (:attr:`Sam.instance_decoder
+<napari_sam.model.sam.Sam.instance_decoder>`). Settings start from the model's advice
+(:func:`~napari_sam.auto.recommend.recommended`) and are overridden by keyword, each
+keyword a field of the mode's settings (:class:`~napari_sam.auto.ais.AISSettings`,
+:class:`~napari_sam.auto.apg.APGSettings`, :class:`~napari_sam.auto.grid.GridConfig`;
+for ``"boxes"``: ``detector``, ``min_area``, ``batch_size``; ``"ais"`` also takes
+``batch_size``, the tiles decoded at once).
+
+Every mode returns the same thing here: (H, W) uint32 labels, ids 1..n, 0 = background,
+in the plane's (row, col) frame; a volume is (Z, H, W) with one id per 3D object
+(:func:`~napari_sam.auto.link.link_planes`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Generator
+from typing import Any
+
+import numpy as np
+
+from .ais import AISSettings, iter_ais
+from .apg import APGSettings, iter_apg
+from .boxes import detect_boxes, iter_from_boxes
+from .grid import GridConfig, iter_grid
+from .link import link_planes
+from .recommend import Recommended, recommended
+from .results import Progress
+
+__all__ = [
+    "MODES",
+    "available_modes",
+    "iter_segment_plane",
+    "iter_segment_volume",
+    "segment_plane",
+    "segment_volume",
+]
+
+MODES = ("ais", "apg", "auto", "boxes")
+_DECODER_MODES = ("ais", "apg")
+# Keywords of the modes whose settings are not one dataclass, with their defaults (those
+# of segment_detections and iter_ais).
+_BOXES_OPTIONS = {"min_area": 25, "batch_size": 64}
+_AIS_OPTIONS: dict = {"batch_size": None}  # None: instance_maps.default_batch_size
+
+_PlaneRun = Callable[[Any, Any], Generator[Progress, None, np.ndarray]]
+
+
+def available_modes(model) -> tuple[str, ...]:
+    """The modes a model offers, in menu order: ``"ais"`` and ``"apg"`` first when it has
+    an instance decoder, then ``"auto"`` and ``"boxes"``."""
+    if model.instance_decoder is not None:
+        return MODES
+    return tuple(m for m in MODES if m not in _DECODER_MODES)
+
+
+def _settings(cls, advised, mode: str, overrides: dict, extra: dict) -> tuple[Any, dict]:
+    """``advised`` (a dataclass) with the overrides that are its fields, and the extra
+    keywords (``extra``: name -> default) with theirs; any other keyword is an error."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(overrides) - fields - set(extra))
+    if unknown:
+        raise ValueError(
+            f"mode {mode!r} has no setting {', '.join(map(repr, unknown))} "
+            f"(it takes: {', '.join(sorted(fields | set(extra)))})"
+        )
+    settings = dataclasses.replace(advised, **{k: v for k, v in overrides.items() if k in fields})
+    options = {k: overrides.get(k, v) for k, v in extra.items()}
+    return settings, options
+
+
+def _plan(model, mode: str | None, advice: Recommended | None, overrides: dict) -> _PlaneRun:
+    """Check the mode and its settings once, and return what segments one plane."""
+    advice = recommended(model) if advice is None else advice
+    mode = advice.mode if mode is None else mode
+    if mode not in MODES:
+        raise ValueError(f"unknown automatic mode {mode!r}; the modes are {', '.join(MODES)}")
+    if mode not in available_modes(model):
+        raise ValueError(
+            f"mode {mode!r} needs an instance decoder, which this model lacks; "
+            f"its modes are {', '.join(available_modes(model))}"
+        )
+    decoder = model.instance_decoder
+    if mode == "ais":
+        ais, opts = _settings(AISSettings, advice.ais, mode, overrides, _AIS_OPTIONS)
+        return lambda emb, plane: iter_ais(emb, plane, decoder, ais, opts["batch_size"])
+    if mode == "apg":
+        apg, _ = _settings(APGSettings, advice.apg, mode, overrides, {})
+        return lambda emb, plane: iter_apg(emb, plane, decoder, apg)
+    if mode == "auto":
+        grid, _ = _settings(GridConfig, advice.grid, mode, overrides, {})
+
+        def run_grid(emb, plane):
+            return (yield from iter_grid(emb, plane, grid)).labels
+
+        return run_grid
+    extra = {"detector": advice.detector, **_BOXES_OPTIONS}
+    unknown = sorted(set(overrides) - set(extra))
+    if unknown:
+        raise ValueError(f"mode 'boxes' has no setting {', '.join(map(repr, unknown))} (it takes: {', '.join(extra)})")
+    opts = {k: overrides.get(k, v) for k, v in extra.items()}
+    if opts["detector"] not in ("otsu", "log"):
+        raise ValueError(f"detector must be 'otsu' or 'log', not {opts['detector']!r}")
+
+    def run_boxes(emb, plane):
+        boxes = detect_boxes(emb.source.read(plane), method=opts["detector"], min_area=opts["min_area"])
+        result = yield from iter_from_boxes(emb, plane, boxes, opts["batch_size"], opts["min_area"])
+        return result.labels
+
+    return run_boxes
+
+
+def iter_segment_plane(
+    embeddings, plane, mode: str | None = None, advice: Recommended | None = None, **overrides
+) -> Generator[Progress, None, np.ndarray]:
+    """Segment every object of one plane in an automatic mode.
+
+    Parameters
+    ----------
+    embeddings
+        The image's :class:`~napari_sam.core.embeddings.Embeddings` (its ``model`` is
+        the SAM used, with its instance decoder for ``"ais"`` and ``"apg"``).
+    plane
+        Flat plane number or (t, z) tuple.
+    mode
+        One of :data:`MODES`; None for the one the model recommends (``advice.mode``).
+    advice
+        Settings to start from; None for :func:`~napari_sam.auto.recommend.recommended`
+        of the embeddings' model.
+    **overrides
+        Settings of the mode to change (module docstring).
+
+    Yields
+    ------
+    Progress
+        As the mode reports it (tiles or boxes); closing the generator cancels.
+
+    Returns
+    -------
+    numpy.ndarray
+        Through ``StopIteration.value``: (H, W) uint32 labels, ids 1..n, 0 = background.
+
+    Raises
+    ------
+    ValueError
+        An unknown mode, a decoder mode for a model without an instance decoder, or a
+        setting the mode does not have (raised on the first ``next``).
+    """
+    run_plane = _plan(embeddings.model, mode, advice, overrides)
+    labels = yield from run_plane(embeddings, plane)
+    return np.asarray(labels, dtype=np.uint32)
+
+
+def iter_segment_volume(
+    embeddings,
+    mode: str | None = None,
+    planes=None,
+    advice: Recommended | None = None,
+    link_iou: float = 0.3,
+    **overrides,
+) -> Generator[Progress, None, np.ndarray]:
+    """Segment every plane in an automatic mode and link the objects through the planes.
+
+    Parameters
+    ----------
+    embeddings
+        The image's embeddings.
+    mode, advice, **overrides
+        As :func:`iter_segment_plane`.
+    planes
+        Flat plane numbers or (t, z) tuples in order (default: every plane).
+    link_iou
+        ``min_iou`` of :func:`~napari_sam.auto.link.link_planes`.
+
+    Yields
+    ------
+    Progress
+        The mode's own reports for each plane, and one ``stage="planes"`` report after
+        each plane.
+
+    Returns
+    -------
+    numpy.ndarray
+        (Z, H, W) uint32 labels, Z = ``len(planes)``, one id per 3D object (1..n in order
+        of first appearance).
+    """
+    planes = list(range(embeddings.source.n_planes)) if planes is None else list(planes)
+    if not planes:
+        raise ValueError("no planes to segment")
+    if not 0 <= link_iou <= 1:
+        raise ValueError(f"link_iou must be in [0, 1], got {link_iou}")
+    run_plane = _plan(embeddings.model, mode, advice, overrides)
+    found = []
+    for i, plane in enumerate(planes, start=1):
+        found.append(np.asarray((yield from run_plane(embeddings, plane)), dtype=np.uint32))
+        yield Progress(i, len(planes), embeddings.source.flat_index(plane), None, "planes")
+    return link_planes(found, link_iou)
+
+
+def _drive(gen: Generator, progress: Callable[[Progress], object] | None):
+    while True:
+        try:
+            report = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        if progress is not None:
+            progress(report)
+
+
+def segment_plane(
+    embeddings,
+    plane,
+    mode: str | None = None,
+    advice: Recommended | None = None,
+    progress: Callable[[Progress], object] | None = None,
+    **overrides,
+) -> np.ndarray:
+    """:func:`iter_segment_plane` in one call; ``progress`` (if given) gets each report.
+    Returns (H, W) uint32 labels."""
+    return _drive(iter_segment_plane(embeddings, plane, mode, advice, **overrides), progress)
+
+
+def segment_volume(
+    embeddings,
+    mode: str | None = None,
+    planes=None,
+    advice: Recommended | None = None,
+    link_iou: float = 0.3,
+    progress: Callable[[Progress], object] | None = None,
+    **overrides,
+) -> np.ndarray:
+    """:func:`iter_segment_volume` in one call; ``progress`` (if given) gets each report.
+    Returns (Z, H, W) uint32 labels linked in 3D."""
+    return _drive(iter_segment_volume(embeddings, mode, planes, advice, link_iou, **overrides), progress)
