@@ -77,12 +77,15 @@ def evaluate(args) -> int:
     pairs = evaluate.load_pairs(args.images, args.labels)
     results = []
     methods = []
+    model = None
     if args.model:
         from ..core.models import resolve_model
         from ..core.predictor import Predictor
 
         model = resolve_model(args.model, device=args.device, dtype=args.dtype)
         methods.append((Predictor(model), model.source.name))
+    auto = args.auto or args.auto_modes is not None
+    modes = evaluate.select_modes(model, args.auto_modes) if auto else ()  # checked before any work
     if args.baseline or not methods:
         methods.append((WatershedBaseline(), "watershed baseline"))
     planes = [p for p in pairs if np.asarray(p.labels).ndim == 2]
@@ -94,9 +97,6 @@ def evaluate(args) -> int:
         if planes:
             results.append(evaluate.evaluate_prompted(planes, method, n_corrections=args.corrections,
                                                       max_objects=args.max_objects, seed=args.seed, name=name))
-            if args.auto and sam:
-                segment = evaluate.grid_segmenter(method.model)
-                results.append(evaluate.evaluate_automatic(planes, segment, name=f"{name} (auto)"))
         if volumes:
             # Volumes: each object is propagated from its ground-truth mask on its middle plane.
             propagate = evaluate.sam_propagator(method.model) if sam else evaluate.watershed_propagator()
@@ -112,6 +112,18 @@ def evaluate(args) -> int:
                 float(np.mean([o["iou"] for o in merged["per_object"]])) if merged["objects"] else float("nan")
             )
             results.append(merged)
+    if auto and planes:
+        from tqdm.auto import tqdm
+
+        gen = evaluate.iter_evaluate_modes(planes, model, modes or None, baseline=True)
+        with tqdm(total=len(planes), desc="automatic modes", unit="image") as bar:
+            while True:
+                try:
+                    next(gen)
+                except StopIteration as stop:
+                    results += stop.value
+                    break
+                bar.update(1)
     print(evaluate.format_table(results))
     if args.json:
         with open(Path(args.json).expanduser(), "w") as fh:

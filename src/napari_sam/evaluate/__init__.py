@@ -9,7 +9,9 @@ Three measurements, each returning a JSON-able dict (``"kind"`` says which) that
 * **Automatic** (:func:`evaluate_automatic`, :mod:`~napari_sam.evaluate.automatic`): a
   label image per image from any segmenter (e.g. :func:`grid_segmenter`), scored by the
   mean segmentation accuracy and the accuracy at IoU 0.5 and 0.75
-  (:mod:`~napari_sam.evaluate.metrics` defines them).
+  (:mod:`~napari_sam.evaluate.metrics` defines them), with the time per plane;
+  :func:`evaluate_modes` measures every automatic mode a model offers, with its
+  recommended settings, beside the classical baseline (:func:`watershed_instances`).
 * **Propagation** (:func:`evaluate_propagation`, :mod:`~napari_sam.evaluate.propagation`):
   a callable that spreads a mask from one plane through a volume, started from each
   object's ground-truth mask on its middle plane; mean 3D IoU.
@@ -41,12 +43,17 @@ _LAZY = {
     "evaluate_automatic": "automatic",
     "grid_segmenter": "automatic",
     "iter_evaluate_automatic": "automatic",
+    "evaluate_modes": "automatic",
+    "iter_evaluate_modes": "automatic",
+    "select_modes": "automatic",
+    "watershed_segmenter": "automatic",
     "evaluate_propagation": "propagation",
     "sam_propagator": "propagation",
     "watershed_propagator": "propagation",
     "format_table": "report",
     "WatershedBaseline": "baseline",
     "watershed_segment": "baseline",
+    "watershed_instances": "baseline",
 }
 
 __all__ = sorted(_LAZY)

@@ -35,7 +35,7 @@ from ..core.masks import deepest_pixel, depth
 from ..core.preprocess import to_rgb
 from ..core.prompts import check_boxes, check_points_inside
 
-__all__ = ["WatershedBaseline", "watershed_segment"]
+__all__ = ["WatershedBaseline", "watershed_instances", "watershed_segment"]
 
 _OBJECT, _OTHER = 1, 2
 
@@ -154,6 +154,42 @@ class WatershedBaseline:
         # one pixel per plateau: its deepest one
         idx = ndimage.maximum_position(self._depth, lab, np.arange(1, n + 1))
         return np.asarray(idx, dtype=int).reshape(-1, 2)
+
+    def instances(self, min_area: int = 15) -> np.ndarray:
+        """Every object of the current plane at once, without prompts: the classical
+        instance segmentation the automatic modes are measured against.
+
+        Each object centre (:meth:`set_image`), and the deepest pixel of each foreground
+        component too thin to have one, seeds an object grown over the inverted distance
+        transform inside the foreground: touching objects split where they narrow.
+
+        Parameters
+        ----------
+        min_area
+            Objects with fewer pixels are dropped.
+
+        Returns
+        -------
+        numpy.ndarray
+            (H, W) uint32 labels (row, col), 0 = background, ids 1..n.
+        """
+        H, W = self.shape
+        centres = self._centres
+        markers = np.zeros((H, W), np.int32)
+        markers[centres[:, 0], centres[:, 1]] = np.arange(1, len(centres) + 1)
+        comp, n = ndimage.label(self._foreground)
+        seeded = np.zeros(n + 1, bool)
+        seeded[comp[centres[:, 0], centres[:, 1]]] = True
+        bare = np.flatnonzero(~seeded[1:]) + 1
+        if len(bare):
+            rows, cols = np.asarray(ndimage.maximum_position(self._depth, comp, bare), dtype=int).reshape(-1, 2).T
+            markers[rows, cols] = len(centres) + np.arange(1, len(bare) + 1)
+        labels = watershed(-self._depth, markers, mask=self._foreground)
+        ids, counts = np.unique(labels[labels > 0], return_counts=True)
+        keep = ids[counts >= max(min_area, 1)]
+        lut = np.zeros(int(labels.max()) + 1, np.uint32)
+        lut[keep] = np.arange(1, len(keep) + 1, dtype=np.uint32)
+        return lut[labels]
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -317,3 +353,46 @@ def watershed_segment(image: np.ndarray, points=None, labels=None, box=None, **o
     ws = WatershedBaseline(**options)
     ws.set_image(image)
     return ws.predict(points, labels, box)
+
+
+def watershed_instances(image: np.ndarray, min_area: int = 15, **options) -> np.ndarray:
+    """Every object of a plane by the classical baseline (:meth:`WatershedBaseline.instances`).
+
+    A colour plane (channels that differ) is taken as an H&E section and segmented on
+    its haematoxylin density (colour deconvolution, :func:`skimage.color.rgb2hed`), where
+    nuclei are bright. A grey plane is inverted when its Otsu foreground covers more than
+    half of it: objects are the minority, so dark objects on a bright background are
+    found as bright ones on a dark one are. ``options`` go to :class:`WatershedBaseline`;
+    its defaults here (``sigma=1``, ``peak_depth=15``: touching objects split only at a
+    clear neck) measured mSA 0.326 / AP50 0.569 on the DSB 2018 images the default model
+    trains on (not the held-out ones), against 0.224 / 0.436 with the prompted defaults.
+
+    Parameters
+    ----------
+    image
+        (H, W) or (H, W, 3|4) plane.
+    min_area
+        Objects with fewer pixels are dropped.
+
+    Returns
+    -------
+    numpy.ndarray
+        (H, W) uint32 labels, 0 = background, ids 1..n.
+    """
+    from skimage.color import rgb2hed
+
+    options = {"sigma": 1.0, "peak_depth": 15.0} | options
+    image = np.asarray(image)
+    rgb = None if image.ndim == 2 else to_rgb(image)
+    if rgb is not None and not (rgb[..., :1] == rgb).all():
+        gray = rgb2hed(rgb).astype(np.float32)[..., 0]
+    else:
+        gray = (image if rgb is None else rgb[..., 0]).astype(np.float32)
+        if gray.ndim != 2 or min(gray.shape) == 0:
+            raise ValueError(f"the baseline segments one non-empty 2D plane, got shape {image.shape}")
+        lo, hi = float(gray.min()), float(gray.max())
+        if hi > lo and (gray > threshold_otsu(gray)).mean() > 0.5:
+            gray = hi + lo - gray
+    ws = WatershedBaseline(**options)
+    ws.set_image(gray)
+    return ws.instances(min_area)

@@ -21,6 +21,22 @@ def _table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def _automatic(rs: list[dict]) -> str:
+    # Columns stay in this order: the scores first, then times and settings, which older
+    # results (before times were measured) lack and show as "-".
+    rows = [
+        [r["method"], r["images"], r["msa"], r["ap50"], r["ap75"], r.get("seconds_per_plane"),
+         r.get("embedding_seconds_per_plane"), r.get("settings_text")]
+        for r in rs
+    ]
+    header = ["method", "images", "mSA", "AP50", "AP75", "s/plane", "embed s/plane", "settings"]
+    return (
+        "Automatic segmentation (AP = TP / (TP + FP + FN), DSB 2018; s/plane: the mode's own work, mean "
+        "seconds per plane; embed s/plane: the image encoder, once per plane, shared by SAM's modes)\n\n"
+        + _table(header, rows)
+    )
+
+
 def format_table(results) -> str:
     """A markdown table (plain text that reads well as is) of one or more results.
 
@@ -52,11 +68,7 @@ def format_table(results) -> str:
             rows = [[r["method"], r["images"], r["objects"], r["point"], r["box"], *r["iterative"][1:]] for r in rs]
             tables.append("Prompted segmentation: mean IoU per object\n\n" + _table(header, rows))
         elif kind == "automatic":
-            rows = [[r["method"], r["images"], r["msa"], r["ap50"], r["ap75"]] for r in rs]
-            tables.append(
-                "Automatic segmentation (AP = TP / (TP + FP + FN), DSB 2018)\n\n"
-                + _table(["method", "images", "mSA", "AP50", "AP75"], rows)
-            )
+            tables.append(_automatic(rs))
         else:
             rows = [[r["method"], r["objects"], r["mean_iou"]] for r in rs]
             header = ["method", "objects", "mean 3D IoU"]
