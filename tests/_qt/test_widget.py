@@ -387,7 +387,7 @@ def test_the_default_model_is_selected_and_segments_a_real_nucleus(make_napari_v
     # three objects above, and finds most nuclei of this image it never saw.
     from napari_sam.evaluate import instance_scores
 
-    assert w.everything_mode.value == "boxes"
+    assert w.everything_mode.value == "ais"  # its shipped instance decoder
     clicked = np.array(session.labels_layer.data, copy=True)
     w.run_everything()
     _idle(w, qtbot)

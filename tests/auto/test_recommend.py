@@ -9,8 +9,11 @@ def test_recommended_settings_follow_the_model(tiny_model):
     from napari_sam.core.models import load_model
 
     assert recommended(tiny_model).mode == "auto" and recommended(tiny_model).grid == GridConfig()
-    default = recommended(load_model("default"))
-    assert (default.mode, default.detector) == ("boxes", "log")
+    default_model = load_model("default")
+    default = recommended(default_model)
+    # AIS with its shipped decoder; LoG boxes stay the detector for the boxes mode
+    assert (default.mode, default.detector) == ("ais", "log")
+    assert default.ais.boundary_distance_threshold == 0.6 and default.ais.min_size == 25
     assert default.grid.pred_iou_thresh == 0.6 and default.grid.stability_thresh == 0.8
     tiny_model.metadata["automatic"] = {"mode": "boxes", "grid": {"points_per_side": 8}}
     try:

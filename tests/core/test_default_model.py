@@ -17,12 +17,19 @@ def default_model():
 
 
 def test_it_ships_small_and_says_what_it_is(default_model):
-    assert DEFAULT_CHECKPOINT.is_file() and DEFAULT_CHECKPOINT.stat().st_size < 20_000_000
+    # SAM (19.7 MB) plus its instance decoder (3.9 MB), under the 25 MB the package allows it
+    assert DEFAULT_CHECKPOINT.is_file() and DEFAULT_CHECKPOINT.stat().st_size < 25_000_000
     assert default_model.source.name == "default"
     assert default_model.config.image_size == 256
     meta = default_model.metadata
     assert meta["training"]["mode"] == "full" and meta["training"]["steps"] >= 1000
     assert meta["default_model"]["command"].startswith("scripts/train_default_model.py")
+    # the instance decoder for AIS, trained on the model's own training data, recommended
+    assert meta["instance_decoder"]["command"].startswith("scripts/train_default_instance_decoder.py")
+    assert meta["instance_decoder"]["config"]["initial_features"] == 16
+    decoder = default_model.instance_decoder
+    assert decoder is not None and not decoder.training and decoder.config.scale == 4
+    assert meta["automatic"]["mode"] == "ais"
     held_out = meta["default_model"]["held_out"]
     assert "img2d.tif + mask2d.tif" in held_out["stardist_bundled"] and len(held_out["dsb2018_fluo"]) == 5
     # Official key names and shapes: the configuration follows from the tensors alone.

@@ -286,3 +286,18 @@ def test_check_state_dict_lists_at_most_ten_of_each(reference_state):
     assert missing[9] in text and missing[10] not in text
     ours = tuple(reference_state["image_encoder.pos_embed"].shape)  # (1, 64, 64, 64) for the seed-0 set
     assert f"shape mismatch(es): image_encoder.pos_embed: checkpoint {ours} vs model (1, 64, 64, 768)" in text
+
+
+def test_metadata_is_stored_as_plain_json_types(tmp_path):
+    """torch.__version__ is a str subclass: pickled as its class, a weights_only load
+    would refuse the file (it did, once)."""
+    import torch
+
+    from napari_sam.model.checkpoint import read_checkpoint, write_checkpoint
+
+    path = tmp_path / "m.pth"
+    write_checkpoint(path, {"mask_decoder.w": torch.zeros(1)}, {"torch": torch.__version__, "n": (1, 2)},
+                     extras={"decoder_state": {"x": torch.ones(2)}})
+    checkpoint = read_checkpoint(path)
+    assert type(checkpoint.metadata["torch"]) is str and checkpoint.metadata["n"] == [1, 2]
+    assert torch.equal(checkpoint.extras["decoder_state"]["x"], torch.ones(2))

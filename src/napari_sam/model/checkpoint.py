@@ -321,9 +321,10 @@ def write_checkpoint(
     CheckpointError
         When ``metadata`` is not JSON-serialisable or ``state_dict`` holds non-tensors.
     """
-    metadata = dict(metadata or {})
     try:
-        json.dumps(metadata, allow_nan=True)
+        # Through JSON and back: str subclasses such as torch.__version__ would otherwise be
+        # pickled as their class, which a weights_only load refuses.
+        metadata = json.loads(json.dumps(dict(metadata or {}), allow_nan=True))
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"checkpoint metadata must be plain JSON types: {err}") from err
     extras = {str(k): dict(v) for k, v in (extras or {}).items()}
