@@ -126,7 +126,8 @@ def main(argv=None) -> None:
     }
     print(json.dumps(provenance, indent=1))
     if args.write:
-        save_with_instance_decoder(model, decoder, base.OUTPUT, provenance, dict(base.AUTOMATIC_ADVICE, mode="ais", ais=AIS_ADVICE))
+        advice = dict(base.AUTOMATIC_ADVICE, mode="ais", ais=AIS_ADVICE)
+        save_with_instance_decoder(model, decoder, base.OUTPUT, provenance, advice)
         size = base.OUTPUT.stat().st_size
         print(f"wrote {base.OUTPUT} ({size / 1e6:.1f} MB)")
         if size > MAX_BYTES:

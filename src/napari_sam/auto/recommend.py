@@ -62,13 +62,13 @@ def recommended(model) -> Recommended:
     ``decoder_state`` is missing) falls back, with a warning, to ``"boxes"`` when the
     advice names a detector and to ``"auto"`` otherwise, keeping its other settings.
 
-    The embedded default model carries ``{"mode": "boxes", "detector": "log", "grid":
-    {"pred_iou_thresh": 0.6, "stability_thresh": 0.8}}``: it never predicts confidently
-    enough for SAM's filters, so nothing would pass. On the held-out DSB images it
-    measured mSA 0.342 / AP50 0.571 with Laplacian-of-Gaussian boxes against 0.153 /
-    0.366 in grid mode with those relaxed filters and 0.287 / 0.423 for Otsu components
-    alone (docs/volumes.md); the choice was made on DSB training images, where the order
-    was the same.
+    The embedded default model carries ``{"mode": "ais", "ais": {"boundary_distance_threshold":
+    0.6, "min_size": 25}, "detector": "log", "grid": {"pred_iou_thresh": 0.6,
+    "stability_thresh": 0.8}}``: on the held-out DSB images its AIS measured mSA 0.434 /
+    AP50 0.673 against 0.342 / 0.571 with Laplacian-of-Gaussian boxes, 0.325 / 0.565 with
+    APG and 0.096 / 0.263 with the grid under those relaxed filters (it never predicts
+    confidently enough for SAM's own); the AIS thresholds were chosen on DSB training
+    images (docs/automatic.md).
 
     Parameters
     ----------
