@@ -213,15 +213,11 @@ class Annotator:
         propagation is one undo step. Other objects are kept unless ``overwrite``.
         """
         start = self.object_mask(plane, label_id)
-        written = 0
-        try:
+        with self.writer.one_step():
             for step in propagate(self.embeddings, plane, start, axis, settings):
                 if step.mask is not None:
                     self.writer.commit(step.plane, [step.mask], overwrite=overwrite, ids=[label_id])
-                    written += 1
                 yield step
-        finally:
-            self.writer.group(written)
 
     def propagate_all(self, axis: str | None = None, ids=None, settings: PropagationSettings = PropagationSettings(),
                       overwrite: bool = False, progress: bool = True) -> dict[int, list[tuple[int, ...]]]:
@@ -348,9 +344,7 @@ class Annotator:
 
         base = self.writer.next_id() - 1
         out = np.zeros(found.shape, np.uint32)
-        limit, written = self.writer.max_undo, 0
-        self.writer.max_undo = limit + len(planes)  # room for every plane of this one undo step
-        try:
+        with self.writer.one_step():
             for k, plane in enumerate(planes):
                 masks, ids = [], []
                 for i, box in enumerate(ndi.find_objects(found[k]), start=1):
@@ -360,13 +354,9 @@ class Annotator:
                         ids.append(base + i)
                 if masks:
                     self.writer.commit(plane, masks, overwrite=overwrite, ids=ids)
-                    written += 1
                     now = np.asarray(self.labels[plane])
                     mine = (found[k] > 0) & (now == found[k].astype(np.int64) + base)
                     out[k][mine] = now[mine]
-        finally:
-            self.writer.max_undo = limit
-            self.writer.group(written)
         return out
 
     def undo(self) -> list[Commit]:

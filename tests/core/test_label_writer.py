@@ -54,12 +54,30 @@ def test_a_group_of_commits_is_undone_at_once():
     labels = np.zeros((5, 20, 20), np.uint8)
     writer = LabelWriter(labels)
     writer.commit((0,), [_obj(0, 5, 0, 5)])
-    for z in (1, 2, 3):
-        writer.commit((z,), [_obj(2, 8, 2, 8)], ids=[2])
-    writer.group(3)
+    with writer.one_step():
+        for z in (1, 2, 3):
+            writer.commit((z,), [_obj(2, 8, 2, 8)], ids=[2])
     assert len(writer.history) == 2
     undone = writer.undo()
     assert [c.plane for c in undone] == [(3,), (2,), (1,)] and not labels[1:].any() and labels[0].any()
+
+
+def test_one_step_over_more_planes_than_the_undo_limit_is_undone_whole():
+    """A propagation through 30 planes with 20 undo steps kept: one step, undone whole
+    (it used to keep only the last 20 planes' commits and undo just one of them)."""
+    labels = np.zeros((31, 12, 12), np.uint8)
+    writer = LabelWriter(labels, max_undo=20)
+    writer.commit((0,), [_obj(0, 5, 0, 5)])
+    try:
+        with writer.one_step():
+            for z in range(1, 31):
+                writer.commit((z,), [_obj(2, 8, 2, 8)], ids=[2])
+            raise KeyboardInterrupt  # a cancel half way still leaves one step
+    except KeyboardInterrupt:
+        pass
+    assert len(writer.history) == 2 and len(writer.history[-1]) == 30
+    assert len(writer.undo()) == 30
+    assert not labels[1:].any() and labels[0].any()
 
 
 def test_bad_commits_are_refused_without_writing():

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,13 +128,14 @@ class LabelWriter:
         self.max_undo = max_undo
         self.on_write = on_write
         self._history: list[tuple[Commit, ...]] = []
+        self._step: list[Commit] | None = None
         self._max_id: int | None = None
         self._journal = _journal_path(labels)
         self.recovered = self._recover()
 
     @property
     def history(self) -> tuple[tuple[Commit, ...], ...]:
-        """Undo steps, oldest first; a step is one commit or a group (see :meth:`group`)."""
+        """Undo steps, oldest first; a step is one commit or a group (see :meth:`one_step`)."""
         return tuple(self._history)
 
     def max_id(self) -> int:
@@ -218,16 +220,29 @@ class LabelWriter:
             used.append(label_id if n else 0)
         self._write(plane, region, before, after, max(self.max_id(), max(used)))
         commit = Commit(plane, region, before, tuple(used), tuple(written))
-        self._history.append((commit,))
-        del self._history[: -self.max_undo]
+        if self._step is not None:
+            self._step.append(commit)
+        else:
+            self._history.append((commit,))
+            del self._history[: -self.max_undo]
         return commit
 
-    def group(self, count: int) -> None:
-        """Make the last ``count`` commits one undo step (a propagation through many planes
-        is undone at once)."""
-        if count > 1 and len(self._history) >= count:
-            merged = tuple(c for step in self._history[-count:] for c in step)
-            self._history[-count:] = [merged]
+    @contextmanager
+    def one_step(self) -> Iterator[None]:
+        """Commits made inside are one undo step however many planes they cover (a
+        propagation or a whole volume segmented at once), also when the block is left by
+        an exception or a cancel: what was written is undone together."""
+        if self._step is not None:  # nested: the outer step takes them
+            yield
+            return
+        self._step = []
+        try:
+            yield
+        finally:
+            step, self._step = tuple(self._step), None
+            if step:
+                self._history.append(step)
+                del self._history[: -self.max_undo]
 
     def undo(self) -> list[Commit]:
         """Undo the last step (one commit or a group); returns its commits, newest first,
