@@ -44,6 +44,7 @@ from .recommend import Recommended, recommended
 from .results import Progress
 
 __all__ = [
+    "BOXES_OPTIONS",
     "MODES",
     "available_modes",
     "iter_segment_plane",
@@ -56,7 +57,8 @@ MODES = ("ais", "apg", "auto", "boxes")
 _DECODER_MODES = ("ais", "apg")
 # Keywords of the modes whose settings are not one dataclass, with their defaults (those
 # of segment_detections and iter_ais).
-_BOXES_OPTIONS = {"min_area": 25, "batch_size": 64}
+BOXES_OPTIONS = {"min_area": 25, "batch_size": 64}
+"""The ``"boxes"`` mode's settings besides the detector, with their defaults."""
 _AIS_OPTIONS: dict = {"batch_size": None}  # None: instance_maps.default_batch_size
 
 _PlaneRun = Callable[[Any, Any], Generator[Progress, None, np.ndarray]]
@@ -110,7 +112,7 @@ def _plan(model, mode: str | None, advice: Recommended | None, overrides: dict) 
             return (yield from iter_grid(emb, plane, grid)).labels
 
         return run_grid
-    extra = {"detector": advice.detector, **_BOXES_OPTIONS}
+    extra = {"detector": advice.detector, **BOXES_OPTIONS}
     unknown = sorted(set(overrides) - set(extra))
     if unknown:
         raise ValueError(f"mode 'boxes' has no setting {', '.join(map(repr, unknown))} (it takes: {', '.join(extra)})")

@@ -165,9 +165,9 @@ def select_modes(model, modes: str | Sequence[str] | None = None) -> tuple[str, 
 def _mode_settings(advice, mode: str) -> dict:
     """The settings a mode runs with under ``advice``, as a JSON-able dict."""
     if mode == "boxes":
-        from ..auto.modes import _BOXES_OPTIONS
+        from ..auto.modes import BOXES_OPTIONS
 
-        return {"detector": advice.detector, **_BOXES_OPTIONS}
+        return {"detector": advice.detector, **BOXES_OPTIONS}
     return dataclasses.asdict({"ais": advice.ais, "apg": advice.apg, "auto": advice.grid}[mode])
 
 
