@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -274,7 +275,7 @@ class LabelWriter:
             self._written(plane, region)
         except BaseException:
             # an error or Ctrl-C between chunks: put the region back as it was
-            self.labels[index] = before
+            self._put_back(index, before)
             if max_id > old_max:
                 self._set_max_id(old_max)
             self._written(plane, region)  # a failure here keeps the note: reopening finishes the roll-back
@@ -287,6 +288,17 @@ class LabelWriter:
                     _WRITING.discard(str(self._journal))
         if self._journal is not None:
             self._journal.unlink(missing_ok=True)
+
+    def _put_back(self, index, before: np.ndarray) -> None:
+        # zarr writes a region's chunks concurrently, and one failing does not cancel the
+        # others: a chunk of the failed write can land after the roll-back, so it is read
+        # back and repeated until it holds.
+        for attempt in range(6):
+            self.labels[index] = before
+            if np.array_equal(np.asarray(self.labels[index]), before):
+                return
+            time.sleep(0.02 * 2**attempt)
+        raise OSError(f"could not put labels {index} back after a failed write")
 
     def _recover(self) -> bool:
         """Roll back a write that a dead process left half done; True if there was one."""
