@@ -219,14 +219,7 @@ def segment_ais(
 ) -> np.ndarray:
     """:func:`iter_ais` in one call; ``progress`` (if given) is called with each
     :class:`~napari_sam.auto.results.Progress`. Returns (H, W) uint32 labels."""
-    gen = iter_ais(embeddings, plane, decoder, settings, batch_size)
-    if progress is None:
-        return run(gen)
-    while True:
-        try:
-            progress(next(gen))
-        except StopIteration as stop:
-            return stop.value
+    return run(iter_ais(embeddings, plane, decoder, settings, batch_size), progress)
 
 
 def iter_ais_volume(
@@ -280,11 +273,4 @@ def segment_ais_volume(
     progress: Callable[[Progress], object] | None = None,
 ) -> np.ndarray:
     """:func:`iter_ais_volume` in one call; returns the (Z, H, W) uint32 label volume."""
-    gen = iter_ais_volume(embeddings, decoder, planes, settings, link_iou)
-    while True:
-        try:
-            report = next(gen)
-        except StopIteration as stop:
-            return stop.value[0]
-        if progress is not None:
-            progress(report)
+    return run(iter_ais_volume(embeddings, decoder, planes, settings, link_iou), progress)[0]

@@ -55,7 +55,7 @@ from .ais import _as_map
 from .boxes import _iter_box_candidates, _iter_tile_prompts
 from .candidates import _Candidate
 from .instance_maps import iter_instance_maps
-from .results import Progress
+from .results import Progress, run
 
 __all__ = ["APGSettings", "iter_apg", "prompt_points", "segment_apg", "select_masks"]
 
@@ -331,11 +331,4 @@ def segment_apg(
 ) -> np.ndarray:
     """:func:`iter_apg` in one call; ``progress`` (if given) is called with each
     :class:`~napari_sam.auto.results.Progress`. Returns (H, W) uint32 labels."""
-    gen = iter_apg(embeddings, plane, decoder, settings, batch_size)
-    while True:
-        try:
-            report = next(gen)
-        except StopIteration as stop:
-            return stop.value
-        if progress is not None:
-            progress(report)
+    return run(iter_apg(embeddings, plane, decoder, settings, batch_size), progress)

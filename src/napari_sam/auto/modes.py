@@ -41,7 +41,7 @@ from .boxes import detect_boxes, iter_from_boxes
 from .grid import GridConfig, iter_grid
 from .link import link_planes
 from .recommend import Recommended, recommended
-from .results import Progress
+from .results import Progress, run
 
 __all__ = [
     "BOXES_OPTIONS",
@@ -215,16 +215,6 @@ def iter_segment_volume(
     return link_planes(found, link_iou)
 
 
-def _drive(gen: Generator, progress: Callable[[Progress], object] | None):
-    while True:
-        try:
-            report = next(gen)
-        except StopIteration as stop:
-            return stop.value
-        if progress is not None:
-            progress(report)
-
-
 def segment_plane(
     embeddings,
     plane,
@@ -235,7 +225,7 @@ def segment_plane(
 ) -> np.ndarray:
     """:func:`iter_segment_plane` in one call; ``progress`` (if given) gets each report.
     Returns (H, W) uint32 labels."""
-    return _drive(iter_segment_plane(embeddings, plane, mode, advice, **overrides), progress)
+    return run(iter_segment_plane(embeddings, plane, mode, advice, **overrides), progress)
 
 
 def segment_volume(
@@ -249,4 +239,4 @@ def segment_volume(
 ) -> np.ndarray:
     """:func:`iter_segment_volume` in one call; ``progress`` (if given) gets each report.
     Returns (Z, H, W) uint32 labels linked in 3D."""
-    return _drive(iter_segment_volume(embeddings, mode, planes, advice, link_iou, **overrides), progress)
+    return run(iter_segment_volume(embeddings, mode, planes, advice, link_iou, **overrides), progress)

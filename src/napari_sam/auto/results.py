@@ -7,7 +7,7 @@ and cancel between units; :func:`run` drives one to the end.
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,10 +79,13 @@ class AutomaticResult:
         ]
 
 
-def run(generator: Generator):
-    """Drive one of the ``iter_*`` generators to its end and return its result."""
+def run(generator: Generator, progress: Callable[[Progress], object] | None = None):
+    """Drive one of the ``iter_*`` generators to its end and return its result;
+    ``progress`` (if given) is called with each report on the way."""
     while True:
         try:
-            next(generator)
+            report = next(generator)
         except StopIteration as stop:
             return stop.value
+        if progress is not None:
+            progress(report)
