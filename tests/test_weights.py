@@ -85,11 +85,15 @@ def serve(monkeypatch, payload):
 # --- the registry -------------------------------------------------------------------
 
 
+SAM2 = ("sam2.1_hiera_tiny", "sam2.1_hiera_small", "sam2.1_hiera_base_plus", "sam2.1_hiera_large")
+
+
 def test_registry_holds_the_expected_models():
     assert set(REGISTRY) == {
         "vit_b", "vit_l", "vit_h", "vit_t",
         "vit_b_lm", "vit_l_lm", "vit_t_lm",
         "vit_b_em_organelles", "vit_l_em_organelles", "vit_t_em_organelles",
+        *SAM2,
     }  # fmt: skip
     assert [e.name for e in list_models()] == list(REGISTRY)
 
@@ -98,7 +102,7 @@ def test_registry_holds_the_expected_models():
 def test_registry_entry_is_well_formed(entry):
     assert entry is REGISTRY[entry.name]
     assert entry.url.startswith("https://")
-    assert entry.config in {"vit_b", "vit_l", "vit_h", "vit_t"}
+    assert entry.config in {"vit_b", "vit_l", "vit_h", "vit_t", *SAM2}
     assert entry.name.startswith(entry.config)
     assert re.fullmatch(r"sha256:[0-9a-f]{64}|md5:[0-9a-f]{32}|xxh128:[0-9a-f]{32}", entry.known_hash)
     assert entry.filename == Path(entry.filename).name and entry.filename.endswith((".pt", ".pth"))
@@ -332,7 +336,7 @@ def test_decoder_file_needs_its_own_file_name():
                    decoder=DecoderFile("https://example.org/d.pt", "md5:" + "1" * 32, "x.pt"))
 
 
-@pytest.mark.parametrize("name", ["vit_b", "vit_l", "vit_h", "vit_t"])
+@pytest.mark.parametrize("name", ["vit_b", "vit_l", "vit_h", "vit_t", *SAM2])
 def test_models_without_a_decoder_file_fetch_nothing(name, cache, monkeypatch):
     forbid_downloads(monkeypatch)
     assert fetch_decoder(name) is None
@@ -396,3 +400,97 @@ def test_a_fetched_decoder_file_loads_as_the_instance_decoder(cache, monkeypatch
     loaded = load_instance_decoder(fetch_decoder("fake_lm", progress=False))
     assert loaded.config == original.config
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in original.state_dict().items())
+
+
+# --- SAM 2.1: a family of its own ----------------------------------------------------
+
+# Meta's SAM 2.1 checkpoints (092824 release): sha256 and size as micro-sam pins them
+# (micro_sam/v2/util.py, HASHES), matching Hugging Face's LFS pointers of facebook/sam2.1-hiera-*.
+SAM2_FILES = {
+    "sam2.1_hiera_tiny": ("7402e0d864fa82708a20fbd15bc84245c2f26dff0eb43a4b5b93452deb34be69", 156_008_466),
+    "sam2.1_hiera_small": ("6d1aa6f30de5c92224f8172114de081d104bbd23dd9dc5c58996f0cad5dc4d38", 184_416_285),
+    "sam2.1_hiera_base_plus": ("a2345aede8715ab1d5d31b4a509fb160c5a4af1970f199d9054ccfb746c004c5", 323_606_802),
+    "sam2.1_hiera_large": ("2647878d5dfa5098f2f8649825738a9345572bae2d4350a2468587ece47dd318", 898_083_611),
+}
+
+
+def test_sam2_checkpoints_are_meta_s_files_with_pinned_checksums():
+    assert [e.name for e in list_models("sam2")] == list(SAM2_FILES)
+    for name, (sha256, size) in SAM2_FILES.items():
+        entry = REGISTRY[name]
+        assert entry.family == "sam2" and entry.config == name
+        assert entry.url == f"https://dl.fbaipublicfiles.com/segment_anything_2/092824/{name}.pt"
+        assert entry.filename == f"{name}.pt" == entry.url.rsplit("/", 1)[1]
+        assert entry.known_hash == f"sha256:{sha256}" and entry.size_bytes == size
+        assert entry.licence == "Apache-2.0" and entry.homepage == "https://github.com/facebookresearch/sam2"
+        assert entry.description.startswith("SAM 2.1 Hiera-") and "propagation" in entry.description
+        assert entry.decoder is None
+
+
+def test_families_split_the_registry():
+    sam, sam2 = list_models("sam"), list_models("sam2")
+    assert {e.name for e in sam} | {e.name for e in sam2} == set(REGISTRY)
+    assert not {e.name for e in sam} & {e.name for e in sam2}
+    assert all(e.config in weights.FAMILIES["sam"] for e in sam)
+    assert {e.config for e in sam2} == weights.FAMILIES["sam2"] == set(SAM2)
+    assert weights.ENCODERS == weights.FAMILIES["sam"] | weights.FAMILIES["sam2"]
+    assert weights.family_of("vit_t") == "sam" and weights.family_of("sam2.1_hiera_large") == "sam2"
+    with pytest.raises(ValueError, match="'hiera_t' is not one of"):
+        weights.family_of("hiera_t")
+    with pytest.raises(ValueError, match="unknown model family 'sam3'"):
+        list_models("sam3")
+
+
+def test_sam2_family_names_are_the_model_configurations():
+    pytest.importorskip("torch")
+    from napari_sam.model.sam2 import CONFIGS
+
+    assert set(CONFIGS) == weights.FAMILIES["sam2"]
+
+
+def test_a_sam2_entry_cannot_carry_an_instance_decoder():
+    with pytest.raises(ValueError, match="only SAM checkpoints have an instance decoder"):
+        ModelEntry(name="sam2.1_hiera_tiny_x", config="sam2.1_hiera_tiny", url="https://example.org/x.pt",
+                   known_hash="md5:" + "0" * 32, filename="x.pt", description="d", licence="MIT",
+                   decoder=DecoderFile("https://example.org/d.pt", "md5:" + "1" * 32, "d.pt"))
+
+
+def test_the_real_sam2_entry_asks_its_address_and_refuses_other_bytes(cache, monkeypatch):
+    calls = serve(monkeypatch, PAYLOAD)  # the network answers with bytes that are not the checkpoint
+    entry = REGISTRY["sam2.1_hiera_tiny"]
+    with pytest.raises(ChecksumMismatchError) as info:
+        fetch_checkpoint("sam2.1_hiera_tiny", progress=False)
+    assert calls == [entry.url]
+    assert str(cache / "sam2.1_hiera_tiny.pt") in str(info.value) and SAM2_FILES[entry.name][0] in str(info.value)
+    assert list(cache.iterdir()) == []
+
+
+def test_a_sam2_checkpoint_downloads_into_the_cache_under_its_official_name(cache, monkeypatch):
+    import dataclasses
+
+    entry = dataclasses.replace(REGISTRY["sam2.1_hiera_small"],
+                                known_hash="sha256:" + hashlib.sha256(PAYLOAD).hexdigest())
+    monkeypatch.setitem(REGISTRY, entry.name, entry)
+    calls = serve(monkeypatch, PAYLOAD)
+    path = fetch_checkpoint("sam2.1_hiera_small", progress=False)
+    assert path == cache / "sam2.1_hiera_small.pt" and path.read_bytes() == PAYLOAD
+    assert calls == ["https://dl.fbaipublicfiles.com/segment_anything_2/092824/sam2.1_hiera_small.pt"]
+    assert fetch_decoder("sam2.1_hiera_small") is None and len(calls) == 1
+
+
+def test_cli_lists_and_downloads_sam2_checkpoints(cache, monkeypatch, capsys):
+    import dataclasses
+
+    from napari_sam.cli import main
+
+    assert main(["models"]) == 0
+    listed = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    for name in SAM2_FILES:
+        assert listed[name].split(None, 1)[1] == REGISTRY[name].description
+    entry = dataclasses.replace(REGISTRY["sam2.1_hiera_tiny"],
+                                known_hash="sha256:" + hashlib.sha256(PAYLOAD).hexdigest())
+    monkeypatch.setitem(REGISTRY, entry.name, entry)
+    calls = serve(monkeypatch, PAYLOAD)
+    assert main(["download", "sam2.1_hiera_tiny"]) == 0
+    assert capsys.readouterr().out.split() == [str(cache / "sam2.1_hiera_tiny.pt")]
+    assert calls == [entry.url] and (cache / "sam2.1_hiera_tiny.pt").read_bytes() == PAYLOAD

@@ -1,6 +1,7 @@
 """What a registry entry is: a downloadable checkpoint (:class:`ModelEntry`) and, for
 micro-sam's models, its instance decoder as a file of its own (:class:`DecoderFile`), each
-validated when made. :mod:`napari_sam.weights` holds the entries, the cache and the download.
+validated when made; and the model families a checkpoint belongs to (:data:`FAMILIES`).
+:mod:`napari_sam.weights` holds the entries, the cache and the download.
 """
 
 from __future__ import annotations
@@ -8,15 +9,42 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from types import MappingProxyType
+from typing import Mapping, Optional
 
-__all__ = ["ENCODERS", "DecoderFile", "ModelEntry"]
+__all__ = ["ENCODERS", "FAMILIES", "DecoderFile", "ModelEntry", "family_of"]
 
-ENCODERS = frozenset({"vit_b", "vit_l", "vit_h", "vit_t"})
-"""Names of the image-encoder configurations a checkpoint can be built on."""
+FAMILIES: Mapping[str, frozenset[str]] = MappingProxyType({
+    "sam": frozenset({"vit_b", "vit_l", "vit_h", "vit_t"}),
+    "sam2": frozenset({"sam2.1_hiera_tiny", "sam2.1_hiera_small", "sam2.1_hiera_base_plus", "sam2.1_hiera_large"}),
+})
+"""The model families, each with the configurations its checkpoints are built on.
+
+``"sam"``: Segment Anything (ViT and MobileSAM's TinyViT encoders), loaded by
+``napari_sam.core.models.load_model`` as a ``Sam``. ``"sam2"``: SAM 2.1 (Hiera encoders,
+memory for propagation), loaded by ``napari_sam.core.sam2_models.load_sam2_model`` as a
+``Sam2``; its names are those of ``napari_sam.model.sam2.CONFIGS``. A checkpoint of one
+family never loads as the other: their keys differ."""
+
+ENCODERS = frozenset().union(*FAMILIES.values())
+"""Names of every configuration a registry checkpoint can be built on, of any family."""
 
 _HEX_DIGITS = {"sha256": 64, "md5": 32, "xxh128": 32}
 """Hash algorithms a registry entry may use, with the length of their hex digest."""
+
+
+def family_of(config: str) -> str:
+    """The family (a key of :data:`FAMILIES`) of a configuration name.
+
+    Raises
+    ------
+    ValueError
+        For a name that is in no family; the message lists the known ones.
+    """
+    for family, configs in FAMILIES.items():
+        if config in configs:
+            return family
+    raise ValueError(f"config {config!r} is not one of {sorted(ENCODERS)}")
 
 
 def _check_file(owner: str, url: str, known_hash: str, filename: str) -> None:
@@ -59,8 +87,9 @@ class ModelEntry:
     name
         Registry name, e.g. ``"vit_b_lm"``.
     config
-        Image-encoder configuration the weights fit: ``"vit_b"``, ``"vit_l"``,
-        ``"vit_h"`` or ``"vit_t"``.
+        Configuration the weights fit, which also names their family (:attr:`family`):
+        ``"vit_b"``, ``"vit_l"``, ``"vit_h"`` or ``"vit_t"`` for SAM;
+        ``"sam2.1_hiera_tiny"``, ``"_small"``, ``"_base_plus"`` or ``"_large"`` for SAM 2.1.
     url
         HTTPS address of the file.
     known_hash
@@ -95,6 +124,8 @@ class ModelEntry:
     def __post_init__(self):
         if self.config not in ENCODERS:
             raise ValueError(f"{self.name}: config {self.config!r} is not one of {sorted(ENCODERS)}")
+        if self.decoder is not None and self.family != "sam":
+            raise ValueError(f"{self.name}: only SAM checkpoints have an instance decoder file")
         _check_file(self.name, self.url, self.known_hash, self.filename)
         if self.size_bytes is not None and self.size_bytes <= 0:
             raise ValueError(f"{self.name}: size_bytes must be positive")
@@ -105,3 +136,8 @@ class ModelEntry:
     def hash_algorithm(self) -> str:
         """The algorithm part of :attr:`known_hash`, e.g. ``"sha256"``."""
         return self.known_hash.partition(":")[0]
+
+    @property
+    def family(self) -> str:
+        """The model family of the weights, a key of :data:`FAMILIES`: ``"sam"`` or ``"sam2"``."""
+        return family_of(self.config)

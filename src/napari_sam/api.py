@@ -22,16 +22,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Generator, Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .core.embeddings import Embeddings, EmbedProgress
 from .core.image_source import ImageSource
-from .core.labels import Commit, LabelWriter, create_label_store
+from .core.label_target import open_labels
+from .core.labels import Commit, LabelWriter
 from .core.masks import PlaneMask
-from .core.models import resolve_model
+from .core.memory_labels import NoSam, Tracking, largest_planes, split_models
+from .core.memory_propagation import MemoryStep
 from .core.ngff import LabelImage
 from .core.preprocess import Normalization
 from .core.prompts import Prompt
@@ -41,9 +42,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from .auto import Progress
 
 __all__ = ["Annotator"]
-
-# Label images up to this size are kept in memory; larger ones go to a Zarr array on disk.
-IN_MEMORY_LABELS = 1 << 30
 
 
 class Annotator:
@@ -57,7 +55,8 @@ class Annotator:
     model
         A loaded SAM, a registry name, a checkpoint file, or None for ``$NAPARI_SAM_MODEL``,
         else the default model shipped with the package
-        (:func:`~napari_sam.core.models.resolve_model`).
+        (:func:`~napari_sam.core.models.resolve_model`). A SAM 2.1 here propagates (as
+        ``tracker``) and the annotator has no SAM to segment with.
     labels
         Where objects go: an integer array whose shape is the image's planes and plane
         (e.g. (Z, Y, X) for a ZYX or ZYXC image), a path for a Zarr label array on disk
@@ -69,7 +68,14 @@ class Annotator:
         See :class:`~napari_sam.core.embeddings.Embeddings`.
     device, dtype
         See :func:`~napari_sam.core.models.load_model` (used when ``model`` is not loaded).
+    tracker
+        A SAM 2.1 (loaded, registry name or checkpoint file) that :meth:`propagate` and
+        :meth:`propagate_all` use, with its memory, instead of re-prompting SAM plane by
+        plane (:class:`~napari_sam.core.memory_labels.Tracking`; features cached in ``cache``).
     """
+
+    tracking: Tracking | None = None
+    """Propagation with SAM 2 (None: SAM re-prompted plane by plane)."""
 
     def __init__(
         self,
@@ -85,36 +91,17 @@ class Annotator:
         normalization: Normalization = Normalization(),
         device: str | None = None,
         dtype: str = "auto",
+        tracker=None,
     ):
         self.source = image if isinstance(image, ImageSource) else ImageSource(image, axes, channel)
-        self.model = resolve_model(model, device, dtype)
-        self.embeddings = Embeddings(self.source, self.model, cache, tile=tile, halo=halo, normalization=normalization)
+        self.model, sam2 = split_models(model, tracker, device, dtype)
+        self.embeddings = NoSam(sam2.config.name) if self.model is None else Embeddings(
+            self.source, self.model, cache, tile=tile, halo=halo, normalization=normalization)
+        self.tracking = None if sam2 is None else Tracking(self.source, sam2, cache, normalization)
         # an OME-Zarr label image: its lower levels follow every change of level 0
         self.label_image = labels if isinstance(labels, LabelImage) else None
         on_write = labels.update if isinstance(labels, LabelImage) else None
-        self.writer = LabelWriter(self._labels(labels), on_write=on_write)
-
-    def _labels(self, labels):
-        shape = self.labels_shape
-        if labels is None:
-            size = int(np.prod(shape)) * 4
-            if size > IN_MEMORY_LABELS:
-                raise ValueError(
-                    f"labels of shape {shape} take {size / 2**30:.1f} GiB: give labels= a path for a Zarr array on disk"
-                )
-            return np.zeros(shape, np.uint32)
-        if isinstance(labels, (str, Path)):
-            return create_label_store(labels, shape)
-        if isinstance(labels, LabelImage):
-            if tuple(labels.data.shape) != shape:
-                raise ValueError(f"the label image {labels.path} has shape {tuple(labels.data.shape)} "
-                                 f"({labels.axes}), but the image needs {shape} (planes, then Y, X)")
-            return labels.data
-        if tuple(labels.shape) != shape:
-            raise ValueError(
-                f"labels have shape {tuple(labels.shape)}, but the image needs {shape} (planes, then Y, X)"
-            )
-        return labels
+        self.writer = LabelWriter(open_labels(labels, self.labels_shape), on_write=on_write)
 
     @property
     def labels_shape(self) -> tuple[int, ...]:
@@ -193,7 +180,10 @@ class Annotator:
     def commit(self, plane, masks, overwrite: bool = False) -> Commit:
         """Write objects into one plane of :attr:`labels` under new ids (next free ones).
         Pixels of other objects are kept unless ``overwrite``."""
-        return self.writer.commit(self.plane(plane), list(masks), overwrite=overwrite)
+        commit = self.writer.commit(self.plane(plane), list(masks), overwrite=overwrite)
+        if self.tracking is not None:  # SAM 2 propagates from the planes objects were given on
+            self.tracking.remember(commit.plane, commit.ids)
+        return commit
 
     def object_mask(self, plane, label_id: int) -> PlaneMask:
         """The committed object ``label_id`` on a plane, as a PlaneMask."""
@@ -202,8 +192,7 @@ class Annotator:
             raise ValueError(f"object {label_id} is not on plane {self.plane(plane)}")
         return mask
 
-    def propagate(self, plane, label_id: int, axis: str | None = None,
-                  settings: PropagationSettings = PropagationSettings(),
+    def propagate(self, plane, label_id: int, axis: str | None = None, settings=None,
                   overwrite: bool = False) -> Iterator[PropagationStep]:
         """Follow committed object ``label_id`` from ``plane`` through the neighbouring planes
         (both directions along ``axis``, Z by default, or T), writing each plane's mask
@@ -211,29 +200,53 @@ class Annotator:
 
         Stopping the iteration leaves every plane written so far in place; the whole
         propagation is one undo step. Other objects are kept unless ``overwrite``.
+        ``settings``: :class:`~napari_sam.core.propagation.PropagationSettings`, or with a
+        :attr:`tracking` SAM 2 :class:`~napari_sam.core.memory_propagation.MemorySettings`;
+        there, ``plane`` becomes one of the object's prompted planes (a correction when it has
+        others), and the planes it owns are rewritten (the object's own earlier pixels replaced).
         """
+        if self.tracking is not None:
+            yield from self.tracking.propagate(self.writer, self.plane(plane), label_id, axis, settings, overwrite)
+            return
         start = self.object_mask(plane, label_id)
         with self.writer.one_step():
-            for step in propagate(self.embeddings, plane, start, axis, settings):
+            for step in propagate(self.embeddings, plane, start, axis, settings or PropagationSettings()):
                 if step.mask is not None:
                     self.writer.commit(step.plane, [step.mask], overwrite=overwrite, ids=[label_id])
                 yield step
 
-    def propagate_all(self, axis: str | None = None, ids=None, settings: PropagationSettings = PropagationSettings(),
-                      overwrite: bool = False, progress: bool = True) -> dict[int, list[tuple[int, ...]]]:
-        """Propagate every object (or those in ``ids``) from the plane where it is largest.
+    def propagate_all(self, axis: str | None = None, ids=None, settings=None, overwrite: bool = False,
+                      progress: bool = True, seeds: str = "largest") -> dict[int, list[tuple[int, ...]]]:
+        """Propagate every object (or those in ``ids``) from the plane where it is largest;
+        with a SAM 2 (:attr:`tracking`), all at once from their prompted planes (``seeds``:
+        see :class:`~napari_sam.core.memory_labels.Tracking`).
 
         Returns, per id, the planes it was written on.
         """
         from tqdm.auto import tqdm
 
-        seeds = _largest_planes(self.labels, len(self.source.plane_grid), ids)
+        if self.tracking is not None:
+            return self.tracking.propagate_all(self.writer, ids, axis, settings, overwrite, progress, seeds)
+        if seeds != "largest":
+            raise ValueError(f"seeds={seeds!r} is for propagation with SAM 2 (tracker=); SAM starts from the largest")
         out = {}
-        for label_id, plane in tqdm(seeds.items(), desc="propagating", unit="object", disable=not progress):
+        for label_id, plane in tqdm(largest_planes(self.labels, len(self.source.plane_grid), ids).items(),
+                                    desc="propagating", unit="object", disable=not progress):
             out[label_id] = [
                 s.plane for s in self.propagate(plane, label_id, axis, settings, overwrite) if s.mask is not None
             ]
         return out
+
+    def propagate_all_steps(self, axis: str | None = None, ids=None, settings=None, overwrite: bool = False,
+                            seeds: str = "largest") -> Iterator[MemoryStep | PropagationStep]:
+        """:meth:`propagate_all` as a generator that a GUI drives and cancels by closing it
+        (what was written stays, one undo step): with SAM 2 one
+        :class:`~napari_sam.core.memory_propagation.MemoryStep` per plane and window, all
+        objects counted together; with SAM each object's steps in turn."""
+        if self.tracking is not None:
+            return self.tracking.steps(self.writer, ids, axis, settings, overwrite, seeds)
+        starts = largest_planes(self.labels, len(self.source.plane_grid), ids)
+        return (s for i, p in starts.items() for s in self.propagate(p, i, axis, settings, overwrite))
 
     # -- every object ---------------------------------------------------------------------
     def segment_everything(self, plane=None, mode: str | None = None, *, whole_volume: bool = False,
@@ -376,14 +389,3 @@ def _refine(embeddings, planes, rough, link_iou: float, settings: dict):
         yield Progress(k, len(planes), embeddings.source.flat_index(plane), None, "planes")
     return link_planes(found, link_iou)
 
-
-def _largest_planes(labels, n_plane_axes: int, ids=None) -> dict[int, tuple[int, ...]]:
-    """For each object id, the plane (index over the leading axes) where it has the most
-    pixels; read plane by plane, so a Zarr label volume is never loaded whole."""
-    best: dict[int, tuple[int, tuple[int, ...]]] = {}
-    for plane in np.ndindex(*labels.shape[:n_plane_axes]):
-        values, counts = np.unique(np.asarray(labels[plane]), return_counts=True)
-        for v, c in zip(values.tolist(), counts.tolist()):
-            if v and (ids is None or v in ids) and c > best.get(v, (0, ()))[0]:
-                best[v] = (c, tuple(int(i) for i in plane))
-    return {v: plane for v, (_, plane) in sorted(best.items())}

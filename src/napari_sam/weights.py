@@ -6,6 +6,8 @@ never handed out. Where the machine is offline, the error says which file to fet
 hand and where to put it.
 micro-sam's light-microscopy and EM models keep their instance decoder in a file of its
 own (:attr:`ModelEntry.decoder`), fetched only by :func:`fetch_decoder`.
+Meta's SAM 2.1 checkpoints are entries of the family ``"sam2"`` (:attr:`ModelEntry.family`):
+fetched the same way, loaded by ``napari_sam.core.sam2_models.load_sam2_model``.
 
 The cache folder is ``$NAPARI_SAM_CACHE_DIR`` when that variable is set, otherwise the
 operating system's user cache folder for ``napari-sam`` (see :func:`cache_dir`).
@@ -17,11 +19,12 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from ._registry_entry import ENCODERS, DecoderFile, ModelEntry
+from ._registry_entry import ENCODERS, FAMILIES, DecoderFile, ModelEntry, family_of
 
 __all__ = [
     "CACHE_ENV_VAR",
     "ENCODERS",
+    "FAMILIES",
     "REGISTRY",
     "CheckpointDownloadError",
     "ChecksumMismatchError",
@@ -30,6 +33,7 @@ __all__ = [
     "UnknownModelError",
     "cache_dir",
     "checkpoint_path",
+    "family_of",
     "fetch_checkpoint",
     "fetch_decoder",
     "get_entry",
@@ -65,6 +69,7 @@ class ChecksumMismatchError(CheckpointDownloadError):
 
 
 _SAM_HOME = "https://github.com/facebookresearch/segment-anything"
+_SAM2_HOME = "https://github.com/facebookresearch/sam2"
 _MOBILE_SAM_HOME = "https://github.com/ChaoningZhang/MobileSAM"
 _MICRO_SAM_HOME = "https://github.com/computational-cell-analytics/micro-sam"
 _BIOIMAGE_IO = "https://uk1s3.embassy.ebi.ac.uk/public-datasets/bioimage.io"
@@ -98,6 +103,21 @@ def _meta_sam(config: str, stem: str, sha256: str, size: int, what: str) -> Mode
         licence="Apache-2.0",
         homepage=_SAM_HOME,
         size_bytes=size,
+    )
+
+
+def _meta_sam2(size: str, sha256: str, size_bytes: int, what: str) -> ModelEntry:
+    stem = f"sam2.1_hiera_{size}"
+    return ModelEntry(
+        name=stem,
+        config=stem,
+        url=f"https://dl.fbaipublicfiles.com/segment_anything_2/092824/{stem}.pt",
+        known_hash=f"sha256:{sha256}",
+        filename=f"{stem}.pt",
+        description=f"SAM 2.1 {what}: propagation through Z and T with memory",
+        licence="Apache-2.0",
+        homepage=_SAM2_HOME,
+        size_bytes=size_bytes,
     )
 
 
@@ -145,20 +165,47 @@ _ENTRIES = (
         ("vit_t_em_organelles", "vit_t", "greedy-whale", "1", "253474720c497cce605e57c9b1d18fd9",
          "8f897c7bb93174a4d1638827c4dd6f44", _EM),
     )),
+    # Meta publishes no checksums for SAM 2.1: these sha256 digests and sizes are the ones micro-sam
+    # pins for the same addresses (micro_sam/v2/util.py, HASHES, at commit 05c57cce), which other
+    # projects' records of these files and Hugging Face's LFS pointers (facebook/sam2.1-hiera-*) match.
+    # Parameters: the official configurations (configs/sam2.1/*.yaml) built and counted.
+    *(_meta_sam2(*row) for row in (
+        ("tiny", "7402e0d864fa82708a20fbd15bc84245c2f26dff0eb43a4b5b93452deb34be69", 156_008_466,
+         "Hiera-T (Meta, 39M parameters, the fastest)"),
+        ("small", "6d1aa6f30de5c92224f8172114de081d104bbd23dd9dc5c58996f0cad5dc4d38", 184_416_285,
+         "Hiera-S (Meta, 46M parameters)"),
+        ("base_plus", "a2345aede8715ab1d5d31b4a509fb160c5a4af1970f199d9054ccfb746c004c5", 323_606_802,
+         "Hiera-B+ (Meta, 81M parameters)"),
+        ("large", "2647878d5dfa5098f2f8649825738a9345572bae2d4350a2468587ece47dd318", 898_083_611,
+         "Hiera-L (Meta, 224M parameters, the most accurate)"),
+    )),
 )
 
 REGISTRY: dict[str, ModelEntry] = {entry.name: entry for entry in _ENTRIES}
 """Every downloadable checkpoint by name, in the order menus show them."""
 
 
-def list_models() -> list[ModelEntry]:
-    """All registry entries, in registry order.
+def list_models(family: Optional[str] = None) -> list[ModelEntry]:
+    """Registry entries, in registry order.
+
+    Parameters
+    ----------
+    family
+        Only the entries of this family (a key of :data:`FAMILIES`: ``"sam"`` or
+        ``"sam2"``); None for all.
 
     Returns
     -------
     list of ModelEntry
+
+    Raises
+    ------
+    ValueError
+        For a family that does not exist.
     """
-    return list(REGISTRY.values())
+    if family is not None and family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; families: {', '.join(FAMILIES)}")
+    return [e for e in REGISTRY.values() if family is None or e.family == family]
 
 
 def get_entry(name: str) -> ModelEntry:

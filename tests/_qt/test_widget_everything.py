@@ -33,12 +33,12 @@ def ais_advice(stack, tiny_checkpoint):
 def _widget(make_napari_viewer, stack, tiny_checkpoint, monkeypatch, qtbot, advice=None):
     """The widget on the stack; with ``advice`` (a checkpoint's "automatic" metadata) the
     model it loads has an instance decoder."""
-    import napari_sam.api as api
+    import napari_sam.core.models as models
     from napari_sam._qt.widget import SamWidget
 
     monkeypatch.setenv("NAPARI_SAM_MODEL", str(tiny_checkpoint))
     if advice is not None:
-        load = api.resolve_model
+        load = models.resolve_model
 
         def with_decoder(*args, **kwargs):
             model = load(*args, **kwargs)
@@ -46,7 +46,7 @@ def _widget(make_napari_viewer, stack, tiny_checkpoint, monkeypatch, qtbot, advi
             model.metadata["automatic"] = advice
             return model
 
-        monkeypatch.setattr(api, "resolve_model", with_decoder)
+        monkeypatch.setattr(models, "resolve_model", with_decoder)
     viewer = make_napari_viewer()
     viewer.add_image(stack, name="nuclei", scale=(0.284, 0.127, 0.127))
     w = SamWidget(viewer)

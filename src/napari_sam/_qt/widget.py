@@ -24,6 +24,7 @@ from ..api import Annotator
 from ..core.models import default_model_spec, model_choices
 from ..layers import KEYS, ViewerSession, source_from_layer
 from ..layers.everything import EverythingProgress, mode_choices
+from .tracking import TrackingControls
 from .workers import Workers
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -97,9 +98,8 @@ class SamWidget(Container):
         self.cancel = PushButton(text="Cancel", enabled=False)
         self.overwrite = CheckBox(text="overwrite existing labels", value=False)
         self.commit = PushButton(text=f"Commit ({KEYS['commit']})", enabled=False)
-        self.propagate = PushButton(text="Propagate selected label through slices", enabled=False,
-                                    tooltip="follow the labels layer's selected object from this slice up and down "
-                                    "the stack")
+        self.tracking = TrackingControls(self.workers, self._say, lambda: self.session, parent=self.native)
+        self.propagate = self.tracking.selected  # "Propagate selected label through slices"
         self.everything_mode = ComboBox(
             label="segment everything", choices=mode_choices(), value="auto",
             tooltip="AIS, APG: from the model's instance decoder (models that have one, e.g. vit_b_lm); labels: "
@@ -122,7 +122,7 @@ class SamWidget(Container):
         self.extend([
             self.image, self.model, self.checkpoint, self.device, self.dtype, self.cache, self.labels_path,
             self.ngff_labels, self.ngff_name, self.start,
-            self.embed_slice, self.embed_all, self.cancel, self.overwrite, self.commit, self.propagate,
+            self.embed_slice, self.embed_all, self.cancel, self.overwrite, self.commit, *self.tracking.widgets,
             self.everything_mode, self.rough, self.whole_volume, self.everything, self.undo, self.clear,
             self.status,
         ])
@@ -138,7 +138,6 @@ class SamWidget(Container):
         self.workers.cancel_changed = self.workers.gui(lambda running: setattr(self.cancel, "enabled", running))
         self.commit.clicked.connect(lambda: self.session and self.session.commit())
         self.undo.clicked.connect(self.undo_commit)
-        self.propagate.clicked.connect(self.run_propagation)
         self.everything.clicked.connect(self.run_everything)
         self.clear.clicked.connect(lambda: self.session and self.session.clear_prompts())
         self.overwrite.changed.connect(lambda v: self.session and self.session.set_overwrite(v))
@@ -240,7 +239,7 @@ class SamWidget(Container):
             self.viewer.dims.events.current_step.connect(self.request_preview)
             for button in (self.embed_slice, self.embed_all, self.commit, self.undo, self.clear, self.everything):
                 button.enabled = True
-            self.propagate.enabled = bool(annotator.source.plane_axes)
+            self.tracking.attach(self.session)
             self.everything_mode.choices = ()  # emptied first: new choices are appended, not put in order
             self.everything_mode.choices = mode_choices(annotator.model)
             self.everything_mode.value = recommended(annotator.model).mode
@@ -301,24 +300,9 @@ class SamWidget(Container):
         )
 
     def run_propagation(self, label_id: int | None = None):
-        """Propagate an object through the stack in a worker, writing slice by slice."""
-        if self.session is None:
-            return None
-        session = self.session
-        try:
-            steps = session.propagation(label_id)
-        except ValueError as err:
-            self._say(str(err))
-            return None
-
-        def show(step):
-            session.labels_layer.refresh()
-            self._say(f"propagating: plane {step.plane}" + (f" ({step.stopped})" if step.stopped else ""))
-
-        worker = self.workers.steps(lambda: steps, desc="propagating", show=show,
-                                    cancelled="propagation cancelled: the slices written so far stay")
-        worker.finished.connect(self.workers.gui(session.labels_layer.refresh))
-        return worker
+        """Propagate an object through the stack in a worker, writing slice by slice, with
+        the model "propagate with" names (:meth:`TrackingControls.run_selected`)."""
+        return self.tracking.run_selected(label_id)
 
     def _on_prompts_changed(self, event=None) -> None:
         # napari announces each edit twice, before ("adding") and after ("added"); only
@@ -347,11 +331,12 @@ class SamWidget(Container):
         def done(result):
             session.show_preview(result)
             n = sum(1 for m in result[2] if m.area)
-            self._say(f"preview: {n} object(s); {KEYS['commit']} commits" if n else "add points or boxes")
+            if n or prompts:  # a slice without prompts (scrolling) keeps the last message, e.g. a propagation's
+                self._say(f"preview: {n} object(s); {KEYS['commit']} commits" if n else "add points or boxes")
 
         worker = create_worker(session.compute_preview, plane, prompts, _start_thread=False)
         worker.finished.connect(self._preview_finished)
-        if not session.annotator.is_embedded(plane):
+        if prompts and not session.annotator.is_embedded(plane):
             self._say("embedding this slice first...")
         self.workers.start(worker, done)
 

@@ -129,13 +129,23 @@ class Workers:
             if show is not None:
                 show(item)
 
+        made = []
+
         def work():
             # napari picks a generator worker for generator functions only; ``fn`` may be
             # a plain function returning a generator.
-            return (yield from fn(*args))
+            made.append(fn(*args))
+            return (yield from made[0])
+
+        def close():
+            # A cancelled worker leaves its generator suspended, not closed: its cleanup (the
+            # undo step a propagation writes into) would wait for the garbage collector.
+            for gen in made:
+                gen.close()
 
         worker = create_worker(work, _start_thread=False)
         worker.yielded.connect(self.gui(step))
+        worker.finished.connect(close)
         worker.finished.connect(bar.close)
         worker.finished.connect(self.gui(lambda: self._ended(worker)))
         if cancelled:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+from . import UsageError
+
 __all__ = ["evaluate", "train"]
 
 
@@ -77,14 +79,24 @@ def evaluate(args) -> int:
     pairs = evaluate.load_pairs(args.images, args.labels)
     results = []
     methods = []
-    model = None
+    model = sam2 = None
+    auto = args.auto or args.auto_modes is not None
     if args.model:
-        from ..core.models import resolve_model
+        from ..core.memory_labels import model_family
         from ..core.predictor import Predictor
 
-        model = resolve_model(args.model, device=args.device, dtype=args.dtype)
-        methods.append((Predictor(model), model.source.name))
-    auto = args.auto or args.auto_modes is not None
+        if model_family(args.model) == "sam2":  # SAM 2 is measured where it works: propagating through volumes
+            from ..core.sam2_models import load_sam2_model
+
+            if auto:
+                raise UsageError(f"--auto measures a SAM's automatic modes; {args.model} is a SAM 2, which propagates")
+            sam2 = load_sam2_model(args.model, device=args.device)
+            methods.append((sam2, sam2.source.name if sam2.source is not None else sam2.config.name))
+        else:
+            from ..core.models import resolve_model
+
+            model = resolve_model(args.model, device=args.device, dtype=args.dtype)
+            methods.append((Predictor(model), model.source.name))
     modes = evaluate.select_modes(model, args.auto_modes) if auto else ()  # checked before any work
     if args.baseline or not methods:
         methods.append((WatershedBaseline(), "watershed baseline"))
@@ -92,14 +104,18 @@ def evaluate(args) -> int:
     volumes = [p for p in pairs if np.asarray(p.labels).ndim == 3]
     if len(planes) + len(volumes) != len(pairs):
         raise ValueError("labels must be 2D planes or 3D (Z, Y, X) volumes")
+    if sam2 is not None and not volumes:
+        raise UsageError(f"{args.model} is a SAM 2: it is measured on 3D label volumes (propagation), and "
+                         f"{args.images} holds 2D planes only")
     for method, name in methods:
         sam = not isinstance(method, WatershedBaseline)
-        if planes:
+        if planes and method is not sam2:
             results.append(evaluate.evaluate_prompted(planes, method, n_corrections=args.corrections,
                                                       max_objects=args.max_objects, seed=args.seed, name=name))
         if volumes:
             # Volumes: each object is propagated from its ground-truth mask on its middle plane.
-            propagate = evaluate.sam_propagator(method.model) if sam else evaluate.watershed_propagator()
+            propagate = (evaluate.sam2_propagator(method) if method is sam2 else
+                         evaluate.sam_propagator(method.model) if sam else evaluate.watershed_propagator())
             merged = None
             for pair in volumes:
                 r = evaluate.evaluate_propagation(propagate, pair.image, pair.labels, max_objects=args.max_objects,

@@ -117,8 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="follow annotated objects through the planes of a volume (Z, or T)",
         description="SEEDS is a label image of the volume's shape in which each object is drawn on at least one "
         "plane; every object is propagated from the plane where it is largest, both ways, and written under its "
-        "id. Other objects are never overwritten. The result goes to --out and/or into an OME-Zarr image with "
-        "--labels-into (SEEDS is left as it is).",
+        "id. With a SAM 2.1 --model (sam2.1_hiera_tiny ... or its .pt checkpoint) the objects are propagated all "
+        "at once with SAM 2's memory, both ways from every plane they are drawn on (each plane between two drawn "
+        "planes goes to the nearer one), until SAM 2 finds the object absent on two planes in a row; planes "
+        "larger than the model input are followed on a window around each object. Other objects are never "
+        "overwritten. The result goes to --out and/or into an OME-Zarr image with --labels-into (SEEDS is left "
+        "as it is).",
     )
     prop.add_argument("image", help="the volume: Zarr, TIFF or .npy")
     prop.add_argument("seeds", help="label image with the objects to propagate")
@@ -128,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     prop.add_argument("--channel", type=int, help="channel to use when the image has a C axis")
     prop.add_argument("--axis", choices=["Z", "T"], help="plane axis to follow (default: the innermost)")
     prop.add_argument("--ids", type=int, nargs="*", help="object ids to propagate (default: all)")
-    prop.add_argument("--cache", help="embedding cache folder (default: beside a Zarr image, else the user cache)")
+    prop.add_argument("--cache", help="embedding cache folder, also of SAM 2's features (default: beside a Zarr "
+                      "image, else the user cache)")
 
     ev = sub.add_parser(
         "evaluate",

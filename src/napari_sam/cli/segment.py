@@ -270,7 +270,11 @@ def propagate(args) -> int:
         raise UsageError(f"the seeds {args.seeds} are {seeds.dtype}: a label image has integer (or bool) values")
     labels = seeds.astype(np.uint32, copy=True)
     ann = Annotator(source, args.model, labels, cache=args.cache, device=args.device, dtype=args.dtype)
-    result = ann.propagate_all(axis=args.axis, ids=args.ids)
+    if ann.tracking is not None:  # a SAM 2: all objects at once, from every plane they are drawn on
+        print(f"propagating with the memory of {ann.tracking.model.config.name} (SAM 2)")
+        result = ann.propagate_all(axis=args.axis, ids=args.ids, seeds="drawn")
+    else:
+        result = ann.propagate_all(axis=args.axis, ids=args.ids)
     for label_id, planes in result.items():
         print(f"object {label_id}: written on {len(planes)} more plane(s)")
     _write(args, ann.labels, f"{len(result)} propagated object(s)")

@@ -196,7 +196,8 @@ class EmbeddingStore:
             (channels, height, width) of one embedding: (256, 64, 64) for SAM's 1024-pixel
             input, smaller for models with a smaller input.
         on_mismatch
-            What to do when the cache holds embeddings of other signatures only:
+            What to do when the cache holds embeddings of other signatures only (of the same
+            ``feature_shape``; other kinds are left alone):
             ``"keep"`` (default) adds the new ones beside them and warns with the fields
             that differ; ``"error"`` raises :class:`CacheMismatchError` saying what
             differs; ``"replace"`` deletes the others.
@@ -216,7 +217,8 @@ class EmbeddingStore:
         key = signature_key(signature)
         existing = _signatures(root)
         if key not in existing:
-            others = {k: s for k, s in existing.items() if k != key}
+            # entries of another kind (SAM 2's features beside SAM's embeddings) are neither near misses nor replaced
+            others = {k: s for k, s in existing.items() if k != key and _kind(root, k) == tuple(feature_shape)}
             if others:
                 closest = min(others.values(), key=lambda s: len(s.differences(signature)))
                 diffs = "; ".join(closest.differences(signature))
@@ -340,6 +342,11 @@ class EmbeddingStore:
             if not present[e] or (verify and self.read(e) is None):
                 out.append(tuple(e))
         return out
+
+
+def _kind(root: zarr.Group, key: str) -> tuple[int, ...]:
+    """The shape of one entry of a signature's group: what kind of features it holds."""
+    return tuple(int(n) for n in _array(_group(root, key), "features").shape[3:])
 
 
 def _delete_group(root: zarr.Group, key: str, path) -> None:

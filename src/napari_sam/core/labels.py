@@ -166,7 +166,7 @@ class LabelWriter:
         if attrs is not None:
             attrs[_MAX_ID_ATTR] = int(value)
 
-    def commit(self, plane: tuple[int, ...], masks, overwrite: bool = False, ids=None) -> Commit:
+    def commit(self, plane: tuple[int, ...], masks, overwrite: bool = False, ids=None, replace: bool = False) -> Commit:
         """Write objects into one plane under new ids.
 
         Parameters
@@ -181,6 +181,8 @@ class LabelWriter:
             pixels are written, so earlier work is never damaged.
         ids
             Ids to use instead of the next free ones.
+        replace
+            Clear the ``ids``' earlier pixels on this plane first (an object written again keeps only its new ones).
 
         Returns
         -------
@@ -188,10 +190,8 @@ class LabelWriter:
         """
         plane = tuple(int(i) for i in plane)
         if len(plane) != self.labels.ndim - 2:
-            raise ValueError(
-                f"labels of shape {tuple(self.labels.shape)} need a plane index of {self.labels.ndim - 2} value(s), "
-                f"got {plane}"
-            )
+            raise ValueError(f"labels of shape {tuple(self.labels.shape)} need a plane index of "
+                             f"{self.labels.ndim - 2} value(s), got {plane}")
         masks = [m for m in masks if m.mask.any()]
         if not masks:
             raise ValueError("nothing to commit: the objects are empty")
@@ -200,17 +200,20 @@ class LabelWriter:
             y0, y1, x0, x1 = m.region
             if not (0 <= y0 < y1 <= H and 0 <= x0 < x1 <= W) or m.mask.shape != (y1 - y0, x1 - x0):
                 raise ValueError(f"object region {m.region} does not fit the {H}x{W} label plane")
-        region = (min(m.region[0] for m in masks), max(m.region[1] for m in masks),
-                  min(m.region[2] for m in masks), max(m.region[3] for m in masks))
-        index = plane + (slice(region[0], region[1]), slice(region[2], region[3]))
-        before = np.array(self.labels[index])
-        after = before.copy()
-        if ids is None:
-            first = self.next_id()
-            ids = range(first, first + len(masks))
-        ids = [int(i) for i in ids]
+        boxes = [m.region for m in masks]
+        if ids is None and replace:
+            raise ValueError("replace=True needs the ids of the objects written again")
+        ids = [int(i) for i in (range(self.next_id(), self.next_id() + len(masks)) if ids is None else ids)]
         if len(ids) != len(masks):
             raise ValueError(f"{len(masks)} object(s) but {len(ids)} id(s)")
+        if replace and (old := np.isin(np.asarray(self.labels[plane]), ids)).any():  # cover their earlier pixels
+            rows, cols = np.nonzero(old)
+            boxes.append((int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1))
+        lo, hi = np.min(boxes, axis=0), np.max(boxes, axis=0)
+        region = (int(lo[0]), int(hi[1]), int(lo[2]), int(hi[3]))
+        index = plane + (slice(region[0], region[1]), slice(region[2], region[3]))
+        before = np.array(self.labels[index])
+        after = np.where(np.isin(before, ids), before.dtype.type(0), before) if replace else before.copy()
         written, used = [], []
         for m, label_id in zip(masks, ids):
             full = np.zeros(after.shape, bool)
@@ -318,9 +321,7 @@ class LabelWriter:
         if host == socket.gethostname() and (str(self._journal) in _WRITING or _alive(pid, started)):
             # one writer at a time: undoing a write in progress would tear it, and carrying
             # on would overwrite its note with ours
-            raise ValueError(
-                f"{self._journal}: process {pid} is writing these labels now; close that session first"
-            )
+            raise ValueError(f"{self._journal}: process {pid} is writing these labels now; close that session first")
         if host != socket.gethostname():
             raise ValueError(
                 f"{self._journal}: a write by process {pid} on {host} did not finish; "

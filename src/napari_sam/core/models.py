@@ -1,4 +1,6 @@
-"""Loading a SAM by registry name or checkpoint file, onto a device, in a precision."""
+"""Loading a SAM by registry name or checkpoint file, onto a device, in a precision; and
+which model family (SAM or SAM 2.1) a name or a checkpoint belongs to, so that a checkpoint
+of one family given where the other is needed is refused in one line."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import hashlib
 import os
 import warnings
 from pathlib import Path
+from typing import Mapping
 
 import torch
 
@@ -14,7 +17,8 @@ from .runtime import configure_runtime
 
 __all__ = [
     "DEFAULT_MODEL", "DTYPES", "MODEL_ENV_VAR", "default_model_spec", "load_model", "model_choices", "resolve_model",
-    "model_identity", "resolve_device", "resolve_dtype", "native_bfloat16",
+    "model_identity", "resolve_device", "resolve_dtype", "native_bfloat16", "state_dict_family",
+    "family_mismatch", "resolve_checkpoint",
 ]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -94,16 +98,47 @@ def _is_bioimageio_package(path: Path) -> bool:
         return False
 
 
-def _resolve_checkpoint(name_or_path: str | os.PathLike) -> tuple[str, Path, Path | None]:
-    """(name, checkpoint file, separate instance-decoder file or None)."""
-    from ..weights import REGISTRY, fetch_checkpoint, fetch_decoder
+_SAM2_KEYS = ("sam_mask_decoder.", "memory_attention.", "memory_encoder.")
+"""Official key prefixes found only in SAM 2 checkpoints (SAM's decoder is ``mask_decoder.``)."""
+
+
+def state_dict_family(state_dict: Mapping[str, object]) -> str:
+    """The model family of a state dict in official keys (a key of
+    :data:`napari_sam.weights.FAMILIES`): ``"sam2"`` when it holds SAM 2's own modules
+    (``sam_mask_decoder``, memory attention or encoder), else ``"sam"``."""
+    return "sam2" if any(key.startswith(_SAM2_KEYS) for key in state_dict) else "sam"
+
+
+def family_mismatch(what: str, family: str) -> str:
+    """One line saying that ``what`` (a name or file) is a checkpoint of ``family`` and what loads it."""
+    if family == "sam2":
+        return (f"{what} is a SAM 2.1 checkpoint; it is used for propagation with memory and loads with "
+                f"napari_sam.core.sam2_models.load_sam2_model, not as a SAM for prompting planes (load_model)")
+    return (f"{what} is a SAM (1) checkpoint, not a SAM 2.1 one; load it with napari_sam.core.models.load_model, "
+            f"or choose one of the SAM 2.1 models (`napari-sam models`)")
+
+
+def resolve_checkpoint(name_or_path: str | os.PathLike, family: str = "sam") -> tuple[str, Path, Path | None]:
+    """(name, checkpoint file, separate instance-decoder file or None) of a registry name, the
+    shipped default or a file; a registry name of another family is refused before any download.
+
+    Raises
+    ------
+    ValueError
+        For an unknown name, a missing file, a bioimage.io package, or a name of another family.
+    """
+    from ..weights import REGISTRY, fetch_checkpoint, fetch_decoder, list_models
 
     text = os.fspath(name_or_path)
     if text == DEFAULT_MODEL:
+        if family != "sam":
+            raise ValueError(family_mismatch(f"{text!r} (the model shipped with the package)", "sam"))
         if not DEFAULT_CHECKPOINT.is_file():
             raise ValueError(f"the default model is not installed ({DEFAULT_CHECKPOINT} is missing)")
         return DEFAULT_MODEL, DEFAULT_CHECKPOINT, None
     if text in REGISTRY:
+        if REGISTRY[text].family != family:
+            raise ValueError(family_mismatch(repr(text), REGISTRY[text].family))
         # micro-sam keeps its models' instance decoders in files of their own and fetches
         # both together; so do we (both checksummed, into the cache).
         return text, Path(fetch_checkpoint(text)), fetch_decoder(text)
@@ -115,10 +150,9 @@ def _resolve_checkpoint(name_or_path: str | os.PathLike) -> tuple[str, Path, Pat
         return path.name, path, None
     if path.exists():
         raise ValueError(f"{path} is not a checkpoint file")
-    raise ValueError(
-        f"{text!r} is neither a model name nor an existing checkpoint file. "
-        f"Known model names: {', '.join([DEFAULT_MODEL, *sorted(REGISTRY)])}"
-    )
+    names = ([DEFAULT_MODEL] if family == "sam" else []) + sorted(e.name for e in list_models(family))
+    raise ValueError(f"{text!r} is neither a model name nor an existing checkpoint file. "
+                     f"Known model names: {', '.join(names)}")
 
 
 def load_model(
@@ -158,18 +192,21 @@ def load_model(
     Raises
     ------
     ValueError
-        For an unknown name, a missing file or a state dict that does not fit (the error
-        names the missing, unexpected and misshapen keys).
+        For an unknown name, a missing file, a SAM 2.1 name or checkpoint (one line saying
+        so), or a state dict that does not fit (the error names the missing, unexpected and
+        misshapen keys).
     """
     from ..model.checkpoint import read_checkpoint
     from ..model.decoder_checkpoint import DECODER_KEY, find_decoder_state, read_decoder_state
     from ..model.instance_decoder import instance_decoder_from_state_dict
 
     configure_runtime()
-    name, path, decoder_file = _resolve_checkpoint(name_or_path)
+    name, path, decoder_file = resolve_checkpoint(name_or_path, "sam")
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     checkpoint = read_checkpoint(path)
+    if state_dict_family(checkpoint.state_dict) != "sam":
+        raise ValueError(family_mismatch(str(path), "sam2"))
     # Our checkpoints record their configuration (needed for inputs other than 1024 pixels,
     # which shapes alone do not reveal); others are recognised by their shapes.
     stored = checkpoint.metadata.get("config")
@@ -198,11 +235,13 @@ def default_model_spec() -> str | None:
 
 
 def model_choices() -> list[str]:
-    """The models a picker offers, in order: ``$NAPARI_SAM_MODEL`` when it names a file
-    or an unknown name is not listed otherwise, the shipped default, then the registry."""
+    """The models a SAM picker offers, in order: ``$NAPARI_SAM_MODEL`` when it names a file
+    or an unknown name is not listed otherwise, the shipped default, then the registry's SAM
+    models (SAM 2.1 checkpoints do not load as a SAM: :func:`napari_sam.weights.list_models`
+    with ``"sam2"`` lists those)."""
     from ..weights import list_models
 
-    names = ([DEFAULT_MODEL] if DEFAULT_CHECKPOINT.is_file() else []) + [e.name for e in list_models()]
+    names = ([DEFAULT_MODEL] if DEFAULT_CHECKPOINT.is_file() else []) + [e.name for e in list_models("sam")]
     env = os.environ.get(MODEL_ENV_VAR)
     if env and env not in names and not os.path.isfile(env):
         env = None

@@ -49,6 +49,7 @@ _LAZY = {
     "watershed_segmenter": "automatic",
     "evaluate_propagation": "propagation",
     "sam_propagator": "propagation",
+    "sam2_propagator": "propagation",
     "watershed_propagator": "propagation",
     "format_table": "report",
     "WatershedBaseline": "baseline",

@@ -1,7 +1,7 @@
 """Propagation quality: a callable that spreads a mask from one plane through a volume,
 started from each object's ground-truth mask on its middle plane, scored by the mean 3D
-IoU. :func:`sam_propagator` is the plugin's propagation, :func:`watershed_propagator`
-its classical counterpart."""
+IoU. :func:`sam_propagator` is the plugin's propagation with SAM, :func:`sam2_propagator`
+with SAM 2's memory, :func:`watershed_propagator` their classical counterpart."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from ..core.masks import PlaneMask, iou
 from .baseline import WatershedBaseline
 from .data import sample_objects
 
-__all__ = ["evaluate_propagation", "sam_propagator", "watershed_propagator"]
+__all__ = ["evaluate_propagation", "sam2_propagator", "sam_propagator", "watershed_propagator"]
 
 
 def evaluate_propagation(
@@ -104,6 +104,34 @@ def sam_propagator(model, settings=None) -> Callable[[np.ndarray, int, np.ndarra
         for step in propagate(emb, start, PlaneMask.from_full(mask), settings=settings):
             if step.mask is not None:
                 out[step.plane[0]] = step.mask.to_full(mask.shape)
+        return out
+
+    return run
+
+
+def sam2_propagator(model, settings=None) -> Callable[[np.ndarray, int, np.ndarray], np.ndarray]:
+    """A ``propagate`` for :func:`evaluate_propagation`: SAM 2 carrying the mask with its
+    memory (:func:`~napari_sam.core.memory_propagation.propagate_objects` with ``settings``,
+    a :class:`~napari_sam.core.memory_propagation.MemorySettings`), as the plugin propagates
+    with a SAM 2. Each volume's features are computed once, however many objects it holds."""
+    from ..core.memory_propagation import MemorySettings, propagate_objects
+    from ..core.sam2_features import Sam2Features
+
+    settings = settings or MemorySettings()
+    held: dict[int, tuple] = {}
+
+    def run(volume: np.ndarray, start: int, mask: np.ndarray) -> np.ndarray:
+        if id(volume) not in held:
+            held.clear()  # the volume object is kept with its features, so its id stays its own
+            held[id(volume)] = (volume, Sam2Features(volume, model, cache=False, axes="ZYX"))
+        features = held[id(volume)][1]
+        out = np.zeros(volume.shape[:3], bool)
+        out[start] = mask
+        if not mask.any():
+            return out
+        for step in propagate_objects(features, {1: {start: PlaneMask.from_full(mask)}}, settings=settings):
+            if 1 in step.masks:
+                out[step.plane[0]] = step.masks[1].to_full(mask.shape)
         return out
 
     return run

@@ -38,6 +38,7 @@ from .prompt_layers import (
     source_from_layer,
     toggle_foreground,
 )
+from .tracker import SessionTracker
 
 if TYPE_CHECKING:  # pragma: no cover
     import napari
@@ -81,6 +82,7 @@ class ViewerSession:
         self._preview_key = None
         self._shown: tuple | None = None  # (plane, prompts, masks) of the preview on show
         self.run: Callable = run or _run_now
+        self.tracker = SessionTracker(annotator)  # which model propagates: SAM, or a SAM 2 with memory
         self._bound = False
 
     # -- construction ----------------------------------------------------------------------
@@ -225,7 +227,9 @@ class ViewerSession:
         masks = [m for m in masks if m.area]
         if not masks:
             return None
-        return self.annotator.commit(plane, masks, overwrite=self.overwrite)
+        commit = self.annotator.commit(plane, masks, overwrite=self.overwrite)
+        self.tracker.remember(commit)
+        return commit
 
     def after_commit(self, commit: Commit | None) -> None:
         """Refresh the labels layer and clear the prompts of the committed plane."""
@@ -255,14 +259,21 @@ class ViewerSession:
 
     def propagation(self, label_id: int | None = None, axis: str | None = None, **settings):
         """A generator propagating object ``label_id`` (default: the labels layer's selected
-        label) from the current plane through its neighbours; see
-        :meth:`napari_sam.api.Annotator.propagate`. Labels are written as it runs: call
-        :meth:`labels_layer.refresh` to show them."""
+        label) from the current plane through its neighbours, with the model :attr:`tracker`
+        holds (:meth:`~napari_sam.layers.tracker.SessionTracker.selected`). Labels are written
+        as it runs: call :meth:`labels_layer.refresh` to show them."""
         from ..core.propagation import PropagationSettings
 
         label_id = int(self.labels_layer.selected_label if label_id is None else label_id)
-        return self.annotator.propagate(self.current_plane(), label_id, axis, PropagationSettings(**settings),
-                                        self.overwrite)
+        return self.tracker.selected(self.current_plane(), label_id, axis, PropagationSettings(**settings),
+                                     self.overwrite)
+
+    def propagation_all(self, axis: str | None = None, ids=None, **settings):
+        """A generator propagating every object of the labels (or those in ``ids``) as one
+        undo step (:meth:`~napari_sam.layers.tracker.SessionTracker.all`)."""
+        from ..core.propagation import PropagationSettings
+
+        return self.tracker.all(axis, PropagationSettings(**settings), self.overwrite, ids)
 
     def segment_everything(self, plane: tuple[int, ...] | None = None, mode: str | None = None,
                            points_per_side: int = 16, rough=None, *, whole_volume: bool = False, **settings):

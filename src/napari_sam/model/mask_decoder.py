@@ -126,9 +126,15 @@ class MaskDecoder(nn.Module):
         iou_pred = self.iou_prediction_head(iou_token_out)[:, wanted.start : wanted.stop]
         return masks, iou_pred
 
-    def _upscale_and_project(self, src: torch.Tensor, hyper_in: torch.Tensor) -> torch.Tensor:
+    def _upscale_and_project(
+        self, src: torch.Tensor, hyper_in: torch.Tensor, skips: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """Upscale (B, h, w, C) image tokens 4x and take their dot product with the
         hypernetwork outputs (B, M, C/8): (B, M, 4h, 4w) mask logits.
+
+        ``skips`` (SAM 2): features (1 or B, C/4, 2h, 2w) and (1 or B, C/8, 4h, 4w) added
+        to the outputs of the first and second transposed convolution, before the norm and
+        activation that follow each.
 
         A 2x2 stride-2 transposed convolution maps every pixel independently to a 2x2
         block, so it is a per-pixel linear layer followed by a rearrangement. Computing it
@@ -153,9 +159,18 @@ class MaskDecoder(nn.Module):
             return y.reshape(*x.shape[:-1], 2, 2, cout)
 
         x = as_linear(conv1, src)  # (B, h, w, 2, 2, C/4)
+        if skips is not None:
+            # pixel (2 i + di, 2 j + dj) of a skip is element (i, j, di, dj) here
+            s1, s0 = skips
+            x = x + s1.reshape(s1.shape[0], -1, h, 2, w, 2).permute(0, 2, 4, 3, 5, 1)
         x = act1(F.layer_norm(x, (x.shape[-1],), norm.weight, norm.bias, norm.eps))
         fused = activation_of(act2)
-        x = as_linear(conv2, x, fused) if fused else act2(as_linear(conv2, x))  # (B, h, w, 2, 2, 2, 2, C/8)
+        if skips is not None:
+            # pixel (4 i + 2 di + ei, 4 j + 2 dj + ej) is element (i, j, di, dj, ei, ej)
+            s0 = s0.reshape(s0.shape[0], -1, h, 2, 2, w, 2, 2).permute(0, 2, 5, 3, 6, 4, 7, 1)
+            x = act2(as_linear(conv2, x) + s0)
+        else:
+            x = as_linear(conv2, x, fused) if fused else act2(as_linear(conv2, x))  # (B, h, w, 2, 2, 2, 2, C/8)
         # (B, M, C/8) @ (B, C/8, 16 h w): a wide GEMM, the transpose costs nothing
         m = hyper_in @ x.reshape(B, -1, x.shape[-1]).transpose(1, 2)
         # pixel (i, j, di, dj, ei, ej) lies at row 4 i + 2 di + ei, column 4 j + 2 dj + ej

@@ -15,6 +15,9 @@ from .common import LayerNorm2d
 PAD_LABEL = -1
 BACKGROUND = 0
 FOREGROUND = 1
+# SAM 2 passes a box as two points with these labels (see PromptEncoder's corner_labels).
+BOX_TOP_LEFT = 2
+BOX_BOTTOM_RIGHT = 3
 
 
 class PositionEmbeddingRandom(nn.Module):
@@ -63,6 +66,9 @@ class PromptEncoder(nn.Module):
         (h, w) of the padded model input (1024, 1024); point coordinates are in this frame.
     mask_in_chans
         Hidden channels of the mask branch (16).
+    corner_labels
+        Also embed points labelled 2 and 3 as box corners (top-left, bottom-right), as
+        SAM 2 does; SAM's own encoder gives such points no label embedding.
     """
 
     def __init__(
@@ -71,9 +77,11 @@ class PromptEncoder(nn.Module):
         image_embedding_size: tuple[int, int],
         input_image_size: tuple[int, int],
         mask_in_chans: int,
+        corner_labels: bool = False,
     ):
         super().__init__()
         self.embed_dim = embed_dim
+        self.corner_labels = corner_labels
         self.input_image_size = input_image_size
         self.image_embedding_size = image_embedding_size
         self.pe_layer = PositionEmbeddingRandom(embed_dim // 2)
@@ -111,6 +119,9 @@ class PromptEncoder(nn.Module):
         emb = torch.where(labels == PAD_LABEL, self.not_a_point_embed.weight, emb)
         emb = emb + torch.where(labels == BACKGROUND, self._point_embedding(0), 0.0)
         emb = emb + torch.where(labels == FOREGROUND, self._point_embedding(1), 0.0)
+        if self.corner_labels:
+            emb = emb + torch.where(labels == BOX_TOP_LEFT, self._point_embedding(2), 0.0)
+            emb = emb + torch.where(labels == BOX_BOTTOM_RIGHT, self._point_embedding(3), 0.0)
         return emb
 
     def _embed_boxes(self, boxes: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,255 @@
+"""Objects of a label image propagated with SAM 2's memory and written back.
+
+The API, the command line and the widget share this path (:class:`Tracking`): which model
+is a SAM 2 (:func:`split_models`), which planes of an object are its prompted planes, and
+how each plane's result is written:
+
+* **Prompted planes.** The planes an object was committed or propagated from in this
+  session (:meth:`Tracking.remember`), where it is still drawn (a correction drawn on a
+  plane and propagated from there becomes one); without any, the plane
+  where it is largest (``seeds="largest"``, as SAM's propagation starts), or every plane
+  it is drawn on (``seeds="drawn"``: a label image of annotations, as ``napari-sam
+  propagate`` reads its seeds). Prompted planes are never written.
+* **Writing.** Each plane is written as soon as it is known, under the object's own id:
+  its earlier pixels on that plane are replaced (re-propagating an object rewrites it),
+  other objects' pixels are kept unless ``overwrite``, and the whole propagation is one
+  undo step, also when it is cancelled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..model.sam2 import Sam2
+from .image_source import ImageSource
+from .labels import LabelWriter
+from .masks import PlaneMask
+from .memory_propagation import MemorySettings, MemoryStep, propagate_objects
+from .models import state_dict_family
+from .preprocess import Normalization
+from .propagation import PropagationSettings, PropagationStep
+from .sam2_features import Sam2Features
+
+__all__ = ["NoSam", "SEEDS", "Tracking", "largest_planes", "model_family", "object_planes", "split_models"]
+
+SEEDS = ("largest", "drawn")
+"""Where objects without remembered prompted planes are propagated from (see the module notes)."""
+
+
+def model_family(spec) -> str:
+    """``"sam2"`` for a SAM 2 (a loaded :class:`~napari_sam.model.sam2.Sam2`, a SAM 2.1
+    registry name or checkpoint file), else ``"sam"``; a file that cannot be read is left
+    for the SAM loader to report."""
+    if isinstance(spec, Sam2):
+        return "sam2"
+    if spec is None or isinstance(spec, torch.nn.Module):
+        return "sam"
+    from ..weights import REGISTRY
+
+    text = os.fspath(spec)
+    if text in REGISTRY:
+        return REGISTRY[text].family
+    if not os.path.isfile(text):
+        return "sam"
+    try:  # the keys only: a memory map reads no weights
+        state = torch.load(text, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - not a readable checkpoint: the SAM loader says why
+        return "sam"
+    if isinstance(state, dict):
+        state = next((state[k] for k in ("model", "state_dict") if isinstance(state.get(k), dict)), state)
+    return state_dict_family(state) if isinstance(state, dict) else "sam"
+
+
+def split_models(model=None, tracker=None, device=None, dtype="auto"):
+    """The SAM that answers prompts and the SAM 2 that propagates, from what a user gave.
+
+    Parameters
+    ----------
+    model
+        A SAM (loaded, name, file, or None for the default:
+        :func:`~napari_sam.core.models.resolve_model`), or a SAM 2: then there is no SAM,
+        and the SAM 2 propagates.
+    tracker
+        A SAM 2 (loaded :class:`~napari_sam.model.sam2.Sam2`, registry name or checkpoint
+        file) to propagate with beside the SAM; None for none.
+
+    Returns
+    -------
+    (Sam or None, Sam2 or None)
+    """
+    from .models import resolve_model
+    from .sam2_models import load_sam2_model
+
+    def sam2(spec):
+        return spec if isinstance(spec, Sam2) else load_sam2_model(spec, device)
+
+    if model_family(model) == "sam2":
+        if tracker is not None:
+            raise ValueError("model= is a SAM 2 already; give tracker= only beside a SAM")
+        return None, sam2(model)
+    return resolve_model(model, device, dtype), None if tracker is None else sam2(tracker)
+
+
+class NoSam:
+    """Stands where an annotator's SAM embeddings would be when it holds a SAM 2 only:
+    whatever is asked of it is refused in one line."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __getattr__(self, attr):
+        raise ValueError(f"{self.name} is a SAM 2: it propagates objects, but segmenting from prompts needs a SAM "
+                         f"(give model= a SAM and tracker= the SAM 2)")
+
+
+def object_planes(labels, n_plane_axes: int, ids=None) -> dict[int, dict[tuple[int, ...], int]]:
+    """Object id -> {plane: its pixels there} for every object (or those in ``ids``) of
+    an integer label array (planes..., Y, X), read plane by plane (a Zarr volume is never
+    loaded whole)."""
+    out: dict[int, dict[tuple[int, ...], int]] = {}
+    wanted = None if ids is None else {int(i) for i in ids}
+    for plane in np.ndindex(*labels.shape[:n_plane_axes]):
+        values, counts = np.unique(np.asarray(labels[plane]), return_counts=True)
+        for v, c in zip(values.tolist(), counts.tolist()):
+            if v and (wanted is None or v in wanted):
+                out.setdefault(v, {})[tuple(int(i) for i in plane)] = c
+    return dict(sorted(out.items()))
+
+
+def largest_planes(labels, n_plane_axes: int, ids=None) -> dict[int, tuple[int, ...]]:
+    """For each object id, the plane (index over the leading axes) where it has the most
+    pixels (the first of equals)."""
+    return {v: _largest(planes) for v, planes in object_planes(labels, n_plane_axes, ids).items()}
+
+
+def _largest(planes: dict[tuple[int, ...], int]) -> tuple[int, ...]:
+    return max(planes, key=lambda p: (planes[p], tuple(-i for i in p)))
+
+
+def _masks(labels, label_id: int, planes) -> dict[tuple[int, ...], PlaneMask]:
+    """The object's masks on those of ``planes`` where it is drawn."""
+    masks = {p: PlaneMask.from_full(np.asarray(labels[p]) == label_id) for p in planes}
+    return {p: m for p, m in masks.items() if m.area}
+
+
+@dataclass
+class Tracking:
+    """Propagation of a label image's objects with a SAM 2, and what it remembers.
+
+    Parameters
+    ----------
+    source
+        The image (:class:`~napari_sam.core.image_source.ImageSource`).
+    model
+        The SAM 2.
+    cache, normalization
+        For its :class:`~napari_sam.core.sam2_features.Sam2Features` (made on first use).
+    """
+
+    source: ImageSource
+    model: Sam2
+    cache: str | os.PathLike | bool | None = None
+    normalization: Normalization = Normalization()
+
+    def __post_init__(self):
+        self._features: Sam2Features | None = None
+        self.prompted: dict[int, set[tuple[int, ...]]] = {}
+
+    @property
+    def features(self) -> Sam2Features:
+        """The image's SAM 2 features (the cache is opened on first use)."""
+        if self._features is None:
+            self._features = Sam2Features(self.source, self.model, self.cache, normalization=self.normalization)
+        return self._features
+
+    def remember(self, plane: tuple[int, ...], ids) -> None:
+        """``plane`` is a prompted plane of the objects ``ids`` (committed or corrected there)."""
+        for i in ids:
+            if i:
+                self.prompted.setdefault(int(i), set()).add(tuple(plane))
+
+    def objects(self, labels, ids=None, seeds: str = "largest") -> dict[int, dict[tuple[int, ...], PlaneMask]]:
+        """Object id -> {prompted plane: its mask there} read from ``labels`` (see the module notes)."""
+        if seeds not in SEEDS:
+            raise ValueError(f"seeds must be one of {SEEDS}, not {seeds!r}")
+        out = {}
+        for oid, planes in object_planes(labels, len(self.source.plane_grid), ids).items():
+            chosen = [p for p in sorted(self.prompted.get(oid, ())) if p in planes]
+            out[oid] = _masks(labels, oid, chosen or (sorted(planes) if seeds == "drawn" else [_largest(planes)]))
+        return out
+
+    def steps(self, writer: LabelWriter, ids=None, axis: str | None = None, settings=None, overwrite: bool = False,
+              seeds: str = "largest", objects=None, starts=None) -> Iterator[MemoryStep]:
+        """Propagate objects and write each plane into ``writer`` as it comes; one undo
+        step. ``objects`` (id -> {plane: mask}) and ``starts`` as for
+        :func:`~napari_sam.core.memory_propagation.propagate_objects` (default: read from
+        the labels)."""
+        for step, _ in self._written(writer, ids, axis, settings, overwrite, seeds, objects, starts):
+            yield step
+
+    def _written(self, writer, ids, axis, settings, overwrite, seeds, objects, starts):
+        """:meth:`steps`, each with the ids that got pixels on its plane."""
+        objects = self.objects(writer.labels, ids, seeds) if objects is None else objects
+        if not objects:
+            raise ValueError("no objects to propagate: the labels hold none" + ("" if ids is None else f" of {ids}"))
+        for oid, planes in objects.items():  # planes propagated from stay prompted: later runs leave them be
+            for plane in planes:
+                self.remember(plane, [oid])
+        found = propagate_objects(self.features, objects, axis, _memory_settings(settings), starts)
+        with contextlib.closing(found), writer.one_step():
+            for step in found:
+                written: tuple[int, ...] = ()
+                if step.masks:
+                    order = sorted(step.masks)
+                    written = writer.commit(step.plane, [step.masks[i] for i in order], overwrite, order,
+                                            replace=True).ids
+                yield step, written
+
+    def propagate(self, writer: LabelWriter, plane: tuple[int, ...], label_id: int, axis: str | None = None,
+                  settings=None, overwrite: bool = False) -> Iterator[PropagationStep]:
+        """One object from ``plane`` (now one of its prompted planes: a correction when it
+        had others), as :meth:`napari_sam.api.Annotator.propagate` yields it."""
+        self.remember(plane, [label_id])
+        masks = _masks(writer.labels, label_id, sorted(self.prompted[label_id]))
+        if plane not in masks:
+            raise ValueError(f"object {label_id} is not on plane {plane}")
+        objects = {label_id: masks}
+        nan = float("nan")  # SAM 2 scores presence, not IoU
+        for step in self.steps(writer, [label_id], axis, settings, overwrite, objects=objects,
+                               starts={label_id: [plane]}):
+            yield PropagationStep(step.plane, step.masks.get(label_id), nan, nan, step.stopped, step.done, step.total)
+
+    def propagate_all(self, writer: LabelWriter, ids=None, axis: str | None = None, settings=None,
+                      overwrite: bool = False, progress: bool = True,
+                      seeds: str = "largest") -> dict[int, list[tuple[int, ...]]]:
+        """:meth:`steps` to the end with a tqdm bar (object-planes); returns, per id, the
+        planes it was written on."""
+        from tqdm.auto import tqdm
+
+        objects = self.objects(writer.labels, ids, seeds)
+        out: dict[int, list[tuple[int, ...]]] = {oid: [] for oid in objects}
+        with tqdm(desc="propagating (SAM 2)", unit="object-plane", disable=not progress) as bar:
+            for step, written in self._written(writer, ids, axis, settings, overwrite, seeds, objects, None):
+                for oid in written:
+                    if oid:
+                        out[oid].append(step.plane)
+                bar.total, bar.n = step.total, step.done
+                bar.refresh()
+        return {oid: sorted(set(planes)) for oid, planes in out.items()}
+
+
+def _memory_settings(settings) -> MemorySettings:
+    """SAM's propagation settings (what the widget passes) carry over where they mean the same."""
+    if settings is None:
+        return MemorySettings()
+    if isinstance(settings, PropagationSettings):
+        return MemorySettings(min_area=settings.min_area, max_planes=settings.max_planes)
+    if not isinstance(settings, MemorySettings):
+        raise ValueError(f"SAM 2 takes MemorySettings (or PropagationSettings), not {type(settings).__name__}")
+    return settings

@@ -1,0 +1,75 @@
+"""Loading a SAM 2.1 by registry name or checkpoint file, onto a device.
+
+SAM 2.1 is the model that propagates objects through Z and T with memory; it sits beside
+SAM (:func:`napari_sam.core.models.load_model`), in a family of its own in the registry
+(:data:`napari_sam.weights.FAMILIES`). Meta's checkpoints hold ``{"model": state_dict}``;
+they are read with ``torch.load(weights_only=True)`` (:func:`napari_sam.model.checkpoint.read_checkpoint`)
+and their size (tiny, small, base+, large) is inferred from the keys and shapes. A SAM
+checkpoint given here, or a SAM 2.1 one given to ``load_model``, is refused in one line that
+says which loader takes it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..model.checkpoint import ModelSource, read_checkpoint
+from ..model.sam2 import Sam2, Sam2Config, config_from_dict, sam2_from_state_dict
+from .models import family_mismatch, resolve_checkpoint, resolve_device, state_dict_family
+from .runtime import configure_runtime
+
+__all__ = ["load_sam2_model"]
+
+
+def load_sam2_model(
+    name_or_path: str | os.PathLike,
+    device: str | torch.device | None = None,
+    config: Sam2Config | str | None = None,
+) -> Sam2:
+    """Load a SAM 2.1 from the registry or from a checkpoint file.
+
+    Parameters
+    ----------
+    name_or_path
+        A SAM 2.1 registry name (``"sam2.1_hiera_tiny"``, ``"sam2.1_hiera_small"``,
+        ``"sam2.1_hiera_base_plus"``, ``"sam2.1_hiera_large"``; downloaded once into the
+        cache, checksum verified) or a checkpoint file in the official layout
+        (``{"model": state_dict}``, official key names; a bare state dict is read too).
+    device
+        ``"cpu"``, ``"cuda"``, ``"mps"``, or None/``"auto"`` for the best one present.
+    config
+        The configuration the weights were made for (a :class:`~napari_sam.model.sam2.Sam2Config`
+        or a name in :data:`~napari_sam.model.sam2.CONFIGS`); None takes the one the
+        checkpoint records (``write_checkpoint(..., metadata={"config": config_to_dict(c)})``),
+        else recognises the released size whose keys and shapes the weights have (settings
+        that leave no trace in the weights then take the official builders' values). Pass it
+        for any other model.
+
+    Returns
+    -------
+    Sam2
+        In evaluation mode, float32, on ``device``, with ``source`` naming where the weights
+        came from.
+
+    Raises
+    ------
+    ValueError
+        For an unknown name or a missing file; for a SAM (1) name or checkpoint (one line
+        saying that :func:`~napari_sam.core.models.load_model` takes it); for a file that is
+        not a checkpoint or would need unpickling arbitrary objects; for a state dict that
+        does not fit (naming the missing, unexpected and misshapen keys).
+    """
+    configure_runtime()
+    name, path, _ = resolve_checkpoint(name_or_path, "sam2")
+    device = resolve_device(device)
+    checkpoint = read_checkpoint(path)
+    state = checkpoint.state_dict
+    if state_dict_family(state) != "sam2":
+        raise ValueError(family_mismatch(str(path), "sam"))
+    if config is None and checkpoint.metadata.get("config"):  # our checkpoints record theirs (any size)
+        config = config_from_dict(checkpoint.metadata["config"])
+    model = sam2_from_state_dict(state, config, device=device)
+    model.source = ModelSource(name=name, path=str(path), dtype="float32")
+    return model
