@@ -215,7 +215,8 @@ def test_a_batch_of_images_gives_what_each_image_gives(reference):
     embed = batch.get_image_embedding()
     assert tuple(embed.shape[:2]) == (2, model.hidden_dim)
     for index, img in enumerate(["square", "wide"]):
-        torch.testing.assert_close(embed[index : index + 1], predictors[img].get_image_embedding(), atol=1e-4, rtol=1e-4)
+        single = predictors[img].get_image_embedding()
+        torch.testing.assert_close(embed[index : index + 1], single, atol=1e-4, rtol=1e-4)
     prefix = "wide/box_and_points/multi1"
     kwargs = _prompts(data, prefix, "wide/box_and_points")
     ours = batch.predict(**kwargs, image_index=1, return_logits=True)

@@ -129,7 +129,8 @@ class MultiScaleBlock(nn.Module):
         return x + h if torch.is_grad_enabled() else x.add_(h)
 
     def _attention(self, xn: torch.Tensor, H_out: int, W_out: int) -> torch.Tensor:
-        """Attention output (B, H_out, W_out, dim_out), projected, for normalised tokens."""
+        """Attention output (B, H_out, W_out, dim_out), projected, for normalised tokens
+        (a strided view where partial windows were cropped away)."""
         attn = self.attn
         B, H, W, _ = xn.shape
         D, heads = self.dim_out, attn.num_heads
@@ -161,9 +162,10 @@ class MultiScaleBlock(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v)  # (n_win, heads, qh * qw, d)
         # back to the grid in one permute: (B, nh, qh, nw, qw, heads, d)
         out = out.view(B, nh, nw, heads, qh, qw, d).permute(0, 1, 4, 2, 5, 3, 6).reshape(B, nh * qh, nw * qw, D)
-        if out.shape[1] != H_out or out.shape[2] != W_out:
-            out = out[:, :H_out, :W_out]
-        return linear(out, attn.proj.weight, attn.proj.bias)
+        # projected with the padding, as officially: cropping first would cost a copy and
+        # the slower product of a strided input
+        out = linear(out, attn.proj.weight, attn.proj.bias)
+        return out[:, :H_out, :W_out] if out.shape[1:3] != (H_out, W_out) else out
 
 
 class PatchEmbed(nn.Module):
@@ -174,8 +176,10 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=7, stride=4, padding=3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) to (B, H/4, W/4, C), a channels-last view of the convolution output."""
-        return self.proj(x).permute(0, 2, 3, 1)
+        """(B, 3, H, W) to contiguous channels-last tokens (B, H/4, W/4, C)."""
+        # a channels-last input makes the convolution run channels-last (about twice as
+        # fast on a CPU) and write the token layout directly
+        return self.proj(x.contiguous(memory_format=torch.channels_last)).permute(0, 2, 3, 1)
 
 
 class Hiera(nn.Module):
@@ -243,13 +247,9 @@ class Hiera(nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.patch_embed(x)
-        B, H, W, C = x.shape
-        pos = self.pos_embed_for(H, W)
-        # the stream is channels-last in memory from here on: every step reads whole tokens
-        if torch.is_grad_enabled():
-            x = (x + pos).contiguous()
-        else:
-            x = torch.add(x, pos, out=x.new_empty(B, H, W, C))
+        pos = self.pos_embed_for(x.shape[1], x.shape[2])
+        # channels-last and contiguous from here on: every step reads whole tokens
+        x = (x + pos).contiguous() if torch.is_grad_enabled() else x.contiguous().add_(pos)
         outputs = []
         for i, block in enumerate(self.blocks):
             x = block(x)

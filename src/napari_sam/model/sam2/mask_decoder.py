@@ -161,6 +161,10 @@ class Sam2MaskDecoder(MaskDecoder):
             sam_tokens_out = mask_tokens_out[:, 0:1]
         return masks, iou_pred, sam_tokens_out, object_score_logits
 
+    def forward(self, *args, **kwargs):
+        """Same as :meth:`predict` (SAM's decoder forward has other inputs and outputs)."""
+        return self.predict(*args, **kwargs)
+
     def stability_scores(self, mask_logits: torch.Tensor) -> torch.Tensor:
         """IoU of the masks thresholded at +delta and -delta: (B, M) for (B, M, h, w)."""
         delta = self.extra.dynamic_multimask_stability_delta
