@@ -29,8 +29,8 @@ glibc setting). ``--threads`` threads, float32, ``torch.inference_mode``::
 
 ``--quick``: once, with the small reference model of ``tests/reference/sam2/sam2_small_seed0``
 (checks the script; no speed figure). Median over ``--repeats``; ratio official/ours (> 1:
-ours faster); ``max |diff|`` of our outputs from the official ones and ``masks`` (equal
-pixels of logits > 0) from the first repetition.
+ours faster). From the first repetition: ``max |diff|`` of our outputs from the official
+ones (``of max |x|``: their largest magnitude) and ``masks`` (equal pixels of logits > 0).
 """
 
 from __future__ import annotations
@@ -258,12 +258,12 @@ class Ours:
 
 
 # --------------------------------------------------------------------------- the run
-def agreement(a, b) -> tuple[float, float]:
-    """(max |a - b|, share of equal signs) over tensors or lists of them."""
+def agreement(a, b) -> tuple[float, float, float]:
+    """(max |a - b|, max |b|, share of equal signs) over tensors or lists of them; b is the official."""
     a, b = (list(x) if isinstance(x, (list, tuple)) else [x] for x in (a, b))
     diff = max((x.float() - y.float()).abs().max().item() for x, y in zip(a, b))
     same = sum(((x > 0) == (y > 0)).sum().item() for x, y in zip(a, b)) / sum(x.numel() for x in a)
-    return diff, same
+    return diff, max(y.float().abs().max().item() for y in b), same
 
 
 def load_line() -> str:
@@ -372,13 +372,13 @@ def report(a, rows: dict, tracker: str) -> None:
           f"{a.side} x {a.side} stack, prompts on plane 0, forward, '{tracker}' model; tracking only: per tracked "
           f"frame ({T - 1}) and object; with encoder: the whole session per frame ({T}) and object")
     head = (f"{'measurement':<28} {'model':<9} {'objects':>7} {'official s':>11} {'ours s':>9} "
-            f"{'official/ours':>14} {'max |diff|':>11} {'masks':>9}")
+            f"{'official/ours':>14} {'max |diff|':>11} {'of max |x|':>10} {'masks':>9}")
     print(head + "\n" + "-" * len(head))
 
     def line(what, model, n, off, mine, agree):
-        diff, same = agree
-        print(f"{what:<28} {model:<9} {n:>7} {off:11.3f} {mine:9.3f} {off / mine:13.2f}x {diff:11.2e} "
-              f"{100 * same:8.3f}%")
+        diff, scale, same = agree
+        print(f"{what:<28} {model:<9} {n:>7} {off:11.3f} {mine:9.3f} {off / mine:13.2f}x {diff:11.2e} {scale:10.3g} "
+              f"{100 * same:8.4f}%")
 
     for (mode, model, n), row in rows.items():
         med = {k: statistics.median(v) for k, v in row.items() if k in ("official", "ours", "warm") and v}
