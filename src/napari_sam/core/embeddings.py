@@ -37,7 +37,7 @@ from .image_source import ImageSource
 from .masks import PlaneMask
 from .models import model_identity
 from .predictor import Prediction, Predictor
-from .preprocess import Normalization
+from .preprocess import IntensityLimits, Normalization
 from .prompts import Prompt
 from .signature import CacheSignature, fingerprint
 from .tiled_segmentation import segment_tiled
@@ -135,8 +135,6 @@ class Embeddings:
         storage: str = "float32",
         on_mismatch: str = "keep",
     ):
-        if statistics not in ("volume", "plane"):
-            raise ValueError(f"statistics must be 'volume' or 'plane', not {statistics!r}")
         self.source = image if isinstance(image, ImageSource) else ImageSource(image, axes, channel)
         self.model = model
         size = model.config.image_size
@@ -147,8 +145,8 @@ class Embeddings:
         self.feature_shape = (model.config.prompt_embed_dim, model.config.embedding_size, model.config.embedding_size)
         self.normalization = normalization
         self.statistics = statistics
-        self.limits = self.source.intensity_limits(normalization) if statistics == "volume" else None
-        self._plane_limits: dict[int, tuple[float, float] | None] = {}
+        self._intensity = IntensityLimits(self.source, normalization, statistics)
+        self.limits = self._intensity.volume
         name, checksum, dtype = model_identity(model)
         norm = dataclasses.asdict(normalization) | {"statistics": statistics, "resolved_limits": self.limits}
         image_fp = fingerprint(self.source.array)
@@ -193,12 +191,7 @@ class Embeddings:
 
     def limits_for(self, plane) -> tuple[float, float] | None:
         """The intensity limits used for a plane."""
-        if self.statistics == "volume":
-            return self.limits
-        flat = self.source.flat_index(plane)
-        if flat not in self._plane_limits:
-            self._plane_limits[flat] = self.source.intensity_limits(self.normalization, plane=flat)
-        return self._plane_limits[flat]
+        return self._intensity.for_plane(plane)
 
     def is_cached(self, plane, tile: tuple[int, int] = (0, 0)) -> bool:
         """Whether a tile's embedding is in the cache (without reading it)."""

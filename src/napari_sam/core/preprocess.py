@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Normalization", "to_rgb", "resize_longest_side", "preprocess_shape", "prepare_plane"]
+__all__ = ["IntensityLimits", "Normalization", "to_rgb", "resize_longest_side", "preprocess_shape", "prepare_plane"]
 
 
 @dataclass(frozen=True)
@@ -105,6 +105,40 @@ class Normalization:
         out = (data.astype(np.float32) - np.float32(lo)) * np.float32(255.0 / (hi - lo))
         out[np.isnan(out)] = 0.0  # missing values (NaN) are background, not a NaN plane
         return np.clip(out, 0.0, 255.0, out=out)
+
+
+class IntensityLimits:
+    """The intensity limits each plane of an image is normalised with, computed once.
+
+    Parameters
+    ----------
+    source
+        The :class:`~napari_sam.core.image_source.ImageSource` (its ``intensity_limits``
+        and ``flat_index``).
+    normalization
+        How intensities map to 0-255.
+    statistics
+        ``"volume"``: the limits of the whole image, so that all planes and tiles agree;
+        ``"plane"``: each plane's own.
+    """
+
+    def __init__(self, source, normalization: "Normalization", statistics: str = "volume"):
+        if statistics not in ("volume", "plane"):
+            raise ValueError(f"statistics must be 'volume' or 'plane', not {statistics!r}")
+        self.source, self.normalization, self.statistics = source, normalization, statistics
+        self.volume: tuple[float, float] | None = (
+            source.intensity_limits(normalization) if statistics == "volume" else None)
+        self._planes: dict[int, tuple[float, float] | None] = {}
+
+    def for_plane(self, plane) -> tuple[float, float] | None:
+        """The (low, high) limits of a plane (flat number or tuple); None where the
+        normalisation needs none."""
+        if self.statistics == "volume":
+            return self.volume
+        flat = self.source.flat_index(plane)
+        if flat not in self._planes:
+            self._planes[flat] = self.source.intensity_limits(self.normalization, plane=flat)
+        return self._planes[flat]
 
 
 def to_rgb(image: np.ndarray, channel_axis: int | None = None, channel: int | None = None) -> np.ndarray:

@@ -45,7 +45,7 @@ from .claims import cache_lock
 from .embedding_store import EmbeddingStore
 from .embeddings import _jsonable, default_cache_path
 from .image_source import ImageSource
-from .preprocess import Normalization, to_rgb
+from .preprocess import IntensityLimits, Normalization, to_rgb
 from .signature import CacheSignature, fingerprint
 from .windows import Window, WindowGrid
 
@@ -145,8 +145,6 @@ class Sam2Features:
                  axes: str | None = None, channel: int | None = None, window: int | None = None,
                  step: int | None = None, margin: int | None = None, normalization: Normalization = Normalization(),
                  statistics: str = "volume", storage: str = "float32", on_mismatch: str = "keep"):
-        if statistics not in ("volume", "plane"):
-            raise ValueError(f"statistics must be 'volume' or 'plane', not {statistics!r}")
         self.source = image if isinstance(image, ImageSource) else ImageSource(image, axes, channel)
         self.model = model
         size = int(model.config.image_size)
@@ -158,8 +156,8 @@ class Sam2Features:
         self.levels = feature_levels(model)
         self.normalization = normalization
         self.statistics = statistics
-        self.limits = self.source.intensity_limits(normalization) if statistics == "volume" else None
-        self._plane_limits: dict[int, tuple[float, float] | None] = {}
+        self._intensity = IntensityLimits(self.source, normalization, statistics)
+        self.limits = self._intensity.volume
         name, checksum, dtype = sam2_identity(model)
         image_fp = fingerprint(self.source.array)
         norm = dataclasses.asdict(normalization) | {"statistics": statistics, "resolved_limits": self.limits,
@@ -194,12 +192,7 @@ class Sam2Features:
 
     def limits_for(self, plane) -> tuple[float, float] | None:
         """The intensity limits used for a plane."""
-        if self.statistics == "volume":
-            return self.limits
-        flat = self.source.flat_index(plane)
-        if flat not in self._plane_limits:
-            self._plane_limits[flat] = self.source.intensity_limits(self.normalization, plane=flat)
-        return self._plane_limits[flat]
+        return self._intensity.for_plane(plane)
 
     def backbone(self, plane, window: Window) -> dict[str, Any]:
         """What ``Sam2.forward_image`` gives for the window of a plane, batch of one, on the
