@@ -80,6 +80,16 @@ def default_cache_path(source: ImageSource, fingerprint_: str) -> Path:
     return cache_dir() / "embeddings" / (fingerprint_.split(":")[-1][:24] + ".zarr")
 
 
+def cache_path_for(cache, source: ImageSource, fingerprint_: str) -> Path | None:
+    """Where a cache argument points: None (or True) for :func:`default_cache_path`, False
+    for none (memory only), else the given folder."""
+    if cache is False:
+        return None
+    if cache is None or cache is True:
+        return default_cache_path(source, fingerprint_)
+    return Path(cache).expanduser()
+
+
 class Embeddings:
     """The embeddings of an image's planes and tiles.
 
@@ -164,12 +174,7 @@ class Embeddings:
             channel=self.source.channel,
             storage=storage,
         )
-        if cache is False:
-            self.cache_path = None
-        elif cache is None or cache is True:
-            self.cache_path = default_cache_path(self.source, image_fp)
-        else:
-            self.cache_path = Path(cache).expanduser()
+        self.cache_path = cache_path_for(cache, self.source, image_fp)
         rows, cols = self.grid.grid_shape
         with cache_lock(self.cache_path):  # another process may be creating the same entries
             self.store = EmbeddingStore.open(

@@ -33,7 +33,6 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,7 +42,7 @@ from ..model.sam2 import Sam2
 from ..model.sam2.image_predictor import preprocess
 from .claims import cache_lock
 from .embedding_store import EmbeddingStore
-from .embeddings import _jsonable, default_cache_path
+from .embeddings import _jsonable, cache_path_for
 from .image_source import ImageSource
 from .preprocess import IntensityLimits, Normalization, to_rgb
 from .signature import CacheSignature, fingerprint
@@ -167,12 +166,7 @@ class Sam2Features:
             halo=self.windows.halo, shape=self.source.shape, dtype_in=str(self.source.dtype), axes=self.source.axes,
             image_fingerprint=image_fp, channel=self.source.channel, storage=storage,
         )
-        if cache is False:
-            self.cache_path = None
-        elif cache is None or cache is True:
-            self.cache_path = default_cache_path(self.source, image_fp)
-        else:
-            self.cache_path = Path(cache).expanduser()
+        self.cache_path = cache_path_for(cache, self.source, image_fp)
         rows, cols = self.windows.grid_shape
         with cache_lock(self.cache_path):
             self.store = EmbeddingStore.open(self.cache_path, self.signature, (self.source.n_planes, rows, cols),
