@@ -377,6 +377,7 @@ def train(args) -> Path:
         validation_objects=16,
         seed=args.seed,
         normalization=NORMALIZATION,
+        native_tiles=False,  # its crops are cut at native scale already, each one model input or less
     )
     trainer = Trainer(model, train_data, config, validation_data=val_data, device="cpu")
     out = Path(args.output)

@@ -288,7 +288,9 @@ def test_training_widget_fine_tunes_on_layers_and_hands_the_model_over(make_napa
     tuned, base = load_model(tmp_path / "tuned.pth"), load_model(tiny_checkpoint)
     dec = [k for k in base.state_dict() if k.startswith("mask_decoder.")]
     enc = [k for k in base.state_dict() if k.startswith("image_encoder.")]
-    assert any(not torch.equal(tuned.state_dict()[k], base.state_dict()[k]) for k in dec)
+    kept = tuned.metadata["training"]["weights_from_step"]
+    assert tuned.metadata["training"]["steps"] == 3 and kept in (0, 1, 2, 3)
+    assert any(not torch.equal(tuned.state_dict()[k], base.state_dict()[k]) for k in dec) == (kept > 0)
     assert all(torch.equal(tuned.state_dict()[k], base.state_dict()[k]) for k in enc)
     seg = w.use_model()
     qtbot.waitUntil(lambda: seg.session is not None, timeout=30000)

@@ -18,9 +18,9 @@ from napari_sam.core.tiling import TileGrid
 class ExactEmbeddings:
     """Stands in for Embeddings: answers with the ground-truth object under the prompts."""
 
-    def __init__(self, labels, iou=0.9):
+    def __init__(self, labels, iou=0.9, image=None):
         self.labels = labels
-        self.source = ImageSource(labels, "ZYX")
+        self.source = ImageSource(labels if image is None else image, "ZYX")
         self.grid = TileGrid(labels.shape[1:], tile=1024, halo=0)
         self.iou = iou
         self.prompts = []
@@ -76,7 +76,8 @@ def test_exact_answers_recover_whole_nuclei_and_stop_where_they_end(nuclei_3d):
         if not np.array_equal(zs, np.arange(zs[0], zs[-1] + 1)) or len(zs) < 5:
             continue
         emb = ExactEmbeddings(gt)
-        steps = list(propagate(emb, z, start, settings=PropagationSettings(min_consecutive_iou=0.0, min_area=1)))
+        settings = PropagationSettings(min_consecutive_iou=0.0, min_area=1, min_contrast=None)
+        steps = list(propagate(emb, z, start, settings=settings))
         written = {s.plane[0] for s in steps if s.mask is not None}
         areas = (gt == obj).sum(axis=(1, 2))
         # every plane where the nucleus is more than a sliver, and none where it is absent
@@ -94,7 +95,8 @@ def test_prompts_combine_box_points_and_the_previous_logits(nuclei_3d):
     gt = nuclei_3d[1]
     z, _, start = _start(gt, np.unique(gt)[3])
     emb = ExactEmbeddings(gt)
-    list(propagate(emb, z, start, directions=(1,), settings=PropagationSettings(points=2, max_planes=3)))
+    settings = PropagationSettings(use_points=True, use_mask=True, points=2, max_planes=3, box_margin=0.1)
+    list(propagate(emb, z, start, directions=(1,), settings=settings))
     plane, points, box, with_mask = emb.prompts[0]
     assert plane == (z + 1,) and len(points) == 2 and box is not None and not with_mask
     assert all(p[3] for p in emb.prompts[1:])  # from the second plane on, the logits come back
@@ -129,9 +131,11 @@ def test_a_jump_to_another_object_stops_propagation():
     gt[3:, 5:15, 8:30] = 2  # the next plane holds another object, mostly beside it
     emb = ExactEmbeddings(gt)
     start = PlaneMask((5, 15, 5, 15), np.ones((10, 10), bool), 1.0, ())
-    steps = list(propagate(emb, 1, start, directions=(1,), settings=PropagationSettings(use_box=False)))
+    settings = PropagationSettings(use_box=False, use_points=True)
+    steps = list(propagate(emb, 1, start, directions=(1,), settings=settings))
     assert steps[0].mask is not None and steps[0].plane == (2,)
-    assert steps[-1].plane == (3,) and steps[-1].mask is None and "IoU with the previous plane" in steps[-1].stopped
+    assert steps[-1].plane == (3,) and steps[-1].mask is None
+    assert "IoU with the previous plane" in steps[-1].stopped
 
 
 def test_bad_requests():
@@ -152,7 +156,8 @@ def test_annotator_writes_each_plane_under_the_id_and_undoes_at_once(tiny_model,
     z, zs, start = _start(gt, obj)
     ann.commit(z, [start])
     ann.labels[z - 3, :4, :4] = 99  # another object the propagation must not damage
-    steps = list(ann.propagate(z, 1, settings=PropagationSettings(min_consecutive_iou=0.0, min_area=1)))
+    steps = list(ann.propagate(z, 1, settings=PropagationSettings(min_consecutive_iou=0.0, min_area=1,
+                                                                  min_contrast=None)))
     planes = [s.plane[0] for s in steps if s.mask is not None]
     assert len(planes) >= 4
     for p in planes + [z]:

@@ -123,6 +123,7 @@ class TrainingWidget(Container):
                 yield record
                 if time.monotonic() > end:
                     break
+            self.trainer.keep_best()
             self.trainer.save(out)
             return out
 
@@ -135,12 +136,15 @@ class TrainingWidget(Container):
             self.status.value = text
 
         def done(path):
-            self.status.value = f"saved {path}"
+            kept = self.trainer.weights_step if self.trainer is not None else None
+            self.status.value = f"saved {path}" + ("" if kept is None else f" (the weights of step {kept}, "
+                                                   "best on validation)")
             self.model = path
             self.use.enabled = True
 
         def stopped():
             if self.trainer is not None:
+                self.trainer.keep_best()
                 self.trainer.save(out)
                 self.model = out
                 self.use.enabled = True

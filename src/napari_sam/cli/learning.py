@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+import dataclasses
 
 from . import UsageError
 
@@ -12,11 +12,10 @@ __all__ = ["evaluate", "train"]
 def train(args) -> int:
     from pathlib import Path
 
-    from tqdm.auto import tqdm
-
     from ..core.io import check_folder_writable, check_not_an_input, read_image
     from ..core.models import resolve_model
     from ..train import SegmentationDataset, Trainer, TrainingConfig
+    from ..train.run import train as run_training
 
     # the checkpoint's place is checked before hours of training, not after
     if Path(args.out).suffix.lower() not in (".pth", ".pt"):
@@ -35,28 +34,33 @@ def train(args) -> int:
         train, val = data, SegmentationDataset.from_folder(args.validation)
     else:
         train, val = data.split(0.1, seed=args.seed) if len(data) > 1 else (data, None)
-    config = TrainingConfig(mode=args.mode, steps=args.steps, learning_rate=args.learning_rate, seed=args.seed)
+    steps = args.steps if args.steps is not None else 1000
+    config = TrainingConfig(mode=args.mode, steps=steps, learning_rate=args.learning_rate, seed=args.seed)
     out = Path(args.out).expanduser()  # the path the checks above looked at
     if args.resume and out.exists():
         trainer = Trainer.resume(out, train, val, device=args.device)
+        if args.steps is not None:
+            trainer.config = dataclasses.replace(trainer.config, steps=args.steps)
     else:
         if out.exists():
             raise FileExistsError(f"{out} exists; pass --resume to continue it, or choose another --out")
         trainer = Trainer(resolve_model(args.model, device=args.device, dtype="float32"), train, config,
                           validation_data=val)
-    print(f"training on {len(train)} pair(s), validating on {len(val) if val is not None else 0}; {config.mode} mode")
-    end = time.monotonic() + 60 * args.minutes if args.minutes else None
-    with tqdm(total=trainer.config.steps, initial=trainer.step, unit="step", desc="training") as bar:
-        for record in trainer.run():
-            bar.update(1)
-            post = {"loss": f"{record.loss:.3f}"}
-            if record.validation_iou is not None:
-                post["val_iou"] = f"{record.validation_iou:.3f}"
-            bar.set_postfix(post)
-            if end is not None and time.monotonic() > end:
-                break
+    cfg = trainer.config
+    print(f"training on {len(trainer.train_data)} tile(s) of {len(train)} pair(s), validating on "
+          f"{len(trainer.validation_data) if trainer.validation_data is not None else 0}; {cfg.mode} mode, "
+          f"learning rate {cfg.peak_learning_rate:g}, focal:dice {cfg.focal_weight:g}:{cfg.dice_weight:g}")
+    # --minutes sizes the schedule unless --steps fixes it; then it is only a time limit
+    budget = args.minutes if args.minutes and args.steps is None else None
+    run_training(trainer, checkpoint=None, minutes=budget, stop_after=None if budget else args.minutes)
+    if trainer.model.instance_decoder is not None and cfg.mode != "decoder":
+        print("the instance decoder (automatic segmentation) is left out: it reads the old encoder's embeddings")
     trainer.save(out)
-    print(f"saved {out} after {trainer.step} step(s)")
+    kept = trainer.weights_step
+    note = "" if kept is None else f", with the weights of step {kept} (best validation)"
+    if kept == 0:
+        note = " (no step beat the starting model on validation: its weights are kept)"
+    print(f"saved {out} after {trainer.step} step(s){note}")
     return 0
 
 

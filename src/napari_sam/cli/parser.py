@@ -168,16 +168,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="fine-tune a model on your own annotations (decoder only on cached embeddings, or the whole model)",
         description="DATA is a folder with images/ and labels/ TIFFs of the same names (a 3D file counts as a "
         "stack of planes), or an image file with --labels. SAM's recipe: simulated point and box prompts, "
-        "corrective points from the error region, 20:1 focal+dice loss plus the IoU-prediction loss, AdamW "
-        "with warm-up and decay. The checkpoint loads with --model everywhere.",
+        "corrective points from the error region, focal+dice loss (the weights the model was trained with, "
+        "else SAM's 20:1) plus the IoU-prediction loss, AdamW with warm-up and decay, on the tiles the plugin "
+        "embeds (planes at their own resolution); the weights of the best validation are kept. The checkpoint "
+        "loads with --model everywhere.",
     )
     tr.add_argument("data", help="folder of images/ and labels/, or one image file")
     tr.add_argument("--labels", help="label image for a single image file given as DATA")
     _add_model_args(tr)
     tr.add_argument("--out", required=True, help="checkpoint to write (.pth)")
     tr.add_argument("--mode", choices=["decoder", "full"], default="decoder")
-    tr.add_argument("--steps", type=int, default=1000)
-    tr.add_argument("--minutes", type=float, help="stop after this many minutes (the checkpoint is saved)")
+    tr.add_argument("--steps", type=int, help="optimizer steps (default 1000, or what --minutes holds)")
+    tr.add_argument("--minutes", type=float,
+                    help="a time budget: the run is sized to end in about this many minutes (with --steps: "
+                    "stop after this many minutes)")
     tr.add_argument("--learning-rate", type=float)
     tr.add_argument("--validation", help="folder of validation pairs (default: a 10%% split of DATA)")
     tr.add_argument("--seed", type=int, default=0)

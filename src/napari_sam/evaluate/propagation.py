@@ -139,12 +139,15 @@ def sam2_propagator(model, settings=None) -> Callable[[np.ndarray, int, np.ndarr
 
 def watershed_propagator(settings=None) -> Callable[[np.ndarray, int, np.ndarray], np.ndarray]:
     """The classical counterpart of :func:`sam_propagator`: on each next plane, the
-    seeded watershed baseline answers the previous mask's deepest points and its grown
-    box; it stops by the same rules (too small, or too little overlap with the previous
-    plane)."""
+    seeded watershed baseline answers the previous mask's deepest point and its box grown
+    by 10 %; it stops when the answer is too small or overlaps the previous plane too
+    little. Those are its fixed settings unless ``settings`` says otherwise (SAM's
+    defaults changed to a shrunk box alone and a contrast rule; the baseline stays the
+    one the published comparisons were made against)."""
     from ..core.propagation import PropagationSettings, next_prompt
 
-    settings = settings or PropagationSettings()
+    settings = settings or PropagationSettings(use_box=True, use_points=True, points=1, box_margin=0.1,
+                                               min_area=10, min_consecutive_iou=0.3)
     ws = WatershedBaseline()
 
     def run(volume: np.ndarray, start: int, mask: np.ndarray) -> np.ndarray:

@@ -75,6 +75,9 @@ def training_metadata(trainer: Trainer) -> dict[str, Any]:
             "validation_data": None if trainer.validation_data is None else trainer.validation_data.describe(),
             "base_model": trainer.base_model,
             "final_loss": float(np.mean(recent)) if recent else None,
+            # the model may hold an earlier step's weights (Trainer.keep_best)
+            "weights_from_step": trainer.step if trainer.weights_step is None else trainer.weights_step,
+            "best_validation": None if trainer.best is None else {"step": trainer.best[0], "iou": trainer.best[1]},
             "losses": [dict(h) for h in history],
             "device": str(trainer.device),
             "torch": str(torch.__version__),
@@ -93,7 +96,17 @@ def save(trainer: Trainer, path: PathLike, optimizer: bool = True) -> Path:
         k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().contiguous()
         for k, v in trainer.model.state_dict().items()
     }
-    write_checkpoint(path, state, trainer.metadata())
+    meta, extras = trainer.metadata(), {}
+    decoder = trainer.model.instance_decoder
+    if decoder is not None and trainer.config.mode == "decoder":
+        # the encoder did not change, so the instance decoder still reads its embeddings
+        from ..model.decoder_checkpoint import DECODER_KEY
+
+        extras[DECODER_KEY] = {k: v.detach().float().cpu() for k, v in decoder.state_dict().items()}
+        for key in ("instance_decoder", "automatic"):
+            if key in trainer.model.metadata:
+                meta[key] = trainer.model.metadata[key]
+    write_checkpoint(path, state, meta, extras=extras or None)
     if optimizer:
         target = optimizer_state_path(path)
         tmp = target.with_name(target.name + f".partial-{os.getpid()}")
@@ -134,12 +147,19 @@ def resume(
         model = sam_from_state_dict(checkpoint.state_dict, sam_config)
         model.metadata = dict(meta)
     if config is None:
-        config = TrainingConfig.from_dict(training["settings"])
+        settings = dict(training["settings"])
+        # runs written before tiling was a setting trained on whole planes
+        settings.setdefault("native_tiles", False)
+        config = TrainingConfig.from_dict(settings)
     trainer = cls(model, train_data, config, validation_data, device)
     trainer.step = int(training["steps"])
     trainer.history = [dict(h) for h in training.get("losses", [])]
     if "base_model" in training:
         trainer.base_model = dict(training["base_model"])
+    best = training.get("best_validation")
+    if isinstance(best, Mapping) and training.get("weights_from_step") == best.get("step"):
+        # the file holds the best weights so far: a resumed run must beat them to replace them
+        trainer.remember_best(int(best["step"]), float(best["iou"]))
 
     state_file = optimizer_state_path(path)
     if not state_file.is_file():

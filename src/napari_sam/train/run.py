@@ -8,6 +8,7 @@ import torch
 
 from ..model import Sam
 from ..model.checkpoint import PathLike
+from .budget import TimeBudget
 from .config import TrainingConfig
 from .dataset import SegmentationDataset
 from .trainer import Trainer
@@ -16,22 +17,27 @@ __all__ = ["train"]
 
 
 def train(
-    model: Sam | PathLike,
-    train_data: SegmentationDataset | PathLike,
+    model: Sam | PathLike | Trainer,
+    train_data: SegmentationDataset | PathLike | None = None,
     config: TrainingConfig | None = None,
     validation_data: SegmentationDataset | PathLike | None = None,
     checkpoint: PathLike | None = None,
     save_every: int = 0,
     device: str | torch.device | None = None,
     progress: bool = True,
+    minutes: float | None = None,
+    keep_best: bool = True,
+    stop_after: float | None = None,
 ) -> Trainer:
     """Train with a tqdm progress bar and save the result.
 
     Parameters
     ----------
     model
-        A :class:`Sam`, or a registry name or checkpoint path for
-        :func:`~napari_sam.core.models.load_model`.
+        A :class:`Sam`, a registry name or checkpoint path for
+        :func:`~napari_sam.core.models.load_model`, or a :class:`Trainer` to run (a resumed
+        one, say; ``train_data``, ``config``, ``validation_data`` and ``device`` are then
+        ignored).
     train_data, validation_data
         Datasets, or folders for :meth:`SegmentationDataset.from_folder`.
     config
@@ -39,37 +45,72 @@ def train(
     checkpoint
         Where to save the trained model (also every ``save_every`` steps); None: not saved.
     save_every
-        Steps between intermediate saves; 0 only at the end.
+        Steps between intermediate saves (the current weights, for resuming); 0 only at
+        the end.
     device
         Where to train.
     progress
         Show the progress bar.
+    minutes
+        A time budget: the run is sized to end in about this many minutes
+        (:func:`~napari_sam.train.budget.steps_for_minutes`) and stops when it is spent.
+    keep_best
+        End with the weights of the best validation (:meth:`Trainer.keep_best`).
+    stop_after
+        Minutes after which the run stops wherever its schedule is (a hard limit, without
+        sizing the run as ``minutes`` does).
 
     Returns
     -------
     Trainer
         After the last step, with its ``history``.
     """
+    import time
+
     from tqdm.auto import tqdm
 
     from ..core.models import load_model
 
-    if not isinstance(model, Sam):
-        model = load_model(model, device=device, dtype="float32")
-    if not isinstance(train_data, SegmentationDataset):
-        train_data = SegmentationDataset.from_folder(train_data)
-    if validation_data is not None and not isinstance(validation_data, SegmentationDataset):
-        validation_data = SegmentationDataset.from_folder(validation_data)
-    trainer = Trainer(model, train_data, config, validation_data, device)
+    if isinstance(model, Trainer):
+        trainer = model
+    else:
+        if train_data is None:
+            raise ValueError("train_data is needed unless a Trainer is given")
+        if not isinstance(model, Sam):
+            model = load_model(model, device=device, dtype="float32")
+        if not isinstance(train_data, SegmentationDataset):
+            train_data = SegmentationDataset.from_folder(train_data)
+        if validation_data is not None and not isinstance(validation_data, SegmentationDataset):
+            validation_data = SegmentationDataset.from_folder(validation_data)
+        trainer = Trainer(model, train_data, config, validation_data, device)
+    end = None if stop_after is None else time.monotonic() + 60 * stop_after
+    budget = None
+    if minutes is not None:
+        budget = TimeBudget(trainer, minutes)
+        end = budget.end
+        if progress:
+            print(f"{minutes:g} minute(s) hold about {budget.steps - trainer.step} step(s) here; the schedule "
+                  "spans them (resized at each validation)")
     with tqdm(total=trainer.config.steps, initial=trainer.step, disable=not progress, desc="training") as bar:
         for record in trainer.run():
             bar.update(1)
             post = {"loss": f"{record.loss:.4f}", "lr": f"{record.learning_rate:.2e}"}
             if record.validation_iou is not None:
                 post["val_iou"] = f"{record.validation_iou:.3f}"
+                if budget is not None:
+                    bar.total = budget.resize(trainer)
             bar.set_postfix(post)
             if checkpoint is not None and save_every and record.step % save_every == 0:
                 trainer.save(checkpoint)
+            if end is not None and time.monotonic() > end:
+                break
+    if keep_best:
+        if trainer.validation_data is not None and trainer.best is not None and trainer.best[0] != trainer.step \
+                and "validation_iou" not in trainer.history[-1]:
+            trainer.validate_step()  # stopped by the clock between validations: the last weights compete too
+        kept = trainer.keep_best()
+        if progress and kept != trainer.step and trainer.best is not None:
+            print(f"kept the weights of step {kept} (best validation IoU {trainer.best[1]:.3f})")
     if checkpoint is not None:
         trainer.save(checkpoint)
     return trainer

@@ -25,6 +25,7 @@ from .dataset import SegmentationDataset
 from .features import TrainingEmbeddings, autocast
 from .parameters import make_optimizer, set_trainable
 from .session import LossParts, draw_objects, session_loss
+from .tiles import inference_tiles
 from .validation import VALIDATION_SEED, validation_iou
 
 __all__ = ["Trainer", "TrainingRecord"]
@@ -93,6 +94,12 @@ class Trainer:
         Provenance of the model the run started from (kept in checkpoints).
     param_names
         Names of the trainable parameters, in the optimizer's order.
+    best
+        ``(step, validation IoU)`` of the best validation so far, or None; its weights
+        are kept (on the CPU) for :meth:`keep_best`.
+    weights_step
+        The step whose weights the model holds when :meth:`keep_best` went back to an
+        earlier one, else None (the last step's).
 
     Examples
     --------
@@ -103,23 +110,22 @@ class Trainer:
     >>> trainer.save("vit_b_nuclei.pth")                               # doctest: +SKIP
     """
 
-    def __init__(
-        self,
-        model: Sam,
-        train_data: SegmentationDataset,
-        config: TrainingConfig | None = None,
-        validation_data: SegmentationDataset | None = None,
-        device: str | torch.device | None = None,
-    ):
+    def __init__(self, model: Sam, train_data: SegmentationDataset, config: TrainingConfig | None = None,
+                 validation_data: SegmentationDataset | None = None, device: str | torch.device | None = None):
         from ..core.models import resolve_device
 
         if not isinstance(model, Sam):
             raise ValueError(f"model must be a Sam, not {type(model).__name__}")
         if len(train_data) == 0:
             raise ValueError("the training data hold no pair")
-        self.config = config or TrainingConfig()
+        self.config = (config or TrainingConfig()).with_base_loss(model.metadata)
         self.device = resolve_device(device)
         self.model = model.to(self.device)
+        if self.config.native_tiles:
+            tiles = partial(inference_tiles, image_size=model.config.image_size,
+                            min_object_pixels=self.config.min_object_pixels)
+            train_data = tiles(train_data)
+            validation_data = None if validation_data is None else tiles(validation_data)
         self.train_data = train_data
         self.validation_data = validation_data
         self.step = 0
@@ -131,6 +137,9 @@ class Trainer:
             raise ValueError(f"bfloat16 autocast is supported on CPU and CUDA, not {self.device.type}")
         self.param_names = set_trainable(self.model, self.config)
         self.optimizer = make_optimizer(self.model, self.param_names, self.config)
+        self.best: tuple[int, float] | None = None
+        self.weights_step: int | None = None
+        self._best_state: dict[str, torch.Tensor] | None = None
 
     # -- features ----------------------------------------------------------------------
     def _features(self, data: SegmentationDataset, index: int, grad: bool) -> ImageEmbedding:
@@ -275,25 +284,64 @@ class Trainer:
         Parameters
         ----------
         until
-            Stop once this many steps are done in total (``config.steps`` by default; a
-            resumed trainer continues from where it stopped).
+            Stop once this many steps are done in total (``config.steps`` by default, read
+            at every step, so a time budget may resize the run; a resumed trainer continues
+            from where it stopped).
 
         Yields
         ------
         TrainingRecord
             With ``validation_iou`` set on the steps that validated.
         """
-        cfg = self.config
-        until = cfg.steps if until is None else int(until)
-        while self.step < until:
+        if self.step == 0 and self.best is None and self.validation_data is not None and self.config.validate_every:
+            self.validate_step()  # the starting weights compete too: fine-tuning must beat them
+        while self.step < (self.config.steps if until is None else int(until)):
             record = self.train_step()
-            last = self.step == until or self.step == cfg.steps
+            cfg = self.config
+            last = self.step == (cfg.steps if until is None else int(until)) or self.step == cfg.steps
             due = cfg.validate_every and (self.step % cfg.validate_every == 0 or last)
             if self.validation_data is not None and due:
-                val = self.validate()
+                val = self.validate_step()
                 record = dataclasses.replace(record, validation_iou=val["iou"], validation=val)
-                self.history[-1]["validation_iou"] = val["iou"]
             yield record
+
+    def validate_step(self) -> dict[str, float]:
+        """:meth:`validate` the current weights, note it in the history and remember them
+        if they are the best so far."""
+        val = self.validate()
+        if self.history and self.history[-1]["step"] == self.step:
+            self.history[-1]["validation_iou"] = val["iou"]
+        if self.best is None or val["iou"] > self.best[1]:
+            self.remember_best(self.step, val["iou"])
+        return val
+
+    def remember_best(self, step: int, score: float) -> None:
+        """Keep the current weights as those of the best validation (``score`` at ``step``)."""
+        self.best = (int(step), float(score))
+        named = dict(self.model.named_parameters())
+        self._best_state = {n: named[n].detach().to("cpu", copy=True) for n in self.param_names}
+
+    def keep_best(self) -> int:
+        """Go back to the weights of the best validation; returns the step whose weights
+        the model now holds.
+
+        Fine-tuning on a few images can overfit: the trained parts go back to the best
+        validation IoU (without validation, or when the last step was best, nothing changes).
+        """
+        if self.best is None or self._best_state is None or self.best[0] == self.step:
+            return self.step if self.weights_step is None else self.weights_step
+        named = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, value in self._best_state.items():
+                named[name].copy_(value.to(named[name].device))
+        self.weights_step = self.best[0]
+        return self.weights_step
+
+    def embed_all(self) -> None:
+        """Embed every plane now (only ``"decoder"`` mode keeps them)."""
+        for data in (self.train_data, self.validation_data) if self.config.mode == "decoder" else ():
+            for index in range(len(data) if data is not None else 0):
+                self._features(data, index, grad=False)
 
     # -- checkpoints -------------------------------------------------------------------
     def metadata(self) -> dict[str, Any]:

@@ -1,0 +1,179 @@
+"""What makes fine-tuning with the defaults help: training on the tiles inference embeds,
+the base model's own loss, the best validation's weights kept, a run sized to its time
+budget, and the instance decoder carried along when the encoder does not change."""
+
+import numpy as np
+import pytest
+import torch
+
+from napari_sam.core.models import load_model
+from napari_sam.core.tiling import TileGrid, default_tiling
+from napari_sam.model import SamConfig, ViTConfig, build_sam
+from napari_sam.model.checkpoint import read_checkpoint
+from napari_sam.train import SegmentationDataset, Trainer, TrainingConfig, train
+from napari_sam.train.budget import TimeBudget, steps_for_minutes
+from napari_sam.train.tiles import inference_tiles
+
+MINI = SamConfig(
+    ViTConfig(embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,), img_size=256), name="mini", image_size=256
+)
+FAST = dict(steps=3, warmup_steps=0, learning_rate=1e-3, objects_per_image=2, corrective_iterations=1,
+            min_object_pixels=10, validate_every=1, validation_objects=4)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def mini_sam():
+    torch.manual_seed(0)
+    return build_sam(MINI)
+
+
+def _plane():
+    """A 600 x 520 plane: four squares and one object across the first interiors' edge."""
+    labels = np.zeros((600, 520), np.uint16)
+    labels[20:60, 20:60] = 1
+    labels[300:340, 300:340] = 2
+    labels[500:540, 40:80] = 3
+    labels[400:440, 450:490] = 4
+    grid = TileGrid(labels.shape, *default_tiling(256))
+    edge = grid[0, 0].inner[3]  # first column boundary of the interiors
+    labels[100:130, edge - 100:edge + 30] = 5  # under half of it inside the next tile's region
+    image = (labels > 0).astype(np.uint8) * 180 + np.arange(520, dtype=np.uint8)[None] % 20
+    return image, labels, grid
+
+
+def test_tiles_are_the_regions_inference_embeds_at_native_resolution():
+    image, labels, grid = _plane()
+    data = inference_tiles(SegmentationDataset.from_arrays([image], [labels], names=["p"]), 256)
+    assert len(grid) == 12 and grid.grid_shape == (4, 3)
+    by_name = {data.names[i]: data[i] for i in range(len(data))}
+    for tile in grid:
+        name = f"p tile {tile.index}"
+        if name not in by_name:
+            # left out only because no object of at least one pixel survives in it
+            kept = np.unique(labels[tile.outer_slices])
+            assert all(np.sum(labels == i) > 2 * np.sum(labels[tile.outer_slices] == i) for i in kept if i)
+            continue
+        pair = by_name[name]
+        np.testing.assert_array_equal(pair.image, image[tile.outer_slices])  # not resized
+        crop = labels[tile.outer_slices]
+        for i in np.unique(crop)[1:]:
+            inside = np.sum(crop == i) / np.sum(labels == i)
+            assert (i in pair.labels) == (inside >= 0.5), (name, i, inside)
+    # object 5 lies 100:30 across the edge: the left tile holds all of it, the right one
+    # under half, which is removed there, leaving it nothing to learn from
+    assert 5 in by_name["p tile (0, 0)"].labels and "p tile (0, 1)" not in by_name
+    assert 0.3 < np.mean(labels[grid[0, 1].outer_slices] == 5) * grid[0, 1].shape[0] * grid[0, 1].shape[1] / 3900 < 0.5
+    assert data.description["tiles"]["tiles"] == len(data) and data.description["tiles"]["tile"] == 192
+
+
+def test_small_planes_stay_whole_and_empty_tiles_are_refused():
+    labels = np.zeros((200, 180), np.uint8)
+    labels[50:90, 60:100] = 3
+    image = labels * 50
+    data = inference_tiles(SegmentationDataset.from_arrays([image], [labels], names=["small"]), 256)
+    assert len(data) == 1 and data.names == ["small"]
+    np.testing.assert_array_equal(data[0].labels, labels)
+    with pytest.raises(ValueError, match="no tile of the 1 plane"):
+        inference_tiles(SegmentationDataset.from_arrays([image], [np.zeros_like(labels)]), 256)
+    with pytest.raises(ValueError, match="min_inside"):
+        inference_tiles(data, 256, min_inside=0)
+
+
+def test_the_trainer_sees_tiles_unless_told_otherwise(mini_sam):
+    image, labels, _ = _plane()
+    plane = SegmentationDataset.from_arrays([image], [labels])
+    tiled = Trainer(mini_sam, plane, TrainingConfig(**FAST), validation_data=plane, device="cpu")
+    assert len(tiled.train_data) > 1 and all(p.image.shape[0] <= 256 for p in map(tiled.train_data.__getitem__,
+                                                                                 range(len(tiled.train_data))))
+    assert len(tiled.validation_data) == len(tiled.train_data)
+    whole = Trainer(mini_sam, plane, TrainingConfig(**FAST, native_tiles=False), device="cpu")
+    assert len(whole.train_data) == 1 and whole.train_data[0].image.shape == (600, 520)
+
+
+def test_loss_weights_left_open_come_from_the_model_being_trained(mini_sam):
+    data = SegmentationDataset.from_arrays([_plane()[0]], [_plane()[1]])
+    plain = Trainer(mini_sam, data, TrainingConfig(**FAST), device="cpu")
+    assert (plain.config.focal_weight, plain.config.focal_alpha) == (20.0, 0.25)  # SAM's
+    mini_sam.metadata = {"training": {"settings": {"focal_weight": 1.0, "focal_alpha": -1.0}}}
+    own = Trainer(mini_sam, data, TrainingConfig(**FAST), device="cpu")
+    assert (own.config.focal_weight, own.config.focal_alpha) == (1.0, -1.0)
+    chosen = Trainer(mini_sam, data, TrainingConfig(**FAST, focal_weight=5.0), device="cpu")
+    assert (chosen.config.focal_weight, chosen.config.focal_alpha) == (5.0, -1.0)
+    # the shipped default model learned with 1:1 and no alpha, and says so
+    settings = load_model("default").metadata["training"]["settings"]
+    assert TrainingConfig().with_base_loss({"training": {"settings": settings}}).focal_weight == 1.0
+
+
+def test_the_run_ends_with_the_best_validations_weights(mini_sam, tmp_path, monkeypatch):
+    image, labels, _ = _plane()
+    data = SegmentationDataset.from_arrays([image], [labels])
+    trainer = Trainer(mini_sam, data, TrainingConfig(**FAST), validation_data=data, device="cpu")
+    scores = iter([0.4, 0.5, 0.7, 0.6])  # the first for the starting weights
+    monkeypatch.setattr(trainer, "validate", lambda data=None: {"iou": next(scores), "point": 0, "box": 0})
+    weights = {}
+    for record in trainer.run():
+        weights[record.step] = trainer.model.mask_decoder.iou_prediction_head.layers[0].weight.detach().clone()
+    assert trainer.best == (2, 0.7) and not torch.equal(weights[2], weights[3])
+    assert trainer.keep_best() == 2 and trainer.weights_step == 2
+    assert torch.equal(trainer.model.mask_decoder.iou_prediction_head.layers[0].weight, weights[2])
+    path = trainer.save(tmp_path / "best.pth")
+    meta = read_checkpoint(path).metadata["training"]
+    assert meta["steps"] == 3 and meta["weights_from_step"] == 2 and meta["best_validation"] == {"step": 2, "iou": 0.7}
+    assert [h.get("validation_iou") for h in meta["losses"]] == [0.5, 0.7, 0.6]
+
+
+def test_a_time_budget_sizes_the_schedule(mini_sam):
+    image, labels, _ = _plane()
+    data = SegmentationDataset.from_arrays([image], [labels])
+    trainer = Trainer(mini_sam, data, TrainingConfig(**dict(FAST, steps=100_000, warmup_steps=50)),
+                      validation_data=data, device="cpu")
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    total = steps_for_minutes(trainer, 0.1)
+    assert 1 <= total < 100_000 and trainer.config.steps == total and trainer.step == 0
+    assert trainer.config.warmup_steps == min(50, max(1, total // 10))
+    assert all(torch.equal(before[n], p) for n, p in trainer.model.named_parameters()), "measuring changed the model"
+    with pytest.raises(ValueError, match="do not hold one training step"):
+        steps_for_minutes(trainer, 1e-6)
+    budget = TimeBudget(trainer, 0.05)
+    list(trainer.run(until=2))
+    resized = budget.resize(trainer)
+    assert resized >= 3 and trainer.config.steps == resized
+    run = train(trainer, minutes=0.05, progress=False)
+    assert 3 <= run.step <= run.config.steps
+
+
+def test_decoder_fine_tuning_keeps_the_instance_decoder(tmp_path, nuclei_2d):
+    image, labels = nuclei_2d
+    data = SegmentationDataset.from_arrays([image[:200, :200]], [labels[:200, :200]])
+    cfg = dict(FAST, steps=1, validate_every=0, learning_rate=1e-4)
+    base = load_model("default")
+    assert base.instance_decoder is not None
+    tuned = train(base, data, TrainingConfig(**cfg), checkpoint=tmp_path / "d.pth", progress=False)
+    model = load_model(tmp_path / "d.pth")
+    assert model.instance_decoder is not None and model.metadata["automatic"] == base.metadata["automatic"]
+    for k, v in base.instance_decoder.state_dict().items():
+        assert torch.equal(model.instance_decoder.state_dict()[k], v.float()), k
+    assert tuned.step == 1 and model.metadata["training"]["settings"]["focal_weight"] == 1.0
+    full = train(load_model("default"), data, TrainingConfig(**dict(cfg, mode="full")),
+                 checkpoint=tmp_path / "f.pth", progress=False)
+    assert full.step == 1 and load_model(tmp_path / "f.pth").instance_decoder is None
+
+
+def test_a_run_that_never_beats_the_starting_weights_keeps_them(mini_sam, monkeypatch):
+    image, labels, _ = _plane()
+    data = SegmentationDataset.from_arrays([image], [labels])
+    trainer = Trainer(mini_sam, data, TrainingConfig(**FAST), validation_data=data, device="cpu")
+    start = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    scores = iter([0.8, 0.5, 0.7, 0.6])
+    monkeypatch.setattr(trainer, "validate", lambda data=None: {"iou": next(scores), "point": 0, "box": 0})
+    list(trainer.run())
+    assert trainer.best == (0, 0.8) and trainer.keep_best() == 0
+    assert all(torch.equal(start[n], p) for n, p in trainer.model.named_parameters())
