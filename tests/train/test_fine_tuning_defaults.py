@@ -177,3 +177,26 @@ def test_a_run_that_never_beats_the_starting_weights_keeps_them(mini_sam, monkey
     list(trainer.run())
     assert trainer.best == (0, 0.8) and trainer.keep_best() == 0
     assert all(torch.equal(start[n], p) for n, p in trainer.model.named_parameters())
+
+
+def test_the_command_line_fills_its_minutes_and_keeps_the_best(tmp_path, nuclei_2d, capsys):
+    import tifffile
+
+    from napari_sam.cli import main
+
+    image, labels = nuclei_2d
+    for sub in ("images", "labels"):
+        (tmp_path / "data" / sub).mkdir(parents=True)
+    for k, (y, x) in enumerate([(0, 0), (200, 0), (0, 200), (200, 200)]):
+        tifffile.imwrite(tmp_path / "data" / "images" / f"{k}.tif", image[y:y + 180, x:x + 180])
+        tifffile.imwrite(tmp_path / "data" / "labels" / f"{k}.tif", labels[y:y + 180, x:x + 180])
+    out = tmp_path / "tuned.pth"
+    assert main(["train", str(tmp_path / "data"), "--model", "default", "--out", str(out), "--minutes", "0.1",
+                 "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "minute(s) hold about" in printed and "focal:dice 1:1" in printed and f"saved {out}" in printed
+    model = load_model(out)
+    training = model.metadata["training"]
+    assert training["settings"]["native_tiles"] and training["settings"]["learning_rate"] is None
+    assert training["best_validation"]["step"] == training["weights_from_step"] <= training["steps"]
+    assert model.instance_decoder is not None  # decoder mode: automatic segmentation still works
