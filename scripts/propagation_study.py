@@ -74,6 +74,64 @@ def synthetic_stack(seed: int, shape=(40, 112, 112), n: int = 28, radius=(6.0, 1
     return (image * 255).astype(np.uint8), labels
 
 
+def dense_stack(seed: int, shape=(64, 100, 100), n: int = 45, radius=(7.0, 12.0), snr: float = 2.8,
+                zscale: float = 0.9, bumps: float = 0.25) -> tuple[np.ndarray, np.ndarray]:
+    """Nuclei as a real 3D stack of them looks (image statistics of a GoNuclear crop: 100 x
+    100 planes, a quarter of the voxels foreground, nuclei of ~300 px per plane packed and
+    touching, dim: background a third of the nuclei's mean, per-pixel noise ~1/2.8 of the
+    nucleus-background step, blur along z as wide as in-plane or wider): irregular
+    ellipsoids (a smooth random bump field deforms each), brightness varied three-fold,
+    dim towards their z ends. Returns (uint8 image, uint16 labels), both (Z, Y, X)."""
+    rng = np.random.default_rng(seed)
+    Z, Y, X = shape
+    centres, axes, angles = [], [], []
+    for _ in range(n * 60):
+        if len(centres) == n:
+            break
+        r = rng.uniform(*radius)
+        a = np.array([r * zscale * rng.uniform(0.8, 1.3), r * rng.uniform(0.7, 1.3), r * rng.uniform(0.7, 1.3)])
+        c = np.array([rng.uniform(0.1, 0.9) * Z, rng.uniform(0.05, 0.95) * Y, rng.uniform(0.05, 0.95) * X])
+        if all(np.linalg.norm((c - c2) / ((a + a2) / 2)) > 1.45 for c2, a2 in zip(centres, axes)):
+            centres.append(c)
+            axes.append(a)
+            angles.append(rng.uniform(0, np.pi))
+    zz, yy, xx = np.meshgrid(np.arange(Z), np.arange(Y), np.arange(X), indexing="ij")
+    field = ndimage.gaussian_filter(rng.normal(size=shape), 4.0)
+    field *= bumps / field.std()
+    best = np.full(shape, np.inf)
+    labels = np.zeros(shape, np.uint16)
+    for i, (c, a, t) in enumerate(zip(centres, axes, angles), 1):
+        dz, dy, dx = zz - c[0], yy - c[1], xx - c[2]
+        u, v = np.cos(t) * dy + np.sin(t) * dx, -np.sin(t) * dy + np.cos(t) * dx
+        d = np.sqrt((dz / a[0]) ** 2 + (u / a[1]) ** 2 + (v / a[2]) ** 2) * (1 + field)
+        take = (d <= 1) & (d < best)
+        labels[take], best[take] = i, d[take]
+    texture = ndimage.gaussian_filter(rng.normal(size=shape), 1.2)
+    texture /= texture.std()
+    bright = np.r_[0.0, rng.uniform(0.35, 1.0, len(centres))]
+    fg = labels > 0
+    image = bright[labels] * (1 + 0.2 * texture) * np.clip(1.2 - best, 0.45, 1.0) * fg
+    image = ndimage.gaussian_filter(image, (2.0, 1.0, 1.0)) + 0.35 * np.mean(image[fg])
+    step = image[fg].mean() - image[~fg].mean()
+    image += rng.normal(scale=step / snr, size=shape)
+    image = np.clip((image - image[~fg].mean()) / step * 42 + 20, 0, 255)
+    return image.astype(np.uint8), labels
+
+
+def dense_data() -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """The tuning volumes made like a real dense 3D stack (:func:`dense_stack`), and
+    stardist's synthetic img3d."""
+    import tifffile
+
+    folder = DATA / "stardist_bundled"
+    return [
+        ("dense a", *dense_stack(11)),
+        ("dense b", *dense_stack(12, n=55, radius=(6.0, 11.0), snr=2.2)),
+        ("dense c", *dense_stack(13, zscale=0.6, bumps=0.35)),
+        ("stardist img3d", tifffile.imread(folder / "img3d.tif"), tifffile.imread(folder / "mask3d.tif")),
+    ]
+
+
 def tuning_data() -> list[tuple[str, np.ndarray, np.ndarray]]:
     """The tuning volumes: three synthetic stacks (sparse, crowded and touching, noisy and
     small) and stardist's synthetic img3d."""
@@ -167,6 +225,30 @@ def kept(record: dict, rule) -> dict:
     return masks
 
 
+def contrast_rule(c=0.5, relative=None, area_drop=None, min_area=10, min_pred=0.5, min_cons=0.3):
+    """The defaults' stop rule offline: the old guards plus the contrast against the start's
+    below ``c``; ``relative``: also against the previous plane's below this; ``area_drop``:
+    also the area below this fraction of the previous plane's."""
+    base = old_rule(min_area, min_pred, min_cons)
+
+    def rule(st, prev, seed):
+        if base(st, prev, seed) or (c is not None and st["contrast"] < c):
+            return True
+        if prev is not None and relative is not None and st["contrast"] < relative * prev["contrast"]:
+            return True
+        return prev is not None and area_drop is not None and st["area"] < area_drop * prev["area"]
+
+    return rule
+
+
+def stop_rules() -> dict:
+    out = {f"c{c}": contrast_rule(c) for c in (0.3, 0.4, 0.5, 0.6, 0.7)}
+    out |= {f"c0.5 rel{r}": contrast_rule(0.5, relative=r) for r in (0.5, 0.7, 0.8)}
+    out |= {f"c0.4 rel{r}": contrast_rule(0.4, relative=r) for r in (0.6, 0.8)}
+    out |= {f"c0.5 area{a}": contrast_rule(0.5, area_drop=a) for a in (0.5, 0.7)}
+    return out
+
+
 def old_rule(min_area=10, min_pred=0.5, min_cons=0.3):
     return lambda st, prev, seed: st["area"] < min_area or st["pred"] < min_pred or st["cons"] < min_cons
 
@@ -229,7 +311,7 @@ def watershed(volumes) -> dict:
     return {name: evaluate_propagation(watershed_propagator(), img, lab)["mean_iou"] for name, img, lab in volumes}
 
 
-def run(volumes, variants: dict, model, rule=None, dump: str | None = None) -> dict:
+def run(volumes, variants: dict, model, rule=None, dump: str | None = None, rules: bool = False) -> dict:
     """Each variant (settings, stop rule) over each volume; with ``dump`` the free runs
     are pickled there (one file per variant and volume) for offline stop-rule study."""
     import pickle
@@ -247,6 +329,9 @@ def run(volumes, variants: dict, model, rule=None, dump: str | None = None) -> d
                 with open(Path(dump) / f"{vname}__{name}.pkl".replace(" ", "_"), "wb") as f:
                     pickle.dump(rec, f)
             d = diagnose(rec, stop)
+            if rules:
+                d["rules"] = {k: float(np.mean([volume_iou(kept(r, f), r["obj"]) for r in rec]))
+                              for k, f in stop_rules().items()}
             results.setdefault(vname, {})[name] = d
             print(f"{vname:24s} {name:22s} n={d['objects']:3d} iou={d['mean_iou']:.3f}"
                   f" oracle={d['oracle_stop_iou']:.3f}"
@@ -257,6 +342,9 @@ def run(volumes, variants: dict, model, rule=None, dump: str | None = None) -> d
     for vname, per in results.items():
         print(f"{vname:24s} MEAN over volumes iou={np.mean([d['mean_iou'] for d in per.values()]):.3f}"
               f" oracle={np.mean([d['oracle_stop_iou'] for d in per.values()]):.3f}")
+        if rules:
+            print("   rules: " + "  ".join(f"{k}={np.mean([d['rules'][k] for d in per.values()]):.3f}"
+                                         for k in stop_rules()), flush=True)
     return results
 
 
@@ -283,8 +371,21 @@ def variants_to_try(which: str) -> dict:
         "box-.2": S(**old | dict(use_points=False, use_mask=False, box_margin=-0.2)),
         "box-.05+mask": S(**old | dict(use_points=False, box_margin=-0.05)),
     }
+    now = dict(use_box=True, use_points=False, use_mask=False, box_margin=-0.1, min_contrast=None)
+    new = {
+        "now": S(**now),
+        "now-.05": S(**now | dict(box_margin=-0.05)),
+        "now-.15": S(**now | dict(box_margin=-0.15)),
+        "now0": S(**now | dict(box_margin=0.0)),
+        "mm": S(**now | dict(candidates="consistent")),
+        "mm0": S(**now | dict(candidates="consistent", box_margin=0.0)),
+        "gate": S(**now | dict(image_gate=True)),
+        "gate0": S(**now | dict(image_gate=True, box_margin=0.0)),
+        "mm+gate": S(**now | dict(candidates="consistent", image_gate=True)),
+        "mm+mask": S(**now | dict(candidates="consistent", use_mask=True)),
+    }
     names = list(table) if which == "all" else which.split(",")
-    return {n: (table[n], old_rule()) for n in names}
+    return {n: (table[n], old_rule()) if n in table else (new[n], contrast_rule()) for n in names}
 
 
 def main() -> None:
@@ -300,14 +401,16 @@ def main() -> None:
     p.add_argument("--dump")
     p.add_argument("--end-to-end", action="store_true", help="evaluate_propagation with the defaults and watershed")
     p.add_argument("--json")
+    p.add_argument("--data", default="dense", choices=["dense", "old"], help="tuning volumes (dense: gonuclear-like)")
+    p.add_argument("--rules", action="store_true", help="also score the offline stop rules of stop_rules()")
     args = p.parse_args()
     model = load_model("default")
-    volumes = held_out() if args.confirm else tuning_data()
+    volumes = held_out() if args.confirm else (dense_data() if args.data == "dense" else tuning_data())
     if args.end_to_end:
         return end_to_end(volumes, model)
     if args.watershed:
         print("watershed", watershed(volumes))
-    results = run(volumes, variants_to_try(args.variants), model, dump=args.dump)
+    results = run(volumes, variants_to_try(args.variants), model, dump=args.dump, rules=args.rules)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 
