@@ -30,7 +30,6 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from .foreground import gate
 from .masks import PlaneMask, interior_points, region_iou
 from .prompts import Prompt
 
@@ -95,9 +94,6 @@ class PropagationSettings:
     max_planes: int | None = None
     min_contrast: float | None = 0.5
     contrast_ring: int = 3
-    candidates: str = "predicted"
-    image_gate: bool = False
-    contrast_reference: str = "start"
 
     def __post_init__(self):
         if not (self.use_box or self.use_points):
@@ -111,10 +107,6 @@ class PropagationSettings:
                              f"not {self.box_margin}")
         if self.min_contrast is not None and not self.min_contrast <= 1:
             raise ValueError(f"min_contrast is a fraction of the starting contrast, at most 1, not {self.min_contrast}")
-        if self.candidates not in ("predicted", "consistent"):
-            raise ValueError(f"candidates must be 'predicted' or 'consistent', not {self.candidates!r}")
-        if self.contrast_reference not in ("start", "previous"):
-            raise ValueError(f"contrast_reference must be 'start' or 'previous', not {self.contrast_reference!r}")
         if self.contrast_ring < 1:
             raise ValueError(f"contrast_ring must be at least 1 pixel, not {self.contrast_ring}")
 
@@ -253,7 +245,7 @@ def propagate(embeddings, start, mask: PlaneMask, axis: str | None = None,
         # An object that hardly stands out on its own plane gives no scale to fade against.
         seed_contrast = c0 if abs(c0) >= 0.05 * scale and c0 != 0 else None
     for direction in directions:
-        previous, reference = first, seed_contrast
+        previous = first
         for step in range(1, limit + 1):
             index = start[k] + direction * step
             if not 0 <= index < n:
@@ -265,8 +257,7 @@ def propagate(embeddings, start, mask: PlaneMask, axis: str | None = None,
             overlap = region_iou(answer, previous) if answer.area else 0.0
             faded = None
             if seed_contrast is not None and answer.area:
-                now = contrast(source, plane, answer, settings.contrast_ring)[0]
-                faded = now / (seed_contrast if settings.contrast_reference == "start" else reference)
+                faded = contrast(source, plane, answer, settings.contrast_ring)[0] / seed_contrast
             reason = ""
             if answer.area < settings.min_area:
                 reason = "the object ended (mask vanished)"
@@ -281,8 +272,6 @@ def propagate(embeddings, start, mask: PlaneMask, axis: str | None = None,
                 break
             yield PropagationStep(plane, answer, iou, overlap, "", done, total, faded)
             previous = answer
-            if faded is not None and seed_contrast is not None:
-                reference = faded * (seed_contrast if settings.contrast_reference == "start" else reference)
 
 
 def _answer(embeddings, plane, previous: PlaneMask, settings: PropagationSettings) -> PlaneMask:
@@ -291,35 +280,4 @@ def _answer(embeddings, plane, previous: PlaneMask, settings: PropagationSetting
     if settings.use_mask and len(embeddings.grid) == 1:
         # The logits live in a tile's frame: fed back only where the plane is one tile.
         prompt = dataclasses.replace(prompt, previous=previous)
-    if settings.candidates == "consistent" and len(embeddings.grid) == 1:
-        answer = _most_like(embeddings, plane, prompt, previous)
-    else:
-        answer = embeddings.segment(plane, prompt, multimask=False).cropped()
-    if settings.image_gate:
-        answer = gate(embeddings.source, plane, answer)
-    return answer
-
-
-def _most_like(embeddings, plane, prompt: Prompt, previous: PlaneMask) -> PlaneMask:
-    """SAM's three candidate masks for ``prompt`` on a one-tile plane, the one that
-    overlaps ``previous`` most kept."""
-    tile = embeddings.grid[(0, 0)]
-    oy, ox = tile.outer[0], tile.outer[2]
-    box = None if prompt.box is None else prompt.box - (ox, oy, ox, oy)
-    points = None if prompt.points is None or not len(prompt.points) else prompt.points - (ox, oy)
-    labels = None if points is None else prompt.labels
-    mask_input = None if prompt.previous is None else prompt.previous.logits
-    result = embeddings._decode(embeddings.source.flat_index(plane), tile.index, points, labels, box, mask_input, True)
-    shape = (tile.outer[1] - oy, tile.outer[3] - ox)
-    before = np.zeros(shape, bool)
-    py0, py1, px0, px1 = previous.region
-    before[py0 - oy : py1 - oy, px0 - ox : px1 - ox] = previous.mask
-    best, best_score = 0, -1.0
-    for k in range(len(result.iou)):
-        m = result.mask(k)
-        union = (m | before).sum()
-        score = (m & before).sum() / union if union else 0.0
-        if score > best_score:
-            best, best_score = k, score
-    out = PlaneMask.from_full(result.mask(best), float(result.iou[best]), (oy, ox))
-    return dataclasses.replace(out, tiles=(tile.index,), logits=np.asarray(result.low_res_logits[best], np.float32))
+    return embeddings.segment(plane, prompt, multimask=False).cropped()
