@@ -29,6 +29,25 @@ DATA = Path("/work/shared/data")
 VOXEL = (0.284, 0.127, 0.127)  # GoNuclear's ZYX voxel size in um: z planes 2.2x as far apart
 
 
+def _place(rng, shape, tries: int, n: int, radius, zscale: float, zjitter, jitter, margins, separation: float):
+    """Up to ``n`` ellipsoids (centre, semi-axes ZYX, in-plane angle) drawn one by one and
+    kept when their centres lie ``separation`` mean semi-axes apart from every other."""
+    Z, Y, X = shape
+    mz, myx = margins
+    centres, axes, angles = [], [], []
+    for _ in range(tries):
+        if len(centres) == n:
+            break
+        r = rng.uniform(*radius)
+        a = np.array([r * zscale * rng.uniform(*zjitter), r * rng.uniform(*jitter), r * rng.uniform(*jitter)])
+        c = np.array([rng.uniform(mz, 1 - mz) * Z, rng.uniform(myx, 1 - myx) * Y, rng.uniform(myx, 1 - myx) * X])
+        if all(np.linalg.norm((c - c2) / ((a + a2) / 2)) > separation for c2, a2 in zip(centres, axes)):
+            centres.append(c)
+            axes.append(a)
+            angles.append(rng.uniform(0, np.pi))
+    return centres, axes, angles
+
+
 def synthetic_stack(seed: int, shape=(40, 112, 112), n: int = 28, radius=(6.0, 14.0), noise: float = 0.05,
                     touching: float = 0.85) -> tuple[np.ndarray, np.ndarray]:
     """Ellipsoidal nuclei of varied size and anisotropy, some touching, blurred more along
@@ -41,18 +60,8 @@ def synthetic_stack(seed: int, shape=(40, 112, 112), n: int = 28, radius=(6.0, 1
     rng = np.random.default_rng(seed)
     Z, Y, X = shape
     zscale = VOXEL[1] / VOXEL[0]  # an in-plane radius of r pixels spans r * zscale planes
-    centres, axes, angles = [], [], []
-    for _ in range(n * 40):
-        if len(centres) == n:
-            break
-        r = rng.uniform(*radius)
-        a = np.array([r * zscale * rng.uniform(0.8, 1.25), r * rng.uniform(0.75, 1.25), r * rng.uniform(0.75, 1.25)])
-        c = np.array([rng.uniform(0.15, 0.85) * Z, rng.uniform(0.1, 0.9) * Y, rng.uniform(0.1, 0.9) * X])
-        ok = all(np.linalg.norm((c - c2) / ((a + a2) / 2)) > touching * 2 for c2, a2 in zip(centres, axes))
-        if ok:
-            centres.append(c)
-            axes.append(a)
-            angles.append(rng.uniform(0, np.pi))
+    centres, axes, angles = _place(rng, shape, n * 40, n, radius, zscale, (0.8, 1.25), (0.75, 1.25),
+                                   (0.15, 0.1), touching * 2)
     zz, yy, xx = np.meshgrid(np.arange(Z), np.arange(Y), np.arange(X), indexing="ij")
     best = np.full(shape, np.inf)
     labels = np.zeros(shape, np.uint16)
@@ -84,17 +93,7 @@ def dense_stack(seed: int, shape=(64, 100, 100), n: int = 45, radius=(7.0, 12.0)
     dim towards their z ends. Returns (uint8 image, uint16 labels), both (Z, Y, X)."""
     rng = np.random.default_rng(seed)
     Z, Y, X = shape
-    centres, axes, angles = [], [], []
-    for _ in range(n * 60):
-        if len(centres) == n:
-            break
-        r = rng.uniform(*radius)
-        a = np.array([r * zscale * rng.uniform(0.8, 1.3), r * rng.uniform(0.7, 1.3), r * rng.uniform(0.7, 1.3)])
-        c = np.array([rng.uniform(0.1, 0.9) * Z, rng.uniform(0.05, 0.95) * Y, rng.uniform(0.05, 0.95) * X])
-        if all(np.linalg.norm((c - c2) / ((a + a2) / 2)) > 1.45 for c2, a2 in zip(centres, axes)):
-            centres.append(c)
-            axes.append(a)
-            angles.append(rng.uniform(0, np.pi))
+    centres, axes, angles = _place(rng, shape, n * 60, n, radius, zscale, (0.8, 1.3), (0.7, 1.3), (0.1, 0.05), 1.45)
     zz, yy, xx = np.meshgrid(np.arange(Z), np.arange(Y), np.arange(X), indexing="ij")
     field = ndimage.gaussian_filter(rng.normal(size=shape), 4.0)
     field *= bumps / field.std()

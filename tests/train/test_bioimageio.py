@@ -20,7 +20,7 @@ import yaml
 from napari_sam.cli import main
 from napari_sam.core.models import load_model
 from napari_sam.core.predictor import Predictor
-from napari_sam.model import SamConfig, TinyViTConfig, ViTConfig, build_sam, config_to_dict
+from napari_sam.model import SamConfig, TinyViTConfig, build_sam, config_to_dict
 from napari_sam.model.bioimageio_model import BoxPromptedSam
 from napari_sam.model.checkpoint import read_checkpoint
 from napari_sam.train import SegmentationDataset, Trainer, TrainingConfig
@@ -29,14 +29,6 @@ from napari_sam.train.bioimageio_content import describe_training_data
 from napari_sam.train.bioimageio_import import _copy_weights, import_bioimageio
 
 OFFICIAL = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -55,13 +47,8 @@ def requests():
     assert made == [], f"bioimageio went online: {made}"
 
 
-MINI = SamConfig(
-    ViTConfig(embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,), img_size=256), name="mini", image_size=256
-)
-
-
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, nuclei_2d):
+def trained(tmp_path_factory, nuclei_2d, mini_config):
     """A checkpoint written by the package's trainer: a mini SAM (256-pixel input, which only
     its recorded configuration tells), two steps of decoder training on a piece of the nuclei
     image."""
@@ -70,7 +57,7 @@ def trained(tmp_path_factory, nuclei_2d):
     cfg = TrainingConfig(mode="decoder", steps=2, warmup_steps=0, learning_rate=1e-3, objects_per_image=2,
                          corrective_iterations=0, min_object_pixels=10, seed=1)
     torch.manual_seed(0)
-    trainer = Trainer(build_sam(MINI), data, cfg, device="cpu")
+    trainer = Trainer(build_sam(mini_config), data, cfg, device="cpu")
     list(trainer.run())
     return trainer.save(tmp_path_factory.mktemp("trained") / "tuned.pth", optimizer=False)
 
@@ -330,24 +317,24 @@ def test_cli_export_and_import(trained, package, tmp_path, capsys, monkeypatch):
     one_line(["import", str(package), "--out", str(tmp_path / "z.pth")], "pip install", "bioimageio")
 
 
-def test_test_sample_from_a_user_image(nuclei_2d):
+def test_test_sample_from_a_user_image(nuclei_2d, mini_config):
     """A non-square uint16 plane: resized like SAM (longest side to the input), boxes scaled with
     it, padded with the pixel mean; without boxes, Otsu's largest objects are the prompts."""
     from napari_sam.core.preprocess import Normalization, prepare_plane
     from napari_sam.train.bioimageio_content import make_cover, make_test_sample, normalize_input
 
     torch.manual_seed(0)
-    net = BoxPromptedSam(**config_to_dict(MINI))
+    net = BoxPromptedSam(**config_to_dict(mini_config))
     plane = nuclei_2d[0][:300, :512]  # uint16, 300 x 512 -> 150 x 256
     sample = make_test_sample(net, Normalization(), plane, [[100, 50, 200, 150]])
     assert sample.input_size == (150, 256) and sample.image.shape == (1, 3, 256, 256)
     np.testing.assert_allclose(sample.box, [[[50, 25, 100, 75]]])
-    np.testing.assert_allclose(sample.image[0, :, 150:, :], np.broadcast_to(np.reshape(MINI.pixel_mean, (3, 1, 1)),
-                                                                             (3, 106, 256)), rtol=1e-6)
+    padding = np.broadcast_to(np.reshape(mini_config.pixel_mean, (3, 1, 1)), (3, 106, 256))
+    np.testing.assert_allclose(sample.image[0, :, 150:, :], padding, rtol=1e-6)
     expected, _ = prepare_plane(plane, Normalization(), long_side=256)  # the predictor's own preprocessing
     np.testing.assert_array_equal(sample.image[0, :, :150], expected[0].numpy())
     with torch.no_grad():
-        masks, iou = net(torch.from_numpy(normalize_input(sample.image, MINI.pixel_mean, MINI.pixel_std)),
+        masks, iou = net(torch.from_numpy(normalize_input(sample.image, mini_config.pixel_mean, mini_config.pixel_std)),
                          torch.from_numpy(sample.box))
     np.testing.assert_array_equal(masks.numpy(), sample.masks)
     assert make_cover(sample).shape == (256, 512, 3)

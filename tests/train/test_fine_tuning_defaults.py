@@ -8,31 +8,13 @@ import torch
 
 from napari_sam.core.models import load_model
 from napari_sam.core.tiling import TileGrid, default_tiling
-from napari_sam.model import SamConfig, ViTConfig, build_sam
 from napari_sam.model.checkpoint import read_checkpoint
 from napari_sam.train import SegmentationDataset, Trainer, TrainingConfig, train
 from napari_sam.train.budget import TimeBudget, steps_for_minutes
 from napari_sam.train.tiles import inference_tiles
 
-MINI = SamConfig(
-    ViTConfig(embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,), img_size=256), name="mini", image_size=256
-)
 FAST = dict(steps=3, warmup_steps=0, learning_rate=1e-3, objects_per_image=2, corrective_iterations=1,
             min_object_pixels=10, validate_every=1, validation_objects=4)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def mini_sam():
-    torch.manual_seed(0)
-    return build_sam(MINI)
 
 
 def _plane():

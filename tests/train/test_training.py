@@ -15,7 +15,6 @@ import torch
 
 from napari_sam.core.models import load_model
 from napari_sam.core.predictor import Predictor
-from napari_sam.model import SamConfig, ViTConfig, build_sam
 from napari_sam.model.checkpoint import read_checkpoint
 from napari_sam.train import (
     SegmentationDataset,
@@ -27,30 +26,10 @@ from napari_sam.train import (
     train,
 )
 
-MINI = SamConfig(
-    ViTConfig(embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,), img_size=256), name="mini", image_size=256
-)
-
 # Small, fast runs: two objects, one corrective iteration, no warm-up.
 FAST = dict(
     steps=4, warmup_steps=0, learning_rate=1e-3, objects_per_image=2, corrective_iterations=1, min_object_pixels=10
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: with two threads on a shared 2-core machine, OpenMP waits
-    on the busy core far longer than the work takes (runs became ten times slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def mini_sam():
-    torch.manual_seed(0)
-    return build_sam(MINI)
 
 
 @pytest.fixture(scope="module")
