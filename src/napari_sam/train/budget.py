@@ -89,7 +89,10 @@ def steps_for_minutes(trainer: Trainer, minutes: float, repeats: int = 3) -> int
     per_validation = 0.0
     if trainer.validation_data is not None and cfg.validate_every:
         t0 = time.perf_counter()
-        trainer.validate()
+        if trainer.best is None:
+            trainer.validate_step()  # the starting weights' validation, which the run makes first anyway
+        else:
+            trainer.validate()
         per_validation = time.perf_counter() - t0
     left = 60 * minutes - (time.perf_counter() - start)
     cost = per_step + per_validation / max(1, cfg.validate_every)
@@ -117,11 +120,6 @@ class TimeBudget:
         self.end = time.monotonic() + 60 * minutes
         self.steps = steps_for_minutes(trainer, minutes)
         self._start = (time.monotonic(), trainer.step)
-
-    @property
-    def spent(self) -> bool:
-        """The time is up."""
-        return time.monotonic() > self.end
 
     def resize(self, trainer: Trainer) -> int:
         """Set the run's total steps from the pace so far (validations included) and the
