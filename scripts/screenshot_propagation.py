@@ -4,11 +4,11 @@
 
 Opens napari with the bundled 3D nuclei sample (the GoNuclear crop, held out of the
 default model's training) at its voxel size, docks the widget and starts it with the
-default model, draws the box of a dozen nuclei on the middle plane (``--click``: clicks
-their middle instead) and commits each, then presses "Propagate all labels" (SAM
-re-prompting with the default settings). Saves
-the window twice to docs/images/: the middle plane (``propagation_plane.png``) and the
-X-Z cut through the clicked nuclei (``propagation_xz.png``), each with the ground truth
+default model, draws the box of every nucleus of more than 80 pixels on the middle plane
+(eight; at most twelve; ``--click``: clicks their middle instead) and commits each, then
+presses "Propagate all labels" (SAM re-prompting with the default settings). Saves the
+window twice to docs/images/: the middle plane (``propagation_plane.png``) and the X-Z
+cut through the clicked nuclei (``propagation_xz.png``), each with the ground truth
 drawn as outlines beside the committed labels, and prints the mean 3D IoU per object.
 """
 
@@ -24,7 +24,8 @@ SCALE = (0.284, 0.127, 0.127)  # GoNuclear's voxel size, ZYX, in micrometres
 
 
 def _clicks(truth: np.ndarray, seed: int, count: int = 12) -> list[int]:
-    """Ids of large nuclei on the seed plane, nearest its middle row first."""
+    """Ids of the nuclei of more than 80 pixels on the seed plane (at most ``count``),
+    nearest its middle row first."""
     ids = [i for i in np.unique(truth[seed]) if i and (truth[seed] == i).sum() > 80]
     rows = {i: np.argwhere(truth[seed] == i)[:, 0].mean() for i in ids}
     middle = truth.shape[1] / 2
