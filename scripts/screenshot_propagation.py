@@ -8,8 +8,9 @@ default model, draws the box of every nucleus of more than 80 pixels on the midd
 (eight; at most twelve; ``--click``: clicks their middle instead) and commits each, then
 presses "Propagate all labels" (SAM re-prompting with the default settings). Saves the
 window twice to docs/images/: the middle plane (``propagation_plane.png``) and the X-Z
-cut through the clicked nuclei (``propagation_xz.png``), each with the ground truth
-drawn as outlines beside the committed labels, and prints the mean 3D IoU per object.
+cut through the object that reached over the most planes (``propagation_xz.png``), each
+with the ground truth drawn as outlines beside the committed labels, and prints the mean
+3D IoU per object.
 """
 
 from __future__ import annotations
