@@ -85,8 +85,8 @@ def inference_tiles(data: SegmentationDataset, image_size: int, min_inside: floa
     for index in range(len(data)):
         pair = data[index]
         # (C, H, W) planes are accepted by the dataset; the labels give the plane's shape
-        channels_first = pair.image.ndim == 3 and pair.image.shape[1:] == pair.labels.shape \
-            and pair.image.shape[:2] != pair.labels.shape
+        channels_first = (pair.image.ndim == 3 and pair.image.shape[1:] == pair.labels.shape
+                          and pair.image.shape[:2] != pair.labels.shape)
         grid = TileGrid(pair.labels.shape, tile, halo)
         for t in grid:
             window = t.outer_slices

@@ -298,7 +298,7 @@ class Trainer:
         while self.step < (self.config.steps if until is None else int(until)):
             record = self.train_step()
             cfg = self.config
-            last = self.step == (cfg.steps if until is None else int(until)) or self.step == cfg.steps
+            last = self.step in (cfg.steps, until)
             due = cfg.validate_every and (self.step % cfg.validate_every == 0 or last)
             if self.validation_data is not None and due:
                 val = self.validate_step()
