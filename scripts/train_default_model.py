@@ -450,6 +450,12 @@ def train(args) -> Path:
     return out
 
 
+SCALE_ADVICE = {"object_diameter": 30.0}
+"""Read by :func:`napari_sam.core.scale.magnification_for`: planes of small objects are
+enlarged (1-3x) so that their objects are about 30 pixels across in the model input;
+fitted on this model's own training images (scripts/scale_study.py;
+docs/default_model.md, "Scale")."""
+
 AUTOMATIC_ADVICE = {"mode": "boxes", "detector": "log", "grid": {"pred_iou_thresh": 0.6, "stability_thresh": 0.8}}
 
 
@@ -464,7 +470,17 @@ def _add_metadata(path: Path, extra: dict) -> None:
     # DSB images LoG detector boxes measured mSA 0.342 / AP50 0.571 against 0.153 / 0.366
     # for the relaxed grid (docs/volumes.md).
     meta["automatic"] = AUTOMATIC_ADVICE
+    meta["scale"] = SCALE_ADVICE
     write_checkpoint(path, checkpoint.state_dict, meta)
+
+
+def write_scale_advice(path: Path) -> None:
+    """Record :data:`SCALE_ADVICE` in an existing checkpoint, weights and all else kept."""
+    from napari_sam.model.checkpoint import read_checkpoint, write_checkpoint
+
+    checkpoint = read_checkpoint(path)
+    write_checkpoint(path, checkpoint.state_dict, dict(checkpoint.metadata, scale=SCALE_ADVICE), checkpoint.extras)
+    print(f"{path}: scale advice {SCALE_ADVICE}")
 
 
 # --------------------------------------------------------------------------------------
@@ -580,6 +596,8 @@ def main(argv=None) -> None:
     parser.add_argument("--image-size", type=int, default=IMAGE_SIZE, help="model input side (default 256)")
     parser.add_argument("--output", default=str(OUTPUT))
     parser.add_argument("--evaluate-only", action="store_true", help="only measure --output")
+    parser.add_argument("--scale-only", action="store_true",
+                        help="only record the scale advice in --output (then measure it unless --no-evaluate)")
     parser.add_argument("--corrective", type=int, default=8, help="corrective clicks in the evaluation")
     parser.add_argument("--json", help="also write the quality table here")
     parser.add_argument(
@@ -588,7 +606,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    if not args.evaluate_only:
+    if args.scale_only:
+        write_scale_advice(Path(args.output))
+    elif not args.evaluate_only:
         train(args)
     if args.no_evaluate:
         return

@@ -237,7 +237,7 @@ def test_the_headless_main_job_segments_the_prompted_nuclei(tmp_path, capsys):
     out = tmp_path / "nuclei_labels.tif"
     assert main(["segment", str(sample / "nuclei_2d.tif"), "--model", "default", "--prompts",
                  str(repo / "docs" / "examples" / "nuclei_2d_prompts.json"), "--out", str(out)]) == 0
-    assert "(3x3 tile(s)) with default" in capsys.readouterr().out
+    assert "(4x4 tile(s), magnification 1.25) with default" in capsys.readouterr().out  # 24-pixel nuclei
     labels, truth = tifffile.imread(out), tifffile.imread(sample / "nuclei_2d_labels.tif")
     assert set(np.unique(labels)) == {0, 1, 2, 3}
     for k in (1, 2, 3):

@@ -64,8 +64,9 @@ class Annotator:
         (an OME-Zarr label image, whose lower resolution levels follow every commit and
         undo; see :func:`~napari_sam.core.ngff.open_label_image`), or None for a new array
         (in memory up to 1 GiB, else an error asking for a path).
-    cache, tile, halo, normalization
-        See :class:`~napari_sam.core.embeddings.Embeddings`.
+    cache, tile, halo, normalization, magnification, diameter
+        See :class:`~napari_sam.core.embeddings.Embeddings`; the magnification chosen is
+        ``annotator.embeddings.magnification``.
     device, dtype
         See :func:`~napari_sam.core.models.load_model` (used when ``model`` is not loaded).
     tracker
@@ -92,11 +93,14 @@ class Annotator:
         device: str | None = None,
         dtype: str = "auto",
         tracker=None,
+        magnification: float | str | None = None,
+        diameter: float | None = None,
     ):
         self.source = image if isinstance(image, ImageSource) else ImageSource(image, axes, channel)
         self.model, sam2 = split_models(model, tracker, device, dtype)
         self.embeddings = NoSam(sam2.config.name) if self.model is None else Embeddings(
-            self.source, self.model, cache, tile=tile, halo=halo, normalization=normalization)
+            self.source, self.model, cache, tile=tile, halo=halo, normalization=normalization,
+            magnification=magnification, diameter=diameter)
         self.tracking = None if sam2 is None else Tracking(self.source, sam2, cache, normalization)
         # an OME-Zarr label image: its lower levels follow every change of level 0
         self.label_image = labels if isinstance(labels, LabelImage) else None

@@ -53,7 +53,29 @@ def test_tiles_are_the_regions_inference_embeds_at_native_resolution():
     # under half, which is removed there, leaving it nothing to learn from
     assert 5 in by_name["p tile (0, 0)"].labels and "p tile (0, 1)" not in by_name
     assert 0.3 < np.mean(labels[grid[0, 1].outer_slices] == 5) * grid[0, 1].shape[0] * grid[0, 1].shape[1] / 3900 < 0.5
-    assert data.description["tiles"]["tiles"] == len(data) and data.description["tiles"]["tile"] == 192
+    assert data.description["tiles"]["tiles"] == len(data) and data.description["tiles"]["magnifications"] == [1.0]
+
+
+def test_tiles_follow_the_magnification_inference_embeds_at():
+    image, labels, _ = _plane()
+    pairs = SegmentationDataset.from_arrays([image], [labels], names=["p"])
+    grid = TileGrid(labels.shape, *default_tiling(256, 2.0))  # 128-pixel regions, enlarged 2x by the model
+    assert 100 < max(max(t.shape) for t in grid) <= 128 and len(grid) > 12
+    chosen = []
+
+    def choose(plane):
+        chosen.append(plane.shape)
+        return 2.0
+
+    data = inference_tiles(pairs, 256, magnification=choose)
+    assert chosen == [image.shape]  # asked once per plane, with the plane
+    assert data.description["tiles"]["magnifications"] == [2.0]
+    by_name = {data.names[i]: data[i] for i in range(len(data))}
+    for tile in grid:
+        if f"p tile {tile.index}" in by_name:
+            np.testing.assert_array_equal(by_name[f"p tile {tile.index}"].image, image[tile.outer_slices])
+    assert max(max(by_name[n].labels.shape) for n in by_name) <= 128
+    assert set(np.unique(np.concatenate([by_name[n].labels.ravel() for n in by_name]))) == {0, 1, 2, 3, 4, 5}
 
 
 def test_small_planes_stay_whole_and_empty_tiles_are_refused():

@@ -37,9 +37,12 @@ def embed(args) -> int:
         statistics=args.statistics,
         storage=args.storage,
         on_mismatch=args.on_mismatch,
+        magnification=args.magnification,
+        diameter=args.diameter,
     )
     rows, cols = emb.grid.grid_shape
-    print(f"{source.describe()}; {rows}x{cols} tile(s) per plane; cache {emb.cache_path} ({emb.store.key})")
+    print(f"{source.describe()}; {rows}x{cols} tile(s) per plane (magnification {emb.magnification:g}); "
+          f"cache {emb.cache_path} ({emb.store.key})")
     t0 = time.perf_counter()
     done = emb.compute_all(planes=args.planes, scheduler=args.scheduler)
     print(f"{done} tile(s) cached in {time.perf_counter() - t0:.1f} s")

@@ -115,11 +115,16 @@ def evaluate(args) -> int:
         sam = not isinstance(method, WatershedBaseline)
         if planes and method is not sam2:
             results.append(evaluate.evaluate_prompted(planes, method, n_corrections=args.corrections,
-                                                      max_objects=args.max_objects, seed=args.seed, name=name))
+                                                      max_objects=args.max_objects, seed=args.seed, name=name,
+                                                      magnification=args.magnification, diameter=args.diameter))
         if volumes:
             # Volumes: each object is propagated from its ground-truth mask on its middle plane.
-            propagate = (evaluate.sam2_propagator(method) if method is sam2 else
-                         evaluate.sam_propagator(method.model) if sam else evaluate.watershed_propagator())
+            if method is sam2:
+                propagate = evaluate.sam2_propagator(method)
+            elif sam:
+                propagate = evaluate.sam_propagator(method.model, magnification=args.magnification)
+            else:
+                propagate = evaluate.watershed_propagator()
             merged = None
             for pair in volumes:
                 r = evaluate.evaluate_propagation(propagate, pair.image, pair.labels, max_objects=args.max_objects,

@@ -19,6 +19,26 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _magnification(text: str):
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number or 'auto', not {text!r}") from None
+
+
+def _add_scale_args(p: argparse.ArgumentParser) -> None:
+    """--magnification and --diameter: how much the model sees the planes enlarged."""
+    p.add_argument("--magnification", type=_magnification, default=None, metavar="M|auto",
+                   help="how many times the model sees the image enlarged: tiles of (model input / M) pixels are "
+                   "embedded. 'auto' chooses it from the objects' diameter (estimated from the image, or "
+                   "--diameter) for models that record the diameter they want, as the default model does "
+                   "(default: the model's advice; 1 for SAM's and micro-sam's weights)")
+    p.add_argument("--diameter", type=float, default=None, metavar="PIXELS",
+                   help="typical object diameter in image pixels, when known (instead of the estimate)")
+
+
 def _add_output_args(p: argparse.ArgumentParser, never: str) -> None:
     """--out and/or --labels-into: where the labels go (one of them is required)."""
     p.add_argument("--out", help=f"label image to write: .tif, .zarr or .npy, in an existing folder; never {never} "
@@ -66,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--min-area", type=int, default=None,
                      help="automatic modes: smaller objects are dropped (default: 25 for auto and boxes, the "
                      "model's advice for ais and apg)")
+    _add_scale_args(seg)
     seg.add_argument("--axes", help="automatic modes: axis letters from TZCYX (default: guessed)")
     seg.add_argument("image", help="TIFF, Zarr, .npy, PNG or JPEG (a bool mask image is read as 0/255)")
     _add_model_args(seg)
@@ -99,10 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="axis letters from TZCYX, e.g. ZYX (default: OME-Zarr metadata or a guess from the shape)")
     emb.add_argument("--channel", type=int, help="channel to embed when the image has a C axis")
     emb.add_argument("--tile", type=int, default=None,
-                     help="tile interior side in pixels (default: 3/4 of the model input, 768 for SAM)")
+                     help="tile interior side in pixels (default: from --magnification; 3/4 of the model input, 768 "
+                     "for SAM, at magnification 1)")
     emb.add_argument("--halo", type=int, default=None,
                      help="context around each tile in pixels, at most --tile (default: 1/8 of the model input, "
                      "128 for SAM)")
+    _add_scale_args(emb)
     emb.add_argument("--planes", type=int, nargs="*", metavar="I", help="flat plane numbers to embed (default: all)")
     emb.add_argument("--storage", choices=["float32", "float16"], default="float32", help="stored precision")
     emb.add_argument("--statistics", choices=["volume", "plane"], default="volume",
@@ -130,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output_args(prop, "the image or the seeds")
     prop.add_argument("--axes", help="axis letters from TZCYX (default: guessed)")
     prop.add_argument("--channel", type=int, help="channel to use when the image has a C axis")
+    _add_scale_args(prop)
     prop.add_argument("--axis", choices=["Z", "T"], help="plane axis to follow (default: the innermost)")
     prop.add_argument("--ids", type=int, nargs="*", help="object ids to propagate (default: all)")
     prop.add_argument("--cache", help="embedding cache folder, also of SAM 2's features (default: beside a Zarr "
@@ -151,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", help="model to evaluate (registry name or checkpoint); without it only the baseline")
     ev.add_argument("--device", default="auto")
     ev.add_argument("--dtype", default="float32")
+    _add_scale_args(ev)
     ev.add_argument("--baseline", action="store_true", help="also the classical baseline (seeded watershed)")
     ev.add_argument("--auto", action="store_true",
                     help="also automatic segmentation: every mode the model offers, with its recommended settings, "

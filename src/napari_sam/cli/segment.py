@@ -160,13 +160,13 @@ def segment(args) -> int:
     # As the plugin answers a click: a plane larger than the model input is embedded in
     # full-resolution tiles and objects are followed across them.
     emb = Embeddings(plane, model, cache=False, axes="YX" if plane.ndim == 2 else "YXC", channel=args.channel,
-                     statistics="plane")
+                     statistics="plane", magnification=args.magnification, diameter=args.diameter)
     emb.compute_all(progress=False)
     t_embed = time.perf_counter() - t0
     labels = np.zeros(plane.shape[:2], label_dtype(len(objects)))
     rows, cols = emb.grid.grid_shape
-    print(f"embedded {plane.shape[1]}x{plane.shape[0]} image ({rows}x{cols} tile(s)) with {model.source.name} "
-          f"({model.source.dtype}) in {t_embed:.1f} s")
+    print(f"embedded {plane.shape[1]}x{plane.shape[0]} image ({rows}x{cols} tile(s), magnification "
+          f"{emb.magnification:g}) with {model.source.name} ({model.source.dtype}) in {t_embed:.1f} s")
     empty = []
     for i, obj in enumerate(objects, start=1):
         found = emb.segment(0, obj)
@@ -228,7 +228,7 @@ def _segment_all(args) -> int:
     _check_labels_into(args, source.plane_grid + source.plane_shape)
     model = resolve_model(args.model, device=args.device, dtype=args.dtype)
     _check_mode(args.mode, model)
-    emb = Embeddings(source, model, cache=False)
+    emb = Embeddings(source, model, cache=False, magnification=args.magnification, diameter=args.diameter)
     settings = _mode_settings(args)
     grid = source.plane_grid
     stacks = [[outer + (i,) for i in range(grid[-1])] for outer in np.ndindex(*grid[:-1])] if grid else [[()]]
@@ -269,7 +269,8 @@ def propagate(args) -> int:
     if seeds.dtype.kind not in "biu":
         raise UsageError(f"the seeds {args.seeds} are {seeds.dtype}: a label image has integer (or bool) values")
     labels = seeds.astype(np.uint32, copy=True)
-    ann = Annotator(source, args.model, labels, cache=args.cache, device=args.device, dtype=args.dtype)
+    ann = Annotator(source, args.model, labels, cache=args.cache, device=args.device, dtype=args.dtype,
+                    magnification=args.magnification, diameter=args.diameter)
     if ann.tracking is not None:  # a SAM 2: all objects at once, from every plane they are drawn on
         print(f"propagating with the memory of {ann.tracking.model.config.name} (SAM 2)")
         result = ann.propagate_all(axis=args.axis, ids=args.ids, seeds="drawn")

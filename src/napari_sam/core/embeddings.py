@@ -24,11 +24,12 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ..model.sam import Sam
+from .cache_location import cache_path_for, default_cache_path
 from .claims import CLAIM_TIMEOUT, TileClaims, cache_lock, claims_folder, share_work
 from .distributed import embed_region, run_distributed
 from .embedding_store import EmbeddingStore
@@ -39,6 +40,7 @@ from .models import model_identity
 from .predictor import Prediction, Predictor
 from .preprocess import IntensityLimits, Normalization
 from .prompts import Prompt
+from .scale import central_crop, magnification_for
 from .signature import CacheSignature, fingerprint
 from .tiled_segmentation import segment_tiled
 from .tiling import Tile, TileGrid, default_tiling
@@ -66,30 +68,6 @@ class EmbedProgress:
     entry: tuple[int, int, int] | None
 
 
-def default_cache_path(source: ImageSource, fingerprint_: str) -> Path:
-    """Beside a Zarr input when its folder is writable (``image.zarr`` ->
-    ``image.sam-embeddings.zarr``), else in the user cache folder under the image's
-    fingerprint."""
-    if source.path is not None:
-        path = Path(source.path)
-        if path.suffix == ".zarr" or (path / "zarr.json").exists() or (path / ".zarray").exists():
-            if os.access(path.parent, os.W_OK):
-                return path.with_name(path.name.removesuffix(".zarr") + ".sam-embeddings.zarr")
-    from ..weights import cache_dir
-
-    return cache_dir() / "embeddings" / (fingerprint_.split(":")[-1][:24] + ".zarr")
-
-
-def cache_path_for(cache, source: ImageSource, fingerprint_: str) -> Path | None:
-    """Where a cache argument points: None (or True) for :func:`default_cache_path`, False
-    for none (memory only), else the given folder."""
-    if cache is False:
-        return None
-    if cache is None or cache is True:
-        return default_cache_path(source, fingerprint_)
-    return Path(cache).expanduser()
-
-
 class Embeddings:
     """The embeddings of an image's planes and tiles.
 
@@ -107,8 +85,18 @@ class Embeddings:
         See :class:`ImageSource` (when ``image`` is an array).
     tile, halo
         Tile interior side and halo in pixels; a plane no larger than ``tile + 2 * halo``
-        is embedded whole. By default the embedded region of a tile is exactly the
-        model's input (768 + 2 x 128 for SAM's 1024 pixels).
+        is embedded whole. By default they follow from the magnification
+        (:func:`~napari_sam.core.tiling.default_tiling`): at 1, the embedded region of a
+        tile is exactly the model's input (768 + 2 x 128 for SAM's 1024 pixels).
+    magnification
+        How many times the model sees the plane enlarged (:mod:`napari_sam.core.scale`):
+        a number, ``"auto"`` (chosen from the objects' diameter for a model that records
+        the diameter it wants), or None for the model's advice (1 for models without).
+        Given ``tile`` and ``halo``, it follows from them. The choice is
+        :attr:`magnification`.
+    diameter
+        The objects' diameter in plane pixels, if known; otherwise it is estimated from
+        the middle plane when the magnification is chosen from it.
     normalization
         Intensity mapping. Percentiles are taken from a sample of chunks of the whole
         image (``statistics="volume"``, so all planes and tiles agree) or of each plane
@@ -144,17 +132,25 @@ class Embeddings:
         statistics: str = "volume",
         storage: str = "float32",
         on_mismatch: str = "keep",
+        magnification: float | str | None = None,
+        diameter: float | None = None,
     ):
         self.source = image if isinstance(image, ImageSource) else ImageSource(image, axes, channel)
         self.model = model
         size = model.config.image_size
-        auto_tile, auto_halo = default_tiling(size)
+        if tile is None or halo is None:
+            self.magnification = magnification_for(model, lambda: central_crop(self.source), magnification, diameter)
+        else:
+            self.magnification = size / (tile + 2 * halo)
+        auto_tile, auto_halo = default_tiling(size, self.magnification)
         tile = auto_tile if tile is None else tile
         halo = auto_halo if halo is None else halo
         self.grid = TileGrid(self.source.plane_shape, tile, halo)
         self.feature_shape = (model.config.prompt_embed_dim, model.config.embedding_size, model.config.embedding_size)
         self.normalization = normalization
         self.statistics = statistics
+        self._options: dict[str, Any] = dict(cache=cache, normalization=normalization, statistics=statistics,
+                                             storage=storage, on_mismatch=on_mismatch)
         self._intensity = IntensityLimits(self.source, normalization, statistics)
         self.limits = self._intensity.volume
         name, checksum, dtype = model_identity(model)
@@ -187,6 +183,16 @@ class Embeddings:
         self._entry_locks: dict[tuple[int, int, int], threading.Lock] = {}
         self._decode_lock = threading.Lock()
         self._ready: set[int] = set()  # planes seen complete in the cache
+
+    def at_magnification(self, magnification: float) -> "Embeddings":
+        """The same image, model, cache and settings embedded at another magnification
+        (``self`` when it is this one's); such siblings are kept, so each is made once."""
+        if magnification == self.magnification:
+            return self
+        siblings = self.__dict__.setdefault("_siblings", {})
+        if magnification not in siblings:
+            siblings[magnification] = Embeddings(self.source, self.model, magnification=magnification, **self._options)
+        return siblings[magnification]
 
     # -- entries -----------------------------------------------------------------------
     def entries(self, planes=None) -> list[tuple[int, int, int]]:

@@ -40,9 +40,10 @@ import torch
 
 from ..model.sam2 import Sam2
 from ..model.sam2.image_predictor import preprocess
+from .cache_location import cache_path_for
 from .claims import cache_lock
 from .embedding_store import EmbeddingStore
-from .embeddings import _jsonable, cache_path_for
+from .embeddings import _jsonable
 from .image_source import ImageSource
 from .preprocess import IntensityLimits, Normalization, to_rgb
 from .signature import CacheSignature, fingerprint

@@ -27,10 +27,14 @@ DEFAULT_HALO = 128
 """Context on each side of a tile's interior for a 1024-pixel input (an eighth of it)."""
 
 
-def default_tiling(image_size: int) -> tuple[int, int]:
-    """(tile, halo) whose embedded region is exactly a model input of ``image_size``."""
-    halo = image_size // 8
-    return image_size - 2 * halo, halo
+def default_tiling(image_size: int, magnification: float = 1.0) -> tuple[int, int]:
+    """(tile, halo) whose embedded region, ``image_size / magnification`` plane pixels
+    (rounded to a multiple of 8), fills the model input of ``image_size`` exactly: the
+    model sees the plane enlarged ``magnification`` times (see
+    :mod:`napari_sam.core.scale`)."""
+    side = max(16, 8 * round(image_size / magnification / 8))
+    halo = side // 8
+    return side - 2 * halo, halo
 
 
 @dataclass(frozen=True)

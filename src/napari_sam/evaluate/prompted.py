@@ -28,6 +28,8 @@ from ..core.masks import iou, prompt_box
 from ..core.predictor import Predictor
 from ..core.prompt_simulation import corrective_point, interior_point
 from ..core.prompts import Prompt
+from ..core.scale import magnification_for
+from ..core.tiling import default_tiling
 from .baseline import WatershedBaseline
 from .data import load_pairs, sample_objects
 from .progress import EvalProgress, run_to_end
@@ -38,26 +40,33 @@ __all__ = ["evaluate_prompted", "iter_evaluate_prompted"]
 class _SamRunner:
     """Prompts a batch of objects of one image through a SAM predictor."""
 
-    def __init__(self, predictor: Predictor, multimask_point: bool, batch_size: int, refine: bool = True):
+    def __init__(self, predictor: Predictor, multimask_point: bool, batch_size: int, refine: bool = True,
+                 magnification: float | str | None = None, diameter: float | None = None):
         self.predictor = predictor
         self.multimask_point = multimask_point
         self.batch_size = batch_size
         self.refine = refine
+        self.magnification = magnification
+        self.diameter = diameter
         self.tiles = None
+        self.chosen: float | None = None
 
     def set_image(self, image):
         image = np.asarray(image)
         self.tiles = None
-        if max(image.shape[:2]) > self.predictor.model.config.image_size:
-            # Larger than the model input: measure what the plugin does with such a
-            # plane (tiles of the model input at full resolution, objects merged across
-            # tiles), not a shrunken whole plane.
+        model = self.predictor.model
+        self.chosen = magnification_for(model, image, self.magnification, self.diameter)
+        tile, halo = default_tiling(model.config.image_size, self.chosen)
+        if max(image.shape[:2]) > tile + 2 * halo:
+            # Larger than a tile: measure what the plugin does with such a plane (tiles
+            # at the chosen magnification, objects merged across tiles), not a shrunken
+            # whole plane.
             from ..core.embeddings import Embeddings
 
             axes = "YX" if image.ndim == 2 else "YXC"
             self.tiles = Embeddings(
-                image, self.predictor.model, cache=False, axes=axes,
-                normalization=self.predictor.normalization, statistics="plane",
+                image, model, cache=False, axes=axes, normalization=self.predictor.normalization,
+                statistics="plane", magnification=self.chosen,
             )
         else:
             self.predictor.set_image(image)
@@ -172,9 +181,9 @@ class _BaselineRunner:
         return point_iou, box_iou, iter_iou
 
 
-def _runner(method, multimask_point: bool, batch_size: int):
+def _runner(method, multimask_point: bool, batch_size: int, magnification=None, diameter=None):
     if isinstance(method, Predictor):
-        return _SamRunner(method, multimask_point, batch_size), "sam"
+        return _SamRunner(method, multimask_point, batch_size, magnification=magnification, diameter=diameter), "sam"
     if isinstance(method, WatershedBaseline):
         return _BaselineRunner(method), "watershed"
     raise ValueError(f"method must be a Predictor (SAM) or a WatershedBaseline, not {type(method).__name__}")
@@ -201,6 +210,8 @@ def iter_evaluate_prompted(
     multimask_point: bool = True,
     batch_size: int = 16,
     name: str | None = None,
+    magnification: float | str | None = None,
+    diameter: float | None = None,
 ) -> Generator[EvalProgress, None, dict]:
     """:func:`evaluate_prompted` as a generator: yields after each image, returns the
     results dict."""
@@ -210,7 +221,7 @@ def iter_evaluate_prompted(
         raise ValueError(f"max_objects must be >= 1 or None, got {max_objects}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    runner, default_name = _runner(method, multimask_point, batch_size)
+    runner, default_name = _runner(method, multimask_point, batch_size, magnification, diameter)
     pairs = load_pairs(pairs)
     rng = np.random.default_rng(seed)
     all_point, all_box, all_iter, per_image = [], [], [], []
@@ -225,7 +236,8 @@ def iter_evaluate_prompted(
             point, box, iterative = runner.run(masks, n_corrections, rng)
         else:
             point, box, iterative = [], [], []
-        per_image.append({"name": pair.name} | _summary(point, box, iterative))
+        scale = {"magnification": runner.chosen} if getattr(runner, "chosen", None) else {}
+        per_image.append({"name": pair.name} | scale | _summary(point, box, iterative))
         all_point += point
         all_box += box
         all_iter += iterative
@@ -268,6 +280,13 @@ def evaluate_prompted(pairs, method, **options) -> dict:
         Objects decoded at once by SAM (full-size masks of this many objects are held).
     name
         Name of the method in the results; ``"sam"`` or ``"watershed"`` by default.
+    magnification
+        SAM only: the magnification planes are embedded at
+        (:func:`~napari_sam.core.scale.magnification_for`; None: the model's advice);
+        the one chosen for each image is in ``per_image``.
+    diameter
+        SAM only: the objects' diameter in pixels, for a magnification chosen from it
+        (None: estimated per image).
 
     Returns
     -------

@@ -82,10 +82,12 @@ def evaluate_propagation(
     }
 
 
-def sam_propagator(model, settings=None) -> Callable[[np.ndarray, int, np.ndarray], np.ndarray]:
+def sam_propagator(model, settings=None, magnification=None) -> Callable[[np.ndarray, int, np.ndarray], np.ndarray]:
     """A ``propagate`` for :func:`evaluate_propagation`: SAM carrying the mask from plane
     to plane (:func:`~napari_sam.core.propagation.propagate` with ``settings``), as the
-    plugin propagates. Each volume is embedded once, however many objects it holds."""
+    plugin propagates. Each volume is embedded once, however many objects it holds, at
+    ``magnification`` (:class:`~napari_sam.core.embeddings.Embeddings`; None: the
+    model's advice)."""
     from ..core.embeddings import Embeddings
     from ..core.propagation import PropagationSettings, propagate
 
@@ -95,7 +97,8 @@ def sam_propagator(model, settings=None) -> Callable[[np.ndarray, int, np.ndarra
     def run(volume: np.ndarray, start: int, mask: np.ndarray) -> np.ndarray:
         if id(volume) not in held:
             held.clear()  # the volume object is kept with its embeddings, so its id stays its own
-            held[id(volume)] = (volume, Embeddings(volume, model, cache=False, axes="ZYX"))
+            held[id(volume)] = (volume, Embeddings(volume, model, cache=False, axes="ZYX",
+                                                          magnification=magnification))
         emb = held[id(volume)][1]
         out = np.zeros(volume.shape[:3], bool)
         out[start] = mask

@@ -44,13 +44,13 @@ def _tile_labels(labels: np.ndarray, window: tuple[slice, slice], min_inside: fl
 
 
 def inference_tiles(data: SegmentationDataset, image_size: int, min_inside: float = 0.5,
-                    min_object_pixels: int = 1) -> SegmentationDataset:
+                    min_object_pixels: int = 1, magnification=1.0) -> SegmentationDataset:
     """The tiles inference would embed, of every plane of ``data``, as training pairs.
 
     A plane no larger than one model input stays whole (and is enlarged to the input when
     embedded, as at inference); a larger one becomes the embedded regions
     (:attr:`~napari_sam.core.tiling.Tile.outer`) of
-    ``TileGrid(shape, *default_tiling(image_size))``, at its own resolution.
+    ``TileGrid(shape, *default_tiling(image_size, magnification))``, at its own resolution.
 
     Every plane is read here (the grid needs its shape), as training would read it anyway.
 
@@ -64,6 +64,10 @@ def inference_tiles(data: SegmentationDataset, image_size: int, min_inside: floa
         An object stays in a tile when at least this fraction of its pixels lies inside.
     min_object_pixels
         Tiles without an object of this many pixels are left out (nothing to learn).
+    magnification
+        The magnification inference embeds at (:mod:`napari_sam.core.scale`): a number,
+        or a function of a plane (``(H, W[, C])``) that chooses it, as
+        ``functools.partial(magnification_for, model)`` does.
 
     Returns
     -------
@@ -80,13 +84,16 @@ def inference_tiles(data: SegmentationDataset, image_size: int, min_inside: floa
         raise ValueError(f"image_size must be at least 8 pixels, got {image_size}")
     if not 0 < min_inside <= 1:
         raise ValueError(f"min_inside must lie in (0, 1], got {min_inside}")
-    tile, halo = default_tiling(image_size)
-    loaders, names = [], []
+    loaders, names, used = [], [], []
     for index in range(len(data)):
         pair = data[index]
         # (C, H, W) planes are accepted by the dataset; the labels give the plane's shape
         channels_first = (pair.image.ndim == 3 and pair.image.shape[1:] == pair.labels.shape
                           and pair.image.shape[:2] != pair.labels.shape)
+        plane = np.moveaxis(pair.image, 0, -1) if channels_first else pair.image
+        m = float(magnification(plane) if callable(magnification) else magnification)
+        used.append(m)
+        tile, halo = default_tiling(image_size, m)
         grid = TileGrid(pair.labels.shape, tile, halo)
         for t in grid:
             window = t.outer_slices
@@ -98,7 +105,7 @@ def inference_tiles(data: SegmentationDataset, image_size: int, min_inside: floa
             names.append(pair.name if len(grid) == 1 else f"{pair.name} tile {t.index}")
     if not loaders:
         raise ValueError(f"no tile of the {len(data)} plane(s) holds an object of at least {min_object_pixels} pixels")
-    description = dict(data.description, tiles={"image_size": int(image_size), "tile": tile, "halo": halo,
+    description = dict(data.description, tiles={"image_size": int(image_size), "magnifications": sorted(set(used)),
                                                 "min_inside": float(min_inside), "planes": len(data),
                                                 "tiles": len(loaders)})
     return SegmentationDataset(loaders, names, description, data.channel_axis, data.channel)

@@ -1,5 +1,4 @@
 """The training loop: optimizer steps over simulated sessions, validation, saving.
-
 :class:`Trainer` runs the steps and yields a :class:`TrainingRecord` per step, so a GUI or
 a progress bar can drive it; :func:`~napari_sam.train.run.train` wraps it with tqdm.
 """
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 
 from ..core.image_embedding import ImageEmbedding
+from ..core.scale import magnification_for
 from ..model import Sam
 from ..model.checkpoint import PathLike
 from . import checkpoints
@@ -122,8 +122,8 @@ class Trainer:
         self.device = resolve_device(device)
         self.model = model.to(self.device)
         if self.config.native_tiles:
-            tiles = partial(inference_tiles, image_size=model.config.image_size,
-                            min_object_pixels=self.config.min_object_pixels)
+            tiles = partial(inference_tiles, image_size=model.config.image_size, magnification=partial(
+                magnification_for, model), min_object_pixels=self.config.min_object_pixels)
             train_data = tiles(train_data)
             validation_data = None if validation_data is None else tiles(validation_data)
         self.train_data = train_data

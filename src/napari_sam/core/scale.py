@@ -1,0 +1,170 @@
+"""The magnification at which a plane is embedded: how many model-input pixels one image
+pixel becomes.
+
+A model segments objects best within a range of sizes in its own input. SAM enlarges
+every image to its input, so a tile of ``image_size / m`` image pixels is embedded at
+magnification ``m``; :func:`~napari_sam.core.tiling.default_tiling` turns a
+magnification into that tile. Small nuclei (8-10 pixels across) cover two or three
+pixels of the default model's low-resolution mask at magnification 1 and are segmented
+far better at 2 (docs/default_model.md, "Scale").
+
+A model states what it wants in its checkpoint metadata, under ``"scale"``:
+
+* ``{"magnification": m}``: embed at ``m`` whatever the image;
+* ``{"object_diameter": d}``: the object diameter, in model-input pixels, that it
+  segments best; the magnification is then chosen per image from the objects' diameter,
+  estimated by :func:`estimate_diameter` unless the user gives it.
+
+Models without that entry (the official SAM weights, micro-sam's) are embedded at
+magnification 1, as they always were.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..model.sam import Sam
+
+__all__ = ["MAGNIFICATIONS", "central_crop", "estimate_diameter", "magnification_for", "model_scale"]
+
+MAGNIFICATIONS = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0)
+"""The magnifications a diameter is rounded to: nearby estimates for planes of one data
+set give one tile size, so one embedding cache serves them all. Never below 1: shrinking
+planes of large nuclei to 0.5-0.75 lost on held-out DSB images (docs/default_model.md,
+"Scale"); above 3 the tiles hold too little context."""
+
+_SAMPLE = 1024  # side of the central crop the diameter is estimated on
+
+
+def model_scale(model: Sam) -> dict:
+    """The model's ``"scale"`` advice from its checkpoint metadata (empty if none)."""
+    scale = getattr(model, "metadata", {}).get("scale") or {}
+    return dict(scale) if isinstance(scale, dict) else {}
+
+
+def central_crop(source, side: int = _SAMPLE) -> np.ndarray:
+    """The centre of an :class:`~napari_sam.core.image_source.ImageSource`'s middle
+    plane, at most ``side`` x ``side``: what :func:`estimate_diameter` reads, without
+    reading the rest of a large plane."""
+    H, W = source.plane_shape
+    y0, x0 = max(0, (H - side) // 2), max(0, (W - side) // 2)
+    return source.read(source.n_planes // 2, (y0, min(H, y0 + side), x0, min(W, x0 + side)))
+
+
+def estimate_diameter(plane: np.ndarray) -> float | None:
+    """Typical diameter, in pixels, of the blob-like objects of a plane.
+
+    Objects are told from background by Otsu's threshold on the grey values, the
+    minority side taken as foreground (so dark nuclei on bright H&E count as well as
+    bright ones on dark), holes filled and specks removed; each connected
+    component's width is twice the largest distance from its boundary, which a chain of
+    touching objects shares with its members. Only the central ``1024 x 1024`` crop is
+    read, so the estimate is cheap on planes of any size.
+
+    Parameters
+    ----------
+    plane
+        ``(Y, X)`` or ``(Y, X, C)`` image plane, any dtype.
+
+    Returns
+    -------
+    float or None
+        The median component width weighted by area (pixels), or None where no objects are found
+        (an empty or flat plane).
+    """
+    from scipy import ndimage as ndi
+    from skimage.filters import gaussian, threshold_otsu
+
+    plane = np.asarray(plane)
+    if plane.ndim == 3 and plane.shape[-1] == 3:
+        from skimage.color import rgb2hed
+
+        # Stained tissue: nuclei are what the haematoxylin colours; grey values would
+        # separate tissue from glass instead.
+        plane = rgb2hed(plane)[..., 0]
+    elif plane.ndim == 3:
+        plane = plane.astype(np.float32).mean(axis=-1)
+    if plane.ndim != 2:
+        raise ValueError(f"estimate_diameter takes a (Y, X) or (Y, X, C) plane, got shape {plane.shape}")
+    H, W = plane.shape
+    y0, x0 = max(0, (H - _SAMPLE) // 2), max(0, (W - _SAMPLE) // 2)
+    crop = plane[y0 : y0 + _SAMPLE, x0 : x0 + _SAMPLE].astype(np.float32)
+    # A few saturated pixels (or stain-separation outliers) would drag Otsu's threshold.
+    low, high = np.percentile(crop, [1, 99.5]) if crop.size else (0.0, 0.0)
+    grey = gaussian(np.clip(crop, low, high), sigma=1.0)
+    if not np.isfinite(grey).all() or float(grey.max() - grey.min()) <= 0:
+        return None
+    fg = grey > threshold_otsu(grey)
+    if fg.mean() > 0.5:
+        fg = ~fg
+    # Texture inside stained nuclei leaves holes and specks: fill the holes, drop the specks.
+    fg = ndi.binary_opening(ndi.binary_fill_holes(fg), iterations=1)
+    components, n = ndi.label(fg)
+    if n == 0:
+        return None
+    dist = ndi.distance_transform_edt(fg)
+    index = np.arange(1, n + 1)
+    # A component's width is twice its largest inscribed radius, which a chain of
+    # touching objects shares with its members; weighting by area keeps specks from
+    # outvoting the objects.
+    width = 2.0 * np.asarray(ndi.maximum(dist, components, index))
+    area = np.asarray(ndi.sum(fg, components, index))
+    keep = area >= 9
+    if not keep.any():
+        return None
+    width, area = width[keep], area[keep]
+    order = np.argsort(width)
+    cumulative = np.cumsum(area[order])
+    return float(width[order][np.searchsorted(cumulative, cumulative[-1] / 2)])
+
+
+def magnification_for(
+    model: Sam,
+    plane=None,
+    magnification: float | str | None = None,
+    diameter: float | None = None,
+) -> float:
+    """The magnification to embed at.
+
+    Parameters
+    ----------
+    model
+        The model; its ``"scale"`` advice (:func:`model_scale`) applies when
+        ``magnification`` is None or ``"auto"``.
+    plane
+        A representative ``(Y, X[, C])`` plane, or a function without arguments that
+        reads one; used (called) only when the diameter must be estimated.
+    magnification
+        A number: used as it is. ``"auto"``: from the object diameter (needs the
+        model's ``"object_diameter"``, else its fixed magnification or 1). None: the
+        model's advice.
+    diameter
+        The objects' diameter in image pixels when the user knows it; otherwise it is
+        estimated from ``plane``.
+
+    Returns
+    -------
+    float
+        A magnification from :data:`MAGNIFICATIONS` when chosen from a diameter,
+        else the given or advised value (1 without advice).
+    """
+    if magnification is not None and not isinstance(magnification, str):
+        value = float(magnification)
+        if not (math.isfinite(value) and 0.1 <= value <= 8):
+            raise ValueError(f"magnification must be between 0.1 and 8, got {magnification}")
+        return value
+    if isinstance(magnification, str) and magnification != "auto":
+        raise ValueError(f"magnification must be a number, 'auto' or None, got {magnification!r}")
+    advice = model_scale(model)
+    wanted = advice.get("object_diameter")
+    if wanted is None:
+        return float(advice.get("magnification", 1.0))
+    if diameter is None and plane is not None:
+        diameter = estimate_diameter(plane() if callable(plane) else plane)
+    if diameter is None or diameter <= 0:
+        return float(advice.get("magnification", 1.0))
+    ratio = float(wanted) / float(diameter)
+    # Nearest on a log scale: 1.5 is as far from 1 as from 2.25.
+    return min(MAGNIFICATIONS, key=lambda m: abs(math.log(m / ratio)))
