@@ -80,6 +80,10 @@ class SamWidget(Container):
         self.device = ComboBox(label="device", choices=["auto", "cpu", "cuda", "mps"], value="auto")
         self.dtype = ComboBox(label="precision", choices=["auto", "float32", "bfloat16", "float16"], value="auto",
                               tooltip="auto: bfloat16 where the hardware computes it natively, else float32")
+        self.magnification = ComboBox(
+            label="magnification", choices=["auto", "1", "1.5", "2", "3"], value="auto",
+            tooltip="how many times the model sees the image enlarged; auto: the model's advice (the default model "
+            "enlarges images of small nuclei up to 3x, from their estimated size; SAM's weights: 1)")
         self.cache = FileEdit(label="embedding cache", mode="d", value="",
                               tooltip="folder for the Zarr embedding cache; empty: beside a Zarr image, "
                               "else the user cache")
@@ -120,7 +124,8 @@ class SamWidget(Container):
         self.status.native.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Preferred)
         self.status.native.setAlignment(Qt.AlignLeft | Qt.AlignVCenter)
         self.extend([
-            self.image, self.model, self.checkpoint, self.device, self.dtype, self.cache, self.labels_path,
+            self.image, self.model, self.checkpoint, self.device, self.dtype, self.magnification, self.cache,
+            self.labels_path,
             self.ngff_labels, self.ngff_name, self.start,
             self.embed_slice, self.embed_all, self.cancel, self.overwrite, self.commit, *self.tracking.widgets,
             self.everything_mode, self.rough, self.whole_volume, self.everything, self.undo, self.clear,
@@ -216,6 +221,7 @@ class SamWidget(Container):
             return
         source = source_from_layer(layer)
         device, dtype = self.device.value, self.dtype.value
+        magnification = None if self.magnification.value == "auto" else float(self.magnification.value)
         self.start.enabled = False
 
         def build():
@@ -225,7 +231,8 @@ class SamWidget(Container):
                 target = open_label_image(container, name)
             else:
                 target = labels
-            annotator = Annotator(source, spec, target, cache=cache, device=device, dtype=dtype)
+            annotator = Annotator(source, spec, target, cache=cache, device=device, dtype=dtype,
+                                  magnification=magnification)
             annotator.warm_up()
             return annotator
 
@@ -247,7 +254,8 @@ class SamWidget(Container):
             self.rough.reset_choices()  # without the layers the session just added
             self.start.enabled = True
             self._everything_scope()
-            self._say(f"{annotator.model.source.name}: click to add points ({KEYS['toggle']}: foreground/background)")
+            self._say(f"{annotator.model.source.name} at {annotator.embeddings.magnification:g}x: click to add points "
+                      f"({KEYS['toggle']}: foreground/background)")
 
         def failed(err):
             self.start.enabled = True
