@@ -4,6 +4,7 @@ file (--out) and/or into an OME-Zarr image as an NGFF label image (--labels-into
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -228,6 +229,9 @@ def _segment_all(args) -> int:
     _check_labels_into(args, source.plane_grid + source.plane_shape)
     model = resolve_model(args.model, device=args.device, dtype=args.dtype)
     _check_mode(args.mode, model)
+    if args.mode in ("ais", "apg") and args.magnification not in (None, "auto", 1.0):
+        print(f"note: --mode {args.mode} reads embeddings at magnification 1, where the instance decoder learned; "
+              f"--magnification {args.magnification:g} would change nothing", file=sys.stderr)
     emb = Embeddings(source, model, cache=False, magnification=args.magnification, diameter=args.diameter)
     settings = _mode_settings(args)
     grid = source.plane_grid
