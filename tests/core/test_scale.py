@@ -82,6 +82,10 @@ def test_magnification_rules(tiny_model):
             magnification_for(tiny_model, magnification=bad)
     with pytest.raises(ValueError, match="'auto'"):
         magnification_for(tiny_model, magnification="twice")
+    with pytest.raises(ValueError, match="give a magnification instead"):
+        magnification_for(tiny_model, diameter=12)  # SAM's weights do not say what size they want
+    with pytest.raises(ValueError, match="positive number of pixels"):
+        magnification_for(_with_scale(tiny_model, {"object_diameter": 20.0}), diameter=-3)
     assert magnification_for(_with_scale(tiny_model, {"magnification": 2.0})) == 2.0
     advised = _with_scale(tiny_model, {"object_diameter": 20.0})
     assert magnification_for(advised, diameter=10) == 2.0

@@ -169,6 +169,9 @@ def test_decoder_fine_tuning_keeps_the_instance_decoder(tmp_path, nuclei_2d):
     full = train(load_model("default"), data, TrainingConfig(**dict(cfg, mode="full")),
                  checkpoint=tmp_path / "f.pth", progress=False)
     assert full.step == 1 and load_model(tmp_path / "f.pth").instance_decoder is None
+    # both keep the scale advice: they were trained on the tiles it gives
+    assert base.metadata["scale"] == {"object_diameter": 30.0}
+    assert model.metadata["scale"] == load_model(tmp_path / "f.pth").metadata["scale"] == base.metadata["scale"]
 
 
 def test_a_run_that_never_beats_the_starting_weights_keeps_them(mini_sam, monkeypatch):

@@ -95,8 +95,9 @@ class Embeddings:
         Given ``tile`` and ``halo``, it follows from them. The choice is
         :attr:`magnification`.
     diameter
-        The objects' diameter in plane pixels, if known; otherwise it is estimated from
-        the middle plane when the magnification is chosen from it.
+        The objects' diameter in plane pixels, if known, for a model that records the
+        size it wants; otherwise it is estimated from the middle plane when the
+        magnification is chosen from it.
     normalization
         Intensity mapping. Percentiles are taken from a sample of chunks of the whole
         image (``statistics="volume"``, so all planes and tiles agree) or of each plane

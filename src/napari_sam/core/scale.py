@@ -157,13 +157,19 @@ def magnification_for(
         return value
     if isinstance(magnification, str) and magnification != "auto":
         raise ValueError(f"magnification must be a number, 'auto' or None, got {magnification!r}")
+    if diameter is not None and not (math.isfinite(float(diameter)) and diameter > 0):
+        raise ValueError(f"the object diameter must be a positive number of pixels, got {diameter}")
     advice = model_scale(model)
     wanted = advice.get("object_diameter")
     if wanted is None:
+        if diameter is not None:
+            # Without the size the model wants, a diameter says nothing about the magnification.
+            raise ValueError("this model does not record the object size it segments best (no 'object_diameter' "
+                             "in its metadata): give a magnification instead of a diameter")
         return float(advice.get("magnification", 1.0))
     if diameter is None and plane is not None:
         diameter = estimate_diameter(plane() if callable(plane) else plane)
-    if diameter is None or diameter <= 0:
+    if diameter is None:  # nothing found to measure
         return float(advice.get("magnification", 1.0))
     ratio = float(wanted) / float(diameter)
     # Nearest on a log scale: 1.5 is as far from 1 as from 2.25.
