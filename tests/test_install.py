@@ -152,10 +152,11 @@ def test_embed_info_and_segment_from_the_command_line(core):
     cache = core.work / "nuclei.sam-embeddings.zarr"
     out = core.run("napari-sam", "embed", SAMPLE, "--model", "default", "--out", cache)
     assert out.returncode == 0, out.stderr
-    assert "3x3 tile(s) per plane" in out.stdout and "9 tile(s) cached" in out.stdout, out.stdout
+    # the default model embeds these 24-pixel nuclei at 1.25x: tiles of 208 pixels
+    assert "4x4 tile(s) per plane (magnification 1.25)" in out.stdout and "16 tile(s) cached" in out.stdout, out.stdout
     out = core.run("napari-sam", "info", cache, "--verify")
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "9/9 present" in out.stdout and "0 damaged, 0 missing" in out.stdout, out.stdout
+    assert "16/16 present" in out.stdout and "0 damaged, 0 missing" in out.stdout, out.stdout
 
     labels = core.work / "labels.tif"
     out = core.run("napari-sam", "segment", SAMPLE, "--model", "default", "--point", *NUCLEUS, "--out", labels)
@@ -202,12 +203,12 @@ def test_a_local_cluster_worker_embeds_tiles(core):
     out = core.run("python", script, core.work / "image.zarr", cache, timeout=600)
     assert out.returncode == 0, out.stderr
     done, grid, worker_modules, gui_modules = out.stdout.split()
-    assert (done, grid) == ("9", "3x3")
+    assert (done, grid) == ("16", "4x4")  # at the default model's 1.25x
     assert worker_modules == "napari_sam.core.distributed"  # the tiles were embedded in the worker process
     assert gui_modules == "-"
     out = core.run("napari-sam", "info", cache, "--verify")
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "9/9 present" in out.stdout and "verified  9 tile(s) read: 0 damaged, 0 missing" in out.stdout
+    assert "16/16 present" in out.stdout and "verified  16 tile(s) read: 0 damaged, 0 missing" in out.stdout
 
 
 @pytest.mark.parametrize(
