@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_default_model as base  # noqa: E402  (the default model's own data recipe)
 
 from napari_sam.core.models import load_model  # noqa: E402
+from napari_sam.model.checkpoint import read_checkpoint, write_checkpoint  # noqa: E402
 from napari_sam.train import SegmentationDataset  # noqa: E402
 from napari_sam.train.instance_decoder import (  # noqa: E402
     DecoderTrainingConfig,
@@ -77,13 +78,16 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--checkpoint-dir", default=str(base.ROOT / "runs" / "instance_decoder"))
-    parser.add_argument("--write", action="store_true", help="store the decoder in the default model's checkpoint")
+    parser.add_argument("--model", default="default", help="the SAM whose embeddings it reads (default: the shipped one)")
+    parser.add_argument("--write", action="store_true",
+                        help="store the decoder in --model's checkpoint (the shipped file for the default)")
     args = parser.parse_args(argv)
 
     from tqdm.auto import tqdm
 
     torch.set_num_threads(args.threads)
-    model = load_model("default", device="cpu", dtype="float32")
+    model = load_model(args.model, device="cpu", dtype="float32")
+    output = base.OUTPUT if args.model == "default" else Path(args.model)
     train, validation = datasets(args.seed, args.synthetic, args.large, args.validation, args.cryonuseg_crops)
     config = DecoderTrainingConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
                                    initial_features=args.features, scale=args.scale, seed=args.seed)
@@ -127,11 +131,15 @@ def main(argv=None) -> None:
     print(json.dumps(provenance, indent=1))
     if args.write:
         advice = dict(base.AUTOMATIC_ADVICE, mode="ais", ais=AIS_ADVICE)
-        save_with_instance_decoder(model, decoder, base.OUTPUT, provenance, advice)
-        size = base.OUTPUT.stat().st_size
-        print(f"wrote {base.OUTPUT} ({size / 1e6:.1f} MB)")
+        save_with_instance_decoder(model, decoder, output, provenance, advice)
+        # stored as the default model stores its weights: matrices in float16
+        checkpoint = read_checkpoint(output)
+        write_checkpoint(output, base.half_precision(checkpoint.state_dict), checkpoint.metadata,
+                         {k: base.half_precision(v) for k, v in checkpoint.extras.items()})
+        size = output.stat().st_size
+        print(f"wrote {output} ({size / 1e6:.1f} MB)")
         if size > MAX_BYTES:
-            raise SystemExit(f"{base.OUTPUT} is {size} bytes, over the {MAX_BYTES} limit")
+            raise SystemExit(f"{output} is {size} bytes, over the {MAX_BYTES} limit")
 
 
 if __name__ == "__main__":

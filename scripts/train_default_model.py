@@ -43,6 +43,8 @@ from napari_sam.core.preprocess import Normalization
 from napari_sam.model import SamConfig, ViTConfig, build_sam
 from napari_sam.train import SegmentationDataset, Trainer, TrainingConfig
 
+from encoder_distillation import distill_encoder, with_new_encoder  # scripts/, beside this file
+
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUT = ROOT / "src" / "napari_sam" / "_models" / "default.pth"  # where load_model("default") looks
 DATA = ROOT.parent / "shared" / "data"
@@ -372,6 +374,16 @@ def train(args) -> Path:
         model = load_model(args.continue_from, device="cpu", dtype="float32")
         base = dict(model.metadata)
         args.easy_steps = 0
+    elif args.init_from:
+        from napari_sam.core.models import load_model
+
+        # A larger encoder for a trained model: the new encoder is taught the old one's
+        # embeddings first (encoder_distillation.py), the prompt encoder and mask decoder
+        # are kept, then everything trains end to end.
+        teacher = load_model(args.init_from, device="cpu", dtype="float32")
+        base = dict(teacher.metadata)
+        model = with_new_encoder(teacher, model_config(args.image_size, args.width, args.depth))
+        args.easy_steps = 0
     else:
         model = build_sam(model_config(args.image_size, args.width, args.depth))
         prepare_from_scratch(model, args.tie_qk, args.pe_scale)
@@ -385,6 +397,11 @@ def train(args) -> Path:
     # A start on large objects only: from scratch, the decoder has to discover that the
     # prompt says where to look, and it does so far sooner when objects are big. They stay
     # in the mix afterwards: without them the model forgot it all again within 200 steps.
+    out = Path(args.output)
+    resume = args.resume and out.is_file()
+    if args.init_from and not resume:
+        distill_encoder(model, teacher, train_data, args.distill_minutes, NORMALIZATION, seed=args.seed)
+        del teacher
     easy = train_data.subset([i for i, n in enumerate(train_data.names) if n.startswith("large synthetic")])
     print(
         f"data: {len(train_data)} training planes ({args.synthetic} synthetic, {args.large} with large objects), "
@@ -413,13 +430,20 @@ def train(args) -> Path:
         normalization=NORMALIZATION,
         native_tiles=False,  # its crops are cut at native scale already, each one model input or less
     )
-    trainer = Trainer(model, train_data, config, validation_data=val_data, device="cpu")
-    out = Path(args.output)
+    if resume:
+        # The run's own last save: weights, step, settings (with the step count chosen
+        # for its time budget) and the optimizer's moments beside it.
+        trainer = Trainer.resume(out, train_data, validation_data=val_data, device="cpu")
+        config = trainer.config
+        args.steps = config.steps
+        print(f"resuming {out} at step {trainer.step} of {config.steps}")
+    else:
+        trainer = Trainer(model, train_data, config, validation_data=val_data, device="cpu")
     out.parent.mkdir(parents=True, exist_ok=True)
     budget = args.minutes * 60.0
     start = time.perf_counter()
     losses, ious = [], []
-    if args.easy_steps:
+    if trainer.step < args.easy_steps:
         trainer.train_data = easy
         print(f"first {args.easy_steps} steps on large synthetic objects only")
     while trainer.step < config.steps:
@@ -458,7 +482,7 @@ def train(args) -> Path:
             trainer.history[-1]["validation_iou"] = val["iou"]
             print(f"  validation IoU: point {val['point']:.3f}  box {val['box']:.3f}  ({val['objects']} objects)",
                   flush=True)
-            trainer.save(out, optimizer=False)
+            trainer.save(out, optimizer=True)
         if not args.steps and elapsed > budget * 1.08 and trainer.step < config.steps:
             # A slower machine (or a busy one) must not overrun the time given.
             print(f"time is up after {trainer.step} of {config.steps} steps: stopping early")
@@ -475,8 +499,8 @@ def train(args) -> Path:
             "command": "scripts/train_default_model.py " + " ".join(sys.argv[1:]),
             "torch_threads": torch.get_num_threads(),
             "first_steps_on_large_synthetic_objects": args.easy_steps,
-        } | ({} if base is None else {"continued_from": {
-            "checkpoint": str(args.continue_from),
+        } | ({} if base is None else {"continued_from" if args.continue_from else "encoder_distilled_from": {
+            "checkpoint": str(args.continue_from or args.init_from),
             "default_model": base.get("default_model"),
             "training": {k: base.get("training", {}).get(k) for k in ("mode", "steps", "seed", "date", "settings")},
         }}),
@@ -509,7 +533,17 @@ def _add_metadata(path: Path, extra: dict) -> None:
     # for the relaxed grid (docs/volumes.md).
     meta.setdefault("automatic", AUTOMATIC_ADVICE)  # a model trained further keeps its own (an instance decoder's)
     meta["scale"] = SCALE_ADVICE
-    write_checkpoint(path, checkpoint.state_dict, meta, checkpoint.extras or None)
+    write_checkpoint(path, half_precision(checkpoint.state_dict), meta,
+                     {k: half_precision(v) for k, v in checkpoint.extras.items()} or None)
+
+
+def half_precision(state: dict) -> dict:
+    """``state`` with its weight matrices (4096 elements or more) in float16.
+
+    Halves the file (issue 15 allows 25 MB): every loader casts to its own precision
+    (``load_model`` to float32), and the large matrices lose nothing measurable, while
+    the small tensors (norms, biases, the Fourier features' matrix) stay float32."""
+    return {k: v.half() if v.is_floating_point() and v.numel() >= 4096 else v for k, v in state.items()}
 
 
 def write_scale_advice(path: Path) -> None:
@@ -634,6 +668,12 @@ def main(argv=None) -> None:
     parser.add_argument("--image-size", type=int, default=IMAGE_SIZE, help="model input side (default 256)")
     parser.add_argument("--output", default=str(OUTPUT))
     parser.add_argument("--continue-from", help="train this checkpoint further instead of a new model")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run saved at --output (same arguments otherwise) instead of starting again")
+    parser.add_argument("--init-from", help="give this trained checkpoint a new image encoder (--width, --depth), "
+                        "taught its embeddings first, then train end to end")
+    parser.add_argument("--distill-minutes", type=float, default=12.0,
+                        help="time for teaching the new encoder (with --init-from)")
     parser.add_argument("--mode", choices=["full", "decoder"], default="full",
                         help="what is trained (decoder: prompt encoder and mask decoder; keeps an instance decoder)")
     parser.add_argument("--zoom-min", type=float, default=0.75, help="smallest zoom of the real crops")
