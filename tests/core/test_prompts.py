@@ -37,6 +37,17 @@ def test_make_refuses_what_describes_no_object(kwargs, message):
         Prompt.make(**kwargs)
 
 
+@pytest.mark.parametrize("kwargs, message", [(dict(points=[[1, 2]], labels=[2]), "1 \\(foreground\\) or 0"),
+                                             (dict(box=[5, 2, 3, 4]), "x1 > x0")])
+def test_the_constructor_validates_as_make_does(kwargs, message):
+    # Prompt(points=[[x, y]]) with plain lists used to be accepted and to fail deep in the decoder
+    p = Prompt(points=[[3, 4]])
+    assert p.points.dtype == np.float64 and p.points.shape == (1, 2) and p.labels.tolist() == [1]
+    assert Prompt(box=(0, 0, 4, 4)).box.dtype == np.float64
+    with pytest.raises(ValueError, match=message):
+        Prompt(**kwargs)
+
+
 def test_on_plane_checks_bounds_and_clips_the_box():
     p = Prompt.make([[5, 5]], box=[-3, 2, 20, 30]).on_plane((25, 15))
     assert p.box.tolist() == [0, 2, 15, 25]

@@ -36,14 +36,24 @@ class Prompt:
         object.
     """
 
-    points: np.ndarray
-    labels: np.ndarray
+    points: np.ndarray | None = None
+    labels: np.ndarray | None = None
     box: np.ndarray | None = None
     previous: PlaneMask | None = field(default=None, compare=False)
 
+    def __post_init__(self) -> None:
+        # Whatever the caller passed (lists, tuples, arrays of any dtype), the fields hold
+        # the validated arrays documented above, so that a bad prompt fails here, in one
+        # line, and not deep inside the tiled decoder.
+        points, labels, box = _validated(self.points, self.labels, self.box)
+        object.__setattr__(self, "points", points)
+        object.__setattr__(self, "labels", labels)
+        object.__setattr__(self, "box", box)
+
     @classmethod
     def make(cls, points=None, labels=None, box=None, previous: PlaneMask | None = None) -> Prompt:
-        """Build and validate from lists or arrays; labels default to foreground.
+        """Build and validate from lists or arrays; labels default to foreground
+        (the same as ``Prompt(points, labels, box, previous)``).
 
         Raises
         ------
@@ -52,31 +62,7 @@ class Prompt:
             a box that is not (x0, y0, x1, y1) with x1 > x0 and y1 > y0, or an object with
             neither a box nor a foreground point.
         """
-        pts = np.zeros((0, 2)) if points is None else np.asarray(points, dtype=np.float64)
-        if pts.size % 2:
-            raise ValueError(f"points are (x, y) pairs, got {pts.size} number(s)")
-        pts = pts.reshape(-1, 2)
-        # read as floats first: casting 0.5 or NaN straight to int would pass as 0
-        raw = np.ones(len(pts)) if labels is None else np.asarray(labels, dtype=np.float64).reshape(-1)
-        if len(raw) != len(pts):
-            raise ValueError(f"{len(pts)} point(s) but {len(raw)} label(s)")
-        if not np.isin(raw, (0, 1)).all():
-            raise ValueError("point labels must be 1 (foreground) or 0 (background)")
-        lbl = raw.astype(np.int64)
-        if not np.isfinite(pts).all():
-            raise ValueError("point coordinates must be finite numbers")
-        bx = None
-        if box is not None:
-            bx = np.asarray(box, dtype=np.float64).reshape(-1)
-            if bx.shape != (4,):
-                raise ValueError(f"a box is (x0, y0, x1, y1), got {bx.size} number(s)")
-            if not np.isfinite(bx).all():
-                raise ValueError("box coordinates must be finite numbers")
-            if bx[2] <= bx[0] or bx[3] <= bx[1]:
-                raise ValueError(f"boxes need x1 > x0 and y1 > y0 (x0, y0, x1, y1), got {bx.tolist()}")
-        if bx is None and not (lbl == 1).any():
-            raise ValueError("an object needs a box or at least one foreground point")
-        return cls(pts, lbl, bx, previous)
+        return cls(points, labels, box, previous)
 
     @property
     def ambiguous(self) -> bool:
@@ -107,6 +93,36 @@ class Prompt:
             "labels": self.labels if has_points else None,
             "box": self.box,
         }
+
+
+def _validated(points, labels, box) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(points (N, 2) float64, labels (N,) int64, box (4,) float64 or None), checked as
+    :meth:`Prompt.make` documents."""
+    pts = np.zeros((0, 2)) if points is None else np.asarray(points, dtype=np.float64)
+    if pts.size % 2:
+        raise ValueError(f"points are (x, y) pairs, got {pts.size} number(s)")
+    pts = pts.reshape(-1, 2)
+    # read as floats first: casting 0.5 or NaN straight to int would pass as 0
+    raw = np.ones(len(pts)) if labels is None else np.asarray(labels, dtype=np.float64).reshape(-1)
+    if len(raw) != len(pts):
+        raise ValueError(f"{len(pts)} point(s) but {len(raw)} label(s)")
+    if not np.isin(raw, (0, 1)).all():
+        raise ValueError("point labels must be 1 (foreground) or 0 (background)")
+    lbl = raw.astype(np.int64)
+    if not np.isfinite(pts).all():
+        raise ValueError("point coordinates must be finite numbers")
+    bx = None
+    if box is not None:
+        bx = np.asarray(box, dtype=np.float64).reshape(-1)
+        if bx.shape != (4,):
+            raise ValueError(f"a box is (x0, y0, x1, y1), got {bx.size} number(s)")
+        if not np.isfinite(bx).all():
+            raise ValueError("box coordinates must be finite numbers")
+        if bx[2] <= bx[0] or bx[3] <= bx[1]:
+            raise ValueError(f"boxes need x1 > x0 and y1 > y0 (x0, y0, x1, y1), got {bx.tolist()}")
+    if bx is None and not (lbl == 1).any():
+        raise ValueError("an object needs a box or at least one foreground point")
+    return pts, lbl, bx
 
 
 def load_prompts(path: str | os.PathLike) -> list[Prompt]:
