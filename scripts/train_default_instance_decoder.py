@@ -49,8 +49,16 @@ AIS_ADVICE = {"boundary_distance_threshold": 0.6, "min_size": 25}
 CRYONUSEG = base.DATA / "cryonuseg_he_examples"
 
 
-def datasets(seed: int, n_synthetic: int, n_large: int, n_validation: int, crops: int):
-    """(training, validation): the default model's recipe plus CryoNuSeg H&E crops."""
+def datasets(seed: int, n_synthetic: int, n_large: int, n_validation: int, crops: int, scale_matched: bool = False):
+    """(training, validation): the default model's recipe plus CryoNuSeg H&E crops.
+
+    ``scale_matched``: real crops enlarged as inference enlarges their planes
+    (``base.scale_matched_zoom``), so that AIS can read the embeddings the prompts use;
+    the CryoNuSeg tiles come with ``build_datasets``' 15 crops each then."""
+    if scale_matched:
+        train, validation = base.build_datasets(seed, n_synthetic, n_validation, n_large, None, True)
+        description = dict(train.description, source="scripts/train_default_instance_decoder.py")
+        return SegmentationDataset(list(train._loaders), list(train.names), description), validation
     train, validation = base.build_datasets(seed, n_synthetic, n_validation, n_large)
     loaders, names = list(train._loaders), list(train.names)
     if CRYONUSEG.is_dir():
@@ -78,6 +86,9 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--checkpoint-dir", default=str(base.ROOT / "runs" / "instance_decoder"))
+    parser.add_argument("--scale-matched", action="store_true",
+                        help="real crops enlarged as the scale advice enlarges their planes; AIS then reads the "
+                        "prompts' (magnified) embeddings")
     parser.add_argument("--model", default="default", help="the SAM whose embeddings it reads (default: the shipped one)")
     parser.add_argument("--write", action="store_true",
                         help="store the decoder in --model's checkpoint (the shipped file for the default)")
@@ -88,7 +99,8 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     model = load_model(args.model, device="cpu", dtype="float32")
     output = base.OUTPUT if args.model == "default" else Path(args.model)
-    train, validation = datasets(args.seed, args.synthetic, args.large, args.validation, args.cryonuseg_crops)
+    train, validation = datasets(args.seed, args.synthetic, args.large, args.validation, args.cryonuseg_crops,
+                                 args.scale_matched)
     config = DecoderTrainingConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
                                    initial_features=args.features, scale=args.scale, seed=args.seed)
     folder = Path(args.checkpoint_dir)
@@ -127,6 +139,8 @@ def main(argv=None) -> None:
         "minutes_this_run": round(minutes, 1),
         "torch": str(torch.__version__),
         "threads": args.threads,
+        # read by napari_sam.auto.modes.reads_native_scale
+        "scale_matched": bool(args.scale_matched),
     }
     print(json.dumps(provenance, indent=1))
     if args.write:

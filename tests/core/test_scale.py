@@ -136,3 +136,18 @@ def test_command_line_magnification(tmp_path, tiny_checkpoint, capsys):
     with pytest.raises(SystemExit):
         main(args + ["--magnification", "big"])
     assert "a number or 'auto'" in capsys.readouterr().err
+
+
+def test_a_scale_matched_instance_decoder_reads_the_prompts_embeddings(tiny_model):
+    from napari_sam.auto.modes import _for_decoder, reads_native_scale
+
+    plane = _discs(10, (300, 300))
+    m = tiny_model.config.image_size / 128
+    emb = Embeddings(plane, tiny_model, cache=False, axes="YX", magnification=m)
+    # micro-sam's decoders and ours before 2026-12-04 learned at the planes' own scale
+    assert reads_native_scale(tiny_model) and _for_decoder(tiny_model, emb) is emb.at_magnification(1.0)
+    matched = _with_scale(tiny_model, {"object_diameter": 10.0 * m})
+    matched.metadata["instance_decoder"] = {"scale_matched": True}
+    assert not reads_native_scale(matched) and _for_decoder(matched, emb) is emb
+    matched.metadata["instance_decoder"] = {"scale_matched": "yes"}  # only a JSON true counts
+    assert reads_native_scale(matched)

@@ -47,6 +47,7 @@ __all__ = [
     "BOXES_OPTIONS",
     "MODES",
     "available_modes",
+    "reads_native_scale",
     "iter_segment_plane",
     "iter_segment_volume",
     "segment_plane",
@@ -87,10 +88,24 @@ def _settings(cls, advised, mode: str, overrides: dict, extra: dict) -> tuple[An
     return settings, options
 
 
-def _native(embeddings):
-    """The embeddings at magnification 1 (the same object when they are)."""
+def reads_native_scale(model) -> bool:
+    """Whether ``model``'s instance decoder must read embeddings at magnification 1.
+
+    Instance decoders (micro-sam's, and any trained on planes at their own scale) learned
+    their maps there: at the default model's magnification for prompts, such a decoder
+    lost on held-out DSB images (mSA 0.415 against 0.434; docs/default_model.md, "Scale").
+    A decoder trained on crops enlarged as the model's scale advice enlarges planes says
+    so in the checkpoint (``metadata["instance_decoder"]["scale_matched"]``) and reads the
+    prompts' embeddings."""
+    provenance = getattr(model, "metadata", {}).get("instance_decoder") or {}
+    return not (isinstance(provenance, dict) and provenance.get("scale_matched") is True)
+
+
+def _for_decoder(model, embeddings):
+    """The embeddings the instance decoder reads: these, or the same image's at
+    magnification 1 (made once and cached beside them)."""
     at = getattr(embeddings, "at_magnification", None)
-    return embeddings if at is None else at(1.0)
+    return embeddings if at is None or not reads_native_scale(model) else at(1.0)
 
 
 def _plan(model, mode: str | None, advice: Recommended | None, overrides: dict) -> _PlaneRun:
@@ -105,15 +120,12 @@ def _plan(model, mode: str | None, advice: Recommended | None, overrides: dict) 
             f"its modes are {', '.join(available_modes(model))}"
         )
     decoder = model.instance_decoder
-    # Instance decoders (micro-sam's and ours) learned their maps from embeddings at the
-    # images' own scale; at the default model's magnification for prompts, AIS lost
-    # (held-out DSB mSA 0.415 against 0.434, docs/default_model.md "Scale").
     if mode == "ais":
         ais, opts = _settings(AISSettings, advice.ais, mode, overrides, _AIS_OPTIONS)
-        return lambda emb, plane: iter_ais(_native(emb), plane, decoder, ais, opts["batch_size"])
+        return lambda emb, plane: iter_ais(_for_decoder(model, emb), plane, decoder, ais, opts["batch_size"])
     if mode == "apg":
         apg, _ = _settings(APGSettings, advice.apg, mode, overrides, {})
-        return lambda emb, plane: iter_apg(_native(emb), plane, decoder, apg)
+        return lambda emb, plane: iter_apg(_for_decoder(model, emb), plane, decoder, apg)
     if mode == "auto":
         grid, _ = _settings(GridConfig, advice.grid, mode, overrides, {})
 

@@ -218,7 +218,7 @@ def _segment_all(args) -> int:
     import numpy as np
     from tqdm.auto import tqdm
 
-    from ..auto.modes import iter_segment_plane, iter_segment_volume
+    from ..auto.modes import iter_segment_plane, iter_segment_volume, reads_native_scale
     from ..core.embeddings import Embeddings
     from ..core.image_source import ImageSource
     from ..core.models import resolve_model
@@ -229,7 +229,7 @@ def _segment_all(args) -> int:
     _check_labels_into(args, source.plane_grid + source.plane_shape)
     model = resolve_model(args.model, device=args.device, dtype=args.dtype)
     _check_mode(args.mode, model)
-    if args.mode in ("ais", "apg") and args.magnification not in (None, "auto", 1.0):
+    if args.mode in ("ais", "apg") and args.magnification not in (None, "auto", 1.0) and reads_native_scale(model):
         print(f"note: --mode {args.mode} reads embeddings at magnification 1, where the instance decoder learned; "
               f"--magnification {args.magnification:g} would change nothing", file=sys.stderr)
     emb = Embeddings(source, model, cache=False, magnification=args.magnification, diameter=args.diameter)

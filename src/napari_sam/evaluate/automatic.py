@@ -213,7 +213,7 @@ def iter_evaluate_modes(
     name: str | None = None,
 ) -> Generator[EvalProgress, None, list[dict]]:
     """:func:`evaluate_modes` as a generator: yields after each image (all its modes)."""
-    from ..auto.modes import iter_segment_plane
+    from ..auto.modes import iter_segment_plane, reads_native_scale
     from ..auto.recommend import recommended
     from ..auto.results import run
 
@@ -235,9 +235,10 @@ def iter_evaluate_modes(
     segment_baseline = watershed_segmenter(_BASELINE_MIN_AREA)
     for n, pair in enumerate(pairs, start=1):
         if modes:
-            # The instance decoder's modes read embeddings at magnification 1 (auto.modes):
-            # made here, they are timed as embedding, not as the mode.
-            native = all(mode in ("ais", "apg") for mode in modes)
+            # The instance decoder's modes may read embeddings at magnification 1
+            # (auto.modes.reads_native_scale): made here, they are timed as embedding,
+            # not as the mode.
+            native = all(mode in ("ais", "apg") for mode in modes) and reads_native_scale(model)
             emb, seconds = _embed(pair.image, model, 1.0 if native else None)
             embed_seconds.append(seconds)
             for mode in modes:
