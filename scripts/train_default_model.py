@@ -400,7 +400,18 @@ def train(args) -> Path:
     out = Path(args.output)
     resume = args.resume and out.is_file()
     if args.init_from and not resume:
-        distill_encoder(model, teacher, train_data, args.distill_minutes, NORMALIZATION, seed=args.seed)
+        if args.distilled and Path(args.distilled).is_file():
+            # a run taught before: its encoder (and the teacher's decoder it kept)
+            model.load_state_dict(load_model(args.distilled, device="cpu", dtype="float32").state_dict())
+            print(f"encoder taught before: {args.distilled}")
+        else:
+            distill_encoder(model, teacher, train_data, args.distill_minutes, NORMALIZATION, seed=args.seed)
+            if args.distilled:
+                from napari_sam.model.checkpoint import write_checkpoint
+                from napari_sam.model.config import config_to_dict
+
+                write_checkpoint(args.distilled, half_precision(model.state_dict()),
+                                 {"config": config_to_dict(model.config), "scale": SCALE_ADVICE})
         del teacher
     easy = train_data.subset([i for i, n in enumerate(train_data.names) if n.startswith("large synthetic")])
     print(
@@ -443,6 +454,10 @@ def train(args) -> Path:
     budget = args.minutes * 60.0
     start = time.perf_counter()
     losses, ious = [], []
+    if base is not None and trainer.step == 0:
+        # what training further has to beat
+        val = trainer.validate()
+        print(f"  validation IoU before the first step: point {val['point']:.3f}  box {val['box']:.3f}", flush=True)
     if trainer.step < args.easy_steps:
         trainer.train_data = easy
         print(f"first {args.easy_steps} steps on large synthetic objects only")
@@ -674,6 +689,8 @@ def main(argv=None) -> None:
                         "taught its embeddings first, then train end to end")
     parser.add_argument("--distill-minutes", type=float, default=12.0,
                         help="time for teaching the new encoder (with --init-from)")
+    parser.add_argument("--distilled", help="with --init-from: keep the taught model here, or start from it when "
+                        "the file exists (to try settings of the end-to-end training without teaching again)")
     parser.add_argument("--mode", choices=["full", "decoder"], default="full",
                         help="what is trained (decoder: prompt encoder and mask decoder; keeps an instance decoder)")
     parser.add_argument("--zoom-min", type=float, default=0.75, help="smallest zoom of the real crops")
