@@ -53,6 +53,7 @@ def distill_encoder(
     learning_rate: float = 1e-3,
     images_per_step: int = 4,
     seed: int = 0,
+    steps: int | None = None,
 ) -> list[float]:
     """Train ``student.image_encoder`` to give ``teacher``'s image embeddings.
 
@@ -64,6 +65,9 @@ def distill_encoder(
     ----------
     minutes
         Wall-clock budget; the schedule follows the elapsed fraction of it.
+    steps
+        A fixed number of optimiser steps instead (the schedule follows them; ``minutes``
+        is ignored): what repeats a run exactly, whatever the machine's speed.
     images_per_step
         Planes whose losses are summed before each optimiser step.
 
@@ -82,8 +86,11 @@ def distill_encoder(
     start = time.perf_counter()
     losses: list[float] = []
     step = 0
-    while (elapsed := time.perf_counter() - start) < budget:
-        fraction = elapsed / budget
+    while True:
+        elapsed = time.perf_counter() - start
+        if (elapsed >= budget) if steps is None else (step >= steps):
+            break
+        fraction = elapsed / budget if steps is None else step / steps
         warm = min(1.0, (step + 1) / 20)
         lr = learning_rate * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * fraction)))
         for group in optimizer.param_groups:

@@ -405,7 +405,8 @@ def train(args) -> Path:
             model.load_state_dict(load_model(args.distilled, device="cpu", dtype="float32").state_dict())
             print(f"encoder taught before: {args.distilled}")
         else:
-            distill_encoder(model, teacher, train_data, args.distill_minutes, NORMALIZATION, seed=args.seed)
+            distill_encoder(model, teacher, train_data, args.distill_minutes, NORMALIZATION, seed=args.seed,
+                            steps=args.distill_steps)
             if args.distilled:
                 from napari_sam.model.checkpoint import write_checkpoint
                 from napari_sam.model.config import config_to_dict
@@ -689,6 +690,7 @@ def main(argv=None) -> None:
                         "taught its embeddings first, then train end to end")
     parser.add_argument("--distill-minutes", type=float, default=12.0,
                         help="time for teaching the new encoder (with --init-from)")
+    parser.add_argument("--distill-steps", type=int, help="a fixed number of teaching steps instead of minutes")
     parser.add_argument("--distilled", help="with --init-from: keep the taught model here, or start from it when "
                         "the file exists (to try settings of the end-to-end training without teaching again)")
     parser.add_argument("--mode", choices=["full", "decoder"], default="full",

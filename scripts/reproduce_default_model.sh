@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Rebuild the shipped default model (src/napari_sam/_models/default.pth) from nothing,
+# stage by stage, as it was made; every stage with a fixed seed and step count. About
+# 3.5 hours on 2 CPU cores. docs/default_model.md says what each stage does and why.
+#
+#   bash scripts/reproduce_default_model.sh [OUTPUT_FOLDER]   # default runs/default_model
+#
+# Each stage's checkpoint stays in OUTPUT_FOLDER; the last one is copied over the
+# shipped file only with REPLACE=1 in the environment.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-runs/default_model}
+PY=${PYTHON:-.venv/bin/python}
+mkdir -p "$OUT"
+
+# 1. From scratch: a 0.83M-parameter encoder, 9616 steps (about 1 hour), then the scale
+#    advice (objects about 30 pixels across) written into it.
+$PY scripts/train_default_model.py --steps 9616 --output "$OUT/1_from_scratch.pth" --no-evaluate
+$PY scripts/train_default_model.py --scale-only --output "$OUT/1_from_scratch.pth" --no-evaluate
+
+# 2. Prompt encoder and mask decoder further: corrective clicks on every step,
+#    scale-matched crops, the CryoNuSeg tiles (about 1 hour).
+$PY scripts/train_default_model.py --continue-from "$OUT/1_from_scratch.pth" --mode decoder --lr 1e-4 \
+    --corrective-from 0 --corrective-iterations 4 --mask-prompt-probability 0.7 --scale-matched --cryonuseg \
+    --seed 1 --steps 4657 --output "$OUT/2_decoder.pth" --no-evaluate
+
+# 3. A 3.5M-parameter encoder taught the old one's embeddings (1607 steps of 4 planes),
+#    then the whole model end to end (about 1 hour together).
+$PY scripts/train_default_model.py --init-from "$OUT/2_decoder.pth" --distilled "$OUT/3_distilled.pth" \
+    --width 192 --depth 6 --distill-steps 1607 --lr 1e-4 --corrective-from 0 --corrective-iterations 3 \
+    --mask-prompt-probability 0.7 --scale-matched --cryonuseg --seed 2 --steps 3195 \
+    --output "$OUT/3_larger_encoder.pth" --no-evaluate
+
+# 4. The instance decoder for automatic segmentation, on the final encoder's embeddings
+#    of scale-matched crops (about 25 minutes), stored in the same file.
+$PY scripts/train_default_instance_decoder.py --model "$OUT/3_larger_encoder.pth" --scale-matched \
+    --steps 4000 --features 16 --synthetic 600 --large 100 --validation 30 \
+    --checkpoint-dir "$OUT/instance_decoder" --write
+
+# The held-out figures of docs/default_model.md
+$PY scripts/train_default_model.py --evaluate-only --output "$OUT/3_larger_encoder.pth"
+if [ "${REPLACE:-0}" = 1 ]; then
+    cp "$OUT/3_larger_encoder.pth" src/napari_sam/_models/default.pth
+fi
