@@ -89,7 +89,8 @@ def main(argv=None) -> None:
     parser.add_argument("--scale-matched", action="store_true",
                         help="real crops enlarged as the scale advice enlarges their planes; AIS then reads the "
                         "prompts' (magnified) embeddings")
-    parser.add_argument("--model", default="default", help="the SAM whose embeddings it reads (default: the shipped one)")
+    parser.add_argument("--model", default="default",
+                        help="the SAM whose embeddings it reads (default: the shipped one)")
     parser.add_argument("--write", action="store_true",
                         help="store the decoder in --model's checkpoint (the shipped file for the default)")
     args = parser.parse_args(argv)

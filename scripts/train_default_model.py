@@ -37,13 +37,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from encoder_distillation import distill_encoder, with_new_encoder  # scripts/, beside this file
 from scipy import ndimage as ndi
 
 from napari_sam.core.preprocess import Normalization
 from napari_sam.model import SamConfig, ViTConfig, build_sam
 from napari_sam.train import SegmentationDataset, Trainer, TrainingConfig
-
-from encoder_distillation import distill_encoder, with_new_encoder  # scripts/, beside this file
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUT = ROOT / "src" / "napari_sam" / "_models" / "default.pth"  # where load_model("default") looks

@@ -36,8 +36,10 @@ class Prompt:
         object.
     """
 
-    points: np.ndarray | None = None
-    labels: np.ndarray | None = None
+    # The constructor also takes None, lists and tuples; __post_init__ turns them into
+    # the arrays documented above, so readers may rely on these two never being None.
+    points: np.ndarray = None  # type: ignore[assignment]
+    labels: np.ndarray = None  # type: ignore[assignment]
     box: np.ndarray | None = None
     previous: PlaneMask | None = field(default=None, compare=False)
 
