@@ -69,7 +69,7 @@ def distill_encoder(
         A fixed number of optimiser steps instead (the schedule follows them; ``minutes``
         is ignored): what repeats a run exactly, whatever the machine's speed.
     images_per_step
-        Planes whose losses are summed before each optimiser step.
+        Planes whose losses are averaged into each optimiser step.
 
     Returns
     -------

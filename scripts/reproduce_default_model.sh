@@ -28,7 +28,7 @@ $PY scripts/train_default_model.py --continue-from "$OUT/1_from_scratch.pth" --m
 #    then the whole model end to end (about 1 hour together).
 $PY scripts/train_default_model.py --init-from "$OUT/2_decoder.pth" --distilled "$OUT/3_distilled.pth" \
     --width 192 --depth 6 --distill-steps 1607 --lr 1e-4 --corrective-from 0 --corrective-iterations 3 \
-    --mask-prompt-probability 0.7 --scale-matched --cryonuseg --seed 2 --steps 3195 \
+    --mask-prompt-probability 0.7 --scale-matched --cryonuseg --seed 2 --steps 3195 --half \
     --output "$OUT/3_larger_encoder.pth" --no-evaluate
 
 # 4. The instance decoder for automatic segmentation, on the final encoder's embeddings

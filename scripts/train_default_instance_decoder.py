@@ -6,8 +6,9 @@ One command (about 25 minutes on 2 CPU cores; see docs/automatic.md)::
 
 trains a decoder on the frozen default model's embeddings with the package's trainer
 (:func:`napari_sam.train.iter_train_instance_decoder`) and, with ``--write``, stores it in
-``src/napari_sam/_models/default.pth`` as micro-sam stores its decoders (a
-``decoder_state`` entry beside the SAM weights, which stay untouched), with the
+``--model``'s file (``src/napari_sam/_models/default.pth`` for the default) as micro-sam
+stores its decoders (a ``decoder_state`` entry beside the SAM weights, whose values stay
+as they are; the whole file is then stored with its matrices in float16), with the
 provenance in the metadata and AIS as the recommended automatic mode.
 
 Data: the default model's own training data (scripts/train_default_model.py's
@@ -15,7 +16,8 @@ Data: the default model's own training data (scripts/train_default_model.py's
 ../shared/data, never the held-out images) plus crops of the two CryoNuSeg H&E example
 tiles (MIT). MoNuSeg is never used (non-commercial licence; evaluation only).
 Checkpoints and a log go to ``--checkpoint-dir`` (default ``runs/instance_decoder``): an
-interrupted run started again with the same arguments resumes.
+interrupted run started again with the same arguments resumes; a folder that holds a run
+on another model or other data is refused.
 """
 
 from __future__ import annotations
@@ -97,15 +99,24 @@ def main(argv=None) -> None:
 
     from tqdm.auto import tqdm
 
+    output = base.OUTPUT if args.model == "default" else Path(args.model)
+    if args.write and not output.is_file():
+        parser.error(f"--write stores the decoder in the model's own file; {args.model} is not a checkpoint file")
     torch.set_num_threads(args.threads)
     model = load_model(args.model, device="cpu", dtype="float32")
-    output = base.OUTPUT if args.model == "default" else Path(args.model)
     train, validation = datasets(args.seed, args.synthetic, args.large, args.validation, args.cryonuseg_crops,
                                  args.scale_matched)
     config = DecoderTrainingConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
                                    initial_features=args.features, scale=args.scale, seed=args.seed)
     folder = Path(args.checkpoint_dir)
     folder.mkdir(parents=True, exist_ok=True)
+    _same_run_or_exit(folder, {
+        # the trainer's resume checks only its own settings; embeddings of another model
+        # or other crops would make a resumed (or already finished) decoder wrong
+        "model": _file_digest(output) if output.is_file() else args.model,
+        "scale_matched": bool(args.scale_matched),
+        "data": [args.seed, args.synthetic, args.large, args.validation, args.cryonuseg_crops],
+    })
     log = open(folder / "log.jsonl", "a")
     started = time.time()
     run = iter_train_instance_decoder(model, train, validation, config, folder)
@@ -155,6 +166,32 @@ def main(argv=None) -> None:
         print(f"wrote {output} ({size / 1e6:.1f} MB)")
         if size > MAX_BYTES:
             raise SystemExit(f"{output} is {size} bytes, over the {MAX_BYTES} limit")
+
+
+def _file_digest(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _same_run_or_exit(folder: Path, identity: dict) -> None:
+    """Record what the run in ``folder`` trains on, or refuse a folder of another run."""
+    record = folder / "run.json"
+    if record.is_file():
+        if json.loads(record.read_text()) != identity:
+            raise SystemExit(f"{folder} holds a run on another model or other data (its run.json): "
+                             "give another --checkpoint-dir or delete that folder")
+        return
+    if any(folder.iterdir()):
+        raise SystemExit(f"{folder} holds files of a run that did not record its model: "
+                         "give another --checkpoint-dir or delete that folder")
+    tmp = record.with_suffix(".tmp")
+    tmp.write_text(json.dumps(identity))
+    tmp.replace(record)
 
 
 if __name__ == "__main__":

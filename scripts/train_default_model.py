@@ -393,26 +393,33 @@ def train(args) -> Path:
     train_data, val_data = build_datasets(args.seed, args.synthetic, args.validation, args.large,
                                           None if args.scale_matched else (args.zoom_min, args.zoom_max),
                                           args.cryonuseg)
-    # A start on large objects only: from scratch, the decoder has to discover that the
-    # prompt says where to look, and it does so far sooner when objects are big. They stay
-    # in the mix afterwards: without them the model forgot it all again within 200 steps.
     out = Path(args.output)
     resume = args.resume and out.is_file()
     if args.init_from and not resume:
         if args.distilled and Path(args.distilled).is_file():
-            # a run taught before: its encoder (and the teacher's decoder it kept)
-            model.load_state_dict(load_model(args.distilled, device="cpu", dtype="float32").state_dict())
-            print(f"encoder taught before: {args.distilled}")
+            # a run taught before: its encoder (and the teacher's decoder it kept); a
+            # different --width or --depth fails here on the tensors' shapes
+            taught = load_model(args.distilled, device="cpu", dtype="float32")
+            model.load_state_dict(taught.state_dict())
+            print(f"encoder taught before: {args.distilled} ({taught.metadata.get('distilled')})")
         else:
-            distill_encoder(model, teacher, train_data, args.distill_minutes, NORMALIZATION, seed=args.seed,
-                            steps=args.distill_steps)
+            if args.distilled:
+                Path(args.distilled).parent.mkdir(parents=True, exist_ok=True)  # before the minutes of work
+            losses = distill_encoder(model, teacher, train_data, args.distill_minutes, NORMALIZATION,
+                                     seed=args.seed, steps=args.distill_steps)
             if args.distilled:
                 from napari_sam.model.checkpoint import write_checkpoint
                 from napari_sam.model.config import config_to_dict
 
-                write_checkpoint(args.distilled, half_precision(model.state_dict()),
-                                 {"config": config_to_dict(model.config), "scale": SCALE_ADVICE})
+                # float32, as the run goes on from it in memory: a reuse starts from the same weights
+                write_checkpoint(args.distilled, model.state_dict(),
+                                 {"config": config_to_dict(model.config), "scale": SCALE_ADVICE,
+                                  "distilled": {"teacher": str(args.init_from), "steps": len(losses), "seed": args.seed,
+                                                "last_mse": round(float(np.mean(losses[-50:])), 5)}})
         del teacher
+    # A start on large objects only: from scratch, the decoder has to discover that the
+    # prompt says where to look, and it does so far sooner when objects are big. They stay
+    # in the mix afterwards: without them the model forgot it all again within 200 steps.
     easy = train_data.subset([i for i, n in enumerate(train_data.names) if n.startswith("large synthetic")])
     print(
         f"data: {len(train_data)} training planes ({args.synthetic} synthetic, {args.large} with large objects), "
@@ -446,6 +453,9 @@ def train(args) -> Path:
         # for its time budget) and the optimizer's moments beside it.
         trainer = Trainer.resume(out, train_data, validation_data=val_data, device="cpu")
         config = trainer.config
+        if trainer.step >= config.steps:
+            # rewriting its metadata now would lose what only the first invocation knew
+            raise SystemExit(f"{out} finished its {config.steps} steps already: nothing to resume")
         args.steps = config.steps
         print(f"resuming {out} at step {trainer.step} of {config.steps}")
     else:
@@ -504,13 +514,17 @@ def train(args) -> Path:
             break
     minutes = (time.perf_counter() - start) / 60
     trainer.save(out, optimizer=False)
+    from napari_sam.train.checkpoints import optimizer_state_path
+
+    # only a resume reads it, and the run is over (it must never land beside the shipped file)
+    optimizer_state_path(out).unlink(missing_ok=True)
     # Record what the trainer does not know about: where the run came from and what to
     # keep out of any comparison.
     _add_metadata(
         out,
         {
             "held_out": HELD_OUT,
-            "training_minutes": round(minutes, 1),
+            "training_minutes": round(minutes, 1),  # of the last invocation when it resumed
             "command": "scripts/train_default_model.py " + " ".join(sys.argv[1:]),
             "torch_threads": torch.get_num_threads(),
             "first_steps_on_large_synthetic_objects": args.easy_steps,
@@ -519,6 +533,7 @@ def train(args) -> Path:
             "default_model": base.get("default_model"),
             "training": {k: base.get("training", {}).get(k) for k in ("mode", "steps", "seed", "date", "settings")},
         }}),
+        half=args.half,
     )
     size = out.stat().st_size
     print(f"wrote {out} ({size / 1e6:.2f} MB) after {trainer.step} steps, {minutes:.1f} min")
@@ -536,7 +551,7 @@ docs/default_model.md, "Scale")."""
 AUTOMATIC_ADVICE = {"mode": "boxes", "detector": "log", "grid": {"pred_iou_thresh": 0.6, "stability_thresh": 0.8}}
 
 
-def _add_metadata(path: Path, extra: dict) -> None:
+def _add_metadata(path: Path, extra: dict, half: bool = False) -> None:
     from napari_sam.model.checkpoint import read_checkpoint, write_checkpoint
 
     checkpoint = read_checkpoint(path)
@@ -548,8 +563,12 @@ def _add_metadata(path: Path, extra: dict) -> None:
     # for the relaxed grid (docs/volumes.md).
     meta.setdefault("automatic", AUTOMATIC_ADVICE)  # a model trained further keeps its own (an instance decoder's)
     meta["scale"] = SCALE_ADVICE
-    write_checkpoint(path, half_precision(checkpoint.state_dict), meta,
-                     {k: half_precision(v) for k, v in checkpoint.extras.items()} or None)
+    if half:
+        state = half_precision(checkpoint.state_dict)
+        extras = {k: half_precision(v) for k, v in checkpoint.extras.items()}
+    else:
+        state, extras = checkpoint.state_dict, dict(checkpoint.extras)
+    write_checkpoint(path, state, meta, extras or None)
 
 
 def half_precision(state: dict) -> dict:
@@ -682,16 +701,19 @@ def main(argv=None) -> None:
     parser.add_argument("--depth", type=int, default=3, help="image encoder blocks")
     parser.add_argument("--image-size", type=int, default=IMAGE_SIZE, help="model input side (default 256)")
     parser.add_argument("--output", default=str(OUTPUT))
-    parser.add_argument("--continue-from", help="train this checkpoint further instead of a new model")
+    start_from = parser.add_mutually_exclusive_group()
+    start_from.add_argument("--continue-from", help="train this checkpoint further instead of a new model")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run saved at --output (same arguments otherwise) instead of starting again")
-    parser.add_argument("--init-from", help="give this trained checkpoint a new image encoder (--width, --depth), "
+    start_from.add_argument("--init-from", help="give this trained checkpoint a new image encoder (--width, --depth), "
                         "taught its embeddings first, then train end to end")
     parser.add_argument("--distill-minutes", type=float, default=12.0,
                         help="time for teaching the new encoder (with --init-from)")
     parser.add_argument("--distill-steps", type=int, help="a fixed number of teaching steps instead of minutes")
     parser.add_argument("--distilled", help="with --init-from: keep the taught model here, or start from it when "
                         "the file exists (to try settings of the end-to-end training without teaching again)")
+    parser.add_argument("--half", action="store_true",
+                        help="store the weight matrices in float16 (the shipped file; halves it)")
     parser.add_argument("--mode", choices=["full", "decoder"], default="full",
                         help="what is trained (decoder: prompt encoder and mask decoder; keeps an instance decoder)")
     parser.add_argument("--zoom-min", type=float, default=0.75, help="smallest zoom of the real crops")
@@ -708,6 +730,8 @@ def main(argv=None) -> None:
         "--no-evaluate", action="store_true", help="skip the held-out evaluation (for trial runs: never tune on it)"
     )
     args = parser.parse_args(argv)
+    if args.distilled and not args.init_from:
+        parser.error("--distilled belongs to --init-from")
     torch.set_num_threads(args.threads)
 
     if args.scale_only:
