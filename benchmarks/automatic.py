@@ -46,13 +46,16 @@ def ais_speed(model, repeats: int) -> None:
     from napari_sam._sample_data import nuclei_2d
     from napari_sam.auto.ais import AISSettings, instances_from_maps
     from napari_sam.auto.instance_maps import iter_instance_maps
+    from napari_sam.auto.modes import reads_native_scale
     from napari_sam.auto.recommend import recommended
     from napari_sam.auto.results import run
     from napari_sam.core.embeddings import Embeddings
 
     image = nuclei_2d()[0][0]
     plane = np.block([[image, image[:, ::-1]], [image[::-1], image[::-1, ::-1]]])
-    emb = Embeddings(plane, model, cache=False)
+    # the embeddings AIS reads in the plugin: at magnification 1, or the prompts' (magnified)
+    # ones for a decoder trained scale-matched, which means more tiles to decode
+    emb = Embeddings(plane, model, cache=False, magnification=1.0 if reads_native_scale(model) else None)
     settings = recommended(model).ais if model.instance_decoder is not None else AISSettings()
     run(iter_instance_maps(emb, 0, model.instance_decoder))  # embeds every tile once
     maps_t, post_t, n = [], [], 0
