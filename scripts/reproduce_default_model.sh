@@ -24,16 +24,16 @@ $PY scripts/train_default_model.py --continue-from "$OUT/1_from_scratch.pth" --m
     --corrective-from 0 --corrective-iterations 4 --mask-prompt-probability 0.7 --scale-matched --cryonuseg \
     --seed 1 --steps 4657 --output "$OUT/2_decoder.pth" --no-evaluate
 
-# 3. A 3.5M-parameter encoder taught the old one's embeddings (1607 steps of 4 planes),
+# 3. A 3.5M-parameter encoder taught the old one's embeddings (2541 steps of 4 planes),
 #    then the whole model end to end (about 1 hour together).
 $PY scripts/train_default_model.py --init-from "$OUT/2_decoder.pth" --distilled "$OUT/3_distilled.pth" \
-    --width 192 --depth 6 --distill-steps 1607 --lr 1e-4 --corrective-from 0 --corrective-iterations 3 \
-    --mask-prompt-probability 0.7 --scale-matched --cryonuseg --seed 2 --steps 3195 --half \
+    --width 192 --depth 6 --distill-steps 2541 --lr 1e-4 --corrective-from 0 --corrective-iterations 3 \
+    --mask-prompt-probability 0.7 --scale-matched --cryonuseg --seed 2 --steps 3721 --half \
     --output "$OUT/3_larger_encoder.pth" --no-evaluate
 
 # 4. The instance decoder for automatic segmentation, on the final encoder's embeddings
-#    of scale-matched crops (about 25 minutes), stored in the same file.
-$PY scripts/train_default_instance_decoder.py --model "$OUT/3_larger_encoder.pth" --scale-matched \
+#    of crops at their own scale (about 15 minutes), stored in the same file.
+$PY scripts/train_default_instance_decoder.py --model "$OUT/3_larger_encoder.pth" \
     --steps 4000 --features 16 --synthetic 600 --large 100 --validation 30 \
     --checkpoint-dir "$OUT/instance_decoder" --write
 

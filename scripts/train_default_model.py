@@ -1,12 +1,11 @@
 """Train the small SAM that ships inside the package as ``load_model("default")``.
 
-One command builds the training data, trains a small SAM from scratch on the CPU and
-writes ``src/napari_sam/_models/default.pth``; a second part measures it on held-out
-real data next to the classical baseline::
-
-    .venv/bin/python scripts/train_default_model.py --steps 9616
-
-(the shipped model; about 56 minutes on 2 CPU cores). Everything random is drawn from
+It builds the training data, trains a small SAM on the CPU (from scratch, further from a
+checkpoint with ``--continue-from``, or with a larger encoder taught a checkpoint's
+embeddings with ``--init-from``) and writes ``--output``; a second part measures it on
+held-out real data next to the classical baseline. The shipped model is three such runs
+and its instance decoder, each with its seed and step count in
+``scripts/reproduce_default_model.sh`` (about 3.5 hours on 2 CPU cores). Everything random is drawn from
 ``--seed`` (default 0). With ``--steps`` unset, the number of steps is chosen after 30
 timed steps to fill ``--minutes`` (default 55) and printed, and the run stops when the
 time is up. The recipe's defaults and why they are what they are: docs/default_model.md.
@@ -50,8 +49,10 @@ DATA = ROOT.parent / "shared" / "data"
 MAX_BYTES = 25_000_000  # issue 15: the file may grow to 25 MB
 
 # The standard prompt encoder and mask decoder alone hold 4.07M parameters (16.3 MB in
-# float32), so under the 20 MB limit the image encoder gets under a million: three
-# 64-wide blocks plus the standard 256-channel neck. The input is 256 pixels: the plugin
+# float32, 8.1 MB in float16). The first models (under a 20 MB limit, float32) had room
+# for three 64-wide blocks in the encoder, the defaults of --width and --depth; with the
+# file stored in float16 (--half) the shipped one has six 192-wide blocks (3.5M; --init-from,
+# docs/default_model.md). The input is 256 pixels: the plugin
 # embeds tiles of the model input at full resolution, so the input size sets the field
 # of view, not the scale, and 256 pixels keep a step cheap enough for an hour on a CPU.
 IMAGE_SIZE = 256

@@ -25,6 +25,7 @@ import torch
 from napari_sam.auto.ais import AISSettings, instances_from_maps
 from napari_sam.auto.instance_maps import iter_instance_maps
 from napari_sam.auto.modes import reads_native_scale
+from napari_sam.auto.recommend import recommended
 from napari_sam.auto.results import run
 from napari_sam.core.embeddings import Embeddings
 from napari_sam.core.models import load_model
@@ -69,9 +70,10 @@ def main(argv=None) -> None:
     for msa, ap50, values in rows[:10]:
         print(f"{msa:.3f}  {ap50:.3f}  " + "  ".join(f"{v:g}" for v in values))
     default = AISSettings()
-    scores = [instance_scores(gt, instances_from_maps(m[0], m[1], m[2], default)) for gt, m in data]
-    print(f"micro-sam's defaults: mSA {np.mean([s['msa'] for s in scores]):.3f}  "
-          f"AP50 {np.mean([s['ap50'] for s in scores]):.3f}")
+    for what, settings in (("micro-sam's defaults", default), ("the model's advice", recommended(model).ais)):
+        scores = [instance_scores(gt, instances_from_maps(m[0], m[1], m[2], settings)) for gt, m in data]
+        print(f"{what}: mSA {np.mean([s['msa'] for s in scores]):.3f}  "
+              f"AP50 {np.mean([s['ap50'] for s in scores]):.3f}")
     best = dict(zip(GRID, rows[0][2]))
     print("best: " + json.dumps({k: v for k, v in best.items() if v != getattr(default, k)}))
 

@@ -17,20 +17,26 @@ def default_model():
 
 
 def test_it_ships_small_and_says_what_it_is(default_model):
-    # SAM (19.7 MB) plus its instance decoder (3.9 MB), under the 25 MB the package allows it
+    # SAM (float16 matrices) plus its instance decoder, under the 25 MB the package allows it
     assert DEFAULT_CHECKPOINT.is_file() and DEFAULT_CHECKPOINT.stat().st_size < 25_000_000
     assert default_model.source.name == "default"
     assert default_model.config.image_size == 256
+    assert default_model.config.encoder.embed_dim == 192 and default_model.config.encoder.depth == 6
     meta = default_model.metadata
-    # trained from scratch (full), then its prompt encoder and mask decoder further
-    assert meta["training"]["mode"] == "decoder" and meta["training"]["steps"] >= 1000
-    first = meta["default_model"]["continued_from"]["training"]
+    # its lineage: from scratch (full), the decoder further, then a larger encoder taught
+    # the old one's embeddings and the whole model trained end to end
+    assert meta["training"]["mode"] == "full" and meta["training"]["steps"] >= 1000
+    assert meta["default_model"]["command"].startswith("scripts/train_default_model.py --init-from")
+    before = meta["default_model"]["encoder_distilled_from"]
+    assert before["training"]["mode"] == "decoder" and before["training"]["steps"] >= 1000
+    first = before["default_model"]["continued_from"]["training"]
     assert first["mode"] == "full" and first["steps"] >= 1000
-    assert meta["default_model"]["command"].startswith("scripts/train_default_model.py --continue-from")
     assert meta["scale"] == {"object_diameter": 30.0}
     # the instance decoder for AIS, trained on the model's own training data, recommended
     assert meta["instance_decoder"]["command"].startswith("scripts/train_default_instance_decoder.py")
     assert meta["instance_decoder"]["config"]["initial_features"] == 16
+    # trained on crops at their own scale, so AIS reads embeddings at magnification 1
+    assert meta["instance_decoder"]["scale_matched"] is False
     decoder = default_model.instance_decoder
     assert decoder is not None and not decoder.training and decoder.config.scale == 4
     assert meta["automatic"]["mode"] == "ais"
