@@ -123,7 +123,11 @@ def test_objects_tracked_together_as_alone(model, features):
         alone = _session(model, features)
         alone.add_points(frame, i + 1, **kwargs)
         for f, _, logits in alone.propagate(start=1):
-            torch.testing.assert_close(logits[0], joint[f][i], atol=1e-4, rtol=1e-4)
+            # A batch of objects and one alone take different float32 summation orders in
+            # the matrix products (oneDNN blocks by batch size), carried through the memory:
+            # up to 1.9e-4 seen once on an AVX-512 Xeon in CI. The masks must agree.
+            torch.testing.assert_close(logits[0], joint[f][i], atol=1e-3, rtol=1e-3)
+            assert ((logits[0] > 0) == (joint[f][i] > 0)).float().mean() > 0.999
         assert (joint[T - 1][i] > 0).any(), "the objects are still there at the end"
 
 
