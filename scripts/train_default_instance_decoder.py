@@ -1,6 +1,6 @@
 """Train the embedded default model's instance decoder (AIS) and ship it in the checkpoint.
 
-One command (about 25 minutes on 2 CPU cores; see docs/automatic.md)::
+One command (about 15-25 minutes on 2 CPU cores; see docs/automatic.md)::
 
     .venv/bin/python scripts/train_default_instance_decoder.py --write
 
@@ -113,7 +113,7 @@ def main(argv=None) -> None:
     _same_run_or_exit(folder, {
         # the trainer's resume checks only its own settings; embeddings of another model
         # or other crops would make a resumed (or already finished) decoder wrong
-        "model": _file_digest(output) if output.is_file() else args.model,
+        "model": model.source.checksum,
         "scale_matched": bool(args.scale_matched),
         "data": [args.seed, args.synthetic, args.large, args.validation, args.cryonuseg_crops],
     })
@@ -166,16 +166,6 @@ def main(argv=None) -> None:
         print(f"wrote {output} ({size / 1e6:.1f} MB)")
         if size > MAX_BYTES:
             raise SystemExit(f"{output} is {size} bytes, over the {MAX_BYTES} limit")
-
-
-def _file_digest(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _same_run_or_exit(folder: Path, identity: dict) -> None:
