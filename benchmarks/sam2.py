@@ -31,6 +31,14 @@ glibc setting). ``--threads`` threads, float32, ``torch.inference_mode``::
 (checks the script; no speed figure). Median over ``--repeats``; ratio official/ours (> 1:
 ours faster). From the first repetition: ``max |diff|`` of our outputs from the official
 ones (``of max |x|``: their largest magnitude) and ``masks`` (equal pixels of logits > 0).
+
+``--bound``: after the timed repetitions, one call of each encoder and tracking-only
+measurement per side under torch's profiler, with the seconds spent in the kernels that
+do the arithmetic (matrix products, CPU flash attention, convolutions: :data:`KERNELS`,
+the same torch kernels on the same shapes on both sides). ``bound`` is the official
+median over our seconds in those kernels: the speed-up ours would reach if everything
+else it does (copies, norms, activations, Python) cost nothing, so a target above it
+needs less arithmetic, not leaner code.
 """
 
 from __future__ import annotations
@@ -68,6 +76,26 @@ def seconds(fn) -> tuple[float, object]:
     t = time.perf_counter()
     out = fn()
     return time.perf_counter() - t, out
+
+
+# The kernels that do the arithmetic, the same torch kernels on both sides: what is left of
+# a side's time when everything else (copies, normalisation, activations, Python) is free.
+KERNELS = {
+    "matrix products": ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm", "aten::mkldnn_linear",
+                        "aten::_mkldnn_linear", "aten::mkldnn_matmul"),
+    "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu",),
+    "convolutions": ("aten::mkldnn_convolution", "aten::_convolution_mode", "aten::_nnpack_spatial_convolution"),
+}
+
+
+def profiled(fn) -> tuple[float, dict, object]:
+    """(seconds, {kernel group: self seconds}, output) of one call under torch's profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t, out = seconds(fn)
+    own = {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}
+    return t, {group: sum(own.get(name, 0.0) for name in names) for group, names in KERNELS.items()}, out
 
 
 # --------------------------------------------------------------------------- the official side
@@ -118,6 +146,9 @@ class Official:
         model, x = self.models[job["model"]], job["x"]
         times = []
         with torch.inference_mode():
+            if job.get("profile"):
+                t, kernels, _ = profiled(lambda: model.forward_image(x))
+                return {"seconds": t, "kernels": kernels}
             for _ in range(job["calls"]):
                 t, out = seconds(lambda: model.forward_image(x))
                 times.append(t)
@@ -151,6 +182,10 @@ class Official:
             return torch.stack([m[:, 0] for _, _, m in model.propagate_in_video(state)])
 
         with torch.inference_mode():
+            if job.get("profile"):  # tracking only
+                state = prompts()
+                t, kernels, _ = profiled(lambda: propagate(state))
+                return {"seconds": t, "kernels": kernels}
             if mode == "tracking":
                 state = prompts()
                 t, logits = seconds(lambda: propagate(state))
@@ -223,6 +258,18 @@ class Ours:
                                                                           c.image_size, c.pixel_mean, c.pixel_std))
                                            for g in gray]
 
+    def profile(self, name: str, what: str, x: torch.Tensor, points: list) -> dict:
+        """One profiled encoder call (``what="encoder"``) or tracking-only propagation."""
+        model = self.models[name]
+        if what == "encoder":
+            with torch.inference_mode():
+                t, kernels, _ = profiled(lambda: model.forward_image(x))
+        else:
+            video = self._video(name, "tracking", points, None)
+            with torch.inference_mode():
+                t, kernels, _ = profiled(lambda: list(video.propagate()))
+        return {"seconds": t, "kernels": kernels}
+
     def encoder(self, name: str, x: torch.Tensor, calls: int) -> tuple[list[float], list[torch.Tensor]]:
         model, times = self.models[name], []
         with torch.inference_mode():
@@ -231,22 +278,25 @@ class Ours:
                 times.append(t)
         return times, out["backbone_fpn"]
 
-    def track(self, name: str, mode: str, points: list, cache: Path | None = None) -> tuple[float, torch.Tensor]:
+    def _video(self, name: str, mode: str, points: list, cache: Path | None):
+        """A video session prompted by one point per object on frame 0, as the plugin runs it."""
         from napari_sam.core.sam2_features import Sam2Features
         from napari_sam.model.sam2.video import Sam2Video
 
         model, (T, H, W) = self.models[name], self.gray.shape
+        if mode == "tracking":
+            frames = self.features[name].__getitem__
+        else:
+            feats = Sam2Features(self.gray, model, cache, axes="ZYX")
+            frames = feats.frames([(i,) for i in range(T)], feats.windows[0, 0])
+        video = Sam2Video(model, frames, T, (H, W), fill_hole_area=0)
+        for k, point in enumerate(points):
+            video.add_points(0, k + 1, [point], [1])
+        return video
 
+    def track(self, name: str, mode: str, points: list, cache: Path | None = None) -> tuple[float, torch.Tensor]:
         def prompts():
-            if mode == "tracking":
-                frames = self.features[name].__getitem__
-            else:
-                feats = Sam2Features(self.gray, model, cache, axes="ZYX")
-                frames = feats.frames([(i,) for i in range(T)], feats.windows[0, 0])
-            video = Sam2Video(model, frames, T, (H, W), fill_hole_area=0)
-            for k, point in enumerate(points):
-                video.add_points(0, k + 1, [point], [1])
-            return video
+            return self._video(name, mode, points, cache)
 
         def propagate(video):
             return torch.stack([logits for _, _, logits in video.propagate()])
@@ -287,6 +337,9 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--same-allocator", action="store_true", help="the official side under our glibc setting too")
     ap.add_argument("--quick", action="store_true", help="one repetition with the small reference model")
+    ap.add_argument("--bound", action="store_true",
+                    help="also profile one call per side: the time in the arithmetic kernels both share and the "
+                         "speed-up that leaves possible")
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.serve:
@@ -320,6 +373,7 @@ def main(argv=None) -> None:
     finally:
         official.close()
     report(a, rows, tracker)
+    bound_report(rows)
     print(f"at the end: {load_line()}")
 
 
@@ -362,7 +416,43 @@ def run(a, official, ours, encoders, tracker, centres) -> dict:
                 if r == 0:
                     row["agree"] = [agreement(m, row["theirs"]) for m in mine]
                 print(f"  repetition {r + 1}/{a.repeats}: {mode}, {n} object(s) done; {load_line()}", flush=True)
+    if a.bound:  # after the timed repetitions, so that the profiler never slows them
+        for name in encoders:
+            rows[("encoder", name, 0)]["profiles"] = {
+                "official": official({"op": "encoder", "model": name, "x": x, "profile": True}),
+                "ours": ours.profile(name, "encoder", x, [])}
+        if "tracking" in modes:
+            for n in a.objects:
+                points = [[float(c[0]), float(c[1])] for c in centres[:n]]
+                rows[("tracking", tracker, n)]["profiles"] = {
+                    "official": official({"op": "track", "model": tracker, "mode": "tracking", "points": points,
+                                          "keep": False, "profile": True}),
+                    "ours": ours.profile(tracker, "tracking", x, points)}
     return rows
+
+
+def bound_report(rows: dict) -> None:
+    """How much faster ours could be at all: the official time over the seconds our own
+    run spends in the arithmetic kernels (matrix products, attention, convolutions: the
+    same torch kernels on both sides, on the same shapes), as if all else were free."""
+    profiled_rows = {key: row for key, row in rows.items() if "profiles" in row}
+    if not profiled_rows:
+        return
+    groups = list(KERNELS)
+    print("\nthe arithmetic both sides share (one profiled call each; seconds of the call, of which in "
+          + ", ".join(groups) + "); bound = official median / ours in those kernels")
+    head = (f"{'measurement':<16} {'model':<6} {'objects':>7} {'side':<9} {'call s':>7} "
+            + " ".join(f"{g:>15}" for g in groups) + f" {'share':>6} {'bound':>7}")
+    print(head + "\n" + "-" * len(head))
+    for (mode, model, n), row in profiled_rows.items():
+        official_median = statistics.median(row["official"])
+        for side in ("official", "ours"):
+            got = row["profiles"][side]
+            total = sum(got["kernels"].values())
+            bound = f"{official_median / total:6.2f}x" if side == "ours" else ""
+            print(f"{mode:<16} {model:<6} {n if n else '-':>7} {side:<9} {got['seconds']:7.3f} "
+                  + " ".join(f"{got['kernels'][g]:15.3f}" for g in groups)
+                  + f" {100 * total / got['seconds']:5.0f}% {bound:>7}")
 
 
 def report(a, rows: dict, tracker: str) -> None:
