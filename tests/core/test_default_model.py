@@ -91,4 +91,4 @@ def test_it_propagates_through_the_held_out_stack_better_than_the_baseline(defau
     # 0.586 against 0.347 when measured (docs/default_model.md); 0.532 and 0.492 for the
     # two models before, 0.364 before the decoder was first trained further, 0.234 with the
     # old propagation settings. Issue 15: +0.10.
-    assert sam["mean_iou"] > baseline["mean_iou"] + 0.10 and sam["mean_iou"] > 0.45
+    assert sam["mean_iou"] > baseline["mean_iou"] + 0.15 and sam["mean_iou"] > 0.50
