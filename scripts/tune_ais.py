@@ -9,6 +9,10 @@ default model's held-out images, never tuned on). Prints the table and the best
 settings as JSON, for ``AIS_ADVICE`` in scripts/train_default_instance_decoder.py::
 
     .venv/bin/python scripts/tune_ais.py --model CHECKPOINT
+
+With ``--augment`` it compares sets of test-time augmentation views instead
+(``napari_sam.auto.augmentation``: scales, with and without the four mirrorings) under the
+model's advice, on the same training images; ``augmentation.DEFAULT`` was chosen so.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import tifffile
 import torch
 
 from napari_sam.auto.ais import AISSettings, instances_from_maps
+from napari_sam.auto.augmentation import Augmentation, iter_augmented_maps
 from napari_sam.auto.instance_maps import iter_instance_maps
 from napari_sam.auto.modes import reads_native_scale
 from napari_sam.auto.recommend import recommended
@@ -47,14 +52,45 @@ def maps_of(model, image: np.ndarray) -> np.ndarray:
     return run(iter_instance_maps(emb, 0, model.instance_decoder))
 
 
+SCALE_SETS = ((1.0,), (1.0, 1.5), (1.0, 2.0), (1.0, 1.5, 2.0), (1.0, 1.25, 1.5, 2.0), (1.25, 1.5, 2.0),
+              (1.5, 2.0), (0.75, 1.0, 1.5, 2.0))
+
+
+def compare_augmentations(model, images: list[tuple[np.ndarray, np.ndarray]]) -> None:
+    """mSA and AP50 of AIS (the model's advice) for each set of views, on (image, labels) pairs."""
+    advice = recommended(model).ais
+    scales = sorted({s for group in SCALE_SETS for s in group})
+    per_image = []  # {(scale, flips): mean maps of that scale's views}
+    for image, _ in images:
+        emb = Embeddings(image, model, cache=False, axes="YX" if image.ndim == 2 else "YXC",
+                         magnification=1.0 if reads_native_scale(model) else None)
+        per_image.append({(s, f): run(iter_augmented_maps(emb, 0, model.instance_decoder, Augmentation((s,), f)))
+                          for s in scales for f in (False, True)})
+        print(f"views of image {len(per_image)}/{len(images)}", flush=True)
+    print("mSA    AP50   scales  mirrored")
+    for group in SCALE_SETS:
+        for flips in (False, True):
+            scores = []
+            for (_, labels), views in zip(images, per_image):
+                maps = np.mean([views[s, flips] for s in group], axis=0)  # equal views per scale
+                scores.append(instance_scores(labels, instances_from_maps(maps[0], maps[1], maps[2], advice)))
+            print(f"{np.mean([x['msa'] for x in scores]):.3f}  {np.mean([x['ap50'] for x in scores]):.3f}  "
+                  f"{','.join(f'{s:g}' for s in group)}  {'yes' if flips else 'no'}", flush=True)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--augment", action="store_true", help="compare test-time augmentation views instead")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = load_model(args.model, device="cpu", dtype="float32")
     names = sorted(p.name for p in (DSB / "images").glob("*.tif"))[:-5][::3]
+    if args.augment:
+        compare_augmentations(model, [(tifffile.imread(DSB / "images" / n), tifffile.imread(DSB / "labels" / n))
+                                      for n in names])
+        return
     data = []
     for name in names:
         image, labels = tifffile.imread(DSB / "images" / name), tifffile.imread(DSB / "labels" / name)

@@ -277,7 +277,9 @@ class Annotator:
         progress, rough
             Show a tqdm bar. ``mode="labels"``: an integer array of :attr:`labels_shape`.
         settings
-            Of the mode (:mod:`napari_sam.auto.modes`): ``min_size`` (AIS), ``points_per_side``...
+            Of the mode (:mod:`napari_sam.auto.modes`): ``min_size`` (AIS), ``augment=True``
+            (AIS from the maps of the plane seen enlarged and mirrored: better, about 30 times
+            slower; :mod:`napari_sam.auto.augmentation`), ``points_per_side``...
 
         Returns
         -------

@@ -85,3 +85,41 @@ def test_a_decoder_mode_without_a_decoder_names_models_that_have_one(images, tin
     rc = main(["segment", str(folder / "img.tif"), "--model", str(tiny_checkpoint), "--mode", "ais", "--detector",
                "log", "--out", str(out)])
     assert rc == 2 and "--detector chooses the boxes of --mode boxes" in capsys.readouterr().err
+
+
+def test_augment_is_the_apis_augmented_ais_and_only_ais(images, decoder_checkpoint, tmp_path, capsys):
+    folder, volume = images
+    out = tmp_path / "aug.tif"
+    assert main(["segment", str(folder / "img.tif"), "--model", str(decoder_checkpoint), "--mode", "ais",
+                 "--augment", "--out", str(out)]) == 0
+    ann = Annotator(volume[1], str(decoder_checkpoint), cache=False)
+    expected = ann.segment_everything(mode="ais", commit=False, progress=False, augment=True)
+    np.testing.assert_array_equal(tifffile.imread(out), expected)
+    plain = ann.segment_everything(mode="ais", commit=False, progress=False)
+    assert not np.array_equal(plain, expected)  # the views changed the maps
+    capsys.readouterr()
+    for mode in ("apg", "prompts"):
+        rc = main(["segment", str(folder / "img.tif"), "--model", str(decoder_checkpoint), "--mode", mode,
+                   "--augment", "--box", "5", "5", "30", "30", "--out", str(tmp_path / f"{mode}.tif")])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and len(err.splitlines()) == 1 and f"not of --mode {mode}" in err
+        assert not (tmp_path / f"{mode}.tif").exists()
+
+
+def test_evaluate_augment_adds_a_row(images, decoder_checkpoint, tiny_checkpoint, tmp_path, capsys):
+    import json
+
+    folder, volume = images
+    data = tmp_path / "data"
+    for sub in ("images", "labels"):
+        (data / sub).mkdir(parents=True)
+    tifffile.imwrite(data / "images" / "a.tif", volume[1])
+    tifffile.imwrite(data / "labels" / "a.tif", (volume[1] > np.median(volume[1])).astype(np.uint16))
+    report = tmp_path / "r.json"
+    assert main(["evaluate", str(data), "--model", str(decoder_checkpoint), "--auto-modes", "ais", "--augment",
+                 "--corrections", "0", "--max-objects", "1", "--json", str(report)]) == 0
+    rows = [r for r in json.loads(report.read_text()) if r["kind"] == "automatic"]
+    assert [(r["mode"], r.get("augment", False)) for r in rows] == [("ais", False), ("ais", True), ("baseline", False)]
+    assert "(ais, augmented)" in capsys.readouterr().out
+    rc = main(["evaluate", str(data), "--model", str(tiny_checkpoint), "--augment", "--corrections", "0"])
+    assert rc == 2 and "--augment measures AIS" in capsys.readouterr().err

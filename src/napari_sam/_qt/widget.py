@@ -112,6 +112,10 @@ class SamWidget(Container):
         self.whole_volume = CheckBox(text="whole volume", value=False, visible=False,
                                      tooltip="every slice of the stack, objects linked from slice to slice into 3D "
                                      "objects")
+        self.augment = CheckBox(text="augment (slower, finer)", value=False, visible=False,
+                                tooltip="AIS: average the instance decoder's maps of the slice seen enlarged and "
+                                "mirrored (12 views, about 30 times the embedding work); splits more small touching "
+                                "objects")
         self.rough = ComboBox(label="rough labels", choices=self._rough_choices, visible=False,
                               tooltip="Labels layer of the image's shape whose objects become box prompts")
         self.everything = PushButton(text="Segment everything on this slice", enabled=False)
@@ -128,7 +132,7 @@ class SamWidget(Container):
             self.labels_path,
             self.ngff_labels, self.ngff_name, self.start,
             self.embed_slice, self.embed_all, self.cancel, self.overwrite, self.commit, *self.tracking.widgets,
-            self.everything_mode, self.rough, self.whole_volume, self.everything, self.undo, self.clear,
+            self.everything_mode, self.rough, self.augment, self.whole_volume, self.everything, self.undo, self.clear,
             self.status,
         ])
 
@@ -146,7 +150,7 @@ class SamWidget(Container):
         self.everything.clicked.connect(self.run_everything)
         self.clear.clicked.connect(lambda: self.session and self.session.clear_prompts())
         self.overwrite.changed.connect(lambda v: self.session and self.session.set_overwrite(v))
-        self.everything_mode.changed.connect(lambda v: setattr(self.rough, "visible", v == "labels"))
+        self.everything_mode.changed.connect(self._everything_mode_changed)
         self.whole_volume.changed.connect(self._everything_scope)
         for choice in (self.image, self.rough):
             viewer.layers.events.inserted.connect(choice.reset_choices)
@@ -178,6 +182,10 @@ class SamWidget(Container):
 
     def _stack(self) -> bool:
         return self.session is not None and bool(self.session.annotator.source.plane_axes)
+
+    def _everything_mode_changed(self, mode) -> None:
+        self.rough.visible = mode == "labels"
+        self.augment.visible = mode == "ais"
 
     def _everything_scope(self, *_) -> None:
         volume = bool(self.whole_volume.value) and self._stack()
@@ -250,6 +258,7 @@ class SamWidget(Container):
             self.everything_mode.choices = ()  # emptied first: new choices are appended, not put in order
             self.everything_mode.choices = mode_choices(annotator.model)
             self.everything_mode.value = recommended(annotator.model).mode
+            self._everything_mode_changed(self.everything_mode.value)
             self.whole_volume.visible = bool(annotator.source.plane_axes)
             self.rough.reset_choices()  # without the layers the session just added
             self.start.enabled = True
@@ -285,6 +294,7 @@ class SamWidget(Container):
         session = self.session
         mode = self.everything_mode.value
         volume = bool(self.whole_volume.value) and self._stack()
+        settings = {"augment": True} if mode == "ais" and self.augment.value else {}
         if mode == "labels":
             try:  # checked here, where the user can be told at once
                 session.check_rough(self.rough.value)
@@ -302,7 +312,7 @@ class SamWidget(Container):
         rough = self.rough.value
         tracker = EverythingProgress(session.annotator.source.plane_grid[-1] if volume else 1)
         return self.workers.steps(
-            lambda: session.segment_everything(plane, mode, rough=rough, whole_volume=volume),
+            lambda: session.segment_everything(plane, mode, rough=rough, whole_volume=volume, **settings),
             desc="segmenting everything", show=lambda p: self._say(tracker.text(p)), progress_of=tracker.of,
             done=done, cancelled="segment everything cancelled: nothing was committed",
         )

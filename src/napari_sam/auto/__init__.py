@@ -15,7 +15,9 @@ Ways to segment every object of a plane without clicking:
   micro-sam's automatic instance segmentation: a model's instance decoder predicts
   foreground and centre/boundary distances from the cached embeddings, tile by tile
   (:mod:`~napari_sam.auto.instance_maps`), and a seeded watershed on the stitched maps
-  gives every object at once (:func:`instances_from_maps`).
+  gives every object at once (:func:`instances_from_maps`); ``augment=True`` averages the
+  maps of the plane seen enlarged and mirrored first (:class:`Augmentation`,
+  :mod:`~napari_sam.auto.augmentation`: slower, better on small touching objects).
 * **APG** (:func:`iter_apg`, :func:`segment_apg`; :mod:`~napari_sam.auto.apg`),
   micro-sam's automatic prompt generation: objects found in the instance decoder's maps
   become point prompts for SAM, and SAM's masks, filtered, are the objects.
@@ -70,6 +72,8 @@ _LAZY = {
     "iter_ais_volume": "ais",
     "segment_ais": "ais",
     "segment_ais_volume": "ais",
+    "Augmentation": "augmentation",
+    "iter_augmented_maps": "augmentation",
     "iter_instance_maps": "instance_maps",
     "APGSettings": "apg",
     "iter_apg": "apg",
@@ -87,6 +91,7 @@ _LAZY = {
 __all__ = [
     "AISSettings",
     "APGSettings",
+    "Augmentation",
     "AutomaticResult",
     "GridConfig",
     "MODES",
@@ -102,6 +107,7 @@ __all__ = [
     "iter_ais",
     "iter_ais_volume",
     "iter_apg",
+    "iter_augmented_maps",
     "iter_from_boxes",
     "iter_grid",
     "iter_grid_volume",

@@ -43,6 +43,7 @@ from scipy import ndimage as ndi
 from skimage.measure import label
 from skimage.segmentation import watershed
 
+from .augmentation import DEFAULT, Augmentation, iter_augmented_maps
 from .instance_maps import iter_instance_maps
 from .link import link_planes
 from .results import Progress, run
@@ -172,7 +173,8 @@ def instances_from_maps(
 
 
 def iter_ais(
-    embeddings, plane, decoder, settings: AISSettings | None = None, batch_size: int | None = None
+    embeddings, plane, decoder, settings: AISSettings | None = None, batch_size: int | None = None,
+    augment=False,
 ) -> Generator[Progress, None, np.ndarray]:
     """AIS on one plane: its tiles' maps decoded and stitched, then post-processed once.
 
@@ -189,11 +191,16 @@ def iter_ais(
         :class:`AISSettings`; micro-sam's defaults when None.
     batch_size
         Tiles decoded at once (default: :func:`~napari_sam.auto.instance_maps.default_batch_size`).
+    augment
+        Average the maps of the plane seen enlarged and mirrored before post-processing
+        (:mod:`~napari_sam.auto.augmentation`): ``True`` for its ``DEFAULT`` views, an
+        ``Augmentation`` for others, ``False`` (default) for the embeddings alone.
 
     Yields
     ------
     Progress
-        After each tile (``stage="tiles"``); closing the generator cancels the rest.
+        After each tile (``stage="tiles"``; with ``augment``, each tile of each view);
+        closing the generator cancels the rest.
 
     Returns
     -------
@@ -204,7 +211,13 @@ def iter_ais(
         for planes of tens of megapixels; larger planes would need it blockwise.
     """
     settings = settings or AISSettings()
-    maps = yield from iter_instance_maps(embeddings, plane, decoder, batch_size)
+    if augment is False or augment is None:
+        maps = yield from iter_instance_maps(embeddings, plane, decoder, batch_size)
+    else:
+        if augment is not True and not isinstance(augment, Augmentation):
+            raise ValueError(f"augment must be True, False or an Augmentation, not {augment!r}")
+        views = DEFAULT if augment is True else augment
+        maps = yield from iter_augmented_maps(embeddings, plane, decoder, views, batch_size)
     return instances_from_maps(maps[0], maps[1], maps[2], settings)
 
 
@@ -216,10 +229,11 @@ def segment_ais(
     progress: Callable[[Progress], object] | None = None,
     *,
     batch_size: int | None = None,
+    augment=False,
 ) -> np.ndarray:
     """:func:`iter_ais` in one call; ``progress`` (if given) is called with each
     :class:`~napari_sam.auto.results.Progress`. Returns (H, W) uint32 labels."""
-    return run(iter_ais(embeddings, plane, decoder, settings, batch_size), progress)
+    return run(iter_ais(embeddings, plane, decoder, settings, batch_size, augment), progress)
 
 
 def iter_ais_volume(

@@ -20,7 +20,8 @@ The first two need the model's instance decoder (:attr:`Sam.instance_decoder
 keyword a field of the mode's settings (:class:`~napari_sam.auto.ais.AISSettings`,
 :class:`~napari_sam.auto.apg.APGSettings`, :class:`~napari_sam.auto.grid.GridConfig`;
 for ``"boxes"``: ``detector``, ``min_area``, ``batch_size``; ``"ais"`` also takes
-``batch_size``, the tiles decoded at once).
+``batch_size``, the tiles decoded at once, and ``augment``, test-time augmentation of the
+maps: :mod:`~napari_sam.auto.augmentation`).
 
 Every mode returns the same thing here: (H, W) uint32 labels, ids 1..n, 0 = background,
 in the plane's (row, col) frame; a volume is (Z, H, W) with one id per 3D object
@@ -60,7 +61,8 @@ _DECODER_MODES = ("ais", "apg")
 # of segment_detections and iter_ais).
 BOXES_OPTIONS = {"min_area": 25, "batch_size": 64}
 """The ``"boxes"`` mode's settings besides the detector, with their defaults."""
-_AIS_OPTIONS: dict = {"batch_size": None}  # None: instance_maps.default_batch_size
+# batch_size None: instance_maps.default_batch_size; augment: auto.augmentation (slow).
+_AIS_OPTIONS: dict = {"batch_size": None, "augment": False}
 
 _PlaneRun = Callable[[Any, Any], Generator[Progress, None, np.ndarray]]
 
@@ -122,7 +124,8 @@ def _plan(model, mode: str | None, advice: Recommended | None, overrides: dict) 
     decoder = model.instance_decoder
     if mode == "ais":
         ais, opts = _settings(AISSettings, advice.ais, mode, overrides, _AIS_OPTIONS)
-        return lambda emb, plane: iter_ais(_for_decoder(model, emb), plane, decoder, ais, opts["batch_size"])
+        return lambda emb, plane: iter_ais(_for_decoder(model, emb), plane, decoder, ais, opts["batch_size"],
+                                             opts["augment"])
     if mode == "apg":
         apg, _ = _settings(APGSettings, advice.apg, mode, overrides, {})
         return lambda emb, plane: iter_apg(_for_decoder(model, emb), plane, decoder, apg)

@@ -84,7 +84,7 @@ def evaluate(args) -> int:
     results = []
     methods = []
     model = sam2 = None
-    auto = args.auto or args.auto_modes is not None
+    auto = args.auto or args.auto_modes is not None or args.augment
     if args.model:
         from ..core.memory_labels import model_family
         from ..core.predictor import Predictor
@@ -102,6 +102,9 @@ def evaluate(args) -> int:
             model = resolve_model(args.model, device=args.device, dtype=args.dtype)
             methods.append((Predictor(model), model.source.name))
     modes = evaluate.select_modes(model, args.auto_modes) if auto else ()  # checked before any work
+    if args.augment and "ais" not in modes:
+        raise UsageError("--augment measures AIS with test-time augmentation: it needs a model with an instance "
+                         "decoder and ais among --auto-modes")
     if args.baseline or not methods:
         methods.append((WatershedBaseline(), "watershed baseline"))
     planes = [p for p in pairs if np.asarray(p.labels).ndim == 2]
@@ -140,7 +143,7 @@ def evaluate(args) -> int:
     if auto and planes:
         from tqdm.auto import tqdm
 
-        gen = evaluate.iter_evaluate_modes(planes, model, modes or None, baseline=True)
+        gen = evaluate.iter_evaluate_modes(planes, model, modes or None, baseline=True, augment=args.augment)
         with tqdm(total=len(planes), desc="automatic modes", unit="image") as bar:
             while True:
                 try:

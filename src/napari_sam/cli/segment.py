@@ -149,6 +149,8 @@ def segment(args) -> int:
     from .inputs import select_plane
 
     _check_out(args)  # before any work
+    if args.augment and args.mode != "ais":
+        raise UsageError(f"--augment averages the instance decoder's maps of --mode ais, not of --mode {args.mode}")
     if args.mode != "prompts":
         return _segment_all(args)
     objects = _object_prompts(args)
@@ -197,7 +199,8 @@ def _mode_settings(args) -> dict:
     if args.mode == "boxes":
         detector = {} if args.detector is None else {"detector": args.detector}
         return {"min_area": 25 if min_area is None else min_area, **detector}
-    return {} if min_area is None else {"min_size": min_area}
+    augment = {"augment": True} if args.augment else {}
+    return augment if min_area is None else {"min_size": min_area, **augment}
 
 
 def _check_mode(mode: str, model) -> None:

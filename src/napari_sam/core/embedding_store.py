@@ -199,8 +199,10 @@ class EmbeddingStore:
             What to do when the cache holds embeddings of other signatures only (of the same
             ``feature_shape``; other kinds are left alone):
             ``"keep"`` (default) adds the new ones beside them and warns with the fields
-            that differ; ``"error"`` raises :class:`CacheMismatchError` saying what
-            differs; ``"replace"`` deletes the others.
+            that differ; ``"beside"`` adds them without a word (for embeddings meant to
+            live beside the others, such as the same image at another magnification);
+            ``"error"`` raises :class:`CacheMismatchError` saying what differs;
+            ``"replace"`` deletes the others.
 
         Raises
         ------
@@ -209,8 +211,8 @@ class EmbeddingStore:
         ValueError
             For a path that is not an embedding cache, or a bad argument.
         """
-        if on_mismatch not in ("keep", "error", "replace"):
-            raise ValueError(f"on_mismatch must be 'keep', 'error' or 'replace', not {on_mismatch!r}")
+        if on_mismatch not in ("keep", "beside", "error", "replace"):
+            raise ValueError(f"on_mismatch must be 'keep', 'beside', 'error' or 'replace', not {on_mismatch!r}")
         if signature.storage not in _STORAGE:
             raise ValueError(f"storage dtype must be one of {_STORAGE}, not {signature.storage!r}")
         root = _open_root(path, "a")
@@ -233,7 +235,7 @@ class EmbeddingStore:
                         "they are kept and new ones are computed beside them",
                         stacklevel=3,
                     )
-                else:
+                elif on_mismatch == "replace":
                     for k in others:
                         _delete_group(root, k, path)
             if key in root:  # a crashed creation left a group without its signature

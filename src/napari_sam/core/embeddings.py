@@ -187,12 +187,15 @@ class Embeddings:
 
     def at_magnification(self, magnification: float) -> "Embeddings":
         """The same image, model, cache and settings embedded at another magnification
-        (``self`` when it is this one's); such siblings are kept, so each is made once."""
+        (``self`` when it is this one's); such siblings are kept, so each is made once.
+        In a cache they live beside this one's entries: never replacing them, never
+        warned about as a mismatch."""
         if magnification == self.magnification:
             return self
         siblings = self.__dict__.setdefault("_siblings", {})
         if magnification not in siblings:
-            siblings[magnification] = Embeddings(self.source, self.model, magnification=magnification, **self._options)
+            options = {**self._options, "on_mismatch": "beside"}
+            siblings[magnification] = Embeddings(self.source, self.model, magnification=magnification, **options)
         return siblings[magnification]
 
     # -- entries -----------------------------------------------------------------------

@@ -25,6 +25,7 @@ __all__ = [
     "bounding_box",
     "deepest_pixel",
     "depth",
+    "drop_fragments",
     "interior_points",
     "iou",
     "label_iou",
@@ -246,6 +247,56 @@ def interior_points(mask: np.ndarray, n: int) -> np.ndarray:
         r = max(2.0, float(d[y, x]))
         d = np.where((yy - y) ** 2 + (xx - x) ** 2 <= r**2, 0, d)
     return np.array(out, dtype=np.float64).reshape(-1, 2)
+
+
+# -- fragments -------------------------------------------------------------------------------
+def drop_fragments(mask, points=None, labels=None, min_fraction: float = 0.1) -> np.ndarray:
+    """The mask without its small detached pieces.
+
+    SAM's mask for one object sometimes carries a few pixels elsewhere, often a sliver of
+    a neighbour; committed, they would stay behind in that neighbour when it is labelled
+    later (labels are never overwritten unless asked). Kept: every 8-connected piece that
+    holds a foreground point, the largest piece, and every piece of at least
+    ``min_fraction`` of the largest kept one, so that an object the user clicked in two
+    places, or one that SAM sees in two large parts, stays whole.
+
+    Parameters
+    ----------
+    mask
+        (H, W) bool mask.
+    points
+        (N, 2) prompt points as (x, y) = (column, row) in the mask's pixels, or None.
+    labels
+        (N,) 1 foreground, 0 background (default: all foreground).
+    min_fraction
+        Pieces below this fraction of the largest kept piece, without a foreground point,
+        are dropped.
+
+    Returns
+    -------
+    numpy.ndarray
+        (H, W) bool; ``mask`` itself when nothing is dropped.
+    """
+    mask = np.asarray(mask, bool)
+    pieces, n = ndimage.label(mask, structure=np.ones((3, 3), bool))
+    if n <= 1:
+        return mask
+    areas = np.bincount(pieces.ravel(), minlength=n + 1)
+    areas[0] = 0
+    keep = np.zeros(n + 1, bool)
+    keep[int(np.argmax(areas))] = True
+    if points is not None and len(points):
+        pts = np.asarray(points, np.float64).reshape(-1, 2)
+        fg = np.ones(len(pts), bool) if labels is None else np.asarray(labels).reshape(-1) == 1
+        H, W = mask.shape
+        for x, y in pts[fg]:
+            r, c = int(round(y)), int(round(x))
+            if 0 <= r < H and 0 <= c < W:
+                keep[pieces[r, c]] = True
+    keep[0] = False
+    keep |= areas >= min_fraction * areas[keep].max()
+    keep[0] = False
+    return mask if keep[1:].all() else keep[pieces]
 
 
 # -- boxes -----------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ neighbour's candidate masks, the one that agrees best with what is already known
 shared region is kept. This repeats, tile after tile, until the object stops growing or
 ``max_tiles`` is reached. Every tile contributes its mask inside its own interior only,
 so the pieces join without overlaps, and an object spanning many tiles comes out whole.
+Last, detached specks of the answer that hold no foreground click are dropped
+(:func:`~napari_sam.core.masks.drop_fragments`): they are mostly slivers of a neighbour.
 
 The model is behind a callable, so the same code runs with SAM and, in tests, with an
 exact reference segmenter.
@@ -23,7 +25,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .masks import PlaneMask, deepest_pixel, depth, iou
+from .masks import PlaneMask, deepest_pixel, depth, drop_fragments, iou
 from .prompts import Prompt
 from .tiling import Tile, TileGrid
 
@@ -197,7 +199,18 @@ def segment_tiled(
                 raise RuntimeError(f"no mask pixel found where the mask reaches tile {other.index}")
             hints.setdefault(other.index, []).append((hint[0] + ox0, hint[1] + oy0))
             queue.append(other.index)
-    return dataclasses.replace(_assemble(grid, masks, order, first_iou, complete), logits=first_logits)
+    whole = _assemble(grid, masks, order, first_iou, complete)
+    return dataclasses.replace(_without_fragments(whole, pts, lbl), logits=first_logits)
+
+
+def _without_fragments(found: PlaneMask, points: np.ndarray, labels: np.ndarray) -> PlaneMask:
+    """The object without small detached pieces (:func:`~napari_sam.core.masks.drop_fragments`),
+    its region shrunk to what is left."""
+    if not found.area:
+        return found
+    y0, _, x0, _ = found.region
+    kept = drop_fragments(found.mask, points - (x0, y0) if len(points) else None, labels)
+    return found if kept is found.mask else dataclasses.replace(found, mask=kept).cropped()
 
 
 def _most_consistent(candidates: np.ndarray, predicted: np.ndarray, tile: Tile, masks: dict, grid: TileGrid) -> int:

@@ -211,6 +211,7 @@ def iter_evaluate_modes(
     advice=None,
     baseline: bool = True,
     name: str | None = None,
+    augment: bool = False,
 ) -> Generator[EvalProgress, None, list[dict]]:
     """:func:`evaluate_modes` as a generator: yields after each image (all its modes)."""
     from ..auto.modes import iter_segment_plane, reads_native_scale
@@ -218,6 +219,8 @@ def iter_evaluate_modes(
     from ..auto.results import run
 
     modes = select_modes(model, modes)
+    if augment and "ais" not in modes:
+        raise ValueError("augment measures AIS with test-time augmentation: it needs the 'ais' mode among the modes")
     if not modes and not baseline:
         raise ValueError("nothing to measure: no automatic mode and no baseline")
     pairs = load_pairs(pairs)
@@ -230,6 +233,7 @@ def iter_evaluate_modes(
         if name is None:
             name = model.source.name if model.source is not None else model.config.name
     rows: dict[str, list[dict]] = {m: [] for m in modes}
+    augmented: list[dict] = []
     embed_seconds: list[float] = []
     base_rows: list[dict] = []
     segment_baseline = watershed_segmenter(_BASELINE_MIN_AREA)
@@ -245,6 +249,11 @@ def iter_evaluate_modes(
                 start = time.perf_counter()
                 pred = run(iter_segment_plane(emb, 0, mode, advice))
                 rows[mode].append(_scored(pair, pred, time.perf_counter() - start))
+            if augment:
+                # The extra views are embedded inside the mode: their time counts as AIS's.
+                start = time.perf_counter()
+                pred = run(iter_segment_plane(emb, 0, "ais", advice, augment=True))
+                augmented.append(_scored(pair, pred, time.perf_counter() - start))
             del emb
         if baseline:
             start = time.perf_counter()
@@ -259,6 +268,13 @@ def iter_evaluate_modes(
             f"{name} ({mode}{best})", rows[mode], mode=mode, recommended=mode == advice.mode, settings=settings,
             settings_text=_describe(mode, settings),
             embedding_seconds_per_plane=float(np.mean(embed_seconds)) if embed_seconds else float("nan"),
+        ))
+    if augment:
+        settings = _mode_settings(advice, "ais")
+        results.append(_result(
+            f"{name} (ais, augmented)", augmented, mode="ais", recommended=False, augment=True, settings=settings,
+            settings_text=_describe("ais", settings) + ", test-time augmentation",
+            embedding_seconds_per_plane=float(np.mean(embed_seconds)),
         ))
     if baseline:
         results.append(_result(
@@ -276,6 +292,7 @@ def evaluate_modes(
     advice=None,
     baseline: bool = True,
     name: str | None = None,
+    augment: bool = False,
 ) -> list[dict]:
     """Every automatic mode of a model, with the settings it recommends, beside the
     classical baseline.
@@ -295,6 +312,9 @@ def evaluate_modes(
         Also measure the classical baseline (:func:`watershed_segmenter`).
     name
         The model's name in the rows (default: its checkpoint's name).
+    augment
+        Also AIS with test-time augmentation (:mod:`~napari_sam.auto.augmentation`), a
+        row of its own after the modes (``augment=True`` in it); needs ``"ais"``.
 
     Returns
     -------
@@ -312,4 +332,5 @@ def evaluate_modes(
         A mode that is unknown or that the model does not offer (before any work), or a
         pair that is not a 2D plane.
     """
-    return run_to_end(iter_evaluate_modes(pairs, model, modes, advice=advice, baseline=baseline, name=name))
+    return run_to_end(iter_evaluate_modes(pairs, model, modes, advice=advice, baseline=baseline, name=name,
+                                          augment=augment))
