@@ -59,7 +59,8 @@ def main() -> None:
     path = window_grabs.grab(app, viewer, OUT / name)
     labels = np.asarray(session.labels_layer.data)
     scores = instance_scores(truth, labels)
-    print(f"model {session.annotator.model.source.name}: modes {offered}, ran {mode!r}{' augmented' if augment else ''}: "
+    ran = f"{mode!r}{' augmented' if augment else ''}"
+    print(f"model {session.annotator.model.source.name}: modes {offered}, ran {ran}: "
           f"{len(np.unique(labels)) - 1} objects, AP50 {scores['ap50']:.3f}, mSA {scores['msa']:.3f}")
     print(f"wrote {path} ({path.stat().st_size // 1024} KiB)")
     viewer.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "images"
 
@@ -66,6 +67,11 @@ def main() -> None:
         settle(lambda k=k: len(np.unique(session.labels_layer.data)) > k + 1 and idle())
     viewer.layers.selection.active = session.labels_layer
     grab("widget_committed.png")
+    labels = np.asarray(session.labels_layer.data)
+    pieces = {int(i): ndimage.label(labels == i, structure=np.ones((3, 3)))[1] for i in np.unique(labels) if i}
+    inside = {int(i): int((ndimage.binary_fill_holes(labels == i) & (labels != i)).sum()) for i in pieces}
+    print(f"committed {len(pieces)} objects; pieces per object: {sorted(pieces.values())}; "
+          f"pixels of holes or other objects inside each: {sorted(inside.values())}")
     viewer.close()
 
 

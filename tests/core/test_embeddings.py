@@ -19,6 +19,7 @@ import zarr
 from napari_sam.core.embedding_store import CacheMismatchError, describe_cache
 from napari_sam.core.embeddings import Embeddings, default_cache_path
 from napari_sam.core.image_source import ImageSource
+from napari_sam.core.masks import drop_fragments
 from napari_sam.core.models import load_model
 from napari_sam.core.predictor import Predictor
 from napari_sam.core.preprocess import Normalization
@@ -63,7 +64,8 @@ def test_one_tile_plane_matches_the_2d_predictor(tiny_model, nuclei_2d):
     assert torch.equal(emb.embedding_for(0).features, reference.features)
     mask = predictor.predict(points=[[200, 310]]).best_mask()
     result = emb.segment(0, Prompt.make(points=[[200, 310]]))
-    assert np.array_equal(result.to_full(image.shape), mask)
+    # the predictor's mask, less its detached specks (the random model leaves many)
+    assert np.array_equal(result.to_full(image.shape), drop_fragments(mask, [[200, 310]]))
 
 
 def test_every_tile_is_the_embedding_of_its_region_with_shared_limits(tiny_model, big_plane):
@@ -93,7 +95,7 @@ def test_segment_places_tile_masks_in_plane_coordinates(tiny_model, big_plane):
     inner = np.zeros_like(expected)
     inner[tile.inner[0] : tile.inner[1], tile.inner[2] : tile.inner[3]] = True
     assert result.tiles[0] == (1, 2)
-    assert np.array_equal(result.to_full(big_plane.shape), expected & inner)
+    assert np.array_equal(result.to_full(big_plane.shape), drop_fragments(expected & inner, [[x, y]]))
 
 
 def test_a_correction_is_answered_with_the_previous_logits_as_mask_prompt(tiny_model, big_plane):

@@ -199,10 +199,9 @@ class EmbeddingStore:
             What to do when the cache holds embeddings of other signatures only (of the same
             ``feature_shape``; other kinds are left alone):
             ``"keep"`` (default) adds the new ones beside them and warns with the fields
-            that differ; ``"beside"`` adds them without a word (for embeddings meant to
-            live beside the others, such as the same image at another magnification);
-            ``"error"`` raises :class:`CacheMismatchError` saying what differs;
-            ``"replace"`` deletes the others.
+            that differ; ``"beside"`` adds them silently (the same image at another
+            magnification); ``"error"`` raises :class:`CacheMismatchError` saying what
+            differs; ``"replace"`` deletes the others.
 
         Raises
         ------
