@@ -24,7 +24,7 @@ from collections.abc import Generator
 
 import numpy as np
 
-from ..core.masks import iou, prompt_box
+from ..core.masks import drop_fragments, iou, prompt_box
 from ..core.predictor import Predictor
 from ..core.prompt_simulation import corrective_point, interior_point
 from ..core.prompts import Prompt
@@ -91,11 +91,12 @@ class _SamRunner:
         labels = np.ones((B, 1), np.int64)
         first = pr.predict_batch(points=points, labels=labels, multimask=self.multimask_point)
         best = np.argmax(first.iou, axis=1)
-        pred = first.best_mask()
+        # Specks are dropped as the plugin drops them from a click's answer (segment_tiled).
+        pred = np.stack([drop_fragments(m, p) for m, p in zip(first.best_mask(), points)])
         low = first.low_res_logits[rows, best]
         point_iou = [iou(pred[i], masks[i], empty=1.0) for i in range(B)]
         boxes = np.stack([prompt_box(m) for m in masks])
-        box_pred = pr.predict_batch(boxes=boxes, multimask=False).best_mask()
+        box_pred = [drop_fragments(m) for m in pr.predict_batch(boxes=boxes, multimask=False).best_mask()]
         box_iou = [iou(box_pred[i], masks[i], empty=1.0) for i in range(B)]
         history = [list(point_iou)]
         done = np.zeros(B, bool)
@@ -116,7 +117,7 @@ class _SamRunner:
             labels = np.concatenate([labels, np.asarray(new_lbl, np.int64)[:, None]], axis=1)
             if not done.all():
                 out = pr.predict_batch(points=points, labels=labels, mask_input=low[:, None], multimask=False)
-                new_pred = out.best_mask()
+                new_pred = np.stack([drop_fragments(m, p, lb) for m, p, lb in zip(out.best_mask(), points, labels)])
                 new_low = out.low_res_logits[:, 0]
                 pred = np.where(done[:, None, None], pred, new_pred)
                 low = np.where(done[:, None, None], low, new_low)
