@@ -105,6 +105,26 @@ def test_ais_on_a_slice_keeps_existing_labels(make_napari_viewer, stack, tiny_ch
     assert not data[1].any() and not data[3].any()
 
 
+def test_augment_is_offered_for_ais_and_commits_the_augmented_objects(make_napari_viewer, stack, tiny_checkpoint,
+                                                                     monkeypatch, qtbot, ais_advice):
+    viewer, w = _widget(make_napari_viewer, stack, tiny_checkpoint, monkeypatch, qtbot,
+                        advice={"mode": "apg", "ais": ais_advice})
+    assert w.augment.native.isHidden() and not w.augment.value  # APG preselected: nothing to augment
+    w.everything_mode.value = "ais"
+    assert not w.augment.native.isHidden()
+    w.augment.value = True
+    viewer.dims.set_current_step(0, 2)
+    w.run_everything()
+    _idle(w, qtbot)
+    emb, decoder = w.session.annotator.embeddings, w.session.annotator.model.instance_decoder
+    expected = segment_ais(emb, 2, decoder, AISSettings(**ais_advice), augment=True)
+    plain = segment_ais(emb, 2, decoder, AISSettings(**ais_advice))
+    assert expected.max() >= 3 and not np.array_equal(expected > 0, plain > 0)
+    np.testing.assert_array_equal(w.session.labels_layer.data[2] > 0, expected > 0)
+    w.everything_mode.value = "auto"
+    assert w.augment.native.isHidden()
+
+
 def test_whole_volume_is_cancelled_then_run_and_linked_through_z(make_napari_viewer, stack, tiny_checkpoint,
                                                                  monkeypatch, qtbot, ais_advice):
     _, w = _widget(make_napari_viewer, stack, tiny_checkpoint, monkeypatch, qtbot, advice={"ais": ais_advice})
