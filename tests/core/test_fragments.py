@@ -54,3 +54,7 @@ def test_a_tiled_answer_loses_its_specks():
     assert full.sum() == 1200 and not full[50:53, 60:62].any()
     assert found.region == (5, 40, 10, 75)  # shrunk to what is left
     assert isinstance(found, PlaneMask) and found.iou == 0.9
+    # a click on the speck keeps it: the click is placed in the answer's own region
+    both = segment_tiled(grid, answer, Prompt.make(points=[[20.0, 20.0], [60.5, 51.0]]), multimask=False)
+    full = both.to_full(mask.shape)
+    assert full.sum() == 1206 and full[50:53, 60:62].all() and both.region == (5, 53, 10, 75)

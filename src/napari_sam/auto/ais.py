@@ -174,7 +174,7 @@ def instances_from_maps(
 
 def iter_ais(
     embeddings, plane, decoder, settings: AISSettings | None = None, batch_size: int | None = None,
-    augment=False,
+    augment: bool | Augmentation = False,
 ) -> Generator[Progress, None, np.ndarray]:
     """AIS on one plane: its tiles' maps decoded and stitched, then post-processed once.
 
@@ -211,13 +211,13 @@ def iter_ais(
         for planes of tens of megapixels; larger planes would need it blockwise.
     """
     settings = settings or AISSettings()
-    if augment is False or augment is None:
-        maps = yield from iter_instance_maps(embeddings, plane, decoder, batch_size)
-    else:
-        if augment is not True and not isinstance(augment, Augmentation):
-            raise ValueError(f"augment must be True, False or an Augmentation, not {augment!r}")
-        views = DEFAULT if augment is True else augment
+    if not isinstance(augment, (bool, np.bool_, Augmentation)):
+        raise ValueError(f"augment must be True, False or an Augmentation, not {augment!r}")
+    if isinstance(augment, Augmentation) or augment:
+        views = augment if isinstance(augment, Augmentation) else DEFAULT
         maps = yield from iter_augmented_maps(embeddings, plane, decoder, views, batch_size)
+    else:
+        maps = yield from iter_instance_maps(embeddings, plane, decoder, batch_size)
     return instances_from_maps(maps[0], maps[1], maps[2], settings)
 
 
@@ -229,7 +229,7 @@ def segment_ais(
     progress: Callable[[Progress], object] | None = None,
     *,
     batch_size: int | None = None,
-    augment=False,
+    augment: bool | Augmentation = False,
 ) -> np.ndarray:
     """:func:`iter_ais` in one call; ``progress`` (if given) is called with each
     :class:`~napari_sam.auto.results.Progress`. Returns (H, W) uint32 labels."""

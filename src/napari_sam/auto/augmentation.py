@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..core.preprocess import Normalization
+from ..core.tiling import TileGrid, default_tiling
 from .instance_maps import iter_instance_maps
 from .results import Progress
 
@@ -42,9 +43,7 @@ class Augmentation:
     ----------
     scales
         Magnifications relative to the embeddings the decoder reads otherwise (1 = those
-        embeddings themselves, whose tiles are cached; others are made once and kept
-        beside them, see :meth:`Embeddings.at_magnification
-        <napari_sam.core.embeddings.Embeddings.at_magnification>`).
+        embeddings themselves; see :func:`iter_augmented_maps` for what is cached).
     flips
         Also read each scale mirrored along rows, columns and both (4 views per scale);
         mirrored views are embedded in memory on each call, never cached.
@@ -63,19 +62,20 @@ class Augmentation:
 
 
 DEFAULT = Augmentation()
-"""Scales 1, 1.5 and 2, each mirrored four ways (12 views): of the scale sets and flips
-tried on six DSB training images with the default model, the best (mSA 0.491 -> 0.548
-there; ``scripts/tune_ais.py --augment`` prints the comparison)."""
+"""Scales 1, 1.5 and 2, each mirrored four ways (12 views): chosen among the scale sets
+and mirrorings tried on six DSB training images with the default model (mSA 0.491 ->
+0.548 there; one set with a fourth scale scored 0.001 more for a fifth more work;
+``scripts/tune_ais.py --augment`` prints the comparison, docs/automatic.md has it)."""
 
 
-def _mirrored(embeddings, plane, pixels: np.ndarray, axes: tuple[int, ...], magnification: float):
-    """In-memory embeddings of the plane mirrored along ``axes``, normalised exactly as
-    the plane itself (its own limits), at ``magnification``."""
+def _in_memory(embeddings, plane, pixels: np.ndarray, axes: tuple[int, ...], magnification: float):
+    """In-memory embeddings of the plane mirrored along ``axes`` (none: as it is),
+    normalised exactly as the plane itself (its own limits), at ``magnification``."""
     from ..core.embeddings import Embeddings
 
     limits = embeddings.limits_for(plane)
     norm = embeddings.normalization if limits is None else Normalization(mode="fixed", limits=tuple(limits))
-    view = np.ascontiguousarray(np.flip(pixels, axes))
+    view = np.ascontiguousarray(np.flip(pixels, axes) if axes else pixels)
     return Embeddings(view, embeddings.model, cache=False, axes="YX" if view.ndim == 2 else "YXC",
                       normalization=norm, statistics="plane", magnification=magnification)
 
@@ -110,21 +110,34 @@ def iter_augmented_maps(
     numpy.ndarray
         Through ``StopIteration.value``: (3, H, W) float32 mean maps of the plane in its
         (row, col) pixels: foreground, centre distances, boundary distances.
+
+    Notes
+    -----
+    One view is held at a time. Unmirrored views at another scale are the cached
+    siblings of ``embeddings`` (:meth:`Embeddings.at_magnification
+    <napari_sam.core.embeddings.Embeddings.at_magnification>`) when they have a cache on
+    disk; without one, like mirrored views, they are embedded in memory for this plane
+    and dropped after, so that a long volume does not collect them.
     """
     flat = embeddings.source.flat_index(plane)
-    pixels = None
-    views = []
-    for scale, axes in augmentation.views():
-        magnification = embeddings.magnification * scale
-        if axes:
-            pixels = embeddings.source.read(flat) if pixels is None else pixels
-            views.append((_mirrored(embeddings, flat, pixels, axes, magnification), 0, axes))
-        else:
-            views.append((embeddings.at_magnification(magnification), flat, axes))
-    total = sum(len(view.grid) for view, _, _ in views)
+    size = int(embeddings.model.config.image_size)
+    cached = embeddings.cache_path is not None
+    views = [(embeddings.magnification * scale, axes) for scale, axes in augmentation.views()]
+
+    def own(magnification, axes) -> bool:  # read from `embeddings` or its cached sibling
+        return not axes and (cached or magnification == embeddings.magnification)
+
+    total = sum(len(embeddings.grid) if own(m, a) and m == embeddings.magnification
+                else len(TileGrid(embeddings.grid.shape, *default_tiling(size, m))) for m, a in views)
     mean = np.zeros((3, *embeddings.grid.shape), np.float32)
+    pixels = None
     done = 0
-    for view, view_plane, axes in views:
+    for magnification, axes in views:
+        if own(magnification, axes):
+            view, view_plane = embeddings.at_magnification(magnification), flat
+        else:
+            pixels = embeddings.source.read(flat) if pixels is None else pixels
+            view, view_plane = _in_memory(embeddings, flat, pixels, axes, magnification), 0
         steps = iter_instance_maps(view, view_plane, decoder, batch_size)
         try:
             while True:
@@ -139,5 +152,6 @@ def iter_augmented_maps(
             steps.close()
         # Mirror back: map axes are (channel, row, col), the plane's (row, col) shifted by one.
         mean += np.flip(maps, tuple(a + 1 for a in axes)) if axes else maps
+        del view, maps
     mean /= len(views)
     return mean

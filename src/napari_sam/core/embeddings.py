@@ -108,8 +108,8 @@ class Embeddings:
         ``"float32"`` (exact) or ``"float16"`` (half the disk).
     on_mismatch
         When the cache holds embeddings computed differently: ``"keep"`` them and compute
-        new ones beside them (with a warning saying what differs), ``"error"``, or
-        ``"replace"`` them.
+        new ones beside them (with a warning saying what differs; ``"beside"``: without
+        one), ``"error"``, or ``"replace"`` them.
 
     Examples
     --------

@@ -275,7 +275,8 @@ def drop_fragments(mask, points=None, labels=None, min_fraction: float = 0.1) ->
     Returns
     -------
     numpy.ndarray
-        (H, W) bool; ``mask`` itself when nothing is dropped.
+        (H, W) bool: the mask as a bool array, the very array given if it was one and
+        nothing is dropped.
     """
     mask = np.asarray(mask, bool)
     pieces, n = ndimage.label(mask, structure=np.ones((3, 3), bool))

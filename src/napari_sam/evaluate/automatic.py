@@ -329,8 +329,8 @@ def evaluate_modes(
     Raises
     ------
     ValueError
-        A mode that is unknown or that the model does not offer (before any work), or a
-        pair that is not a 2D plane.
+        A mode that is unknown or that the model does not offer (before any work),
+        ``augment`` without ``"ais"`` among the modes, or a pair that is not a 2D plane.
     """
     return run_to_end(iter_evaluate_modes(pairs, model, modes, advice=advice, baseline=baseline, name=name,
                                           augment=augment))
