@@ -16,15 +16,7 @@ from napari_sam.auto.modes import segment_plane
 from napari_sam.auto.results import run
 from napari_sam.core.embeddings import Embeddings
 from napari_sam.model.instance_decoder import InstanceDecoder, InstanceDecoderConfig
-
-
-def drain(gen):
-    reports = []
-    while True:
-        try:
-            reports.append(next(gen))
-        except StopIteration as stop:
-            return reports, stop.value
+from tests.conftest import drain
 
 
 @pytest.fixture(scope="module")
