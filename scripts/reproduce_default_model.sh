@@ -44,6 +44,10 @@ $PY scripts/train_default_model.py --continue-from "$OUT/3_larger_encoder.pth" -
     --corrective-from 0 --corrective-iterations 4 --mask-prompt-probability 0.7 --scale-matched --cryonuseg \
     --seed 3 --steps 4288 --half --output "$OUT/5_decoder.pth" --no-evaluate
 
+# 6. The stain advice: stained brightfield RGB (H&E) is read as its haematoxylin channel
+#    (weights untouched).
+$PY scripts/train_default_model.py --stain-only --output "$OUT/5_decoder.pth" --no-evaluate
+
 # The held-out figures of docs/default_model.md
 $PY scripts/train_default_model.py --evaluate-only --output "$OUT/5_decoder.pth"
 if [ "${REPLACE:-0}" = 1 ]; then

@@ -581,6 +581,21 @@ def half_precision(state: dict) -> dict:
     return {k: v.half() if v.is_floating_point() and v.numel() >= 4096 else v for k, v in state.items()}
 
 
+STAIN_ADVICE = "haematoxylin"
+"""Read by :func:`napari_sam.core.stain.channel_for`: stained brightfield RGB (H&E) is
+read as its haematoxylin channel, a plane much like the fluorescence this model learned
+nuclei from (docs/default_model.md, "H&E read as its haematoxylin stain")."""
+
+
+def write_stain_advice(path: Path) -> None:
+    """Record :data:`STAIN_ADVICE` in an existing checkpoint, weights and all else kept."""
+    from napari_sam.model.checkpoint import read_checkpoint, write_checkpoint
+
+    checkpoint = read_checkpoint(path)
+    write_checkpoint(path, checkpoint.state_dict, dict(checkpoint.metadata, stain=STAIN_ADVICE), checkpoint.extras)
+    print(f"{path}: stain advice {STAIN_ADVICE!r}")
+
+
 def write_scale_advice(path: Path) -> None:
     """Record :data:`SCALE_ADVICE` in an existing checkpoint, weights and all else kept."""
     from napari_sam.model.checkpoint import read_checkpoint, write_checkpoint
@@ -723,6 +738,8 @@ def main(argv=None) -> None:
                         help="zoom each real plane's crops as inference magnifies it (instead of --zoom-min/max)")
     parser.add_argument("--cryonuseg", action="store_true", help="also train on the cryonuseg_he_examples tiles")
     parser.add_argument("--evaluate-only", action="store_true", help="only measure --output")
+    parser.add_argument("--stain-only", action="store_true",
+                        help="only record the stain advice (H&E read as haematoxylin) in --output, then measure it")
     parser.add_argument("--scale-only", action="store_true",
                         help="only record the scale advice in --output (then measure it unless --no-evaluate)")
     parser.add_argument("--corrective", type=int, default=8, help="corrective clicks in the evaluation")
@@ -737,6 +754,8 @@ def main(argv=None) -> None:
 
     if args.scale_only:
         write_scale_advice(Path(args.output))
+    elif args.stain_only:
+        write_stain_advice(Path(args.output))
     elif not args.evaluate_only:
         train(args)
     if args.no_evaluate:

@@ -85,7 +85,7 @@ class Annotator:
         labels=None,
         *,
         axes: str | None = None,
-        channel: int | None = None,
+        channel: int | str | None = None,
         cache: str | os.PathLike | None | bool = None,
         tile: int | None = None,
         halo: int | None = None,

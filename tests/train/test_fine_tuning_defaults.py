@@ -172,6 +172,8 @@ def test_decoder_fine_tuning_keeps_the_instance_decoder(tmp_path, nuclei_2d):
     # both keep the scale advice: they were trained on the tiles it gives
     assert base.metadata["scale"] == {"object_diameter": 30.0}
     assert model.metadata["scale"] == load_model(tmp_path / "f.pth").metadata["scale"] == base.metadata["scale"]
+    # and the stain advice: they learned H&E as its haematoxylin channel (train/features.py)
+    assert model.metadata["stain"] == load_model(tmp_path / "f.pth").metadata["stain"] == "haematoxylin"
 
 
 def test_a_run_that_never_beats_the_starting_weights_keeps_them(mini_sam, monkeypatch):

@@ -263,8 +263,9 @@ class SamWidget(Container):
             self.rough.reset_choices()  # without the layers the session just added
             self.start.enabled = True
             self._everything_scope()
-            self._say(f"{annotator.model.source.name} at {annotator.embeddings.magnification:g}x: click to add points "
-                      f"({KEYS['toggle']}: foreground/background)")
+            stain = ", H&E read as its haematoxylin stain" if annotator.embeddings.source.stain else ""
+            self._say(f"{annotator.model.source.name} at {annotator.embeddings.magnification:g}x{stain}: click to add "
+                      f"points ({KEYS['toggle']}: foreground/background)")
 
         def failed(err):
             self.start.enabled = True

@@ -13,7 +13,7 @@ from . import UsageError
 __all__ = ["check_planes", "check_tiling", "select_plane"]
 
 
-def select_plane(image, plane: list[int], channel: int | None, path) -> np.ndarray:
+def select_plane(image, plane: list[int], channel: int | str | None, path) -> np.ndarray:
     """The 2D plane (channels last) that ``--plane`` and ``--channel`` choose in ``image``.
 
     Raises
@@ -37,7 +37,9 @@ def select_plane(image, plane: list[int], channel: int | None, path) -> np.ndarr
         if not 0 <= i < n:
             raise UsageError(f"--plane {i} does not exist: axis {axis} of {path} (shape {shape}) has {n} plane(s), "
                              f"0 to {n - 1}")
-    if has_channel and not 0 <= channel < shape[-1]:
+    if isinstance(channel, str) and shape[-1] not in (3, 4):
+        raise UsageError(f"--channel {channel} is read from RGB: {path} has shape {shape}, not 3 or 4 channels last")
+    if has_channel and not isinstance(channel, str) and not 0 <= channel < shape[-1]:
         raise UsageError(f"--channel {channel} does not exist: {path} has {shape[-1]} channel(s), "
                          f"0 to {shape[-1] - 1} (channels last)")
     return np.asarray(image[tuple(plane)] if plane else image[...])

@@ -28,6 +28,22 @@ def _magnification(text: str):
         raise argparse.ArgumentTypeError(f"a number or 'auto', not {text!r}") from None
 
 
+def _channel(text: str):
+    from ..core.stain import STAIN_CHANNELS
+
+    if text in STAIN_CHANNELS:
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        names = ", ".join(STAIN_CHANNELS)
+        raise argparse.ArgumentTypeError(f"a channel number or one of {names}, not {text!r}") from None
+
+
+_STAIN_HELP = ("; for RGB: 'rgb' (the colours) or 'haematoxylin' (that stain separated from stained brightfield; "
+               "the default for such images when the model asks for it, as the default model does)")
+
+
 def _add_scale_args(p: argparse.ArgumentParser) -> None:
     """--magnification and --diameter: how much the model sees the planes enlarged."""
     p.add_argument("--magnification", type=_magnification, default=None, metavar="M|auto",
@@ -103,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--prompts", help="JSON file: a list of {points, labels, box} objects")
     seg.add_argument("--plane", type=int, nargs="*", default=[], metavar="I",
                      help="index of the 2D plane in a 3D/4D image (leading axes)")
-    seg.add_argument("--channel", type=int, help="channel to use in a multichannel image (channels last)")
+    seg.add_argument("--channel", type=_channel, help="channel to use in a multichannel image (channels last)"
+                     + _STAIN_HELP)
     _add_output_args(seg, "an input")
     seg.add_argument("--add", action="store_true",
                      help="--mode prompts with --labels-into: add the objects to the label image labels/NAME if it "
@@ -122,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     emb.add_argument("--out", help="cache folder (.zarr); default: beside a Zarr image, else the user cache")
     emb.add_argument("--axes",
                      help="axis letters from TZCYX, e.g. ZYX (default: OME-Zarr metadata or a guess from the shape)")
-    emb.add_argument("--channel", type=int, help="channel to embed when the image has a C axis")
+    emb.add_argument("--channel", type=_channel, help="channel to embed when the image has a C axis" + _STAIN_HELP)
     emb.add_argument("--tile", type=int, default=None,
                      help="tile interior side in pixels (default: from --magnification; 3/4 of the model input, 768 "
                      "for SAM, at magnification 1)")
@@ -156,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(prop)
     _add_output_args(prop, "the image or the seeds")
     prop.add_argument("--axes", help="axis letters from TZCYX (default: guessed)")
-    prop.add_argument("--channel", type=int, help="channel to use when the image has a C axis")
+    prop.add_argument("--channel", type=_channel, help="channel to use when the image has a C axis" + _STAIN_HELP)
     _add_scale_args(prop)
     prop.add_argument("--axis", choices=["Z", "T"], help="plane axis to follow (default: the innermost)")
     prop.add_argument("--ids", type=int, nargs="*", help="object ids to propagate (default: all)")

@@ -42,6 +42,7 @@ from .preprocess import IntensityLimits, Normalization
 from .prompts import Prompt
 from .scale import central_crop, magnification_for
 from .signature import CacheSignature, fingerprint
+from .stain import channel_for
 from .tiled_segmentation import segment_tiled
 from .tiling import Tile, TileGrid, default_tiling
 
@@ -82,7 +83,8 @@ class Embeddings:
         Cache directory (a ``.zarr`` folder, created if missing); None for the default
         (:func:`default_cache_path`); False to keep embeddings in memory only.
     axes, channel
-        See :class:`ImageSource` (when ``image`` is an array).
+        See :class:`ImageSource` (when ``image`` is an array). An RGB image read without a
+        channel follows the model's stain advice (:func:`~napari_sam.core.stain.channel_for`).
     tile, halo
         Tile interior side and halo in pixels; a plane no larger than ``tile + 2 * halo``
         is embedded whole. By default they follow from the magnification
@@ -126,7 +128,7 @@ class Embeddings:
         cache: str | os.PathLike | None | bool = None,
         *,
         axes: str | None = None,
-        channel: int | None = None,
+        channel: int | str | None = None,
         tile: int | None = None,
         halo: int | None = None,
         normalization: Normalization = Normalization(),
@@ -136,7 +138,8 @@ class Embeddings:
         magnification: float | str | None = None,
         diameter: float | None = None,
     ):
-        self.source = image if isinstance(image, ImageSource) else ImageSource(image, axes, channel)
+        source = image if isinstance(image, ImageSource) else ImageSource(image, axes, channel)
+        self.source = source.with_channel(channel_for(model, source.channel, source.rgb, lambda: central_crop(source)))
         self.model = model
         size = model.config.image_size
         if tile is None or halo is None:

@@ -57,8 +57,9 @@ class ImageSource:
         One letter per axis from ``TZCYX``, e.g. ``"ZYX"``; guessed from the shape when
         omitted (see :func:`guess_axes`).
     channel
-        For a ``C`` axis: the channel to segment. Omitted with 3 or 4 channels: RGB(A);
-        with one channel: that one.
+        For a ``C`` axis: the channel to segment. Omitted (or ``"rgb"``) with 3 or 4
+        channels: RGB(A); with one channel: that one. ``"haematoxylin"``: that stain
+        separated from RGB (:mod:`napari_sam.core.stain`); planes then read as float32.
     path
         Where the array was read from, if anywhere (the default cache goes beside it).
 
@@ -80,7 +81,7 @@ class ImageSource:
     (10, 20)
     """
 
-    def __init__(self, array, axes: str | None = None, channel: int | None = None,
+    def __init__(self, array, axes: str | None = None, channel: int | str | None = None,
                  path: str | os.PathLike | None = None):
         shape = tuple(int(s) for s in array.shape)
         axes = (axes or guess_axes(shape)).upper()
@@ -105,7 +106,21 @@ class ImageSource:
         if min(self.plane_shape) == 0 or 0 in self.plane_grid:
             raise ValueError(f"the image is empty: shape {shape}")
         self.rgb = False
-        if "C" in axes:
+        self.stain = None  # "haematoxylin" when planes are that stain separated from RGB
+        if isinstance(channel, str):
+            from .stain import HAEMATOXYLIN, STAIN_CHANNELS
+
+            n = shape[axes.index("C")] if "C" in axes else 0
+            if channel not in STAIN_CHANNELS:
+                raise ValueError(f"channel {channel!r} is not a channel number or one of {', '.join(STAIN_CHANNELS)}")
+            if n not in (3, 4):
+                raise ValueError(f"channel {channel!r} needs an RGB(A) image, but the axes {axes!r} of shape "
+                                 f"{shape} have no C axis of 3 or 4 channels")
+            self.rgb = True
+            if channel == HAEMATOXYLIN:
+                self.stain = channel
+                self.dtype = np.dtype(np.float32)  # what read() returns
+        elif "C" in axes:
             n = shape[axes.index("C")]
             if channel is None:
                 if n in (3, 4):
@@ -167,7 +182,7 @@ class ImageSource:
             elif a == "X":
                 sel.append(slice(x0, x1))
             else:  # C
-                sel.append(slice(0, 3) if self.rgb else self.channel)
+                sel.append(self.channel if isinstance(self.channel, int) and not self.rgb else slice(0, 3))
         return tuple(sel)
 
     def read(self, plane: int | tuple[int, ...] = 0, region: tuple[int, int, int, int] | None = None) -> np.ndarray:
@@ -193,7 +208,17 @@ class ImageSource:
         data = np.asarray(self.array[self._selection(plane, region)])
         # The result keeps the kept axes in array order: bring them to (Y, X[, C]).
         kept = [a for a in self.axes if a in "YX" or (a == "C" and self.rgb)]
-        return np.transpose(data, [kept.index(a) for a in ("Y", "X", "C") if a in kept])
+        data = np.transpose(data, [kept.index(a) for a in ("Y", "X", "C") if a in kept])
+        return self._separate(data) if self.stain else data
+
+    def _separate(self, rgb: np.ndarray) -> np.ndarray:
+        from .stain import haematoxylin
+
+        return haematoxylin(rgb)
+
+    def with_channel(self, channel: int | str | None) -> "ImageSource":
+        """The same array, axes and path read through another channel."""
+        return self if channel == self.channel else ImageSource(self.array, self.axes, channel, path=self.path)
 
     # -- intensities -------------------------------------------------------------------------
     def intensity_limits(
@@ -204,8 +229,14 @@ class ImageSource:
 
         Returns None when values pass through unchanged (uint8 data in ``"auto"`` mode).
         """
+        def values_of(region: tuple) -> np.ndarray:
+            data = np.asarray(self.array[region])
+            if self.stain:  # the stain of each pixel's RGB triple
+                data = self._separate(np.moveaxis(data, self.axes.index("C"), -1))
+            return np.ravel(data)
+
         def sample() -> np.ndarray:
-            values = np.concatenate([np.ravel(np.asarray(self.array[r])) for r in self._stat_regions(plane)])
+            values = np.concatenate([values_of(r) for r in self._stat_regions(plane)])
             if values.dtype.kind == "f":
                 values = values[np.isfinite(values)]
                 if values.size == 0:
@@ -233,7 +264,7 @@ class ImageSource:
         c = self.axes.index("C")
         if self.rgb:
             chosen = slice(0, 3)
-        elif self.channel is None:  # __init__ picks a channel whenever C is not RGB
+        elif not isinstance(self.channel, int):  # __init__ picks a channel whenever C is not RGB
             raise ValueError(f"no channel chosen among the {self.shape[c]} of axis C")
         else:
             chosen = slice(self.channel, self.channel + 1)
@@ -241,5 +272,6 @@ class ImageSource:
 
     def describe(self) -> str:
         """One line for messages: shape, axes, dtype and the channel used."""
-        what = "RGB" if self.rgb else ("channel %d" % self.channel if self.channel is not None else "gray")
+        what = "channel %d" % self.channel if isinstance(self.channel, int) else "gray"
+        what = self.stain or ("RGB" if self.rgb else what)
         return f"{'x'.join(map(str, self.shape))} {self.axes} {self.dtype} ({what}, {self.n_planes} plane(s))"

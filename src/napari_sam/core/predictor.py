@@ -20,6 +20,7 @@ from .image_embedding import ImageEmbedding
 from .masks import upscale_logits
 from .preprocess import Normalization, prepare_plane
 from .prompts import check_boxes, check_points_inside
+from .stain import plane_channel
 
 __all__ = ["Prediction", "Predictor"]
 
@@ -161,7 +162,7 @@ class Predictor:
         self,
         image: np.ndarray,
         channel_axis: int | None = None,
-        channel: int | None = None,
+        channel: int | str | None = None,
         limits: tuple[float, float] | None = None,
     ) -> ImageEmbedding:
         """Embed a plane without making it the current image (see :meth:`set_image`)."""
@@ -174,7 +175,7 @@ class Predictor:
         self,
         image: np.ndarray,
         channel_axis: int | None = None,
-        channel: int | None = None,
+        channel: int | str | None = None,
         limits: tuple[float, float] | None = None,
     ) -> ImageEmbedding:
         """Embed a plane and answer later prompts on it.
@@ -185,7 +186,8 @@ class Predictor:
             (H, W) grayscale, (H, W, 3|4) RGB(A), or multichannel with ``channel_axis`` and
             ``channel``. Any integer or float dtype.
         channel_axis, channel
-            See :func:`~napari_sam.core.preprocess.to_rgb`.
+            See :func:`~napari_sam.core.preprocess.to_rgb`. An RGB plane without a
+            channel follows the model's stain advice (:func:`~napari_sam.core.stain.channel_for`).
         limits
             Fixed (lower, upper) intensity limits, e.g. statistics of the whole volume;
             overrides the percentiles of this plane.
@@ -195,6 +197,8 @@ class Predictor:
         ImageEmbedding
             Also kept as :attr:`embedding`; store it to skip the encoder next time.
         """
+        image = np.asarray(image)
+        channel = plane_channel(self.model, image, channel_axis, channel)
         return self.set_embedding(self.embed_image(image, channel_axis, channel, limits))
 
     def set_model_input(self, image: np.ndarray, original_size: tuple[int, int]) -> ImageEmbedding:

@@ -141,7 +141,7 @@ class IntensityLimits:
         return self._planes[flat]
 
 
-def to_rgb(image: np.ndarray, channel_axis: int | None = None, channel: int | None = None) -> np.ndarray:
+def to_rgb(image: np.ndarray, channel_axis: int | None = None, channel: int | str | None = None) -> np.ndarray:
     """Return a (H, W, 3) view or copy of a 2D plane.
 
     Parameters
@@ -152,7 +152,9 @@ def to_rgb(image: np.ndarray, channel_axis: int | None = None, channel: int | No
         Axis holding channels. None: a 3D array whose last axis has 3 or 4 entries is
         taken as RGB(A); any other 3D array is refused as ambiguous.
     channel
-        Which channel to use (repeated into RGB). None with 3 or 4 channels means RGB.
+        Which channel to use (repeated into RGB). None or ``"rgb"`` with 3 or 4 channels
+        means RGB; ``"haematoxylin"`` that stain's optical density separated from RGB
+        (:mod:`napari_sam.core.stain`).
 
     Raises
     ------
@@ -160,6 +162,8 @@ def to_rgb(image: np.ndarray, channel_axis: int | None = None, channel: int | No
         For arrays that are not one plane, or an unusable channel choice.
     """
     image = np.asarray(image)
+    if isinstance(channel, str):
+        return _named_channel(image, channel_axis, channel)
     if image.ndim == 2:
         if channel_axis is not None:
             raise ValueError(f"channel_axis={channel_axis} given, but the image is 2D with shape {image.shape}")
@@ -189,6 +193,19 @@ def to_rgb(image: np.ndarray, channel_axis: int | None = None, channel: int | No
     raise ValueError(f"the image has {n} channels: choose one with channel=...")
 
 
+def _named_channel(image: np.ndarray, channel_axis: int | None, channel: str) -> np.ndarray:
+    from .stain import RGB, STAIN_CHANNELS, haematoxylin
+
+    if channel not in STAIN_CHANNELS:
+        raise ValueError(f"channel {channel!r} is not a channel number or one of {', '.join(STAIN_CHANNELS)}")
+    if image.ndim != 3 or image.shape[-1 if channel_axis is None else channel_axis] not in (3, 4):
+        raise ValueError(f"channel {channel!r} needs an RGB(A) plane, got shape {image.shape}")
+    rgb = to_rgb(image, channel_axis)
+    if channel == RGB:
+        return rgb
+    return np.repeat(haematoxylin(rgb)[..., None], 3, axis=-1)
+
+
 def preprocess_shape(height: int, width: int, long_side: int = 1024) -> tuple[int, int]:
     """Shape (h, w) after resizing so that the longest side equals ``long_side``
     (rounded as the official SAM transform rounds)."""
@@ -211,7 +228,7 @@ def prepare_plane(
     image: np.ndarray,
     normalization: Normalization = Normalization(),
     channel_axis: int | None = None,
-    channel: int | None = None,
+    channel: int | str | None = None,
     limits: tuple[float, float] | None = None,
     long_side: int = 1024,
 ) -> tuple[torch.Tensor, tuple[int, int]]:

@@ -259,7 +259,8 @@ class CacheSignature:
     image_fingerprint
         :func:`fingerprint` of the image.
     channel
-        The channel embedded, for images with a channel axis (None: grayscale or RGB).
+        The channel embedded, for images with a channel axis (None: grayscale or RGB; a
+        name such as ``"haematoxylin"``: see :mod:`napari_sam.core.stain`).
     storage
         dtype name of the stored features (``"float32"``, or ``"float16"`` to halve the
         cache at a relative precision of about 1e-3).
@@ -275,7 +276,7 @@ class CacheSignature:
     dtype_in: str
     axes: str
     image_fingerprint: str
-    channel: int | None = None
+    channel: int | str | None = None
     storage: str = "float32"
 
     def to_json(self) -> dict:

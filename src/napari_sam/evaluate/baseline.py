@@ -34,6 +34,7 @@ from skimage.segmentation import watershed
 from ..core.masks import deepest_pixel, depth
 from ..core.preprocess import to_rgb
 from ..core.prompts import check_boxes, check_points_inside
+from ..core.stain import haematoxylin, looks_brightfield
 
 __all__ = ["WatershedBaseline", "watershed_instances", "watershed_segment"]
 
@@ -113,7 +114,10 @@ class WatershedBaseline:
         if image.ndim == 2 and channel_axis is None:
             gray = image.astype(np.float32)
         else:
-            gray = to_rgb(image, channel_axis, channel).astype(np.float32).mean(axis=-1)
+            rgb = to_rgb(image, channel_axis, channel)
+            # H&E: nuclei as the haematoxylin stain (classical pipelines' reading), not dark
+            stained = channel is None and looks_brightfield(rgb)
+            gray = haematoxylin(rgb) if stained else rgb.astype(np.float32).mean(axis=-1)
         if gray.ndim != 2 or min(gray.shape) == 0:
             raise ValueError(f"the baseline segments one non-empty 2D plane, got shape {image.shape}")
         lo, hi = float(gray.min()), float(gray.max())
@@ -379,13 +383,11 @@ def watershed_instances(image: np.ndarray, min_area: int = 15, **options) -> np.
     numpy.ndarray
         (H, W) uint32 labels, 0 = background, ids 1..n.
     """
-    from skimage.color import rgb2hed
-
     options = {"sigma": 1.0, "peak_depth": 15.0} | options
     image = np.asarray(image)
     rgb = None if image.ndim == 2 else to_rgb(image)
     if rgb is not None and not (rgb[..., :1] == rgb).all():
-        gray = rgb2hed(rgb).astype(np.float32)[..., 0]
+        gray = haematoxylin(rgb)
     else:
         gray = (image if rgb is None else rgb[..., 0]).astype(np.float32)
         if gray.ndim != 2 or min(gray.shape) == 0:

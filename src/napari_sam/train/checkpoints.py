@@ -99,6 +99,8 @@ def save(trainer: Trainer, path: PathLike, optimizer: bool = True) -> Path:
     meta, extras = trainer.metadata(), {}
     if "scale" in trainer.model.metadata:  # it was trained on the tiles its scale advice gives (inference_tiles)
         meta["scale"] = trainer.model.metadata["scale"]
+    if "stain" in trainer.model.metadata:  # it learned from images read so (train/features.py)
+        meta["stain"] = trainer.model.metadata["stain"]
     decoder = trainer.model.instance_decoder
     if decoder is not None and trainer.config.mode == "decoder":
         # the encoder did not change, so the instance decoder still reads its embeddings

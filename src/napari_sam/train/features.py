@@ -13,6 +13,7 @@ import torch
 
 from ..core.image_embedding import ImageEmbedding
 from ..core.preprocess import prepare_plane
+from ..core.stain import plane_channel
 from ..model import Sam
 from .config import TrainingConfig
 from .dataset import SegmentationDataset
@@ -46,11 +47,13 @@ class TrainingEmbeddings:
         self._cache: dict[SegmentationDataset, dict[int, ImageEmbedding]] = {}
 
     def _embed(self, data: SegmentationDataset, index: int) -> ImageEmbedding:
+        image = data[index].image
         x, original_size = prepare_plane(
-            data[index].image,
+            image,
             self.config.normalization,
             data.channel_axis,
-            data.channel,
+            # as the plugin reads it: stained brightfield per the model's advice
+            plane_channel(self.model, image, data.channel_axis, data.channel),
             long_side=self.model.config.image_size,
         )
         with autocast(self.device, self.config):

@@ -31,6 +31,7 @@ import torch
 
 from ..core.image_embedding import ImageEmbedding
 from ..core.preprocess import Normalization, prepare_plane
+from ..core.stain import plane_channel
 from ..model import Sam
 from ..model.instance_decoder import InstanceDecoder, InstanceDecoderConfig
 from .dataset import SegmentationDataset
@@ -153,7 +154,9 @@ class _Planes:
         for start in range(0, len(missing), batch_size):
             chunk = missing[start : start + batch_size]
             pairs = [self.data[i] for i in chunk]
-            prepared = [prepare_plane(p.image, self.normalization, self.data.channel_axis, self.data.channel,
+            axis = self.data.channel_axis
+            prepared = [prepare_plane(p.image, self.normalization, axis,
+                                      plane_channel(self.model, p.image, axis, self.data.channel),
                                       long_side=self.model.config.image_size) for p in pairs]
             model = self.model
             with torch.no_grad():
