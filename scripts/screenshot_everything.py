@@ -7,7 +7,10 @@ training), docks the widget, starts it, runs Segment everything in the mode the 
 recommends (AIS when it carries an instance decoder) and saves the window to
 docs/images/widget_everything.png; prints the mode, the objects found and their AP50
 against the sample's labels. With ``--augment`` it ticks "augment" first (AIS with
-test-time augmentation) and saves docs/images/widget_everything_augmented.png.
+test-time augmentation) and saves docs/images/widget_everything_augmented.png. With
+``--he`` it opens an H&E tile instead (CryoNuSeg TCGA-S4-A8RO from ../shared/data, MIT; one
+of the default model's own training images), which the model reads as its haematoxylin
+stain, and saves docs/images/widget_everything_he.png.
 """
 
 from __future__ import annotations
@@ -32,20 +35,31 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--augment", action="store_true", help="tick 'augment' (AIS) before segmenting")
-    augment = parser.parse_args().augment
-    data = Path(__file__).resolve().parents[1] / "src" / "napari_sam" / "_data"
-    image = tifffile.imread(data / "nuclei_2d.tif")
-    truth = tifffile.imread(data / "nuclei_2d_labels.tif")
+    parser.add_argument("--he", action="store_true", help="an H&E tile instead of the 2D nuclei sample")
+    args = parser.parse_args()
+    augment = args.augment
+    if args.he:
+        data = Path(__file__).resolve().parents[2] / "shared" / "data" / "cryonuseg_he_examples"
+        image = tifffile.imread(data / "images" / "TCGA-S4-A8RO.tif")
+        truth = tifffile.imread(data / "labels" / "TCGA-S4-A8RO.tif")
+    else:
+        data = Path(__file__).resolve().parents[1] / "src" / "napari_sam" / "_data"
+        image = tifffile.imread(data / "nuclei_2d.tif")
+        truth = tifffile.imread(data / "nuclei_2d_labels.tif")
 
     app = QApplication.instance() or QApplication([])
     viewer = napari.Viewer(show=True)
     viewer.window._qt_window.resize(1500, 900)
-    viewer.add_image(image, name="nuclei_2d", colormap="gray")
+    if args.he:
+        viewer.add_image(image, name="cryonuseg_he", rgb=True)
+    else:
+        viewer.add_image(image, name="nuclei_2d", colormap="gray")
     widget = SamWidget(viewer)
     viewer.window.add_dock_widget(widget, name="Segment Anything")
     widget.start_session()
     window_grabs.settle(app, lambda: widget.session is not None)
     session = widget.session
+    print(f"status: {widget.status.value}")
     mode = widget.everything_mode.value
     offered = list(widget.everything_mode.choices)
     if augment:
@@ -55,7 +69,7 @@ def main() -> None:
     widget.everything.clicked()
     window_grabs.settle(app, lambda: "committed" in widget.status.value and not widget.workers.busy)
     viewer.layers.selection.active = session.labels_layer
-    name = "widget_everything_augmented.png" if augment else "widget_everything.png"
+    name = "widget_everything" + ("_he" if args.he else "") + ("_augmented" if augment else "") + ".png"
     path = window_grabs.grab(app, viewer, OUT / name)
     labels = np.asarray(session.labels_layer.data)
     scores = instance_scores(truth, labels)
