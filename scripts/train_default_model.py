@@ -441,6 +441,7 @@ def train(args) -> Path:
         corrective_iterations=0 if args.corrective_from > 0 else args.corrective_iterations,
         focal_weight=args.focal_weight,
         focal_alpha=args.focal_alpha,
+        iou_rank_weight=args.iou_rank_weight,
         mask_prompt_probability=args.mask_prompt_probability,
         grad_clip=1.0,
         validate_every=0,
@@ -706,6 +707,8 @@ def main(argv=None) -> None:
         "--mask-prompt-probability", type=float, default=0.5,
         help="chance that a corrective iteration also gets the previous logits as mask prompt",
     )
+    parser.add_argument("--iou-rank-weight", type=float, default=0.0,
+                        help="weight of the IoU head's ranking loss on a lone click's three masks (default 0)")
     parser.add_argument("--corrective-iterations", type=int, default=2, help="simulated corrective clicks per step")
     parser.add_argument("--easy-steps", type=int, default=300, help="first steps on large synthetic objects only")
     parser.add_argument("--large", type=int, default=300, help="synthetic training images with large objects")

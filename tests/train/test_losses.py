@@ -6,7 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from napari_sam.train.losses import dice_loss, iou_prediction_loss, mask_iou, mask_loss, sigmoid_focal_loss
+from napari_sam.train.losses import (
+    dice_loss,
+    iou_prediction_loss,
+    iou_ranking_loss,
+    mask_iou,
+    mask_loss,
+    sigmoid_focal_loss,
+)
 
 LN3 = math.log(3.0)
 
@@ -92,3 +99,23 @@ def test_bad_inputs_are_refused():
         mask_loss(torch.zeros(1, 4, 4), torch.zeros(1, 1, 4))
     with pytest.raises(ValueError, match="one per mask"):
         iou_prediction_loss(torch.zeros(2), torch.zeros(1, 3, 4, 4), torch.zeros(1, 1, 4, 4))
+
+
+def test_iou_ranking_loss_charges_masks_ranked_the_wrong_way():
+    targets = torch.tensor([[[[1.0, 1.0, 0.0, 0.0]]]])  # (N=1, 1, 1, 4)
+    # three masks: exact (IoU 1), half of it (1/2), the other half of the plane (0)
+    logits = torch.tensor([[[[5.0, 5.0, -5.0, -5.0]], [[5.0, -5.0, -5.0, -5.0]], [[-5.0, -5.0, 5.0, 5.0]]]])
+    right = iou_ranking_loss(torch.tensor([[0.9, 0.5, 0.1]]), logits, targets)
+    wrong = iou_ranking_loss(torch.tensor([[0.1, 0.5, 0.9]]), logits, targets)
+    assert right.shape == (1,) and right.item() < 1e-3 and wrong.item() > 5
+    # by hand: pairs (exact, half) 0.5, (exact, other) 1, (half, other) 0.5, each margin 0.4 or 0.8 at T 0.05
+    sp = F.softplus
+    want = (0.5 * sp(torch.tensor(8.0)) + 1.0 * sp(torch.tensor(16.0)) + 0.5 * sp(torch.tensor(8.0))) / 3
+    assert wrong.item() == pytest.approx(want.item(), rel=1e-5)
+    # equally good masks are no pair; gradients raise the better mask's prediction only
+    assert iou_ranking_loss(torch.tensor([[0.2, 0.9]]), logits[:, :1].expand(1, 2, 1, 4), targets).item() == 0.0
+    pred = torch.tensor([[0.5, 0.5, 0.5]], requires_grad=True)
+    iou_ranking_loss(pred, logits, targets).sum().backward()
+    assert pred.grad[0, 0] < 0 < pred.grad[0, 2]
+    with pytest.raises(ValueError, match="shape"):
+        iou_ranking_loss(torch.zeros(3), logits, targets)

@@ -154,6 +154,19 @@ def test_training_lowers_the_loss_on_a_fixed_batch(mini_sam, data):
     assert after < 0.8 * before
 
 
+def test_the_iou_ranking_term_joins_the_iou_loss_of_lone_clicks(mini_sam, data):
+    # the same step, with and without the ranking term: only the IoU part grows
+    cfg = dict(FAST, box_probability=0.0)
+    plain = Trainer(mini_sam, data, TrainingConfig(**cfg), device="cpu")
+    ranked = Trainer(mini_sam, data, TrainingConfig(**cfg, iou_rank_weight=1.0), device="cpu")
+    a = plain.image_loss(data, 0, np.random.default_rng(3))
+    b = ranked.image_loss(data, 0, np.random.default_rng(3))
+    assert float(a.mask_loss) == pytest.approx(float(b.mask_loss))
+    assert float(b.iou_loss) > float(a.iou_loss)
+    with pytest.raises(ValueError, match="iou_rank_weight"):
+        TrainingConfig(iou_rank_weight=-1)
+
+
 def test_decoder_mode_leaves_the_image_encoder_bit_for_bit_unchanged(mini_sam, data):
     encoder, decoder = weights(mini_sam, "image_encoder."), weights(mini_sam, "mask_decoder.")
     trainer = Trainer(mini_sam, data, TrainingConfig(**dict(FAST, steps=1)), device="cpu")

@@ -72,6 +72,11 @@ class TrainingConfig:
     focal_alpha
         Weight of object pixels in the focal loss (SAM: 0.25; negative: unweighted); None:
         the trained model's own, else 0.25, like ``focal_weight``.
+    iou_rank_weight
+        Weight of a ranking term on the three masks of a lone click
+        (:func:`~napari_sam.train.losses.iou_ranking_loss`): the IoU head must also order
+        them, since it chooses which one the user sees. 0 (default): SAM's squared error
+        alone.
     native_tiles
         Train on the tiles inference embeds (:func:`~napari_sam.train.tiles.inference_tiles`),
         at the planes' own resolution, instead of whole planes squeezed into the input.
@@ -115,6 +120,7 @@ class TrainingConfig:
     focal_alpha: float | None = None
     dice_weight: float = 1.0
     iou_weight: float = 1.0
+    iou_rank_weight: float = 0.0
     freeze_encoder_blocks: int = 0
     bfloat16: bool = False
     grad_clip: float | None = None
@@ -158,7 +164,8 @@ class TrainingConfig:
                 raise ValueError(f"{name} must be a non-negative integer, got {value}")
         if self.learning_rate is not None and not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
-        for name in ("weight_decay", "box_noise", "max_box_noise", "focal_weight", "dice_weight", "iou_weight"):
+        for name in ("weight_decay", "box_noise", "max_box_noise", "focal_weight", "dice_weight", "iou_weight",
+                     "iou_rank_weight"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.mask_prompt_probability <= 1:

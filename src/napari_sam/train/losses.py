@@ -27,6 +27,7 @@ __all__ = [
     "mask_loss",
     "mask_iou",
     "iou_prediction_loss",
+    "iou_ranking_loss",
 ]
 
 FOCAL_ALPHA = 0.25
@@ -220,3 +221,40 @@ def iou_prediction_loss(iou_predictions: torch.Tensor, logits: torch.Tensor, tar
         )
     actual = mask_iou(logits, targets)
     return (iou_predictions.float() - actual) ** 2
+
+
+def iou_ranking_loss(iou_predictions: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
+                     temperature: float = 0.05) -> torch.Tensor:
+    """How badly the IoU head orders the masks of each prompt.
+
+    For every pair of masks, a logistic loss on the difference of their predicted IoU,
+    signed by which one really fits better and weighted by how much better: a head that
+    predicts each object's quality well but cannot tell its masks apart (the squared
+    error alone allows that) pays for every pair it ranks the wrong way round.
+
+    Parameters
+    ----------
+    iou_predictions
+        ``(N, C)`` predicted IoU of the C masks of N prompts.
+    logits
+        ``(N, C, H, W)`` their logits.
+    targets
+        Binary ground truth broadcasting against ``logits``.
+    temperature
+        Differences of predicted IoU this large count as a confident order.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(N,)``: mean over the ordered pairs of each prompt (0 for a single mask).
+    """
+    if iou_predictions.ndim != 2 or tuple(iou_predictions.shape) != tuple(logits.shape[:2]):
+        raise ValueError(f"iou_predictions must have shape {tuple(logits.shape[:2])}, got "
+                         f"{tuple(iou_predictions.shape)}")
+    actual = mask_iou(logits, targets)  # (N, C), no gradient
+    better = actual[:, :, None] - actual[:, None, :]  # (N, C, C): i fits better than j by this much
+    predicted = iou_predictions.float()
+    margin = predicted[:, :, None] - predicted[:, None, :]
+    pairs = better > 0
+    loss = better.clamp(min=0) * torch.nn.functional.softplus(-margin / temperature)
+    return loss.sum(dim=(1, 2)) / pairs.sum(dim=(1, 2)).clamp(min=1)

@@ -28,7 +28,7 @@ from ..core.prompt_simulation import bounding_box, corrective_point, random_poin
 from .config import TrainingConfig
 from .dataset import object_ids
 from .frames import low_res_targets, model_scale, predicted_masks
-from .losses import iou_prediction_loss, mask_iou, mask_loss
+from .losses import iou_prediction_loss, iou_ranking_loss, mask_iou, mask_loss
 
 __all__ = ["LossParts", "corrective_clicks", "draw_objects", "first_prompt", "session_loss"]
 
@@ -199,6 +199,8 @@ def session_loss(
         best = per_mask.detach().argmin(dim=1)
         total_mask = total_mask + per_mask[rows, best].mean()
         total_iou = total_iou + iou_prediction_loss(iou, low, targets).mean()
+        if multimask and cfg.iou_rank_weight > 0:
+            total_iou = total_iou + cfg.iou_rank_weight * iou_ranking_loss(iou, low, targets).mean()
         chosen_low = low[rows, best][:, None]
         if it == iterations - 1:
             train_iou = float(mask_iou(chosen_low, targets).mean())
