@@ -27,3 +27,35 @@ def test_the_magnification_is_the_models_advice_unless_chosen(make_napari_viewer
     qtbot.waitUntil(lambda: w.session is not started, timeout=60000)
     emb = w.session.annotator.embeddings
     assert emb.magnification == 1.0 and emb.grid.grid_shape == (1, 1) and "default at 1x" in w.status.value
+
+
+def test_he_is_read_as_its_stain_unless_the_colours_are_chosen(make_napari_viewer, shared_dir, monkeypatch, qtbot):
+    import tifffile
+
+    monkeypatch.delenv("NAPARI_SAM_MODEL", raising=False)
+    from napari_sam._qt.widget import SamWidget
+
+    tile = tifffile.imread(shared_dir / "data" / "cryonuseg_he_examples" / "images" / "TCGA-S4-A8RO.tif")
+    viewer = make_napari_viewer()
+    grey = viewer.add_image(tile[..., 0], name="grey")
+    w = SamWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    assert w.rgb_reading.native.isHidden()  # offered for RGB layers only
+    viewer.layers.remove(grey)
+    viewer.add_image(tile, name="H&E", rgb=True)
+    w.image.reset_choices()
+    w.image.value = viewer.layers["H&E"]
+    assert not w.rgb_reading.native.isHidden() and w.rgb_reading.value == "model's advice"
+    w.start_session()
+    qtbot.waitUntil(lambda: w.session is not None, timeout=60000)
+    source = w.session.annotator.embeddings.source
+    assert source.stain == "haematoxylin" and "haematoxylin stain" in w.status.value
+    assert source.read(0).shape == tile.shape[:2]
+
+    w.rgb_reading.value = "colours"  # the user overrules it: the next session reads RGB
+    started = w.session
+    w.start_session()
+    qtbot.waitUntil(lambda: w.session is not started, timeout=60000)
+    source = w.session.annotator.embeddings.source
+    assert source.stain is None and source.channel == "rgb" and "haematoxylin" not in w.status.value
+    assert source.read(0).shape == tile.shape

@@ -33,6 +33,8 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["CHECKPOINT", "SamWidget", "model_picker_choices", "ome_zarr_of"]
 
 CHECKPOINT = "checkpoint file..."
+RGB_READINGS = {"model's advice": None, "colours": "rgb", "haematoxylin stain": "haematoxylin"}
+"""The widget's choices for an RGB image, and the channel each one asks the image for."""
 # Layer data events sent before an edit takes effect (napari's ActionType values).
 _BEFORE_EDIT = ("adding", "removing", "changing")
 
@@ -84,6 +86,10 @@ class SamWidget(Container):
             label="magnification", choices=["auto", "1", "1.5", "2", "3"], value="auto",
             tooltip="how many times the model sees the image enlarged; auto: the model's advice (the default model "
             "enlarges images of small nuclei up to 3x, from their estimated size; SAM's weights: 1)")
+        self.rgb_reading = ComboBox(
+            label="RGB read as", choices=list(RGB_READINGS), value="model's advice", visible=False,
+            tooltip="model's advice: the default model reads stained brightfield (H&E) as its haematoxylin stain, "
+            "other images and models the colours")
         self.cache = FileEdit(label="embedding cache", mode="d", value="",
                               tooltip="folder for the Zarr embedding cache; empty: beside a Zarr image, "
                               "else the user cache")
@@ -128,7 +134,8 @@ class SamWidget(Container):
         self.status.native.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Preferred)
         self.status.native.setAlignment(Qt.AlignLeft | Qt.AlignVCenter)
         self.extend([
-            self.image, self.model, self.checkpoint, self.device, self.dtype, self.magnification, self.cache,
+            self.image, self.model, self.checkpoint, self.device, self.dtype, self.magnification, self.rgb_reading,
+            self.cache,
             self.labels_path,
             self.ngff_labels, self.ngff_name, self.start,
             self.embed_slice, self.embed_all, self.cancel, self.overwrite, self.commit, *self.tracking.widgets,
@@ -175,6 +182,7 @@ class SamWidget(Container):
         # the choice exists only for an image read from an OME-Zarr container
         offered = ome_zarr_of(layer) is not None
         self.ngff_labels.visible = offered
+        self.rgb_reading.visible = bool(getattr(layer, "rgb", False))
         self.ngff_name.visible = offered and bool(self.ngff_labels.value)
 
     def _say(self, text: str) -> None:
@@ -228,6 +236,8 @@ class SamWidget(Container):
             self._say("choose one place for the labels: a Zarr array on disk or the image's OME-Zarr")
             return
         source = source_from_layer(layer)
+        if source.rgb:  # "model's advice" leaves the channel unset (core.stain.channel_for)
+            source = source.with_channel(RGB_READINGS[self.rgb_reading.value])
         device, dtype = self.device.value, self.dtype.value
         magnification = None if self.magnification.value == "auto" else float(self.magnification.value)
         self.start.enabled = False
