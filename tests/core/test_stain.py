@@ -182,3 +182,44 @@ def test_cli_names_the_stain(tmp_path):
     with pytest.raises(UsageError, match="not 3 or 4 channels"):
         select_plane(np.zeros((8, 8, 2)), [], "haematoxylin", "x.tif")
     assert select_plane(np.zeros((8, 8, 3)), [], "haematoxylin", "x.tif").shape == (8, 8, 3)
+
+
+def test_tiles_of_a_float_image_are_scaled_alike():
+    # 0-1 floats with one pixel a little over 1: every tile must use the same white
+    rgb = _he_image()[0].astype(np.float32) / 255
+    rgb[5, 5] = 1.02
+    src = ImageSource(rgb, "YXC", channel="haematoxylin")
+    whole = src.read(0)
+    for region in ((0, 48, 0, 48), (48, 96, 48, 96)):
+        y0, y1, x0, x1 = region
+        np.testing.assert_array_equal(src.read(0, region), whole[y0:y1, x0:x1])
+    assert abs(float(np.median(whole)) - float(np.median(haematoxylin(rgb[8:, 8:])))) < 0.02
+
+
+def test_channels_first_images_sample_their_stain():
+    volume = np.stack([_he_image(1)[0], _he_image(2)[0]])  # ZYXC
+    last = ImageSource(volume, "ZYXC", channel="haematoxylin")
+    first = ImageSource(np.moveaxis(volume, -1, 1), "ZCYX", channel="haematoxylin")
+    assert first.intensity_limits(Normalization()) == pytest.approx(last.intensity_limits(Normalization()))
+    np.testing.assert_array_equal(first.read(1), last.read(1))
+
+
+def test_fixed_limits_keep_the_colours(advised, tiny_model):
+    he = _he_image()[0]
+    fixed = Normalization(mode="fixed", limits=(0.0, 255.0))
+    assert Embeddings(he, advised, cache=False, axes="YXC", normalization=fixed).source.channel is None
+    a = Predictor(advised).set_image(he, limits=(0.0, 255.0)).features
+    b = Predictor(tiny_model).set_image(he, limits=(0.0, 255.0)).features
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_augmented_views_read_the_plane_as_it_is_read(advised):
+    from napari_sam.auto.augmentation import _in_memory
+
+    he = _he_image()[0]
+    colours = Embeddings(he, advised, cache=False, axes="YXC", channel="rgb", magnification=1.0)
+    view = _in_memory(colours, 0, colours.source.read(0), (1,), 1.5)
+    assert view.source.channel == "rgb" and view.source.read(0).shape == he.shape
+    stained = Embeddings(he, advised, cache=False, axes="YXC", magnification=1.0)
+    view = _in_memory(stained, 0, stained.source.read(0), (1,), 1.5)
+    np.testing.assert_array_equal(view.source.read(0), stained.source.read(0)[:, ::-1])

@@ -163,6 +163,13 @@ def test_the_iou_ranking_term_joins_the_iou_loss_of_lone_clicks(mini_sam, data):
     b = ranked.image_loss(data, 0, np.random.default_rng(3))
     assert float(a.mask_loss) == pytest.approx(float(b.mask_loss))
     assert float(b.iou_loss) > float(a.iou_loss)
+    # a box gets one mask: nothing to rank, the same loss
+    boxes = dict(FAST, box_probability=1.0)
+    plain = Trainer(mini_sam, data, TrainingConfig(**boxes), device="cpu")
+    ranked = Trainer(mini_sam, data, TrainingConfig(**boxes, iou_rank_weight=1.0), device="cpu")
+    a = plain.image_loss(data, 0, np.random.default_rng(3))
+    b = ranked.image_loss(data, 0, np.random.default_rng(3))
+    assert float(b.iou_loss) == pytest.approx(float(a.iou_loss))
     with pytest.raises(ValueError, match="iou_rank_weight"):
         TrainingConfig(iou_rank_weight=-1)
 

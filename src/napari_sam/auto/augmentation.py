@@ -76,8 +76,10 @@ def _in_memory(embeddings, plane, pixels: np.ndarray, axes: tuple[int, ...], mag
     limits = embeddings.limits_for(plane)
     norm = embeddings.normalization if limits is None else Normalization(mode="fixed", limits=tuple(limits))
     view = np.ascontiguousarray(np.flip(pixels, axes) if axes else pixels)
+    # RGB pixels here mean the plane is read in colour: the view must not take the stain advice anew
     return Embeddings(view, embeddings.model, cache=False, axes="YX" if view.ndim == 2 else "YXC",
-                      normalization=norm, statistics="plane", magnification=magnification)
+                      channel="rgb" if view.ndim == 3 else None, normalization=norm, statistics="plane",
+                      magnification=magnification)
 
 
 def iter_augmented_maps(

@@ -41,7 +41,7 @@ def embed(args) -> int:
         diameter=args.diameter,
     )
     rows, cols = emb.grid.grid_shape
-    print(f"{source.describe()}; {rows}x{cols} tile(s) per plane (magnification {emb.magnification:g}); "
+    print(f"{emb.source.describe()}; {rows}x{cols} tile(s) per plane (magnification {emb.magnification:g}); "
           f"cache {emb.cache_path} ({emb.store.key})")
     t0 = time.perf_counter()
     done = emb.compute_all(planes=args.planes, scheduler=args.scheduler)

@@ -139,7 +139,8 @@ class Embeddings:
         diameter: float | None = None,
     ):
         source = image if isinstance(image, ImageSource) else ImageSource(image, axes, channel)
-        self.source = source.with_channel(channel_for(model, source.channel, source.rgb, lambda: central_crop(source)))
+        advised = source.rgb and normalization.mode != "fixed"  # fixed limits are in the colours' units
+        self.source = source.with_channel(channel_for(model, source.channel, advised, lambda: central_crop(source)))
         self.model = model
         size = model.config.image_size
         if tile is None or halo is None:

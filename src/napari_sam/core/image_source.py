@@ -107,8 +107,9 @@ class ImageSource:
             raise ValueError(f"the image is empty: shape {shape}")
         self.rgb = False
         self.stain = None  # "haematoxylin" when planes are that stain separated from RGB
+        self._white: float | None = None
         if isinstance(channel, str):
-            from .stain import HAEMATOXYLIN, STAIN_CHANNELS
+            from .stain import HAEMATOXYLIN, STAIN_CHANNELS, float_white
 
             n = shape[axes.index("C")] if "C" in axes else 0
             if channel not in STAIN_CHANNELS:
@@ -119,6 +120,8 @@ class ImageSource:
             self.rgb = True
             if channel == HAEMATOXYLIN:
                 self.stain = channel
+                # floats: one white for every tile, from a sample of the whole image
+                self._white = float_white(self._sample(None)) if self.dtype.kind == "f" else None
                 self.dtype = np.dtype(np.float32)  # what read() returns
         elif "C" in axes:
             n = shape[axes.index("C")]
@@ -214,7 +217,7 @@ class ImageSource:
     def _separate(self, rgb: np.ndarray) -> np.ndarray:
         from .stain import haematoxylin
 
-        return haematoxylin(rgb)
+        return haematoxylin(rgb, self._white)
 
     def with_channel(self, channel: int | str | None) -> "ImageSource":
         """The same array, axes and path read through another channel."""
@@ -229,21 +232,23 @@ class ImageSource:
 
         Returns None when values pass through unchanged (uint8 data in ``"auto"`` mode).
         """
+        return normalization.resolve_limits(lambda: self._sample(plane, self.stain is not None), self.dtype)
+
+    def _sample(self, plane, separate: bool = False) -> np.ndarray:
+        """Finite values from a sample of chunks of the image (``plane`` None) or of one
+        plane; with ``separate``, the stain of each sampled pixel's RGB triple."""
         def values_of(region: tuple) -> np.ndarray:
             data = np.asarray(self.array[region])
-            if self.stain:  # the stain of each pixel's RGB triple
+            if separate:
                 data = self._separate(np.moveaxis(data, self.axes.index("C"), -1))
             return np.ravel(data)
 
-        def sample() -> np.ndarray:
-            values = np.concatenate([values_of(r) for r in self._stat_regions(plane)])
-            if values.dtype.kind == "f":
-                values = values[np.isfinite(values)]
-                if values.size == 0:
-                    raise ValueError("the sampled image holds no finite values")
-            return values
-
-        return normalization.resolve_limits(sample, self.dtype)
+        values = np.concatenate([values_of(r) for r in self._stat_regions(plane)])
+        if values.dtype.kind == "f":
+            values = values[np.isfinite(values)]
+            if values.size == 0:
+                raise ValueError("the sampled image holds no finite values")
+        return values
 
     def _stat_regions(self, plane) -> list[tuple]:
         # One plane is sampled as an array whose plane axes have length 1, so that the

@@ -187,7 +187,9 @@ class Predictor:
             ``channel``. Any integer or float dtype.
         channel_axis, channel
             See :func:`~napari_sam.core.preprocess.to_rgb`. An RGB plane without a
-            channel follows the model's stain advice (:func:`~napari_sam.core.stain.channel_for`).
+            channel follows the model's stain advice (:func:`~napari_sam.core.stain.channel_for`)
+            unless fixed limits are given (they are in the colours' units);
+            :meth:`embed_image` takes the channel as given.
         limits
             Fixed (lower, upper) intensity limits, e.g. statistics of the whole volume;
             overrides the percentiles of this plane.
@@ -198,7 +200,8 @@ class Predictor:
             Also kept as :attr:`embedding`; store it to skip the encoder next time.
         """
         image = np.asarray(image)
-        channel = plane_channel(self.model, image, channel_axis, channel)
+        if limits is None and self.normalization.mode != "fixed":  # fixed limits are in the colours' units
+            channel = plane_channel(self.model, image, channel_axis, channel)
         return self.set_embedding(self.embed_image(image, channel_axis, channel, limits))
 
     def set_model_input(self, image: np.ndarray, original_size: tuple[int, int]) -> ImageEmbedding:

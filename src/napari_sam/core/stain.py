@@ -20,8 +20,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-__all__ = ["HAEMATOXYLIN", "RGB", "STAIN_CHANNELS", "haematoxylin", "looks_brightfield", "stain_advice",
-           "channel_for", "is_rgb", "plane_channel"]
+__all__ = ["HAEMATOXYLIN", "RGB", "STAIN_CHANNELS", "haematoxylin", "float_white", "looks_brightfield",
+           "stain_advice", "channel_for", "is_rgb", "plane_channel"]
 
 HAEMATOXYLIN = "haematoxylin"
 RGB = "rgb"
@@ -35,15 +35,18 @@ bright, a fluorescence image's dark. Every H&E and brightfield image in the proj
 (35 tiles of four sources) lies at 0.47-0.95; fluorescence composites lie far below."""
 
 
-def haematoxylin(rgb: np.ndarray) -> np.ndarray:
+def haematoxylin(rgb: np.ndarray, white: float | None = None) -> np.ndarray:
     """The haematoxylin optical density of an RGB image.
 
     Parameters
     ----------
     rgb
         (..., 3) or (..., 4) channels-last, any integer or float dtype: integers over
-        their dtype's range, floats in 0-1 (or 0-255; above that, the brightest value is
-        white); alpha is ignored.
+        their dtype's range, floats on the scale of ``white``; alpha is ignored.
+    white
+        For floats: the value of white. None: :func:`float_white` of ``rgb``. Give it when an image is read in pieces (tiles),
+        so that every piece is scaled alike (:class:`~napari_sam.core.image_source.ImageSource`
+        does, from a sample of the whole image).
 
     Returns
     -------
@@ -58,11 +61,19 @@ def haematoxylin(rgb: np.ndarray) -> np.ndarray:
     flat = rgb[..., :3].reshape(-1, 1, 3)
     if flat.dtype.kind == "b":
         flat = flat.astype(np.uint8) * 255
-    if flat.dtype.kind == "f" and flat.size and np.nanmax(flat) > 1:
-        # rgb2hed reads floats as 0-1 intensities: these are 8-bit values, or else their
-        # brightest pixel is taken as white
-        flat = flat / np.float32(max(255.0, float(np.nanmax(flat))))
+    if flat.dtype.kind == "f":
+        # rgb2hed reads floats as 0-1 intensities
+        white = float_white(flat) if white is None else white
+        flat = np.clip(flat / np.float32(white), 0.0, 1.0)
     return rgb2hed(flat)[..., 0].astype(np.float32).reshape(rgb.shape[:-1])
+
+
+def float_white(values: np.ndarray) -> float:
+    """The value of white for float RGB values: 0-1 intensities (overshooting a little:
+    none above 2) have white at 1 or their largest value; others are 8-bit values, white
+    at 255 or their largest value if that is larger (see :func:`haematoxylin`)."""
+    top = float(np.nanmax(values)) if np.size(values) else 1.0
+    return max(1.0, top) if not top > 2 else max(255.0, top)
 
 
 def looks_brightfield(rgb: np.ndarray) -> bool:

@@ -75,8 +75,8 @@ class TrainingConfig:
     iou_rank_weight
         Weight of a ranking term on the three masks of a lone click
         (:func:`~napari_sam.train.losses.iou_ranking_loss`): the IoU head must also order
-        them, since it chooses which one the user sees. 0 (default): SAM's squared error
-        alone.
+        them, since it chooses which one the user sees; it joins the IoU part of the loss
+        (so ``iou_weight`` scales it too). 0 (default): SAM's squared error alone.
     native_tiles
         Train on the tiles inference embeds (:func:`~napari_sam.train.tiles.inference_tiles`),
         at the planes' own resolution, instead of whole planes squeezed into the input.
