@@ -44,9 +44,10 @@ def haematoxylin(rgb: np.ndarray, white: float | None = None) -> np.ndarray:
         (..., 3) or (..., 4) channels-last, any integer or float dtype: integers over
         their dtype's range, floats on the scale of ``white``; alpha is ignored.
     white
-        For floats: the value of white. None: :func:`float_white` of ``rgb``. Give it when an image is read in pieces (tiles),
-        so that every piece is scaled alike (:class:`~napari_sam.core.image_source.ImageSource`
-        does, from a sample of the whole image).
+        For floats: the value of white. None: :func:`float_white` of ``rgb``. Give it
+        when an image is read in pieces (tiles), so that every piece is scaled alike
+        (:class:`~napari_sam.core.image_source.ImageSource` does, from a sample of the
+        whole image).
 
     Returns
     -------
