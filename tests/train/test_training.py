@@ -155,20 +155,16 @@ def test_training_lowers_the_loss_on_a_fixed_batch(mini_sam, data):
 
 
 def test_the_iou_ranking_term_joins_the_iou_loss_of_lone_clicks(mini_sam, data):
-    # the same step, with and without the ranking term: only the IoU part grows
-    cfg = dict(FAST, box_probability=0.0)
-    plain = Trainer(mini_sam, data, TrainingConfig(**cfg), device="cpu")
-    ranked = Trainer(mini_sam, data, TrainingConfig(**cfg, iou_rank_weight=1.0), device="cpu")
-    a = plain.image_loss(data, 0, np.random.default_rng(3))
-    b = ranked.image_loss(data, 0, np.random.default_rng(3))
+    def losses(box_probability):
+        """The same step's loss parts without and with the ranking term."""
+        cfg = dict(FAST, box_probability=box_probability)
+        return [Trainer(mini_sam, data, TrainingConfig(**cfg, iou_rank_weight=w), device="cpu")
+                .image_loss(data, 0, np.random.default_rng(3)) for w in (0.0, 1.0)]
+
+    a, b = losses(0.0)  # lone clicks: only the IoU part grows
     assert float(a.mask_loss) == pytest.approx(float(b.mask_loss))
     assert float(b.iou_loss) > float(a.iou_loss)
-    # a box gets one mask: nothing to rank, the same loss
-    boxes = dict(FAST, box_probability=1.0)
-    plain = Trainer(mini_sam, data, TrainingConfig(**boxes), device="cpu")
-    ranked = Trainer(mini_sam, data, TrainingConfig(**boxes, iou_rank_weight=1.0), device="cpu")
-    a = plain.image_loss(data, 0, np.random.default_rng(3))
-    b = ranked.image_loss(data, 0, np.random.default_rng(3))
+    a, b = losses(1.0)  # a box gets one mask: nothing to rank, the same loss
     assert float(b.iou_loss) == pytest.approx(float(a.iou_loss))
     with pytest.raises(ValueError, match="iou_rank_weight"):
         TrainingConfig(iou_rank_weight=-1)
