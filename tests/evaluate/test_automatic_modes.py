@@ -157,6 +157,15 @@ def test_baseline_instances_find_bright_and_dark_objects():
     assert instance_scores(labels, watershed_instances(dark))["ap50"] == 1.0
     rgb = np.repeat(dark[..., None], 3, axis=-1)  # H&E-like: dark nuclei in RGB
     assert instance_scores(labels, watershed_instances(rgb))["ap50"] == 1.0
+    # colour: H&E (purple nuclei on pink) by its haematoxylin, a fluorescence composite
+    # (green nuclei on black) by its brightness, as the models' stain rule tells them apart
+    inside = labels > 0
+    stained = np.where(inside[..., None], np.uint8([110, 60, 150]), np.uint8([235, 185, 205]))
+    assert instance_scores(labels, watershed_instances(stained))["ap50"] == 1.0
+    composite = np.zeros(labels.shape + (3,), np.uint8)
+    composite[..., 1] = image
+    composite[..., 2] = image // 4
+    assert instance_scores(labels, watershed_instances(composite))["ap50"] == 1.0
     assert watershed_instances(np.full((20, 20), 7, np.uint8)).max() == 0
     # objects below min_area are dropped
     assert watershed_instances(image, min_area=400).max() == 0

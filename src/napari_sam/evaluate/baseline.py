@@ -362,9 +362,9 @@ def watershed_segment(image: np.ndarray, points=None, labels=None, box=None, **o
 def watershed_instances(image: np.ndarray, min_area: int = 15, **options) -> np.ndarray:
     """Every object of a plane by the classical baseline (:meth:`WatershedBaseline.instances`).
 
-    A colour plane (channels that differ) is taken as an H&E section and segmented on
-    its haematoxylin density (colour deconvolution, :func:`skimage.color.rgb2hed`), where
-    nuclei are bright. A grey plane is inverted when its Otsu foreground covers more than
+    An RGB plane that looks like brightfield (:func:`~napari_sam.core.stain.looks_brightfield`,
+    the models' stain rule) is segmented on its haematoxylin density, where nuclei are
+    bright; other RGB planes on their channels' mean. A grey plane is inverted when its Otsu foreground covers more than
     half of it: objects are the minority, so dark objects on a bright background are
     found as bright ones on a dark one are. ``options`` go to :class:`WatershedBaseline`;
     its defaults here (``sigma=1``, ``peak_depth=15``: touching objects split only at a
@@ -386,10 +386,10 @@ def watershed_instances(image: np.ndarray, min_area: int = 15, **options) -> np.
     options = {"sigma": 1.0, "peak_depth": 15.0} | options
     image = np.asarray(image)
     rgb = None if image.ndim == 2 else to_rgb(image)
-    if rgb is not None and not (rgb[..., :1] == rgb).all():
+    if rgb is not None and looks_brightfield(rgb):
         gray = haematoxylin(rgb)
     else:
-        gray = (image if rgb is None else rgb[..., 0]).astype(np.float32)
+        gray = (image if rgb is None else rgb.mean(axis=-1)).astype(np.float32)
         if gray.ndim != 2 or min(gray.shape) == 0:
             raise ValueError(f"the baseline segments one non-empty 2D plane, got shape {image.shape}")
         lo, hi = float(gray.min()), float(gray.max())
