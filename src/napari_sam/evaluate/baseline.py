@@ -362,9 +362,9 @@ def watershed_segment(image: np.ndarray, points=None, labels=None, box=None, **o
 def watershed_instances(image: np.ndarray, min_area: int = 15, **options) -> np.ndarray:
     """Every object of a plane by the classical baseline (:meth:`WatershedBaseline.instances`).
 
-    An RGB plane that looks like brightfield (:func:`~napari_sam.core.stain.looks_brightfield`,
-    the models' stain rule) is segmented on its haematoxylin density, where nuclei are
-    bright; other RGB planes on their channels' mean. A grey plane is inverted when its Otsu foreground covers more than
+    RGB that looks like brightfield (:func:`~napari_sam.core.stain.looks_brightfield`, the
+    models' stain rule) is read as its haematoxylin density (nuclei bright), other RGB as
+    its channels' mean. A grey plane is inverted when its Otsu foreground covers more than
     half of it: objects are the minority, so dark objects on a bright background are
     found as bright ones on a dark one are. ``options`` go to :class:`WatershedBaseline`;
     its defaults here (``sigma=1``, ``peak_depth=15``: touching objects split only at a
