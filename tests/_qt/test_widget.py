@@ -119,16 +119,20 @@ def test_existing_labels_are_protected_unless_overwrite(viewer_3d, tiny_checkpoi
     viewer, layer = viewer_3d
     existing = viewer.add_labels(np.zeros((100, 100, 100), np.uint16), name="mine", scale=layer.scale)
     existing.data[30] = 5  # the whole plane is taken
-    session = attach(viewer, layer, model=str(tiny_checkpoint), labels=existing, cache=False)
+    said = []
+    session = attach(viewer, layer, model=str(tiny_checkpoint), labels=existing, cache=False, say=said.append)
     assert session.labels_layer is existing and session.annotator.writer.next_id() == 6
     viewer.dims.set_current_step(0, 30)
     session.points_layer.add(np.array([[30, 50, 50]]))
     session.commit()
     assert (existing.data[30] == 5).all()
+    assert said[-1] == ("nothing committed; 1 object(s) found no free pixel "
+                        "(tick 'overwrite existing labels' to replace)")
     session.set_overwrite(True)
     session.points_layer.add(np.array([[30, 50, 50]]))
     session.commit()
     assert (existing.data[30] == 6).any()
+    assert said[-1] == "committed object(s) [6] (Shift-U undoes)"
 
 
 def test_bad_inputs_are_refused_clearly(make_napari_viewer, viewer_3d, tiny_checkpoint):
@@ -169,6 +173,11 @@ def test_widget_previews_commits_and_undoes(widget, viewer_3d, qtbot):
     qtbot.waitUntil(lambda: session.labels_layer.data[50].any(), timeout=60000)
     _idle(widget, qtbot)
     assert set(np.unique(session.labels_layer.data)) == {0, 1} and not session.labels_layer.data[49].any()
+    # the status line says what the commit did, not "committing..." for ever
+    assert widget.status.value == "committed object(s) [1] (Shift-U undoes)"
+    widget.commit.clicked()  # the prompts went with the commit
+    _idle(widget, qtbot)
+    assert widget.status.value == "nothing to commit: add points or boxes"
     widget.undo.clicked()
     assert not session.labels_layer.data.any() and "undid object(s) [1] on 1 plane(s)" in widget.status.value
 

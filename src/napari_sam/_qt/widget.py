@@ -258,7 +258,7 @@ class SamWidget(Container):
             from ..auto import recommended
 
             self.session = ViewerSession.attach(self.viewer, layer, annotator=annotator, run=self.workers.call,
-                                                overwrite=bool(self.overwrite.value))
+                                                overwrite=bool(self.overwrite.value), say=self.workers.say)
             self.session.points_layer.events.data.connect(self._on_prompts_changed)
             self.session.boxes_layer.events.data.connect(self._on_prompts_changed)
             self.viewer.dims.events.current_step.connect(self.request_preview)

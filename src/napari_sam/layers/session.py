@@ -66,10 +66,13 @@ class ViewerSession:
     run : callable
         ``run(fn, done=None, label="")`` executes ``fn()`` and passes its result to
         ``done``; synchronous by default, threaded in the dock widget.
+    say : callable
+        ``say(text)`` shows the outcome of a step (a commit) to the user; the dock widget
+        passes its status line; nothing by default.
     """
 
     def __init__(self, viewer: napari.Viewer, image_layer, annotator: Annotator, points, boxes, labels_layer, preview,
-                 run: Callable | None = None, overwrite: bool = False):
+                 run: Callable | None = None, overwrite: bool = False, say: Callable[[str], None] | None = None):
         self.viewer = viewer
         self.image_layer = image_layer
         self.annotator = annotator
@@ -82,21 +85,23 @@ class ViewerSession:
         self._preview_key = None
         self._shown: tuple | None = None  # (plane, prompts, masks) of the preview on show
         self.run: Callable = run or _run_now
+        self.say: Callable[[str], None] = say or (lambda text: None)
         self.tracker = SessionTracker(annotator)  # which model propagates: SAM, or a SAM 2 with memory
         self._bound = False
 
     # -- construction ----------------------------------------------------------------------
     @classmethod
     def attach(cls, viewer, image_layer=None, model=None, labels=None, annotator: Annotator | None = None,
-               run: Callable | None = None, overwrite: bool = False, **kwargs) -> ViewerSession:
+               run: Callable | None = None, overwrite: bool = False, say: Callable[[str], None] | None = None,
+               **kwargs) -> ViewerSession:
         """Create the prompt, preview and labels layers for ``image_layer`` and bind keys.
 
         ``labels`` may be an existing napari Labels layer (objects go into it), a path (a
         Zarr array on disk) or None (a new layer); other keywords go to
         :class:`~napari_sam.api.Annotator`. An ``annotator`` built beforehand (in a worker
         thread, say: loading a model takes a while) is used as it is. ``run`` executes the
-        slow steps (see the class; default: at once), ``overwrite`` lets commits replace
-        other objects' pixels (see :meth:`set_overwrite`).
+        slow steps and ``say`` shows their outcome (see the class), ``overwrite`` lets commits
+        replace other objects' pixels (see :meth:`set_overwrite`).
         """
         from napari.layers import Labels
 
@@ -118,7 +123,7 @@ class ViewerSession:
                                              units=image_layer.units)
         points, boxes, preview = add_session_layers(viewer, image_layer,
                                                     max(4.0, 0.015 * max(annotator.source.plane_shape)))
-        session = cls(viewer, image_layer, annotator, points, boxes, labels_layer, preview, run, overwrite)
+        session = cls(viewer, image_layer, annotator, points, boxes, labels_layer, preview, run, overwrite, say)
         session.bind_keys()
         viewer.layers.selection.active = points
         points.mode = "add"
@@ -252,6 +257,7 @@ class ViewerSession:
 
         def finished(commit):
             self.after_commit(commit)
+            self.say(_commit_text(commit))
             if done is not None:
                 done(commit)
 
@@ -346,6 +352,17 @@ class ViewerSession:
         for name, key in KEYS.items():
             self.viewer.bind_key(key, actions[name], overwrite=True)
         self._bound = True
+
+
+def _commit_text(commit: Commit | None) -> str:
+    """What a commit did, in one status line (the label ids it wrote, what it could not)."""
+    if commit is None:
+        return "nothing to commit: add points or boxes"
+    ids, blocked = [i for i in commit.ids if i], sum(1 for i in commit.ids if not i)
+    text = f"committed object(s) {ids}" if ids else "nothing committed"
+    if blocked:
+        text += f"; {blocked} object(s) found no free pixel (tick 'overwrite existing labels' to replace)"
+    return text + (f" ({KEYS['undo']} undoes)" if ids else "")
 
 
 def _run_now(fn, done=None, label: str = ""):
