@@ -126,6 +126,8 @@ def test_default_model_package_passes_bioimageio_model_test(tmp_path):
     assert set(state) == set(default.state_dict()) and all(k.startswith(OFFICIAL) for k in state)
     assert all(torch.equal(v, default.state_dict()[k]) for k, v in state.items())
     assert "## Validation" in readme and "256 x 256" in readme
+    # The default model's stain and size advice is not part of bioimage.io's preprocessing: said in words.
+    assert "rgb2hed" in readme and f"about {default.metadata['scale']['object_diameter']:.4g} pixels" in readme
     import imageio.v3 as iio
 
     assert iio.imread(cover).shape == (256, 512, 3)
