@@ -3,9 +3,9 @@
 It builds the training data, trains a small SAM on the CPU (from scratch, further from a
 checkpoint with ``--continue-from``, or with a larger encoder taught a checkpoint's
 embeddings with ``--init-from``) and writes ``--output``; a second part measures it on
-held-out real data next to the classical baseline. The shipped model is four such runs
+held-out real data next to the classical baseline. The shipped model is six such runs
 and its instance decoder, each with its seed and step count in
-``scripts/reproduce_default_model.sh`` (about 4.3 hours on 2 CPU cores). Everything random is drawn from
+``scripts/reproduce_default_model.sh`` (about 6.5 hours on 2 CPU cores). Everything random is drawn from
 ``--seed`` (default 0). With ``--steps`` unset, the number of steps is chosen after 30
 timed steps to fill ``--minutes`` (default 55) and printed, and the run stops when the
 time is up. The recipe's defaults and why they are what they are: docs/default_model.md.
