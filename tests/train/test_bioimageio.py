@@ -70,8 +70,12 @@ def package(trained, tmp_path_factory):
 
 
 def rdf_of(path):
+    # rdf.yaml is YAML 1.2 (bioimageio.spec writes it with ruyaml): PyYAML, a YAML 1.1
+    # reader, would take a float such as 5e-05 for a string.
+    from ruyaml import YAML
+
     with zipfile.ZipFile(path) as archive:
-        return yaml.safe_load(archive.read("rdf.yaml"))
+        return YAML(typ="safe").load(archive.read("rdf.yaml"))
 
 
 def rewrite(src, dst, replace):
