@@ -18,6 +18,8 @@ import torch
 
 from ..core.masks import prompt_box
 from ..core.preprocess import Normalization, prepare_plane, preprocess_shape
+from ..core.scale import model_scale
+from ..core.stain import HAEMATOXYLIN, stain_advice
 from ..model import Sam
 from ..model.bioimageio_model import box_masks
 
@@ -310,7 +312,7 @@ def make_readme(
         "(SAM's single-mask output for a box); the mask is `masks > 0`. To place it on the original image, crop "
         "to the resized image's (h, w) and resize to the original size bilinearly before thresholding.", "",
         "`iou` (batch, object) = (B, N), float32: the IoU the model predicts for each mask.", "",
-        *_advice_lines(metadata),
+        *_advice_lines(model),
         "## Use with napari-sam", "",
         "```", "napari-sam import this-package.zip --out model.pth",
         "napari-sam annotate image.tif --model model.pth", "```", "",
@@ -351,23 +353,24 @@ def make_readme(
     return "\n".join(lines)
 
 
-def _advice_lines(metadata: Mapping[str, Any]) -> list[str]:
-    """What the checkpoint asks of its input beyond the steps above (stain, object size):
-    napari-sam follows it, a bare bioimage.io consumer must do it by hand or score worse."""
-    stain, scale = metadata.get("stain"), metadata.get("scale")
+def _advice_lines(model: Sam) -> list[str]:
+    """What the checkpoint asks of its input beyond the steps above (stain, object size),
+    read as napari-sam reads it: napari-sam follows it, a bare bioimage.io consumer must
+    do it by hand or score worse."""
+    scale = model_scale(model)
     lines = []
-    if stain == "haematoxylin":
+    if stain_advice(model) == HAEMATOXYLIN:
         lines.append(
             "- stained brightfield RGB (H&E: a bright ground) is read as its haematoxylin stain, before step 2: "
             "the optical density of colour deconvolution (`skimage.color.rgb2hed`, channel 0), normalised as a "
             "float plane in step 2 and repeated into R, G and B. The model learned nuclei as bright shapes on a "
             "dark ground; fluorescence and grey images are read as they are.")
-    if isinstance(scale, Mapping) and scale.get("object_diameter"):
+    if scale.get("object_diameter"):
         lines.append(
             f"- objects are segmented best at about {_number(scale['object_diameter'])} pixels across in the "
             "model input: napari-sam estimates the objects' diameter and embeds planes of smaller objects "
             "enlarged 1-3 times, in tiles of input size / magnification pixels.")
-    elif isinstance(scale, Mapping) and scale.get("magnification"):
+    elif scale.get("magnification"):
         lines.append(f"- planes are embedded enlarged {_number(scale['magnification'])} times, in tiles.")
     if not lines:
         return []
