@@ -18,6 +18,12 @@ tiles (MIT). MoNuSeg is never used (non-commercial licence; evaluation only).
 Checkpoints and a log go to ``--checkpoint-dir`` (default ``runs/instance_decoder``): an
 interrupted run started again with the same arguments resumes; a folder that holds a run
 on another model or other data is refused.
+
+``--refiner`` then trains the decoder's image refiner (:mod:`napari_sam.model.image_refiner`,
+:func:`napari_sam.train.iter_train_image_refiner`) on the same data, the model and its
+decoder frozen, and stores the decoder with it (about 10 minutes)::
+
+    .venv/bin/python scripts/train_default_instance_decoder.py --refiner --write
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import train_default_model as base  # noqa: E402  (the default model's own data 
 from napari_sam.core.models import load_model  # noqa: E402
 from napari_sam.model.checkpoint import read_checkpoint, write_checkpoint  # noqa: E402
 from napari_sam.train import SegmentationDataset  # noqa: E402
+from napari_sam.train.image_refiner import RefinerTrainingConfig, iter_train_image_refiner  # noqa: E402
 from napari_sam.train.instance_decoder import (  # noqa: E402
     DecoderTrainingConfig,
     iter_train_instance_decoder,
@@ -76,8 +83,8 @@ def datasets(seed: int, n_synthetic: int, n_large: int, n_validation: int, crops
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=None, help="default 3000 (1500 with --refiner)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default 8 planes (16 crops with --refiner)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--features", type=int, default=16, help="decoder width (initial_features)")
     parser.add_argument("--scale", type=int, default=4, help="decoder output pixels per token (4, 8 or 16)")
@@ -87,12 +94,17 @@ def main(argv=None) -> None:
     parser.add_argument("--cryonuseg-crops", type=int, default=15)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--checkpoint-dir", default=str(base.ROOT / "runs" / "instance_decoder"))
+    parser.add_argument("--checkpoint-dir", default=None,
+                        help="default runs/instance_decoder (runs/image_refiner with --refiner)")
     parser.add_argument("--scale-matched", action="store_true",
                         help="real crops enlarged as the scale advice enlarges their planes; AIS then reads the "
                         "prompts' (magnified) embeddings")
     parser.add_argument("--model", default="default",
                         help="the SAM whose embeddings it reads (default: the shipped one)")
+    parser.add_argument("--refiner", action="store_true",
+                        help="train an image refiner for --model's instance decoder (both frozen) instead of a decoder")
+    parser.add_argument("--refine-width", type=int, default=24, help="the refiner's hidden channels")
+    parser.add_argument("--crop", type=int, default=96, help="refiner training crops, model input pixels")
     parser.add_argument("--write", action="store_true",
                         help="store the decoder in --model's checkpoint (the shipped file for the default)")
     args = parser.parse_args(argv)
@@ -106,8 +118,16 @@ def main(argv=None) -> None:
     model = load_model(args.model, device="cpu", dtype="float32")
     train, validation = datasets(args.seed, args.synthetic, args.large, args.validation, args.cryonuseg_crops,
                                  args.scale_matched)
-    config = DecoderTrainingConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
-                                   initial_features=args.features, scale=args.scale, seed=args.seed)
+    if args.checkpoint_dir is None:
+        args.checkpoint_dir = str(base.ROOT / "runs" / ("image_refiner" if args.refiner else "instance_decoder"))
+    if args.refiner:
+        args.steps, args.batch_size = args.steps or 1500, args.batch_size or 16
+        config = RefinerTrainingConfig(steps=args.steps, batch_size=args.batch_size, crop=args.crop,
+                                       width=args.refine_width, learning_rate=args.lr, seed=args.seed)
+    else:
+        args.steps, args.batch_size = args.steps or 3000, args.batch_size or 8
+        config = DecoderTrainingConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
+                                       initial_features=args.features, scale=args.scale, seed=args.seed)
     folder = Path(args.checkpoint_dir)
     folder.mkdir(parents=True, exist_ok=True)
     _same_run_or_exit(folder, {
@@ -116,11 +136,14 @@ def main(argv=None) -> None:
         "model": model.source.checksum,
         "scale_matched": bool(args.scale_matched),
         "data": [args.seed, args.synthetic, args.large, args.validation, args.cryonuseg_crops],
+        **({"refiner": True} if args.refiner else {}),
     })
     log = open(folder / "log.jsonl", "a")
     started = time.time()
-    run = iter_train_instance_decoder(model, train, validation, config, folder)
-    with tqdm(total=config.steps, desc="instance decoder") as bar:
+    what = "image refiner" if args.refiner else "instance decoder"
+    train_run = iter_train_image_refiner if args.refiner else iter_train_instance_decoder
+    run = train_run(model, train, validation, config, folder)
+    with tqdm(total=config.steps, desc=what) as bar:
         while True:
             try:
                 p = next(run)
@@ -131,7 +154,7 @@ def main(argv=None) -> None:
                 bar.set_description(f"embedding planes {p.step}/{p.steps}")
                 bar.refresh()
                 continue
-            bar.set_description("instance decoder")
+            bar.set_description(what)
             bar.n = p.step
             bar.set_postfix(loss=f"{p.loss:.3f}")
             bar.refresh()
@@ -154,6 +177,8 @@ def main(argv=None) -> None:
         # read by napari_sam.auto.modes.reads_native_scale
         "scale_matched": bool(args.scale_matched),
     }
+    if args.refiner:  # the decoder's own provenance stays; the refiner's goes beside it
+        provenance = dict(model.metadata.get("instance_decoder") or {}, image_refiner=provenance)
     print(json.dumps(provenance, indent=1))
     if args.write:
         advice = dict(base.AUTOMATIC_ADVICE, mode="ais", ais=AIS_ADVICE)

@@ -349,3 +349,32 @@ def test_names_resolve_from_the_package():
 
     assert auto.segment_ais is segment_ais and auto.AISSettings is AISSettings
     assert auto.iter_instance_maps is iter_instance_maps
+
+
+def test_a_decoder_that_refines_by_the_image_reads_each_tile_as_its_embedding_did(tiny_model):
+    torch.manual_seed(4)
+    decoder = InstanceDecoder(InstanceDecoderConfig(initial_features=4, scale=4, refine_width=4)).eval()
+    with torch.no_grad():
+        for p in decoder.refine.parameters():
+            p.normal_(0, 0.2)
+    rng = np.random.default_rng(2)
+    image = rng.integers(0, 255, (1100, 200), dtype=np.uint8)
+    emb = Embeddings(image, tiny_model, cache=False)
+    assert emb.grid.grid_shape == (2, 1)
+    _, maps = drain(iter_instance_maps(emb, 0, decoder))
+    for tile in emb.grid:
+        e = emb.embedding_for(0, tile.index)
+        model_input = emb.model_input(0, tile.index)
+        assert model_input.shape == (1, 3, 1024, 1024)
+        with torch.no_grad():
+            # the tile's pixels as the image encoder read them for its embedding
+            torch.testing.assert_close(tiny_model.image_encoder(model_input), e.features, rtol=1e-4, atol=1e-4)
+            alone = decoder(e.features, e.input_size, e.original_size, 1024, image=model_input)[0].numpy()
+        y0, y1, x0, x1 = tile.inner
+        np.testing.assert_allclose(maps[:, y0:y1, x0:x1], alone[(slice(None), *tile.inner_in_outer)], atol=1e-5)
+    # the maps depend on the pixels, not only on the embedding: the refiner is used
+    with torch.no_grad():
+        e = emb.embedding_for(0, (0, 0))
+        blind = decoder(e.features, e.input_size, e.original_size, 1024, image=torch.zeros(1, 3, 1024, 1024))[0]
+    y0, y1, x0, x1 = emb.grid[(0, 0)].inner
+    assert np.abs(maps[:, y0:y1, x0:x1] - blind.numpy()[(slice(None), *emb.grid[(0, 0)].inner_in_outer)]).max() > 1e-3

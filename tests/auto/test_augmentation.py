@@ -143,7 +143,9 @@ HELD_OUT = "eea70a7948d25a9a791dbcb39228af4ea4049fe5ebdee9c04884be8cca3da835.tif
 
 def test_augmentation_splits_more_held_out_nuclei(shared_dir):
     """The default model's AIS on one of its held-out DSB images (55 small, touching
-    nuclei): mSA 0.488 alone, 0.631 augmented when measured (2026-12-04)."""
+    nuclei): mSA 0.547 alone, 0.622 augmented when measured (2026-12-05, the decoder with
+    its image refiner, which splits much of what only the enlarged views split before:
+    0.488 and 0.631 without it)."""
     import tifffile
 
     from napari_sam.api import Annotator
@@ -155,6 +157,6 @@ def test_augmentation_splits_more_held_out_nuclei(shared_dir):
     plain = instance_scores(truth, ann.segment_everything(mode="ais", commit=False, progress=False))
     augmented = instance_scores(truth, ann.segment_everything(mode="ais", commit=False, progress=False,
                                                               augment=True))
-    assert plain["msa"] > 0.40
-    assert augmented["msa"] > plain["msa"] + 0.08
+    assert plain["msa"] > 0.50
+    assert augmented["msa"] > plain["msa"] + 0.05
     assert augmented["ap50"] >= plain["ap50"]

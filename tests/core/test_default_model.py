@@ -50,6 +50,11 @@ def test_it_ships_small_and_says_what_it_is(default_model):
     assert meta["instance_decoder"]["scale_matched"] is False
     decoder = default_model.instance_decoder
     assert decoder is not None and not decoder.training and decoder.config.scale == 4
+    # its image refiner, trained afterwards on the same data with the model and decoder frozen
+    refiner = meta["instance_decoder"]["image_refiner"]
+    assert refiner["command"].startswith("scripts/train_default_instance_decoder.py")
+    assert "--refiner" in refiner["command"].split()
+    assert refiner["config"]["width"] == decoder.config.refine_width == 16 and decoder.needs_image
     assert meta["automatic"]["mode"] == "ais"
     held_out = meta["default_model"]["held_out"]
     assert "img2d.tif + mask2d.tif" in held_out["stardist_bundled"] and len(held_out["dsb2018_fluo"]) == 5

@@ -49,7 +49,10 @@ def _check_decoder(decoder) -> None:
 
 
 @torch.inference_mode()
-def tile_instance_maps(decoder, embeddings: list[ImageEmbedding], image_size: int) -> list[np.ndarray]:
+def tile_instance_maps(
+    decoder, embeddings: list[ImageEmbedding], image_size: int, images: list[torch.Tensor] | None = None,
+    windows: list[tuple[slice, slice]] | None = None,
+) -> list[np.ndarray]:
     """Decode a batch of tile embeddings to maps at each tile's full resolution.
 
     Parameters
@@ -62,6 +65,14 @@ def tile_instance_maps(decoder, embeddings: list[ImageEmbedding], image_size: in
         ``original_size`` of the region each was computed from.
     image_size
         Side of the square model input (``model.config.image_size``).
+    images
+        For a decoder that refines its maps by the image (``decoder.needs_image``): each
+        tile's (1, 3, S, S) model input (:meth:`Embeddings.model_input
+        <napari_sam.core.embeddings.Embeddings.model_input>`), in the order of ``embeddings``.
+    windows
+        With ``images``: the (rows, cols) slices of each tile's maps that will be kept (its
+        interior, ``Tile.inner_in_outer``); the refiner then works there only
+        (:meth:`ImageRefiner.forward <napari_sam.model.image_refiner.ImageRefiner.forward>`).
 
     Returns
     -------
@@ -76,11 +87,30 @@ def tile_instance_maps(decoder, embeddings: list[ImageEmbedding], image_size: in
     out = []
     # No autograd graph: it would keep every layer's output alive and cost time.
     with torch.inference_mode():
-        maps = decoder.maps(torch.cat([e.features for e in embeddings]).to(device))
+        if images is None:
+            batch = decoder.maps(torch.cat([e.features for e in embeddings]).to(device))
+            maps = [batch[k : k + 1] for k in range(len(embeddings))]
+        else:  # one by one: each tile refines its own window (and batches gain nothing on a CPU)
+            windows = windows if windows is not None else [None] * len(embeddings)
+            maps = [decoder.maps(e.features.to(device), image.to(device), _input_window(e, w))
+                    for e, image, w in zip(embeddings, images, windows)]
         for k, emb in enumerate(embeddings):
-            tile = decoder.resize(maps[k : k + 1], emb.input_size, emb.original_size, image_size)[0]
+            tile = decoder.resize(maps[k], emb.input_size, emb.original_size, image_size)[0]
             out.append(tile.float().cpu().numpy())
     return out
+
+
+def _input_window(emb: ImageEmbedding, window: tuple[slice, slice] | None) -> tuple[int, int, int, int] | None:
+    """A window of a tile's original pixels in its model input's pixels (outward-rounded)."""
+    if window is None:
+        return None
+    (rows, cols), (h, w) = emb.input_size, emb.original_size
+    r, c = window
+    return (int(r.start * rows // h), -(-r.stop * rows // h), int(c.start * cols // w), -(-c.stop * cols // w))
+
+
+def _needs_image(decoder) -> bool:
+    return bool(getattr(decoder, "needs_image", False))
 
 
 def default_batch_size(decoder, image_size: int, budget: int = 256 * 2**20) -> int:
@@ -145,7 +175,11 @@ def iter_instance_maps(
     for start in range(0, len(tiles), int(batch_size)):
         chunk = tiles[start : start + int(batch_size)]
         batch = [embeddings.embedding_for(flat, tile.index) for tile in chunk]
-        for tile, maps in zip(chunk, tile_instance_maps(decoder, batch, image_size)):
+        # A decoder that refines its maps by the image reads each tile's pixels again,
+        # prepared exactly as for its embedding (they are not kept in the cache).
+        images = [embeddings.model_input(flat, tile.index) for tile in chunk] if _needs_image(decoder) else None
+        windows = [tile.inner_in_outer for tile in chunk]
+        for tile, maps in zip(chunk, tile_instance_maps(decoder, batch, image_size, images, windows)):
             _place(out, tile, maps)
             done += 1
             yield Progress(done, len(tiles), flat, tile.index, "tiles")

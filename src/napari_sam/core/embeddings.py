@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from ..model.sam import Sam
 from .cache_location import cache_path_for, default_cache_path
@@ -215,9 +216,7 @@ class Embeddings:
     def is_cached(self, plane, tile: tuple[int, int] = (0, 0)) -> bool:
         """Whether a tile's embedding is in the cache (without reading it)."""
         flat = self.source.flat_index(plane)
-        if flat in self._ready or (flat, *tile) in self._recent:
-            return True
-        return bool(self.store.checksums[flat, tile[0], tile[1]] != 0)
+        return flat in self._ready or (flat, *tile) in self._recent or self._stored((flat, tile[0], tile[1]))
 
     def plane_ready(self, plane) -> bool:
         """Whether every tile of a plane is cached."""
@@ -225,12 +224,9 @@ class Embeddings:
         # The widget asks on every click, from the GUI thread, and a cache read waits on
         # zarr's event loop (~15 ms here): a plane once complete is remembered. Only
         # positives are, since another process may be filling the same cache.
-        if flat in self._ready:
-            return True
-        if (np.asarray(self.store.checksums[flat]) != 0).all():
+        if flat not in self._ready and (np.asarray(self.store.checksums[flat]) != 0).all():
             self._ready.add(flat)
-            return True
-        return False
+        return flat in self._ready
 
     def embedding_for(self, plane, tile: tuple[int, int] = (0, 0)) -> ImageEmbedding:
         """One tile's embedding: from memory, from the cache, or computed and cached now.
@@ -262,6 +258,11 @@ class Embeddings:
                     self._recent.popitem(last=False)
                 self._entry_locks.pop(entry, None)
         return emb
+
+    def model_input(self, plane, tile: tuple[int, int] = (0, 0)) -> torch.Tensor:
+        """(1, 3, S, S) float32: a tile's pixels as its embedding read them (:meth:`Predictor.model_input`)."""
+        region = self.source.read(flat := self.source.flat_index(plane), self.grid[tile].outer)
+        return self._encoder.model_input(region, self.limits_for(flat))
 
     def _compute(self, entry: tuple[int, int, int]) -> np.ndarray:
         tile = self.grid[entry[1:]]
@@ -326,9 +327,8 @@ class Embeddings:
         from tqdm.auto import tqdm
 
         gen = self.precompute(planes, scheduler)
-        first = next(gen)
-        with tqdm(total=first.total, initial=first.done, unit="tile", desc="embedding", disable=not progress) as bar:
-            last = first
+        last = next(gen)
+        with tqdm(total=last.total, initial=last.done, unit="tile", desc="embedding", disable=not progress) as bar:
             for last in gen:  # noqa: B007 - the last report is returned after the loop
                 bar.update(1)
         return last.done

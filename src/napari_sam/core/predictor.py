@@ -171,6 +171,13 @@ class Predictor:
         )
         return self.compute_embedding(x, original_size)
 
+    def model_input(self, image: np.ndarray, limits: tuple[float, float] | None = None) -> torch.Tensor:
+        """(1, 3, S, S) float32: the plane as :meth:`embed_image` gives it to the image
+        encoder (resized, normalised by the model's pixel statistics, zero-padded to the
+        square input); instance decoders that refine their maps by the image read it."""
+        x, _ = prepare_plane(image, self.normalization, None, None, limits, self.model.config.image_size)
+        return self.model.preprocess(x.to(self.device, torch.float32))
+
     def set_image(
         self,
         image: np.ndarray,

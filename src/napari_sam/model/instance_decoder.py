@@ -1,23 +1,23 @@
 """micro-sam's instance segmentation decoder: per-pixel foreground and normalised distances
 to the object's centre and boundary, from SAM's image embedding.
 
-micro-sam's light-microscopy and EM checkpoints (``vit_b_lm``, ``vit_l_lm``,
-``vit_b_em_organelles``, ...) carry it as ``decoder_state``: the convolutional half of
-torch-em's UNETR, trained on top of SAM's image encoder. It reads nothing but the
-encoder's output, so it runs on cached embeddings. Its path, for an embedding of
-``h x w`` tokens (64 x 64 for a 1024 input) and ``f`` initial features (64 in every
-released checkpoint):
+micro-sam's light-microscopy and EM checkpoints (``vit_b_lm``, ``vit_l_lm``, ...) carry it
+as ``decoder_state``: torch-em's UNETR's convolutional half, trained on SAM's image
+encoder. It reads only the encoder's output, so it runs on cached embeddings. Its path,
+for ``h x w`` tokens (64 x 64 for a 1024 input) and ``f`` initial features (64 in theirs):
 
 - four up-blocks ``deconv1..4`` turn the embedding into feature maps at 2, 4, 8 and 16
   times its resolution (8f, 4f, 2f and f channels);
 - ``base`` (8f channels at 1x) climbs three levels of ``decoder``: each doubles the
   resolution, halves the channels and merges the central half of the channels of the
-  up-block at that resolution (torch-em crops skips to the centre in every dimension,
-  channels included);
+  up-block at that resolution (torch-em crops skips to the centre, channels included);
 - ``deconv_out`` doubles once more, ``decoder_head`` merges ``deconv4``'s maps at 16x, a
   1x1 ``out_conv`` gives the three channels and a sigmoid puts them in [0, 1];
 - :meth:`InstanceDecoder.resize` brings the maps from the model input frame to the image:
   to the square input side, cropped to the resized image, resized to the original size.
+
+The default model's decoder adds an :class:`~napari_sam.model.image_refiner.ImageRefiner`
+(keys ``refine.``) that corrects the logits from the model input's pixels.
 
 Parameter names are those of torch-em's ``UNETR`` without its ``encoder.`` keys, so a
 ``decoder_state`` loads with ``load_state_dict(strict=True)``. Older checkpoints upsample
@@ -35,6 +35,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .checkpoint import CheckpointError, check_state_dict
+from .image_refiner import ImageRefiner
 
 __all__ = [
     "InstanceDecoder",
@@ -71,8 +72,11 @@ class InstanceDecoderConfig:
         input's resolution), or ours, 8 or 4: the decoder stops that many levels early
         (without ``deconv4``/``deconv_out``, and for 4 also without ``deconv3`` and the
         last level; ``decoder_head`` reads the last level alone) and its logits are
-        enlarged bilinearly. The finest levels cost most of the time on a CPU; the
-        embedded default model's decoder uses 4, the resolution of SAM's own mask logits.
+        enlarged bilinearly (the finest levels cost most of the time on a CPU; the
+        default model's decoder uses 4, the resolution of SAM's mask logits).
+    refine_width
+        Hidden channels of an :class:`~napari_sam.model.image_refiner.ImageRefiner` (the
+        default model's), or 0 for none (micro-sam's decoders).
     """
 
     embed_dim: int = 256
@@ -80,10 +84,11 @@ class InstanceDecoderConfig:
     out_channels: int = 3
     transposed: bool = False
     scale: int = UPSCALE
+    refine_width: int = 0
 
     def __post_init__(self):
-        for name in ("embed_dim", "initial_features", "out_channels"):
-            if int(getattr(self, name)) < 1:
+        for name in ("embed_dim", "initial_features", "out_channels", "refine_width"):
+            if int(getattr(self, name)) < (name != "refine_width"):  # refine_width 0: no refiner
                 raise ValueError(f"instance decoder {name} must be a positive number, not {getattr(self, name)}")
         if self.scale not in (4, 8, 16):
             raise ValueError(f"instance decoder scale must be 4, 8 or 16 pixels per token, not {self.scale}")
@@ -129,6 +134,7 @@ def infer_decoder_config(state_dict: Mapping[str, torch.Tensor]) -> InstanceDeco
         transposed=transposed,
         scale=16 if any(k.startswith("deconv4.") for k in state_dict)
         else 8 if any(k.startswith("deconv3.") for k in state_dict) else 4,
+        refine_width=int(state_dict["refine.body.0.weight"].shape[0]) if "refine.body.0.weight" in state_dict else 0,
     )
 
 
@@ -241,8 +247,29 @@ class InstanceDecoder(nn.Module):
         else:
             self.decoder_head = ConvPair(config.features[config.levels], f1)
         self.out_conv = nn.Conv2d(f1, config.out_channels, 1)
+        self.refine = ImageRefiner(f1, config.refine_width, config.out_channels) if config.refine_width else None
 
-    def maps(self, embedding: torch.Tensor) -> torch.Tensor:
+    @property
+    def needs_image(self) -> bool:
+        """Whether :meth:`maps` needs the model input beside the embedding (an image refiner)."""
+        return self.refine is not None
+
+    def head(self, embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last level's (B, f, h', w') features and (B, C, h', w') logits, ``scale``
+        pixels per token, before any image refinement (which trains on them)."""
+        embedding = embedding.to(self.out_conv.weight.dtype)
+        skips = [self.deconv1(embedding)]
+        skips.append(self.deconv2(skips[-1]))
+        if self.config.scale >= 8:
+            skips.append(self.deconv3(skips[-1]))
+        x = self.decoder(self.base(embedding), skips)
+        if self.config.scale == UPSCALE:
+            x = torch.cat([self.deconv_out(x), self.deconv4(skips[-1])], dim=1)
+        features = self.decoder_head(x)
+        return features, self.out_conv(features)
+
+    def maps(self, embedding: torch.Tensor, image: torch.Tensor | None = None,
+             window: tuple[int, int, int, int] | None = None) -> torch.Tensor:
         """The output maps in the model input frame, before any resizing.
 
         Parameters
@@ -250,6 +277,11 @@ class InstanceDecoder(nn.Module):
         embedding
             (B, embed_dim, h, w) image embeddings, as SAM's image encoder gives them
             (h = w = input side / 16).
+        image
+            (B, 3, 16 h, 16 w): what the image encoder read (``Sam.preprocess``'s output:
+            normalised, zero-padded). Needed by a decoder with an image refiner
+            (:attr:`needs_image`), ignored by the others, as is ``window``: the part of
+            the maps that will be used, if not all (:meth:`ImageRefiner.forward`).
 
         Returns
         -------
@@ -258,23 +290,19 @@ class InstanceDecoder(nn.Module):
             of the padded square model input.
         """
         if embedding.dim() != 4 or embedding.shape[1] != self.config.embed_dim:
-            raise ValueError(
-                f"the instance decoder takes (B, {self.config.embed_dim}, h, w) image embeddings, "
-                f"not a tensor of shape {tuple(embedding.shape)}"
-            )
-        embedding = embedding.to(self.out_conv.weight.dtype)
-        skips = [self.deconv1(embedding)]
-        skips.append(self.deconv2(skips[-1]))
-        if self.config.scale >= 8:
-            skips.append(self.deconv3(skips[-1]))
-        x = self.decoder(self.base(embedding), skips)
+            raise ValueError(f"the instance decoder takes (B, {self.config.embed_dim}, h, w) image embeddings, "
+                             f"not a tensor of shape {tuple(embedding.shape)}")
+        want = (embedding.shape[0], 3, UPSCALE * embedding.shape[-2], UPSCALE * embedding.shape[-1])
+        if self.refine is not None and (image is None or tuple(image.shape) != want):
+            raise ValueError(f"this instance decoder refines its maps with the image: it takes the model input "
+                             f"{want} beside the embedding, not {None if image is None else tuple(image.shape)}")
+        features, logits = self.head(embedding)
+        if self.refine is not None:
+            return torch.sigmoid(self.refine(features, logits, image, window))
         if self.config.scale != UPSCALE:
-            logits = self.out_conv(self.decoder_head(x))
-            factor = UPSCALE // self.config.scale
-            return torch.sigmoid(F.interpolate(logits, scale_factor=factor, mode="bilinear", align_corners=False))
-        z3 = skips[-1]
-        x = self.decoder_head(torch.cat([self.deconv_out(x), self.deconv4(z3)], dim=1))
-        return torch.sigmoid(self.out_conv(x))
+            logits = F.interpolate(logits, scale_factor=UPSCALE // self.config.scale, mode="bilinear",
+                                   align_corners=False)
+        return torch.sigmoid(logits)
 
     @staticmethod
     def resize(
@@ -325,6 +353,7 @@ class InstanceDecoder(nn.Module):
         input_size: Sequence[int],
         original_size: Sequence[int],
         image_size: int | None = None,
+        image: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Foreground and normalised centre and boundary distances of every pixel.
 
@@ -333,8 +362,8 @@ class InstanceDecoder(nn.Module):
         embedding
             (B, embed_dim, h, w) image embeddings of B images (or tiles) that share
             ``input_size`` and ``original_size``.
-        input_size, original_size, image_size
-            As for :meth:`resize`.
+        input_size, original_size, image_size, image
+            As for :meth:`resize`; ``image`` as for :meth:`maps` (a decoder that :attr:`needs_image`).
 
         Returns
         -------
@@ -343,7 +372,7 @@ class InstanceDecoder(nn.Module):
             channel 0 foreground probability, 1 distance to the object's centre, 2 distance
             to its boundary (both normalised per object; see :data:`CHANNELS`).
         """
-        return self.resize(self.maps(embedding), input_size, original_size, image_size)
+        return self.resize(self.maps(embedding, image), input_size, original_size, image_size)
 
 
 def instance_decoder_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> InstanceDecoder:

@@ -31,7 +31,9 @@ The modules, one idea each:
 * :mod:`~napari_sam.train.instance_targets` and :mod:`~napari_sam.train.instance_decoder`:
   an instance decoder for AIS (micro-sam's), trained on the frozen model's embeddings
   (:func:`iter_train_instance_decoder`) and stored beside SAM
-  (:func:`save_with_instance_decoder`).
+  (:func:`save_with_instance_decoder`);
+* :mod:`~napari_sam.train.image_refiner`: an image refiner for that decoder, trained on
+  crops with both frozen (:func:`iter_train_image_refiner`).
 
 Checkpoints are written in the official key format with the configuration and the
 training provenance as metadata (:func:`napari_sam.core.models.load_model` reads them),
@@ -67,6 +69,8 @@ _LAZY = {
     "DecoderTrainingConfig": "instance_decoder",
     "DecoderTrainingProgress": "instance_decoder",
     "iter_train_instance_decoder": "instance_decoder",
+    "RefinerTrainingConfig": "image_refiner",
+    "iter_train_image_refiner": "image_refiner",
     "save_with_instance_decoder": "instance_decoder",
     "instance_targets": "instance_targets",
 }

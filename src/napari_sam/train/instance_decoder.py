@@ -138,11 +138,14 @@ def distance_dice_loss(maps: torch.Tensor, targets: torch.Tensor, eps: float = 1
 
 class _Planes:
     """Embeddings (CPU, float32) and targets (uint8, 1/255 steps) of a dataset's planes,
-    each computed when first drawn."""
+    each computed when first drawn; with ``keep_inputs`` also each plane's model input
+    (its channel mean, float16) and labels, in :attr:`inputs` (an image refiner's data)."""
 
-    def __init__(self, model: Sam, data: SegmentationDataset, normalization: Normalization):
+    def __init__(self, model: Sam, data: SegmentationDataset, normalization: Normalization,
+                 keep_inputs: bool = False):
         self.model, self.data, self.normalization = model, data, normalization
         self.cache: dict[int, tuple[ImageEmbedding, np.ndarray]] = {}
+        self.inputs: dict[int, tuple[torch.Tensor, np.ndarray]] | None = {} if keep_inputs else None
 
     def __len__(self) -> int:
         return len(self.data)
@@ -161,11 +164,13 @@ class _Planes:
             model = self.model
             with torch.no_grad():
                 # Model.embed, with each plane padded to the square input first so they stack.
-                x = torch.cat([model.preprocess(x.float().to(model.device)) for x, _ in prepared])
-                features = model.image_encoder(x.to(model.encoder_dtype)).float().cpu()
+                inputs = torch.cat([model.preprocess(x.float().to(model.device)) for x, _ in prepared])
+                features = model.image_encoder(inputs.to(model.encoder_dtype)).float().cpu()
             for j, (i, pair, (x, original)) in enumerate(zip(chunk, pairs, prepared)):
                 emb = ImageEmbedding(features[j : j + 1].clone(), (int(x.shape[-2]), int(x.shape[-1])), original)
                 self.cache[i] = (emb, np.round(instance_targets(pair.labels) * 255).astype(np.uint8))
+                if self.inputs is not None:
+                    self.inputs[i] = (inputs[j].mean(0, keepdim=True).half().cpu(), np.asarray(pair.labels))
             yield len(self.data) - len(missing) + start + len(chunk)
 
     def get(self, index: int) -> tuple[ImageEmbedding, torch.Tensor]:

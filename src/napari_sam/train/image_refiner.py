@@ -1,0 +1,258 @@
+"""Training an image refiner (:mod:`napari_sam.model.image_refiner`) on a frozen model
+and a frozen instance decoder.
+
+The decoder's last features and logits depend on the embedding alone, so each training
+plane is embedded and decoded once; the run then only computes the refiner, on random
+crops of the model input frame (``crop`` pixels, aligned with the decoder's grid), which
+is where it works: a refiner is a stack of local convolutions, so crops teach it what
+whole inputs would, at a fraction of the cost. Targets are the per-object distance maps
+of :mod:`~napari_sam.train.instance_targets` computed on the labels brought to the model
+input frame (nearest neighbour), the loss micro-sam's (:func:`distance_dice_loss`).
+
+Runs are resumable like :func:`~napari_sam.train.instance_decoder.iter_train_instance_decoder`'s:
+every ``validate_every`` steps the refiner, the optimizer and the step go to
+``checkpoint_dir`` (atomically), the refiner with the lowest validation loss (on whole
+validation planes) apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..core.preprocess import Normalization
+from ..model import Sam
+from ..model.instance_decoder import UPSCALE, InstanceDecoder
+from .dataset import SegmentationDataset
+from .instance_decoder import DecoderTrainingProgress, _Planes, _rate, _save, distance_dice_loss
+from .instance_targets import instance_targets
+
+__all__ = ["RefinerTrainingConfig", "iter_train_image_refiner"]
+
+LAST, BEST = "image_refiner_last.pt", "image_refiner_best.pt"
+
+
+@dataclass(frozen=True)
+class RefinerTrainingConfig:
+    """Settings of :func:`iter_train_image_refiner`.
+
+    Parameters
+    ----------
+    steps, batch_size, crop
+        Optimiser steps; crops per step (planes drawn at random, with replacement); crop
+        side in model input pixels (rounded down to the decoder's grid).
+    width
+        The refiner's hidden channels (``refine_width``).
+    learning_rate, weight_decay, warmup_steps
+        AdamW with a linear warm-up and a cosine down to 2 % of the peak.
+    validate_every, seed, normalization
+        As for :class:`~napari_sam.train.instance_decoder.DecoderTrainingConfig`.
+    """
+
+    steps: int = 1500
+    batch_size: int = 16
+    crop: int = 96
+    width: int = 24
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    validate_every: int = 250
+    seed: int = 0
+    normalization: Normalization = field(default_factory=Normalization)
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "crop", "width", "validate_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be positive, not {self.learning_rate}")
+
+    def as_dict(self) -> dict:
+        """Plain JSON types, for checkpoint metadata."""
+        out = dataclasses.asdict(self)
+        out["normalization"] = dataclasses.asdict(self.normalization)
+        return out
+
+
+def _frame_labels(labels: np.ndarray, input_size: tuple[int, int]) -> np.ndarray:
+    """Labels brought to the model input frame (rows, cols = ``input_size``): the label at
+    the centre of each input pixel, by nearest neighbour, as the input's pixels came from
+    the plane's by resizing."""
+    rows, cols = input_size
+    r = (2 * np.arange(rows) + 1) * labels.shape[0] // (2 * rows)
+    c = (2 * np.arange(cols) + 1) * labels.shape[1] // (2 * cols)
+    return labels[np.ix_(r, c)]
+
+
+class _Frames:
+    """Per plane: the frozen decoder's features and logits (float16), the model input
+    (grey, float16) and the targets (uint8, 1/255 steps), all in the model input frame."""
+
+    def __init__(self, model: Sam, decoder: InstanceDecoder, data: SegmentationDataset, normalization: Normalization):
+        self.side = int(model.config.image_size)
+        self.planes = _Planes(model, data, normalization, keep_inputs=True)
+        self.decoder = decoder
+        self.items: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int]]] = []
+
+    def __len__(self) -> int:
+        return len(self.planes)
+
+    def fill(self) -> Generator[int, None, None]:
+        for ready in self.planes.fill():
+            yield ready
+        device = next(self.decoder.parameters()).device
+        for i in range(len(self.planes)):
+            emb, _ = self.planes.cache.pop(i)
+            image, labels = self.planes.inputs.pop(i)
+            with torch.no_grad():
+                features, logits = self.decoder.head(emb.features.to(device))
+            targets = np.zeros((3, self.side, self.side), np.uint8)
+            rows, cols = emb.input_size
+            targets[:, :rows, :cols] = np.round(instance_targets(_frame_labels(labels, (rows, cols))) * 255)
+            self.items.append((features[0].half().cpu(), logits[0].half().cpu(), image, torch.from_numpy(targets),
+                               (rows, cols)))
+
+    def crops(self, indices, crop: int, rng: np.random.Generator):
+        """A batch of (features, logits, image, targets) crops, float32."""
+        factor = UPSCALE // self.decoder.config.scale
+        crop = max(factor, min(self.side, crop) // factor * factor)
+        out = []
+        for i in indices:
+            features, logits, image, targets, (rows, cols) = self.items[int(i)]
+            r0, c0 = (factor * int(rng.integers(0, max(1, (n - crop) // factor + 1))) for n in (rows, cols))
+            r0, c0 = min(r0, self.side - crop), min(c0, self.side - crop)
+            coarse = np.s_[:, r0 // factor:(r0 + crop) // factor, c0 // factor:(c0 + crop) // factor]
+            fine = np.s_[:, r0:r0 + crop, c0:c0 + crop]
+            out.append((features[coarse], logits[coarse], image[fine], targets[fine]))
+        features, logits, image, targets = (torch.stack(t).float() for t in zip(*out))
+        return features, logits, image, targets / 255
+
+    def whole(self, indices):
+        features, logits, image, targets = (torch.stack([self.items[int(i)][k] for i in indices]).float()
+                                            for k in range(4))
+        return features, logits, image, targets / 255
+
+
+def _loss(decoder: InstanceDecoder, batch, device) -> torch.Tensor:
+    features, logits, image, targets = (t.to(device) for t in batch)
+    # The refiner reads the channel mean of the 3-channel input: a grey input repeated.
+    maps = torch.sigmoid(decoder.refine(features, logits, image.expand(-1, 3, -1, -1)))
+    return distance_dice_loss(maps, targets)
+
+
+def iter_train_image_refiner(
+    model: Sam,
+    train: SegmentationDataset,
+    validation: SegmentationDataset | None = None,
+    config: RefinerTrainingConfig | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+) -> Generator[DecoderTrainingProgress, None, InstanceDecoder]:
+    """Train an image refiner for ``model``'s instance decoder, both frozen.
+
+    Parameters
+    ----------
+    model
+        A SAM with an instance decoder without a refiner (:attr:`Sam.instance_decoder`);
+        neither is changed.
+    train, validation
+        2D planes with instance labels; without a validation set the last step's refiner
+        is kept.
+    config
+        :class:`RefinerTrainingConfig`.
+    checkpoint_dir
+        Where the run's checkpoints go; a run finding one of the same settings resumes.
+
+    Yields
+    ------
+    DecoderTrainingProgress
+        ``stage="embed"`` while planes are embedded, then one per step.
+
+    Returns
+    -------
+    InstanceDecoder
+        Through ``StopIteration.value``: a copy of the decoder with the best refiner
+        (``refine_width = config.width``), in eval mode.
+    """
+    config = config or RefinerTrainingConfig()
+    base = getattr(model, "instance_decoder", None)
+    if base is None or base.needs_image:
+        raise ValueError("an image refiner is trained for a model whose instance decoder has none yet")
+    if len(train) == 0:
+        raise ValueError("the training set is empty")
+    device = model.device
+    base = base.eval()
+    torch.manual_seed(config.seed)
+    decoder = InstanceDecoder(dataclasses.replace(base.config, refine_width=config.width)).to(device)
+    missing = decoder.load_state_dict(base.state_dict(), strict=False).missing_keys
+    assert all(k.startswith("refine.") for k in missing), missing
+    decoder.eval().requires_grad_(False)
+    refine = decoder.refine.requires_grad_(True)
+    optimizer = torch.optim.AdamW(refine.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _rate(config, step))
+    folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    start, best_loss, best_step, best_state = 0, math.inf, None, None
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        if (folder / LAST).is_file():
+            state = torch.load(folder / LAST, map_location=device, weights_only=True)
+            if state.get("config") != config.as_dict():
+                raise ValueError(f"{folder / LAST} was written with other settings; use another checkpoint_dir")
+            refine.load_state_dict(state["refine"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            start, best_loss, best_step = int(state["step"]), float(state["best_loss"]), state["best_step"]
+        if (folder / BEST).is_file():
+            best_state = torch.load(folder / BEST, map_location=device, weights_only=True)["refine"]
+    frames = _Frames(model, decoder, train, config.normalization)
+    val_frames = _Frames(model, decoder, validation, config.normalization) if validation else None
+    if start < config.steps:
+        total = len(frames) + (len(val_frames) if val_frames is not None else 0)
+        for group, offset in ((frames, 0), (val_frames, len(frames))):
+            for ready in group.fill() if group is not None else ():
+                yield DecoderTrainingProgress(offset + ready, total, math.nan, stage="embed")
+    refine.train()
+    for step in range(start, config.steps):
+        # Each step's draw depends on the seed and the step only: resuming draws the same.
+        rng = np.random.default_rng([config.seed, step])
+        indices = rng.integers(len(frames), size=config.batch_size)
+        loss = _loss(decoder, frames.crops(indices, config.crop, rng), device)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        done, val_loss = step + 1, None
+        if done % config.validate_every == 0 or done == config.steps:
+            if val_frames is not None:
+                val_loss = _validate(decoder, val_frames, config.batch_size, device)
+                if val_loss < best_loss:
+                    best_loss, best_step = val_loss, done
+                    best_state = {k: v.detach().clone() for k, v in refine.state_dict().items()}
+                    if folder is not None:
+                        _save(folder / BEST, {"refine": best_state, "step": done, "loss": val_loss})
+            if folder is not None:
+                _save(folder / LAST, {"refine": refine.state_dict(), "optimizer": optimizer.state_dict(),
+                                      "scheduler": scheduler.state_dict(), "step": done, "best_loss": best_loss,
+                                      "best_step": best_step, "config": config.as_dict()})
+        yield DecoderTrainingProgress(done, config.steps, float(loss.detach()), val_loss, best_step)
+    if best_state is not None:
+        refine.load_state_dict(best_state)
+    return decoder.eval().requires_grad_(False)
+
+
+def _validate(decoder: InstanceDecoder, frames: _Frames, batch_size: int, device) -> float:
+    decoder.refine.eval()
+    losses, weights = [], []
+    with torch.no_grad():
+        for start in range(0, len(frames), batch_size):
+            chunk = range(start, min(start + batch_size, len(frames)))
+            losses.append(float(_loss(decoder, frames.whole(chunk), device)))
+            weights.append(len(chunk))
+    decoder.refine.train()
+    return float(np.average(losses, weights=weights))
