@@ -15,7 +15,7 @@ from napari_sam.model.instance_decoder import InstanceDecoder, InstanceDecoderCo
 from napari_sam.train import SegmentationDataset, save_with_instance_decoder
 from napari_sam.train.image_refiner import LAST, RefinerTrainingConfig, _frame_labels, iter_train_image_refiner
 from tests.conftest import drain
-from tests.train.test_instance_decoder_training import SMALL, dataset
+from tests.train.test_instance_decoder_training import SMALL, check_resumes, dataset
 
 
 @pytest.fixture(scope="module")
@@ -54,22 +54,8 @@ def test_a_short_run_learns_and_leaves_the_decoder_alone(sam_with_decoder, tmp_p
 
 
 def test_an_interrupted_run_resumes_where_it_stopped(sam_with_decoder, tmp_path):
-    train, val = dataset(0, 6), dataset(1, 2)
-    config = _config(steps=6, validate_every=3)
-    whole = drain(iter_train_image_refiner(sam_with_decoder, train, val, config, tmp_path / "whole"))[1]
-    gen = iter_train_image_refiner(sam_with_decoder, train, val, config, tmp_path / "cut")
-    for report in gen:
-        if report.stage == "train" and report.step == 4:
-            break
-    gen.close()
-    assert torch.load(tmp_path / "cut" / LAST, weights_only=True)["step"] == 3
-    reports, resumed = drain(iter_train_image_refiner(sam_with_decoder, train, val, config, tmp_path / "cut"))
-    assert [r.step for r in reports if r.stage == "train"] == [4, 5, 6]
-    for k, v in whole.state_dict().items():
-        torch.testing.assert_close(resumed.state_dict()[k], v, rtol=0, atol=0)
-    with pytest.raises(ValueError, match="other settings"):
-        drain(iter_train_image_refiner(sam_with_decoder, train, val, _config(steps=7, validate_every=3),
-                                       tmp_path / "cut"))
+    check_resumes(iter_train_image_refiner, sam_with_decoder, _config(steps=6, validate_every=3),
+                  _config(steps=7, validate_every=3), LAST, tmp_path)
 
 
 def test_the_refined_decoder_is_stored_and_used_after_loading(tiny_model, tmp_path):

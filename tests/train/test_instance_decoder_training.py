@@ -99,22 +99,28 @@ def test_a_short_run_learns_and_keeps_the_best_decoder(small_sam, tmp_path):
     assert not any(p.grad is not None for p in small_sam.parameters())
 
 
-def test_an_interrupted_run_resumes_where_it_stopped(small_sam, tmp_path):
+def check_resumes(run, model, config, other_config, last: str, folder) -> None:
+    """A run of 6 steps (validating every 3) cut at step 4 resumes from its step-3
+    checkpoint to the weights of the uninterrupted run; other settings are refused."""
     train, val = dataset(0, 8), dataset(1, 2)
-    config = _config(steps=6, validate_every=3)
-    whole = drain(iter_train_instance_decoder(small_sam, train, val, config, tmp_path / "whole"))[1]
-    gen = iter_train_instance_decoder(small_sam, train, val, config, tmp_path / "cut")
+    whole = drain(run(model, train, val, config, folder / "whole"))[1]
+    gen = run(model, train, val, config, folder / "cut")
     for report in gen:
         if report.stage == "train" and report.step == 4:
             break
     gen.close()
-    assert torch.load(tmp_path / "cut" / LAST, weights_only=True)["step"] == 3
-    reports, resumed = drain(iter_train_instance_decoder(small_sam, train, val, config, tmp_path / "cut"))
+    assert torch.load(folder / "cut" / last, weights_only=True)["step"] == 3
+    reports, resumed = drain(run(model, train, val, config, folder / "cut"))
     assert [r.step for r in reports if r.stage == "train"] == [4, 5, 6]
     for k, v in whole.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[k], v, rtol=0, atol=0)
     with pytest.raises(ValueError, match="other settings"):
-        drain(iter_train_instance_decoder(small_sam, train, val, _config(steps=7, validate_every=3), tmp_path / "cut"))
+        drain(run(model, train, val, other_config, folder / "cut"))
+
+
+def test_an_interrupted_run_resumes_where_it_stopped(small_sam, tmp_path):
+    check_resumes(iter_train_instance_decoder, small_sam, _config(steps=6, validate_every=3),
+                  _config(steps=7, validate_every=3), LAST, tmp_path)
 
 
 def test_bad_settings_are_refused(small_sam):

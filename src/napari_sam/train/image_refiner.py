@@ -18,11 +18,9 @@ validation planes) apart.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from collections.abc import Generator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,7 +29,7 @@ from ..core.preprocess import Normalization
 from ..model import Sam
 from ..model.instance_decoder import UPSCALE, InstanceDecoder
 from .dataset import SegmentationDataset
-from .instance_decoder import DecoderTrainingProgress, _Planes, _rate, _save, distance_dice_loss
+from .instance_decoder import DecoderTrainingProgress, _Planes, _rate, _Resumable, distance_dice_loss
 from .instance_targets import instance_targets
 
 __all__ = ["RefinerTrainingConfig", "iter_train_image_refiner"]
@@ -196,53 +194,17 @@ def iter_train_image_refiner(
     refine = decoder.refine.requires_grad_(True)
     optimizer = torch.optim.AdamW(refine.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _rate(config, step))
-    folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    start, best_loss, best_step, best_state = 0, math.inf, None, None
-    if folder is not None:
-        folder.mkdir(parents=True, exist_ok=True)
-        if (folder / LAST).is_file():
-            state = torch.load(folder / LAST, map_location=device, weights_only=True)
-            if state.get("config") != config.as_dict():
-                raise ValueError(f"{folder / LAST} was written with other settings; use another checkpoint_dir")
-            refine.load_state_dict(state["refine"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            start, best_loss, best_step = int(state["step"]), float(state["best_loss"]), state["best_step"]
-        if (folder / BEST).is_file():
-            best_state = torch.load(folder / BEST, map_location=device, weights_only=True)["refine"]
+    run = _Resumable(checkpoint_dir, (LAST, BEST), "refine", refine, optimizer, scheduler, config.as_dict(), device)
     frames = _Frames(model, decoder, train, config.normalization)
     val_frames = _Frames(model, decoder, validation, config.normalization) if validation else None
-    if start < config.steps:
-        total = len(frames) + (len(val_frames) if val_frames is not None else 0)
-        for group, offset in ((frames, 0), (val_frames, len(frames))):
-            for ready in group.fill() if group is not None else ():
-                yield DecoderTrainingProgress(offset + ready, total, math.nan, stage="embed")
     refine.train()
-    for step in range(start, config.steps):
-        # Each step's draw depends on the seed and the step only: resuming draws the same.
-        rng = np.random.default_rng([config.seed, step])
+
+    def step_loss(rng: np.random.Generator) -> torch.Tensor:
         indices = rng.integers(len(frames), size=config.batch_size)
-        loss = _loss(decoder, frames.crops(indices, config.crop, rng), device)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        done, val_loss = step + 1, None
-        if done % config.validate_every == 0 or done == config.steps:
-            if val_frames is not None:
-                val_loss = _validate(decoder, val_frames, config.batch_size, device)
-                if val_loss < best_loss:
-                    best_loss, best_step = val_loss, done
-                    best_state = {k: v.detach().clone() for k, v in refine.state_dict().items()}
-                    if folder is not None:
-                        _save(folder / BEST, {"refine": best_state, "step": done, "loss": val_loss})
-            if folder is not None:
-                _save(folder / LAST, {"refine": refine.state_dict(), "optimizer": optimizer.state_dict(),
-                                      "scheduler": scheduler.state_dict(), "step": done, "best_loss": best_loss,
-                                      "best_step": best_step, "config": config.as_dict()})
-        yield DecoderTrainingProgress(done, config.steps, float(loss.detach()), val_loss, best_step)
-    if best_state is not None:
-        refine.load_state_dict(best_state)
+        return _loss(decoder, frames.crops(indices, config.crop, rng), device)
+
+    validate = None if val_frames is None else lambda: _validate(decoder, val_frames, config.batch_size, device)
+    yield from run.steps(config, (frames, val_frames), step_loss, validate)
     return decoder.eval().requires_grad_(False)
 
 

@@ -205,6 +205,76 @@ def _save(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
+class _Resumable:
+    """The bookkeeping of a resumable run that trains ``module`` alone: where it stands
+    (read back from ``folder`` when a run of the same ``config`` left checkpoints there),
+    the best validation loss and weights so far, and the checkpoints it writes.
+
+    ``names`` are the (last, best) file names, ``key`` the module's entry in them.
+    """
+
+    def __init__(self, folder, names: tuple[str, str], key: str, module, optimizer, scheduler, config: dict, device):
+        self.folder = Path(folder) if folder is not None else None
+        self.last, self.best, self.key = names[0], names[1], key
+        self.module, self.optimizer, self.scheduler, self.config = module, optimizer, scheduler, config
+        self.start, self.best_loss, self.best_step, self.best_state = 0, math.inf, None, None
+        if self.folder is None:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        last = self.folder / self.last
+        if last.is_file():
+            state = torch.load(last, map_location=device, weights_only=True)
+            if state.get("config") != config:
+                raise ValueError(f"{last} was written with other settings; use another checkpoint_dir")
+            module.load_state_dict(state[key])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            self.start, self.best_step = int(state["step"]), state["best_step"]
+            self.best_loss = float(state["best_loss"])
+        if (self.folder / self.best).is_file():
+            self.best_state = torch.load(self.folder / self.best, map_location=device, weights_only=True)[key]
+
+    def checkpoint(self, done: int, val_loss: float | None) -> None:
+        """After a validation (``val_loss`` None without a validation set): keep the best
+        weights and write both checkpoints (atomically)."""
+        if val_loss is not None and val_loss < self.best_loss:
+            self.best_loss, self.best_step = val_loss, done
+            self.best_state = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+            if self.folder is not None:
+                _save(self.folder / self.best, {self.key: self.best_state, "step": done, "loss": val_loss})
+        if self.folder is not None:
+            _save(self.folder / self.last, {
+                self.key: self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "step": done, "best_loss": self.best_loss,
+                "best_step": self.best_step, "config": self.config})
+
+    def steps(self, config, groups, step_loss, validate) -> Generator[DecoderTrainingProgress, None, None]:
+        """The loop both trainers share: ``groups`` (training, then validation data, None
+        for none) filled with progress reports, then the steps from where the run stands,
+        ``step_loss(rng)`` drawing each step's batch from ``rng`` (fixed by the seed and the
+        step, so a resumed run draws what the uninterrupted one would), ``validate()`` (or
+        None) every ``config.validate_every`` steps; ends with the best weights in place."""
+        if self.start < config.steps:
+            total, offset = sum(len(g) for g in groups if g is not None), 0
+            for group in (g for g in groups if g is not None):
+                for ready in group.fill():
+                    yield DecoderTrainingProgress(offset + ready, total, math.nan, stage="embed")
+                offset += len(group)
+        for step in range(self.start, config.steps):
+            loss = step_loss(np.random.default_rng([config.seed, step]))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            done, val_loss = step + 1, None
+            if done % config.validate_every == 0 or done == config.steps:
+                val_loss = validate() if validate is not None else None
+                self.checkpoint(done, val_loss)
+            yield DecoderTrainingProgress(done, config.steps, float(loss.detach()), val_loss, self.best_step)
+        if self.best_state is not None:
+            self.module.load_state_dict(self.best_state)
+
+
 def _validate(decoder: InstanceDecoder, planes: _Planes, batch_size: int, device) -> float:
     decoder.eval()
     losses, weights = [], []
@@ -258,52 +328,13 @@ def iter_train_instance_decoder(
     decoder = InstanceDecoder(config.decoder_config(model.config.prompt_embed_dim)).to(device).train()
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _rate(config, step))
-    folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    start, best_loss, best_step, best_state = 0, math.inf, None, None
-    if folder is not None:
-        folder.mkdir(parents=True, exist_ok=True)
-        if (folder / LAST).is_file():
-            state = torch.load(folder / LAST, map_location=device, weights_only=True)
-            if state.get("config") != config.as_dict():
-                raise ValueError(f"{folder / LAST} was written with other settings; use another checkpoint_dir")
-            decoder.load_state_dict(state["decoder"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            start, best_loss, best_step = int(state["step"]), float(state["best_loss"]), state["best_step"]
-        if (folder / BEST).is_file():
-            best_state = torch.load(folder / BEST, map_location=device, weights_only=True)["decoder"]
+    run = _Resumable(checkpoint_dir, (LAST, BEST), "decoder", decoder, optimizer, scheduler, config.as_dict(), device)
     planes = _Planes(model, train, config.normalization)
     val_planes = _Planes(model, validation, config.normalization) if validation else None
-    if start < config.steps:
-        total = len(planes) + (len(val_planes) if val_planes is not None else 0)
-        for group, offset in ((planes, 0), (val_planes, len(planes))):
-            for ready in group.fill() if group is not None else ():
-                yield DecoderTrainingProgress(offset + ready, total, math.nan, stage="embed")
-    for step in range(start, config.steps):
-        # Each step's draw depends on the seed and the step only: resuming draws the same.
-        indices = np.random.default_rng([config.seed, step]).integers(len(planes), size=config.batch_size)
-        loss = _batch_loss(decoder, planes, indices, device)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        done = step + 1
-        val_loss = None
-        if done % config.validate_every == 0 or done == config.steps:
-            if val_planes is not None:
-                val_loss = _validate(decoder, val_planes, config.batch_size, device)
-                if val_loss < best_loss:
-                    best_loss, best_step = val_loss, done
-                    best_state = {k: v.detach().clone() for k, v in decoder.state_dict().items()}
-                    if folder is not None:
-                        _save(folder / BEST, {"decoder": best_state, "step": done, "loss": val_loss})
-            if folder is not None:
-                _save(folder / LAST, {"decoder": decoder.state_dict(), "optimizer": optimizer.state_dict(),
-                                      "scheduler": scheduler.state_dict(), "step": done, "best_loss": best_loss,
-                                      "best_step": best_step, "config": config.as_dict()})
-        yield DecoderTrainingProgress(done, config.steps, float(loss.detach()), val_loss, best_step)
-    if best_state is not None:
-        decoder.load_state_dict(best_state)
+    yield from run.steps(
+        config, (planes, val_planes),
+        lambda rng: _batch_loss(decoder, planes, rng.integers(len(planes), size=config.batch_size), device),
+        None if val_planes is None else lambda: _validate(decoder, val_planes, config.batch_size, device))
     return decoder.eval()
 
 
