@@ -138,8 +138,9 @@ def distance_dice_loss(maps: torch.Tensor, targets: torch.Tensor, eps: float = 1
 
 class _Planes:
     """Embeddings (CPU, float32) and targets (uint8, 1/255 steps) of a dataset's planes,
-    each computed when first drawn; with ``keep_inputs`` also each plane's model input
-    (its channel mean, float16) and labels, in :attr:`inputs` (an image refiner's data)."""
+    each computed when first drawn; with ``keep_inputs`` instead of the targets each
+    plane's model input (its channel mean, float16) and labels, in :attr:`inputs` (an
+    image refiner's data)."""
 
     def __init__(self, model: Sam, data: SegmentationDataset, normalization: Normalization,
                  keep_inputs: bool = False):
@@ -168,8 +169,10 @@ class _Planes:
                 features = model.image_encoder(inputs.to(model.encoder_dtype)).float().cpu()
             for j, (i, pair, (x, original)) in enumerate(zip(chunk, pairs, prepared)):
                 emb = ImageEmbedding(features[j : j + 1].clone(), (int(x.shape[-2]), int(x.shape[-1])), original)
-                self.cache[i] = (emb, np.round(instance_targets(pair.labels) * 255).astype(np.uint8))
-                if self.inputs is not None:
+                if self.inputs is None:
+                    self.cache[i] = (emb, np.round(instance_targets(pair.labels) * 255).astype(np.uint8))
+                else:  # a refiner's targets are made in the model input frame, from the labels
+                    self.cache[i] = (emb, np.empty(0, np.uint8))
                     self.inputs[i] = (inputs[j].mean(0, keepdim=True).half().cpu(), np.asarray(pair.labels))
             yield len(self.data) - len(missing) + start + len(chunk)
 
