@@ -65,9 +65,9 @@ $PY scripts/train_default_instance_decoder.py --model "$OUT/8_end_to_end.pth" \
     --steps 4000 --features 16 --synthetic 600 --large 100 --validation 30 \
     --checkpoint-dir "$OUT/instance_decoder_8" --write
 
-# 9. The instance decoder's image refiner, the model and the decoder frozen (about 5 minutes).
+# 9. The instance decoder's image refiner, the model and the decoder frozen (about 25 minutes).
 $PY scripts/train_default_instance_decoder.py --model "$OUT/8_end_to_end.pth" --refiner \
-    --steps 3000 --refine-width 16 --synthetic 600 --large 100 --validation 30 \
+    --steps 12000 --refine-width 16 --refine-depth 5 --synthetic 600 --large 100 --validation 30 \
     --checkpoint-dir "$OUT/image_refiner_9" --write
 
 # The held-out figures of docs/default_model.md

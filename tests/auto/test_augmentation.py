@@ -143,9 +143,9 @@ HELD_OUT = "eea70a7948d25a9a791dbcb39228af4ea4049fe5ebdee9c04884be8cca3da835.tif
 
 def test_augmentation_splits_more_held_out_nuclei(shared_dir):
     """The default model's AIS on one of its held-out DSB images (55 small, touching
-    nuclei): mSA 0.547 alone, 0.622 augmented when measured (2026-12-05, the decoder with
-    its image refiner, which splits much of what only the enlarged views split before:
-    0.488 and 0.631 without it)."""
+    nuclei): mSA 0.581 alone, 0.641 augmented when measured (2026-12-05, the decoder with
+    its depth-5 image refiner, which splits much of what only the enlarged views split
+    before: 0.547 and 0.622 with the depth-4 refiner, 0.488 and 0.631 without one)."""
     import tifffile
 
     from napari_sam.api import Annotator
@@ -157,6 +157,6 @@ def test_augmentation_splits_more_held_out_nuclei(shared_dir):
     plain = instance_scores(truth, ann.segment_everything(mode="ais", commit=False, progress=False))
     augmented = instance_scores(truth, ann.segment_everything(mode="ais", commit=False, progress=False,
                                                               augment=True))
-    assert plain["msa"] > 0.50
-    assert augmented["msa"] > plain["msa"] + 0.05
+    assert plain["msa"] > 0.55
+    assert augmented["msa"] > plain["msa"] + 0.04
     assert augmented["ap50"] >= plain["ap50"]

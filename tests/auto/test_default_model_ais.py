@@ -1,8 +1,9 @@
 """The default model's AIS on held-out DSB images: its image refiner earns its place.
 
 The decoder with and without its refiner (the same weights otherwise) on two of the five
-held-out images, with the model's advice; measured when the refiner shipped (2026-12-05):
-see docs/automatic.md, "The image refiner"."""
+held-out images, with the model's advice: mSA 0.472 without, 0.549 with the refiner of
+depth 5 when it shipped (2026-12-05; the depth-4 refiner before it: 0.506); see
+docs/automatic.md, "The image refiner"."""
 
 from __future__ import annotations
 
@@ -49,5 +50,5 @@ def test_the_image_refiner_splits_more_held_out_nuclei(shared_dir, default_model
         for key, decoder in (("plain", plain), ("refined", refined)):
             scores[key].append(instance_scores(truth, segment_ais(emb, 0, decoder, settings))["msa"])
     plain_msa, refined_msa = (float(np.mean(scores[k])) for k in ("plain", "refined"))
-    assert refined_msa >= plain_msa + 0.03, scores
-    assert refined_msa > 0.48, scores
+    assert refined_msa >= plain_msa + 0.05, scores
+    assert refined_msa > 0.52, scores

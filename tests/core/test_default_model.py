@@ -55,6 +55,7 @@ def test_it_ships_small_and_says_what_it_is(default_model):
     assert refiner["command"].startswith("scripts/train_default_instance_decoder.py")
     assert "--refiner" in refiner["command"].split()
     assert refiner["config"]["width"] == decoder.config.refine_width == 16 and decoder.needs_image
+    assert refiner["config"]["depth"] == decoder.config.refine_depth == 5
     assert meta["automatic"]["mode"] == "ais"
     held_out = meta["default_model"]["held_out"]
     assert "img2d.tif + mask2d.tif" in held_out["stardist_bundled"] and len(held_out["dsb2018_fluo"]) == 5

@@ -14,9 +14,10 @@ lighter answer: at the model input's full resolution it reads
   by the model's pixel statistics, zero-padded to the square input),
 
 and adds a correction to the logits (its last layer starts at zero, so an untrained head
-leaves the decoder's maps as they were). Two 3x3 convolutions on the image, then four
-dilated 1, 2, 4 and 1, see 21 pixels across: enough to place an edge between neighbours
-whose centres the decoder already found.
+leaves the decoder's maps as they were). Two 3x3 convolutions on the image, then ``depth``
+more on everything, dilated 1, 2, 4, ... and 1: at depth 4 (1, 2, 4, 1) each output
+pixel sees 21 pixels across, enough to place an edge between neighbours whose centres the
+decoder already found; each further layer doubles the last dilation (depth 5 sees 37).
 
 Its weights live in the instance decoder's state under ``refine.``; a decoder without
 such keys is micro-sam's, unchanged.
@@ -33,10 +34,24 @@ __all__ = ["ImageRefiner"]
 IMAGE_FEATURES = 8
 """Channels the image is turned into before it meets the decoder's features."""
 
-MARGIN = 16
-"""Pixels around a window that a windowed refinement also computes: more than the 10 each
-output pixel sees (two convolutions on the image, then dilations 1, 2, 4, 1) plus the
-bilinear enlargement's reach, so the window's values are those of the whole input."""
+DEPTH = 4
+"""3x3 layers after the image's own two, unless a refiner says otherwise."""
+
+
+def dilations(depth: int) -> tuple[int, ...]:
+    """Dilations of the ``depth`` layers that read everything: 1, 2, 4, ..., then 1."""
+    if depth < 2:
+        raise ValueError(f"an image refiner has at least 2 layers after the image's, not {depth}")
+    return (1, *(2**k for k in range(1, depth - 1)), 1)
+
+
+def margin(depth: int) -> int:
+    """Pixels around a window that a windowed refinement also computes: more than each
+    output pixel sees on either side (two convolutions on the image, then
+    :func:`dilations`) plus the bilinear enlargement's reach (rounded up to 8), so the
+    window's values are those of the whole input. 16 at depth 4 (it sees 10)."""
+    reach = 2 + sum(dilations(depth)) + 4
+    return -(-reach // 8) * 8
 
 
 class ImageRefiner(nn.Module):
@@ -50,23 +65,34 @@ class ImageRefiner(nn.Module):
         Channels of the head's hidden layers.
     out_channels
         Maps it corrects (3: foreground, centre distances, boundary distances).
+    depth
+        3x3 layers on everything (:func:`dilations`); read back from the keys
+        (:meth:`depth_of`).
     """
 
-    def __init__(self, features: int, width: int, out_channels: int = 3):
+    def __init__(self, features: int, width: int, out_channels: int = 3, depth: int = DEPTH):
         super().__init__()
+        self.depth = int(depth)
+        self.margin = margin(self.depth)
+        body: list[nn.Module] = []
+        for k, d in enumerate(dilations(self.depth)):
+            body += [nn.Conv2d(width if k else features + out_channels + IMAGE_FEATURES, width, 3, padding=d,
+                               dilation=d), nn.ReLU(inplace=True)]
         self.image = nn.Sequential(
             nn.Conv2d(1, IMAGE_FEATURES, 3, padding=1), nn.ReLU(inplace=True),
             nn.Conv2d(IMAGE_FEATURES, IMAGE_FEATURES, 3, padding=1), nn.ReLU(inplace=True),
         )
-        self.body = nn.Sequential(
-            nn.Conv2d(features + out_channels + IMAGE_FEATURES, width, 3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(width, width, 3, padding=2, dilation=2), nn.ReLU(inplace=True),
-            nn.Conv2d(width, width, 3, padding=4, dilation=4), nn.ReLU(inplace=True),
-            nn.Conv2d(width, width, 3, padding=1), nn.ReLU(inplace=True),
-            last := nn.Conv2d(width, out_channels, 1),
-        )
+        self.body = nn.Sequential(*body, last := nn.Conv2d(width, out_channels, 1))
         for p in last.parameters():
             nn.init.zeros_(p)
+
+    @staticmethod
+    def depth_of(state_dict, prefix: str = "refine.") -> int:
+        """The ``depth`` of the refiner whose weights are under ``prefix`` in ``state_dict``:
+        its body's 3x3 layers (all but the last, 1x1, convolution)."""
+        head = f"{prefix}body."
+        return sum(1 for k, v in state_dict.items() if k.startswith(head) and k.endswith(".weight")
+                   and v.dim() == 4 and v.shape[-1] == 3)
 
     def forward(
         self, features: torch.Tensor, logits: torch.Tensor, image: torch.Tensor,
@@ -97,8 +123,8 @@ class ImageRefiner(nn.Module):
             r0, r1, c0, c1 = (int(v) for v in window)
             # widened by the margin and out to the decoder's grid, so that the crop's edges
             # (where enlarging and convolving see the crop's border) stay outside the window
-            r0, c0 = (max(0, (v - MARGIN) // factor * factor) for v in (r0, c0))
-            r1, c1 = (min(n, -(-(v + MARGIN) // factor) * factor) for v, n in ((r1, image.shape[-2]),
+            r0, c0 = (max(0, (v - self.margin) // factor * factor) for v in (r0, c0))
+            r1, c1 = (min(n, -(-(v + self.margin) // factor) * factor) for v, n in ((r1, image.shape[-2]),
                                                                                  (c1, image.shape[-1])))
             full = F.interpolate(logits, tuple(image.shape[-2:]), mode="bilinear", align_corners=False)
             coarse = (..., slice(r0 // factor, r1 // factor), slice(c0 // factor, c1 // factor))

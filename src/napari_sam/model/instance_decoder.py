@@ -37,12 +37,7 @@ from torch.nn import functional as F
 from .checkpoint import CheckpointError, check_state_dict
 from .image_refiner import ImageRefiner
 
-__all__ = [
-    "InstanceDecoder",
-    "InstanceDecoderConfig",
-    "infer_decoder_config",
-    "instance_decoder_from_state_dict",
-]
+__all__ = ["InstanceDecoder", "InstanceDecoderConfig", "infer_decoder_config", "instance_decoder_from_state_dict"]
 
 UPSCALE = 16
 """The decoder's maps have this many pixels per embedding token along each side."""
@@ -74,9 +69,9 @@ class InstanceDecoderConfig:
         last level; ``decoder_head`` reads the last level alone) and its logits are
         enlarged bilinearly (the finest levels cost most of the time on a CPU; the
         default model's decoder uses 4, the resolution of SAM's mask logits).
-    refine_width
-        Hidden channels of an :class:`~napari_sam.model.image_refiner.ImageRefiner` (the
-        default model's), or 0 for none (micro-sam's decoders).
+    refine_width, refine_depth
+        Hidden channels and 3x3 layers of an :class:`~napari_sam.model.image_refiner.ImageRefiner`
+        (the default model's); width 0 for none (micro-sam's decoders).
     """
 
     embed_dim: int = 256
@@ -85,11 +80,12 @@ class InstanceDecoderConfig:
     transposed: bool = False
     scale: int = UPSCALE
     refine_width: int = 0
+    refine_depth: int = 4
 
     def __post_init__(self):
-        for name in ("embed_dim", "initial_features", "out_channels", "refine_width"):
-            if int(getattr(self, name)) < (name != "refine_width"):  # refine_width 0: no refiner
-                raise ValueError(f"instance decoder {name} must be a positive number, not {getattr(self, name)}")
+        for name in ("embed_dim", "initial_features", "out_channels", "refine_width", "refine_depth"):
+            if int(getattr(self, name)) < (least := {"refine_width": 0, "refine_depth": 2}.get(name, 1)):
+                raise ValueError(f"instance decoder {name} must be at least {least}, not {getattr(self, name)}")
         if self.scale not in (4, 8, 16):
             raise ValueError(f"instance decoder scale must be 4, 8 or 16 pixels per token, not {self.scale}")
 
@@ -124,8 +120,7 @@ def infer_decoder_config(state_dict: Mapping[str, torch.Tensor]) -> InstanceDeco
                 f"{tuple(state_dict[key].shape)}, not that of a 2D convolution weight"
             )
         shapes[key] = state_dict[key].shape
-    # micro-sam's rule: transposed convolutions sit in wrappers named "block", resampling
-    # convolutions are named "conv"
+    # micro-sam's rule: transposed convolutions sit in wrappers named "block", resampling ones "conv"
     transposed = any(".block." in k for k in state_dict if k.startswith("decoder.samplers"))
     return InstanceDecoderConfig(
         embed_dim=int(shapes["base.block.1.weight"][1]),
@@ -135,6 +130,7 @@ def infer_decoder_config(state_dict: Mapping[str, torch.Tensor]) -> InstanceDeco
         scale=16 if any(k.startswith("deconv4.") for k in state_dict)
         else 8 if any(k.startswith("deconv3.") for k in state_dict) else 4,
         refine_width=int(state_dict["refine.body.0.weight"].shape[0]) if "refine.body.0.weight" in state_dict else 0,
+        refine_depth=ImageRefiner.depth_of(state_dict) if "refine.body.0.weight" in state_dict else 4,
     )
 
 
@@ -247,7 +243,8 @@ class InstanceDecoder(nn.Module):
         else:
             self.decoder_head = ConvPair(config.features[config.levels], f1)
         self.out_conv = nn.Conv2d(f1, config.out_channels, 1)
-        self.refine = ImageRefiner(f1, config.refine_width, config.out_channels) if config.refine_width else None
+        self.refine = (ImageRefiner(f1, config.refine_width, config.out_channels, config.refine_depth)
+                       if config.refine_width else None)
 
     @property
     def needs_image(self) -> bool:

@@ -46,8 +46,8 @@ class RefinerTrainingConfig:
     steps, batch_size, crop
         Optimiser steps; crops per step (planes drawn at random, with replacement); crop
         side in model input pixels (rounded down to the decoder's grid).
-    width
-        The refiner's hidden channels (``refine_width``).
+    width, depth
+        The refiner's hidden channels and 3x3 layers (``refine_width``, ``refine_depth``).
     learning_rate, weight_decay, warmup_steps
         AdamW with a linear warm-up and a cosine down to 2 % of the peak.
     validate_every, seed, normalization
@@ -58,6 +58,7 @@ class RefinerTrainingConfig:
     batch_size: int = 16
     crop: int = 96
     width: int = 24
+    depth: int = 4
     learning_rate: float = 1e-3
     weight_decay: float = 1e-4
     warmup_steps: int = 100
@@ -66,9 +67,9 @@ class RefinerTrainingConfig:
     normalization: Normalization = field(default_factory=Normalization)
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "crop", "width", "validate_every"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        for name in ("steps", "batch_size", "crop", "width", "depth", "validate_every"):
+            if int(getattr(self, name)) < (least := 2 if name == "depth" else 1):
+                raise ValueError(f"{name} must be at least {least}, not {getattr(self, name)}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be positive, not {self.learning_rate}")
 
@@ -187,7 +188,8 @@ def iter_train_image_refiner(
     device = model.device
     base = base.eval()
     torch.manual_seed(config.seed)
-    decoder = InstanceDecoder(dataclasses.replace(base.config, refine_width=config.width)).to(device)
+    decoder = InstanceDecoder(dataclasses.replace(base.config, refine_width=config.width,
+                                                  refine_depth=config.depth)).to(device)
     missing = decoder.load_state_dict(base.state_dict(), strict=False).missing_keys
     assert all(k.startswith("refine.") for k in missing), missing
     decoder.eval().requires_grad_(False)
