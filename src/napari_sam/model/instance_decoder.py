@@ -35,7 +35,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .checkpoint import CheckpointError, check_state_dict
-from .image_refiner import ImageRefiner
+from .image_refiner import DEPTH, ImageRefiner
 
 __all__ = ["InstanceDecoder", "InstanceDecoderConfig", "infer_decoder_config", "instance_decoder_from_state_dict"]
 
@@ -80,7 +80,7 @@ class InstanceDecoderConfig:
     transposed: bool = False
     scale: int = UPSCALE
     refine_width: int = 0
-    refine_depth: int = 4
+    refine_depth: int = DEPTH
 
     def __post_init__(self):
         for name in ("embed_dim", "initial_features", "out_channels", "refine_width", "refine_depth"):
@@ -130,7 +130,7 @@ def infer_decoder_config(state_dict: Mapping[str, torch.Tensor]) -> InstanceDeco
         scale=16 if any(k.startswith("deconv4.") for k in state_dict)
         else 8 if any(k.startswith("deconv3.") for k in state_dict) else 4,
         refine_width=int(state_dict["refine.body.0.weight"].shape[0]) if "refine.body.0.weight" in state_dict else 0,
-        refine_depth=ImageRefiner.depth_of(state_dict) if "refine.body.0.weight" in state_dict else 4,
+        refine_depth=ImageRefiner.depth_of(state_dict) if "refine.body.0.weight" in state_dict else DEPTH,
     )
 
 

@@ -27,6 +27,7 @@ import torch
 
 from ..core.preprocess import Normalization
 from ..model import Sam
+from ..model.image_refiner import DEPTH
 from ..model.instance_decoder import UPSCALE, InstanceDecoder
 from .dataset import SegmentationDataset
 from .instance_decoder import DecoderTrainingProgress, _Planes, _rate, _Resumable, distance_dice_loss
@@ -58,7 +59,7 @@ class RefinerTrainingConfig:
     batch_size: int = 16
     crop: int = 96
     width: int = 24
-    depth: int = 4
+    depth: int = DEPTH
     learning_rate: float = 1e-3
     weight_decay: float = 1e-4
     warmup_steps: int = 100
