@@ -107,6 +107,8 @@ def main(argv=None) -> None:
     parser.add_argument("--refine-width", type=int, default=16, help="the refiner's hidden channels")
     parser.add_argument("--refine-depth", type=int, default=5, help="the refiner's 3x3 layers after the image's")
     parser.add_argument("--crop", type=int, default=96, help="refiner training crops, model input pixels")
+    parser.add_argument("--contact-weight", type=float, default=0.0,
+                        help="refiner loss: weight 1 + W along the lines where objects touch (0: none)")
     parser.add_argument("--write", action="store_true",
                         help="store the decoder in --model's checkpoint (the shipped file for the default)")
     args = parser.parse_args(argv)
@@ -126,7 +128,7 @@ def main(argv=None) -> None:
         args.steps, args.batch_size = args.steps or 12000, args.batch_size or 16
         config = RefinerTrainingConfig(steps=args.steps, batch_size=args.batch_size, crop=args.crop,
                                        width=args.refine_width, depth=args.refine_depth,
-                                       learning_rate=args.lr, seed=args.seed)
+                                       contact_weight=args.contact_weight, learning_rate=args.lr, seed=args.seed)
     else:
         args.steps, args.batch_size = args.steps or 3000, args.batch_size or 8
         config = DecoderTrainingConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,

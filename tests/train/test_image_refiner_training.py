@@ -53,6 +53,18 @@ def test_a_short_run_learns_and_leaves_the_decoder_alone(sam_with_decoder, tmp_p
     assert any(v.abs().sum() > 0 for k, v in decoder.state_dict().items() if k.startswith("refine.body.8"))
 
 
+def test_the_contact_weight_changes_what_a_run_minimises(sam_with_decoder):
+    train = dataset(0, 8)
+    plain = [r.loss for r in drain(iter_train_image_refiner(sam_with_decoder, train, None, _config(steps=3)))[0]
+             if r.stage == "train"]
+    weighted = [r.loss for r in drain(iter_train_image_refiner(sam_with_decoder, train, None,
+                                                               _config(steps=3, contact_weight=10)))[0]
+                if r.stage == "train"]
+    # same crops and the same starting refiner: only the contact pixels' weight differs
+    assert len(plain) == len(weighted) == 3 and all(np.isfinite(weighted))
+    assert abs(weighted[0] - plain[0]) > 1e-4
+
+
 def test_an_interrupted_run_resumes_where_it_stopped(sam_with_decoder, tmp_path):
     check_resumes(iter_train_image_refiner, sam_with_decoder, _config(steps=6, validate_every=3),
                   _config(steps=7, validate_every=3), LAST, tmp_path)
@@ -83,6 +95,9 @@ def test_the_refined_decoder_is_stored_and_used_after_loading(tiny_model, tmp_pa
 def test_bad_requests_are_refused(sam_with_decoder):
     with pytest.raises(ValueError, match="crop must be at least 1"):
         RefinerTrainingConfig(crop=0)
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="contact_weight must be a number of at least 0"):
+            RefinerTrainingConfig(contact_weight=bad)
     bare = build_sam(SMALL).eval()
     with pytest.raises(ValueError, match="has none yet"):
         drain(iter_train_image_refiner(bare, dataset(0, 2), None, _config()))

@@ -16,7 +16,7 @@ from napari_sam.train.instance_decoder import (
     distance_dice_loss,
     iter_train_instance_decoder,
 )
-from napari_sam.train.instance_targets import instance_targets
+from napari_sam.train.instance_targets import contact_band, instance_targets
 from tests.conftest import drain
 
 SMALL = SamConfig(ViTConfig(embed_dim=16, depth=1, num_heads=1, global_attn_indexes=(0,), img_size=64), image_size=64,
@@ -73,6 +73,45 @@ def test_the_loss_is_zero_for_the_targets_and_counts_distances_inside_objects_on
     assert float(distance_dice_loss(1 - t, t)) > 1
     with pytest.raises(ValueError, match="must both be"):
         distance_dice_loss(t[:, :2], t[:, :2])
+
+
+def test_the_contact_band_lies_where_objects_touch_and_nowhere_else():
+    labels = np.zeros((40, 60), np.int32)
+    labels[10:30, 5:20] = 1
+    labels[10:30, 20:35] = 2  # drawn edge to edge with 1: they touch along column 19/20
+    labels[10:30, 45:55] = 3  # alone, 10 pixels from 2
+    band = contact_band(labels)
+    assert band.shape == labels.shape and band.dtype == np.float32
+    assert band[20, 19] == 1 and band[20, 20] == 1
+    assert band[20, 19] > band[20, 16] > band[20, 12] > 0.0  # falling off away from the contact
+    assert band[:, 40:].max() < 1e-6  # the lone object and its surroundings carry no weight
+    assert band[0:3].max() < 0.02  # rows far above the pair (the contact reaches row 8)
+    # a gap of two pixels still counts as touching, one of six does not
+    gap = np.zeros((20, 30), np.int32)
+    gap[5:15, 2:10], gap[5:15, 12:20] = 1, 2
+    assert contact_band(gap)[10, 10:12].min() == 1
+    far = np.zeros((20, 30), np.int32)
+    far[5:15, 2:10], far[5:15, 16:24] = 1, 2
+    assert not contact_band(far).any()
+    assert not contact_band(np.zeros((8, 8), np.uint16)).any()
+    with pytest.raises(ValueError, match="2D integer label image"):
+        contact_band(np.zeros((4, 4), np.float32))
+
+
+def test_pixel_weights_make_the_weighted_pixels_count():
+    _, labels = discs(np.random.default_rng(0))
+    t = torch.from_numpy(instance_targets(labels))[None]
+    wrong = t.clone()
+    wrong[..., :8, :] = 1 - wrong[..., :8, :]  # errors in the first rows only
+    ones = torch.ones_like(t[:, :1])
+    assert float(distance_dice_loss(wrong, t, weights=ones)) == pytest.approx(float(distance_dice_loss(wrong, t)))
+    there = ones.clone()
+    there[..., :8, :] = 10
+    elsewhere = ones.clone()
+    elsewhere[..., 8:, :] = 10
+    assert float(distance_dice_loss(wrong, t, weights=there)) > float(distance_dice_loss(wrong, t))
+    assert float(distance_dice_loss(wrong, t, weights=elsewhere)) < float(distance_dice_loss(wrong, t))
+    assert float(distance_dice_loss(t, t, weights=there)) == pytest.approx(0, abs=1e-6)
 
 
 def _config(**kw):

@@ -7,7 +7,9 @@ crops of the model input frame (``crop`` pixels, aligned with the decoder's grid
 is where it works: a refiner is a stack of local convolutions, so crops teach it what
 whole inputs would, at a fraction of the cost. Targets are the per-object distance maps
 of :mod:`~napari_sam.train.instance_targets` computed on the labels brought to the model
-input frame (nearest neighbour), the loss micro-sam's (:func:`distance_dice_loss`).
+input frame (nearest neighbour), the loss micro-sam's (:func:`distance_dice_loss`), its
+pixels weighted along the lines where objects touch when ``contact_weight`` is set
+(:func:`~napari_sam.train.instance_targets.contact_band`).
 
 Runs are resumable like :func:`~napari_sam.train.instance_decoder.iter_train_instance_decoder`'s:
 every ``validate_every`` steps the refiner, the optimizer and the step go to
@@ -31,7 +33,7 @@ from ..model.image_refiner import DEPTH
 from ..model.instance_decoder import UPSCALE, InstanceDecoder
 from .dataset import SegmentationDataset
 from .instance_decoder import DecoderTrainingProgress, _Planes, _rate, _Resumable, distance_dice_loss
-from .instance_targets import instance_targets
+from .instance_targets import contact_band, instance_targets
 
 __all__ = ["RefinerTrainingConfig", "iter_train_image_refiner"]
 
@@ -49,6 +51,9 @@ class RefinerTrainingConfig:
         side in model input pixels (rounded down to the decoder's grid).
     width, depth
         The refiner's hidden channels and 3x3 layers (``refine_width``, ``refine_depth``).
+    contact_weight
+        ``w`` in the loss's pixel weights ``1 + w * contact_band(labels)`` (training and
+        validation); 0: every pixel counts alike, micro-sam's loss.
     learning_rate, weight_decay, warmup_steps
         AdamW with a linear warm-up and a cosine down to 2 % of the peak.
     validate_every, seed, normalization
@@ -60,6 +65,7 @@ class RefinerTrainingConfig:
     crop: int = 96
     width: int = 24
     depth: int = DEPTH
+    contact_weight: float = 0.0
     learning_rate: float = 1e-3
     weight_decay: float = 1e-4
     warmup_steps: int = 100
@@ -73,6 +79,8 @@ class RefinerTrainingConfig:
                 raise ValueError(f"{name} must be at least {least}, not {getattr(self, name)}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be positive, not {self.learning_rate}")
+        if not (np.isfinite(self.contact_weight) and self.contact_weight >= 0):
+            raise ValueError(f"contact_weight must be a number of at least 0, not {self.contact_weight}")
 
     def as_dict(self) -> dict:
         """Plain JSON types, for checkpoint metadata."""
@@ -93,7 +101,8 @@ def _frame_labels(labels: np.ndarray, input_size: tuple[int, int]) -> np.ndarray
 
 class _Frames:
     """Per plane: the frozen decoder's features and logits (float16), the model input
-    (grey, float16) and the targets (uint8, 1/255 steps), all in the model input frame."""
+    (grey, float16), the targets and the contact band (uint8, 1/255 steps; the band as one
+    more channel of the targets), all in the model input frame."""
 
     def __init__(self, model: Sam, decoder: InstanceDecoder, data: SegmentationDataset, normalization: Normalization):
         self.side = int(model.config.image_size)
@@ -113,14 +122,17 @@ class _Frames:
             image, labels = self.planes.inputs.pop(i)
             with torch.no_grad():
                 features, logits = self.decoder.head(emb.features.to(device))
-            targets = np.zeros((3, self.side, self.side), np.uint8)
+            targets = np.zeros((4, self.side, self.side), np.uint8)
             rows, cols = emb.input_size
-            targets[:, :rows, :cols] = np.round(instance_targets(_frame_labels(labels, (rows, cols))) * 255)
+            framed = _frame_labels(labels, (rows, cols))
+            targets[:3, :rows, :cols] = np.round(instance_targets(framed) * 255)
+            targets[3, :rows, :cols] = np.round(contact_band(framed) * 255)
             self.items.append((features[0].half().cpu(), logits[0].half().cpu(), image, torch.from_numpy(targets),
                                (rows, cols)))
 
     def crops(self, indices, crop: int, rng: np.random.Generator):
-        """A batch of (features, logits, image, targets) crops, float32."""
+        """A batch of (features, logits, image, targets) crops, float32; the targets'
+        fourth channel is the contact band."""
         factor = UPSCALE // self.decoder.config.scale
         crop = max(factor, min(self.side, crop) // factor * factor)
         out = []
@@ -140,11 +152,12 @@ class _Frames:
         return features, logits, image, targets / 255
 
 
-def _loss(decoder: InstanceDecoder, batch, device) -> torch.Tensor:
+def _loss(decoder: InstanceDecoder, batch, device, contact_weight: float) -> torch.Tensor:
     features, logits, image, targets = (t.to(device) for t in batch)
     # The refiner reads the channel mean of the 3-channel input: a grey input repeated.
     maps = torch.sigmoid(decoder.refine(features, logits, image.expand(-1, 3, -1, -1)))
-    return distance_dice_loss(maps, targets)
+    weights = 1 + contact_weight * targets[:, 3:] if contact_weight else None
+    return distance_dice_loss(maps, targets[:, :3], weights=weights)
 
 
 def iter_train_image_refiner(
@@ -204,20 +217,20 @@ def iter_train_image_refiner(
 
     def step_loss(rng: np.random.Generator) -> torch.Tensor:
         indices = rng.integers(len(frames), size=config.batch_size)
-        return _loss(decoder, frames.crops(indices, config.crop, rng), device)
+        return _loss(decoder, frames.crops(indices, config.crop, rng), device, config.contact_weight)
 
-    validate = None if val_frames is None else lambda: _validate(decoder, val_frames, config.batch_size, device)
+    validate = None if val_frames is None else lambda: _validate(decoder, val_frames, config, device)
     yield from run.steps(config, (frames, val_frames), step_loss, validate)
     return decoder.eval().requires_grad_(False)
 
 
-def _validate(decoder: InstanceDecoder, frames: _Frames, batch_size: int, device) -> float:
+def _validate(decoder: InstanceDecoder, frames: _Frames, config: RefinerTrainingConfig, device) -> float:
     decoder.refine.eval()
     losses, weights = [], []
     with torch.no_grad():
-        for start in range(0, len(frames), batch_size):
-            chunk = range(start, min(start + batch_size, len(frames)))
-            losses.append(float(_loss(decoder, frames.whole(chunk), device)))
+        for start in range(0, len(frames), config.batch_size):
+            chunk = range(start, min(start + config.batch_size, len(frames)))
+            losses.append(float(_loss(decoder, frames.whole(chunk), device, config.contact_weight)))
             weights.append(len(chunk))
     decoder.refine.train()
     return float(np.average(losses, weights=weights))

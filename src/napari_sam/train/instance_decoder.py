@@ -111,7 +111,8 @@ class DecoderTrainingProgress:
     stage: str = "train"
 
 
-def distance_dice_loss(maps: torch.Tensor, targets: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def distance_dice_loss(maps: torch.Tensor, targets: torch.Tensor, eps: float = 1e-6,
+                       weights: torch.Tensor | None = None) -> torch.Tensor:
     """micro-sam's decoder loss: Dice on the foreground, plus Dice on each distance map
     with both prediction and target zeroed outside the target's objects.
 
@@ -119,6 +120,10 @@ def distance_dice_loss(maps: torch.Tensor, targets: torch.Tensor, eps: float = 1
     ----------
     maps, targets
         (B, 3, H, W) in [0, 1]: foreground, centre distances, boundary distances.
+    weights
+        (B, 1, H, W) non-negative pixel weights for every sum of the Dice (None: all 1),
+        e.g. :func:`~napari_sam.train.instance_targets.contact_band` to make the lines
+        between touching objects count.
 
     Returns
     -------
@@ -131,8 +136,9 @@ def distance_dice_loss(maps: torch.Tensor, targets: torch.Tensor, eps: float = 1
     pred = torch.cat([maps[:, :1], maps[:, 1:] * inside], dim=1)
     true = torch.cat([targets[:, :1], targets[:, 1:] * inside], dim=1)
     dims = (0, 2, 3)
-    overlap = (pred * true).sum(dims)
-    total = (pred * pred).sum(dims) + (true * true).sum(dims)
+    w = 1 if weights is None else weights
+    overlap = (w * pred * true).sum(dims)
+    total = (w * (pred * pred + true * true)).sum(dims)
     return (1 - 2 * overlap / total.clamp_min(eps)).sum()
 
 

@@ -15,9 +15,16 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.segmentation import find_boundaries
 
-__all__ = ["instance_targets"]
+__all__ = ["CONTACT_SIGMA", "contact_band", "instance_targets"]
 
 _EPS = 1e-7
+
+CONTACT_SIGMA = 2.0
+"""Width (pixels, a Gaussian's sigma) of the band :func:`contact_band` lays along contacts."""
+
+_CONTACT_REACH = 2
+"""Pixels within which two objects count as touching: labels drawn edge to edge, or a gap
+of up to three pixels between them."""
 
 
 def instance_targets(labels: np.ndarray) -> np.ndarray:
@@ -68,3 +75,42 @@ def instance_targets(labels: np.ndarray) -> np.ndarray:
             values = values[mask]
             out[channel][box][mask] = values / (np.abs(values).max() + _EPS)
     return out
+
+
+def contact_band(labels: np.ndarray, sigma: float = CONTACT_SIGMA) -> np.ndarray:
+    """Where two objects meet: 1 on the pixels that have two different objects within
+    two pixels, falling off as a Gaussian of the distance to them.
+
+    Most AIS misses on held-out nuclei are touching pairs merged into one object; the
+    line that parts them is a few pixels of a plane, too few for a Dice loss to notice.
+    Weighting the loss by ``1 + w * band`` (U-Net's separation weights, Ronneberger et al.
+    2015, with the distance to the contact in place of the sum of the distances to the two
+    nearest cells) makes those pixels count.
+
+    Parameters
+    ----------
+    labels
+        (H, W) integer instance labels, 0 = background.
+    sigma
+        The band's Gaussian width in pixels.
+
+    Returns
+    -------
+    numpy.ndarray
+        (H, W) float32 in [0, 1]; all 0 where no two objects come within reach.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 2 or labels.dtype.kind not in "iub":
+        raise ValueError(f"a contact band needs a 2D integer label image, not {labels.dtype} of shape {labels.shape}")
+    labels = labels.astype(np.int64, copy=False)
+    size = 2 * _CONTACT_REACH + 1
+    # The largest and the smallest object id in reach (background left out of the
+    # smallest): two different ones mean two objects within reach.
+    largest = ndi.maximum_filter(labels, size=size, mode="constant", cval=0)
+    blank = int(labels.max()) + 1  # the filters' cval goes through a float: keep it small
+    smallest = ndi.minimum_filter(np.where(labels > 0, labels, blank), size=size, mode="constant", cval=blank)
+    contact = (smallest != blank) & (largest != smallest)
+    if not contact.any():
+        return np.zeros(labels.shape, np.float32)
+    distance = ndi.distance_transform_edt(~contact)
+    return np.exp(-(distance**2) / (2 * sigma**2)).astype(np.float32)
