@@ -101,11 +101,13 @@ def _frame_labels(labels: np.ndarray, input_size: tuple[int, int]) -> np.ndarray
 
 class _Frames:
     """Per plane: the frozen decoder's features and logits (float16), the model input
-    (grey, float16), the targets and the contact band (uint8, 1/255 steps; the band as one
-    more channel of the targets), all in the model input frame."""
+    (grey, float16) and the targets (uint8, 1/255 steps; with ``contact``, the contact
+    band as a fourth channel), all in the model input frame."""
 
-    def __init__(self, model: Sam, decoder: InstanceDecoder, data: SegmentationDataset, normalization: Normalization):
+    def __init__(self, model: Sam, decoder: InstanceDecoder, data: SegmentationDataset, normalization: Normalization,
+                 contact: bool = False):
         self.side = int(model.config.image_size)
+        self.contact = contact
         self.planes = _Planes(model, data, normalization, keep_inputs=True)
         self.decoder = decoder
         self.items: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int]]] = []
@@ -122,17 +124,17 @@ class _Frames:
             image, labels = self.planes.inputs.pop(i)
             with torch.no_grad():
                 features, logits = self.decoder.head(emb.features.to(device))
-            targets = np.zeros((4, self.side, self.side), np.uint8)
+            targets = np.zeros((4 if self.contact else 3, self.side, self.side), np.uint8)
             rows, cols = emb.input_size
             framed = _frame_labels(labels, (rows, cols))
             targets[:3, :rows, :cols] = np.round(instance_targets(framed) * 255)
-            targets[3, :rows, :cols] = np.round(contact_band(framed) * 255)
+            if self.contact:
+                targets[3, :rows, :cols] = np.round(contact_band(framed) * 255)
             self.items.append((features[0].half().cpu(), logits[0].half().cpu(), image, torch.from_numpy(targets),
                                (rows, cols)))
 
     def crops(self, indices, crop: int, rng: np.random.Generator):
-        """A batch of (features, logits, image, targets) crops, float32; the targets'
-        fourth channel is the contact band."""
+        """A batch of (features, logits, image, targets) crops, float32."""
         factor = UPSCALE // self.decoder.config.scale
         crop = max(factor, min(self.side, crop) // factor * factor)
         out = []
@@ -211,8 +213,9 @@ def iter_train_image_refiner(
     optimizer = torch.optim.AdamW(refine.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _rate(config, step))
     run = _Resumable(checkpoint_dir, (LAST, BEST), "refine", refine, optimizer, scheduler, config.as_dict(), device)
-    frames = _Frames(model, decoder, train, config.normalization)
-    val_frames = _Frames(model, decoder, validation, config.normalization) if validation else None
+    contact = config.contact_weight > 0
+    frames = _Frames(model, decoder, train, config.normalization, contact)
+    val_frames = _Frames(model, decoder, validation, config.normalization, contact) if validation else None
     refine.train()
 
     def step_loss(rng: np.random.Generator) -> torch.Tensor:
