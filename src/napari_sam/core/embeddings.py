@@ -38,13 +38,13 @@ from .image_embedding import ImageEmbedding
 from .image_source import ImageSource
 from .masks import PlaneMask
 from .models import model_identity
-from .predictor import Prediction, Predictor
+from .predictor import Prediction, Predictor, refines_masks
 from .preprocess import IntensityLimits, Normalization
 from .prompts import Prompt
 from .scale import central_crop, magnification_for
-from .signature import CacheSignature, fingerprint
+from .signature import CacheSignature, as_stored, fingerprint
 from .stain import channel_for
-from .tiled_segmentation import segment_tiled
+from .tiled_segmentation import LazyMasks, segment_tiled
 from .tiling import Tile, TileGrid, default_tiling
 
 __all__ = ["EmbedProgress", "Embeddings", "default_cache_path"]
@@ -166,7 +166,7 @@ class Embeddings:
             model=name,
             checkpoint=checksum,
             dtype=dtype,
-            normalization=_jsonable(norm),
+            normalization=as_stored(norm),
             tile=tile,
             halo=halo,
             shape=self.source.shape,
@@ -188,6 +188,7 @@ class Embeddings:
         self._lock = threading.Lock()  # guards _recent and the per-entry locks
         self._entry_locks: dict[tuple[int, int, int], threading.Lock] = {}
         self._decode_lock = threading.Lock()
+        self._pixels: OrderedDict[tuple[int, tuple[int, int]], torch.Tensor] = OrderedDict()
         self._ready: set[int] = set()  # planes seen complete in the cache
 
     def at_magnification(self, magnification: float) -> "Embeddings":
@@ -264,6 +265,20 @@ class Embeddings:
         region = self.source.read(flat := self.source.flat_index(plane), self.grid[tile].outer)
         return self._encoder.model_input(region, self.limits_for(flat))
 
+    def _refiner_pixels(self, plane, tile: tuple[int, int]) -> torch.Tensor | None:
+        """A tile's model input for a model whose mask refiner reads it (the cache holds
+        embeddings only; the few tiles a click visits are kept)."""
+        if not refines_masks(self.model, self.source.channel):
+            return None
+        with self._lock:
+            pixels = self._pixels.pop((plane, tile), None)
+        pixels = self.model_input(plane, tile) if pixels is None else pixels
+        with self._lock:
+            self._pixels[(plane, tile)] = pixels  # the newest last; the oldest go first
+            while len(self._pixels) > 8:
+                self._pixels.popitem(last=False)
+        return pixels
+
     def _compute(self, entry: tuple[int, int, int]) -> np.ndarray:
         tile = self.grid[entry[1:]]
         region = self.source.read(entry[0], tile.outer)
@@ -334,7 +349,8 @@ class Embeddings:
         return last.done
 
     # -- prompts -----------------------------------------------------------------------
-    def segment(self, plane, prompt: Prompt, multimask: bool | None = None, max_tiles: int = 16) -> PlaneMask:
+    def segment(self, plane, prompt: Prompt, multimask: bool | None = None, max_tiles: int = 16,
+                refine: bool = True) -> PlaneMask:
         """Segment one object on a plane from its prompt in plane pixels.
 
         Parameters
@@ -345,18 +361,19 @@ class Embeddings:
             Points (x, y) = (column, row), labels, box and the earlier answer it corrects.
         multimask, max_tiles
             See :func:`~napari_sam.core.tiled_segmentation.segment_tiled`.
+        refine
+            Let the model's mask refiner sharpen a first answer (``False``: SAM's own mask).
 
         Returns
         -------
         PlaneMask
-            The object's mask as a crop of the plane; tiles not yet embedded are
-            embedded first.
+            The object's mask as a crop of the plane (tiles not yet embedded are embedded first).
         """
         flat = self.source.flat_index(plane)
 
         def answer(tile: Tile, pts, lbl, bx, multi, mask_input=None):
-            result = self._decode(flat, tile.index, pts, lbl, bx, mask_input, multi)
-            return _MaskList(result), result.iou
+            result = self._decode(flat, tile.index, pts, lbl, bx, mask_input, multi, refine)
+            return LazyMasks(result), result.iou
 
         return segment_tiled(self.grid, answer, prompt, multimask, max_tiles)
 
@@ -366,35 +383,12 @@ class Embeddings:
         with self._decode_lock:
             self._decoder.warm_up()
 
-    def _decode(self, plane, tile: tuple[int, int], points, labels, box, mask_input, multimask: bool) -> Prediction:
+    def _decode(self, plane, tile: tuple[int, int], points, labels, box, mask_input, multimask: bool,
+                refine: bool = True) -> Prediction:
         """Answer prompts on one tile, in the coordinates of its embedded region."""
         emb = self.embedding_for(plane, tile)
+        pixels = self._refiner_pixels(plane, tile) if refine else None
         with self._decode_lock:
-            self._decoder.set_embedding(emb)
+            self._decoder.set_embedding(emb, pixels)
             return self._decoder.predict(points=points, labels=labels, box=box, mask_input=mask_input,
                                          multimask=multimask)
-
-
-class _MaskList:
-    """A prediction's candidate masks, upscaled one by one when asked for."""
-
-    def __init__(self, prediction: Prediction):
-        self.prediction = prediction
-
-    def __len__(self) -> int:
-        return len(self.prediction.iou)
-
-    def __getitem__(self, k: int) -> np.ndarray:
-        return self.prediction.mask(k)
-
-    @property
-    def low_res_logits(self) -> np.ndarray:
-        return self.prediction.low_res_logits
-
-
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return [_jsonable(v) for v in value]
-    return value

@@ -340,7 +340,7 @@ def prompt_box(mask) -> np.ndarray:
 
 # -- logits ----------------------------------------------------------------------------------
 def upscale_logits(model, low: torch.Tensor, input_size: tuple[int, int],
-                   original_size: tuple[int, int]) -> torch.Tensor:
+                   original_size: tuple[int, int], pixels: torch.Tensor | None = None) -> torch.Tensor:
     """SAM's low-res mask logits back at the plane's size (:meth:`Sam.postprocess_masks`).
 
     Parameters
@@ -353,6 +353,11 @@ def upscale_logits(model, low: torch.Tensor, input_size: tuple[int, int],
         (h, w) of the resized plane inside the model input.
     original_size
         (H, W) of the plane.
+    pixels
+        (1, 3, S, S) the model input the logits were predicted on; with it, a model that
+        has a :attr:`~napari_sam.model.sam.Sam.mask_refiner` sharpens each mask by the
+        pixels in the model-input frame before the padding is cropped and the plane's
+        size restored.
 
     Returns
     -------
@@ -362,5 +367,10 @@ def upscale_logits(model, low: torch.Tensor, input_size: tuple[int, int],
     """
     lead = low.shape[:-2]
     t = low.reshape(-1, 1, *low.shape[-2:]).to(model.device)
+    refiner = getattr(model, "mask_refiner", None)
+    if refiner is not None and pixels is not None:
+        # refined at the model input's size, where bilinear enlargement is exact: the
+        # second step of postprocess_masks (crop, resize) then acts on the refined logits
+        t = refiner.refine_low_res(t.float(), pixels.to(model.device).float())
     full = model.postprocess_masks(t, input_size, original_size)
     return full.reshape(*lead, *full.shape[-2:])

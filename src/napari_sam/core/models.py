@@ -187,7 +187,8 @@ def load_model(
         In evaluation mode, with :attr:`Sam.source` and :attr:`Sam.metadata` set, and
         :attr:`Sam.instance_decoder` when the checkpoint carries micro-sam's
         ``decoder_state`` or the registry lists a decoder file for the model (fetched with
-        it; loaded strictly: a decoder that does not fit is an error).
+        it; loaded strictly: a decoder that does not fit is an error), and
+        :attr:`Sam.mask_refiner` when it carries a ``mask_refiner_state``.
 
     Raises
     ------
@@ -199,6 +200,7 @@ def load_model(
     from ..model.checkpoint import read_checkpoint
     from ..model.decoder_checkpoint import DECODER_KEY, find_decoder_state, read_decoder_state
     from ..model.instance_decoder import instance_decoder_from_state_dict
+    from ..model.mask_refiner import MASK_REFINER_KEY, mask_refiner_from_state_dict
 
     configure_runtime()
     name, path, decoder_file = resolve_checkpoint(name_or_path, "sam")
@@ -225,6 +227,8 @@ def load_model(
         decoder_state = read_decoder_state(decoder_file)
     if decoder_state is not None:
         model.instance_decoder = instance_decoder_from_state_dict(decoder_state).to(device).eval()
+    if MASK_REFINER_KEY in checkpoint.extras:
+        model.mask_refiner = mask_refiner_from_state_dict(checkpoint.extras[MASK_REFINER_KEY]).to(device)
     return model
 
 

@@ -280,4 +280,6 @@ def _answer(embeddings, plane, previous: PlaneMask, settings: PropagationSetting
     if settings.use_mask and len(embeddings.grid) == 1:
         # The logits live in a tile's frame: fed back only where the plane is one tile.
         prompt = dataclasses.replace(prompt, previous=previous)
-    return embeddings.segment(plane, prompt, multimask=False).cropped()
+    # SAM's own masks: the stop rule and the next prompts were tuned on them, and with the
+    # mask refiner the held-out stack fell from 0.628 to 0.486 mean 3D IoU (objects ran on).
+    return embeddings.segment(plane, prompt, multimask=False, refine=False).cropped()

@@ -43,10 +43,9 @@ from ..model.sam2.image_predictor import preprocess
 from .cache_location import cache_path_for
 from .claims import cache_lock
 from .embedding_store import EmbeddingStore
-from .embeddings import _jsonable
 from .image_source import ImageSource
 from .preprocess import IntensityLimits, Normalization, to_rgb
-from .signature import CacheSignature, fingerprint
+from .signature import CacheSignature, as_stored, fingerprint
 from .windows import Window, WindowGrid
 
 __all__ = ["Sam2Features", "feature_levels", "pack", "sam2_identity", "unpack"]
@@ -163,7 +162,7 @@ class Sam2Features:
         norm = dataclasses.asdict(normalization) | {"statistics": statistics, "resolved_limits": self.limits,
                                                     "input": INPUT}
         self.signature = CacheSignature(
-            model=name, checkpoint=checksum, dtype=dtype, normalization=_jsonable(norm), tile=step,
+            model=name, checkpoint=checksum, dtype=dtype, normalization=as_stored(norm), tile=step,
             halo=self.windows.halo, shape=self.source.shape, dtype_in=str(self.source.dtype), axes=self.source.axes,
             image_fingerprint=image_fp, channel=self.source.channel, storage=storage,
         )

@@ -29,7 +29,7 @@ import xxhash
 
 from .sampling import chunk_shape, sample_regions
 
-__all__ = ["CacheSignature", "describe_fingerprint", "fingerprint"]
+__all__ = ["CacheSignature", "as_stored", "describe_fingerprint", "fingerprint"]
 
 _SAMPLED_CHUNKS = 16
 # A sampled chunk is read up to this side: whole-plane chunks of 16k x 16k stay affordable.
@@ -237,6 +237,13 @@ def _listing(folder: Path) -> list[str]:
                 out.append(f"{prefix}{e.name}\t{st.st_size}\t{st.st_mtime_ns}")
     out.sort()
     return out
+
+
+def as_stored(value):
+    """``value`` (dicts, tuples, lists, numbers) as a signature stores and reads it back in
+    JSON: tuples become lists, numpy scalars plain floats, so that a fresh signature
+    compares equal to a stored one."""
+    return json.loads(json.dumps(value, default=float))
 
 
 @dataclass(frozen=True)

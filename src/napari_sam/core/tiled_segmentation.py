@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 from collections import deque
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -29,7 +30,10 @@ from .masks import PlaneMask, deepest_pixel, depth, drop_fragments, iou
 from .prompts import Prompt
 from .tiling import Tile, TileGrid
 
-__all__ = ["TileAnswer", "segment_tiled"]
+if TYPE_CHECKING:
+    from .predictor import Prediction
+
+__all__ = ["LazyMasks", "TileAnswer", "segment_tiled"]
 
 TileAnswer = Callable[..., tuple[np.ndarray, np.ndarray]]
 """``answer(tile, points, labels, box, multimask) -> (masks, iou)``: points (N, 2) and box
@@ -38,6 +42,24 @@ region, or any sequence whose ``masks[k]`` gives the k-th (so that only the mask
 are upscaled); iou (C,) predicted scores. When :func:`segment_tiled` refines an earlier
 answer it also passes ``mask_input=`` (the low-res logits of that answer); masks with a
 ``low_res_logits`` attribute ((C, h', w')) let the result be refined in turn."""
+
+
+class LazyMasks:
+    """A :class:`~napari_sam.core.predictor.Prediction`'s candidate masks as a
+    :data:`TileAnswer` gives them: upscaled one by one when asked for."""
+
+    def __init__(self, prediction: Prediction):
+        self.prediction = prediction
+
+    def __len__(self) -> int:
+        return len(self.prediction.iou)
+
+    def __getitem__(self, k: int) -> np.ndarray:
+        return self.prediction.mask(k)
+
+    @property
+    def low_res_logits(self) -> np.ndarray:
+        return self.prediction.prompt_logits
 
 
 def _inside(points: np.ndarray, region: tuple[int, int, int, int]) -> np.ndarray:

@@ -93,7 +93,7 @@ class _SamRunner:
         best = np.argmax(first.iou, axis=1)
         # Specks are dropped as the plugin drops them from a click's answer (segment_tiled).
         pred = np.stack([drop_fragments(m, p) for m, p in zip(first.best_mask(), points)])
-        low = first.low_res_logits[rows, best]
+        low = first.prompt_logits[rows, best]
         point_iou = [iou(pred[i], masks[i], empty=1.0) for i in range(B)]
         boxes = np.stack([prompt_box(m) for m in masks])
         box_pred = [drop_fragments(m) for m in pr.predict_batch(boxes=boxes, multimask=False).best_mask()]
@@ -118,7 +118,7 @@ class _SamRunner:
             if not done.all():
                 out = pr.predict_batch(points=points, labels=labels, mask_input=low[:, None], multimask=False)
                 new_pred = np.stack([drop_fragments(m, p, lb) for m, p, lb in zip(out.best_mask(), points, labels)])
-                new_low = out.low_res_logits[:, 0]
+                new_low = out.prompt_logits[:, 0]
                 pred = np.where(done[:, None, None], pred, new_pred)
                 low = np.where(done[:, None, None], low, new_low)
             history.append([iou(pred[i], masks[i], empty=1.0) for i in range(B)])

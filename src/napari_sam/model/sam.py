@@ -17,6 +17,7 @@ from .transformer import ImageContext, TwoWayTransformer
 
 if TYPE_CHECKING:
     from .instance_decoder import InstanceDecoder
+    from .mask_refiner import MaskRefiner
     from .tiny_vit import TinyViT
 
 
@@ -82,7 +83,7 @@ class Sam(nn.Module):
 
     def __setattr__(self, name: str, value) -> None:
         # nn.Module would register a module assigned here as a submodule, past the property.
-        if name == "instance_decoder":
+        if name in ("instance_decoder", "mask_refiner"):
             object.__setattr__(self, name, value)
         else:
             super().__setattr__(name, value)
@@ -103,6 +104,20 @@ class Sam(nn.Module):
             self._heads.pop("instance_decoder", None)
         else:
             self._heads["instance_decoder"] = decoder
+
+    @property
+    def mask_refiner(self) -> MaskRefiner | None:
+        """The head that sharpens prompted masks with the image
+        (:mod:`~napari_sam.model.mask_refiner`) when the checkpoint carries one, else None;
+        like :attr:`instance_decoder`, not a submodule."""
+        return self._heads.get("mask_refiner")  # type: ignore[return-value]
+
+    @mask_refiner.setter
+    def mask_refiner(self, refiner: MaskRefiner | None) -> None:
+        if refiner is None:
+            self._heads.pop("mask_refiner", None)
+        else:
+            self._heads["mask_refiner"] = refiner
 
     @property
     def device(self) -> torch.device:

@@ -354,10 +354,11 @@ def save_with_instance_decoder(
     """Write ``model`` with ``decoder`` beside it, as micro-sam stores its decoders.
 
     The SAM weights go under the official keys in float32, the decoder under
-    ``"decoder_state"``; :func:`~napari_sam.core.models.load_model` gives it back as
-    :attr:`Sam.instance_decoder`. The model's metadata is kept, with ``provenance`` (plain
-    JSON types) under ``"instance_decoder"`` and, when given, ``advice`` as its
-    ``"automatic"`` entry (:func:`napari_sam.auto.recommended`). Written atomically.
+    ``"decoder_state"`` (the model's mask refiner, if any, under ``"mask_refiner_state"``);
+    :func:`~napari_sam.core.models.load_model` gives it back as :attr:`Sam.instance_decoder`.
+    The model's metadata is kept, with ``provenance`` (plain JSON types) under
+    ``"instance_decoder"`` and, when given, ``advice`` as its ``"automatic"`` entry
+    (:func:`napari_sam.auto.recommended`). Written atomically.
 
     Returns
     -------
@@ -373,6 +374,10 @@ def save_with_instance_decoder(
     if advice is not None:
         meta["automatic"] = advice
     state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
-    decoder_state = {k: v.detach().float().cpu() for k, v in decoder.state_dict().items()}
-    write_checkpoint(path, state, meta, extras={DECODER_KEY: decoder_state})
+    extras = {DECODER_KEY: {k: v.detach().float().cpu() for k, v in decoder.state_dict().items()}}
+    if model.mask_refiner is not None:  # the prompted masks' head stays with the model
+        from ..model.mask_refiner import MASK_REFINER_KEY
+
+        extras[MASK_REFINER_KEY] = {k: v.detach().float().cpu() for k, v in model.mask_refiner.state_dict().items()}
+    write_checkpoint(path, state, meta, extras=extras)
     return Path(path)
