@@ -95,3 +95,51 @@ def test_the_predictor_refines_with_the_pixels_and_only_then(tiny_sam):
     # masks with any foreground were lifted by the head's bias inside their windows
     lifted = [k for k in range(len(expected)) if (expected[k] > 0).any()]
     assert lifted and all((got[k] > expected[k] + 1).any() for k in lifted)
+
+
+def test_tiled_answers_are_refined_first_only_and_never_when_asked_not_to_or_on_haematoxylin(tiny_sam):
+    from napari_sam.core.embeddings import Embeddings
+    from napari_sam.core.predictor import refines_masks
+    from napari_sam.core.prompts import Prompt
+    from napari_sam.core.stain import HAEMATOXYLIN
+
+    rng = np.random.default_rng(2)
+    image = (rng.random((96, 96)) * 255).astype(np.uint8)
+    tiny_sam.mask_refiner = _shifted(bias=8.0)
+    try:
+        emb = Embeddings(image, tiny_sam, cache=False, axes="YX", magnification=1.0)
+        prompt = Prompt.make([[40, 50]], [1])
+        refined = emb.segment(0, prompt, multimask=False).to_full((96, 96))
+        plain = emb.segment(0, prompt, multimask=False, refine=False).to_full((96, 96))
+        first = emb.segment(0, prompt, multimask=False)
+        sams = emb.segment(0, prompt, multimask=False, refine=False)
+        assert refines_masks(tiny_sam) and not refines_masks(tiny_sam, HAEMATOXYLIN)
+    finally:
+        tiny_sam.mask_refiner = None
+    assert refined.sum() > plain.sum()  # the head's bias grew the mask inside its window
+    # the logits a correction sends back are the refined ones, averaged onto SAM's grid
+    assert first.logits.shape == sams.logits.shape
+    assert (first.logits > sams.logits + 1).any() and (first.logits >= sams.logits - 1e-4).all()
+
+
+def test_an_answer_to_a_correction_is_sams_own(tiny_sam):
+    from napari_sam.core.predictor import Predictor
+
+    rng = np.random.default_rng(3)
+    image = (rng.random((80, 80)) * 255).astype(np.uint8)
+    plain = Predictor(tiny_sam, traced=False)
+    plain.set_image(image)
+    prompt = dict(points=[[30, 30], [60, 20]], labels=[1, 0], multimask=False, return_logits=True)
+    low = plain.predict(points=[[30, 30]], labels=[1]).low_res_logits[:1]
+    expected = plain.predict(mask_input=low, **prompt)
+    tiny_sam.mask_refiner = _shifted()
+    try:
+        refining = Predictor(tiny_sam, traced=False)
+        refining.set_image(image)
+        got = refining.predict(mask_input=low, **prompt)
+        first = refining.predict(**prompt)
+    finally:
+        tiny_sam.mask_refiner = None
+    np.testing.assert_array_equal(got.masks, expected.masks)
+    np.testing.assert_array_equal(got.prompt_logits, got.low_res_logits)
+    assert not np.array_equal(first.prompt_logits, first.low_res_logits)

@@ -245,7 +245,7 @@ class Predictor:
             (x0, y0, x1, y1) in original pixels. A box reaching past the border is clipped
             to the plane; one entirely outside is an error.
         mask_input
-            (256, 256) or (1, 256, 256) low-res logits, e.g. ``low_res_logits[best]`` of an
+            (256, 256) or (1, 256, 256) low-res logits, e.g. ``prompt_logits[best]`` of an
             earlier prediction.
         multimask
             Three masks for an ambiguous prompt (a single point) instead of one.
