@@ -32,8 +32,8 @@ _CONTEXTS = 4  # image contexts kept (about 19 MiB each for SAM's 64 x 64 grid)
 def refines_masks(model: Sam, channel=None) -> bool:
     """Whether the answers on a plane read through ``channel`` are sharpened by the model's
     mask refiner (:attr:`Sam.mask_refiner <napari_sam.model.sam.Sam.mask_refiner>`): when it
-    has one, except on stained brightfield read as its haematoxylin stain, which the
-    default model's refiner never saw (it cost H&E nuclei 0.07-0.09 IoU there)."""
+    has one, except on stained brightfield read as its haematoxylin stain: a refiner
+    trained on fluorescence cost H&E nuclei 0.07-0.09 IoU there (docs/default_model.md)."""
     return model.mask_refiner is not None and channel != HAEMATOXYLIN
 
 
