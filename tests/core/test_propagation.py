@@ -40,7 +40,7 @@ class ExactEmbeddings:
         return SimpleNamespace(masks=mask[None], iou=np.array([self.iou]),
                                low_res_logits=np.zeros((1, 256, 256), np.float32))
 
-    def segment(self, plane, prompt, multimask=None, max_tiles=16):
+    def segment(self, plane, prompt, multimask=None, max_tiles=16, refine=True):
         """As Embeddings.segment: the tiled answer of ``prompt``, each tile asked through
         :meth:`predict`."""
 

@@ -23,7 +23,7 @@ class BoxFiller:
         self.source = ImageSource(image, "ZYX")
         self.grid = TileGrid(image.shape[1:], tile=1024, halo=0)
 
-    def segment(self, plane, prompt, multimask=None, max_tiles=16):
+    def segment(self, plane, prompt, multimask=None, max_tiles=16, refine=True):
         H, W = self.source.plane_shape
 
         def answer(tile, points, labels, box, multi, mask_input=None):
@@ -118,9 +118,9 @@ def test_defaults_prompt_with_a_box_shrunk_by_a_tenth_alone():
     emb = BoxFiller(image)
     inner = emb.segment
 
-    def spy(plane, prompt, multimask=None, max_tiles=16):
+    def spy(plane, prompt, multimask=None, max_tiles=16, refine=True):
         seen.append(prompt)
-        return inner(plane, prompt, multimask, max_tiles)
+        return inner(plane, prompt, multimask, max_tiles, refine)
 
     emb.segment = spy
     list(propagate(emb, 8, PlaneMask.from_full(disc), directions=(1,), settings=PropagationSettings(max_planes=1)))
