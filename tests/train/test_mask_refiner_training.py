@@ -52,6 +52,28 @@ def test_training_grows_the_masks_to_the_objects():
     assert mask_refiner_iou(refiner, held)["point"] > mask_refiner_iou(None, held)["point"] + 0.1
 
 
+def test_degraded_windows_lower_contrast_or_add_noise():
+    # --noise: a window's pixels are made worse (contrast 0.3-1x, Gaussian noise up to
+    # `noise` standard deviations), each in half of the windows
+    from napari_sam.train.mask_refiner import _degraded
+
+    image = torch.from_numpy(_disks(1).images[0, 8:56, 8:56].astype(np.float32))
+    rng = np.random.default_rng(0)
+    untouched, lowered, noisy = 0, 0, 0
+    for _ in range(200):
+        out = _degraded(image, 1.0, rng)
+        assert out.shape == image.shape and abs(float(out.mean() - image.mean())) < 0.1 * float(image.std())
+        if torch.equal(out, image):
+            untouched += 1
+            continue
+        residual = out - (image - image.mean()) * float((out - out.mean()).flatten() @ (image - image.mean()).flatten()
+                                                         / ((image - image.mean()) ** 2).sum()) - out.mean()
+        lowered += float(out.std()) < float(image.std())
+        noisy += float(residual.std()) > 0.01
+    assert 30 <= untouched <= 70  # a quarter of 200
+    assert 60 <= noisy <= 140 and lowered >= 60
+
+
 def test_a_run_resumes_from_its_checkpoint_and_refuses_another_configuration(tmp_path):
     samples = _disks(4)
     config = MaskRefinerConfig(width=4, depth=3, steps=20, batch_size=2, window=32, jitter=2)
