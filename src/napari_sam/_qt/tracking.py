@@ -235,9 +235,8 @@ class TrackingControls:
         self._busy(True)
         worker = self.workers.steps(
             lambda: steps, desc=f"propagating ({name})", show=show, done=done,
-            cancelled="propagation cancelled: the slices written so far stay, as one undo step",
+            cancelled="propagation cancelled: the slices written so far stay, as one undo step", ended=ended,
         )
-        worker.finished.connect(self.workers.gui(ended))
         return worker
 
     def _busy(self, running: bool) -> None:

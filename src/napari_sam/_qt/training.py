@@ -150,13 +150,14 @@ class TrainingWidget(Container):
                 self.use.enabled = True
                 self.status.value = f"stopped at step {self.trainer.step}; saved {out}"
 
+        def ended():
+            self.train.enabled, self.stop.enabled = True, False
+
         self.train.enabled, self.stop.enabled = False, True
         self.status.value = f"training on {len(train)} plane(s), validating on {len(val)}..."
         self.worker = self.workers.steps(work, desc="training", show=show, done=done,
-                                         progress_of=lambda r: (r.step, steps))
+                                         progress_of=lambda r: (r.step, steps), ended=ended)
         self.worker.aborted.connect(self.workers.gui(stopped))
-        self.worker.finished.connect(self.workers.gui(lambda: setattr(self.train, "enabled", True)))
-        self.worker.finished.connect(self.workers.gui(lambda: setattr(self.stop, "enabled", False)))
         return self.worker
 
     def use_model(self):

@@ -101,6 +101,7 @@ class Workers:
         cancelled: str = "",
         progress_of: Callable[[Any], tuple[int, int]] = lambda p: (p.done, p.total),
         failed: Callable | None = None,
+        ended: Callable[[], None] | None = None,
     ):
         """Drive the generator ``fn(*args)`` in a worker with a progress bar and Cancel.
 
@@ -120,6 +121,9 @@ class Workers:
             (done, total) of a yielded item.
         failed
             Gets an exception raised by the work (default: the status line says it).
+        ended
+            Called on the GUI thread when the work ends, however it ends, before
+            :attr:`busy` turns False: what it re-enables is ready once the widget is idle.
         """
         bar = progress(total=0, desc=desc)
 
@@ -148,6 +152,8 @@ class Workers:
         worker.finished.connect(close)
         worker.finished.connect(bar.close)
         worker.finished.connect(self.gui(lambda: self._ended(worker)))
+        if ended is not None:
+            worker.finished.connect(self.gui(ended))
         if cancelled:
             worker.aborted.connect(lambda: self.say(cancelled))
         self._cancellable = worker
