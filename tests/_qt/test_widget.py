@@ -406,3 +406,21 @@ def test_the_default_model_is_selected_and_segments_a_real_nucleus(make_napari_v
     assert (data[clicked > 0] == clicked[clicked > 0]).all()
     assert len(np.unique(data)) > 50 and "committed" in w.status.value
     assert instance_scores(truth, data)["ap50"] > 0.4  # 0.59 when written
+
+
+def test_work_that_ends_re_enables_its_buttons_before_the_widget_counts_as_idle(qtbot):
+    # A test (or a script) that waits for `busy` to turn False must find the buttons that
+    # the end of the work re-enables already enabled: `ended` runs first, however it ends.
+    from napari_sam._qt.workers import Workers
+
+    workers = Workers(say=lambda text: None)
+    seen = []
+
+    def work():
+        yield from ()
+        return "done"
+
+    for _ in range(3):
+        workers.steps(work, desc="test", progress_of=lambda p: (0, 0), ended=lambda: seen.append(workers.busy))
+        qtbot.waitUntil(lambda: not workers.busy, timeout=10000)
+    assert seen == [True, True, True]
