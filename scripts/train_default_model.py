@@ -300,11 +300,33 @@ def scale_matched_zoom(labels: np.ndarray) -> tuple[float, float]:
     return (0.75, 1.33) if centre == 1 else (centre / 1.25, centre * 1.25)
 
 
+def low_light(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A single-channel plane as a light-sheet or deep confocal plane shows it: nuclei
+    barely above a background as noisy as they are (contrast to noise about 1-3, as in the
+    held-out GoNuclear stack), which :func:`synthetic_pair`'s own noise rarely reaches."""
+    scaled = np.clip(image.astype(np.float32) / (np.percentile(image, 99.5) + 1e-6), 0, 1)
+    photons = rng.uniform(1.5, 15)
+    background = rng.uniform(0.2, 0.8)
+    noisy = rng.poisson((scaled + background) * photons) / photons
+    noisy = noisy + rng.normal(0, rng.uniform(0.02, 0.2), noisy.shape)
+    return np.clip(noisy / np.percentile(noisy, 99.9) * rng.uniform(60, 255), 0, 255).astype(np.uint8)
+
+
+def low_light_pair(rng: np.random.Generator, large: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """A single-channel :func:`synthetic_pair` made dim and noisy by :func:`low_light`."""
+    while True:
+        image, labels = synthetic_pair(rng, large)
+        if image.ndim == 2 and labels.max() > 0:
+            return low_light(image, rng), labels
+
+
 def build_datasets(seed: int, n_synthetic: int, n_validation: int, n_large: int = 0,
-                   zoom_range: tuple[float, float] | None = (0.75, 1.33), with_cryonuseg: bool = False):
+                   zoom_range: tuple[float, float] | None = (0.75, 1.33), with_cryonuseg: bool = False,
+                   n_low_light: int = 0):
     """(training, validation) datasets. Images are made when first drawn, each from its
     own seed, so the set is fixed by ``seed`` whatever the order of use. ``zoom_range``
-    None: :func:`scale_matched_zoom` for each real plane."""
+    None: :func:`scale_matched_zoom` for each real plane. ``n_low_light`` more synthetic
+    planes are dim and noisy (:func:`low_light_pair`; a quarter with large objects)."""
     loaders, names = [], []
 
     def synth(i: int, purpose: int, large: bool = False):
@@ -316,6 +338,9 @@ def build_datasets(seed: int, n_synthetic: int, n_validation: int, n_large: int 
     for i in range(n_large):
         loaders.append(synth(i, 4, True))
         names.append(f"large synthetic {i}")
+    for i in range(n_low_light):
+        loaders.append(lambda i=i: low_light_pair(np.random.default_rng([seed, 9, i]), i % 4 == 3))
+        names.append(f"low-light synthetic {i}")
     sources = real_sources(with_cryonuseg)
     for s, (name, image, labels, crops) in enumerate(sources):
         zooms = scale_matched_zoom(labels) if zoom_range is None else zoom_range
@@ -331,6 +356,7 @@ def build_datasets(seed: int, n_synthetic: int, n_validation: int, n_large: int 
         "seed": seed,
         "synthetic_images": n_synthetic,
         "large_object_synthetic_images": n_large,
+        "low_light_synthetic_images": n_low_light,
         "real_planes": [name for name, *_ in sources],
         "real_crops": int(sum(c for *_, c in sources)),
         "crop_zoom": "matched to the scale advice" if zoom_range is None else list(zoom_range),
@@ -393,7 +419,7 @@ def train(args) -> Path:
           f"input {args.image_size}")
     train_data, val_data = build_datasets(args.seed, args.synthetic, args.validation, args.large,
                                           None if args.scale_matched else (args.zoom_min, args.zoom_max),
-                                          args.cryonuseg)
+                                          args.cryonuseg, args.low_light)
     out = Path(args.output)
     resume = args.resume and out.is_file()
     if args.init_from and not resume:
@@ -423,7 +449,8 @@ def train(args) -> Path:
     # in the mix afterwards: without them the model forgot it all again within 200 steps.
     easy = train_data.subset([i for i, n in enumerate(train_data.names) if n.startswith("large synthetic")])
     print(
-        f"data: {len(train_data)} training planes ({args.synthetic} synthetic, {args.large} with large objects), "
+        f"data: {len(train_data)} training planes ({args.synthetic} synthetic, {args.large} with large objects, "
+        f"{args.low_light} low-light), "
         f"{len(val_data)} validation planes"
     )
 
@@ -442,6 +469,7 @@ def train(args) -> Path:
         focal_weight=args.focal_weight,
         focal_alpha=args.focal_alpha,
         iou_rank_weight=args.iou_rank_weight,
+        central_click_probability=args.central_clicks,
         mask_prompt_probability=args.mask_prompt_probability,
         grad_clip=1.0,
         validate_every=0,
@@ -709,10 +737,14 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--iou-rank-weight", type=float, default=0.0,
                         help="weight of the IoU head's ranking loss on a lone click's three masks (default 0)")
+    parser.add_argument("--central-clicks", type=float, default=0.0,
+                        help="chance that a first click lands in its object's inner half, where people click")
     parser.add_argument("--corrective-iterations", type=int, default=2, help="simulated corrective clicks per step")
     parser.add_argument("--easy-steps", type=int, default=300, help="first steps on large synthetic objects only")
     parser.add_argument("--large", type=int, default=300, help="synthetic training images with large objects")
     parser.add_argument("--synthetic", type=int, default=1500, help="synthetic training images")
+    parser.add_argument("--low-light", type=int, default=0,
+                        help="more synthetic training images made dim and noisy, like deep 3D stacks (default 0)")
     parser.add_argument("--validation", type=int, default=12, help="synthetic validation images")
     parser.add_argument("--validate-every", type=int, default=200)
     parser.add_argument("--threads", type=int, default=2)

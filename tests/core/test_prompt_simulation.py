@@ -7,6 +7,7 @@ from napari_sam.core.prompt_simulation import (
     BACKGROUND,
     FOREGROUND,
     bounding_box,
+    central_point,
     corrective_point,
     error_regions,
     interior_point,
@@ -40,6 +41,24 @@ def test_interior_point_is_the_centre():
     yy, xx = np.mgrid[:41, :61]
     disk = (yy - 25) ** 2 + (xx - 17) ** 2 <= 9**2
     np.testing.assert_array_equal(interior_point(disk), [17, 25])
+
+
+def test_central_point_stays_in_the_inner_half_and_spreads_over_it():
+    yy, xx = np.mgrid[:41, :61]
+    disk = (yy - 25) ** 2 + (xx - 17) ** 2 <= 12**2
+    rng = np.random.default_rng(0)
+    points = np.array([central_point(disk, rng) for _ in range(300)])
+    radii = np.hypot(points[:, 0] - 17, points[:, 1] - 25)
+    # depth >= half the deepest (about 12.5) means within about 6.5 pixels of the centre
+    assert radii.max() <= 7.0 and radii.max() >= 5.0
+    assert len({tuple(p) for p in points}) > 60
+    np.testing.assert_array_equal(central_point(disk, rng, depth_fraction=1.0), [17, 25])
+    everywhere = np.array([central_point(disk, rng, depth_fraction=0.0) for _ in range(300)])
+    assert np.hypot(everywhere[:, 0] - 17, everywhere[:, 1] - 25).max() > 9
+    with pytest.raises(ValueError, match="depth_fraction"):
+        central_point(disk, rng, depth_fraction=1.5)
+    with pytest.raises(ValueError, match="empty"):
+        central_point(np.zeros((5, 5), bool), rng)
 
 
 def test_bounding_box_is_x0_y0_x1_y1_inclusive():

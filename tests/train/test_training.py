@@ -294,3 +294,27 @@ def test_corrective_iterations_feed_back_the_mask_only_as_often_as_asked(mini_sa
     assert seen == expected
     with pytest.raises(ValueError, match="mask_prompt_probability"):
         TrainingConfig(mask_prompt_probability=1.5)
+
+
+def test_central_clicks_open_in_the_inner_half_and_leave_earlier_seeds_alone():
+    from napari_sam.core.masks import depth
+    from napari_sam.core.prompt_simulation import random_point
+    from napari_sam.train.session import first_prompt
+
+    yy, xx = np.mgrid[:64, :64]
+    masks = np.stack([(yy - 20) ** 2 + (xx - 20) ** 2 <= 10**2, (yy - 44) ** 2 + (xx - 40) ** 2 <= 14**2])
+    inner = np.stack([depth(m) >= 0.5 * depth(m).max() for m in masks])
+    central = TrainingConfig(box_probability=0.0, central_click_probability=1.0)
+    for seed in range(30):
+        boxes, points, labels = first_prompt(masks, central, np.random.default_rng(seed))
+        assert boxes is None and points.shape == (2, 1, 2) and labels.tolist() == [[1], [1]]
+        for k, (x, y) in enumerate(points[:, 0].astype(int)):
+            assert inner[k, y, x], (seed, k)
+    # off (SAM's recipe): exactly the uniform draws a seed gave before the option existed
+    uniform = TrainingConfig(box_probability=0.0)
+    rng, twin = np.random.default_rng(7), np.random.default_rng(7)
+    _, points, _ = first_prompt(masks, uniform, rng)
+    twin.random()  # the box-or-point draw
+    np.testing.assert_array_equal(points[:, 0], [random_point(m, twin) for m in masks])
+    with pytest.raises(ValueError, match="central_click_probability"):
+        TrainingConfig(central_click_probability=1.5)

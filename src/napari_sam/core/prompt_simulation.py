@@ -24,6 +24,7 @@ __all__ = [
     "BACKGROUND",
     "random_point",
     "interior_point",
+    "central_point",
     "bounding_box",
     "error_regions",
     "corrective_point",
@@ -110,6 +111,43 @@ def interior_point(mask, rng: np.random.Generator | None = None) -> np.ndarray:
     mask = _mask(mask)
     _nonempty(mask)
     return _xy(*_deepest(mask, rng))
+
+
+def central_point(mask, rng: np.random.Generator, depth_fraction: float = 0.5) -> np.ndarray:
+    """A point drawn uniformly from the object's inner part: where people click.
+
+    People click near an object's middle, not anywhere in it; this draws from the pixels
+    at least ``depth_fraction`` of the deepest pixel's distance from the boundary, so that
+    a model trained on it expects the whole object from such a click.
+
+    Parameters
+    ----------
+    mask
+        (H, W) mask of one object.
+    rng
+        Source of randomness.
+    depth_fraction
+        0 draws from every pixel (as :func:`random_point`), 1 from the deepest pixels only
+        (as :func:`interior_point`).
+
+    Returns
+    -------
+    numpy.ndarray
+        (2,) float64 ``(x, y)``.
+
+    Raises
+    ------
+    ValueError
+        For a mask that is not 2D or is empty, or a fraction outside [0, 1].
+    """
+    if not 0.0 <= depth_fraction <= 1.0:
+        raise ValueError(f"depth_fraction must be within [0, 1], got {depth_fraction}")
+    mask = _mask(mask)
+    _nonempty(mask)
+    d = depth(mask)
+    rows, cols = np.nonzero(d >= depth_fraction * d.max())
+    i = int(rng.integers(rows.size))
+    return _xy(rows[i], cols[i])
 
 
 def bounding_box(

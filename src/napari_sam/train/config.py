@@ -59,6 +59,9 @@ class TrainingConfig:
         always); otherwise it sees the points alone, as the viewer's tiled previews ask.
     box_probability
         Chance that the first prompt is a box rather than a point (SAM: 0.5).
+    central_click_probability
+        Chance that a first click lands in the object's inner part (pixels at least half
+        as deep as its deepest, where people click) rather than anywhere in it (SAM: 0).
     box_noise, max_box_noise
         Box jitter: standard deviation as a fraction of the side, clipped to pixels.
     point_placement
@@ -112,6 +115,7 @@ class TrainingConfig:
     corrective_iterations: int = 3
     mask_prompt_probability: float = 1.0
     box_probability: float = 0.5
+    central_click_probability: float = 0.0
     box_noise: float = 0.1
     max_box_noise: float = 20.0
     point_placement: str = "center"
@@ -170,8 +174,9 @@ class TrainingConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.mask_prompt_probability <= 1:
             raise ValueError(f"mask_prompt_probability must lie in [0, 1], got {self.mask_prompt_probability}")
-        if not 0 <= self.box_probability <= 1:
-            raise ValueError(f"box_probability must lie in [0, 1], got {self.box_probability}")
+        for name in ("box_probability", "central_click_probability"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
         if not 0 <= self.min_lr_fraction <= 1 or not 0 < self.decay_factor <= 1:
             raise ValueError("min_lr_fraction must lie in [0, 1] and decay_factor in (0, 1]")
         if self.grad_clip is not None and not self.grad_clip > 0:

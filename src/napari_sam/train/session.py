@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..core.image_embedding import ImageEmbedding
-from ..core.prompt_simulation import bounding_box, corrective_point, random_point
+from ..core.prompt_simulation import bounding_box, central_point, corrective_point, random_point
 from .config import TrainingConfig
 from .dataset import object_ids
 from .frames import low_res_targets, model_scale, predicted_masks
@@ -84,7 +84,8 @@ def first_prompt(
     masks: np.ndarray, config: TrainingConfig, rng: np.random.Generator
 ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
     """The opening prompt of every object: all boxes (with probability
-    ``box_probability``) or all single points drawn uniformly inside the objects.
+    ``box_probability``) or all single points, each drawn from the object's inner part
+    with probability ``central_click_probability``, else uniformly inside it.
 
     Parameters
     ----------
@@ -102,7 +103,10 @@ def first_prompt(
     if rng.random() < config.box_probability:
         boxes = np.stack([bounding_box(m, rng, config.box_noise, config.max_box_noise) for m in masks])
         return boxes, np.zeros((n, 0, 2)), np.zeros((n, 0), np.int64)
-    return None, np.stack([random_point(m, rng) for m in masks])[:, None], np.ones((n, 1), np.int64)
+    central = config.central_click_probability
+    # no extra draw when it is off: earlier runs' seeds give the same prompts as before
+    points = [central_point(m, rng) if central and rng.random() < central else random_point(m, rng) for m in masks]
+    return None, np.stack(points)[:, None], np.ones((n, 1), np.int64)
 
 
 def corrective_clicks(
