@@ -55,6 +55,7 @@ def test_central_point_stays_in_the_inner_half_and_spreads_over_it():
     np.testing.assert_array_equal(central_point(disk, rng, depth_fraction=1.0), [17, 25])
     everywhere = np.array([central_point(disk, rng, depth_fraction=0.0) for _ in range(300)])
     assert np.hypot(everywhere[:, 0] - 17, everywhere[:, 1] - 25).max() > 9
+    assert all(inside(disk, p) for p in everywhere)
     with pytest.raises(ValueError, match="depth_fraction"):
         central_point(disk, rng, depth_fraction=1.5)
     with pytest.raises(ValueError, match="empty"):

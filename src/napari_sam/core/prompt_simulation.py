@@ -145,7 +145,7 @@ def central_point(mask, rng: np.random.Generator, depth_fraction: float = 0.5) -
     mask = _mask(mask)
     _nonempty(mask)
     d = depth(mask)
-    rows, cols = np.nonzero(d >= depth_fraction * d.max())
+    rows, cols = np.nonzero(mask & (d >= depth_fraction * d.max()))  # depth is 0 outside too
     i = int(rng.integers(rows.size))
     return _xy(rows[i], cols[i])
 
