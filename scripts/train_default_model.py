@@ -419,7 +419,7 @@ def train(args) -> Path:
           f"input {args.image_size}")
     train_data, val_data = build_datasets(args.seed, args.synthetic, args.validation, args.large,
                                           None if args.scale_matched else (args.zoom_min, args.zoom_max),
-                                          args.cryonuseg, args.low_light)
+                                          args.cryonuseg, args.low_light_images)
     out = Path(args.output)
     resume = args.resume and out.is_file()
     if args.init_from and not resume:
@@ -450,7 +450,7 @@ def train(args) -> Path:
     easy = train_data.subset([i for i, n in enumerate(train_data.names) if n.startswith("large synthetic")])
     print(
         f"data: {len(train_data)} training planes ({args.synthetic} synthetic, {args.large} with large objects, "
-        f"{args.low_light} low-light), "
+        f"{args.low_light_images} low-light), "
         f"{len(val_data)} validation planes"
     )
 
@@ -743,7 +743,7 @@ def main(argv=None) -> None:
     parser.add_argument("--easy-steps", type=int, default=300, help="first steps on large synthetic objects only")
     parser.add_argument("--large", type=int, default=300, help="synthetic training images with large objects")
     parser.add_argument("--synthetic", type=int, default=1500, help="synthetic training images")
-    parser.add_argument("--low-light", type=int, default=0,
+    parser.add_argument("--low-light-images", type=int, default=0,
                         help="more synthetic training images made dim and noisy, like deep 3D stacks (default 0)")
     parser.add_argument("--validation", type=int, default=12, help="synthetic validation images")
     parser.add_argument("--validate-every", type=int, default=200)
