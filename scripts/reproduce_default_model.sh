@@ -70,6 +70,10 @@ $PY scripts/train_default_instance_decoder.py --model "$OUT/8_end_to_end.pth" --
     --steps 12000 --refine-width 16 --refine-depth 5 --synthetic 600 --large 100 --validation 30 \
     --checkpoint-dir "$OUT/image_refiner_9" --write
 
+# 10. The scale advice once more (weights untouched): a box answered at its object's own
+#     scale, "box_diameter" 36 beside the plane's "object_diameter" 30.
+$PY scripts/train_default_model.py --scale-only --output "$OUT/8_end_to_end.pth" --no-evaluate
+
 # The held-out figures of docs/default_model.md
 $PY scripts/train_default_model.py --evaluate-only --output "$OUT/8_end_to_end.pth"
 if [ "${REPLACE:-0}" = 1 ]; then

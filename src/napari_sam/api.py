@@ -34,6 +34,7 @@ from .core.masks import PlaneMask
 from .core.memory_labels import NoSam, Tracking, largest_planes, split_models
 from .core.memory_propagation import MemoryStep
 from .core.ngff import LabelImage
+from .core.object_scale import segment_at_object_scale
 from .core.preprocess import Normalization
 from .core.prompts import Prompt
 from .core.propagation import PropagationSettings, PropagationStep, propagate
@@ -150,7 +151,9 @@ class Annotator:
     # -- prompts -------------------------------------------------------------------------
     def segment(self, plane, prompt: Prompt | None = None, *, points=None, labels=None, box=None,
                 previous: PlaneMask | None = None, multimask: bool | None = None) -> PlaneMask:
-        """One object on a plane; missing tiles are embedded first.
+        """One object on a plane; missing tiles are embedded first. A box is answered at
+        the magnification its size asks for where the model advises one
+        (:func:`~napari_sam.core.scale.prompt_magnification`).
 
         Parameters
         ----------
@@ -178,7 +181,7 @@ class Annotator:
             prompt = Prompt.make(points, labels, box, previous)
         elif loose:
             raise ValueError("give either a Prompt or points/labels/box/previous, not both")
-        return self.embeddings.segment(plane, prompt, multimask)
+        return segment_at_object_scale(self.embeddings, plane, prompt, multimask)
 
     # -- results -------------------------------------------------------------------------
     def commit(self, plane, masks, overwrite: bool = False) -> Commit:

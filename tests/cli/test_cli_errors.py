@@ -121,9 +121,9 @@ def test_only_objects_with_pixels_are_counted(files, tiny_checkpoint, monkeypatc
         def to_full(self, shape):
             return np.zeros(shape, bool)
 
-    def second_is_empty(self, plane, prompt):
+    def second_is_empty(self, plane, prompt, *args, **kwargs):
         calls.append(prompt)
-        return Empty() if len(calls) == 2 else original(self, plane, prompt)
+        return Empty() if len(calls) == 2 else original(self, plane, prompt, *args, **kwargs)
 
     monkeypatch.setattr(Embeddings, "segment", second_is_empty)
     rc, out, _ = _run(["segment", files / "img.tif", "--model", tiny_checkpoint, "--dtype", "float32",

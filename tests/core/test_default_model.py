@@ -41,7 +41,7 @@ def test_it_ships_small_and_says_what_it_is(default_model):
     assert before["training"]["mode"] == "decoder" and before["training"]["steps"] >= 1000
     first = before["default_model"]["continued_from"]["training"]
     assert first["mode"] == "full" and first["steps"] >= 1000
-    assert meta["scale"] == {"object_diameter": 30.0}
+    assert meta["scale"] == {"object_diameter": 30.0, "box_diameter": 36.0}
     assert meta["stain"] == "haematoxylin"  # H&E read as its haematoxylin stain
     # the instance decoder for AIS, trained on the model's own training data, recommended
     assert meta["instance_decoder"]["command"].startswith("scripts/train_default_instance_decoder.py")

@@ -5,8 +5,10 @@ import pytest
 from skimage.draw import disk
 from skimage.measure import regionprops
 
+from napari_sam.api import Annotator
 from napari_sam.cli import main
 from napari_sam.core.embeddings import Embeddings
+from napari_sam.core.object_scale import object_magnification, segment_at_object_scale
 from napari_sam.core.prompts import Prompt
 from napari_sam.core.scale import MAGNIFICATIONS, estimate_diameter, magnification_for
 from napari_sam.core.tiling import default_tiling
@@ -34,6 +36,23 @@ def _discs(diameter: float, shape=(400, 400), seed=0, dark=False, touching=True)
 def test_the_diameter_is_read_from_bright_or_dark_objects(diameter, dark):
     est = estimate_diameter(_discs(diameter, dark=dark))
     assert est is not None and 0.8 * diameter <= est <= 1.2 * diameter, est
+
+
+@pytest.mark.parametrize("dark", [False, True])
+def test_a_rare_bright_band_does_not_take_the_threshold(dark):
+    # dim nuclei of 16 pixels and a saturated diagonal band 30 pixels wide over about 3 %
+    # of the plane, as debris lies on some DSB planes: Otsu's two classes alone split the
+    # band from everything else and measure the band
+    plane = _discs(16, (400, 400), touching=False).astype(np.float32)
+    if dark:
+        plane = 1.2 * 20000 - plane
+    yy, xx = np.mgrid[:400, :400]
+    band = np.abs(yy - xx - 150) < 15 / np.sqrt(0.5)
+    band &= (yy > 250)
+    assert 0.01 < band.mean() < 0.05
+    plane[band] = 0 if dark else 65535
+    est = estimate_diameter(np.clip(plane, 0, 65535).astype(np.uint16))
+    assert est is not None and 13 <= est <= 19, est
 
 
 def test_stained_tissue_is_read_from_its_haematoxylin():
@@ -151,3 +170,72 @@ def test_a_scale_matched_instance_decoder_reads_the_prompts_embeddings(tiny_mode
     assert not reads_native_scale(matched) and _for_decoder(matched, emb) is emb
     matched.metadata["instance_decoder"] = {"scale_matched": "yes"}  # only a JSON true counts
     assert reads_native_scale(matched)
+
+
+# -- each prompted object at its own scale (napari_sam.core.object_scale) --
+ADVICE = {"object_diameter": 10.0, "box_diameter": 20.0}
+
+
+def test_object_magnification_shows_the_object_at_the_wanted_size():
+    assert object_magnification(10, 20) == 2.0
+    assert object_magnification(7, 20) == 3.0  # 2.86, and never above 3
+    assert object_magnification(16, 20) == 1.25
+    assert object_magnification(60, 20) == 1.0  # never shrunk
+    assert object_magnification(0, 20) == 3.0  # a degenerate size is not a division by zero
+
+
+def test_a_box_is_answered_at_its_own_scale_and_corrected_there(tiny_model):
+    plane = _discs(10, (300, 300))
+    emb = Embeddings(plane, _with_scale(tiny_model, ADVICE), cache=False, axes="YX")
+    assert emb.magnification == 1.0 and emb.magnification_advised
+    box = Prompt.make(box=(100, 100, 110, 110))  # (x0, y0, x1, y1): 10 pixels, shown 20 across at 2
+    answer = segment_at_object_scale(emb, 0, box)
+    assert answer.magnification == 2.0
+    np.testing.assert_array_equal(answer.to_full(plane.shape),
+                                  emb.at_magnification(2.0).segment(0, box).to_full(plane.shape))
+    assert segment_at_object_scale(emb, 0, Prompt.make(box=(100, 100, 107, 107))).magnification == 3.0
+    assert segment_at_object_scale(emb, 0, Prompt.make(box=(0, 0, 60, 60))).magnification == 1.0
+    # A correction goes where its logits were made, even when asked of the plane's embeddings.
+    fix = Prompt.make(points=[(105, 105)], labels=[1], box=(100, 100, 110, 110), previous=answer)
+    again = emb.segment(0, fix)
+    assert again.magnification == 2.0
+    np.testing.assert_array_equal(again.to_full(plane.shape),
+                                  emb.at_magnification(2.0).segment(0, fix).to_full(plane.shape))
+    assert segment_at_object_scale(emb, 0, fix).magnification == 2.0
+    # cropping keeps the frame
+    assert answer.cropped().magnification == 2.0
+
+
+def test_the_users_magnification_and_models_without_the_advice_answer_everything(tiny_model):
+    plane = _discs(10, (300, 300))
+    box = Prompt.make(box=(100, 100, 110, 110))
+    given = Embeddings(plane, _with_scale(tiny_model, ADVICE), cache=False, axes="YX", magnification=1.5)
+    assert not given.magnification_advised
+    assert segment_at_object_scale(given, 0, box).magnification == 1.5
+    tiled = Embeddings(plane, _with_scale(tiny_model, ADVICE), cache=False, axes="YX", tile=100, halo=14)
+    assert not tiled.magnification_advised
+    plane_only = Embeddings(plane, _with_scale(tiny_model, {"object_diameter": 10.0}), cache=False, axes="YX")
+    assert segment_at_object_scale(plane_only, 0, box).magnification == plane_only.magnification
+    sam = Embeddings(plane, tiny_model, cache=False, axes="YX")
+    assert segment_at_object_scale(sam, 0, box).magnification == 1.0
+    assert not sam.__dict__.get("_siblings")  # nothing else was embedded
+
+
+def test_a_click_stays_at_the_planes_magnification(tiny_model):
+    plane = _discs(10, (300, 300))
+    emb = Embeddings(plane, _with_scale(tiny_model, ADVICE), cache=False, axes="YX")
+    click = Prompt.make(points=[(150.0, 150.0)])
+    answer = segment_at_object_scale(emb, 0, click)
+    assert answer.magnification == emb.magnification == 1.0 and not emb.__dict__.get("_siblings")
+    np.testing.assert_array_equal(answer.to_full(plane.shape), emb.segment(0, click).to_full(plane.shape))
+
+
+def test_the_annotator_answers_a_box_at_its_own_scale(tiny_model):
+    plane = _discs(10, (300, 300))
+    ann = Annotator(plane, _with_scale(tiny_model, ADVICE), cache=False, axes="YX")
+    obj = ann.segment(0, box=(100, 100, 110, 110))
+    assert obj.magnification == 2.0
+    fixed = ann.segment(0, points=[(105, 105)], labels=[0], box=(100, 100, 110, 110), previous=obj)
+    assert fixed.magnification == 2.0
+    user = Annotator(plane, _with_scale(tiny_model, ADVICE), cache=False, axes="YX", magnification=1.0)
+    assert user.segment(0, box=(100, 100, 110, 110)).magnification == 1.0

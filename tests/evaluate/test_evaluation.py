@@ -152,7 +152,8 @@ def test_planes_larger_than_the_model_input_are_evaluated_on_tiles(nuclei_2d):
     result = evaluate_prompted([(image, labels)], Predictor(model), n_corrections=1, max_objects=3, seed=2)
     assert result["objects"] == 3 and len(result["iterative"]) == 2
 
-    ids = np.random.default_rng(2).choice(np.unique(labels[labels > 0]), 3, replace=False)
+    # the sample of image 1 with seed 2 is drawn from its own stream, default_rng([2, 1])
+    ids = np.random.default_rng([2, 1]).choice(np.unique(labels[labels > 0]), 3, replace=False)
     emb = Embeddings(image, model, cache=False, axes="YX", statistics="plane")
     expected = []
     for i in np.sort(ids):
@@ -186,6 +187,18 @@ def test_prompted_evaluation_with_the_baseline(small_pair):
     assert a == b and a["objects"] == 2
     with pytest.raises(ValueError, match="Predictor"):
         evaluate_prompted([small_pair], object())
+
+
+def test_a_sample_of_objects_does_not_depend_on_the_corrections(nuclei_2d):
+    # Two methods compared with max_objects must meet the same objects on every image,
+    # however many corrective clicks (random tie-breaks) the earlier images took: the box
+    # answer does not depend on corrections, so each image's box figure must agree.
+    image, labels = nuclei_2d
+    pairs = [(image[:128, :128], labels[:128, :128]), (image[128:256, :128], labels[128:256, :128]),
+             (image[:128, 128:256], labels[:128, 128:256])]
+    runs = [evaluate_prompted(pairs, WatershedBaseline(), n_corrections=k, max_objects=3, seed=5) for k in (0, 4)]
+    assert [p["objects"] for p in runs[0]["per_image"]] == [3, 3, 3]
+    assert [p["box"] for p in runs[0]["per_image"]] == [p["box"] for p in runs[1]["per_image"]]
 
 
 # -- automatic --------------------------------------------------------------------------------

@@ -170,7 +170,7 @@ def test_decoder_fine_tuning_keeps_the_instance_decoder(tmp_path, nuclei_2d):
                  checkpoint=tmp_path / "f.pth", progress=False)
     assert full.step == 1 and load_model(tmp_path / "f.pth").instance_decoder is None
     # both keep the scale advice: they were trained on the tiles it gives
-    assert base.metadata["scale"] == {"object_diameter": 30.0}
+    assert base.metadata["scale"] == {"object_diameter": 30.0, "box_diameter": 36.0}
     assert model.metadata["scale"] == load_model(tmp_path / "f.pth").metadata["scale"] == base.metadata["scale"]
     # and the stain advice: they learned H&E as its haematoxylin channel (train/features.py)
     assert model.metadata["stain"] == load_model(tmp_path / "f.pth").metadata["stain"] == "haematoxylin"

@@ -146,6 +146,7 @@ def segment(args) -> int:
     from ..core.io import label_dtype, read_image
     from ..core.labels import paint
     from ..core.models import resolve_model
+    from ..core.object_scale import segment_at_object_scale
     from .inputs import select_plane
 
     _check_out(args)  # before any work
@@ -172,7 +173,7 @@ def segment(args) -> int:
           f"{emb.magnification:g}) with {model.source.name} ({model.source.dtype}) in {t_embed:.1f} s")
     empty = []
     for i, obj in enumerate(objects, start=1):
-        found = emb.segment(0, obj)
+        found = segment_at_object_scale(emb, 0, obj)
         mask = found.to_full(labels.shape)
         written = paint(labels, mask, i)
         if not written:

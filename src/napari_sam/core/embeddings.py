@@ -61,8 +61,8 @@ class EmbedProgress:
     done, total
         Entries (tiles) present in the cache, out of those asked for.
     entry
-        (plane, tile row, tile column) that was just finished, or None for the first
-        report (entries already cached before the run).
+        (plane, tile row, tile column) just finished; None for the first report (what
+        was cached before the run).
     """
 
     done: int
@@ -96,7 +96,7 @@ class Embeddings:
         a number, ``"auto"`` (chosen from the objects' diameter for a model that records
         the diameter it wants), or None for the model's advice (1 for models without).
         Given ``tile`` and ``halo``, it follows from them. The choice is
-        :attr:`magnification`.
+        :attr:`magnification`, :attr:`magnification_advised` when the model's (not given).
     diameter
         The objects' diameter in plane pixels, if known, for a model that records the
         size it wants; otherwise it is estimated from the middle plane when the
@@ -144,6 +144,7 @@ class Embeddings:
         self.source = source.with_channel(channel_for(model, source.channel, advised, lambda: central_crop(source)))
         self.model = model
         size = model.config.image_size
+        self.magnification_advised = tile is None and halo is None and magnification in (None, "auto")
         if tile is None or halo is None:
             self.magnification = magnification_for(model, lambda: central_crop(self.source), magnification, diameter)
         else:
@@ -193,9 +194,7 @@ class Embeddings:
 
     def at_magnification(self, magnification: float) -> "Embeddings":
         """The same image, model, cache and settings embedded at another magnification
-        (``self`` when it is this one's); such siblings are kept, so each is made once.
-        In a cache they live beside this one's entries: never replacing them, never
-        warned about as a mismatch."""
+        (``self`` at this one's); kept, so made once; cached beside this one's entries."""
         if magnification == self.magnification:
             return self
         siblings = self.__dict__.setdefault("_siblings", {})
@@ -367,15 +366,21 @@ class Embeddings:
         Returns
         -------
         PlaneMask
-            The object's mask as a crop of the plane (tiles not yet embedded are embedded first).
+            The object's mask as a crop of the plane (missing tiles are embedded first),
+            with the magnification that answered: a correction of an answer made at
+            another magnification is answered there (:meth:`at_magnification`).
         """
+        made_at = prompt.previous.magnification if prompt.previous is not None else None
+        if made_at not in (None, self.magnification):  # a correction is answered where its logits were made
+            return self.at_magnification(made_at).segment(plane, prompt, multimask, max_tiles, refine)
         flat = self.source.flat_index(plane)
 
         def answer(tile: Tile, pts, lbl, bx, multi, mask_input=None):
             result = self._decode(flat, tile.index, pts, lbl, bx, mask_input, multi, refine)
             return LazyMasks(result), result.iou
 
-        return segment_tiled(self.grid, answer, prompt, multimask, max_tiles)
+        return dataclasses.replace(segment_tiled(self.grid, answer, prompt, multimask, max_tiles),
+                                   magnification=self.magnification)
 
     def warm_up(self) -> None:
         """Prepare the decoder's traced graphs (:meth:`Predictor.warm_up`) so that the

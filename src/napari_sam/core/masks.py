@@ -11,7 +11,7 @@ Frames: masks are (H, W) arrays indexed (row, col); points leave this module as 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -55,6 +55,10 @@ class PlaneMask:
     logits
         Low-res logits of the first tile's answer (the mask prompt that refines this
         answer when more points are added: ``Prompt.previous``), or None.
+    magnification
+        The magnification of the embedding that answered (the frame of :attr:`logits`,
+        so that a correction is answered on the same tiles), or None where no embedding
+        did.
     """
 
     region: tuple[int, int, int, int]
@@ -63,6 +67,7 @@ class PlaneMask:
     tiles: tuple[tuple[int, int], ...]
     complete: bool = True
     logits: np.ndarray | None = field(default=None, repr=False, compare=False)
+    magnification: float | None = None
 
     @property
     def slices(self) -> tuple[slice, slice]:
@@ -94,7 +99,7 @@ class PlaneMask:
     def cropped(self) -> PlaneMask:
         """The same mask with its region shrunk to its pixels."""
         out = PlaneMask.from_full(self.mask, self.iou, (self.region[0], self.region[2]))
-        return PlaneMask(out.region, out.mask, self.iou, self.tiles, self.complete, self.logits) if self.area else self
+        return replace(self, region=out.region, mask=out.mask) if self.area else self
 
     def to_full(self, shape: tuple[int, int]) -> np.ndarray:
         """The mask as a (H, W) bool array of the whole plane (for planes that fit memory)."""

@@ -25,6 +25,7 @@ from collections.abc import Generator
 import numpy as np
 
 from ..core.masks import drop_fragments, iou, prompt_box
+from ..core.object_scale import segment_at_object_scale
 from ..core.predictor import Predictor
 from ..core.prompt_simulation import corrective_point, interior_point
 from ..core.prompts import Prompt
@@ -64,10 +65,13 @@ class _SamRunner:
             from ..core.embeddings import Embeddings
 
             axes = "YX" if image.ndim == 2 else "YXC"
+            # Chosen again by the embeddings, as the plugin's are, so that the model's
+            # per-object advice applies where the magnification is the model's choice.
             self.tiles = Embeddings(
                 image, model, cache=False, axes=axes, normalization=self.predictor.normalization,
-                statistics="plane", magnification=self.chosen,
+                statistics="plane", magnification=self.magnification, diameter=self.diameter,
             )
+            self.chosen = self.tiles.magnification
         else:
             self.predictor.set_image(image)
 
@@ -126,18 +130,18 @@ class _SamRunner:
 
     def _tiled(self, masks, n_corrections, rng):
         # One object at a time through Embeddings.segment, as a click in the viewer is
-        # answered; corrections send all points and the previous answer's logits.
+        # answered (at the object's own scale, as the Annotator answers it); corrections
+        # send all points and the previous answer's logits.
         emb = self.tiles
         shape = masks[0].shape
         point_iou, box_iou, iter_iou = [], [], []
         for m in masks:
             pts, lbl = [interior_point(m)], [1]
-            answer = emb.segment(0, Prompt.make(pts, lbl), multimask=self.multimask_point)
+            answer = segment_at_object_scale(emb, 0, Prompt.make(pts, lbl), self.multimask_point)
             pred = answer.to_full(shape)
             point_iou.append(iou(pred, m, empty=1.0))
-            box_iou.append(
-                iou(emb.segment(0, Prompt.make(box=prompt_box(m)), multimask=False).to_full(shape), m, empty=1.0)
-            )
+            box = segment_at_object_scale(emb, 0, Prompt.make(box=prompt_box(m)), False)
+            box_iou.append(iou(box.to_full(shape), m, empty=1.0))
             history = [point_iou[-1]]
             for _ in range(n_corrections):
                 nxt = corrective_point(m, pred, rng, "center")
@@ -230,7 +234,10 @@ def iter_evaluate_prompted(
         labels = np.asarray(pair.labels)
         if labels.ndim != 2:
             raise ValueError(f"{pair.name}: the prompted evaluation takes 2D label planes, got shape {labels.shape}")
-        ids = sample_objects(labels, min_area, max_objects, rng)
+        # Each image's sample from its own stream: drawn from the clicks' stream, it
+        # would depend on how many corrections the earlier images took, so that two
+        # methods (or a model and the baseline) were measured on different objects.
+        ids = sample_objects(labels, min_area, max_objects, np.random.default_rng([seed, n]))
         if len(ids):
             runner.set_image(np.asarray(pair.image))
             masks = [labels == i for i in ids]
