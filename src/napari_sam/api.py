@@ -153,7 +153,7 @@ class Annotator:
                 previous: PlaneMask | None = None, multimask: bool | None = None) -> PlaneMask:
         """One object on a plane; missing tiles are embedded first. A box is answered at
         the magnification its size asks for where the model advises one
-        (:func:`~napari_sam.core.scale.prompt_magnification`).
+        (:func:`~napari_sam.core.object_scale.segment_at_object_scale`).
 
         Parameters
         ----------

@@ -130,8 +130,8 @@ class _SamRunner:
 
     def _tiled(self, masks, n_corrections, rng):
         # One object at a time through Embeddings.segment, as a click in the viewer is
-        # answered (at the object's own scale, as the Annotator answers it); corrections
-        # send all points and the previous answer's logits.
+        # answered (a box at its object's own scale, as the Annotator answers it);
+        # corrections send all points and the previous answer's logits.
         emb = self.tiles
         shape = masks[0].shape
         point_iou, box_iou, iter_iou = [], [], []
