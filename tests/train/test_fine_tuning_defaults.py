@@ -113,7 +113,31 @@ def test_loss_weights_left_open_come_from_the_model_being_trained(mini_sam):
     assert (chosen.config.focal_weight, chosen.config.focal_alpha) == (5.0, -1.0)
     # the shipped default model learned with 1:1 and no alpha, and says so
     settings = load_model("default").metadata["training"]["settings"]
-    assert TrainingConfig().with_base_loss({"training": {"settings": settings}}).focal_weight == 1.0
+    assert TrainingConfig().with_base_recipe({"training": {"settings": settings}}).focal_weight == 1.0
+
+
+def test_the_prompt_recipe_left_open_comes_from_the_model_being_trained(mini_sam):
+    data = SegmentationDataset.from_arrays([_plane()[0]], [_plane()[1]])
+    open_recipe = {k: v for k, v in FAST.items() if k != "corrective_iterations"}
+    plain = Trainer(mini_sam, data, TrainingConfig(**open_recipe), device="cpu").config
+    assert (plain.iou_rank_weight, plain.corrective_iterations, plain.mask_prompt_probability) == (0.0, 3, 1.0)
+    assert plain.grad_clip == 0.0
+    recorded = {"iou_rank_weight": 1.0, "corrective_iterations": 4, "mask_prompt_probability": 0.7, "grad_clip": 1.0}
+    mini_sam.metadata = {"training": {"settings": recorded}}
+    own = Trainer(mini_sam, data, TrainingConfig(**open_recipe), device="cpu").config
+    assert (own.iou_rank_weight, own.corrective_iterations, own.mask_prompt_probability) == (1.0, 4, 0.7)
+    assert own.grad_clip == 1.0
+    assert isinstance(own.corrective_iterations, int) and own.to_dict()["corrective_iterations"] == 4
+    chosen = Trainer(mini_sam, data, TrainingConfig(**open_recipe, iou_rank_weight=0.0, corrective_iterations=1),
+                     device="cpu").config
+    assert (chosen.iou_rank_weight, chosen.corrective_iterations, chosen.mask_prompt_probability) == (0.0, 1, 0.7)
+    # a recorded value out of range is refused, not trained with
+    with pytest.raises(ValueError, match="mask_prompt_probability"):
+        TrainingConfig().with_base_recipe({"training": {"settings": {"mask_prompt_probability": 3.0}}})
+    # the shipped default model records the recipe it learned with
+    shipped = TrainingConfig().with_base_recipe(load_model("default").metadata)
+    assert (shipped.iou_rank_weight, shipped.corrective_iterations, shipped.mask_prompt_probability) == (1.0, 4, 0.7)
+    assert shipped.grad_clip == 1.0
 
 
 def test_the_run_ends_with_the_best_validations_weights(mini_sam, tmp_path, monkeypatch):

@@ -49,7 +49,9 @@ def train(args) -> int:
     cfg = trainer.config
     print(f"training on {len(trainer.train_data)} tile(s) of {len(train)} pair(s), validating on "
           f"{len(trainer.validation_data) if trainer.validation_data is not None else 0}; {cfg.mode} mode, "
-          f"learning rate {cfg.peak_learning_rate:g}, focal:dice {cfg.focal_weight:g}:{cfg.dice_weight:g}")
+          f"learning rate {cfg.peak_learning_rate:g}, focal:dice {cfg.focal_weight:g}:{cfg.dice_weight:g}, "
+          f"{cfg.corrective_iterations} corrective round(s) (mask prompt {cfg.mask_prompt_probability:g}), "
+          f"IoU ranking {cfg.iou_rank_weight:g}, gradient clipping {cfg.grad_clip or 'none'}")
     # --minutes sizes the schedule unless --steps fixes it; then it is only a time limit
     budget = args.minutes if args.minutes and args.steps is None else None
     run_training(trainer, checkpoint=None, minutes=budget, stop_after=None if budget else args.minutes)

@@ -216,8 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="fine-tune a model on your own annotations (decoder only on cached embeddings, or the whole model)",
         description="DATA is a folder with images/ and labels/ TIFFs of the same names (a 3D file counts as a "
         "stack of planes), or an image file with --labels. SAM's recipe: simulated point and box prompts, "
-        "corrective points from the error region, focal+dice loss (the weights the model was trained with, "
-        "else SAM's 20:1) plus the IoU-prediction loss, AdamW with warm-up and decay, on the tiles the plugin "
+        "corrective points from the error region, focal+dice loss plus the IoU-prediction loss; the loss "
+        "weights, corrective rounds and mask prompts are those the model was trained with where its checkpoint "
+        "records them (else SAM's 20:1 and three rounds), AdamW with warm-up and decay, on the tiles the plugin "
         "embeds (planes at their own resolution); the weights of the best validation are kept. The checkpoint "
         "loads with --model everywhere.",
     )

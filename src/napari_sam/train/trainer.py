@@ -118,7 +118,7 @@ class Trainer:
             raise ValueError(f"model must be a Sam, not {type(model).__name__}")
         if len(train_data) == 0:
             raise ValueError("the training data hold no pair")
-        self.config = (config or TrainingConfig()).with_base_loss(model.metadata)
+        self.config = (config or TrainingConfig()).with_base_recipe(model.metadata)
         self.device = resolve_device(device)
         self.model = model.to(self.device)
         if self.config.native_tiles:
@@ -215,7 +215,7 @@ class Trainer:
             (parts.loss / cfg.images_per_step).backward()
             sums += [float(t.detach()) for t in (parts.loss, parts.mask_loss, parts.iou_loss)] + [parts.train_iou]
             done += 1
-        if cfg.grad_clip is not None:
+        if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(
                 [p for p in self.model.parameters() if p.requires_grad], cfg.grad_clip
             )
