@@ -57,6 +57,14 @@ def central_crop(source, side: int = _SAMPLE) -> np.ndarray:
     return source.read(source.n_planes // 2, (y0, min(H, y0 + side), x0, min(W, x0 + side)))
 
 
+RARE_BRIGHT_FRACTION = 0.05
+"""The share of a plane's pixels under which the brightest of three grey-value classes
+is taken for debris or a saturated band rather than objects (see
+:func:`estimate_diameter`); chosen on the default model's training images
+(docs/default_model.md, "Each box at its own scale, diameters read past bright
+debris")."""
+
+
 def estimate_diameter(plane: np.ndarray) -> float | None:
     """Typical diameter, in pixels, of the blob-like objects of a plane.
 
@@ -65,9 +73,9 @@ def estimate_diameter(plane: np.ndarray) -> float | None:
     bright ones on dark); a rare brightest class (debris, a saturated band: under 5 % of
     the pixels in a three-class split) is capped before the threshold is taken, so that
     it cannot lift the threshold above the objects; holes are filled and specks removed;
-    each connected component's width is twice the largest distance from its boundary, which a chain of
-    touching objects shares with its members. Only the central ``1024 x 1024`` crop is
-    read, so the estimate is cheap on planes of any size.
+    each connected component's width is twice the largest distance from its boundary,
+    which a chain of touching objects shares with its members. Only the central
+    ``1024 x 1024`` crop is read, so the estimate is cheap on planes of any size.
 
     Parameters
     ----------
@@ -124,14 +132,6 @@ def estimate_diameter(plane: np.ndarray) -> float | None:
     order = np.argsort(width)
     cumulative = np.cumsum(area[order])
     return float(width[order][np.searchsorted(cumulative, cumulative[-1] / 2)])
-
-
-RARE_BRIGHT_FRACTION = 0.05
-"""The share of a plane's pixels under which the brightest of three grey-value classes
-is taken for debris or a saturated band rather than objects (see
-:func:`estimate_diameter`); chosen on the default model's training images
-(docs/default_model.md, "Each box at its own scale, diameters read past bright
-debris")."""
 
 
 def _without_rare_bright_class(grey: np.ndarray) -> np.ndarray:
@@ -210,4 +210,3 @@ def nearest_magnification(ratio: float) -> float:
     """The magnification of :data:`MAGNIFICATIONS` nearest ``ratio`` on a log scale (1.5 is
     as far from 1 as from 2.25)."""
     return min(MAGNIFICATIONS, key=lambda m: abs(math.log(m / ratio)))
-
