@@ -577,9 +577,9 @@ SCALE_ADVICE = {"object_diameter": 30.0, "box_diameter": 36.0}
 enlarged (1-3x) so that their objects are about 30 pixels across in the model input;
 fitted on this model's own training images (scripts/scale_study.py;
 docs/default_model.md, "Scale"). ``box_diameter``, read by
-:mod:`napari_sam.core.object_scale`: an object prompted with a box is answered where it
-is about 36 pixels across, fitted on the same images (docs/default_model.md, "Each box
-at its own scale")."""
+:mod:`napari_sam.core.object_scale`: an object prompted with a box, or corrected after a
+click, is answered where it is about 36 pixels across, fitted on the same images
+(docs/default_model.md, "Each box at its own scale")."""
 
 AUTOMATIC_ADVICE = {"mode": "boxes", "detector": "log", "grid": {"pred_iou_thresh": 0.6, "stability_thresh": 0.8}}
 

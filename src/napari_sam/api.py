@@ -151,9 +151,9 @@ class Annotator:
     # -- prompts -------------------------------------------------------------------------
     def segment(self, plane, prompt: Prompt | None = None, *, points=None, labels=None, box=None,
                 previous: PlaneMask | None = None, multimask: bool | None = None) -> PlaneMask:
-        """One object on a plane; missing tiles are embedded first. A box is answered at
-        the magnification its size asks for where the model advises one
-        (:func:`~napari_sam.core.object_scale.segment_at_object_scale`).
+        """One object on a plane; missing tiles are embedded first. A box, and a click's
+        corrections, are answered at the magnification the object's size asks for where
+        the model advises one (:func:`~napari_sam.core.object_scale.segment_at_object_scale`).
 
         Parameters
         ----------

@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from napari_sam.core.embeddings import Embeddings
 from napari_sam.core.object_scale import object_magnification, segment_at_object_scale
 from napari_sam.core.prompts import Prompt
 from napari_sam.core.scale import MAGNIFICATIONS, estimate_diameter, magnification_for
+from napari_sam.core.tiled_segmentation import carry_answer
 from napari_sam.core.tiling import default_tiling
 
 
@@ -174,6 +176,7 @@ def test_a_scale_matched_instance_decoder_reads_the_prompts_embeddings(tiny_mode
 
 # -- each prompted object at its own scale (napari_sam.core.object_scale) --
 ADVICE = {"object_diameter": 10.0, "box_diameter": 20.0}
+MANY_TILES = (1100, 1100)  # 2 x 2 tiles of the tiny model's 1024-pixel input at magnification 1
 
 
 def test_object_magnification_shows_the_object_at_the_wanted_size():
@@ -185,7 +188,7 @@ def test_object_magnification_shows_the_object_at_the_wanted_size():
 
 
 def test_a_box_is_answered_at_its_own_scale_and_corrected_there(tiny_model):
-    plane = _discs(10, (300, 300))
+    plane = _discs(10, MANY_TILES)
     emb = Embeddings(plane, _with_scale(tiny_model, ADVICE), cache=False, axes="YX")
     assert emb.magnification == 1.0 and emb.magnification_advised
     box = Prompt.make(box=(100, 100, 110, 110))  # (x0, y0, x1, y1): 10 pixels, shown 20 across at 2
@@ -207,7 +210,7 @@ def test_a_box_is_answered_at_its_own_scale_and_corrected_there(tiny_model):
 
 
 def test_the_users_magnification_and_models_without_the_advice_answer_everything(tiny_model):
-    plane = _discs(10, (300, 300))
+    plane = _discs(10, MANY_TILES)
     box = Prompt.make(box=(100, 100, 110, 110))
     given = Embeddings(plane, _with_scale(tiny_model, ADVICE), cache=False, axes="YX", magnification=1.5)
     assert not given.magnification_advised
@@ -221,8 +224,22 @@ def test_the_users_magnification_and_models_without_the_advice_answer_everything
     assert not sam.__dict__.get("_siblings")  # nothing else was embedded
 
 
-def test_a_click_stays_at_the_planes_magnification(tiny_model):
+def test_a_plane_of_one_tile_answers_everything_at_its_magnification(tiny_model):
+    # one tile fills the model input whatever the magnification up to 3.4 here
     plane = _discs(10, (300, 300))
+    emb = Embeddings(plane, _with_scale(tiny_model, ADVICE), cache=False, axes="YX")
+    assert len(emb.grid) == 1 and emb.magnification_advised
+    box = segment_at_object_scale(emb, 0, Prompt.make(box=(100, 100, 107, 107)))
+    assert box.magnification == 1.0
+    first = segment_at_object_scale(emb, 0, Prompt.make(points=[(105.0, 105.0)]))
+    small = dataclasses.replace(first, region=(100, 110, 100, 110), mask=np.ones((10, 10), bool))
+    fix = Prompt.make(points=[(105.0, 105.0), (112.0, 112.0)], labels=[1, 0], previous=small)
+    assert segment_at_object_scale(emb, 0, fix).magnification == 1.0
+    assert not emb.__dict__.get("_siblings")  # nothing else was embedded
+
+
+def test_a_click_stays_at_the_planes_magnification(tiny_model):
+    plane = _discs(10, MANY_TILES)
     emb = Embeddings(plane, _with_scale(tiny_model, ADVICE), cache=False, axes="YX")
     click = Prompt.make(points=[(150.0, 150.0)])
     answer = segment_at_object_scale(emb, 0, click)
@@ -230,8 +247,39 @@ def test_a_click_stays_at_the_planes_magnification(tiny_model):
     np.testing.assert_array_equal(answer.to_full(plane.shape), emb.segment(0, click).to_full(plane.shape))
 
 
+def test_a_corrected_click_moves_to_its_objects_scale_with_its_logits(tiny_model):
+    plane = _discs(10, MANY_TILES)
+    emb = Embeddings(plane, _with_scale(tiny_model, ADVICE), cache=False, axes="YX")
+    first = segment_at_object_scale(emb, 0, Prompt.make(points=[(105.0, 105.0)]))
+    assert first.magnification == 1.0 and first.logits is not None
+    # as if the click's answer were 10 pixels across: its box asks for 2x (20 across)
+    small = dataclasses.replace(first, region=(100, 110, 100, 110), mask=np.ones((10, 10), bool))
+    fix = Prompt.make(points=[(105.0, 105.0), (112.0, 112.0)], labels=[1, 0], previous=small)
+    moved = segment_at_object_scale(emb, 0, fix)
+    assert moved.magnification == 2.0
+    there = emb.at_magnification(2.0)
+    carried = carry_answer(small, emb.grid, there.grid, fix, tiny_model.config.image_size, 2.0)
+    expected = there.segment(0, dataclasses.replace(fix, previous=carried))
+    np.testing.assert_array_equal(moved.to_full(plane.shape), expected.to_full(plane.shape))
+    np.testing.assert_array_equal(moved.logits, expected.logits)
+    fresh = there.segment(0, dataclasses.replace(fix, previous=None))
+    assert not np.array_equal(moved.logits, fresh.logits)  # the earlier answer was the mask prompt
+    # the object stays at its scale for the corrections that follow
+    more = Prompt.make(points=[(105.0, 105.0), (112.0, 112.0), (100.0, 108.0)], labels=[1, 0, 1], previous=moved)
+    assert segment_at_object_scale(emb, 0, more).magnification == 2.0
+    # an answer the plane's magnification suits is corrected there, as before
+    wide = dataclasses.replace(first, region=(95, 115, 95, 115), mask=np.ones((20, 20), bool))
+    stay = dataclasses.replace(fix, previous=wide)
+    kept = segment_at_object_scale(emb, 0, stay)
+    assert kept.magnification == 1.0
+    np.testing.assert_array_equal(kept.to_full(plane.shape), emb.segment(0, stay).to_full(plane.shape))
+    # the user's magnification: nothing moves
+    given = Embeddings(plane, _with_scale(tiny_model, ADVICE), cache=False, axes="YX", magnification=1.0)
+    assert segment_at_object_scale(given, 0, fix).magnification == 1.0
+
+
 def test_the_annotator_answers_a_box_at_its_own_scale(tiny_model):
-    plane = _discs(10, (300, 300))
+    plane = _discs(10, MANY_TILES)
     ann = Annotator(plane, _with_scale(tiny_model, ADVICE), cache=False, axes="YX")
     obj = ann.segment(0, box=(100, 100, 110, 110))
     assert obj.magnification == 2.0

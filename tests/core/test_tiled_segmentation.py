@@ -7,6 +7,8 @@ that the tile's embedded region shows, exactly as a perfect model would with tha
 Whatever the tiles, the assembled mask must equal the untiled answer: the whole object.
 """
 
+import dataclasses
+
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -166,3 +168,48 @@ def test_refining_sends_the_first_tiles_logits_as_mask_prompt_and_asks_one_mask(
     assert plain.logits is None
     segment_tiled(grid, answer, Prompt.make(points=[[320, 320]], previous=plain))
     assert seen[-1] == ((1, 1), True, None)
+
+
+# -- an answer carried to the same plane embedded at another magnification --
+def _plane_centres(tile, size, image_size):
+    """Plane (y, x) of the centre of each of a tile's (size, size) logit cells."""
+    from napari_sam.core.preprocess import preprocess_shape
+
+    h, w = tile.shape
+    ih, iw = preprocess_shape(h, w, image_size)
+    c = (np.arange(size) + 0.5) * image_size / size
+    return tile.outer[0] + c * h / ih, tile.outer[2] + c * w / iw
+
+
+@pytest.mark.parametrize("target_side", [103, 62, 300])  # 2x, about 3x, and one tile for the plane
+def test_carried_logits_stay_on_their_object(target_side):
+    from napari_sam.core.masks import PlaneMask
+    from napari_sam.core.tiled_segmentation import carry_answer
+
+    source = TileGrid((300, 300), tile=205, halo=26)
+    target = TileGrid((300, 300), tile=target_side, halo=target_side // 8)
+    first = source.tile_at(150.0, 150.0)
+    ys, xs = _plane_centres(first, 64, 256)
+    inside = (ys[:, None] - 150) ** 2 + (xs[None, :] - 158) ** 2 < 12**2  # a disc of radius 12 at (150, 158)
+    logits = np.where(inside, 8.0, -8.0).astype(np.float32)
+    answer = PlaneMask((138, 162, 146, 170), np.ones((24, 24), bool), 0.9, (first.index,), logits=logits,
+                       magnification=1.0)
+    click = Prompt.make(points=[(158.0, 150.0), (170.0, 170.0)], labels=[1, 0])
+
+    carried = carry_answer(answer, source, target, click, 256, 2.0)
+    new = target[carried.tiles[0]]
+    assert new.index == target.tile_at(158.0, 150.0).index and carried.magnification == 2.0
+    assert carried.logits.shape == (64, 64) and carried.logits.dtype == np.float32
+    ty, tx = _plane_centres(new, 64, 256)
+    yy, xx = np.meshgrid(ty, tx, indexing="ij")
+    seen = carried.logits > 0
+    cell = (ty[1] - ty[0]) * (tx[1] - tx[0])  # plane pixels per cell
+    assert abs(yy[seen].mean() - 150) < 1.5 and abs(xx[seen].mean() - 158) < 1.5
+    assert seen.sum() * cell == pytest.approx(np.pi * 12**2, rel=0.15)
+    # beyond what the answering tile saw: its background
+    assert carried.logits.min() == pytest.approx(-8.0)
+
+    same = carry_answer(answer, source, source, click, 256, 1.0)
+    np.testing.assert_array_equal(same.logits, logits)
+    bare = carry_answer(dataclasses.replace(answer, logits=None), source, target, click, 256, 2.0)
+    assert bare.logits is None and bare.tiles == () and bare.magnification == 2.0

@@ -170,6 +170,34 @@ def test_planes_larger_than_the_model_input_are_evaluated_on_tiles(nuclei_2d):
     )
 
 
+def test_a_model_that_answers_objects_at_their_scale_is_measured_through_that_rule(nuclei_2d, monkeypatch):
+    # The Annotator answers every prompt of such a model through segment_at_object_scale,
+    # on planes of one tile too; the evaluation must measure that, not the batched
+    # predictor (which once hid that boxes moved on the GoNuclear planes).
+    import torch
+
+    from napari_sam.evaluate import prompted
+    from napari_sam.model import SamConfig, ViTConfig, build_sam
+
+    torch.manual_seed(3)
+    model = build_sam(SamConfig(ViTConfig(32, 2, 2, (1,), window_size=8, img_size=256), image_size=256)).eval()
+    model.metadata = {"scale": {"object_diameter": 30.0, "box_diameter": 36.0}}
+    calls = []
+    rule = prompted.segment_at_object_scale
+    monkeypatch.setattr(prompted, "segment_at_object_scale", lambda *a, **k: calls.append(a[2]) or rule(*a, **k))
+    image, labels = nuclei_2d[0][:120, :120], nuclei_2d[1][:120, :120]  # one tile at any magnification
+    result = evaluate_prompted([(image, labels)], Predictor(model), n_corrections=2, max_objects=3, seed=2)
+    assert result["objects"] == 3
+    boxes = [p for p in calls if p.box is not None]
+    corrections = [p for p in calls if p.previous is not None]
+    assert len(boxes) == 3 and len(calls) - len(boxes) - len(corrections) == 3  # the clicks
+    assert 0 < len(corrections) <= 6
+    calls.clear()
+    model.metadata = {}  # SAM's own weights: the batched predictor, as before
+    evaluate_prompted([(image, labels)], Predictor(model), n_corrections=2, max_objects=3, seed=2)
+    assert calls == []
+
+
 def test_prompted_evaluation_with_the_baseline(small_pair):
     _, labels = small_pair
     ids, counts = np.unique(labels[labels > 0], return_counts=True)

@@ -14,9 +14,9 @@ A model states what it wants in its checkpoint metadata, under ``"scale"``:
 * ``{"object_diameter": d}``: the object diameter, in model-input pixels, that it
   segments best; the magnification is then chosen per image from the objects' diameter,
   estimated by :func:`estimate_diameter` unless the user gives it;
-* ``{"box_diameter": b}`` beside it: an object prompted with a box is answered at the
-  magnification that shows it ``b`` pixels across, whatever its plane's other objects
-  measure (:mod:`napari_sam.core.object_scale`).
+* ``{"box_diameter": b}`` beside it: an object prompted with a box, or corrected after a
+  click, is answered at the magnification that shows it ``b`` pixels across, whatever
+  its plane's other objects measure (:mod:`napari_sam.core.object_scale`).
 
 Models without that entry (the official SAM weights, micro-sam's) are embedded at
 magnification 1, as they always were.

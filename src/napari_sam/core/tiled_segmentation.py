@@ -20,20 +20,23 @@ exact reference segmenter.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
+from scipy import ndimage
 
 from .masks import PlaneMask, deepest_pixel, depth, drop_fragments, iou
+from .preprocess import preprocess_shape
 from .prompts import Prompt
 from .tiling import Tile, TileGrid
 
 if TYPE_CHECKING:
     from .predictor import Prediction
 
-__all__ = ["LazyMasks", "TileAnswer", "segment_tiled"]
+__all__ = ["LazyMasks", "TileAnswer", "carry_answer", "segment_tiled"]
 
 TileAnswer = Callable[..., tuple[np.ndarray, np.ndarray]]
 """``answer(tile, points, labels, box, multimask) -> (masks, iou)``: points (N, 2) and box
@@ -223,6 +226,66 @@ def segment_tiled(
             queue.append(other.index)
     whole = _assemble(grid, masks, order, first_iou, complete)
     return dataclasses.replace(_without_fragments(whole, pts, lbl), logits=first_logits)
+
+
+def carry_answer(previous: PlaneMask, source: TileGrid, target: TileGrid, prompt: Prompt, image_size: int,
+                 magnification: float) -> PlaneMask:
+    """An answer made on one grid, re-expressed as the mask prompt for another grid of the
+    same plane (the plane embedded at another magnification), so that a correction can be
+    answered there and still send the earlier answer's logits (SAM's interactive loop).
+
+    Parameters
+    ----------
+    previous
+        The answer. Its ``logits`` (S, S) are the mask decoder's for its first tile
+        ``previous.tiles[0]`` of ``source``, in that tile's model-input frame (S = image_size
+        / 4; the tile's longest side resized to ``image_size``, padded below and right).
+    source, target
+        The plane's tiles where the answer was made and where the correction will be.
+    prompt
+        The correction; it decides which tile of ``target`` answers first.
+    image_size
+        The model's input side.
+    magnification
+        The magnification of ``target`` (recorded as the carried answer's frame).
+
+    Returns
+    -------
+    PlaneMask
+        ``previous`` with its logits resampled (bilinear) onto the first target tile's
+        grid, that tile as its first and ``magnification`` as its frame. Where the target
+        tile sees beyond the source tile, the logits are the source's lowest (background).
+        Without logits in ``previous``, none in the result (the correction then starts
+        afresh).
+    """
+    if previous.logits is None or not previous.tiles:
+        return dataclasses.replace(previous, logits=None, tiles=(), magnification=magnification)
+    shape = np.shape(previous.logits)
+    logits = np.asarray(previous.logits, np.float32)
+    size = int(shape[-1])
+    logits = logits.reshape(size, size)
+    per_cell = image_size / size  # model-input pixels per logit
+
+    def frame(tile: Tile) -> tuple[np.ndarray, np.ndarray]:
+        # (y, x) model-input pixels per plane pixel: the longest side resized to the input
+        h, w = tile.shape
+        ih, iw = preprocess_shape(h, w, image_size)
+        return np.array([ih / h, iw / w]), np.array([ih, iw]) / per_cell
+
+    old, new = source[previous.tiles[0]], _first_tile(target, prompt.points, prompt.labels, prompt.box)
+    old_scale, old_valid = frame(old)
+    new_scale, _ = frame(new)
+    centres = (np.arange(size) + 0.5) * per_cell  # cell centres in model-input pixels
+    # new cell centre -> plane -> old cell coordinates (cell k is centred on k + 0.5)
+    ys = (new.outer[0] + centres / new_scale[0] - old.outer[0]) * old_scale[0] / per_cell - 0.5
+    xs = (new.outer[2] + centres / new_scale[1] - old.outer[2]) * old_scale[1] / per_cell - 0.5
+    gy, gx = np.meshgrid(ys, xs, indexing="ij")
+    seen = logits[: math.ceil(old_valid[0]), : math.ceil(old_valid[1])]
+    carried = ndimage.map_coordinates(logits, [gy, gx], order=1, mode="nearest")
+    outside = (gy < -0.5) | (gx < -0.5) | (gy > old_valid[0] - 0.5) | (gx > old_valid[1] - 0.5)
+    carried[outside] = seen.min()
+    return dataclasses.replace(previous, logits=carried.reshape(shape).astype(np.float32), tiles=(new.index,),
+                               magnification=magnification)
 
 
 def _without_fragments(found: PlaneMask, points: np.ndarray, labels: np.ndarray) -> PlaneMask:

@@ -29,7 +29,7 @@ from ..core.object_scale import segment_at_object_scale
 from ..core.predictor import Predictor
 from ..core.prompt_simulation import corrective_point, interior_point
 from ..core.prompts import Prompt
-from ..core.scale import magnification_for
+from ..core.scale import magnification_for, model_scale
 from ..core.tiling import default_tiling
 from .baseline import WatershedBaseline
 from .data import load_pairs, sample_objects
@@ -58,10 +58,13 @@ class _SamRunner:
         model = self.predictor.model
         self.chosen = magnification_for(model, image, self.magnification, self.diameter)
         tile, halo = default_tiling(model.config.image_size, self.chosen)
-        if max(image.shape[:2]) > tile + 2 * halo:
+        per_object = "box_diameter" in model_scale(model) and self.magnification in (None, "auto")
+        if max(image.shape[:2]) > tile + 2 * halo or per_object:
             # Larger than a tile: measure what the plugin does with such a plane (tiles
             # at the chosen magnification, objects merged across tiles), not a shrunken
-            # whole plane.
+            # whole plane. A model with per-object scale advice goes this way on planes
+            # of one tile too: the Annotator answers all its prompts through those rules,
+            # and what they do there is what users meet.
             from ..core.embeddings import Embeddings
 
             axes = "YX" if image.ndim == 2 else "YXC"
@@ -129,9 +132,10 @@ class _SamRunner:
         return point_iou, box_iou, [list(x) for x in zip(*history)]
 
     def _tiled(self, masks, n_corrections, rng):
-        # One object at a time through Embeddings.segment, as a click in the viewer is
-        # answered (a box at its object's own scale, as the Annotator answers it);
-        # corrections send all points and the previous answer's logits.
+        # One object at a time, as a click in the viewer is answered: through the
+        # Annotator's rule (segment_at_object_scale: a box, and a click's corrections, at
+        # the object's own scale); corrections send all points and the previous answer's
+        # logits.
         emb = self.tiles
         shape = masks[0].shape
         point_iou, box_iou, iter_iou = [], [], []
@@ -149,7 +153,7 @@ class _SamRunner:
                     pts.append(nxt[0])
                     lbl.append(int(nxt[1]))
                     previous = answer if self.refine else None
-                    answer = emb.segment(0, Prompt.make(pts, lbl, previous=previous), multimask=False)
+                    answer = segment_at_object_scale(emb, 0, Prompt.make(pts, lbl, previous=previous), False)
                     pred = answer.to_full(shape)
                 history.append(iou(pred, m, empty=1.0))
             iter_iou.append(history)
