@@ -41,7 +41,13 @@ from .prompts import Prompt
 from .scale import model_scale, nearest_magnification
 from .tiled_segmentation import carry_answer
 
-__all__ = ["object_magnification", "segment_at_object_scale"]
+__all__ = ["answers_per_object", "object_magnification", "segment_at_object_scale"]
+
+
+def answers_per_object(model) -> bool:
+    """Whether the model's advice has its prompted objects answered at their own scale
+    (a ``"box_diameter"`` in its scale advice), where the magnification is its choice."""
+    return model_scale(model).get("box_diameter") is not None
 
 
 def object_magnification(diameter: float, wanted: float) -> float:
@@ -74,9 +80,9 @@ def segment_at_object_scale(embeddings, plane, prompt: Prompt, multimask: bool |
         The object's mask; its ``magnification`` is the one that answered (the frame of
         its logits, where the next correction goes).
     """
-    wanted = model_scale(embeddings.model).get("box_diameter")
-    if wanted is None or not embeddings.magnification_advised or len(embeddings.grid) == 1:
+    if not answers_per_object(embeddings.model) or not embeddings.magnification_advised or len(embeddings.grid) == 1:
         return embeddings.segment(plane, prompt, multimask, refine=refine)
+    wanted = float(model_scale(embeddings.model)["box_diameter"])
     previous = prompt.previous
     if previous is None and prompt.box is not None:
         x0, y0, x1, y1 = (float(v) for v in prompt.box)

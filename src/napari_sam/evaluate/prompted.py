@@ -25,11 +25,11 @@ from collections.abc import Generator
 import numpy as np
 
 from ..core.masks import drop_fragments, iou, prompt_box
-from ..core.object_scale import segment_at_object_scale
+from ..core.object_scale import answers_per_object, segment_at_object_scale
 from ..core.predictor import Predictor
 from ..core.prompt_simulation import corrective_point, interior_point
 from ..core.prompts import Prompt
-from ..core.scale import magnification_for, model_scale
+from ..core.scale import magnification_for
 from ..core.tiling import default_tiling
 from .baseline import WatershedBaseline
 from .data import load_pairs, sample_objects
@@ -58,7 +58,7 @@ class _SamRunner:
         model = self.predictor.model
         self.chosen = magnification_for(model, image, self.magnification, self.diameter)
         tile, halo = default_tiling(model.config.image_size, self.chosen)
-        per_object = "box_diameter" in model_scale(model) and self.magnification in (None, "auto")
+        per_object = answers_per_object(model) and self.magnification in (None, "auto")
         if max(image.shape[:2]) > tile + 2 * halo or per_object:
             # Larger than a tile: measure what the plugin does with such a plane (tiles
             # at the chosen magnification, objects merged across tiles), not a shrunken
