@@ -108,8 +108,11 @@ def test_a_correction_is_answered_with_the_previous_logits_as_mask_prompt(tiny_m
     local = pts - (tile.outer[2], tile.outer[0])
     predictor = Predictor(tiny_model)
     predictor.set_embedding(emb.embedding_for(0, (1, 2)))
-    expected = predictor.predict(points=local, labels=[1, 0], mask_input=first.logits, multimask=False)
-    np.testing.assert_array_equal(refined.logits, expected.low_res_logits[0])
+    # The single mask, or (where it leaves a click on the wrong side) one of the three
+    # asked again: all answered with the first answer's logits as mask prompt.
+    single = predictor.predict(points=local, labels=[1, 0], mask_input=first.logits, multimask=False)
+    three = predictor.predict(points=local, labels=[1, 0], mask_input=first.logits, multimask=True)
+    assert any(np.array_equal(refined.logits, k) for k in [*single.low_res_logits, *three.low_res_logits])
     plain = emb.segment(0, Prompt.make(points=pts, labels=[1, 0]), max_tiles=1)
     assert not np.array_equal(plain.logits, refined.logits)
 

@@ -148,7 +148,9 @@ def test_refining_sends_the_first_tiles_logits_as_mask_prompt_and_asks_one_mask(
     def answer(tile, points, labels, box, multimask, mask_input=None):
         seen.append((tile.index, multimask, None if mask_input is None else float(mask_input.mean())))
         mask = np.zeros((250, 250), bool)
-        mask[100:120, 100:120] = True  # well inside the first tile: no neighbour is asked
+        # well inside the first tile (no neighbour is asked), around the clicks at (145, 145)
+        # and clear of the negative one at (155, 155): nothing is asked again
+        mask[140:150, 140:150] = True
         n = 3 if multimask else 1
         logits = np.stack([np.full((64, 64), float(len(points) + k)) for k in range(n)])
         return _Candidates([mask] * n, logits), np.linspace(0.5, 0.9, n)

@@ -198,6 +198,36 @@ def test_a_model_that_answers_objects_at_their_scale_is_measured_through_that_ru
     assert calls == []
 
 
+def test_the_batched_evaluation_answers_corrections_as_the_annotator_does(nuclei_2d, monkeypatch):
+    # SAM's own weights on a plane of one tile go through the batched predictor: each
+    # correction must still get the Annotator's choice of a mask that honours its clicks,
+    # and that mask must be what is scored (here a choice of the true object: IoU 1).
+    import torch
+
+    from napari_sam.evaluate import prompted
+    from napari_sam.model import SamConfig, ViTConfig, build_sam
+
+    torch.manual_seed(3)
+    model = build_sam(SamConfig(ViTConfig(32, 2, 2, (1,), window_size=8, img_size=256), image_size=256)).eval()
+    image, labels = nuclei_2d[0][:120, :120], nuclei_2d[1][:120, :120]
+    asked = []
+
+    def the_true_object(single, ask, points, clicks, cell):
+        assert cell == 120 / 64  # the plane's longest side over the low-res mask's side
+        masks, predicted = ask(True, True)  # the predictor really asked again, for three masks
+        assert len(masks) == len(predicted) == 3 and masks[0].shape == single.shape == labels.shape
+        asked.append(clicks.tolist())
+        x, y = points[0]
+        chosen = type("Chosen", (list,), {})([labels == labels[int(y), int(x)]])
+        chosen.low_res_logits = masks.low_res_logits
+        return chosen, 0, 1.0
+
+    monkeypatch.setattr(prompted, "honouring_choice", the_true_object)
+    result = evaluate_prompted([(image, labels)], Predictor(model), n_corrections=2, max_objects=3, seed=2)
+    assert len(asked) == 3 and all(len(c) == 2 for c in asked)  # each object's first correction
+    assert result["iterative"][0] < 0.9 and result["iterative"][1:] == [1.0, 1.0]
+
+
 def test_prompted_evaluation_with_the_baseline(small_pair):
     _, labels = small_pair
     ids, counts = np.unique(labels[labels > 0], return_counts=True)

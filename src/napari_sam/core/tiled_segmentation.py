@@ -12,6 +12,9 @@ shared region is kept. This repeats, tile after tile, until the object stops gro
 so the pieces join without overlaps, and an object spanning many tiles comes out whole.
 Last, detached specks of the answer that hold no foreground click are dropped
 (:func:`~napari_sam.core.masks.drop_fragments`): they are mostly slivers of a neighbour.
+A correction whose single mask leaves one of its clicks clearly on the wrong side is
+answered by the model's most likely mask that honours them all, where it has one
+(:mod:`napari_sam.core.honoured_clicks`).
 
 The model is behind a callable, so the same code runs with SAM and, in tests, with an
 exact reference segmenter.
@@ -28,6 +31,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy import ndimage
 
+from .honoured_clicks import honouring_choice
 from .masks import PlaneMask, deepest_pixel, depth, drop_fragments, iou
 from .preprocess import preprocess_shape
 from .prompts import Prompt
@@ -53,12 +57,15 @@ class LazyMasks:
 
     def __init__(self, prediction: Prediction):
         self.prediction = prediction
+        self._masks: dict[int, np.ndarray] = {}  # a mask read twice (checked, then kept) is upscaled once
 
     def __len__(self) -> int:
         return len(self.prediction.iou)
 
     def __getitem__(self, k: int) -> np.ndarray:
-        return self.prediction.mask(k)
+        if k not in self._masks:
+            self._masks[k] = self.prediction.mask(k)
+        return self._masks[k]
 
     @property
     def low_res_logits(self) -> np.ndarray:
@@ -189,8 +196,12 @@ def segment_tiled(
         is_first = index == first.index
         asked = (tile, t_pts_a if len(t_pts_a) else None, t_lbl_a if len(t_pts_a) else None, t_box,
                  multimask or not is_first)
-        if is_first and refine:
+        if is_first and refine_logits is not None:
             candidates, predicted = answer(*asked, mask_input=refine_logits)
+            if not multimask and t_box is None and len(t_pts_a) > 1:
+                # a box's corrections are left as SAM answers them: the rule measured
+                # nothing there (docs/default_model.md, "Corrections that honour their clicks")
+                candidates, predicted = _honouring(answer, asked, refine_logits, candidates, predicted)
         else:
             candidates, predicted = answer(*asked)
         predicted = np.asarray(predicted, dtype=np.float64).reshape(-1)
@@ -286,6 +297,39 @@ def carry_answer(previous: PlaneMask, source: TileGrid, target: TileGrid, prompt
     carried[outside] = seen.min()
     return dataclasses.replace(previous, logits=carried.reshape(shape).astype(np.float32), tiles=(new.index,),
                                magnification=magnification)
+
+
+class _Chosen:
+    """One candidate of a tile's answer, as an answer of that one mask."""
+
+    def __init__(self, candidates, k: int):
+        self.candidates, self.k = candidates, k
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.candidates[self.k]
+
+    @property
+    def low_res_logits(self) -> np.ndarray:
+        return self.candidates.low_res_logits[self.k : self.k + 1]
+
+
+def _honouring(answer: TileAnswer, asked: tuple, logits: np.ndarray, candidates, predicted: np.ndarray):
+    """A correction's single mask, or the model's most likely other mask for its clicks
+    that honours them all (:func:`~napari_sam.core.honoured_clicks.honouring_choice`)."""
+    tile, points, labels = asked[:3]
+
+    def ask(with_prompt: bool, multimask: bool):
+        return answer(tile, points, labels, None, multimask, mask_input=logits if with_prompt else None)
+
+    # one low-res mask cell in tile pixels: the tile's longest side spans the logits' side
+    choice = honouring_choice(candidates[0], ask, points, labels, max(tile.shape) / logits.shape[-1])
+    if choice is None:
+        return candidates, predicted
+    masks, k, score = choice
+    return _Chosen(masks, k), np.array([score])
 
 
 def _without_fragments(found: PlaneMask, points: np.ndarray, labels: np.ndarray) -> PlaneMask:

@@ -4,7 +4,9 @@ them) prompted the way the SAM paper and micro-sam evaluate interactive segmenta
 Each object gets one point (its pixel farthest from its boundary), its bounding box, and
 iterative correction starting from the point, each step adding one point in the largest
 error region (foreground where the object was missed, background where the mask spilled
-over) and, for SAM, passing the previous low-res logits as the mask input. The result
+over) and, for SAM, passing the previous low-res logits as the mask input; a correction
+whose single mask leaves a click on the wrong side is answered as the Annotator answers it
+(:func:`~napari_sam.core.honoured_clicks.honouring_choice`). The result
 is the mean IoU per prompt type and after each correction. It runs with a SAM
 :class:`~napari_sam.core.predictor.Predictor` or with the classical
 :class:`~napari_sam.evaluate.baseline.WatershedBaseline` (whose corrective points become
@@ -24,12 +26,14 @@ from collections.abc import Generator
 
 import numpy as np
 
+from ..core.honoured_clicks import honouring_choice
 from ..core.masks import drop_fragments, iou, prompt_box
 from ..core.object_scale import answers_per_object, segment_at_object_scale
 from ..core.predictor import Predictor
 from ..core.prompt_simulation import corrective_point, interior_point
 from ..core.prompts import Prompt
 from ..core.scale import magnification_for
+from ..core.tiled_segmentation import LazyMasks
 from ..core.tiling import default_tiling
 from .baseline import WatershedBaseline
 from .data import load_pairs, sample_objects
@@ -124,12 +128,28 @@ class _SamRunner:
             labels = np.concatenate([labels, np.asarray(new_lbl, np.int64)[:, None]], axis=1)
             if not done.all():
                 out = pr.predict_batch(points=points, labels=labels, mask_input=low[:, None], multimask=False)
-                new_pred = np.stack([drop_fragments(m, p, lb) for m, p, lb in zip(out.best_mask(), points, labels)])
-                new_low = out.prompt_logits[:, 0]
+                answers, new_low = out.best_mask(), out.prompt_logits[:, 0]
+                for i in np.flatnonzero(~done):
+                    self._honour(i, points, labels, low, answers, new_low)
+                new_pred = np.stack([drop_fragments(m, p, lb) for m, p, lb in zip(answers, points, labels)])
                 pred = np.where(done[:, None, None], pred, new_pred)
                 low = np.where(done[:, None, None], low, new_low)
             history.append([iou(pred[i], masks[i], empty=1.0) for i in range(B)])
         return point_iou, box_iou, [list(x) for x in zip(*history)]
+
+    def _honour(self, i: int, points, labels, low, answers, new_low) -> None:
+        # As the Annotator answers a correction (segment_tiled): where the single mask
+        # leaves a click on the wrong side, the most likely mask that honours them all.
+        def ask(with_prompt: bool, multimask: bool):
+            prompt = low[i : i + 1, None] if with_prompt else None
+            again = self.predictor.predict_batch(points=points[i : i + 1], labels=labels[i : i + 1],
+                                                 mask_input=prompt, multimask=multimask)[0]
+            return LazyMasks(again), again.iou
+
+        choice = honouring_choice(answers[i], ask, points[i], labels[i], max(answers[i].shape) / low.shape[-1])
+        if choice is not None:
+            chosen, k, _ = choice
+            answers[i], new_low[i] = chosen[k], chosen.low_res_logits[k]
 
     def _tiled(self, masks, n_corrections, rng):
         # One object at a time, as a click in the viewer is answered: through the
