@@ -58,16 +58,15 @@ def honours(mask, points, labels, within: float = 0.0) -> bool:
     xs = np.clip(np.round(points[used, 0]).astype(int), 0, w - 1)
     ys = np.clip(np.round(points[used, 1]).astype(int), 0, h - 1)
     wanted = labels[used] == 1
-    if within <= 0 or np.array_equal(mask[ys, xs], wanted):
-        return bool(np.array_equal(mask[ys, xs], wanted))
+    exact = np.array_equal(mask[ys, xs], wanted)
+    if exact or within <= 0:
+        return bool(exact)
     r = int(np.floor(within))
-    dy, dx = np.mgrid[-r : r + 1, -r : r + 1]
-    disc = dy**2 + dx**2 <= within**2
     for x, y, positive in zip(xs, ys, wanted):
-        y0, x0 = max(y - r, 0), max(x - r, 0)
-        window = mask[y0 : y + r + 1, x0 : x + r + 1]
-        near = disc[y0 - (y - r) : y0 - (y - r) + window.shape[0], x0 - (x - r) : x0 - (x - r) + window.shape[1]]
-        if not (window[near] == positive).any():
+        y0, y1, x0, x1 = max(y - r, 0), min(y + r + 1, h), max(x - r, 0), min(x + r + 1, w)
+        yy, xx = np.ogrid[y0:y1, x0:x1]
+        near = (yy - y) ** 2 + (xx - x) ** 2 <= within**2
+        if not (mask[y0:y1, x0:x1][near] == positive).any():
             return False
     return True
 
@@ -85,13 +84,8 @@ def most_likely_honouring(masks, predicted, points, labels) -> int | None:
     points, labels
         As for :func:`honours`.
     """
-    predicted = np.asarray(predicted, np.float64).reshape(-1)
-    best = None
-    for k in np.argsort(-predicted, kind="stable"):
-        if honours(masks[int(k)], points, labels):
-            best = int(k)
-            break
-    return best
+    order = np.argsort(-np.asarray(predicted, np.float64).reshape(-1), kind="stable")
+    return next((int(k) for k in order if honours(masks[int(k)], points, labels)), None)
 
 
 def honouring_choice(single, ask, points, labels, cell: float) -> tuple | None:
