@@ -87,7 +87,6 @@ def test_a_correction_its_single_mask_ignores_is_answered_by_the_likeliest_mask_
         (False, True): ([_OBJECT, _TOO_BIG, _TOO_BIG], [0.5, 0.9, 0.6]),  # the lone click
         (True, False): ([_TOO_BIG], [0.95]),  # the correction ignores its negative click
         (True, True): ([_TOO_BIG, _CORRECTED, _OBJECT], [0.9, 0.7, 0.6]),
-        (False, False): ([_TOO_BIG], [0.99]),
     })
     answer = _corrected(answers)
     assert answers.asked == [(True, False), *ASKED_AGAIN]
@@ -115,7 +114,6 @@ def test_a_single_mask_that_honours_its_clicks_or_no_better_one_keeps_its_answer
         (False, True): ([_TOO_BIG] * 3, [0.5, 0.9, 0.6]),
         (True, False): ([_TOO_BIG], [0.3]),
         (True, True): ([_TOO_BIG] * 3, [0.9, 0.7, 0.6]),
-        (False, False): ([_TOO_BIG], [0.99]),
     })
     answer = _corrected(stubborn)
     assert stubborn.asked == [(True, False), *ASKED_AGAIN]
