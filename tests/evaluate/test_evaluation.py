@@ -214,7 +214,7 @@ def test_the_batched_evaluation_answers_corrections_as_the_annotator_does(nuclei
 
     def the_true_object(single, ask, points, clicks, cell):
         assert cell == 120 / 64  # the plane's longest side over the low-res mask's side
-        masks, predicted = ask(True, True)  # the predictor really asked again, for three masks
+        masks, predicted = ask()  # the predictor really asked again, for three masks
         assert len(masks) == len(predicted) == 3 and masks[0].shape == single.shape == labels.shape
         asked.append(clicks.tolist())
         x, y = points[0]

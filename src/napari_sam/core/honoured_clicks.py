@@ -21,18 +21,13 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["ASKED_AGAIN", "CLOSE_ENOUGH", "honouring_choice", "honours", "most_likely_honouring"]
+__all__ = ["CLOSE_ENOUGH", "honouring_choice", "honours", "most_likely_honouring"]
 
 CLOSE_ENOUGH = 1.0
 """How near (in cells of the model's low-res mask) the single mask's edge may come to a
 click it leaves on the wrong side for that click to count as honoured: a mask cell is 4
 model-input pixels, so a click that close to the edge asks for a detail the mask cannot
 draw, and asking again there chose worse masks."""
-
-ASKED_AGAIN = ((True, True),)
-"""The answers asked again when a correction's single mask leaves a click on the wrong
-side, as ``(with the mask prompt, multimask)``."""
-
 
 def honours(mask, points, labels, within: float = 0.0) -> bool:
     """Whether a mask puts every positive click inside it and every negative one outside,
@@ -89,16 +84,17 @@ def most_likely_honouring(masks, predicted, points, labels) -> int | None:
 
 
 def honouring_choice(single, ask, points, labels, cell: float) -> tuple | None:
-    """What answers a correction: None to keep its single mask, else the most likely mask
-    that honours every click of the answers asked again (:data:`ASKED_AGAIN`).
+    """What answers a correction: None to keep its single mask, else the most likely of
+    the model's three masks for the same prompts that honours every click.
 
     Parameters
     ----------
     single
         (H, W) bool: the single mask the correction was answered with.
     ask
-        ``ask(with_mask_prompt, multimask) -> (masks, predicted)``: the same clicks
-        answered again, masks as for :func:`most_likely_honouring`.
+        ``ask() -> (masks, predicted)``: the same clicks and mask prompt answered again
+        with three masks, as for :func:`most_likely_honouring`; called only where the
+        single mask leaves a click on the wrong side.
     points, labels
         The correction's clicks, as for :func:`honours`, in the masks' pixels.
     cell
@@ -109,16 +105,12 @@ def honouring_choice(single, ask, points, labels, cell: float) -> tuple | None:
     Returns
     -------
     tuple or None
-        ``(masks, k, predicted IoU)``: the answer that holds the chosen mask and its index;
+        ``(masks, k, predicted IoU)``: the three masks and the index of the chosen one;
         None where the single mask honours every click or no other mask does.
     """
     if honours(single, points, labels, within=CLOSE_ENOUGH * cell):
         return None
-    best = None
-    for with_prompt, multimask in ASKED_AGAIN:
-        masks, predicted = ask(with_prompt, multimask)
-        predicted = np.asarray(predicted, np.float64).reshape(-1)
-        k = most_likely_honouring(masks, predicted, points, labels)
-        if k is not None and (best is None or predicted[k] > best[2]):
-            best = (masks, k, float(predicted[k]))
-    return best
+    masks, predicted = ask()
+    predicted = np.asarray(predicted, np.float64).reshape(-1)
+    k = most_likely_honouring(masks, predicted, points, labels)
+    return None if k is None else (masks, k, float(predicted[k]))

@@ -321,8 +321,8 @@ def _honouring(answer: TileAnswer, asked: tuple, logits: np.ndarray, candidates,
     that honours them all (:func:`~napari_sam.core.honoured_clicks.honouring_choice`)."""
     tile, points, labels = asked[:3]
 
-    def ask(with_prompt: bool, multimask: bool):
-        return answer(tile, points, labels, None, multimask, mask_input=logits if with_prompt else None)
+    def ask():
+        return answer(tile, points, labels, None, True, mask_input=logits)
 
     # one low-res mask cell in tile pixels: the tile's longest side spans the logits' side
     choice = honouring_choice(candidates[0], ask, points, labels, max(tile.shape) / logits.shape[-1])

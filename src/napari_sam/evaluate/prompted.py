@@ -140,10 +140,9 @@ class _SamRunner:
     def _honour(self, i: int, points, labels, low, answers, new_low) -> None:
         # As the Annotator answers a correction (segment_tiled): where the single mask
         # leaves a click on the wrong side, the most likely mask that honours them all.
-        def ask(with_prompt: bool, multimask: bool):
-            prompt = low[i : i + 1, None] if with_prompt else None
+        def ask():
             again = self.predictor.predict_batch(points=points[i : i + 1], labels=labels[i : i + 1],
-                                                 mask_input=prompt, multimask=multimask)[0]
+                                                 mask_input=low[i : i + 1, None], multimask=True)[0]
             return LazyMasks(again), again.iou
 
         choice = honouring_choice(answers[i], ask, points[i], labels[i], max(answers[i].shape) / low.shape[-1])
