@@ -218,9 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
         "stack of planes), or an image file with --labels. SAM's recipe: simulated point and box prompts, "
         "corrective points from the error region, focal+dice loss plus the IoU-prediction loss; the loss "
         "weights, corrective rounds and mask prompts are those the model was trained with where its checkpoint "
-        "records them (else SAM's 20:1 and three rounds), AdamW with warm-up and decay, on the tiles the plugin "
-        "embeds (planes at their own resolution); the weights of the best validation are kept. The checkpoint "
-        "loads with --model everywhere.",
+        "records them (else SAM's 20:1 and three rounds), boxes all but exact unless --box-noise, AdamW with warm-up "
+        "and decay, on the tiles the plugin embeds (planes at their own resolution); the weights of the best "
+        "validation are kept. The checkpoint loads with --model everywhere.",
     )
     tr.add_argument("data", help="folder of images/ and labels/, or one image file")
     tr.add_argument("--labels", help="label image for a single image file given as DATA")
@@ -232,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a time budget: the run is sized to end in about this many minutes (with --steps: "
                     "stop after this many minutes)")
     tr.add_argument("--learning-rate", type=float)
+    tr.add_argument("--box-noise", type=float, metavar="FRACTION",
+                    help="jitter of the training boxes, a fraction of each side (default 0.02: close to the "
+                    "labels' exact boxes; SAM learned with 0.1)")
     tr.add_argument("--validation", help="folder of validation pairs (default: a 10%% split of DATA)")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--resume", action="store_true", help="continue from --out if it exists")
