@@ -471,7 +471,7 @@ def train(args) -> Path:
         iou_rank_weight=args.iou_rank_weight,
         central_click_probability=args.central_clicks,
         mask_prompt_probability=args.mask_prompt_probability,
-        box_noise=0.1,  # SAM's jitter, as the shipped model learned (fine-tuning takes exact boxes)
+        box_noise=0.1,  # SAM's jitter, as the shipped model learned (a fine-tune draws boxes within a pixel)
         grad_clip=1.0,
         validate_every=0,
         validation_objects=16,
