@@ -82,9 +82,9 @@ class TrainingConfig:
         SAM learned from boxes jittered by 0.1 (at most 20 pixels), and so did the
         default model; ten minutes of fine-tuning it that way did not move the box. With
         0.02 (the default: under a pixel on a nucleus 30 pixels across) the box gained
-        0.017 on held-out H&E tiles and stopped falling on held-out DSB nuclei, while boxes
-        jittered by 0.1 scored as before (docs/default_model.md, "Fine-tuning on exact
-        boxes").
+        0.014-0.017 on held-out H&E tiles (two seeds) and stopped falling on held-out DSB
+        nuclei, while boxes jittered by 0.1 scored as before (docs/default_model.md,
+        "Fine-tuning on exact boxes").
     point_placement
         Corrective points: ``"center"`` of the larger error region or ``"random"`` in it.
     min_object_pixels
