@@ -156,8 +156,9 @@ def test_fine_tuning_draws_boxes_within_a_pixel_of_the_labels_unless_told_to_jit
     # 2 % of a 25-37 pixel side by default, SAM's 10 % on request, none at 0
     assert shifts[0.0] == 0 and 0.2 < shifts[None] < 1.0 and shifts[0.1] > 2.0
     # the shipped model learned with SAM's jitter and records it; a fine-tune does not inherit it
-    assert load_model("default").metadata["training"]["settings"]["box_noise"] == 0.1
-    assert TrainingConfig().with_base_recipe(load_model("default").metadata).box_noise == 0.02
+    shipped = load_model("default").metadata
+    assert shipped["training"]["settings"]["box_noise"] == 0.1
+    assert TrainingConfig().with_base_recipe(shipped).box_noise == 0.02
     with pytest.raises(ValueError, match="box_noise"):
         TrainingConfig(box_noise=-0.1)
 
