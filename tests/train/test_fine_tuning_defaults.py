@@ -163,6 +163,36 @@ def test_fine_tuning_draws_boxes_within_a_pixel_of_the_labels_unless_told_to_jit
         TrainingConfig(box_noise=-0.1)
 
 
+def test_fine_tuning_opens_most_lone_clicks_where_people_click(mini_sam, tmp_path):
+    from napari_sam.core.masks import depth
+    from napari_sam.model.checkpoint import write_checkpoint
+    from napari_sam.train.session import first_prompt
+
+    yy, xx = np.mgrid[:80, :80]
+    masks = np.stack([(yy - 20) ** 2 + (xx - 25) ** 2 <= 12**2, (yy - 55) ** 2 + (xx - 50) ** 2 <= 18**2])
+    inner = np.stack([depth(m) >= 0.5 * depth(m).max() for m in masks])
+    shares = {}
+    for share in (None, 0.0):
+        config = TrainingConfig(box_probability=0.0, **({} if share is None else {"central_click_probability": share}))
+        points = [first_prompt(masks, config, np.random.default_rng(seed))[1][:, 0] for seed in range(200)]
+        hits = [inner[k, y, x] for p in points for k, (x, y) in enumerate(p.astype(int))]
+        shares[share] = np.mean(hits)
+    # inner halves are about a quarter of each disc: uniform clicks hit them that often,
+    # the default (three in four clicks drawn there) about 0.75 + 0.25 * 0.25
+    assert 0.15 < shares[0.0] < 0.35 and 0.75 < shares[None] < 0.88
+    # the shipped model learned with uniform clicks; a fine-tune does not inherit that
+    assert not load_model("default").metadata["training"]["settings"].get("central_click_probability")
+    assert TrainingConfig().with_base_recipe(load_model("default").metadata).central_click_probability == 0.75
+    # a run saved before the setting existed drew uniformly, and resumes that way
+    image, labels, _ = _plane()
+    data = SegmentationDataset.from_arrays([image], [labels])
+    path = Trainer(mini_sam, data, TrainingConfig(**FAST), device="cpu").save(tmp_path / "old.pth", optimizer=False)
+    old = read_checkpoint(path)
+    del old.metadata["training"]["settings"]["central_click_probability"]
+    write_checkpoint(path, old.state_dict, old.metadata)
+    assert Trainer.resume(path, data, device="cpu").config.central_click_probability == 0.0
+
+
 def test_the_run_ends_with_the_best_validations_weights(mini_sam, tmp_path, monkeypatch):
     image, labels, _ = _plane()
     data = SegmentationDataset.from_arrays([image], [labels])
@@ -248,13 +278,13 @@ def test_the_command_line_fills_its_minutes_and_keeps_the_best(tmp_path, nuclei_
         tifffile.imwrite(tmp_path / "data" / "labels" / f"{k}.tif", labels[y:y + 180, x:x + 180])
     out = tmp_path / "tuned.pth"
     assert main(["train", str(tmp_path / "data"), "--model", "default", "--out", str(out), "--minutes", "0.1",
-                 "--device", "cpu", "--box-noise", "0.05"]) == 0
+                 "--device", "cpu", "--box-noise", "0.05", "--central-clicks", "0.5"]) == 0
     printed = capsys.readouterr().out
     assert "minute(s) hold about" in printed and "focal:dice 1:1" in printed and f"saved {out}" in printed
-    assert "box jitter 0.05" in printed
+    assert "box jitter 0.05, central clicks 0.5" in printed
     model = load_model(out)
     training = model.metadata["training"]
     assert training["settings"]["native_tiles"] and training["settings"]["learning_rate"] is None
-    assert training["settings"]["box_noise"] == 0.05
+    assert training["settings"]["box_noise"] == 0.05 and training["settings"]["central_click_probability"] == 0.5
     assert training["best_validation"]["step"] == training["weights_from_step"] <= training["steps"]
     assert model.instance_decoder is not None  # decoder mode: automatic segmentation still works

@@ -311,7 +311,7 @@ def test_central_clicks_open_in_the_inner_half_and_leave_earlier_seeds_alone():
         for k, (x, y) in enumerate(points[:, 0].astype(int)):
             assert inner[k, y, x], (seed, k)
     # off (SAM's recipe): exactly the uniform draws a seed gave before the option existed
-    uniform = TrainingConfig(box_probability=0.0)
+    uniform = TrainingConfig(box_probability=0.0, central_click_probability=0.0)
     rng, twin = np.random.default_rng(7), np.random.default_rng(7)
     _, points, _ = first_prompt(masks, uniform, rng)
     twin.random()  # the box-or-point draw

@@ -35,8 +35,10 @@ def train(args) -> int:
     else:
         train, val = data.split(0.1, seed=args.seed) if len(data) > 1 else (data, None)
     steps = args.steps if args.steps is not None else 1000
-    jitter = {} if args.box_noise is None else {"box_noise": args.box_noise}
-    config = TrainingConfig(mode=args.mode, steps=steps, learning_rate=args.learning_rate, seed=args.seed, **jitter)
+    # only what was given: TrainingConfig holds the defaults
+    given = {"box_noise": args.box_noise, "central_click_probability": args.central_clicks}
+    prompts = {name: value for name, value in given.items() if value is not None}
+    config = TrainingConfig(mode=args.mode, steps=steps, learning_rate=args.learning_rate, seed=args.seed, **prompts)
     out = Path(args.out).expanduser()  # the path the checks above looked at
     if args.resume and out.exists():
         trainer = Trainer.resume(out, train, val, device=args.device)
@@ -53,7 +55,7 @@ def train(args) -> int:
           f"learning rate {cfg.peak_learning_rate:g}, focal:dice {cfg.focal_weight:g}:{cfg.dice_weight:g}, "
           f"{cfg.corrective_iterations} corrective round(s) (mask prompt {cfg.mask_prompt_probability:g}), "
           f"IoU ranking {cfg.iou_rank_weight:g}, gradient clipping {cfg.grad_clip or 'none'}, "
-          f"box jitter {cfg.box_noise:g}")
+          f"box jitter {cfg.box_noise:g}, central clicks {cfg.central_click_probability:g}")
     # --minutes sizes the schedule unless --steps fixes it; then it is only a time limit
     budget = args.minutes if args.minutes and args.steps is None else None
     run_training(trainer, checkpoint=None, minutes=budget, stop_after=None if budget else args.minutes)

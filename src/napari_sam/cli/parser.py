@@ -218,8 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
         "stack of planes), or an image file with --labels. SAM's recipe: simulated point and box prompts, "
         "corrective points from the error region, focal+dice loss plus the IoU-prediction loss; the loss "
         "weights, corrective rounds and mask prompts are those the model was trained with where its checkpoint "
-        "records them (else SAM's 20:1 and three rounds), boxes all but exact unless --box-noise, AdamW with warm-up "
-        "and decay, on the tiles the plugin embeds (planes at their own resolution); the weights of the best "
+        "records them (else SAM's 20:1 and three rounds), boxes all but exact unless --box-noise, lone clicks "
+        "mostly near their object's middle unless --central-clicks, AdamW with warm-up and decay, on the tiles "
+        "the plugin embeds (planes at their own resolution); the weights of the best "
         "validation are kept. The checkpoint loads with --model everywhere.",
     )
     tr.add_argument("data", help="folder of images/ and labels/, or one image file")
@@ -235,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--box-noise", type=float, metavar="FRACTION",
                     help="jitter of the training boxes, a fraction of each side (default 0.02: close to the "
                     "labels' exact boxes; SAM learned with 0.1)")
+    tr.add_argument("--central-clicks", type=float, metavar="P",
+                    help="share of lone clicks drawn in the inner half of their object, where people click "
+                    "(default 0.75; SAM drew them anywhere in it: 0)")
     tr.add_argument("--validation", help="folder of validation pairs (default: a 10%% split of DATA)")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--resume", action="store_true", help="continue from --out if it exists")

@@ -154,6 +154,8 @@ def resume(
         settings = dict(training["settings"])
         # runs written before tiling was a setting trained on whole planes
         settings.setdefault("native_tiles", False)
+        # and before first clicks could open in the inner half, drew them anywhere
+        settings.setdefault("central_click_probability", 0.0)
         config = TrainingConfig.from_dict(settings)
     trainer = cls(model, train_data, config, validation_data, device)
     trainer.step = int(training["steps"])

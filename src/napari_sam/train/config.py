@@ -76,7 +76,11 @@ class TrainingConfig:
         Chance that the first prompt is a box rather than a point (SAM: 0.5).
     central_click_probability
         Chance that a first click lands in the object's inner part (pixels at least half
-        as deep as its deepest, where people click) rather than anywhere in it (SAM: 0).
+        as deep as its deepest, where people click) rather than anywhere in it (SAM: 0,
+        and the default model learned that way). Fine-tuning draws 0.75 by default: ten
+        minutes on held-out H&E tiles then raised a click by 0.030-0.037 (two seeds) where
+        uniform clicks gave 0.005-0.023, and every correction with it (docs/default_model.md,
+        "Fine-tuning with clicks where people click").
     box_noise, max_box_noise
         Box jitter: standard deviation as a fraction of the side, clipped to pixels.
         SAM learned from boxes jittered by 0.1 (at most 20 pixels), and so did the
@@ -138,7 +142,7 @@ class TrainingConfig:
     corrective_iterations: int | None = None
     mask_prompt_probability: float | None = None
     box_probability: float = 0.5
-    central_click_probability: float = 0.0
+    central_click_probability: float = 0.75
     box_noise: float = 0.02
     max_box_noise: float = 20.0
     point_placement: str = "center"
