@@ -160,10 +160,10 @@ class Trainer:
     def image_loss(self, data: SegmentationDataset, index: int, rng: np.random.Generator) -> LossParts | None:
         """Simulate an interactive session on one image and return its loss.
 
-        Draws up to ``objects_per_image`` objects, gives each a first prompt (a random
-        point inside it, or its noisy box), then ``corrective_iterations`` more rounds
-        with a point in the larger error region of the previous mask and that mask's
-        logits as mask prompt (:mod:`~napari_sam.train.session`). Gradients flow when
+        Draws up to ``objects_per_image`` objects, gives each a first prompt (a point in it
+        or its box), then ``corrective_iterations`` more rounds with a point in the larger
+        error region of the previous mask and that mask's logits as mask prompt
+        (:mod:`~napari_sam.train.session`, which draws them all). Gradients flow when
         called with grad enabled.
 
         Parameters
