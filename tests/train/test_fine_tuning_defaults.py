@@ -181,8 +181,9 @@ def test_fine_tuning_opens_most_lone_clicks_where_people_click(mini_sam, tmp_pat
     # the default (three in four clicks drawn there) about 0.75 + 0.25 * 0.25
     assert 0.15 < shares[0.0] < 0.35 and 0.75 < shares[None] < 0.88
     # the shipped model learned with uniform clicks; a fine-tune does not inherit that
-    assert not load_model("default").metadata["training"]["settings"].get("central_click_probability")
-    assert TrainingConfig().with_base_recipe(load_model("default").metadata).central_click_probability == 0.75
+    shipped = load_model("default").metadata
+    assert not shipped["training"]["settings"].get("central_click_probability")
+    assert TrainingConfig().with_base_recipe(shipped).central_click_probability == 0.75
     # a run saved before the setting existed drew uniformly, and resumes that way
     image, labels, _ = _plane()
     data = SegmentationDataset.from_arrays([image], [labels])
