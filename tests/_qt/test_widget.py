@@ -290,6 +290,14 @@ def test_training_widget_fine_tunes_on_layers_and_hands_the_model_over(make_napa
     w.base.value = str(tiny_checkpoint)
     w.steps.value = 3
     w.out.value = str(tmp_path / "tuned.pth")
+    # the run's finer settings wait behind "more settings", at TrainingConfig's defaults
+    assert all(s.native.isHidden() for s in w.settings.values())
+    assert (w.settings["box_noise"].value, w.settings["central_click_probability"].value) == (0.02, 0.75)
+    w.more.value = True
+    assert not any(s.native.isHidden() for s in w.settings.values())
+    chosen = {"learning_rate": 3e-4, "box_noise": 0.05, "central_click_probability": 0.5, "seed": 2}
+    for name, value in chosen.items():
+        w.settings[name].value = value
     worker = w.start()
     assert worker is not None
     qtbot.waitUntil(lambda: not worker.is_running and w.model is not None, timeout=120000)
@@ -299,6 +307,8 @@ def test_training_widget_fine_tunes_on_layers_and_hands_the_model_over(make_napa
     enc = [k for k in base.state_dict() if k.startswith("image_encoder.")]
     kept = tuned.metadata["training"]["weights_from_step"]
     assert tuned.metadata["training"]["steps"] == 3 and kept in (0, 1, 2, 3)
+    settings = tuned.metadata["training"]["settings"]
+    assert {name: settings[name] for name in chosen} == pytest.approx(chosen)
     assert any(not torch.equal(tuned.state_dict()[k], base.state_dict()[k]) for k in dec) == (kept > 0)
     assert all(torch.equal(tuned.state_dict()[k], base.state_dict()[k]) for k in enc)
     seg = w.use_model()

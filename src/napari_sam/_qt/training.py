@@ -13,7 +13,7 @@ import time
 from typing import TYPE_CHECKING
 
 import numpy as np
-from magicgui.widgets import ComboBox, Container, FileEdit, FloatSpinBox, Label, PushButton, SpinBox
+from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, Label, PushButton, SpinBox
 
 from .curve import CurveWidget
 from .widget import CHECKPOINT, model_picker_choices
@@ -76,6 +76,8 @@ class TrainingWidget(Container):
         self.minutes = FloatSpinBox(label="minutes", value=10.0, min=0.5, max=24 * 60, step=0.5)
         self.steps = SpinBox(label="steps at most", value=1000, min=1, max=1_000_000)
         self.out = FileEdit(label="save as", mode="w", filter="*.pth", value=os.path.abspath("finetuned_sam.pth"))
+        self.more = CheckBox(text="more settings", value=False)
+        self.settings = self._settings_widgets()
         self.train = PushButton(text="Train")
         self.stop = PushButton(text="Stop", enabled=False)
         self.use = PushButton(text="Use the trained model for annotation", enabled=False)
@@ -83,9 +85,10 @@ class TrainingWidget(Container):
         self.status.native.setWordWrap(True)
         self.curve = CurveWidget()
         self.extend([self.image, self.labels, self.base, self.checkpoint, self.mode, self.minutes, self.steps, self.out,
-                     self.train, self.stop, self.use, self.status])
+                     self.more, *self.settings.values(), self.train, self.stop, self.use, self.status])
         self.native.layout().addWidget(self.curve)
         self.base.changed.connect(lambda v: setattr(self.checkpoint, "visible", v == CHECKPOINT))
+        self.more.changed.connect(self._show_settings)
         self.train.clicked.connect(self.start)
         self.stop.clicked.connect(self.workers.cancel)
         self.use.clicked.connect(self.use_model)
@@ -94,6 +97,33 @@ class TrainingWidget(Container):
         # The workers, not the widget, are captured: by the time Qt reports the destruction the
         # widget's Python attributes may be gone.
         self.native.destroyed.connect(lambda *_, workers=self.workers: workers.close())
+
+    @staticmethod
+    def _settings_widgets() -> dict:
+        """The settings a user may want to change after a first run, hidden until asked
+        for; they start at :class:`~napari_sam.train.TrainingConfig`'s defaults, which stay
+        the one place those live."""
+        from ..train import TrainingConfig
+
+        defaults = TrainingConfig()
+        return {
+            "learning_rate": FloatSpinBox(label="learning rate", value=defaults.peak_learning_rate, min=1e-6,
+                                          max=1e-2, step=1e-5, visible=False,
+                                          tooltip="the peak of the warm-up and cosine schedule"),
+            "box_noise": FloatSpinBox(label="box jitter", value=defaults.box_noise, min=0.0, max=0.5, step=0.01,
+                                      visible=False, tooltip="how far training boxes stray from the labels' boxes, "
+                                      "as a share of the box's size (0: exact boxes)"),
+            "central_click_probability": FloatSpinBox(
+                label="central clicks", value=defaults.central_click_probability, min=0.0, max=1.0, step=0.05,
+                visible=False, tooltip="share of an object's first clicks drawn near its middle, where people click; "
+                "the rest land anywhere on it"),
+            "seed": SpinBox(label="seed", value=defaults.seed, min=0, max=2**31 - 1, visible=False,
+                            tooltip="the validation split and every random draw of the run"),
+        }
+
+    def _show_settings(self, shown: bool):
+        for widget in self.settings.values():
+            widget.visible = bool(shown)
 
     def _layers(self, kind: str):
         return [(layer.name, layer) for layer in self.viewer.layers if type(layer).__name__ == kind]
@@ -111,8 +141,14 @@ class TrainingWidget(Container):
             return None
         base = str(self.checkpoint.value) if self.base.value == CHECKPOINT else self.base.value
         steps, minutes, out = int(self.steps.value), float(self.minutes.value), str(self.out.value)
-        train, val = data.split(0.2, seed=0) if len(data) > 1 else (data, data)
-        config = TrainingConfig(mode=self.mode.value, steps=steps, validate_every=max(1, min(50, steps // 10)))
+        chosen = {name: widget.value for name, widget in self.settings.items()}
+        train, val = data.split(0.2, seed=int(chosen["seed"])) if len(data) > 1 else (data, data)
+        try:
+            config = TrainingConfig(mode=self.mode.value, steps=steps, validate_every=max(1, min(50, steps // 10)),
+                                    **chosen)
+        except ValueError as err:
+            self.status.value = f"cannot train: {err}"
+            return None
         self.curve.clear()
 
         def work():
