@@ -56,6 +56,10 @@ MAX_BYTES = 25_000_000
 # the first 16) over centre 0.5/0.7/0.9 x boundary 0.5-0.8 x foreground 0.5-0.7 thresholds;
 # the rest micro-sam's defaults. min_size 25 drops the specks a 4-pixel decoder leaves.
 AIS_ADVICE = {"boundary_distance_threshold": 0.6, "min_size": 25}
+# Planes read as their haematoxylin stain (H&E): chosen on the six H&E training images
+# (docs/automatic.md, "H&E: smoothing that follows the nuclei's size").
+AIS_STAINED_ADVICE = {"boundary_distance_threshold": 0.7, "foreground_threshold": 0.4,
+                      "distance_smoothing_per_diameter": 0.143}
 CRYONUSEG = base.DATA / "cryonuseg_he_examples"
 
 
@@ -186,7 +190,7 @@ def main(argv=None) -> None:
         provenance = dict(model.metadata.get("instance_decoder") or {}, image_refiner=provenance)
     print(json.dumps(provenance, indent=1))
     if args.write:
-        advice = dict(base.AUTOMATIC_ADVICE, mode="ais", ais=AIS_ADVICE)
+        advice = dict(base.AUTOMATIC_ADVICE, mode="ais", ais=AIS_ADVICE, ais_stained=AIS_STAINED_ADVICE)
         save_with_instance_decoder(model, decoder, output, provenance, advice)
         # stored as the default model stores its weights: matrices in float16
         checkpoint = read_checkpoint(output)

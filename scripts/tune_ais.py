@@ -13,6 +13,13 @@ settings as JSON, for ``AIS_ADVICE`` in scripts/train_default_instance_decoder.p
 With ``--augment`` it compares sets of test-time augmentation views instead
 (``napari_sam.auto.augmentation``: scales, with and without the four mirrorings) under the
 model's advice, on the same training images; ``augmentation.DEFAULT`` was chosen so.
+
+With ``--stained`` it tunes the settings for planes read as their haematoxylin stain
+(``AIS_STAINED_ADVICE``) on the six H&E images the default model was trained on (the four
+``dsb2018_he_brightfield`` images and the two ``cryonuseg_he_examples`` tiles; never
+MoNuSeg, which is for evaluation only): the distance smoothing as a share of each plane's
+estimated object diameter, and the boundary and foreground thresholds, the rest as the
+model's AIS advice.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -34,14 +42,22 @@ from napari_sam.auto.recommend import recommended
 from napari_sam.auto.results import run
 from napari_sam.core.embeddings import Embeddings
 from napari_sam.core.models import load_model
+from napari_sam.core.scale import estimate_diameter
 from napari_sam.evaluate.metrics import instance_scores
 
-DSB = Path(__file__).resolve().parents[2] / "shared" / "data" / "dsb2018_fluo"
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DSB = DATA / "dsb2018_fluo"
+H_AND_E = (DATA / "dsb2018_he_brightfield", DATA / "cryonuseg_he_examples")
 GRID = {
     "center_distance_threshold": (0.5, 0.7, 0.9),
     "boundary_distance_threshold": (0.5, 0.6, 0.7, 0.8),
     "foreground_threshold": (0.5, 0.6, 0.7),
     "min_size": (0, 25),
+}
+STAINED_GRID = {
+    "distance_smoothing_per_diameter": (0.167, 0.143, 0.125, 0.111, 0.1),
+    "boundary_distance_threshold": (0.6, 0.7, 0.8),
+    "foreground_threshold": (0.4, 0.5),
 }
 
 
@@ -83,6 +99,8 @@ def main(argv=None) -> None:
     parser.add_argument("--model", default="default")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--augment", action="store_true", help="compare test-time augmentation views instead")
+    parser.add_argument("--stained", action="store_true",
+                        help="tune the settings for planes read as their haematoxylin stain, on H&E training images")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = load_model(args.model, device="cpu", dtype="float32")
@@ -91,27 +109,35 @@ def main(argv=None) -> None:
         compare_augmentations(model, [(tifffile.imread(DSB / "images" / n), tifffile.imread(DSB / "labels" / n))
                                       for n in names])
         return
+    advice = recommended(model)
+    if args.stained:
+        files = [(folder, p.name) for folder in H_AND_E for p in sorted((folder / "images").glob("*.tif"))]
+        grid, start = STAINED_GRID, advice.ais
+        compared = (("the model's AIS advice", advice.ais), ("its advice for stained planes", advice.ais_stained))
+    else:
+        files, grid, start = [(DSB, n) for n in names], GRID, AISSettings()
+        compared = (("micro-sam's defaults", start), ("the model's advice", advice.ais))
     data = []
-    for name in names:
-        image, labels = tifffile.imread(DSB / "images" / name), tifffile.imread(DSB / "labels" / name)
-        data.append((labels, maps_of(model, image)))
+    for folder, name in files:
+        image, labels = tifffile.imread(folder / "images" / name), tifffile.imread(folder / "labels" / name)
+        data.append((labels, maps_of(model, image), estimate_diameter(image)))
         print(f"maps of {name}", flush=True)
-    rows = []
-    for values in itertools.product(*GRID.values()):
-        settings = AISSettings(**dict(zip(GRID, values)))
-        scores = [instance_scores(gt, instances_from_maps(m[0], m[1], m[2], settings)) for gt, m in data]
-        rows.append((float(np.mean([s["msa"] for s in scores])), float(np.mean([s["ap50"] for s in scores])), values))
-    rows.sort(reverse=True)
-    print("mSA    AP50   " + "  ".join(GRID))
+
+    def scored(settings):
+        scores = [instance_scores(gt, instances_from_maps(m[0], m[1], m[2], settings, d)) for gt, m, d in data]
+        return float(np.mean([s["msa"] for s in scores])), float(np.mean([s["ap50"] for s in scores]))
+
+    rows = sorted((*scored(replace(start, **dict(zip(grid, values)))), values)
+                  for values in itertools.product(*grid.values()))[::-1]
+    print("mSA    AP50   " + "  ".join(grid))
     for msa, ap50, values in rows[:10]:
         print(f"{msa:.3f}  {ap50:.3f}  " + "  ".join(f"{v:g}" for v in values))
-    default = AISSettings()
-    for what, settings in (("micro-sam's defaults", default), ("the model's advice", recommended(model).ais)):
-        scores = [instance_scores(gt, instances_from_maps(m[0], m[1], m[2], settings)) for gt, m in data]
-        print(f"{what}: mSA {np.mean([s['msa'] for s in scores]):.3f}  "
-              f"AP50 {np.mean([s['ap50'] for s in scores]):.3f}")
-    best = dict(zip(GRID, rows[0][2]))
-    print("best: " + json.dumps({k: v for k, v in best.items() if v != getattr(default, k)}))
+    for what, settings in compared:
+        if settings is not None:
+            msa, ap50 = scored(settings)
+            print(f"{what}: mSA {msa:.3f}  AP50 {ap50:.3f}")
+    best = dict(zip(grid, rows[0][2]))
+    print("best: " + json.dumps({k: v for k, v in best.items() if v != getattr(start, k)}))
 
 
 if __name__ == "__main__":

@@ -110,10 +110,31 @@ def test_background_and_foreground_without_seed_stay_empty():
     assert instances_from_maps(np.ones_like(fg), np.ones_like(fg), np.ones_like(fg)).max() == 0
 
 
+def test_large_objects_stay_whole_when_smoothing_follows_their_diameter():
+    # Three discs 72-76 pixels across whose distance maps carry smooth noise, as a coarse
+    # decoder leaves on large objects: micro-sam's fixed sigma of 1.6 pixels seeds each
+    # several times; a sigma of a seventh of the diameter seeds each once.
+    truth = discs((200, 300), [(100, 70), (100, 150), (100, 230)], [38, 36, 38])
+    fg, centre, boundary = instance_targets(truth)
+    noise = ndi.gaussian_filter(np.random.default_rng(0).normal(0, 1, truth.shape), 3)
+    noise = 0.3 * noise / noise.std()
+    maps = (fg, np.clip(centre + noise, 0, 1), np.clip(boundary + noise, 0, 1))
+    fixed = instances_from_maps(*maps, AISSettings())
+    scaled = AISSettings(distance_smoothing_per_diameter=1 / 7)
+    whole = instances_from_maps(*maps, scaled, diameter=75.0)
+    assert fixed.max() > 6 and whole.max() == 3
+    assert min(matched_ious(truth, whole)) > 0.95
+    # the sigma it used, given in pixels, answers the same; unknown diameters keep the fixed one
+    np.testing.assert_array_equal(whole, instances_from_maps(*maps, AISSettings(distance_smoothing=75 / 7)))
+    np.testing.assert_array_equal(instances_from_maps(*maps, scaled), fixed)
+    np.testing.assert_array_equal(instances_from_maps(*maps, scaled, diameter=float("nan")), fixed)
+
+
 def test_defaults_are_micro_sams_generate_defaults():
     s = AISSettings()
     assert (s.center_distance_threshold, s.boundary_distance_threshold, s.foreground_threshold) == (0.5, 0.5, 0.5)
     assert (s.foreground_smoothing, s.distance_smoothing, s.min_size) == (1.0, 1.6, 0)
+    assert s.distance_smoothing_per_diameter == 0  # micro-sam has no such setting
 
 
 @pytest.mark.parametrize(
@@ -122,6 +143,7 @@ def test_defaults_are_micro_sams_generate_defaults():
         ({"distance_smoothing": -1.0}, "distance_smoothing"),
         ({"foreground_smoothing": float("nan")}, "foreground_smoothing"),
         ({"min_size": -3}, "min_size"),
+        ({"distance_smoothing_per_diameter": -0.1}, "distance_smoothing_per_diameter"),
         ({"min_size": 2.5}, "min_size"),
         ({"center_distance_threshold": "0.5"}, "center_distance_threshold"),
     ],

@@ -107,6 +107,24 @@ def test_every_mode_through_the_dispatcher(model, plane):
     np.testing.assert_array_equal(segment_plane(emb, 0, advice=advice), big_only)
 
 
+def test_planes_read_as_a_stain_take_the_advice_for_stained_planes(model, plane):
+    truth, image = plane
+    rgb = np.repeat(255 - image[..., None], 3, axis=-1)  # dark discs on a bright ground
+    maps = instance_targets(truth)
+    advice = Recommended(mode="ais", ais=AISSettings(), ais_stained=AISSettings(min_size=300))
+    for channel, expected in (("haematoxylin", AISSettings(min_size=300)), ("rgb", AISSettings())):
+        emb = Embeddings(rgb, model, cache=False, axes="YXC", channel=channel)
+        assert emb.source.stain == (channel if channel == "haematoxylin" else None)
+        model.instance_decoder = KnownMaps(maps, emb.grid)
+        np.testing.assert_array_equal(segment_plane(emb, 0, advice=advice), instances_from_maps(*maps, expected))
+    # a sigma given in pixels replaces the advice's sigma that follows the objects' size
+    emb = Embeddings(rgb, model, cache=False, axes="YXC", channel="haematoxylin")
+    scaled = Recommended(mode="ais", ais_stained=AISSettings(distance_smoothing_per_diameter=0.5))
+    model.instance_decoder = KnownMaps(maps, emb.grid)
+    np.testing.assert_array_equal(segment_plane(emb, 0, advice=scaled, distance_smoothing=3.0),
+                                  instances_from_maps(*maps, AISSettings(distance_smoothing=3.0)))
+
+
 def test_the_checkpoints_advice_sets_the_mode_and_its_settings(model, plane):
     truth, image = plane
     emb = Embeddings(image, model, cache=False)

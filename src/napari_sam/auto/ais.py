@@ -10,7 +10,8 @@ and outside objects). A seeded watershed turns them into instances
 ``watershed_from_center_and_boundary_distances``:
 
 1. the foreground map is smoothed (Gaussian, ``foreground_smoothing``) and so are both
-   distance maps (``distance_smoothing``), to remove the decoder's checkerboard;
+   distance maps (``distance_smoothing``, or ``distance_smoothing_per_diameter`` times the
+   plane's estimated object diameter), to remove the decoder's checkerboard;
 2. the foreground mask is ``foreground > foreground_threshold``;
 3. seeds are the connected components (8-connected) of the foreground pixels where both
    ``centre distance < center_distance_threshold`` and ``boundary distance <
@@ -43,6 +44,7 @@ from scipy import ndimage as ndi
 from skimage.measure import label
 from skimage.segmentation import watershed
 
+from ..core.scale import central_crop, estimate_diameter
 from .augmentation import DEFAULT, Augmentation, iter_augmented_maps
 from .instance_maps import iter_instance_maps
 from .link import link_planes
@@ -78,6 +80,13 @@ class AISSettings:
         Sigma in pixels of the Gaussian applied to both distance maps (1.6); 0 for none.
     min_size
         Objects with fewer pixels are removed (0: none is).
+    distance_smoothing_per_diameter
+        Above 0: the distance maps' sigma is this share of the plane's object diameter
+        (:func:`~napari_sam.core.scale.estimate_diameter`, in the maps' pixels) in place of
+        ``distance_smoothing``, which stays for planes where nothing is found to measure.
+        Large objects leave the decoder's normalised distances flat over more pixels, so a
+        fixed sigma splits them where a proportional one does not; micro-sam has no such
+        setting (0, the default: off).
     """
 
     center_distance_threshold: float = 0.5
@@ -86,13 +95,14 @@ class AISSettings:
     foreground_smoothing: float = 1.0
     distance_smoothing: float = 1.6
     min_size: int = 0
+    distance_smoothing_per_diameter: float = 0.0
 
     def __post_init__(self):
         for name in ("center_distance_threshold", "boundary_distance_threshold", "foreground_threshold"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"AIS setting {name} must be a finite number, not {value!r}")
-        for name in ("foreground_smoothing", "distance_smoothing"):
+        for name in ("foreground_smoothing", "distance_smoothing", "distance_smoothing_per_diameter"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"AIS setting {name} must be a number >= 0 (a Gaussian sigma), not {value!r}")
@@ -130,7 +140,8 @@ def _remove_small(labels: np.ndarray, min_size: int) -> np.ndarray:
 
 
 def instances_from_maps(
-    foreground, center_distances, boundary_distances, settings: AISSettings | None = None
+    foreground, center_distances, boundary_distances, settings: AISSettings | None = None,
+    diameter: float | None = None,
 ) -> np.ndarray:
     """Instances of a plane from the instance decoder's three maps (module docstring).
 
@@ -145,6 +156,9 @@ def instances_from_maps(
         at its deepest point, 1 at its boundary (channel 2).
     settings
         :class:`AISSettings`; micro-sam's defaults when None.
+    diameter
+        The objects' typical diameter in the maps' pixels, for
+        ``settings.distance_smoothing_per_diameter``; None where it is unknown.
 
     Returns
     -------
@@ -163,13 +177,30 @@ def instances_from_maps(
     center = _as_map("center_distances", center_distances, fg.shape)
     boundary = _as_map("boundary_distances", boundary_distances, fg.shape)
     fg = _smooth(fg, settings.foreground_smoothing)
-    center = _smooth(center, settings.distance_smoothing)
-    boundary = _smooth(boundary, settings.distance_smoothing)
+    sigma = _distance_sigma(settings, diameter)
+    center = _smooth(center, sigma)
+    boundary = _smooth(boundary, sigma)
     mask = fg > settings.foreground_threshold
     seeds = (center < settings.center_distance_threshold) & (boundary < settings.boundary_distance_threshold) & mask
     markers = label(seeds, connectivity=2).astype(np.int32, copy=False)
     labels = watershed(boundary, markers, mask=mask, connectivity=1)
     return _remove_small(labels, settings.min_size)
+
+
+def _distance_sigma(settings: AISSettings, diameter: float | None = None) -> float:
+    """The Gaussian sigma, in the maps' pixels, that smooths both distance maps."""
+    per_diameter = settings.distance_smoothing_per_diameter
+    if per_diameter > 0 and diameter is not None and math.isfinite(diameter) and diameter > 0:
+        return float(per_diameter * diameter)
+    return float(settings.distance_smoothing)
+
+
+def _plane_diameter(embeddings, plane, settings: AISSettings) -> float | None:
+    """The plane's estimated object diameter where ``settings`` scale with it, else None
+    (the estimate reads the plane, so it is made only when needed)."""
+    if settings.distance_smoothing_per_diameter <= 0:
+        return None
+    return estimate_diameter(central_crop(embeddings.source, plane=plane))
 
 
 def iter_ais(
@@ -218,7 +249,7 @@ def iter_ais(
         maps = yield from iter_augmented_maps(embeddings, plane, decoder, views, batch_size)
     else:
         maps = yield from iter_instance_maps(embeddings, plane, decoder, batch_size)
-    return instances_from_maps(maps[0], maps[1], maps[2], settings)
+    return instances_from_maps(maps[0], maps[1], maps[2], settings, _plane_diameter(embeddings, plane, settings))
 
 
 def segment_ais(

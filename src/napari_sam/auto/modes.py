@@ -110,6 +110,16 @@ def _for_decoder(model, embeddings):
     return embeddings if at is None or not reads_native_scale(model) else at(1.0)
 
 
+def _stained_settings(advised: AISSettings, overrides: dict) -> AISSettings:
+    """The advice for stained planes with the caller's overrides; a sigma given in pixels
+    replaces one that scales with the objects (the advice's), unless both are given."""
+    fields = {f.name for f in dataclasses.fields(AISSettings)}
+    given = {k: v for k, v in overrides.items() if k in fields}
+    if "distance_smoothing" in given:
+        given.setdefault("distance_smoothing_per_diameter", 0.0)
+    return dataclasses.replace(advised, **given)
+
+
 def _plan(model, mode: str | None, advice: Recommended | None, overrides: dict) -> _PlaneRun:
     """Check the mode and its settings once, and return what segments one plane."""
     advice = recommended(model) if advice is None else advice
@@ -124,8 +134,14 @@ def _plan(model, mode: str | None, advice: Recommended | None, overrides: dict) 
     decoder = model.instance_decoder
     if mode == "ais":
         ais, opts = _settings(AISSettings, advice.ais, mode, overrides, _AIS_OPTIONS)
-        return lambda emb, plane: iter_ais(_for_decoder(model, emb), plane, decoder, ais, opts["batch_size"],
-                                             opts["augment"])
+        stained = ais if advice.ais_stained is None else _stained_settings(advice.ais_stained, overrides)
+
+        def run_ais(emb, plane):
+            chosen = stained if getattr(emb.source, "stain", None) else ais
+            return (yield from iter_ais(_for_decoder(model, emb), plane, decoder, chosen, opts["batch_size"],
+                                        opts["augment"]))
+
+        return run_ais
     if mode == "apg":
         apg, _ = _settings(APGSettings, advice.apg, mode, overrides, {})
         return lambda emb, plane: iter_apg(_for_decoder(model, emb), plane, decoder, apg)

@@ -31,6 +31,10 @@ class Recommended:
         Filters for ``"auto"``.
     ais
         Post-processing for ``"ais"``.
+    ais_stained
+        Post-processing for ``"ais"`` on planes read as a stain (stained brightfield read
+        as its haematoxylin, :attr:`ImageSource.stain
+        <napari_sam.core.image_source.ImageSource.stain>`); None: ``ais`` there too.
     apg
         Settings for ``"apg"``.
     """
@@ -39,6 +43,7 @@ class Recommended:
     detector: str = "otsu"
     grid: GridConfig = field(default_factory=GridConfig)
     ais: AISSettings = field(default_factory=AISSettings)
+    ais_stained: AISSettings | None = None
     apg: APGSettings = field(default_factory=APGSettings)
 
 
@@ -53,8 +58,9 @@ def recommended(model) -> Recommended:
     The advice is the checkpoint's metadata ``"automatic"`` (:attr:`Sam.metadata`), a
     dict of these fields (``grid``, ``ais`` and ``apg`` as dicts of
     :class:`~napari_sam.auto.grid.GridConfig`'s, :class:`~napari_sam.auto.ais.AISSettings`'
-    and :class:`~napari_sam.auto.apg.APGSettings`' fields); without it, SAM's own
-    settings (grid mode, predicted IoU above 0.88, stability above 0.95).
+    and :class:`~napari_sam.auto.apg.APGSettings`' fields; ``ais_stained`` as the fields
+    of ``ais`` that differ on planes read as a stain); without it, SAM's own settings (grid
+    mode, predicted IoU above 0.88, stability above 0.95).
 
     A model with an instance decoder (:attr:`Sam.instance_decoder`) whose advice names no
     mode gets ``"ais"``, as micro-sam recommends AIS whenever a decoder exists. Advice
@@ -68,7 +74,11 @@ def recommended(model) -> Recommended:
     AP50 0.673 against 0.342 / 0.571 with Laplacian-of-Gaussian boxes, 0.325 / 0.565 with
     APG and 0.096 / 0.263 with the grid under those relaxed filters (it never predicts
     confidently enough for SAM's own); the AIS thresholds were chosen on DSB training
-    images (docs/automatic.md).
+    images (docs/automatic.md). For H&E read as its haematoxylin it adds
+    ``"ais_stained": {"boundary_distance_threshold": 0.7, "foreground_threshold": 0.4,
+    "distance_smoothing_per_diameter": 0.143}``, chosen on its H&E training images (MoNuSeg
+    AIS mSA 0.072 -> 0.124, docs/automatic.md, "H&E: smoothing that follows the nuclei's
+    size").
 
     Parameters
     ----------
@@ -87,9 +97,12 @@ def recommended(model) -> Recommended:
     try:
         advice = dict(advice)
         named_mode = "mode" in advice
+        ais = dict(advice.pop("ais", {}))
+        stained = advice.pop("ais_stained", None)
         settings = {
             "grid": GridConfig(**dict(advice.pop("grid", {}))),
-            "ais": AISSettings(**dict(advice.pop("ais", {}))),
+            "ais": AISSettings(**ais),
+            "ais_stained": None if stained is None else AISSettings(**{**ais, **dict(stained)}),
             "apg": APGSettings(**dict(advice.pop("apg", {}))),
         }
         out = Recommended(**settings, **advice)

@@ -48,13 +48,15 @@ def model_scale(model: Sam) -> dict:
     return dict(scale) if isinstance(scale, dict) else {}
 
 
-def central_crop(source, side: int = _SAMPLE) -> np.ndarray:
-    """The centre of an :class:`~napari_sam.core.image_source.ImageSource`'s middle
-    plane, at most ``side`` x ``side``: what :func:`estimate_diameter` reads, without
-    reading the rest of a large plane."""
+def central_crop(source, side: int = _SAMPLE, plane=None) -> np.ndarray:
+    """The centre of a plane of an :class:`~napari_sam.core.image_source.ImageSource`
+    (its middle plane by default; else a flat number or (t, z) tuple), at most ``side`` x
+    ``side``: what :func:`estimate_diameter` reads, without reading the rest of a large
+    plane."""
     H, W = source.plane_shape
     y0, x0 = max(0, (H - side) // 2), max(0, (W - side) // 2)
-    return source.read(source.n_planes // 2, (y0, min(H, y0 + side), x0, min(W, x0 + side)))
+    plane = source.n_planes // 2 if plane is None else plane
+    return source.read(plane, (y0, min(H, y0 + side), x0, min(W, x0 + side)))
 
 
 RARE_BRIGHT_FRACTION = 0.05

@@ -168,6 +168,8 @@ def _mode_settings(advice, mode: str) -> dict:
         from ..auto.modes import BOXES_OPTIONS
 
         return {"detector": advice.detector, **BOXES_OPTIONS}
+    if mode == "ais" and advice.ais_stained is not None:  # planes read as a stain (H&E) get their own
+        return dict(dataclasses.asdict(advice.ais), stained=dataclasses.asdict(advice.ais_stained))
     return dataclasses.asdict({"ais": advice.ais, "apg": advice.apg, "auto": advice.grid}[mode])
 
 
@@ -180,8 +182,11 @@ def _describe(mode: str, settings: dict) -> str:
     if mode == "boxes":
         return f"{s['detector']} detector, min area {s['min_area']}"
     if mode in ("ais", "apg"):
-        return (f"centre < {s['center_distance_threshold']:g}, boundary < {s['boundary_distance_threshold']:g}, "
+        text = (f"centre < {s['center_distance_threshold']:g}, boundary < {s['boundary_distance_threshold']:g}, "
                 f"foreground > {s['foreground_threshold']:g}")
+        if s.get("distance_smoothing_per_diameter"):
+            text += f", distance sigma {s['distance_smoothing_per_diameter']:g} x diameter"
+        return text + (f"; stained planes: {_describe(mode, s['stained'])}" if "stained" in s else "")
     return ", ".join(f"{k} {v}" for k, v in s.items())
 
 
