@@ -51,8 +51,8 @@ class Annotator:
     Parameters
     ----------
     image
-        An :class:`~napari_sam.core.image_source.ImageSource`, or an array with ``axes``
-        and ``channel`` (see there).
+        An :class:`~napari_sam.core.image_source.ImageSource`, an array with ``axes`` and
+        ``channel``, or the path of an image file or Zarr store (``ImageSource.of``).
     model
         A loaded SAM, a registry name, a checkpoint file, or None for ``$NAPARI_SAM_MODEL``,
         else the default model shipped with the package
@@ -97,7 +97,7 @@ class Annotator:
         magnification: float | str | None = None,
         diameter: float | None = None,
     ):
-        self.source = image if isinstance(image, ImageSource) else ImageSource(image, axes, channel)
+        self.source = ImageSource.of(image, axes, channel)
         self.model, sam2 = split_models(model, tracker, device, dtype)
         self.embeddings = NoSam(sam2.config.name) if self.model is None else Embeddings(
             self.source, self.model, cache, tile=tile, halo=halo, normalization=normalization,

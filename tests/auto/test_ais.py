@@ -265,6 +265,24 @@ def test_one_tile_plane_is_the_untiled_decode_and_postprocessing(tiny_model, ran
     assert [(p.done, p.total) for p in seen] == [(1, 1)]
 
 
+
+def test_smoothing_that_follows_the_diameter_takes_the_one_the_user_gave(tiny_model, random_decoder):
+    import copy
+    import dataclasses
+
+    image = np.random.default_rng(1).integers(0, 255, (96, 128), dtype=np.uint8)
+    sized = copy.copy(tiny_model)  # a model that records the object size it wants, so a diameter may be given
+    sized.metadata = dict(tiny_model.metadata, scale={"object_diameter": 30.0})
+    emb = Embeddings(image, sized, cache=False, diameter=30)
+    assert emb.magnification == 1.0
+    e = emb.embedding_for(0)
+    with torch.no_grad():
+        maps = random_decoder(e.features, e.input_size, e.original_size)[0].numpy()
+    settings = dataclasses.replace(_median_settings(maps), distance_smoothing=0.5, distance_smoothing_per_diameter=0.2)
+    labels = segment_ais(emb, 0, random_decoder, settings)
+    np.testing.assert_array_equal(labels, instances_from_maps(*maps, settings, diameter=30.0))  # sigma 6, not 0.5
+    assert not np.array_equal(labels, instances_from_maps(*maps, settings))
+
 def test_a_decoder_in_training_mode_is_refused(tiny_model, random_decoder):
     emb = Embeddings(np.zeros((64, 64), np.uint8), tiny_model, cache=False)
     random_decoder.train()

@@ -128,3 +128,24 @@ def test_volume_statistics_come_from_a_sample_of_chunks(nuclei_3d):
     assert (plane_lo, plane_hi) == tuple(np.percentile(image[50], [1, 99.8]))
     assert ImageSource(nuclei_3d[0], "ZYX").intensity_limits() is None  # uint8 passes through
     assert src.intensity_limits(Normalization(mode="fixed", limits=(5, 9))) == (5.0, 9.0)
+
+
+def test_a_path_is_opened_where_an_image_is_expected_and_named_where_an_array_is(tmp_path, tiny_model):
+    import tifffile
+
+    from napari_sam.api import Annotator
+
+    plane = (np.arange(64 * 80) % 251).astype(np.uint8).reshape(64, 80)
+    tifffile.imwrite(tmp_path / "plane.tif", plane)
+    for given in (tmp_path / "plane.tif", str(tmp_path / "plane.tif")):
+        source = ImageSource.of(given)
+        assert source.plane_shape == (64, 80) and np.array_equal(source.read(0), plane)
+    assert ImageSource.of(source) is source
+    ann = Annotator(str(tmp_path / "plane.tif"), tiny_model, cache=False)
+    assert ann.labels.shape == (64, 80)
+    with pytest.raises(ValueError, match=r"labels hold negative values \(down to -1\)"):
+        Annotator(plane, tiny_model, labels=-np.ones((64, 80), np.int16), cache=False)
+    with pytest.raises(TypeError, match=r"ImageSource.open\(path\)"):
+        ImageSource(str(tmp_path / "plane.tif"))
+    with pytest.raises(TypeError, match="an image is an array"):
+        ImageSource([[1, 2], [3, 4]])

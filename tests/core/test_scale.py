@@ -8,10 +8,12 @@ from skimage.measure import regionprops
 
 from napari_sam.api import Annotator
 from napari_sam.cli import main
+from napari_sam.core import scale
 from napari_sam.core.embeddings import Embeddings
+from napari_sam.core.image_source import ImageSource
 from napari_sam.core.object_scale import object_magnification, segment_at_object_scale
 from napari_sam.core.prompts import Prompt
-from napari_sam.core.scale import MAGNIFICATIONS, estimate_diameter, magnification_for
+from napari_sam.core.scale import MAGNIFICATIONS, ObjectDiameters, estimate_diameter, magnification_for
 from napari_sam.core.tiled_segmentation import carry_answer
 from napari_sam.core.tiling import default_tiling
 
@@ -143,6 +145,51 @@ def test_embeddings_embed_at_the_chosen_magnification(tiny_model):
     given = Embeddings(plane, tiny_model, cache=False, axes="YX", tile=100, halo=14)
     assert given.magnification == size / 128 and given.grid.tile == 100
 
+
+
+def _counting_estimates(monkeypatch) -> list:
+    """Every plane :func:`estimate_diameter` reads, through the module that calls it."""
+    calls = []
+
+    def counted(plane):
+        calls.append(np.asarray(plane).shape)
+        return estimate_diameter(plane)
+
+    monkeypatch.setattr(scale, "estimate_diameter", counted)
+    return calls
+
+
+def test_each_planes_diameter_is_estimated_once_and_a_given_one_is_used_everywhere(monkeypatch):
+    volume = np.stack([_discs(10), _discs(30), _discs(16)])  # (Z, Y, X), three sizes
+    source = ImageSource(volume, "ZYX")
+    calls = _counting_estimates(monkeypatch)
+    diameters = ObjectDiameters(source)
+    first = diameters.of(1)
+    assert 24 <= first <= 36 and diameters.of(1) == first and diameters.of() == first  # middle plane
+    assert 8 <= diameters.of(0) <= 12 and 13 <= diameters.of(2) <= 19
+    assert len(calls) == 3  # one per plane, whoever asks again
+    given = ObjectDiameters(source, 22)
+    assert [given.of(z) for z in range(3)] == [22.0] * 3 and len(calls) == 3  # nothing read
+    for bad in (0, -4, float("nan")):
+        with pytest.raises(ValueError, match="positive number of pixels"):
+            ObjectDiameters(source, bad)
+    assert ObjectDiameters(ImageSource(np.full((64, 64), 7, np.uint8), "YX")).of(0) is None  # nothing to measure
+
+
+def test_embeddings_keep_the_diameter_they_chose_their_magnification_by(tiny_model, monkeypatch):
+    plane = _discs(10, (300, 300))
+    advised = _with_scale(tiny_model, {"object_diameter": 20.0})
+    calls = _counting_estimates(monkeypatch)
+    emb = Embeddings(plane, advised, cache=False, axes="YX")
+    assert emb.magnification == 2.0 and len(calls) == 1
+    native = emb.at_magnification(1.0)  # where AIS reads: the same diameters, not a new estimate
+    assert native.diameters is emb.diameters and native.diameters.of(0) == emb.diameters.of(0) and len(calls) == 1
+    given = Embeddings(plane, advised, cache=False, axes="YX", diameter=20)
+    assert given.magnification == 1.0 and given.at_magnification(2.0).diameters.of(0) == 20.0 and len(calls) == 1
+    fixed = Embeddings(plane, advised, cache=False, axes="YX", magnification=1.5)  # nothing wanted: nothing read
+    assert fixed.magnification == 1.5 and len(calls) == 1 and fixed.diameters.of(0) is not None and len(calls) == 2
+    with pytest.raises(ValueError, match="give a magnification instead"):
+        Embeddings(plane, tiny_model, cache=False, axes="YX", diameter=12)  # the model wants no size
 
 def test_command_line_magnification(tmp_path, tiny_checkpoint, capsys):
     import tifffile

@@ -11,7 +11,7 @@ and outside objects). A seeded watershed turns them into instances
 
 1. the foreground map is smoothed (Gaussian, ``foreground_smoothing``) and so are both
    distance maps (``distance_smoothing``, or ``distance_smoothing_per_diameter`` times the
-   plane's estimated object diameter), to remove the decoder's checkerboard;
+   plane's object diameter, the user's or estimated), to remove the decoder's checkerboard;
 2. the foreground mask is ``foreground > foreground_threshold``;
 3. seeds are the connected components (8-connected) of the foreground pixels where both
    ``centre distance < center_distance_threshold`` and ``boundary distance <
@@ -44,7 +44,6 @@ from scipy import ndimage as ndi
 from skimage.measure import label
 from skimage.segmentation import watershed
 
-from ..core.scale import central_crop, estimate_diameter
 from .augmentation import DEFAULT, Augmentation, iter_augmented_maps
 from .instance_maps import iter_instance_maps
 from .link import link_planes
@@ -82,7 +81,8 @@ class AISSettings:
         Objects with fewer pixels are removed (0: none is).
     distance_smoothing_per_diameter
         Above 0: the distance maps' sigma is this share of the plane's object diameter
-        (:func:`~napari_sam.core.scale.estimate_diameter`, in the maps' pixels) in place of
+        (in the maps' pixels: the diameter the user gave the embeddings, else
+        :func:`~napari_sam.core.scale.estimate_diameter`'s) in place of
         ``distance_smoothing``, which stays for planes where nothing is found to measure.
         Large objects leave the decoder's normalised distances flat over more pixels, so a
         fixed sigma splits them where a proportional one does not; micro-sam has no such
@@ -196,11 +196,12 @@ def _distance_sigma(settings: AISSettings, diameter: float | None = None) -> flo
 
 
 def _plane_diameter(embeddings, plane, settings: AISSettings) -> float | None:
-    """The plane's estimated object diameter where ``settings`` scale with it, else None
-    (the estimate reads the plane, so it is made only when needed)."""
+    """The plane's object diameter where ``settings`` scale with it, else None: the
+    user's where given, else estimated (once per plane; it reads the plane) by
+    :attr:`Embeddings.diameters <napari_sam.core.embeddings.Embeddings.diameters>`."""
     if settings.distance_smoothing_per_diameter <= 0:
         return None
-    return estimate_diameter(central_crop(embeddings.source, plane=plane))
+    return embeddings.diameters.of(plane)
 
 
 def iter_ais(

@@ -16,14 +16,11 @@ tile's region (plus halo) and writes its result straight into the cache.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
 import os
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,17 +28,18 @@ import torch
 
 from ..model.sam import Sam
 from .cache_location import cache_path_for, default_cache_path
-from .claims import CLAIM_TIMEOUT, TileClaims, cache_lock, claims_folder, share_work
-from .distributed import embed_region, run_distributed
+from .claims import CLAIM_TIMEOUT, cache_lock
+from .distributed import embed_region
 from .embedding_store import EmbeddingStore
 from .image_embedding import ImageEmbedding
 from .image_source import ImageSource
 from .masks import PlaneMask
 from .models import model_identity
+from .precompute import EmbedProgress, compute_all, iter_precompute
 from .predictor import Prediction, Predictor, refines_masks
 from .preprocess import IntensityLimits, Normalization
 from .prompts import Prompt
-from .scale import central_crop, magnification_for
+from .scale import ObjectDiameters, central_crop, magnification_for
 from .signature import CacheSignature, as_stored, fingerprint
 from .stain import channel_for
 from .tiled_segmentation import LazyMasks, segment_tiled
@@ -52,32 +50,14 @@ __all__ = ["EmbedProgress", "Embeddings", "default_cache_path"]
 _RECENT = 16  # embeddings kept in memory (4 MiB each): a few planes' worth of tiles
 
 
-@dataclass(frozen=True)
-class EmbedProgress:
-    """Progress of :meth:`Embeddings.precompute`.
-
-    Attributes
-    ----------
-    done, total
-        Entries (tiles) present in the cache, out of those asked for.
-    entry
-        (plane, tile row, tile column) just finished; None for the first report (what
-        was cached before the run).
-    """
-
-    done: int
-    total: int
-    entry: tuple[int, int, int] | None
-
-
 class Embeddings:
     """The embeddings of an image's planes and tiles.
 
     Parameters
     ----------
     image
-        An :class:`ImageSource`, or an array (numpy, dask, zarr) described by ``axes`` and
-        ``channel``.
+        An :class:`ImageSource`, an array (numpy, dask, zarr) described by ``axes`` and
+        ``channel``, or an image file's path (:meth:`ImageSource.of`).
     model
         A loaded SAM (:func:`~napari_sam.core.models.load_model`).
     cache
@@ -100,7 +80,8 @@ class Embeddings:
     diameter
         The objects' diameter in plane pixels, if known, for a model that records the
         size it wants; otherwise it is estimated from the middle plane when the
-        magnification is chosen from it.
+        magnification is chosen from it. Kept in :attr:`diameters` (each plane's,
+        estimated once), which AIS also reads on stained planes.
     normalization
         Intensity mapping. Percentiles are taken from a sample of chunks of the whole
         image (``statistics="volume"``, so all planes and tiles agree) or of each plane
@@ -139,14 +120,16 @@ class Embeddings:
         magnification: float | str | None = None,
         diameter: float | None = None,
     ):
-        source = image if isinstance(image, ImageSource) else ImageSource(image, axes, channel)
+        source = ImageSource.of(image, axes, channel)
         advised = source.rgb and normalization.mode != "fixed"  # fixed limits are in the colours' units
         self.source = source.with_channel(channel_for(model, source.channel, advised, lambda: central_crop(source)))
         self.model = model
         size = model.config.image_size
         self.magnification_advised = tile is None and halo is None and magnification in (None, "auto")
+        self.diameters = ObjectDiameters(self.source, diameter)
         if tile is None or halo is None:
-            self.magnification = magnification_for(model, lambda: central_crop(self.source), magnification, diameter)
+            diameter_of = self.diameters.given or self.diameters.of  # a function: estimated only if wanted
+            self.magnification = magnification_for(model, None, magnification, diameter_of)
         else:
             self.magnification = size / (tile + 2 * halo)
         auto_tile, auto_halo = default_tiling(size, self.magnification)
@@ -201,6 +184,7 @@ class Embeddings:
         if magnification not in siblings:
             options = {**self._options, "on_mismatch": "beside"}
             siblings[magnification] = Embeddings(self.source, self.model, magnification=magnification, **options)
+            siblings[magnification].diameters = self.diameters  # one estimate per plane, or the user's, for all
         return siblings[magnification]
 
     # -- entries -----------------------------------------------------------------------
@@ -216,7 +200,7 @@ class Embeddings:
     def is_cached(self, plane, tile: tuple[int, int] = (0, 0)) -> bool:
         """Whether a tile's embedding is in the cache (without reading it)."""
         flat = self.source.flat_index(plane)
-        return flat in self._ready or (flat, *tile) in self._recent or self._stored((flat, tile[0], tile[1]))
+        return flat in self._ready or (flat, *tile) in self._recent or self.entry_stored((flat, tile[0], tile[1]))
 
     def plane_ready(self, plane) -> bool:
         """Whether every tile of a plane is cached."""
@@ -315,37 +299,16 @@ class Embeddings:
             Closing the generator (``break`` out of the loop) cancels the rest; what was
             finished stays cached, and a later call resumes from there.
         """
-        entries = self.entries(planes)
-        todo = self.store.missing(entries, verify=verify)
-        done = len(entries) - len(todo)
-        yield EmbedProgress(done, len(entries), None)
-        # Other writers of this cache (another `embed`) may be computing some of the same
-        # tiles: each is claimed before it is computed (a cache in memory has no others).
-        claims = None if self.cache_path is None else TileClaims(
-            claims_folder(self.cache_path, self.store.key), claim_timeout)
-        first = None if scheduler is None else functools.partial(run_distributed, self, scheduler=scheduler)
-        # Closed explicitly: an error here must not leave claims held by a live process.
-        with contextlib.closing(share_work(todo, claims, self._stored, first)) as work:
-            for entry, computing in work:
-                if computing:
-                    self.embedding_for(entry[0], entry[1:])
-                done += 1
-                yield EmbedProgress(done, len(entries), entry)
+        return iter_precompute(self, planes, scheduler, verify, claim_timeout)
 
-    def _stored(self, entry: tuple[int, int, int]) -> bool:
+    def entry_stored(self, entry: tuple[int, int, int]) -> bool:
+        """Whether an entry (flat plane, tile row, tile column) is in the cache (its checksum is set)."""
         return bool(int(np.asarray(self.store.checksums[entry])) != 0)
 
     def compute_all(self, planes=None, scheduler=None, progress: bool = True) -> int:
         """:meth:`precompute` to the end with a tqdm progress bar; returns the number of
         tiles present afterwards."""
-        from tqdm.auto import tqdm
-
-        gen = self.precompute(planes, scheduler)
-        last = next(gen)
-        with tqdm(total=last.total, initial=last.done, unit="tile", desc="embedding", disable=not progress) as bar:
-            for last in gen:  # noqa: B007 - the last report is returned after the loop
-                bar.update(1)
-        return last.done
+        return compute_all(self, planes, scheduler, progress)
 
     # -- prompts -----------------------------------------------------------------------
     def segment(self, plane, prompt: Prompt, multimask: bool | None = None, max_tiles: int = 16,

@@ -83,6 +83,11 @@ class ImageSource:
 
     def __init__(self, array, axes: str | None = None, channel: int | str | None = None,
                  path: str | os.PathLike | None = None):
+        if isinstance(array, (str, os.PathLike)):
+            raise TypeError(f"an ImageSource holds an array: open the file {os.fspath(array)!r} with "
+                            "ImageSource.open(path) (or ImageSource.of)")
+        if not (hasattr(array, "shape") and hasattr(array, "dtype")):
+            raise TypeError(f"an image is an array (numpy, dask, zarr), not {type(array).__name__}")
         shape = tuple(int(s) for s in array.shape)
         axes = (axes or guess_axes(shape)).upper()
         if len(axes) != len(shape):
@@ -131,7 +136,8 @@ class ImageSource:
                 elif n == 1:
                     channel = 0
                 else:
-                    raise ValueError(f"the image has {n} channels: choose one with channel=...")
+                    raise ValueError(f"the image has {n} channels: choose one with channel=... "
+                                     "(--channel on the command line)")
             elif not 0 <= channel < n:
                 raise ValueError(f"channel {channel} does not exist; the image has {n} channels (0 to {n - 1})")
         elif channel is not None:
@@ -139,7 +145,15 @@ class ImageSource:
         self.channel = channel
 
     @classmethod
-    def open(cls, path: str | os.PathLike, axes: str | None = None, channel: int | None = None) -> "ImageSource":
+    def of(cls, image, axes: str | None = None, channel: int | str | None = None) -> "ImageSource":
+        """``image`` as an ImageSource: itself if it is one, else opened from a path
+        (:meth:`open`) or wrapping an array (numpy, dask, zarr) with ``axes`` and ``channel``."""
+        if isinstance(image, ImageSource):
+            return image
+        return cls.open(image, axes, channel) if isinstance(image, (str, os.PathLike)) else cls(image, axes, channel)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, axes: str | None = None, channel: int | str | None = None) -> "ImageSource":
         """Open a TIFF, .npy, PNG/JPEG file or a Zarr array/group (v2, v3, OME-Zarr, whose
         full-resolution level is used and whose declared axes are the default)."""
         from .io import image_axes, read_image

@@ -144,7 +144,7 @@ class Sam2Features:
                  axes: str | None = None, channel: int | None = None, window: int | None = None,
                  step: int | None = None, margin: int | None = None, normalization: Normalization = Normalization(),
                  statistics: str = "volume", storage: str = "float32", on_mismatch: str = "keep"):
-        self.source = image if isinstance(image, ImageSource) else ImageSource(image, axes, channel)
+        self.source = ImageSource.of(image, axes, channel)
         self.model = model
         size = int(model.config.image_size)
         side = size if window is None else int(window)

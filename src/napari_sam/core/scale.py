@@ -25,13 +25,15 @@ magnification 1, as they always were.
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Callable
 
 import numpy as np
 
 from ..model.sam import Sam
 
-__all__ = ["MAGNIFICATIONS", "central_crop", "estimate_diameter", "magnification_for", "model_scale",
-           "nearest_magnification"]
+__all__ = ["MAGNIFICATIONS", "ObjectDiameters", "central_crop", "estimate_diameter", "magnification_for",
+           "model_scale", "nearest_magnification"]
 
 MAGNIFICATIONS = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0)
 """The magnifications a diameter is rounded to: nearby estimates for planes of one data
@@ -158,7 +160,7 @@ def magnification_for(
     model: Sam,
     plane=None,
     magnification: float | str | None = None,
-    diameter: float | None = None,
+    diameter: float | Callable[[], float | None] | None = None,
 ) -> float:
     """The magnification to embed at.
 
@@ -175,8 +177,9 @@ def magnification_for(
         model's ``"object_diameter"``, else its fixed magnification or 1). None: the
         model's advice.
     diameter
-        The objects' diameter in image pixels when the user knows it; otherwise it is
-        estimated from ``plane``.
+        The objects' diameter in image pixels when the user knows it, or a function
+        without arguments that returns it (None where nothing is found), called only
+        when the model wants a diameter; otherwise it is estimated from ``plane``.
 
     Returns
     -------
@@ -191,21 +194,67 @@ def magnification_for(
         return value
     if isinstance(magnification, str) and magnification != "auto":
         raise ValueError(f"magnification must be a number, 'auto' or None, got {magnification!r}")
-    if diameter is not None and not (math.isfinite(float(diameter)) and diameter > 0):
-        raise ValueError(f"the object diameter must be a positive number of pixels, got {diameter}")
+    if diameter is not None and not callable(diameter):
+        _check_diameter(diameter)
     advice = model_scale(model)
     wanted = advice.get("object_diameter")
     if wanted is None:
-        if diameter is not None:
+        if diameter is not None and not callable(diameter):
             # Without the size the model wants, a diameter says nothing about the magnification.
             raise ValueError("this model does not record the object size it segments best (no 'object_diameter' "
                              "in its metadata): give a magnification instead of a diameter")
         return float(advice.get("magnification", 1.0))
-    if diameter is None and plane is not None:
+    if callable(diameter):
+        diameter = diameter()
+    elif diameter is None and plane is not None:
         diameter = estimate_diameter(plane() if callable(plane) else plane)
     if diameter is None:  # nothing found to measure
         return float(advice.get("magnification", 1.0))
     return nearest_magnification(float(wanted) / float(diameter))
+
+
+def _check_diameter(diameter) -> None:
+    if not (math.isfinite(float(diameter)) and diameter > 0):
+        raise ValueError(f"the object diameter must be a positive number of pixels, got {diameter}")
+
+
+class ObjectDiameters:
+    """The objects' diameter on each plane of an image, in plane pixels.
+
+    The user's diameter where given, for every plane; otherwise :func:`estimate_diameter`
+    on the plane's :func:`central_crop`, made once per plane and kept, since both the
+    magnification of an image's embeddings and AIS's smoothing on stained planes ask for
+    it, the latter on every run.
+
+    Parameters
+    ----------
+    source
+        The image's :class:`~napari_sam.core.image_source.ImageSource`, as embedded (its
+        channel chosen).
+    given
+        The diameter the user knows, in plane pixels; None to estimate.
+    """
+
+    def __init__(self, source, given: float | None = None):
+        if given is not None:
+            _check_diameter(given)
+        self.source = source
+        self.given = None if given is None else float(given)
+        self._estimates: dict[int, float | None] = {}
+        self._lock = threading.Lock()
+
+    def of(self, plane=None) -> float | None:
+        """The diameter on a plane (flat number or (t, z) tuple; the middle plane by
+        default), None where the estimate finds no objects."""
+        if self.given is not None:
+            return self.given
+        flat = self.source.n_planes // 2 if plane is None else self.source.flat_index(plane)
+        with self._lock:
+            if flat in self._estimates:
+                return self._estimates[flat]
+        value = estimate_diameter(central_crop(self.source, plane=flat))
+        with self._lock:
+            return self._estimates.setdefault(flat, value)
 
 
 def nearest_magnification(ratio: float) -> float:
