@@ -175,6 +175,56 @@ def test_train_writes_a_checkpoint_that_loads_and_resumes(tmp_path, tiny_checkpo
     assert main(args) == 2 and "--resume" in capsys.readouterr().err
 
 
+
+def _training_pair(folder, nuclei_2d):
+    image, labels = nuclei_2d
+    tifffile.imwrite(folder / "img.tif", np.stack([image[:128, :128], image[128:256, 128:256]]))
+    tifffile.imwrite(folder / "lab.tif", np.stack([labels[:128, :128], labels[128:256, 128:256]]))
+    return ["train", str(folder / "img.tif"), "--labels", str(folder / "lab.tif"), "--device", "cpu"]
+
+
+def test_a_resumed_run_keeps_the_instance_decoder_and_a_finished_one_is_left_alone(tmp_path, nuclei_2d, capsys):
+    from napari_sam.model.checkpoint import read_checkpoint
+    from napari_sam.model.decoder_checkpoint import DECODER_KEY
+
+    out = tmp_path / "tuned.pth"
+    # the default model records a 256-pixel input, which its shapes alone used to be read as 1024
+    args = _training_pair(tmp_path, nuclei_2d) + ["--model", "default", "--out", str(out)]
+    assert main(args + ["--steps", "1"]) == 0
+    assert main(args + ["--steps", "2", "--resume"]) == 0
+    saved = read_checkpoint(out)
+    assert saved.metadata["training"]["steps"] == 2 and saved.metadata["config"]["image_size"] == 256
+    assert DECODER_KEY in saved.extras and "ais" in saved.metadata["automatic"]  # AIS still offered
+    before = out.read_bytes()
+    capsys.readouterr()
+    assert main(args + ["--steps", "2", "--resume"]) == 0
+    assert "nothing to train" in capsys.readouterr().out and out.read_bytes() == before
+
+
+def test_the_first_ctrl_c_in_train_stops_and_saves(tmp_path, tiny_checkpoint, nuclei_2d, monkeypatch, capsys):
+    import signal
+
+    from napari_sam.core.models import load_model
+    from napari_sam.train import Trainer
+
+    run = Trainer.run
+
+    def interrupted_after_the_first_step(self):
+        for record in run(self):
+            if record.step == 1:
+                signal.raise_signal(signal.SIGINT)  # as a Ctrl-C in the terminal, during the first step
+            yield record
+
+    monkeypatch.setattr(Trainer, "run", interrupted_after_the_first_step)
+    out = tmp_path / "tuned.pth"
+    previous = signal.getsignal(signal.SIGINT)
+    assert main(_training_pair(tmp_path, nuclei_2d) + ["--model", str(tiny_checkpoint), "--out", str(out),
+                                                        "--steps", "50"]) == 0
+    captured = capsys.readouterr()
+    assert "stopping after this step" in captured.err and "stopped by Ctrl-C before step 50" in captured.out
+    assert load_model(out).metadata["training"]["steps"] == 1  # what was learned is kept, and resumable
+    assert signal.getsignal(signal.SIGINT) is previous  # the terminal's Ctrl-C is the usual one again
+
 def test_segment_boxes_and_auto_modes(tmp_path, tiny_checkpoint, nuclei_2d, nuclei_3d, capsys):
     tifffile.imwrite(tmp_path / "img.tif", nuclei_2d[0][:200, :200])
     out = tmp_path / "boxes.tif"

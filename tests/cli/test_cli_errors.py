@@ -43,6 +43,8 @@ def _run(argv, capsys):
         (["segment", "{d}/img.tif", "--point", 3, 3, "--channel", 0], "no channel axis"),
         (["segment", "{d}/img.tif", "--prompts", "{d}/missing.json"], "no such prompts file: {d}/missing.json"),
         (["segment", "{d}/img.tif", "--prompts", "{d}/bad.json"], "{d}/bad.json: malformed JSON at line 2, column 17"),
+        (["segment", "{d}/img.tif", "--point", 500, 500], "1 point(s) lie outside the 64x64 image"),
+        (["segment", "{d}/img.tif", "--box", 100, 100, 120, 120], "lie entirely outside the 64x64 image"),
         (["embed", "{d}/vol.tif", "--planes", 7, "--out", "{d}/c.zarr"], "--planes 7: the image has 5 plane(s)"),
         (["embed", "{d}/vol.tif", "--tile", 16, "--halo", 64, "--out", "{d}/c.zarr"],
          "--halo 64 is larger than --tile 16: each tile would embed more halo than interior"),

@@ -197,3 +197,83 @@ def test_train_and_evaluate_check_their_output_first(tmp_path, no_model, capsys,
     assert main([str(a) for a in argv] + ["--model", "x.pth"]) == 2
     assert "written as" in capsys.readouterr().err
     assert (tifffile.imread(tmp_path / "images" / "a.tif") == 1).all()
+
+
+def _pair_folder(folder, labels):
+    for sub in ("images", "labels"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    tifffile.imwrite(folder / "images" / "a.tif", np.full(labels.shape, 100, np.uint8))
+    tifffile.imwrite(folder / "labels" / "a.tif", labels)
+    return folder
+
+
+def test_evaluate_json_is_not_written_over_unless_asked_and_is_strict(tmp_path, capsys):
+    import json
+
+    data = _pair_folder(tmp_path / "data", np.zeros((32, 32), np.uint16))  # no objects: scores of nothing
+    report = tmp_path / "r.json"
+    report.write_text('{"my": "results"}')
+    argv = ["evaluate", str(data), "--baseline", "--max-objects", "1", "--corrections", "0", "--json", str(report)]
+    assert main(argv) == 2
+    assert "pass --overwrite" in capsys.readouterr().err and report.read_text() == '{"my": "results"}'
+    assert main(argv + ["--overwrite"]) == 0
+
+    def no_constants(name):
+        raise AssertionError(f"{name} is not JSON")
+
+    results = json.loads(report.read_text(), parse_constant=no_constants)  # strict JSON: no NaN
+    assert results[0]["objects"] == 0 and results[0]["point"] is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "r.json"]  # no temporary file left beside it
+
+
+def test_negative_label_ids_are_refused_in_one_line(tmp_path, tiny_checkpoint, capsys):
+    labels = np.zeros((32, 32), np.int16)
+    labels[4:12, 4:12], labels[20:28, 20:28] = 1, -1  # -1: a common "ignore" value
+    data = _pair_folder(tmp_path / "data", labels)
+    # evaluate and train agree on what an object is (train used to learn from the -1 patch)
+    for command in ("evaluate", "train"):
+        extra = ["--out", str(tmp_path / "m.pth"), "--steps", "1"] if command == "train" else []
+        assert main([command, str(data), "--model", str(tiny_checkpoint), *extra]) == 2
+        err = capsys.readouterr().err
+        assert "a.tif: the labels hold negative values (down to -1)" in err and err.count("\n") == 1
+    assert not (tmp_path / "m.pth").exists()
+
+
+def test_negative_seed_ids_are_refused_before_the_model_loads(tmp_path, no_model, capsys):
+    seeds = np.zeros((3, 32, 32), np.int32)
+    seeds[1, 4:12, 4:12], seeds[1, 20:24, 20:24] = 1, -1
+    tifffile.imwrite(tmp_path / "vol.tif", np.full((3, 32, 32), 100, np.uint8), photometric="minisblack")
+    tifffile.imwrite(tmp_path / "seeds.tif", seeds, photometric="minisblack")
+    assert main(["propagate", str(tmp_path / "vol.tif"), str(tmp_path / "seeds.tif"), "--model", "x.pth",
+                 "--axes", "ZYX", "--out", str(tmp_path / "out.tif")]) == 2
+    assert "seeds.tif hold negative values (down to -1)" in capsys.readouterr().err
+    assert not (tmp_path / "out.tif").exists()
+
+
+def test_overwrite_replaces_our_own_label_tiff_and_never_an_image(tmp_path, tiny_checkpoint, capsys):
+    from napari_sam.core.io import write_labels
+
+    raw = np.random.default_rng(0).integers(0, 255, (32, 32), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "img.tif", raw)
+    tifffile.imwrite(tmp_path / "other_image.tif", raw)  # a typo in --out names another raw image
+    argv = ["segment", str(tmp_path / "img.tif"), "--model", str(tiny_checkpoint), "--dtype", "float32",
+            "--point", "3", "3", "--overwrite", "--out"]
+    assert main(argv + [str(tmp_path / "other_image.tif")]) == 2
+    assert "not a label image written by napari-sam" in capsys.readouterr().err
+    assert np.array_equal(tifffile.imread(tmp_path / "other_image.tif"), raw)
+    ours = write_labels(tmp_path / "labels.tif", np.full((32, 32), 9, np.uint16))
+    assert main(argv + [str(ours)]) == 0
+    assert 9 not in tifffile.imread(ours)
+    assert main(argv + [str(ours)]) == 0  # and what it wrote this time, again
+
+
+def test_propagate_checks_its_image_and_seeds_before_the_model_loads(tmp_path, no_model, capsys):
+    tifffile.imwrite(tmp_path / "vol.tif", np.full((3, 32, 32), 100, np.uint8), photometric="minisblack")
+    tifffile.imwrite(tmp_path / "plane.tif", np.full((32, 32), 100, np.uint8))
+    tifffile.imwrite(tmp_path / "seeds.tif", np.ones((2, 32, 32), np.uint16), photometric="minisblack")
+    base = ["propagate", "--model", "x.pth", "--out", str(tmp_path / "out.tif")]
+    assert main(base[:1] + [str(tmp_path / "vol.tif"), str(tmp_path / "seeds.tif"), "--axes", "ZYX"] + base[1:]) == 2
+    assert "seeds.tif have shape (2, 32, 32), but the image needs (3, 32, 32)" in capsys.readouterr().err
+    assert main(base[:1] + [str(tmp_path / "plane.tif"), str(tmp_path / "seeds.tif")] + base[1:]) == 2
+    assert "plane.tif is a 2D image: it has no planes to propagate through" in capsys.readouterr().err
+    assert not (tmp_path / "out.tif").exists()

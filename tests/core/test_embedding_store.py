@@ -146,3 +146,15 @@ def test_verify_reads_every_tile_and_reports_damage_without_repairing(tmp_path):
     assert store.present().sum() == 3  # a check changes nothing; the next embed repairs
     described = describe_cache(tmp_path / "c.zarr", verify=True)[0]["check"]
     assert described == check and describe_cache(tmp_path / "c.zarr")[0]["check"] is None
+
+
+@pytest.mark.parametrize("lost", ["features", "checksums"])
+def test_a_group_that_lost_an_arrays_metadata_is_rebuilt_not_a_crash(tmp_path, lost):
+    store = EmbeddingStore.open(tmp_path / "c.zarr", SIG, LAYOUT)
+    store.write((0, 0, 0), _features(0))
+    (tmp_path / "c.zarr" / store.key / lost / "zarr.json").unlink()
+    assert describe_cache(tmp_path / "c.zarr") == []  # listed as nothing usable, not a KeyError
+    again = EmbeddingStore.open(tmp_path / "c.zarr", SIG, LAYOUT)  # the entries are computed again
+    assert again.layout == LAYOUT and not again.present().any()
+    again.write((0, 0, 0), _features(1))
+    assert np.array_equal(EmbeddingStore.open(tmp_path / "c.zarr", SIG, LAYOUT).read((0, 0, 0)), _features(1))

@@ -125,7 +125,8 @@ def test_upper_case_suffixes_and_linked_stores(tmp_path):
 def test_a_label_store_of_a_session_can_be_replaced_with_overwrite(tmp_path):
     import zarr
 
-    from napari_sam.core.labels import LabelWriter, create_label_store
+    from napari_sam.core.label_target import create_label_store
+    from napari_sam.core.labels import LabelWriter
     from napari_sam.core.masks import PlaneMask
 
     store = tmp_path / "session.zarr"

@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 import zarr
 
-from napari_sam.core.labels import LabelWriter, create_label_store
+from napari_sam.core.label_target import create_label_store
+from napari_sam.core.labels import LabelWriter
 from napari_sam.core.masks import PlaneMask
 
 SHAPE = (10, 64, 64)

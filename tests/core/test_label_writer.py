@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import zarr
 
-from napari_sam.core.labels import LabelWriter, create_label_store
+from napari_sam.core.label_target import create_label_store
+from napari_sam.core.labels import LabelWriter
 from napari_sam.core.masks import PlaneMask
 
 
@@ -120,3 +121,41 @@ def test_next_id_of_a_large_foreign_zarr_array_is_found_chunkwise(tmp_path):
     z = zarr.create_array(str(tmp_path / "l.zarr"), shape=(4, 300, 300), chunks=(1, 100, 100), dtype="uint16")
     z[2, 250, 250] = 41
     assert LabelWriter(z).next_id() == 42
+
+
+def test_undo_takes_back_only_what_the_commit_wrote_and_nobody_changed_since():
+    labels = np.zeros((40, 40), np.uint16)
+    writer = LabelWriter(labels)
+    writer.commit((), [_obj(5, 25, 5, 25)])  # object 1
+    labels[10:15, 30:35] = 2  # another object painted by hand, outside the commit
+    labels[20:30, 20:30] = 9  # a brush stroke over part of object 1 and the background around it
+    labels[6:8, 6:8] = 0  # an eraser inside object 1
+    writer.note_id(9)
+    assert writer.next_id() == 10  # the hand-painted id is never given to a new object
+    writer.undo()
+    assert (labels[20:30, 20:30] == 9).all() and (labels[6:8, 6:8] == 0).all()  # the hand edits stay
+    assert (labels[5:20, 5:25] == 0).all() and (labels[10:15, 30:35] == 2).all()  # object 1 is gone
+    writer.note_id(3)  # a smaller id changes nothing
+    assert writer.next_id() == 10
+
+
+def test_a_commit_that_changes_nothing_is_no_undo_step():
+    labels = np.zeros((20, 20), np.uint8)
+    labels[0:10, 0:10] = 3
+    writer = LabelWriter(labels)
+    writer.commit((), [_obj(12, 18, 12, 18)])
+    c = writer.commit((), [_obj(0, 5, 0, 5)])  # entirely over object 3
+    assert c.pixels == (0,) and len(writer.history) == 1
+    writer.undo()
+    assert (labels[12:18, 12:18] == 0).all() and (labels[0:10, 0:10] == 3).all()  # the real commit was undone
+
+
+def test_a_whole_plane_boolean_array_is_an_object_too():
+    labels = np.zeros((2, 20, 30), np.uint16)
+    writer = LabelWriter(labels)
+    mask = np.zeros((20, 30), bool)
+    mask[3:7, 10:20] = True
+    c = writer.commit((1,), [mask])
+    assert c.ids == (1,) and (labels[1] == 1).sum() == 40 and c.region == (3, 7, 10, 20)
+    with pytest.raises(ValueError, match=r"a PlaneMask or a boolean \(20, 30\) plane, not a bool array of shape"):
+        writer.commit((1,), [np.ones((5, 5), bool)])

@@ -71,3 +71,23 @@ def test_resolve_model_passes_a_loaded_model_and_loads_names(tiny_model, tiny_ch
 
 def test_a_model_built_in_memory_declares_no_source(tiny_sam):
     assert tiny_sam.source is None and tiny_sam.metadata == {}
+
+
+def test_a_models_weights_alone_load_at_the_input_size_their_shapes_give(tmp_path):
+    from napari_sam.core.models import DEFAULT_CHECKPOINT
+    from napari_sam.model.checkpoint import read_checkpoint
+
+    # "just the weights", as people export a model: no metadata saying its input is 256 pixels
+    torch.save({"state_dict": read_checkpoint(DEFAULT_CHECKPOINT).state_dict}, tmp_path / "weights.pth")
+    model = load_model(tmp_path / "weights.pth", dtype="float32")
+    assert model.config.image_size == model.config.encoder.img_size == 256
+    with torch.no_grad():
+        features = model.image_encoder(torch.zeros(1, 3, 256, 256))
+    assert tuple(features.shape) == (1, 256, 16, 16) and model.config.embedding_size == 16
+
+
+def test_a_model_that_is_not_one_is_named(tiny_model):
+    from napari_sam.core.memory_labels import split_models
+
+    with pytest.raises(TypeError, match="a registry name or a checkpoint path, not int 5"):
+        split_models(5)

@@ -2,11 +2,37 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import signal
+import sys
+import threading
 
 from . import UsageError
 
 __all__ = ["evaluate", "train"]
+
+
+@contextlib.contextmanager
+def _first_interrupt_stops(message: str):
+    """An event the first Ctrl-C sets (printing ``message``) for a loop to end at its next
+    step and keep what it did; a second Ctrl-C interrupts as usual."""
+    pressed = threading.Event()
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield pressed
+        return
+
+    def handler(signum, frame):
+        if pressed.is_set():
+            raise KeyboardInterrupt
+        pressed.set()
+        print(message, file=sys.stderr, flush=True)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield pressed
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def train(args) -> int:
@@ -58,7 +84,14 @@ def train(args) -> int:
           f"box jitter {cfg.box_noise:g}, central clicks {cfg.central_click_probability:g}")
     # --minutes sizes the schedule unless --steps fixes it; then it is only a time limit
     budget = args.minutes if args.minutes and args.steps is None else None
-    run_training(trainer, checkpoint=None, minutes=budget, stop_after=None if budget else args.minutes)
+    if budget is None and trainer.step >= cfg.steps:  # a resumed run that is already as long as asked
+        print(f"{out} already holds {trainer.step} step(s), as many as --steps {cfg.steps} asks: nothing to train, "
+              "the file is left as it is")
+        return 0
+    with _first_interrupt_stops("stopping after this step, then saving what was learned "
+                                "(Ctrl-C again to quit without saving)") as stopped:
+        run_training(trainer, checkpoint=None, minutes=budget, stop_after=None if budget else args.minutes,
+                     stop=stopped.is_set)
     if trainer.model.instance_decoder is not None and cfg.mode != "decoder":
         print("the instance decoder (automatic segmentation) is left out: it reads the old encoder's embeddings")
     trainer.save(out)
@@ -66,12 +99,13 @@ def train(args) -> int:
     note = "" if kept is None else f", with the weights of step {kept} (best validation)"
     if kept == 0:
         note = " (no step beat the starting model on validation: its weights are kept)"
+    if stopped.is_set():
+        note += f"; stopped by Ctrl-C before step {cfg.steps} (--resume continues it)"
     print(f"saved {out} after {trainer.step} step(s){note}")
     return 0
 
 
 def evaluate(args) -> int:
-    import json
     from pathlib import Path
 
     import numpy as np
@@ -85,6 +119,8 @@ def evaluate(args) -> int:
             raise ValueError(f"--json {args.json}: the results are written as a .json file")
         check_not_an_input(args.json, {"images": args.images, "labels": args.labels}, what="--json", inside_ok=True)
         check_folder_writable(Path(args.json).expanduser().parent)
+        if Path(args.json).expanduser().exists() and not args.overwrite:
+            raise FileExistsError(f"{args.json} exists; pass --overwrite to replace it, or choose another --json")
 
     pairs = evaluate.load_pairs(args.images, args.labels)
     results = []
@@ -160,7 +196,31 @@ def evaluate(args) -> int:
                 bar.update(1)
     print(evaluate.format_table(results))
     if args.json:
-        with open(Path(args.json).expanduser(), "w") as fh:
-            json.dump(results, fh, indent=1)
+        _write_json(Path(args.json).expanduser(), results)
         print(f"wrote {args.json}")
     return 0
+
+
+def _write_json(path, results) -> None:
+    """The results as strict JSON (a score of no objects, NaN, as null), written whole or
+    not at all: a kill mid-write leaves the old file."""
+    import json
+    import math
+    import os
+
+    def strict(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: strict(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [strict(v) for v in value]
+        return value
+
+    text = json.dumps(strict(results), indent=1, allow_nan=False)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -209,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--corrections", type=int, default=8)
     ev.add_argument("--max-objects", type=int, help="objects sampled per image (default: all)")
     ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--json", help="write the results as JSON")
+    ev.add_argument("--json", help="write the results as JSON (scores of no objects as null)")
+    ev.add_argument("--overwrite", action="store_true", help="replace --json if it exists")
 
     tr = sub.add_parser(
         "train",

@@ -157,6 +157,8 @@ def segment(args) -> int:
     objects = _object_prompts(args)
     image = read_image(args.image)
     plane = select_plane(image, args.plane, args.channel, args.image)
+    for obj in objects:  # a point off the image is refused before the model loads and the image is embedded
+        obj.on_plane(plane.shape[:2])
     label_shape, index = _prompt_target(args, image, plane)
     _check_labels_into(args, label_shape)
     t0 = time.perf_counter()
@@ -266,16 +268,23 @@ def propagate(args) -> int:
     from ..api import Annotator
     from ..core.image_source import ImageSource
     from ..core.io import check_folder_writable, check_not_an_input, read_image
+    from ..core.label_target import check_label_ids
 
     _check_out(args)  # before any work
     if args.cache is not None:
         check_not_an_input(args.cache, {"image": args.image, "seeds": args.seeds}, what="--cache")
         check_folder_writable(Path(args.cache).expanduser().parent)
     source = ImageSource.open(args.image, axes=args.axes, channel=args.channel)
+    if not source.plane_axes:
+        raise UsageError(f"{args.image} is a 2D image: it has no planes to propagate through")
     _check_labels_into(args, source.plane_grid + source.plane_shape)
     seeds = np.asarray(read_image(args.seeds))
     if seeds.dtype.kind not in "biu":
         raise UsageError(f"the seeds {args.seeds} are {seeds.dtype}: a label image has integer (or bool) values")
+    if seeds.shape != source.plane_grid + source.plane_shape:  # before the model loads, not after
+        raise UsageError(f"the seeds {args.seeds} have shape {seeds.shape}, but the image needs "
+                         f"{source.plane_grid + source.plane_shape} (planes, then Y, X)")
+    check_label_ids(seeds, f"the seeds {args.seeds}")
     labels = seeds.astype(np.uint32, copy=True)
     ann = Annotator(source, args.model, labels, cache=args.cache, device=args.device, dtype=args.dtype,
                     magnification=args.magnification, diameter=args.diameter)

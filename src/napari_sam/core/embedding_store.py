@@ -37,9 +37,7 @@ import zarr
 
 from .signature import CacheSignature
 
-__all__ = [
-    "CacheMismatchError", "EmbeddingStore", "FEATURE_SHAPE", "TileCheck", "describe_cache", "signature_key",
-]
+__all__ = ["CacheMismatchError", "EmbeddingStore", "FEATURE_SHAPE", "TileCheck", "describe_cache", "signature_key"]
 
 FORMAT = 1
 FEATURE_SHAPE = (256, 64, 64)
@@ -105,9 +103,10 @@ def _signatures(root: zarr.Group) -> dict[str, CacheSignature]:
             data = dict(group.attrs)["signature"]
             if not isinstance(data, Mapping):
                 raise TypeError(f"signature of {key!r} is not a mapping")
+            _array(group, "features"), _array(group, "checksums")  # noqa: B018 - both must open
             out[key] = CacheSignature.from_json(data)
         except (KeyError, ValueError, TypeError):
-            continue  # a group written by a crashed run before its signature: ignored, replaced when needed
+            continue  # a crashed run's group (no signature yet) or one that lost an array: replaced when needed
     return out
 
 

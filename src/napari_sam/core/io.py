@@ -31,7 +31,7 @@ _IMAGE = (".png", ".jpg", ".jpeg", ".bmp")
 _LABEL_SUFFIXES = _TIFF + (".zarr", ".npy")
 LABELS_MARKER = {"kind": "labels"}
 """The ``napari_sam`` attribute of every Zarr label array we write (files and
-:func:`~napari_sam.core.labels.create_label_store`): only such a store may be replaced."""
+:func:`~napari_sam.core.label_target.create_label_store`): only such a store may be replaced."""
 
 
 def _is_zarr(path: Path) -> bool:
@@ -211,6 +211,18 @@ def _is_our_label_store(path: Path) -> bool:
     return meta.get("node_type") == "array" and (meta.get("attributes") or {}).get("napari_sam") == LABELS_MARKER
 
 
+def _is_our_label_tiff(path: Path) -> bool:
+    """Whether a TIFF carries the marker :func:`write_labels` puts in its description."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            described = tif.shaped_metadata or ()
+    except Exception:  # noqa: BLE001 - unreadable as a TIFF: not ours to replace
+        return False
+    return any(isinstance(d, dict) and d.get("napari_sam") == LABELS_MARKER for d in described)
+
+
 def check_output(path: str | os.PathLike, inputs: Mapping[str, str | os.PathLike | None] | None = None,
                  overwrite: bool = False, what: str = "--out") -> Path:
     """Check, before any work, that a label image can be written to ``path``.
@@ -224,7 +236,8 @@ def check_output(path: str | os.PathLike, inputs: Mapping[str, str | os.PathLike
         inside or around one (see :func:`check_not_an_input`).
     overwrite
         Allow replacing an existing target, which must then be of the kind written here:
-        a TIFF or .npy file, or a Zarr label array written by :func:`write_labels`.
+        a TIFF or Zarr label array written by :func:`write_labels` (both carry its marker),
+        or a .npy file (which has no room for one).
     what
         How to name the target in messages.
 
@@ -260,6 +273,10 @@ def check_output(path: str | os.PathLike, inputs: Mapping[str, str | os.PathLike
         elif not path.is_file():
             raise ValueError(f"{what} {path} exists and is not a file: --overwrite replaces only a "
                              f"{suffix} file; remove it yourself or choose another path")
+        elif suffix in _TIFF and not _is_our_label_tiff(path):
+            # an image (or labels from elsewhere) under the name: a typo must not destroy it
+            raise ValueError(f"{what} {path} exists and is not a label image written by napari-sam: --overwrite "
+                             f"never replaces it; remove it yourself or choose another path")
     check_folder_writable(path.parent)
     return path
 
@@ -300,7 +317,9 @@ def write_labels(path: str | os.PathLike, labels: np.ndarray, overwrite: bool = 
             import tifffile
 
             # minisblack: a 3-plane label volume must not be taken for an RGB image
-            tifffile.imwrite(tmp, labels, compression="zlib", photometric="minisblack")
+            # the marker lets a later --overwrite tell this file from an image of the same name
+            tifffile.imwrite(tmp, labels, compression="zlib", photometric="minisblack",
+                             metadata={"napari_sam": dict(LABELS_MARKER)})
         elif suffix == ".npy":
             with open(tmp, "wb") as fh:  # np.save on a name would add ".npy" to "x.NPY"
                 np.save(fh, labels)

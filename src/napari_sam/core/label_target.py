@@ -3,17 +3,34 @@ on disk, an OME-Zarr label image (whose lower levels follow every change), or a 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 
-from .labels import create_label_store
+from .io import LABELS_MARKER
+from .labels import MAX_ID_ATTR
 from .ngff import LabelImage
 
-__all__ = ["IN_MEMORY_LABELS", "open_labels"]
+__all__ = ["IN_MEMORY_LABELS", "check_label_ids", "create_label_store", "open_labels"]
 
 IN_MEMORY_LABELS = 1 << 30
 """Label images up to this size (bytes) are kept in memory; larger ones go to a Zarr array on disk."""
+
+
+def check_label_ids(labels: np.ndarray, what: str = "labels") -> None:
+    """Raise ValueError unless integer ``labels`` (a numpy array) hold ids from 0
+    (background) to 2**32 - 1, what napari-sam numbers objects with: a negative "ignore"
+    value or an id past uint32 would otherwise wrap around into another object's id. Other
+    dtypes are for the caller to refuse or accept."""
+    if labels.dtype.kind not in "iu" or labels.size == 0:
+        return
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0:
+        raise ValueError(f"{what} hold negative values (down to {low}): objects are numbered from 1, 0 is the "
+                         "background; map the negative values to 0 (or to ids of their own) first")
+    if high > np.iinfo(np.uint32).max:
+        raise ValueError(f"{what} hold ids up to {high}, past the largest napari-sam keeps (2**32 - 1)")
 
 
 def open_labels(labels, shape: tuple[int, ...]):
@@ -49,4 +66,34 @@ def open_labels(labels, shape: tuple[int, ...]):
         return labels.data
     if tuple(labels.shape) != shape:
         raise ValueError(f"labels have shape {tuple(labels.shape)}, but the image needs {shape} (planes, then Y, X)")
+    if isinstance(labels, np.ndarray):  # in memory: cheap to check (a Zarr array on disk is not read whole)
+        check_label_ids(labels)
     return labels
+
+
+def create_label_store(path, shape: tuple[int, ...], chunks: tuple[int, int] = (512, 512), dtype="uint32"):
+    """A chunked on-disk Zarr v3 label array of zeros, one plane per chunk along the
+    leading axes, for label volumes larger than memory.
+
+    An existing array at ``path`` is opened instead when its shape matches (annotation
+    goes on where it stopped); a different shape is an error, so nothing is lost.
+    """
+    import zarr
+
+    path = os.fspath(path)
+    if os.path.exists(path):
+        try:
+            existing = zarr.open_array(path, mode="r+")
+        except Exception as err:  # noqa: BLE001 - whatever it is, it is not ours to replace
+            raise ValueError(f"{path} exists and is not a Zarr label array: choose another place") from err
+        if np.dtype(existing.dtype).kind not in "ui":
+            raise ValueError(f"{path} holds {existing.dtype} values, not integer labels: choose another place")
+        if tuple(existing.shape) != tuple(shape):
+            raise ValueError(f"{path} holds labels of shape {tuple(existing.shape)}, not {tuple(shape)}: "
+                             "choose another place")
+        return existing
+    chunk = tuple(1 for _ in shape[:-2]) + tuple(min(c, s) for c, s in zip(chunks, shape[-2:]))
+    arr = zarr.create_array(path, shape=tuple(shape), chunks=chunk, dtype=dtype, fill_value=0, zarr_format=3,
+                            attributes={"napari_sam": dict(LABELS_MARKER)})
+    arr.attrs[MAX_ID_ATTR] = 0
+    return arr

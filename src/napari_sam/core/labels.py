@@ -14,9 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from .claims import process_alive, process_start
-from .io import LABELS_MARKER
 
-__all__ = ["Commit", "LabelWriter", "create_label_store", "next_free_id", "paint"]
+__all__ = ["Commit", "LabelWriter", "MAX_ID_ATTR", "next_free_id", "paint"]
 
 
 def next_free_id(labels) -> int:
@@ -55,7 +54,8 @@ def paint(labels: np.ndarray, mask: np.ndarray, label_id: int, overwrite: bool =
     return int(target.sum())
 
 
-_MAX_ID_ATTR = "napari_sam_max_id"
+MAX_ID_ATTR = "napari_sam_max_id"
+"""Where a Zarr label array keeps its largest id, so that reopening a large volume needs no scan."""
 # A write-ahead note of the write in progress, inside the Zarr array's folder: a process
 # killed between chunks leaves it behind, and the next LabelWriter rolls the write back.
 _JOURNAL = ".napari_sam_pending.npz"
@@ -71,8 +71,8 @@ class Commit:
         Index of the plane in the label array's leading axes (``()`` for 2D labels).
     region
         ``(y0, y1, x0, x1)`` of the plane that was written.
-    before
-        The label values of that region before the commit.
+    before, after
+        The label values of that region before and after the commit.
     ids
         The ids given to the committed objects, in order (0 for an object that had no
         free pixel left to take).
@@ -85,6 +85,7 @@ class Commit:
     before: np.ndarray
     ids: tuple[int, ...]
     pixels: tuple[int, ...]
+    after: np.ndarray
 
 
 class LabelWriter:
@@ -143,7 +144,7 @@ class LabelWriter:
         """The largest id in use."""
         if self._max_id is None:
             attrs = getattr(self.labels, "attrs", None)
-            stored = None if attrs is None else dict(attrs).get(_MAX_ID_ATTR)
+            stored = None if attrs is None else dict(attrs).get(MAX_ID_ATTR)
             if stored is not None:
                 self._max_id = int(stored)
             elif isinstance(self.labels, np.ndarray):
@@ -164,7 +165,7 @@ class LabelWriter:
         self._max_id = value
         attrs = getattr(self.labels, "attrs", None)
         if attrs is not None:
-            attrs[_MAX_ID_ATTR] = int(value)
+            attrs[MAX_ID_ATTR] = int(value)
 
     def commit(self, plane: tuple[int, ...], masks, overwrite: bool = False, ids=None, replace: bool = False) -> Commit:
         """Write objects into one plane under new ids.
@@ -175,7 +176,8 @@ class LabelWriter:
             Index of the plane in the leading axes of the label array.
         masks
             :class:`~napari_sam.core.masks.PlaneMask` objects (anything with
-            ``region`` (y0, y1, x0, x1) and a bool ``mask`` crop).
+            ``region`` (y0, y1, x0, x1) and a bool ``mask`` crop), or whole-plane (H, W)
+            boolean arrays.
         overwrite
             Also take pixels that belong to other objects; by default only background
             pixels are written, so earlier work is never damaged.
@@ -192,6 +194,7 @@ class LabelWriter:
         if len(plane) != self.labels.ndim - 2:
             raise ValueError(f"labels of shape {tuple(self.labels.shape)} need a plane index of "
                              f"{self.labels.ndim - 2} value(s), got {plane}")
+        masks = [m if hasattr(m, "mask") else _whole_plane(m, self.labels.shape[-2:]) for m in masks]
         masks = [m for m in masks if m.mask.any()]
         if not masks:
             raise ValueError("nothing to commit: the objects are empty")
@@ -222,8 +225,10 @@ class LabelWriter:
             n = paint(after, full, label_id, overwrite)
             written.append(n)
             used.append(label_id if n else 0)
+        commit = Commit(plane, region, before, tuple(used), tuple(written), after)
+        if np.array_equal(after, before):  # nothing changed: no write, and no undo step that undoes nothing
+            return commit
         self._write(plane, region, before, after, max(self.max_id(), max(used)))
-        commit = Commit(plane, region, before, tuple(used), tuple(written))
         if self._step is not None:
             self._step.append(commit)
         else:
@@ -257,8 +262,16 @@ class LabelWriter:
         for commit in step:
             y0, y1, x0, x1 = commit.region
             current = np.array(self.labels[commit.plane + (slice(y0, y1), slice(x0, x1))])
-            self._write(commit.plane, commit.region, current, commit.before, self.max_id())
+            # only pixels the commit changed and nobody has changed since go back: a brush
+            # stroke made in the region afterwards stays
+            back = (current == commit.after) & (commit.after != commit.before)
+            self._write(commit.plane, commit.region, current, np.where(back, commit.before, current), self.max_id())
         return step
+
+    def note_id(self, label_id: int) -> None:
+        """An id written outside this writer (a brush stroke in the viewer): later objects get ids above it."""
+        if int(label_id) > self.max_id():
+            self._set_max_id(int(label_id))
 
     def _write(self, plane: tuple[int, ...], region, before: np.ndarray, after: np.ndarray, max_id: int) -> None:
         """Replace ``before`` by ``after`` in one region, as one step that a kill cannot
@@ -340,6 +353,17 @@ class LabelWriter:
             self.on_write(tuple(plane), (y0, y1, x0, x1))
 
 
+def _whole_plane(mask, shape):
+    """A whole-plane boolean array as a PlaneMask (what :meth:`LabelWriter.commit` writes)."""
+    from .masks import PlaneMask
+
+    mask = np.asarray(mask)
+    if mask.shape != tuple(shape) or mask.dtype.kind not in "bui":
+        raise ValueError(f"an object is a PlaneMask or a boolean {tuple(shape)} plane, not a {mask.dtype} array of "
+                         f"shape {mask.shape}")
+    return PlaneMask.from_full(mask.astype(bool))
+
+
 _WRITING: set[str] = set()
 """Notes of the writes this process is making now (another writer of this process, a
 second session on the same labels, must not take them for a crash)."""
@@ -369,31 +393,3 @@ def _alive(pid: int, started: int | None) -> bool:
     # Writes of this process are known (_WRITING): a note naming our own pid is a dead
     # process's whose pid we were given.
     return pid != os.getpid() and process_alive(pid, started)
-
-
-def create_label_store(path, shape: tuple[int, ...], chunks: tuple[int, int] = (512, 512), dtype="uint32"):
-    """A chunked on-disk Zarr v3 label array of zeros, one plane per chunk along the
-    leading axes, for label volumes larger than memory.
-
-    An existing array at ``path`` is opened instead when its shape matches (annotation
-    goes on where it stopped); a different shape is an error, so nothing is lost.
-    """
-    import zarr
-
-    path = os.fspath(path)
-    if os.path.exists(path):
-        try:
-            existing = zarr.open_array(path, mode="r+")
-        except Exception as err:  # noqa: BLE001 - whatever it is, it is not ours to replace
-            raise ValueError(f"{path} exists and is not a Zarr label array: choose another place") from err
-        if tuple(existing.shape) != tuple(shape) or np.dtype(existing.dtype).kind not in "ui":
-            raise ValueError(
-                f"{path} holds {existing.dtype} labels of shape {tuple(existing.shape)}, not {tuple(shape)}: "
-                "choose another place"
-            )
-        return existing
-    chunk = tuple(1 for _ in shape[:-2]) + tuple(min(c, s) for c, s in zip(chunks, shape[-2:]))
-    arr = zarr.create_array(path, shape=tuple(shape), chunks=chunk, dtype=dtype, fill_value=0, zarr_format=3,
-                            attributes={"napari_sam": dict(LABELS_MARKER)})
-    arr.attrs[_MAX_ID_ATTR] = 0
-    return arr

@@ -50,6 +50,9 @@ def model_family(spec) -> str:
         return "sam2"
     if spec is None or isinstance(spec, torch.nn.Module):
         return "sam"
+    if not isinstance(spec, (str, os.PathLike)):
+        raise TypeError(f"a model is a loaded SAM, a registry name or a checkpoint path, not {type(spec).__name__} "
+                        f"{spec!r}")
     from ..weights import REGISTRY
 
     text = os.fspath(spec)

@@ -31,7 +31,7 @@ import numpy as np
 
 from .io import LABELS_MARKER, check_folder_writable
 from .label_pyramid import downsample, level_factors, update_levels
-from .labels import _MAX_ID_ATTR
+from .labels import MAX_ID_ATTR
 from .ngff_image import OmeZarrImage, axis_letters, is_ome_zarr, level_transforms, ngff_version, read_ome_zarr
 from .staging import clean_staging, make_staging, swap_in
 
@@ -307,7 +307,7 @@ def write_label_image(image_path: str | os.PathLike, name: str, labels: np.ndarr
         else:
             staged.data[plane] = labels
             staged.update(plane, (0, labels.shape[0], 0, labels.shape[1]))
-        staged.data.attrs[_MAX_ID_ATTR] = top
+        staged.data.attrs[MAX_ID_ATTR] = top
 
     dtype = np.dtype(np.uint32 if top <= np.iinfo(np.uint32).max else np.uint64)
     return _create(image, name, dtype, chunks, fill, colors, properties, replace=overwrite)
@@ -336,7 +336,7 @@ def _create(image: OmeZarrImage, name: str, dtype: np.dtype, chunks: tuple[int, 
                                      else {"dimension_names": [a["name"] for a in label_axes]})
             group.create_array(path, shape=shape, dtype=dtype, fill_value=0,
                                chunks=(1,) * (len(shape) - 2) + tuple(min(c, s) for c, s in zip(chunks, shape[-2:])),
-                               attributes={"napari_sam": dict(LABELS_MARKER), _MAX_ID_ATTR: 0} if k == 0 else None,
+                               attributes={"napari_sam": dict(LABELS_MARKER), MAX_ID_ATTR: 0} if k == 0 else None,
                                **extra)
         datasets = [{"path": path, "coordinateTransformations": [
             {"type": "scale", "scale": list(image.drop_channel(s))},

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .label_target import check_label_ids
+
 __all__ = ["check_pair", "pair_files", "read_pair"]
 
 
@@ -66,6 +68,7 @@ def check_pair(image: np.ndarray, labels: np.ndarray, name: str) -> None:
         raise ValueError(f"{name}: labels must be integer instance ids, got dtype {labels.dtype}")
     if image.shape[: labels.ndim] != labels.shape:
         raise ValueError(f"{name}: image {image.shape} and labels {labels.shape} do not cover the same pixels")
+    check_label_ids(labels, f"{name}: the labels")
 
 
 def read_pair(image_file: str | os.PathLike, label_file: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:

@@ -190,7 +190,7 @@ def to_rgb(image: np.ndarray, channel_axis: int | None = None, channel: int | st
         return image[..., :3]
     if n == 1:
         return np.repeat(image, 3, axis=-1)
-    raise ValueError(f"the image has {n} channels: choose one with channel=...")
+    raise ValueError(f"the image has {n} channels: choose one with channel=... (--channel on the command line)")
 
 
 def _named_channel(image: np.ndarray, channel_axis: int | None, channel: str) -> np.ndarray:

@@ -192,7 +192,8 @@ def infer_config(state_dict: Mapping[str, torch.Tensor]) -> SamConfig:
     for _name, cfg in CONFIGS.items():
         if cfg.encoder == enc:
             return cfg
-    return SamConfig(enc)
+    # The input side is the encoder's: a ViT trained on 256-pixel inputs has 16 x 16 position embeddings.
+    return SamConfig(enc, image_size=enc.img_size)
 
 
 def config_to_dict(config: SamConfig) -> dict:

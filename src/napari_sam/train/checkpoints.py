@@ -6,7 +6,6 @@ and resuming from both.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import math
 import os
@@ -17,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import numpy as np
 import torch
 
-from ..model import Sam, config_from_dict, config_to_dict, infer_config, sam_from_state_dict
+from ..model import Sam, config_to_dict
 from ..model.checkpoint import PathLike, read_checkpoint, write_checkpoint
 from .config import TrainingConfig
 from .dataset import SegmentationDataset
@@ -142,14 +141,9 @@ def resume(
     training = meta.get("training")
     if not isinstance(training, Mapping) or "steps" not in training:
         raise ValueError(f"{os.fspath(path)} was not written by a Trainer: it holds no training metadata to resume")
-    sam_config = config_from_dict(meta["config"]) if "config" in meta else infer_config(checkpoint.state_dict)
-    inferred = infer_config(checkpoint.state_dict)
-    if dataclasses.replace(inferred, name=sam_config.name) == sam_config:
-        model = load_model(path, device="cpu", dtype="float32")
-    else:
-        # A configuration load_model cannot infer from the shapes (e.g. another input size).
-        model = sam_from_state_dict(checkpoint.state_dict, sam_config)
-        model.metadata = dict(meta)
+    # load_model reads the configuration the file records and attaches what it carries
+    # beside the SAM (the instance decoder, a mask refiner), which the resumed run keeps.
+    model = load_model(path, device="cpu", dtype="float32")
     if config is None:
         settings = dict(training["settings"])
         # runs written before tiling was a setting trained on whole planes

@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from ..core.label_target import check_label_ids
 from ..core.pairs import pair_files
 from ..model.checkpoint import PathLike
 
@@ -46,6 +47,7 @@ def _check_plane(image: np.ndarray, labels: np.ndarray, name: str) -> None:
         raise ValueError(f"{name}: labels must be one 2D plane (H, W), got shape {labels.shape}")
     if labels.dtype.kind not in "iub":
         raise ValueError(f"{name}: labels must be integer instance ids, got dtype {labels.dtype}")
+    check_label_ids(labels, f"{name}: the labels")
     if image.ndim not in (2, 3):
         raise ValueError(f"{name}: the image must be a 2D plane (H, W) or (H, W, C), got shape {image.shape}")
     if image.shape[:2] != labels.shape and not (image.ndim == 3 and image.shape[1:] == labels.shape):

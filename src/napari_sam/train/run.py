@@ -4,6 +4,8 @@ model and the data, train with a progress bar, save.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..model import Sam
@@ -28,6 +30,7 @@ def train(
     minutes: float | None = None,
     keep_best: bool = True,
     stop_after: float | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> Trainer:
     """Train with a tqdm progress bar and save the result.
 
@@ -59,6 +62,9 @@ def train(
     stop_after
         Minutes after which the run stops wherever its schedule is (a hard limit, without
         sizing the run as ``minutes`` does).
+    stop
+        Asked after each step; True ends the run there, as the clock does (the best
+        weights are still kept and saved): the command line's first Ctrl-C.
 
     Returns
     -------
@@ -102,7 +108,7 @@ def train(
             bar.set_postfix(post)
             if checkpoint is not None and save_every and record.step % save_every == 0:
                 trainer.save(checkpoint)
-            if end is not None and time.monotonic() > end:
+            if (end is not None and time.monotonic() > end) or (stop is not None and stop()):
                 break
     if keep_best:
         if trainer.validation_data is not None and trainer.best is not None and trainer.best[0] != trainer.step \
