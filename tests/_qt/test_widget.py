@@ -143,9 +143,10 @@ def test_bad_inputs_are_refused_clearly(make_napari_viewer, viewer_3d, tiny_chec
     with pytest.raises(ValueError, match="no image layer"):
         attach(make_napari_viewer(), model=str(tiny_checkpoint))
     session = attach(viewer, layer, model=str(tiny_checkpoint), cache=False)
-    session.points_layer.add(np.array([[0, 150, 20]]))  # beyond the image
-    with pytest.raises(ValueError, match="outside the 100x100 image"):
-        session.compute_preview((0,))
+    session.points_layer.add(np.array([[0, 150, 20]]))  # beside the image: a stray click prompts nothing
+    assert session.prompts((0,)) == [] and session.compute_preview((0,))[2] == []
+    with pytest.raises(ValueError, match="outside the 100x100 image"):  # through the API it is refused
+        session.annotator.segment((0,), points=[[20, 150]])
 
 
 def test_zarr_labels_on_disk(viewer_3d, tiny_checkpoint, tmp_path):

@@ -196,6 +196,8 @@ class TrackingControls:
 
     def _prepare(self, session: ViewerSession) -> bool:
         """Hand the choice to the session; ask before a download. False: nothing to run."""
+        if session.busy_writing():  # a commit or segment everything first
+            return False
         try:
             spec = self.spec()
         except ValueError as err:
@@ -230,9 +232,11 @@ class TrackingControls:
 
         def ended():
             session.labels_layer.refresh()
+            session.writing = ""
             self._busy(False)
 
         self._busy(True)
+        session.writing = "a propagation"  # its steps join the undo history only when it ends
         worker = self.workers.steps(
             lambda: steps, desc=f"propagating ({name})", show=show, done=done,
             cancelled="propagation cancelled: the slices written so far stay, as one undo step", ended=ended,

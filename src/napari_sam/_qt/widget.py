@@ -23,9 +23,9 @@ from qtpy.QtWidgets import QSizePolicy
 from ..api import Annotator
 from ..core.models import default_model_spec, model_choices
 from ..layers import KEYS, ViewerSession, source_from_layer
-from ..layers.everything import EverythingProgress, mode_choices
+from ..layers.everything import EverythingProgress, mode_choices, rough_labels
 from .tracking import TrackingControls
-from .workers import Workers
+from .workers import Workers, error_text
 
 if TYPE_CHECKING:  # pragma: no cover
     import napari
@@ -184,6 +184,8 @@ class SamWidget(Container):
         self.ngff_labels.visible = offered
         self.rgb_reading.visible = bool(getattr(layer, "rgb", False))
         self.ngff_name.visible = offered and bool(self.ngff_labels.value)
+        if self.session is not None and layer is not None and layer is not self.session.image_layer:
+            self._say(f"press Start to segment {layer.name}: clicks still go to {self.session.image_layer.name}")
 
     def _say(self, text: str) -> None:
         self.status.value = text
@@ -241,6 +243,12 @@ class SamWidget(Container):
         device, dtype = self.device.value, self.dtype.value
         magnification = None if self.magnification.value == "auto" else float(self.magnification.value)
         self.start.enabled = False
+        # Started again on the same image (another model, say): the objects go on in the same
+        # labels layer, with ids after its own, instead of a new empty one beside it.
+        old = self.session
+        carried = old.labels_layer if (old is not None and old.image_layer is layer and labels is None
+                                       and container is None and old.labels_layer in self.viewer.layers
+                                       and not old.labels_layer.multiscale) else None
 
         def build():
             if container is not None:
@@ -248,7 +256,7 @@ class SamWidget(Container):
 
                 target = open_label_image(container, name)
             else:
-                target = labels
+                target = carried.data if carried is not None else labels
             annotator = Annotator(source, spec, target, cache=cache, device=device, dtype=dtype,
                                   magnification=magnification)
             annotator.warm_up()
@@ -258,7 +266,8 @@ class SamWidget(Container):
             from ..auto import recommended
 
             self.session = ViewerSession.attach(self.viewer, layer, annotator=annotator, run=self.workers.call,
-                                                overwrite=bool(self.overwrite.value), say=self.workers.say)
+                                                overwrite=bool(self.overwrite.value), say=self.workers.say,
+                                                labels=carried)
             self.session.points_layer.events.data.connect(self._on_prompts_changed)
             self.session.boxes_layer.events.data.connect(self._on_prompts_changed)
             self.viewer.dims.events.current_step.connect(self.request_preview)
@@ -279,10 +288,10 @@ class SamWidget(Container):
 
         def failed(err):
             self.start.enabled = True
-            self._say(f"error: {err}")
+            self._say(error_text(err))
 
         self._say(f"loading {spec}...")
-        self.workers.start(create_worker(build, _start_thread=False), ready, failed)
+        self.workers.start(create_worker(build, _start_thread=False, _ignore_errors=True), ready, failed)
 
     def run_embedding(self, current: bool = True):
         """Embed the current slice or all slices in a worker, with progress and cancel."""
@@ -300,7 +309,7 @@ class SamWidget(Container):
         """Segment every object of the current slice, or of the whole volume (linked
         through it), in a worker (progress, cancel) and commit them; existing labels are
         kept unless overwriting is on."""
-        if self.session is None:
+        if self.session is None or self.session.busy_writing():  # one run at a time, and no commit inside it
             return None
         session = self.session
         mode = self.everything_mode.value
@@ -308,7 +317,7 @@ class SamWidget(Container):
         settings = {"augment": True} if mode == "ais" and self.augment.value else {}
         if mode == "labels":
             try:  # checked here, where the user can be told at once
-                session.check_rough(self.rough.value)
+                rough_labels(self.rough.value, session.annotator.labels_shape)
             except ValueError as err:
                 self._say(str(err))
                 return None
@@ -322,10 +331,12 @@ class SamWidget(Container):
         plane = session.current_plane()  # the slice shown now, read on the GUI thread
         rough = self.rough.value
         tracker = EverythingProgress(session.annotator.source.plane_grid[-1] if volume else 1)
+        session.writing = "segment everything"
         return self.workers.steps(
             lambda: session.segment_everything(plane, mode, rough=rough, whole_volume=volume, **settings),
             desc="segmenting everything", show=lambda p: self._say(tracker.text(p)), progress_of=tracker.of,
             done=done, cancelled="segment everything cancelled: nothing was committed",
+            ended=lambda: setattr(session, "writing", ""),
         )
 
     def run_propagation(self, label_id: int | None = None):
@@ -363,7 +374,7 @@ class SamWidget(Container):
             if n or prompts:  # a slice without prompts (scrolling) keeps the last message, e.g. a propagation's
                 self._say(f"preview: {n} object(s); {KEYS['commit']} commits" if n else "add points or boxes")
 
-        worker = create_worker(session.compute_preview, plane, prompts, _start_thread=False)
+        worker = create_worker(session.compute_preview, plane, prompts, _start_thread=False, _ignore_errors=True)
         worker.finished.connect(self._preview_finished)
         if prompts and not session.annotator.is_embedded(plane):
             self._say("embedding this slice first...")
@@ -375,7 +386,7 @@ class SamWidget(Container):
             self.request_preview()
 
     def undo_commit(self) -> None:
-        if self.session is not None:
+        if self.session is not None and not self.session.busy_writing():
             undone = self.session.undo()
             ids = sorted({i for c in undone for i in c.ids if i})
             self._say(f"undid object(s) {ids} on {len(undone)} plane(s)" if undone else "nothing to undo")

@@ -16,7 +16,14 @@ from typing import Any
 from napari.qt.threading import create_worker
 from napari.utils import progress
 
-__all__ = ["Workers"]
+__all__ = ["Workers", "error_text"]
+
+
+def error_text(err: BaseException, limit: int = 200) -> str:
+    """A failed step's error in one status line: the first line of its message, cut at
+    ``limit`` characters (a download's chain of errors runs to several hundred)."""
+    first = (str(err) or type(err).__name__).strip().splitlines()[0]
+    return "error: " + (first if len(first) <= limit else first[: limit - 3] + "...")
 
 
 class Workers:
@@ -75,12 +82,13 @@ class Workers:
 
     def start(self, worker, done: Callable | None = None, failed: Callable | None = None):
         """Start a worker; ``done`` gets its result and ``failed`` its exception on the GUI
-        thread (default for failures: the status line says the error)."""
+        thread (default for failures: the status line says the error). Workers are made with
+        ``_ignore_errors=True``: the error is shown here once, not raised again by napari."""
         self._running.add(worker)
         worker.finished.connect(lambda: self._running.discard(worker))
         if done is not None:
             worker.returned.connect(self.gui(done))
-        worker.errored.connect(self.gui(failed) if failed is not None else (lambda err: self.say(f"error: {err}")))
+        worker.errored.connect(self.gui(failed) if failed is not None else (lambda err: self.say(error_text(err))))
         worker.start()
         return worker
 
@@ -89,7 +97,7 @@ class Workers:
         :class:`~napari_sam.layers.ViewerSession`."""
         if label:
             self.say(label + "...")
-        return self.start(create_worker(fn, _start_thread=False), done)
+        return self.start(create_worker(fn, _start_thread=False, _ignore_errors=True), done)
 
     def steps(
         self,
@@ -147,7 +155,7 @@ class Workers:
             for gen in made:
                 gen.close()
 
-        worker = create_worker(work, _start_thread=False)
+        worker = create_worker(work, _start_thread=False, _ignore_errors=True)
         worker.yielded.connect(self.gui(step))
         worker.finished.connect(close)
         worker.finished.connect(bar.close)

@@ -110,6 +110,18 @@ def _find(viewer, name: str):
     return viewer.layers[name] if name in viewer.layers else None
 
 
+def _fit(viewer, layer, ndim: int, geometry: dict) -> None:
+    """Give an earlier session's layer this image's geometry; one of other axes is removed
+    (its prompts were placed on another image)."""
+    if layer is None:
+        return
+    if layer.ndim != ndim:
+        viewer.layers.remove(layer)
+        return
+    for key, value in geometry.items():
+        setattr(layer, key, value)
+
+
 def add_session_layers(viewer, image_layer, point_size: float) -> tuple:
     """The points, boxes and preview layers of a session, added over ``image_layer`` with
     its geometry, or found when an earlier session left them.
@@ -120,6 +132,8 @@ def add_session_layers(viewer, image_layer, point_size: float) -> tuple:
         (points, boxes, preview) layers.
     """
     geometry = {"scale": image_layer.scale, "translate": image_layer.translate, "units": image_layer.units}
+    for name in (POINTS, BOXES, PREVIEW):  # an earlier session's, fitted to this image or removed
+        _fit(viewer, _find(viewer, name), image_layer.ndim, geometry)
     points = _find(viewer, POINTS)
     points = points if points is not None else viewer.add_points(
         np.zeros((0, image_layer.ndim)),
@@ -166,7 +180,8 @@ def prompts_on(image_layer, points_layer, boxes_layer, plane: tuple[int, ...]) -
     The rule of the prompt layers: several boxes are several objects (points then refine
     none of them); one box and the points are one object; points alone are one object;
     nothing is no object. A point's ``positive`` feature says foreground (True) or
-    background; boxes are the Shapes layer's rectangles.
+    background; a point beside the image prompts nothing; boxes are the Shapes layer's
+    rectangles.
 
     Returns
     -------
@@ -182,6 +197,11 @@ def prompts_on(image_layer, points_layer, boxes_layer, plane: tuple[int, ...]) -
     pts = to_image(image_layer, points_layer, points_layer.data)
     positive = np.asarray(points_layer.features.get("positive", np.ones(len(pts), bool)), bool)
     on_plane = np.array([plane_of(image_layer, p) == plane for p in pts], bool) if len(pts) else np.zeros(0, bool)
+    # a click beside the image (a stray one, or at the edge of the canvas) prompts nothing
+    # there, and must not block the slice's other prompts
+    H, W = image_layer.level_shapes[0][n : n + 2]
+    if len(pts):
+        on_plane &= (pts[:, n] >= 0) & (pts[:, n] < H) & (pts[:, n + 1] >= 0) & (pts[:, n + 1] < W)
     points = pts[on_plane][:, [n + 1, n]]  # napari's (row, col) -> SAM's (x, y)
     labels = positive[on_plane].astype(np.int64)
     boxes = []

@@ -29,6 +29,7 @@ from ..api import Annotator
 from ..core.labels import Commit
 from ..core.masks import PlaneMask
 from ..core.prompts import Prompt
+from .keys import KEYS, bind_keys, step_planes
 from .prompt_layers import (
     LABELS,
     add_session_layers,
@@ -43,18 +44,7 @@ from .tracker import SessionTracker
 if TYPE_CHECKING:  # pragma: no cover
     import napari
 
-__all__ = ["KEYS", "ViewerSession", "attach"]
-
-KEYS = {
-    "commit": "Shift-C",
-    "clear": "Shift-X",
-    "toggle": "Shift-T",
-    "undo": "Shift-U",
-    "next": "Shift-N",
-    "previous": "Shift-P",
-}
-"""Keyboard shortcuts, bound on the viewer while a session is attached."""
-
+__all__ = ["ViewerSession", "attach"]
 
 class ViewerSession:
     """An Annotator attached to a viewer's layers (see the module docstring).
@@ -87,7 +77,9 @@ class ViewerSession:
         self.run: Callable = run or _run_now
         self.say: Callable[[str], None] = say or (lambda text: None)
         self.tracker = SessionTracker(annotator)  # which model propagates: SAM, or a SAM 2 with memory
-        self._bound = False
+        self.writing = ""  # the step writing the labels now: no commit or undo may interleave with it
+        # a brush stroke writes an id past the writer's count: later objects must not take it
+        labels_layer.events.paint.connect(lambda event: annotator.writer.note_id(labels_layer.selected_label))
 
     # -- construction ----------------------------------------------------------------------
     @classmethod
@@ -243,19 +235,38 @@ class ViewerSession:
         self.labels_layer.refresh()
         self.clear_prompts(commit.plane)
 
+    def busy_writing(self) -> bool:
+        """Whether a step writes the labels now (said to the user): commits and undos wait,
+        or they would interleave with it in the labels and the undo history."""
+        if self.writing:
+            self.say(f"{self.writing} is writing the labels: wait for it, or cancel it")
+        return bool(self.writing)
+
     def commit(self, done: Callable | None = None) -> None:
         """Commit what the prompts on the current plane describe: the shown preview when it
         is current, else computed first. Each box is its own object."""
+        if self.busy_writing():  # a second press before the first commit cleared the prompts, say
+            return
         plane = self.current_plane()
         current = self.preview_is_current(plane)
         masks = list(self.preview_masks) if current else None
-        prompts = None if current else self.prompts(plane)  # read here, on the GUI thread
+        try:
+            prompts = None if current else self.prompts(plane)  # read here, on the GUI thread
+        except ValueError as err:  # background points alone
+            self.say(str(err))
+            return
+        self.writing = "a commit"
 
         def work():
-            objs = masks if masks is not None else self.compute_preview(plane, prompts)[2]
-            return self.commit_masks(plane, objs)
+            try:
+                objs = masks if masks is not None else self.compute_preview(plane, prompts)[2]
+                return self.commit_masks(plane, objs)
+            except BaseException:
+                self.writing = ""
+                raise
 
         def finished(commit):
+            self.writing = ""
             self.after_commit(commit)
             self.say(_commit_text(commit))
             if done is not None:
@@ -283,18 +294,12 @@ class ViewerSession:
 
     def segment_everything(self, plane: tuple[int, ...] | None = None, mode: str | None = None,
                            points_per_side: int = 16, rough=None, *, whole_volume: bool = False, **settings):
-        """A generator segmenting every object of a plane (default: the current one), or of
-        the stack through it, and committing them; objects already labelled are kept unless
-        :attr:`overwrite`. See :meth:`napari_sam.api.Annotator.segment_everything`.
-
-        ``mode`` is one of :func:`~napari_sam.layers.everything.mode_choices`' (``"ais"``
-        and ``"apg"`` with an instance decoder, ``"auto"``, ``"boxes"``), ``"labels"`` (the
-        box of each object of ``rough``, a Labels layer or array of the image's shape: a
-        rough segmentation to refine) or None for what the model recommends
-        (:func:`~napari_sam.auto.recommended`). ``points_per_side`` is the grid's density
-        in ``"auto"`` mode. Yields :class:`~napari_sam.auto.Progress`; returns the labels
-        written ((H, W), or (Z, H, W) with ``whole_volume``; ids as in the labels layer).
-        Call :meth:`labels_layer.refresh` afterwards."""
+        """A generator segmenting and committing every object of a plane (default: the current
+        one), or of the stack through it, as :meth:`napari_sam.api.Annotator.segment_everything`
+        with this session's :attr:`overwrite`. ``mode``: one of :func:`~napari_sam.layers.
+        everything.mode_choices`', ``"labels"`` (the boxes of the objects of ``rough``, a Labels
+        layer or array) or None (the model's advice). Yields Progress; returns the labels
+        written. Call :meth:`labels_layer.refresh` afterwards."""
         from ..auto import recommended
         from .everything import rough_labels
 
@@ -307,14 +312,10 @@ class ViewerSession:
         return self.annotator.segment_everything_steps(plane, mode, whole_volume=whole_volume,
                                                        overwrite=self.overwrite, rough=rough, **settings)
 
-    def check_rough(self, rough):
-        """:func:`~napari_sam.layers.everything.rough_labels` against this image."""
-        from .everything import rough_labels
-
-        return rough_labels(rough, self.annotator.labels_shape)
-
     def undo(self) -> list[Commit]:
-        """Undo the last commit (or propagation)."""
+        """Undo the last commit (or propagation); nothing while a step writes the labels."""
+        if self.busy_writing():
+            return []
         undone = self.annotator.undo()
         if undone:
             self.labels_layer.refresh()
@@ -332,26 +333,11 @@ class ViewerSession:
 
     def step(self, delta: int) -> None:
         """Go ``delta`` planes along the innermost plane axis (Z, else T)."""
-        n = self.image_layer.ndim - 2
-        if n == 0:
-            return
-        axis = self.viewer.dims.ndim - self.image_layer.ndim + n - 1
-        current = self.viewer.dims.current_step[axis]
-        self.viewer.dims.set_current_step(axis, max(0, current + delta))
+        step_planes(self.viewer, self.image_layer, delta)
 
     def bind_keys(self) -> None:
-        """Bind :data:`KEYS` on the viewer."""
-        actions = {
-            "commit": lambda viewer: self.commit(),
-            "clear": lambda viewer: self.clear_prompts(),
-            "toggle": lambda viewer: self.toggle_mode(),
-            "undo": lambda viewer: self.undo(),
-            "next": lambda viewer: self.step(1),
-            "previous": lambda viewer: self.step(-1),
-        }
-        for name, key in KEYS.items():
-            self.viewer.bind_key(key, actions[name], overwrite=True)
-        self._bound = True
+        """Bind :data:`~napari_sam.layers.keys.KEYS` on the viewer to this session."""
+        bind_keys(self.viewer, self)
 
 
 def _commit_text(commit: Commit | None) -> str:
