@@ -127,3 +127,16 @@ def test_choosing_another_image_says_start_is_needed(widget, viewer_3d, nuclei_2
     widget.image.value = other
     assert widget.status.value == "press Start to segment other: clicks still go to nuclei"
     assert widget.session.image_layer is layer
+
+
+def test_closing_the_dock_widget_stops_its_work_and_frees_its_keys(widget, viewer_3d, qtbot):  # noqa: F811
+    from napari.utils.key_bindings import coerce_keybinding
+
+    viewer, _ = viewer_3d
+    bound = {str(coerce_keybinding(k)) for k in viewer.keymap}
+    assert str(coerce_keybinding("Shift-C")) in bound
+    widget.run_embedding(current=False)  # long work: every slice
+    viewer.window.remove_dock_widget(widget.native)  # napari's close button
+    qtbot.waitUntil(lambda: not widget.workers.busy, timeout=60000)
+    assert widget.workers.closed
+    assert str(coerce_keybinding("Shift-C")) not in {str(coerce_keybinding(k)) for k in viewer.keymap}

@@ -24,6 +24,7 @@ from ..api import Annotator
 from ..core.models import default_model_spec, model_choices
 from ..layers import KEYS, ViewerSession, source_from_layer
 from ..layers.everything import EverythingProgress, mode_choices, rough_labels
+from ..layers.keys import unbind_keys
 from .tracking import TrackingControls
 from .workers import Workers, error_text
 
@@ -165,6 +166,8 @@ class SamWidget(Container):
         # The workers, not the widget, are captured: by the time Qt reports the destruction the
         # widget's Python attributes may be gone.
         self.native.destroyed.connect(lambda *_, workers=self.workers: workers.close())
+        # napari's close button takes the widget out of its dock without destroying it
+        self.native_parent_changed.connect(lambda parent: parent is None and self._closed())
 
     # -- helpers -------------------------------------------------------------------------
     def _image_choices(self, *_):
@@ -186,6 +189,12 @@ class SamWidget(Container):
         self.ngff_name.visible = offered and bool(self.ngff_labels.value)
         if self.session is not None and layer is not None and layer is not self.session.image_layer:
             self._say(f"press Start to segment {layer.name}: clicks still go to {self.session.image_layer.name}")
+
+    def _closed(self) -> None:
+        """Closed by the user: its work stops (what was finished stays) and its keys are freed."""
+        self.workers.close()
+        if self.session is not None:
+            unbind_keys(self.viewer)
 
     def _say(self, text: str) -> None:
         self.status.value = text
@@ -243,8 +252,7 @@ class SamWidget(Container):
         device, dtype = self.device.value, self.dtype.value
         magnification = None if self.magnification.value == "auto" else float(self.magnification.value)
         self.start.enabled = False
-        # Started again on the same image (another model, say): the objects go on in the same
-        # labels layer, with ids after its own, instead of a new empty one beside it.
+        # Started again on the same image (another model, say): the objects go on in its labels layer.
         old = self.session
         carried = old.labels_layer if (old is not None and old.image_layer is layer and labels is None
                                        and container is None and old.labels_layer in self.viewer.layers

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["KEYS", "bind_keys", "step_planes"]
+__all__ = ["KEYS", "bind_keys", "step_planes", "unbind_keys"]
 
 KEYS = {
     "commit": "Shift-C",
@@ -28,6 +28,12 @@ def bind_keys(viewer, session) -> None:
     }
     for name, key in KEYS.items():
         viewer.bind_key(key, actions[name], overwrite=True)
+
+
+def unbind_keys(viewer) -> None:
+    """Free :data:`KEYS` on ``viewer`` (the widget that bound them was closed)."""
+    for key in KEYS.values():
+        viewer.bind_key(key, None, overwrite=True)
 
 
 def step_planes(viewer, image_layer, delta: int) -> None:
