@@ -46,6 +46,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["ViewerSession", "attach"]
 
+
 class ViewerSession:
     """An Annotator attached to a viewer's layers (see the module docstring).
 
