@@ -237,23 +237,23 @@ class Annotator:
         if seeds != "largest":
             raise ValueError(f"seeds={seeds!r} is for propagation with SAM 2 (tracker=); SAM starts from the largest")
         out = {}
-        for label_id, plane in tqdm(largest_planes(self.labels, len(self.source.plane_grid), ids).items(),
-                                    desc="propagating", unit="object", disable=not progress):
-            out[label_id] = [
-                s.plane for s in self.propagate(plane, label_id, axis, settings, overwrite) if s.mask is not None
-            ]
+        with self.writer.one_step():  # all objects are one undo step, as with SAM 2
+            for label_id, plane in tqdm(largest_planes(self.labels, len(self.source.plane_grid), ids).items(),
+                                        desc="propagating", unit="object", disable=not progress):
+                steps = self.propagate(plane, label_id, axis, settings, overwrite)
+                out[label_id] = [s.plane for s in steps if s.mask is not None]
         return out
 
     def propagate_all_steps(self, axis: str | None = None, ids=None, settings=None, overwrite: bool = False,
                             seeds: str = "largest") -> Iterator[MemoryStep | PropagationStep]:
-        """:meth:`propagate_all` as a generator that a GUI drives and cancels by closing it
-        (what was written stays, one undo step): with SAM 2 one
-        :class:`~napari_sam.core.memory_propagation.MemoryStep` per plane and window, all
-        objects counted together; with SAM each object's steps in turn."""
+        """:meth:`propagate_all` as a generator that a GUI drives and cancels by closing it (what was
+        written stays, one undo step): with SAM 2 one :class:`~napari_sam.core.memory_propagation.
+        MemoryStep` per plane and window, all objects together; with SAM each object's steps in turn."""
         if self.tracking is not None:
             return self.tracking.steps(self.writer, ids, axis, settings, overwrite, seeds)
         starts = largest_planes(self.labels, len(self.source.plane_grid), ids)
-        return (s for i, p in starts.items() for s in self.propagate(p, i, axis, settings, overwrite))
+        steps = (s for i, p in starts.items() for s in self.propagate(p, i, axis, settings, overwrite))
+        return self.writer.as_one_step(steps)
 
     # -- every object ---------------------------------------------------------------------
     def segment_everything(self, plane=None, mode: str | None = None, *, whole_volume: bool = False,

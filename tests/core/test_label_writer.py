@@ -159,3 +159,14 @@ def test_a_whole_plane_boolean_array_is_an_object_too():
     assert c.ids == (1,) and (labels[1] == 1).sum() == 40 and c.region == (3, 7, 10, 20)
     with pytest.raises(ValueError, match=r"a PlaneMask or a boolean \(20, 30\) plane, not a bool array of shape"):
         writer.commit((1,), [np.ones((5, 5), bool)])
+
+
+def test_a_path_never_opens_an_image_or_foreign_array_as_labels(tmp_path):
+    image = zarr.create_array(str(tmp_path / "img.zarr"), shape=(3, 16, 16), dtype="uint16")
+    image[...] = 7
+    with pytest.raises(ValueError, match="is a Zarr array napari-sam did not write"):
+        create_label_store(tmp_path / "img.zarr", (3, 16, 16))
+    again = zarr.open_array(str(tmp_path / "img.zarr"), mode="r")
+    assert (np.asarray(again) == 7).all() and "napari_sam_max_id" not in dict(again.attrs)
+    ours = create_label_store(tmp_path / "labels.zarr", (3, 16, 16))
+    assert create_label_store(tmp_path / "labels.zarr", (3, 16, 16)).shape == ours.shape  # ours reopens

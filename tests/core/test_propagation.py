@@ -170,3 +170,28 @@ def test_annotator_writes_each_plane_under_the_id_and_undoes_at_once(tiny_model,
     next(run)
     run.close()
     assert (ann.labels == 1).any(axis=(1, 2)).sum() == 2
+
+
+def test_propagating_every_object_is_one_undo_step_and_names_ids_it_lacks(tiny_model, nuclei_3d, monkeypatch):
+    image, gt = nuclei_3d
+    ann = Annotator(image, tiny_model, cache=False)
+    monkeypatch.setattr(ann.embeddings, "segment", ExactEmbeddings(gt).segment)
+    committed = []
+    for k in (6, 9):
+        obj = np.unique(gt)[k]
+        z, _, start = _start(gt, obj)
+        ann.commit(z, [start])
+        committed.append((ann.labels == ann.writer.max_id()).sum())
+    settings = PropagationSettings(min_consecutive_iou=0.0, min_area=1, min_contrast=None)
+    written = ann.propagate_all(settings=settings, progress=False)
+    assert sorted(written) == [1, 2] and all(len(p) >= 2 for p in written.values())
+    ann.undo()  # every object's propagation at once
+    assert [(ann.labels == i).sum() for i in (1, 2)] == committed
+    steps = ann.propagate_all_steps(settings=settings)
+    next(steps)
+    steps.close()  # cancelled: what was written is one undo step too
+    ann.undo()
+    assert [(ann.labels == i).sum() for i in (1, 2)] == committed
+    assert ann.propagate_all(ids=2, settings=settings, progress=False).keys() == {2}  # one id, not a list
+    with pytest.raises(ValueError, match=r"no object \[99\] in the labels"):
+        ann.propagate_all(ids=[99], progress=False)

@@ -75,8 +75,9 @@ def create_label_store(path, shape: tuple[int, ...], chunks: tuple[int, int] = (
     """A chunked on-disk Zarr v3 label array of zeros, one plane per chunk along the
     leading axes, for label volumes larger than memory.
 
-    An existing array at ``path`` is opened instead when its shape matches (annotation
-    goes on where it stopped); a different shape is an error, so nothing is lost.
+    An existing array at ``path`` is opened instead when napari-sam made it and its shape
+    matches (annotation goes on where it stopped); any other array (the image itself, say)
+    or a different shape is an error, so nothing is lost.
     """
     import zarr
 
@@ -86,6 +87,10 @@ def create_label_store(path, shape: tuple[int, ...], chunks: tuple[int, int] = (
             existing = zarr.open_array(path, mode="r+")
         except Exception as err:  # noqa: BLE001 - whatever it is, it is not ours to replace
             raise ValueError(f"{path} exists and is not a Zarr label array: choose another place") from err
+        if dict(existing.attrs).get("napari_sam") != LABELS_MARKER:  # the image itself, say
+            raise ValueError(f"{path} is a Zarr array napari-sam did not write (an image, or labels from elsewhere): "
+                             "a path writes only into label arrays napari-sam made; to write into this one, open it "
+                             "yourself (zarr.open_array(path, mode='r+')) and pass the array")
         if np.dtype(existing.dtype).kind not in "ui":
             raise ValueError(f"{path} holds {existing.dtype} values, not integer labels: choose another place")
         if tuple(existing.shape) != tuple(shape):

@@ -253,6 +253,11 @@ class LabelWriter:
                 self._history.append(step)
                 del self._history[: -self.max_undo]
 
+    def as_one_step(self, steps: Iterator) -> Iterator:
+        """``steps`` (a generator that commits as it goes) passed through as one undo step."""
+        with self.one_step():
+            yield from steps
+
     def undo(self) -> list[Commit]:
         """Undo the last step (one commit or a group); returns its commits, newest first,
         or an empty list when there is nothing to undo."""

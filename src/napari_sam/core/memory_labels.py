@@ -112,16 +112,18 @@ class NoSam:
 
 
 def object_planes(labels, n_plane_axes: int, ids=None) -> dict[int, dict[tuple[int, ...], int]]:
-    """Object id -> {plane: its pixels there} for every object (or those in ``ids``) of
-    an integer label array (planes..., Y, X), read plane by plane (a Zarr volume is never
-    loaded whole)."""
+    """Object id -> {plane: its pixels there} for every object (or those in ``ids``, one id
+    or several; an id not in the labels is a ValueError) of an integer label array
+    (planes..., Y, X), read plane by plane (a Zarr volume is never loaded whole)."""
     out: dict[int, dict[tuple[int, ...], int]] = {}
-    wanted = None if ids is None else {int(i) for i in ids}
+    wanted = None if ids is None else {int(i) for i in np.atleast_1d(ids)}  # one id or several
     for plane in np.ndindex(*labels.shape[:n_plane_axes]):
         values, counts = np.unique(np.asarray(labels[plane]), return_counts=True)
         for v, c in zip(values.tolist(), counts.tolist()):
             if v and (wanted is None or v in wanted):
                 out.setdefault(v, {})[tuple(int(i) for i in plane)] = c
+    if wanted is not None and (missing := sorted(wanted - set(out))):
+        raise ValueError(f"no object {missing} in the labels: nothing to propagate from")
     return dict(sorted(out.items()))
 
 
