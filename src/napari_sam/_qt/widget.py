@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label, LineEdit, PushButton
-from napari.qt.threading import create_worker
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QSizePolicy
 
@@ -299,7 +298,7 @@ class SamWidget(Container):
             self._say(error_text(err))
 
         self._say(f"loading {spec}...")
-        self.workers.start(create_worker(build, _start_thread=False, _ignore_errors=True), ready, failed)
+        self.workers.start(self.workers.make(build), ready, failed)
 
     def run_embedding(self, current: bool = True):
         """Embed the current slice or all slices in a worker, with progress and cancel."""
@@ -382,7 +381,7 @@ class SamWidget(Container):
             if n or prompts:  # a slice without prompts (scrolling) keeps the last message, e.g. a propagation's
                 self._say(f"preview: {n} object(s); {KEYS['commit']} commits" if n else "add points or boxes")
 
-        worker = create_worker(session.compute_preview, plane, prompts, _start_thread=False, _ignore_errors=True)
+        worker = self.workers.make(session.compute_preview, plane, prompts)
         worker.finished.connect(self._preview_finished)
         if prompts and not session.annotator.is_embedded(plane):
             self._say("embedding this slice first...")

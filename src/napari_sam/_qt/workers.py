@@ -80,10 +80,16 @@ class Workers:
         for worker in list(self._running):
             worker.quit()
 
+    @staticmethod
+    def make(fn: Callable, *args):
+        """A napari thread worker for ``fn(*args)``, not started: every worker of the widgets
+        is made here, so that its errors reach :meth:`start`'s handler alone (napari would
+        otherwise raise them again into a notification)."""
+        return create_worker(fn, *args, _start_thread=False, _ignore_errors=True)
+
     def start(self, worker, done: Callable | None = None, failed: Callable | None = None):
         """Start a worker; ``done`` gets its result and ``failed`` its exception on the GUI
-        thread (default for failures: the status line says the error). Workers are made with
-        ``_ignore_errors=True``: the error is shown here once, not raised again by napari."""
+        thread (default for failures: the status line says the error). Make it with :meth:`make`."""
         self._running.add(worker)
         worker.finished.connect(lambda: self._running.discard(worker))
         if done is not None:
@@ -97,7 +103,7 @@ class Workers:
         :class:`~napari_sam.layers.ViewerSession`."""
         if label:
             self.say(label + "...")
-        return self.start(create_worker(fn, _start_thread=False, _ignore_errors=True), done)
+        return self.start(self.make(fn), done)
 
     def steps(
         self,
@@ -155,7 +161,7 @@ class Workers:
             for gen in made:
                 gen.close()
 
-        worker = create_worker(work, _start_thread=False, _ignore_errors=True)
+        worker = self.make(work)
         worker.yielded.connect(self.gui(step))
         worker.finished.connect(close)
         worker.finished.connect(bar.close)
