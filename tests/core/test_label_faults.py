@@ -319,13 +319,13 @@ def test_numpy_labels_have_no_note_and_a_failed_write_is_rolled_back(tmp_path, m
 
 
 def test_a_note_left_by_a_living_process_or_another_machine_is_not_rolled_back(base, monkeypatch):
-    from napari_sam.core import labels as labels_module
+    from napari_sam.core import label_journal as journal
     from napari_sam.core.claims import process_start
 
     before, _ = _state(base)
     writer = LabelWriter(create_label_store(base, SHAPE, chunks=CHUNKS))
     parent = os.getppid()  # alive: its write may be in progress
-    labels_module._write_journal(base / JOURNAL, (4,), (0, 4, 0, 4), np.ones((4, 4), np.uint32), 3)
+    journal.write_note(base / JOURNAL, (4,), (0, 4, 0, 4), np.ones((4, 4), np.uint32), 3)
     note = dict(np.load(base / JOURNAL))
     np.savez(base / JOURNAL, **{**note, "pid": np.int64(parent), "started": np.int64(process_start(parent) or -1)})
     with pytest.raises(ValueError, match="is writing these labels now"):  # one writer at a time
@@ -334,8 +334,8 @@ def test_a_note_left_by_a_living_process_or_another_machine_is_not_rolled_back(b
     # the same pid started at another time: a dead writer whose pid was reused
     np.savez(base / JOURNAL, **{**note, "pid": np.int64(parent), "started": np.int64(12345)})
     assert LabelWriter(create_label_store(base, SHAPE, chunks=CHUNKS)).recovered
-    labels_module._write_journal(base / JOURNAL, (4,), (0, 4, 0, 4), np.ones((4, 4), np.uint32), 3)
-    monkeypatch.setattr(labels_module.socket, "gethostname", lambda: "elsewhere")
+    journal.write_note(base / JOURNAL, (4,), (0, 4, 0, 4), np.ones((4, 4), np.uint32), 3)
+    monkeypatch.setattr(journal.socket, "gethostname", lambda: "elsewhere")
     with pytest.raises(ValueError, match="did not finish"):
         LabelWriter(create_label_store(base, SHAPE, chunks=CHUNKS))
     monkeypatch.undo()
@@ -346,17 +346,17 @@ def test_a_note_left_by_a_living_process_or_another_machine_is_not_rolled_back(b
 
 
 def test_a_second_writer_of_this_process_does_not_undo_a_write_in_progress(base):
-    from napari_sam.core import labels as labels_module
+    from napari_sam.core import label_journal as journal
 
     first = LabelWriter(create_label_store(base, SHAPE, chunks=CHUNKS))
     before, _ = _state(base)
-    labels_module._write_journal(first._journal, (4,), (0, 4, 0, 4), np.ones((4, 4), np.uint32), 3)
-    labels_module._WRITING.add(str(first._journal))  # as while ``first`` writes in a worker thread
+    journal.write_note(first._journal, (4,), (0, 4, 0, 4), np.ones((4, 4), np.uint32), 3)
+    journal._WRITING.add(str(first._journal))  # as while ``first`` writes in a worker thread
     try:
         with pytest.raises(ValueError, match="is writing these labels now"):
             LabelWriter(create_label_store(base, SHAPE, chunks=CHUNKS))
         assert np.array_equal(_state(base)[0], before) and first._journal.exists()
     finally:
-        labels_module._WRITING.discard(str(first._journal))
+        journal._WRITING.discard(str(first._journal))
     # no write of this process is in progress: a note naming our pid is a dead process's
     assert LabelWriter(create_label_store(base, SHAPE, chunks=CHUNKS)).recovered

@@ -117,6 +117,20 @@ def test_zarr_labels_write_only_the_chunks_they_touch(tmp_path):
         create_label_store(tmp_path / "notes.zarr", (2, 2))
 
 
+def test_two_writers_on_one_zarr_store_never_give_one_id_twice(tmp_path):
+    # two notebooks (or a notebook beside the viewer) on the same label store
+    path = tmp_path / "labels.zarr"
+    first = LabelWriter(create_label_store(path, (2, 64, 64)))
+    second = LabelWriter(create_label_store(path, (2, 64, 64)))
+    assert first.commit((0,), [_obj(0, 5, 0, 5)]).ids == (1,)
+    assert second.commit((0,), [_obj(10, 15, 10, 15)]).ids == (2,)
+    assert first.commit((1,), [_obj(20, 25, 20, 25), _obj(30, 35, 30, 35)]).ids == (3, 4)
+    assert second.commit((1,), [_obj(40, 45, 40, 45)]).ids == (5,)
+    stored = np.asarray(zarr.open_array(str(path)))
+    assert sorted(np.unique(stored).tolist()) == [0, 1, 2, 3, 4, 5]
+    assert zarr.open_array(str(path)).attrs["napari_sam_max_id"] == 5
+
+
 def test_next_id_of_a_large_foreign_zarr_array_is_found_chunkwise(tmp_path):
     z = zarr.create_array(str(tmp_path / "l.zarr"), shape=(4, 300, 300), chunks=(1, 100, 100), dtype="uint16")
     z[2, 250, 250] = 41

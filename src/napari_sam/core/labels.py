@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from .claims import process_alive, process_start
+from .label_journal import check_writer_gone, journal_path, noted, read_note
 
 __all__ = ["Commit", "LabelWriter", "MAX_ID_ATTR", "next_free_id", "paint"]
 
@@ -56,9 +52,6 @@ def paint(labels: np.ndarray, mask: np.ndarray, label_id: int, overwrite: bool =
 
 MAX_ID_ATTR = "napari_sam_max_id"
 """Where a Zarr label array keeps its largest id, so that reopening a large volume needs no scan."""
-# A write-ahead note of the write in progress, inside the Zarr array's folder: a process
-# killed between chunks leaves it behind, and the next LabelWriter rolls the write back.
-_JOURNAL = ".napari_sam_pending.npz"
 
 
 @dataclass(frozen=True)
@@ -132,7 +125,7 @@ class LabelWriter:
         self._history: list[tuple[Commit, ...]] = []
         self._step: list[Commit] | None = None
         self._max_id: int | None = None
-        self._journal = _journal_path(labels)
+        self._journal = journal_path(labels)
         self.recovered = self._recover()
 
     @property
@@ -160,6 +153,24 @@ class LabelWriter:
     def next_id(self) -> int:
         """The id the next object gets."""
         return self.max_id() + 1
+
+    def _catch_up(self) -> None:
+        """Take the largest id another writer has stored since we read it.
+
+        A Zarr array's attributes are read once, when it is opened, so two sessions on one
+        label store (two notebooks, a notebook beside the viewer) would otherwise hand out
+        the same ids to different objects."""
+        if not hasattr(self.labels, "store") or not hasattr(self.labels, "path"):
+            return
+        import zarr
+
+        self.max_id()
+        try:
+            stored = zarr.open_array(self.labels.store, path=self.labels.path, mode="r").attrs.get(MAX_ID_ATTR)
+        except Exception:  # noqa: BLE001 - not a store we can reopen (in memory, removed): keep what we know
+            return
+        if stored is not None and int(stored) > self.max_id():
+            self._max_id = int(stored)
 
     def _set_max_id(self, value: int) -> None:
         self._max_id = value
@@ -204,6 +215,7 @@ class LabelWriter:
             if not (0 <= y0 < y1 <= H and 0 <= x0 < x1 <= W) or m.mask.shape != (y1 - y0, x1 - x0):
                 raise ValueError(f"object region {m.region} does not fit the {H}x{W} label plane")
         boxes = [m.region for m in masks]
+        self._catch_up()
         if ids is None and replace:
             raise ValueError("replace=True needs the ids of the objects written again")
         ids = [int(i) for i in (range(self.next_id(), self.next_id() + len(masks)) if ids is None else ids)]
@@ -284,31 +296,22 @@ class LabelWriter:
         y0, y1, x0, x1 = region
         index = plane + (slice(y0, y1), slice(x0, x1))
         old_max = self.max_id()
-        if self._journal is not None:
-            with _WRITING_LOCK:
-                _WRITING.add(str(self._journal))
-            _write_journal(self._journal, plane, region, before, old_max)
-        try:
-            # the id first: a kill between the two leaves an unused id, never an unrecorded one
-            if max_id > old_max:
-                self._set_max_id(max_id)
-            self.labels[index] = after
-            self._written(plane, region)
-        except BaseException:
-            # an error or Ctrl-C between chunks: put the region back as it was
-            self._put_back(index, before)
-            if max_id > old_max:
-                self._set_max_id(old_max)
-            self._written(plane, region)  # a failure here keeps the note: reopening finishes the roll-back
-            if self._journal is not None:
-                self._journal.unlink(missing_ok=True)
-            raise
-        finally:
-            if self._journal is not None:
-                with _WRITING_LOCK:
-                    _WRITING.discard(str(self._journal))
-        if self._journal is not None:
-            self._journal.unlink(missing_ok=True)
+        with noted(self._journal, plane, region, before, old_max):
+            try:
+                # the id first: a kill between the two leaves an unused id, never an unrecorded one
+                if max_id > old_max:
+                    self._set_max_id(max_id)
+                self.labels[index] = after
+                self._written(plane, region)
+            except BaseException:
+                # an error or Ctrl-C between chunks: put the region back as it was
+                self._put_back(index, before)
+                if max_id > old_max:
+                    self._set_max_id(old_max)
+                self._written(plane, region)  # a failure here keeps the note: reopening finishes the roll-back
+                if self._journal is not None:
+                    self._journal.unlink(missing_ok=True)
+                raise
 
     def _put_back(self, index, before: np.ndarray) -> None:
         # zarr writes a region's chunks concurrently, and one failing does not cancel the
@@ -325,26 +328,9 @@ class LabelWriter:
         """Roll back a write that a dead process left half done; True if there was one."""
         if self._journal is None or not self._journal.exists():
             return False
-        try:
-            with np.load(self._journal, allow_pickle=False) as note:
-                plane = tuple(int(i) for i in note["plane"])
-                y0, y1, x0, x1 = (int(i) for i in note["region"])
-                before, old_max = note["before"], int(note["max_id"])
-                pid, host = int(note["pid"]), str(note["host"])
-                started = int(note["started"]) if "started" in note.files and int(note["started"]) >= 0 else None
-        except Exception as err:  # noqa: BLE001 - any damage means the note was never completed
-            # the note is written to a temporary name and renamed, so a damaged one was not
-            # finished: no pixel was written after it
-            raise ValueError(f"{self._journal} is damaged; remove it to open the labels") from err
-        if host == socket.gethostname() and (str(self._journal) in _WRITING or _alive(pid, started)):
-            # one writer at a time: undoing a write in progress would tear it, and carrying
-            # on would overwrite its note with ours
-            raise ValueError(f"{self._journal}: process {pid} is writing these labels now; close that session first")
-        if host != socket.gethostname():
-            raise ValueError(
-                f"{self._journal}: a write by process {pid} on {host} did not finish; "
-                "if that process has ended, remove the note to open the labels as they are"
-            )
+        note = read_note(self._journal)
+        check_writer_gone(self._journal, note)
+        plane, (y0, y1, x0, x1), before, old_max = note.plane, note.region, note.before, note.max_id
         self.labels[plane + (slice(y0, y1), slice(x0, x1))] = before
         if self.max_id() != old_max:
             self._set_max_id(old_max)
@@ -367,34 +353,3 @@ def _whole_plane(mask, shape):
         raise ValueError(f"an object is a PlaneMask or a boolean {tuple(shape)} plane, not a {mask.dtype} array of "
                          f"shape {mask.shape}")
     return PlaneMask.from_full(mask.astype(bool))
-
-
-_WRITING: set[str] = set()
-"""Notes of the writes this process is making now (another writer of this process, a
-second session on the same labels, must not take them for a crash)."""
-_WRITING_LOCK = threading.Lock()
-
-
-def _journal_path(labels) -> Path | None:
-    """Where the write-ahead note of a Zarr array in a local folder goes (None otherwise:
-    numpy arrays live and die with the process, and other stores are written as is)."""
-    store_path = getattr(labels, "store_path", None)
-    root = getattr(getattr(store_path, "store", None), "root", None)
-    if store_path is None or root is None:
-        return None
-    return Path(root) / str(store_path.path) / _JOURNAL
-
-
-def _write_journal(path: Path, plane, region, before: np.ndarray, max_id: int) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    with open(tmp, "wb") as f:
-        np.savez(f, plane=np.asarray(plane, np.int64).reshape(-1), region=np.asarray(region, np.int64),
-                 before=before, max_id=np.int64(max_id), pid=np.int64(os.getpid()),
-                 started=np.int64(process_start(os.getpid()) or -1), host=np.str_(socket.gethostname()))
-    os.replace(tmp, path)  # the note is whole or absent
-
-
-def _alive(pid: int, started: int | None) -> bool:
-    # Writes of this process are known (_WRITING): a note naming our own pid is a dead
-    # process's whose pid we were given.
-    return pid != os.getpid() and process_alive(pid, started)
