@@ -305,6 +305,27 @@ def test_default_cache_goes_beside_a_zarr_image_or_into_the_user_cache(tiny_mode
     assert emb.cache_path.parent == __import__("pathlib").Path(os.environ["NAPARI_SAM_CACHE_DIR"]) / "embeddings"
 
 
+def test_a_zarr_array_opened_in_a_script_finds_the_cache_made_for_its_path(tmp_path):
+    from napari_sam.core.io import read_image
+
+    # an OME-Zarr image of two levels, as `napari-sam embed image.ome.zarr` sees it
+    path = tmp_path / "image.ome.zarr"
+    group = zarr.open_group(str(path), mode="w")
+    group.attrs["ome"] = {"version": "0.5", "multiscales": [{"datasets": [{"path": "0"}, {"path": "1"}]}]}
+    group.create_array("0", shape=(3, 40, 40), dtype="uint8")
+    group.create_array("1", shape=(3, 20, 20), dtype="uint8")
+    plain = zarr.create_array(str(tmp_path / "plain.zarr"), shape=(40, 40), dtype="uint8")
+    beside = path.with_name("image.ome.sam-embeddings.zarr")
+    assert default_cache_path(ImageSource.open(path), "blake2b:ff") == beside
+    for array in (read_image(path), zarr.open_array(str(path / "0")), zarr.open_group(str(path))["0"]):
+        assert default_cache_path(ImageSource(array), "blake2b:ff") == beside
+    # another level is another image: its own folder, never the first level's cache
+    assert default_cache_path(ImageSource(group["1"]), "blake2b:ff") == path / "1.sam-embeddings.zarr"
+    assert default_cache_path(ImageSource(plain), "blake2b:ff") == tmp_path / "plain.sam-embeddings.zarr"
+    in_memory = default_cache_path(ImageSource(np.zeros((40, 40), np.uint8)), "blake2b:ff")
+    assert in_memory.parent == __import__("pathlib").Path(os.environ["NAPARI_SAM_CACHE_DIR"]) / "embeddings"
+
+
 def test_two_worker_processes_write_the_same_cache_as_a_serial_run(tiny_model, volume_zarr, tmp_path):
     pytest.importorskip("distributed")
     path, _ = volume_zarr

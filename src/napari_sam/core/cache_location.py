@@ -7,16 +7,17 @@ import os
 from pathlib import Path
 
 from .image_source import ImageSource
+from .io import zarr_image_folder
 
 __all__ = ["cache_path_for", "default_cache_path"]
 
 
 def default_cache_path(source: ImageSource, fingerprint_: str) -> Path:
     """Beside a Zarr input when its folder is writable (``image.zarr`` ->
-    ``image.sam-embeddings.zarr``), else in the user cache folder under the image's
-    fingerprint."""
-    if source.path is not None:
-        path = Path(source.path)
+    ``image.sam-embeddings.zarr``; also for a Zarr array opened in a script, as for its
+    path), else in the user cache folder under the image's fingerprint."""
+    path = Path(source.path) if source.path is not None else zarr_image_folder(source.array)
+    if path is not None:
         if path.suffix == ".zarr" or (path / "zarr.json").exists() or (path / ".zarray").exists():
             if os.access(path.parent, os.W_OK):
                 return path.with_name(path.name.removesuffix(".zarr") + ".sam-embeddings.zarr")

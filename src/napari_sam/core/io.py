@@ -94,6 +94,29 @@ def _multiscales(group) -> list | None:
     return attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales")
 
 
+def zarr_image_folder(array) -> Path | None:
+    """The folder a user names to open ``array``, for a Zarr array in a local folder.
+
+    An OME-Zarr image's first level gives the image's folder (what :func:`read_image`
+    opens for it), any other array its own folder; None for arrays not stored in a local
+    folder (numpy, dask, remote stores). An array opened in a script then finds the
+    embedding cache that ``napari-sam embed`` made for the same path.
+    """
+    root = getattr(getattr(array, "store", None), "root", None)
+    if root is None or not hasattr(array, "path"):
+        return None
+    folder = Path(root) / str(array.path) if array.path else Path(root)
+    import zarr
+
+    try:
+        multiscales = _multiscales(zarr.open_group(str(folder.parent), mode="r"))
+    except Exception:  # noqa: BLE001 - the parent is no Zarr group: the array stands alone
+        multiscales = None
+    if multiscales and str(multiscales[0]["datasets"][0]["path"]).strip("/") == folder.name:
+        return folder.parent
+    return folder
+
+
 def _open_zarr_image(path: Path):
     import zarr
 
