@@ -148,11 +148,17 @@ def test_verify_reads_every_tile_and_reports_damage_without_repairing(tmp_path):
     assert described == check and describe_cache(tmp_path / "c.zarr")[0]["check"] is None
 
 
-@pytest.mark.parametrize("lost", ["features", "checksums"])
+@pytest.mark.parametrize("lost", ["features", "checksums", "garbage group", "garbage array"])
 def test_a_group_that_lost_an_arrays_metadata_is_rebuilt_not_a_crash(tmp_path, lost):
     store = EmbeddingStore.open(tmp_path / "c.zarr", SIG, LAYOUT)
     store.write((0, 0, 0), _features(0))
-    (tmp_path / "c.zarr" / store.key / lost / "zarr.json").unlink()
+    group = tmp_path / "c.zarr" / store.key
+    if lost == "garbage group":  # zarr's own listing of the groups parses this and stops at it
+        (group / "zarr.json").write_text("garbage{")
+    elif lost == "garbage array":
+        (group / "features" / "zarr.json").write_text("garbage{")
+    else:
+        (group / lost / "zarr.json").unlink()
     assert describe_cache(tmp_path / "c.zarr") == []  # listed as nothing usable, not a KeyError
     again = EmbeddingStore.open(tmp_path / "c.zarr", SIG, LAYOUT)  # the entries are computed again
     assert again.layout == LAYOUT and not again.present().any()

@@ -24,24 +24,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import warnings
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import xxhash
 import zarr
 
+from . import cache_folder
 from .signature import CacheSignature
 
 __all__ = ["CacheMismatchError", "EmbeddingStore", "FEATURE_SHAPE", "TileCheck", "describe_cache", "signature_key"]
 
-FORMAT = 1
 FEATURE_SHAPE = (256, 64, 64)
-_ROOT_ATTR = "napari_sam"
 _STORAGE = ("float32", "float16")
 
 
@@ -58,71 +54,6 @@ def signature_key(signature: CacheSignature) -> str:
 def _checksum(features: np.ndarray) -> int:
     # 0 is the fill value that means "absent"; a real hash of 0 is nudged to 1.
     return xxhash.xxh3_64_intdigest(np.ascontiguousarray(features).tobytes()) or 1
-
-
-def _open_root(path: str | os.PathLike | None, mode: Literal["r", "r+", "a"]) -> zarr.Group:
-    if path is None:
-        return zarr.open_group(zarr.storage.MemoryStore(), mode="a", zarr_format=3)
-    path = Path(path).expanduser()
-    # An empty folder (made by hand or by a file dialog) is a fine place for a new cache.
-    fresh = not path.exists() or (path.is_dir() and not any(path.iterdir()))
-    if not fresh:
-        meta = path / "zarr.json"
-        try:
-            node_type = json.loads(meta.read_text()).get("node_type")
-        except (OSError, ValueError) as err:
-            raise ValueError(f"{path} exists but is not a Zarr v3 store: choose another cache location") from err
-        if node_type != "group":
-            raise ValueError(f"{path} is a Zarr {node_type}, not an embedding cache: choose another cache location")
-    try:
-        if fresh and mode != "r":
-            try:
-                # One metadata write: a reader never sees the new group without its marker.
-                root = zarr.create_group(str(path), attributes={_ROOT_ATTR: {"format": FORMAT}}, zarr_format=3)
-            except zarr.errors.ContainsGroupError:  # another writer created it first
-                root = zarr.open_group(str(path), mode=mode, zarr_format=3)
-        else:
-            root = zarr.open_group(str(path), mode=mode, zarr_format=3)
-    except (OSError, ValueError, KeyError) as err:
-        raise ValueError(f"cannot open the embedding cache {path}: {err}") from err
-    if mode != "r" and _ROOT_ATTR not in root.attrs:
-        if list(root.keys()):
-            raise ValueError(f"{path} is a Zarr group, but not an embedding cache: choose another cache location")
-        root.attrs[_ROOT_ATTR] = {"format": FORMAT}
-    ours = dict(root.attrs).get(_ROOT_ATTR, {})
-    fmt = ours.get("format") if isinstance(ours, Mapping) else None
-    if fmt != FORMAT:
-        raise ValueError(f"{path} is not an embedding cache of format {FORMAT} (found {fmt!r})")
-    return root
-
-
-def _signatures(root: zarr.Group) -> dict[str, CacheSignature]:
-    out = {}
-    for key, group in root.groups():
-        try:
-            data = dict(group.attrs)["signature"]
-            if not isinstance(data, Mapping):
-                raise TypeError(f"signature of {key!r} is not a mapping")
-            _array(group, "features"), _array(group, "checksums")  # noqa: B018 - both must open
-            out[key] = CacheSignature.from_json(data)
-        except (KeyError, ValueError, TypeError):
-            continue  # a crashed run's group (no signature yet) or one that lost an array: replaced when needed
-    return out
-
-
-# Zarr returns a member as "array or group"; the layout above fixes which one each is.
-def _array(group: zarr.Group, name: str) -> zarr.Array:
-    node = group[name]
-    if not isinstance(node, zarr.Array):
-        raise ValueError(f"{name!r} in the embedding cache is a group, not an array")
-    return node
-
-
-def _group(root: zarr.Group, name: str) -> zarr.Group:
-    node = root[name]
-    if not isinstance(node, zarr.Group):
-        raise ValueError(f"{name!r} in the embedding cache is an array, not a group")
-    return node
 
 
 @dataclass(frozen=True)
@@ -152,8 +83,8 @@ class EmbeddingStore:
         self.group = group
         self.signature = signature
         self.path = path
-        self.features = _array(group, "features")
-        self.checksums = _array(group, "checksums")
+        self.features = cache_folder.member_array(group, "features")
+        self.checksums = cache_folder.member_array(group, "checksums")
 
     @property
     def key(self) -> str:
@@ -213,12 +144,13 @@ class EmbeddingStore:
             raise ValueError(f"on_mismatch must be 'keep', 'beside', 'error' or 'replace', not {on_mismatch!r}")
         if signature.storage not in _STORAGE:
             raise ValueError(f"storage dtype must be one of {_STORAGE}, not {signature.storage!r}")
-        root = _open_root(path, "a")
+        root = cache_folder.open_root(path, "a")
         key = signature_key(signature)
-        existing = _signatures(root)
+        existing = cache_folder.signatures(root)
         if key not in existing:
             # entries of another kind (SAM 2's features beside SAM's embeddings) are neither near misses nor replaced
-            others = {k: s for k, s in existing.items() if k != key and _kind(root, k) == tuple(feature_shape)}
+            others = {k: s for k, s in existing.items()
+                      if k != key and cache_folder.kind(root, k) == tuple(feature_shape)}
             if others:
                 closest = min(others.values(), key=lambda s: len(s.differences(signature)))
                 diffs = "; ".join(closest.differences(signature))
@@ -235,9 +167,10 @@ class EmbeddingStore:
                     )
                 elif on_mismatch == "replace":
                     for k in others:
-                        _delete_group(root, k, path)
-            if key in root:  # a crashed creation left a group without its signature
-                _delete_group(root, key, path)
+                        cache_folder.delete_group(root, k, path)
+            # a crashed creation (or damage) left a group without its signature
+            if key in cache_folder.entry_keys(root):
+                cache_folder.delete_group(root, key, path)
             group = root.create_group(key)
             P, R, C = layout
             group.create_array(
@@ -250,7 +183,7 @@ class EmbeddingStore:
             group.create_array("checksums", shape=(P, R, C), chunks=(1, 1, 1), dtype="uint64", fill_value=0)
             # The signature goes last: a group is only recognised once it is complete.
             group.attrs["signature"] = signature.to_json()
-        group = _group(root, key)
+        group = cache_folder.member_group(root, key)
         store = cls(group, signature, None if path is None else str(path))
         if store.layout != tuple(layout) or store.feature_shape != tuple(feature_shape):
             raise ValueError(
@@ -262,11 +195,11 @@ class EmbeddingStore:
     @classmethod
     def attach(cls, path: str | os.PathLike, key: str) -> "EmbeddingStore":
         """Open existing entries by their key (in a worker process, say); never creates."""
-        root = _open_root(path, "r+")
-        signatures = _signatures(root)
+        root = cache_folder.open_root(path, "r+")
+        signatures = cache_folder.signatures(root)
         if key not in signatures:
             raise ValueError(f"the embedding cache {path} has no entries {key!r}")
-        return cls(_group(root, key), signatures[key], str(path))
+        return cls(cache_folder.member_group(root, key), signatures[key], str(path))
 
     # -- entries -----------------------------------------------------------------------
     def write(self, entry: tuple[int, int, int], features) -> None:
@@ -344,18 +277,6 @@ class EmbeddingStore:
         return out
 
 
-def _kind(root: zarr.Group, key: str) -> tuple[int, ...]:
-    """The shape of one entry of a signature's group: what kind of features it holds."""
-    return tuple(int(n) for n in _array(_group(root, key), "features").shape[3:])
-
-
-def _delete_group(root: zarr.Group, key: str, path) -> None:
-    if path is None:
-        del root[key]
-    else:
-        shutil.rmtree(Path(path).expanduser() / key, ignore_errors=True)
-
-
 def _disk_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -380,11 +301,11 @@ def describe_cache(path: str | os.PathLike, verify: bool = False) -> list[dict]:
     path = Path(path).expanduser()
     if not (path / "zarr.json").exists():
         raise ValueError(f"{path} is not an embedding cache (no zarr.json)")
-    root = _open_root(path, "r")
+    root = cache_folder.open_root(path, "r")
     out = []
-    for key, sig in sorted(_signatures(root).items()):
-        group = _group(root, key)
-        checks = np.asarray(_array(group, "checksums")[...])
+    for key, sig in sorted(cache_folder.signatures(root).items()):
+        group = cache_folder.member_group(root, key)
+        checks = np.asarray(cache_folder.member_array(group, "checksums")[...])
         out.append(
             {
                 "key": key,

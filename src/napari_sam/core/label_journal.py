@@ -85,8 +85,9 @@ def read_note(path: Path) -> Note:
     try:
         with np.load(path, allow_pickle=False) as note:
             started = int(note["started"]) if "started" in note.files and int(note["started"]) >= 0 else None
-            return Note(tuple(int(i) for i in note["plane"]), tuple(int(i) for i in note["region"]),
-                        note["before"], int(note["max_id"]), int(note["pid"]), str(note["host"]), started)
+            y0, y1, x0, x1 = (int(i) for i in note["region"])
+            return Note(tuple(int(i) for i in note["plane"]), (y0, y1, x0, x1), note["before"],
+                        int(note["max_id"]), int(note["pid"]), str(note["host"]), started)
     except Exception as err:  # noqa: BLE001 - any damage means the note was never completed
         # the note is written to a temporary name and renamed, so a damaged one was not
         # finished: no pixel was written after it

@@ -166,11 +166,12 @@ class LabelWriter:
 
         self.max_id()
         try:
-            stored = zarr.open_array(self.labels.store, path=self.labels.path, mode="r").attrs.get(MAX_ID_ATTR)
-        except Exception:  # noqa: BLE001 - not a store we can reopen (in memory, removed): keep what we know
+            attrs = zarr.open_array(self.labels.store, path=self.labels.path, mode="r").attrs
+            stored = int(attrs[MAX_ID_ATTR])  # type: ignore[arg-type]
+        except Exception:  # noqa: BLE001 - not a store we can reopen (in memory, removed), no id stored: keep ours
             return
-        if stored is not None and int(stored) > self.max_id():
-            self._max_id = int(stored)
+        if stored > self.max_id():
+            self._max_id = stored
 
     def _set_max_id(self, value: int) -> None:
         self._max_id = value

@@ -1,0 +1,120 @@
+"""The folder of an embedding cache: its root group, opened safely, and the groups of
+signatures inside it, listed so that one damaged member cannot hide the others.
+
+:mod:`napari_sam.core.embedding_store` reads and writes the entries of one signature.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+
+import zarr
+
+from .signature import CacheSignature
+
+__all__ = ["FORMAT", "ROOT_ATTR", "delete_group", "entry_keys", "kind", "member_array", "member_group", "open_root",
+           "signatures"]
+
+FORMAT = 1
+ROOT_ATTR = "napari_sam"
+"""The root group's attribute that marks a cache: ``{"format": FORMAT}``."""
+
+
+def open_root(path: str | os.PathLike | None, mode: Literal["r", "r+", "a"]) -> zarr.Group:
+    """The cache's root group (a new one in memory for ``path=None``); created when the
+    folder is missing or empty and ``mode`` allows. ValueError, naming the folder, for
+    anything that is not an embedding cache of this format."""
+    if path is None:
+        return zarr.open_group(zarr.storage.MemoryStore(), mode="a", zarr_format=3)
+    path = Path(path).expanduser()
+    # An empty folder (made by hand or by a file dialog) is a fine place for a new cache.
+    fresh = not path.exists() or (path.is_dir() and not any(path.iterdir()))
+    if not fresh:
+        meta = path / "zarr.json"
+        try:
+            node_type = json.loads(meta.read_text()).get("node_type")
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{path} exists but is not a Zarr v3 store: choose another cache location") from err
+        if node_type != "group":
+            raise ValueError(f"{path} is a Zarr {node_type}, not an embedding cache: choose another cache location")
+    try:
+        if fresh and mode != "r":
+            try:
+                # One metadata write: a reader never sees the new group without its marker.
+                root = zarr.create_group(str(path), attributes={ROOT_ATTR: {"format": FORMAT}}, zarr_format=3)
+            except zarr.errors.ContainsGroupError:  # another writer created it first
+                root = zarr.open_group(str(path), mode=mode, zarr_format=3)
+        else:
+            root = zarr.open_group(str(path), mode=mode, zarr_format=3)
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"cannot open the embedding cache {path}: {err}") from err
+    if mode != "r" and ROOT_ATTR not in root.attrs:
+        if list(root.keys()):
+            raise ValueError(f"{path} is a Zarr group, but not an embedding cache: choose another cache location")
+        root.attrs[ROOT_ATTR] = {"format": FORMAT}
+    ours = dict(root.attrs).get(ROOT_ATTR, {})
+    fmt = ours.get("format") if isinstance(ours, Mapping) else None
+    if fmt != FORMAT:
+        raise ValueError(f"{path} is not an embedding cache of format {FORMAT} (found {fmt!r})")
+    return root
+
+
+def entry_keys(root: zarr.Group) -> list[str]:
+    """The names of the root's subfolders, read from the folder: asking zarr for its groups
+    parses every member's metadata, and one damaged file would stop them all."""
+    folder = getattr(root.store, "root", None)
+    if folder is None:  # in memory: nothing on disk to damage
+        return list(root.group_keys())
+    return sorted(p.name for p in (Path(folder) / root.path).iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def signatures(root: zarr.Group) -> dict[str, CacheSignature]:
+    """The complete entries' groups by key, with their signatures; damaged or unfinished
+    groups are left out (the next run that needs one replaces it)."""
+    out = {}
+    for key in entry_keys(root):
+        try:
+            group = member_group(root, key)
+            data = dict(group.attrs)["signature"]
+            if not isinstance(data, Mapping):
+                raise TypeError(f"signature of {key!r} is not a mapping")
+            member_array(group, "features"), member_array(group, "checksums")  # noqa: B018 - both must open
+            out[key] = CacheSignature.from_json(data)
+        except (KeyError, ValueError, TypeError):  # a damaged zarr.json is a ValueError (JSONDecodeError)
+            continue  # a crashed run's group (no signature yet) or one that lost an array: replaced when needed
+    return out
+
+
+# Zarr returns a member as "array or group"; the cache's layout (embedding_store) fixes which one each is.
+def member_array(group: zarr.Group, name: str) -> zarr.Array:
+    """``group[name]``, which must be an array."""
+    node = group[name]
+    if not isinstance(node, zarr.Array):
+        raise ValueError(f"{name!r} in the embedding cache is a group, not an array")
+    return node
+
+
+def member_group(root: zarr.Group, name: str) -> zarr.Group:
+    """``root[name]``, which must be a group."""
+    node = root[name]
+    if not isinstance(node, zarr.Group):
+        raise ValueError(f"{name!r} in the embedding cache is an array, not a group")
+    return node
+
+
+def kind(root: zarr.Group, key: str) -> tuple[int, ...]:
+    """The shape of one entry of a signature's group: what kind of features it holds."""
+    return tuple(int(n) for n in member_array(member_group(root, key), "features").shape[3:])
+
+
+def delete_group(root: zarr.Group, key: str, path) -> None:
+    """Remove one signature's group (on disk: its folder, whatever state it is in)."""
+    if path is None:
+        del root[key]
+    else:
+        shutil.rmtree(Path(path).expanduser() / key, ignore_errors=True)
