@@ -31,7 +31,7 @@ from .core.image_source import ImageSource
 from .core.label_target import open_labels
 from .core.labels import Commit, LabelWriter
 from .core.masks import PlaneMask
-from .core.memory_labels import NoSam, Tracking, largest_planes, split_models
+from .core.memory_labels import NoSam, Tracking, largest_planes, note_prompted, split_models
 from .core.memory_propagation import MemoryStep
 from .core.ngff import LabelImage
 from .core.object_scale import segment_at_object_scale
@@ -103,9 +103,8 @@ class Annotator:
             self.source, self.model, cache, tile=tile, halo=halo, normalization=normalization,
             magnification=magnification, diameter=diameter)
         self.tracking = None if sam2 is None else Tracking(self.source, sam2, cache, normalization)
-        # an OME-Zarr label image: its lower levels follow every change of level 0
-        self.label_image = labels if isinstance(labels, LabelImage) else None
-        on_write = labels.update if isinstance(labels, LabelImage) else None
+        self.label_image = labels if isinstance(labels, LabelImage) else None  # its lower levels follow level 0
+        on_write = None if self.label_image is None else self.label_image.update
         self.writer = LabelWriter(open_labels(labels, self.labels_shape), on_write=on_write)
 
     @property
@@ -190,6 +189,7 @@ class Annotator:
         commit = self.writer.commit(self.plane(plane), list(masks), overwrite=overwrite)
         if self.tracking is not None:  # SAM 2 propagates from the planes objects were given on
             self.tracking.remember(commit.plane, commit.ids)
+        note_prompted(self.writer.labels, {i: [commit.plane] for i in commit.ids})  # and a later session's
         return commit
 
     def object_mask(self, plane, label_id: int) -> PlaneMask:

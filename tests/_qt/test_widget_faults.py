@@ -94,6 +94,12 @@ def test_starting_again_goes_on_in_the_same_labels_layer(widget, viewer_3d, qtbo
     again = widget.session
     assert again.labels_layer is session.labels_layer and again.annotator.writer.next_id() == 2
     assert sum(1 for layer in viewer.layers if layer.name.startswith("SAM labels")) == 1
+    # the committed plane stays a prompted plane: a propagation of the new session never rewrites it
+    assert again.tracker.prompted == {1: {(50,)}}
+    again.writing = "a propagation"  # Start while it writes would make a second writer of the same layer
+    widget.start_session()
+    assert widget.session is again and widget.start.enabled and "a propagation is writing" in widget.status.value
+    again.writing = ""
 
 
 def test_prompt_layers_of_an_earlier_image_of_other_axes_are_replaced(make_napari_viewer, nuclei_2d, nuclei_3d,

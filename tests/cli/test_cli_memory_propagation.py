@@ -82,3 +82,29 @@ def test_evaluate_measures_sam2_propagation_beside_the_watershed(tmp_path, sam2_
     assert "measured on 3D label volumes" in capsys.readouterr().err
     assert main(["evaluate", str(tmp_path), "--model", str(sam2_checkpoint), "--auto"]) == 2
     assert "is a SAM 2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, seeds_empty, said", [
+    (["--axis", "T"], False, "--axis T: the image's plane axes are 'Z'"),
+    (["--ids", "5"], False, "no object [5] in the labels"),
+    ([], True, "hold no object to propagate"),
+])
+def test_propagate_refuses_a_bad_request_before_the_model_loads(tmp_path, monkeypatch, capsys, extra, seeds_empty,
+                                                               said):
+    import napari_sam.api
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the request was checked")
+
+    monkeypatch.setattr(napari_sam.api, "split_models", never)
+    tifffile.imwrite(tmp_path / "vol.tif", np.zeros((6, 32, 32), np.uint8))
+    seeds = np.zeros((6, 32, 32), np.uint16)
+    if not seeds_empty:
+        seeds[1, 5:10, 5:10] = 1
+    tifffile.imwrite(tmp_path / "seeds.tif", seeds)
+    args = ["propagate", str(tmp_path / "vol.tif"), str(tmp_path / "seeds.tif"), "--model", "sam2.1_hiera_tiny",
+            "--out", str(tmp_path / "out.tif"), *extra]
+    assert main(args) == 2
+    assert said in capsys.readouterr().err and not (tmp_path / "out.tif").exists()
+    with pytest.raises(SystemExit):  # --ids names at least one object
+        main(args[:7] + ["--ids"])

@@ -232,3 +232,60 @@ def test_a_commit_that_replaces_clears_the_objects_earlier_pixels_and_only_those
     assert (labels[1, 0:3, 0:3] == 4).all() and (labels[1, 8:10, 8:10] == 0).all()
     with pytest.raises(ValueError, match="replace=True needs the ids"):
         writer.commit((1,), [new], replace=True)
+
+
+def test_a_correction_that_ends_the_object_sooner_clears_its_old_pixels_beyond(sam2):
+    volume, seeds = two_disks()
+    ann = Annotator(volume, sam2, seeds.copy(), axes="ZYX", cache=False)
+    ann.propagate_all(progress=False)
+    assert all((ann.labels[z] == 1).any() for z in (6, 7))
+    # the person redraws object 1 small on plane 6; a min_area above it stands for a model that
+    # now finds the object absent after that plane (it has ended)
+    plane6 = ann.labels[6]
+    plane6[plane6 == 1] = 0
+    plane6[30:33, 30:33] = np.where(plane6[30:33, 30:33] == 0, 1, plane6[30:33, 30:33])
+    after_edit = np.array(ann.labels)
+    steps = list(ann.propagate(6, 1, settings=MemorySettings(min_area=5000, stop_after=1)))
+    assert any("ended" in s.stopped for s in steps)
+    for z in (5, 7):  # the planes plane 6 owns, where the object was decided absent: its old pixels go
+        assert not (ann.labels[z] == 1).any(), z
+    np.testing.assert_array_equal(ann.labels[:5], after_edit[:5])  # plane 3's planes untouched
+    np.testing.assert_array_equal(ann.labels[6], after_edit[6])  # the correction itself stays
+    assert (ann.labels == 2).sum() == (after_edit == 2).sum()  # other objects untouched
+    ann.undo()
+    np.testing.assert_array_equal(ann.labels, after_edit)
+
+
+def test_a_refused_propagation_remembers_nothing_and_bad_ids_are_named(sam2):
+    volume, seeds = two_disks()
+    ann = Annotator(volume, sam2, seeds.copy(), axes="ZYX", cache=False)
+    with pytest.raises(ValueError, match="not on plane"):
+        list(ann.propagate(6, 1))
+    assert (6,) not in ann.tracking.prompted.get(1, set())
+    for bad in (0, 1.5, -2, True):
+        with pytest.raises(ValueError, match="an object's id is an integer"):
+            list(ann.propagate(3, bad))
+    with pytest.raises(ValueError, match="ids is empty"):
+        ann.propagate_all(ids=[], progress=False)
+    first = ann.propagate_all(progress=False)
+    again = np.array(ann.labels)
+    assert ann.propagate_all(progress=False) == first  # plane 6 never became a prompt
+    np.testing.assert_array_equal(ann.labels, again)
+
+
+@pytest.mark.parametrize("store", ["numpy", "zarr"])
+def test_a_later_session_on_the_same_labels_keeps_the_plane_a_person_committed(sam2, tmp_path, store):
+    from napari_sam.core.label_target import create_label_store
+
+    volume, seeds = two_disks()
+    labels = np.zeros_like(seeds) if store == "numpy" else create_label_store(tmp_path / "l.zarr", seeds.shape)
+    first = Annotator(volume, sam2, labels, axes="ZYX", cache=False)
+    first.commit(3, [seeds[3] == 1])  # the person's object, on plane 3
+    committed = np.array(first.labels[3])
+    first.propagate_all(progress=False)
+    assert max(range(8), key=lambda z: (first.labels[z] == 1).sum()) != 3  # a machine-made plane is larger
+    later = Annotator(volume, sam2, labels if store == "numpy" else tmp_path / "l.zarr", axes="ZYX", cache=False)
+    before = np.array(later.labels)
+    later.propagate_all(progress=False)  # before: from the largest plane, over the person's plane 3
+    np.testing.assert_array_equal(later.labels[3], committed)
+    np.testing.assert_array_equal(later.labels, before)  # the same prompts give the same planes

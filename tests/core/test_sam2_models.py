@@ -131,7 +131,9 @@ def test_unknown_names_list_the_models_of_the_family_asked_for(tmp_path):
         load_sam2_model("sam2.1_hiera_huge")
     with pytest.raises(ValueError, match="Known model names: default, vit_b, ") as info:
         load_model("sam2.1_hiera_huge")
-    assert "sam2.1" not in str(info.value).split("Known model names:")[1]
+    sam, sam2 = str(info.value).split("Known model names:")[1].split("(SAM 2.1, to propagate: ")
+    assert "sam2.1" not in sam and sam2 == "sam2.1_hiera_base_plus, sam2.1_hiera_large, sam2.1_hiera_small, " \
+        "sam2.1_hiera_tiny)"
 
 
 def test_files_that_are_not_checkpoints_are_refused(tmp_path):
@@ -159,7 +161,8 @@ def test_the_sam_picker_offers_no_sam2_models():
 @pytest.mark.parametrize("folder", SETS, ids=[p.name for p in SETS])
 def test_reference_set_weights_load_exactly(folder):
     node, official, _, _ = load_set(folder)
-    with pytest.raises(ValueError, match=r"fits none of the SAM 2.1 sizes .*; pass its configuration"):
+    with pytest.raises(ValueError, match=r"fits none of the SAM 2.1 sizes .*; record its configuration in the "
+                                        r"checkpoint's metadata"):
         load_sam2_model(folder / "weights.pth", device="cpu")  # a small randomised model: not a released size
     config = config_from_official(node, name=folder.name)
     model = load_sam2_model(folder / "weights.pth", device="cpu", config=config)

@@ -231,7 +231,8 @@ class SamWidget(Container):
         """Load the model and prepare the image (in a worker), then create the layers."""
         layer = self.image.value
         if layer is None:
-            self._say("no image layer: open an image first")
+            return self._say("no image layer: open an image first")
+        if self.session is not None and self.session.busy_writing():  # a new session would be a second writer
             return
         try:
             spec = self.model_spec()

@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     prop.add_argument("--channel", type=_channel, help="channel to use when the image has a C axis" + _STAIN_HELP)
     _add_scale_args(prop)
     prop.add_argument("--axis", choices=["Z", "T"], help="plane axis to follow (default: the innermost)")
-    prop.add_argument("--ids", type=int, nargs="*", help="object ids to propagate (default: all)")
+    prop.add_argument("--ids", type=int, nargs="+", help="object ids to propagate (default: all)")
     prop.add_argument("--cache", help="embedding cache folder, also of SAM 2's features (default: beside a Zarr "
                       "image, else the user cache)")
 

@@ -269,6 +269,7 @@ def propagate(args) -> int:
     from ..core.image_source import ImageSource
     from ..core.io import check_folder_writable, check_not_an_input, read_image
     from ..core.label_target import check_label_ids
+    from ..core.memory_labels import object_planes
 
     _check_out(args)  # before any work
     if args.cache is not None:
@@ -285,6 +286,10 @@ def propagate(args) -> int:
         raise UsageError(f"the seeds {args.seeds} have shape {seeds.shape}, but the image needs "
                          f"{source.plane_grid + source.plane_shape} (planes, then Y, X)")
     check_label_ids(seeds, f"the seeds {args.seeds}")
+    if args.axis is not None and args.axis.upper() not in source.plane_axes:
+        raise UsageError(f"--axis {args.axis}: the image's plane axes are {source.plane_axes!r}")
+    if not object_planes(seeds, len(source.plane_grid), args.ids):  # absent ids: one line, before the model loads
+        raise UsageError(f"the seeds {args.seeds} hold no object to propagate (every pixel is 0)")
     labels = seeds.astype(np.uint32, copy=True)
     ann = Annotator(source, args.model, labels, cache=args.cache, device=args.device, dtype=args.dtype,
                     magnification=args.magnification, diameter=args.diameter)

@@ -242,12 +242,33 @@ class LabelWriter:
         if np.array_equal(after, before):  # nothing changed: no write, and no undo step that undoes nothing
             return commit
         self._write(plane, region, before, after, max(self.max_id(), max(used)))
+        self._record(commit)
+        return commit
+
+    def erase(self, plane: tuple[int, ...], ids) -> Commit | None:
+        """Clear the pixels of objects ``ids`` on one plane (other objects are untouched),
+        as a commit that :meth:`undo` takes back; None when they have none there."""
+        plane = tuple(int(i) for i in plane)
+        ids = [int(i) for i in np.atleast_1d(ids) if int(i)]
+        old = np.isin(np.asarray(self.labels[plane]), ids)
+        if not old.any():
+            return None
+        rows, cols = np.nonzero(old)
+        region = (int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1)
+        before = np.array(self.labels[plane + (slice(region[0], region[1]), slice(region[2], region[3]))])
+        after = np.where(np.isin(before, ids), before.dtype.type(0), before)
+        commit = Commit(plane, region, before, (), (), after)
+        self._write(plane, region, before, after, self.max_id())
+        self._record(commit)
+        return commit
+
+    def _record(self, commit: Commit) -> None:
+        """One more undo step, or part of the step being made (:meth:`one_step`)."""
         if self._step is not None:
             self._step.append(commit)
         else:
             self._history.append((commit,))
             del self._history[: -self.max_undo]
-        return commit
 
     @contextmanager
     def one_step(self) -> Iterator[None]:

@@ -4,14 +4,20 @@ The API, the command line and the widget share this path (:class:`Tracking`): wh
 is a SAM 2 (:func:`split_models`), which planes of an object are its prompted planes, and
 how each plane's result is written:
 
-* **Prompted planes.** The planes an object was committed or propagated from in this
-  session (:meth:`Tracking.remember`), where it is still drawn (a correction drawn on a
-  plane and propagated from there becomes one); without any, the plane
+* **Prompted planes.** The planes an object was committed or propagated from
+  (:meth:`Tracking.remember`), where it is still drawn (a correction drawn on a plane
+  and propagated from there becomes one). They are kept with the labels where the labels
+  can hold them (a Zarr array's attributes, ``PROMPTED_ATTR``; the widget keeps them in
+  the Labels layer's metadata; a numpy array, in this process while it lives), so that a
+  later session on the same labels never takes a propagated plane for a prompted one and
+  rewrites the planes a person committed. Without any, the plane
   where it is largest (``seeds="largest"``, as SAM's propagation starts), or every plane
   it is drawn on (``seeds="drawn"``: a label image of annotations, as ``napari-sam
   propagate`` reads its seeds). Prompted planes are never written.
 * **Writing.** Each plane is written as soon as it is known, under the object's own id:
-  its earlier pixels on that plane are replaced (re-propagating an object rewrites it),
+  its earlier pixels on that plane are replaced (re-propagating an object rewrites it;
+  on the planes where it is now found absent, or beyond where it now ends, its earlier
+  pixels are cleared),
   other objects' pixels are kept unless ``overwrite``, and the whole propagation is one
   undo step, also when it is cancelled.
 """
@@ -20,7 +26,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+import weakref
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,7 +43,11 @@ from .preprocess import Normalization
 from .propagation import PropagationSettings, PropagationStep
 from .sam2_features import Sam2Features
 
-__all__ = ["NoSam", "SEEDS", "Tracking", "largest_planes", "model_family", "object_planes", "split_models"]
+__all__ = ["NoSam", "PROMPTED_ATTR", "SEEDS", "Tracking", "kept_prompted", "largest_planes", "model_family",
+           "note_prompted", "object_planes", "split_models"]
+
+PROMPTED_ATTR = "napari_sam_prompted"
+"""Where a Zarr label array keeps its objects' prompted planes: ``{"id": [[plane...], ...]}``."""
 
 SEEDS = ("largest", "drawn")
 """Where objects without remembered prompted planes are propagated from (see the module notes)."""
@@ -90,6 +101,7 @@ def split_models(model=None, tracker=None, device=None, dtype="auto"):
     from .sam2_models import load_sam2_model
 
     def sam2(spec):
+        model_family(spec)  # anything but a model, a name or a path: named in one line
         return spec if isinstance(spec, Sam2) else load_sam2_model(spec, device)
 
     if model_family(model) == "sam2":
@@ -137,6 +149,53 @@ def _largest(planes: dict[tuple[int, ...], int]) -> tuple[int, ...]:
     return max(planes, key=lambda p: (planes[p], tuple(-i for i in p)))
 
 
+_IN_MEMORY: dict[int, dict] = {}
+"""What a numpy label array keeps (it has no attributes), by the array's id while it lives."""
+
+
+def _keeper(labels):
+    """Where ``labels`` keep their prompted planes: a Zarr array's attributes, a numpy
+    array's entry in this process, or None."""
+    attrs = getattr(labels, "attrs", None)
+    if attrs is not None or not isinstance(labels, np.ndarray):
+        return attrs
+    key = id(labels)
+    if key not in _IN_MEMORY:
+        _IN_MEMORY[key] = {}
+        weakref.finalize(labels, _IN_MEMORY.pop, key, None)  # an id is reused once the array is gone
+    return _IN_MEMORY[key]
+
+
+def kept_prompted(labels) -> dict[int, set[tuple[int, ...]]]:
+    """The prompted planes a label array keeps (``PROMPTED_ATTR``), by object id."""
+    keeper = _keeper(labels)
+    stored = None if keeper is None else dict(keeper).get(PROMPTED_ATTR)
+    out: dict[int, set[tuple[int, ...]]] = {}
+    if isinstance(stored, dict):
+        try:
+            for oid, planes in stored.items():
+                out.setdefault(int(oid), set()).update(tuple(int(i) for i in p) for p in planes)
+        except (TypeError, ValueError):  # edited by hand into something else: not trusted
+            return {}
+    return out
+
+
+def note_prompted(labels, prompted: Mapping[int, Iterable[tuple[int, ...]]]) -> None:
+    """Keep these prompted planes (object id -> planes) with ``labels``, beside those they
+    keep already: in a Zarr array's attributes, for a numpy array in this process."""
+    keeper = _keeper(labels)
+    if keeper is None:
+        return
+    kept = kept_prompted(labels)
+    new = {(int(oid), tuple(int(i) for i in p)) for oid, planes in prompted.items() if oid for p in planes}
+    new = {(oid, p) for oid, p in new if p not in kept.get(oid, ())}
+    if not new:
+        return  # nothing new: no metadata write
+    for oid, plane in new:
+        kept.setdefault(oid, set()).add(plane)
+    keeper[PROMPTED_ATTR] = {str(oid): sorted(list(p) for p in planes) for oid, planes in sorted(kept.items())}
+
+
 def _masks(labels, label_id: int, planes) -> dict[tuple[int, ...], PlaneMask]:
     """The object's masks on those of ``planes`` where it is drawn."""
     masks = {p: PlaneMask.from_full(np.asarray(labels[p]) == label_id) for p in planes}
@@ -177,12 +236,26 @@ class Tracking:
         """``plane`` is a prompted plane of the objects ``ids`` (committed or corrected there)."""
         for i in ids:
             if i:
-                self.prompted.setdefault(int(i), set()).add(tuple(plane))
+                self.prompted.setdefault(int(i), set()).add(tuple(int(k) for k in plane))
+
+    def keep(self, labels) -> None:
+        """Store the prompted planes with ``labels`` (see the module notes)."""
+        note_prompted(labels, self.prompted)
+
+    def recall(self, labels) -> None:
+        """Take the prompted planes that ``labels`` keep (an earlier session's)."""
+        for oid, planes in kept_prompted(labels).items():
+            self.prompted.setdefault(oid, set()).update(planes)
 
     def objects(self, labels, ids=None, seeds: str = "largest") -> dict[int, dict[tuple[int, ...], PlaneMask]]:
         """Object id -> {prompted plane: its mask there} read from ``labels`` (see the module notes)."""
         if seeds not in SEEDS:
             raise ValueError(f"seeds must be one of {SEEDS}, not {seeds!r}")
+        if ids is not None and not np.atleast_1d(ids).size:
+            raise ValueError("ids is empty: give the objects to propagate, or None for all of them")
+        if not self.source.plane_axes:
+            raise ValueError("a 2D image has no planes to propagate through")
+        self.recall(labels)
         out = {}
         for oid, planes in object_planes(labels, len(self.source.plane_grid), ids).items():
             chosen = [p for p in sorted(self.prompted.get(oid, ())) if p in planes]
@@ -206,6 +279,7 @@ class Tracking:
         for oid, planes in objects.items():  # planes propagated from stay prompted: later runs leave them be
             for plane in planes:
                 self.remember(plane, [oid])
+        self.keep(writer.labels)
         found = propagate_objects(self.features, objects, axis, _memory_settings(settings), starts)
         with contextlib.closing(found), writer.one_step():
             for step in found:
@@ -214,16 +288,24 @@ class Tracking:
                     order = sorted(step.masks)
                     written = writer.commit(step.plane, [step.masks[i] for i in order], overwrite, order,
                                             replace=True).ids
+                for oid, planes in step.gone.items():  # found absent: its earlier pixels there are not its
+                    for plane in planes:
+                        if plane not in self.prompted.get(oid, ()):
+                            writer.erase(plane, [oid])
                 yield step, written
 
     def propagate(self, writer: LabelWriter, plane: tuple[int, ...], label_id: int, axis: str | None = None,
                   settings=None, overwrite: bool = False) -> Iterator[PropagationStep]:
         """One object from ``plane`` (now one of its prompted planes: a correction when it
         had others), as :meth:`napari_sam.api.Annotator.propagate` yields it."""
-        self.remember(plane, [label_id])
-        masks = _masks(writer.labels, label_id, sorted(self.prompted[label_id]))
-        if plane not in masks:
+        if isinstance(label_id, bool) or not isinstance(label_id, (int, np.integer)) or label_id < 1:
+            raise ValueError(f"an object's id is an integer of 1 or more, not {label_id!r}")
+        label_id = int(label_id)
+        self.recall(writer.labels)
+        masks = _masks(writer.labels, label_id, sorted(self.prompted.get(label_id, set()) | {tuple(plane)}))
+        if plane not in masks:  # refused before it is remembered: a plane it is not on never becomes a prompt
             raise ValueError(f"object {label_id} is not on plane {plane}")
+        self.remember(plane, [label_id])
         objects = {label_id: masks}
         nan = float("nan")  # SAM 2 scores presence, not IoU
         for step in self.steps(writer, [label_id], axis, settings, overwrite, objects=objects,

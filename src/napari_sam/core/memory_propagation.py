@@ -96,6 +96,10 @@ class MemoryStep:
         found there; an object of the session that is missing has no entry.
     ended
         Objects that ended on this plane in this direction.
+    gone
+        Object id -> the planes it was decided absent from at this step: this plane for
+        a miss, this plane and the rest of its way in this direction when it ended. Its
+        earlier pixels there are no longer its (a correction that ends an object sooner).
     window
         ``(y0, y1, x0, x1)`` of the window the session sees.
     done, total
@@ -105,6 +109,7 @@ class MemoryStep:
     plane: tuple[int, ...]
     masks: Mapping[int, PlaneMask]
     ended: tuple[int, ...] = ()
+    gone: Mapping[int, tuple[tuple[int, ...], ...]] = field(default_factory=dict)
     window: tuple[int, int, int, int] = (0, 0, 0, 0)
     done: int = 0
     total: int = 0
@@ -276,6 +281,7 @@ def _session(features: Sam2Features, run: _Run, planes: list[tuple[int, ...]], s
                     break
                 found = (torch.as_tensor(logits) > settings.threshold).cpu().numpy()
                 masks, ended = {}, []
+                gone: dict[int, tuple[tuple[int, ...], ...]] = {}
                 for oid, present in zip(cast(list[int], obj_ids), found):
                     if oid not in live:
                         continue
@@ -283,10 +289,12 @@ def _session(features: Sam2Features, run: _Run, planes: list[tuple[int, ...]], s
                     mask = PlaneMask.from_full(present, _NO_IOU, (window.region[0], window.region[2]))
                     if mask.area < settings.min_area:
                         misses[oid] += 1
+                        gone[oid] = (planes[frame],)
                         if misses[oid] >= settings.stop_after:
                             live.discard(oid)
                             ended.append(oid)
                             decided[oid] = span  # the rest of its way too: it has ended
+                            gone[oid] = tuple(planes[f] for f in range(frame, last + direction, direction))
                         continue
                     misses[oid] = 0
                     masks[oid] = mask
@@ -296,7 +304,7 @@ def _session(features: Sam2Features, run: _Run, planes: list[tuple[int, ...]], s
                         moved.append(_Run(new, [oid], {oid: {frame: mask}}, frame, [(direction, last)]))
                 progress[0] += sum(decided.values()) - counted
                 counted = sum(decided.values())
-                yield MemoryStep(planes[frame], masks, tuple(ended), window.region, progress[0], progress[1])
+                yield MemoryStep(planes[frame], masks, tuple(ended), gone, window.region, progress[0], progress[1])
                 if not live:
                     break
         # a session that stops short (the image's end) leaves nothing more to decide for its objects

@@ -151,8 +151,11 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, family: str = "sam") -> 
     if path.exists():
         raise ValueError(f"{path} is not a checkpoint file")
     names = ([DEFAULT_MODEL] if family == "sam" else []) + sorted(e.name for e in list_models(family))
+    # a mistyped SAM 2.1 name (`propagate --model`) reaches the SAM loader first
+    sam2 = sorted(e.name for e in list_models("sam2")) if family == "sam" else []
     raise ValueError(f"{text!r} is neither a model name nor an existing checkpoint file. "
-                     f"Known model names: {', '.join(names)}")
+                     f"Known model names: {', '.join(names)}" + (f" (SAM 2.1, to propagate: {', '.join(sam2)})"
+                                                                  if sam2 else ""))
 
 
 def load_model(

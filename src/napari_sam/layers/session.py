@@ -28,6 +28,7 @@ import numpy as np
 from ..api import Annotator
 from ..core.labels import Commit
 from ..core.masks import PlaneMask
+from ..core.memory_labels import PROMPTED_ATTR
 from ..core.prompts import Prompt
 from .keys import KEYS, bind_keys, step_planes
 from .prompt_layers import (
@@ -77,7 +78,8 @@ class ViewerSession:
         self._shown: tuple | None = None  # (plane, prompts, masks) of the preview on show
         self.run: Callable = run or _run_now
         self.say: Callable[[str], None] = say or (lambda text: None)
-        self.tracker = SessionTracker(annotator)  # which model propagates: SAM, or a SAM 2 with memory
+        # which model propagates (SAM, or a SAM 2 with memory), and the prompted planes kept with the layer
+        self.tracker = SessionTracker(annotator, labels_layer.metadata.setdefault(PROMPTED_ATTR, {}))
         self.writing = ""  # the step writing the labels now: no commit or undo may interleave with it
         # a brush stroke writes an id past the writer's count: later objects must not take it
         labels_layer.events.paint.connect(lambda event: annotator.writer.note_id(labels_layer.selected_label))

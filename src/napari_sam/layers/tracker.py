@@ -15,7 +15,8 @@ session's choice:
   correction or another object never runs the encoder on a plane twice.
 * **Prompted planes are remembered** whichever model is chosen: the planes objects were
   committed on (:meth:`SessionTracker.remember`) and propagated from carry over to every
-  SAM 2 the session uses (see :mod:`napari_sam.core.memory_labels`).
+  SAM 2 the session uses (see :mod:`napari_sam.core.memory_labels`), and to a later
+  session on the same Labels layer (they are kept in its metadata).
 * **One undo step** per propagation, "all labels" included, also when it is cancelled.
 """
 
@@ -68,12 +69,15 @@ class SessionTracker:
     annotator
         The session's :class:`~napari_sam.api.Annotator`. A SAM 2 it was given
         (``tracker=``) is the first choice; else SAM re-prompting is.
+    prompted
+        Object id -> its prompted planes, kept with the labels (a Labels layer's metadata)
+        and updated in place: an earlier session's, or an empty dict.
     """
 
-    def __init__(self, annotator: Annotator):
+    def __init__(self, annotator: Annotator, prompted: dict[int, set[tuple[int, ...]]] | None = None):
         self.annotator = annotator
-        self.prompted: dict[int, set[tuple[int, ...]]] = {}
-        """Object id -> the planes it was committed on or propagated from in this session."""
+        self.prompted: dict[int, set[tuple[int, ...]]] = {} if prompted is None else prompted
+        """Object id -> the planes it was committed on or propagated from (this session's and earlier ones')."""
         given = annotator.tracking
         self._choice = None if given is None else given.model
         self._device = None
@@ -220,10 +224,10 @@ class SessionTracker:
         if current is not None:  # the planes it propagated from
             for oid, planes in current.prompted.items():
                 self.prompted.setdefault(oid, set()).update(planes)
-        if tracking is not None:
-            for oid, planes in self.prompted.items():
-                for plane in planes:
-                    tracking.remember(plane, [oid])
+        if tracking is not None:  # one set of prompted planes, where the labels keep it
+            for oid, planes in tracking.prompted.items():
+                self.prompted.setdefault(oid, set()).update(planes)
+            tracking.prompted = self.prompted
             self._kept = (self._key(), tracking)
         self.annotator.tracking = tracking
         return tracking

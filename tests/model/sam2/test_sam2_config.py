@@ -71,7 +71,7 @@ def test_an_unknown_state_dict_is_refused_with_its_width():
     with torch.device("meta"):
         state = build_sam2("sam2.1_hiera_tiny").state_dict()
     del state["no_mem_embed"]
-    with pytest.raises(CheckpointError, match="Hiera width 96, 12 blocks.*pass its configuration"):
+    with pytest.raises(CheckpointError, match="Hiera width 96, 12 blocks.*record its configuration in the checkpoint"):
         infer_sam2_config(state)
 
 

@@ -355,7 +355,8 @@ def infer_sam2_config(state: Mapping[str, Any]) -> Sam2Config:
     depth = len({k.split(".")[3] for k in got if k.startswith("image_encoder.trunk.blocks.")})
     raise CheckpointError(
         f"the state dict (Hiera width {width}, {depth} blocks, {len(got)} tensors) fits none of the SAM 2.1 "
-        f"sizes {sorted(CONFIGS)}; pass its configuration"
+        f"sizes {sorted(CONFIGS)}; record its configuration in the checkpoint's metadata (write_checkpoint(..., "
+        f"metadata={{'config': config_to_dict(config)}})) or pass config= to the loader"
     )
 
 
