@@ -435,3 +435,20 @@ def test_work_that_ends_re_enables_its_buttons_before_the_widget_counts_as_idle(
         workers.steps(work, desc="test", progress_of=lambda p: (0, 0), ended=lambda: seen.append(workers.busy))
         qtbot.waitUntil(lambda: not workers.busy, timeout=10000)
     assert seen == [True, True, True]
+
+
+def test_a_runtime_error_in_stepped_work_is_said_and_ends_the_work(qtbot):
+    # superqt's generator workers swallow a RuntimeError (every torch error is one) without
+    # `errored` or `finished`: the widget then stayed busy for ever and said nothing
+    from napari_sam._qt.workers import Workers
+
+    said, ended = [], []
+    workers = Workers(say=said.append)
+
+    def work():
+        yield from ()
+        raise RuntimeError("CUDA out of memory")
+
+    workers.steps(work, desc="test", progress_of=lambda p: (0, 0), ended=lambda: ended.append(True))
+    qtbot.waitUntil(lambda: not workers.busy, timeout=10000)
+    assert ended == [True] and said == ["error: CUDA out of memory"]

@@ -9,7 +9,7 @@ bar and a live curve of the loss and the validation IoU.
 from __future__ import annotations
 
 import os
-import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -22,7 +22,31 @@ from .workers import Workers
 if TYPE_CHECKING:  # pragma: no cover
     import napari
 
-__all__ = ["TrainingWidget", "dataset_from_layers"]
+__all__ = ["TrainingWidget", "check_checkpoint_out", "dataset_from_layers", "free_name"]
+
+
+def check_checkpoint_out(path) -> Path:
+    """Where a trained model may be saved, checked before the training: a new ``.pth`` (or
+    ``.pt``) file in a folder that accepts files; an existing file (the base checkpoint,
+    an earlier model, an image) is never replaced."""
+    from ..core.io import check_folder_writable
+
+    path = Path(str(path)).expanduser()
+    if path.suffix.lower() not in (".pth", ".pt"):
+        raise ValueError(f"save as {path}: a model is saved as .pth (or .pt)")
+    if path.exists():
+        raise ValueError(f"{path} exists and is kept: choose another name to save the model as")
+    check_folder_writable(path.parent)
+    return path
+
+
+def free_name(path) -> str:
+    """``path``, or with ``_2``, ``_3``, ... before its suffix: the first that does not exist."""
+    path, k = Path(path), 2
+    candidate = path
+    while candidate.exists():
+        candidate, k = path.with_name(f"{path.stem}_{k}{path.suffix}"), k + 1
+    return str(candidate)
 
 
 def dataset_from_layers(image_layer, labels_layer):
@@ -75,7 +99,8 @@ class TrainingWidget(Container):
                              value="decoder")
         self.minutes = FloatSpinBox(label="minutes", value=10.0, min=0.5, max=24 * 60, step=0.5)
         self.steps = SpinBox(label="steps at most", value=1000, min=1, max=1_000_000)
-        self.out = FileEdit(label="save as", mode="w", filter="*.pth", value=os.path.abspath("finetuned_sam.pth"))
+        self.out = FileEdit(label="save as", mode="w", filter="*.pth",
+                            value=free_name(os.path.abspath("finetuned_sam.pth")))
         self.more = CheckBox(text="more settings", value=False)
         self.settings = self._settings_widgets()
         self.train = PushButton(text="Train")
@@ -129,18 +154,26 @@ class TrainingWidget(Container):
         return [(layer.name, layer) for layer in self.viewer.layers if type(layer).__name__ == kind]
 
     def start(self):
-        """Build the data and the trainer, then train in a worker until the time or the
-        steps run out (or Stop), and save the model."""
+        """Build the data and the trainer, then train in a worker for the minutes given (the
+        run sized to them, as ``napari-sam train --minutes`` is, never past the steps at
+        most) or until Stop, and save the model: also when stopped or when the widget
+        closes mid-run."""
         from ..core.models import resolve_model
         from ..train import Trainer, TrainingConfig
+        from ..train.run import finish, run_steps
 
+        if self.workers.busy:
+            return None
         try:
+            if self.image.value is None or self.labels.value is None:
+                raise ValueError("pick an image layer and a Labels layer of its annotations")
+            out = check_checkpoint_out(self.out.value)
             data = dataset_from_layers(self.image.value, self.labels.value)
-        except (ValueError, AttributeError) as err:
+        except (ValueError, OSError) as err:
             self.status.value = f"cannot train: {err}"
             return None
         base = str(self.checkpoint.value) if self.base.value == CHECKPOINT else self.base.value
-        steps, minutes, out = int(self.steps.value), float(self.minutes.value), str(self.out.value)
+        steps, minutes = int(self.steps.value), float(self.minutes.value)
         chosen = {name: widget.value for name, widget in self.settings.items()}
         train, val = data.split(0.2, seed=int(chosen["seed"])) if len(data) > 1 else (data, data)
         try:
@@ -150,18 +183,22 @@ class TrainingWidget(Container):
             self.status.value = f"cannot train: {err}"
             return None
         self.curve.clear()
+        self.trainer = None  # a Stop before this run's first step must not save the last run's model
+        run: dict = {}  # this run's trainer, for a save that needs no widget (it may close mid-run)
 
         def work():
             model = resolve_model(base, device="auto", dtype="float32")
-            self.trainer = Trainer(model, train, config, validation_data=val)
-            end = time.monotonic() + 60 * minutes
-            for record in self.trainer.run():
-                yield record
-                if time.monotonic() > end:
-                    break
-            self.trainer.keep_best()
-            self.trainer.save(out)
+            self.trainer = run["trainer"] = Trainer(model, train, config, validation_data=val)
+            yield from run_steps(run["trainer"], minutes, max_steps=steps)
+            finish(run["trainer"])
+            run["trainer"].save(out)
             return out
+
+        def save_stopped():
+            if "trainer" in run and not run.get("saved"):
+                finish(run["trainer"])
+                run["trainer"].save(out)
+                run["saved"] = True
 
         def show(record):
             self.curve.add("loss", record.step, record.loss)
@@ -172,19 +209,21 @@ class TrainingWidget(Container):
             self.status.value = text
 
         def done(path):
-            kept = self.trainer.weights_step if self.trainer is not None else None
+            kept = run["trainer"].weights_step
             self.status.value = f"saved {path}" + ("" if kept is None else f" (the weights of step {kept}, "
                                                    "best on validation)")
             self.model = path
             self.use.enabled = True
+            self.out.value = free_name(path)  # the next run saves beside it, never over it
 
         def stopped():
-            if self.trainer is not None:
-                self.trainer.keep_best()
-                self.trainer.save(out)
-                self.model = out
-                self.use.enabled = True
-                self.status.value = f"stopped at step {self.trainer.step}; saved {out}"
+            if "trainer" not in run:
+                self.status.value = "stopped before the first step: nothing was trained or saved"
+                return
+            self.model = out
+            self.use.enabled = True
+            self.out.value = free_name(out)
+            self.status.value = f"stopped at step {run['trainer'].step}; saved {out}"
 
         def ended():
             self.train.enabled, self.stop.enabled = True, False
@@ -192,7 +231,8 @@ class TrainingWidget(Container):
         self.train.enabled, self.stop.enabled = False, True
         self.status.value = f"training on {len(train)} plane(s), validating on {len(val)}..."
         self.worker = self.workers.steps(work, desc="training", show=show, done=done,
-                                         progress_of=lambda r: (r.step, steps), ended=ended)
+                                         progress_of=lambda r: (r.step, run["trainer"].config.steps), ended=ended)
+        self.worker.aborted.connect(save_stopped)  # not through workers.gui: the widget may be gone
         self.worker.aborted.connect(self.workers.gui(stopped))
         return self.worker
 

@@ -16,7 +16,14 @@ from typing import Any
 from napari.qt.threading import create_worker
 from napari.utils import progress
 
-__all__ = ["Workers", "error_text"]
+__all__ = ["WorkFailed", "Workers", "error_text"]
+
+
+class WorkFailed(Exception):
+    """A RuntimeError raised by a generator's work (every torch error is one: out of
+    memory, a full disk), raised again as another type. superqt's generator workers take a
+    RuntimeError for a sign that the worker was deleted and end without a word: neither
+    ``errored`` nor ``finished``, so the widget would wait for the work for ever."""
 
 
 def error_text(err: BaseException, limit: int = 200) -> str:
@@ -153,7 +160,10 @@ class Workers:
             # napari picks a generator worker for generator functions only; ``fn`` may be
             # a plain function returning a generator.
             made.append(fn(*args))
-            return (yield from made[0])
+            try:
+                return (yield from made[0])
+            except RuntimeError as err:
+                raise WorkFailed(str(err) or type(err).__name__) from err
 
         def close():
             # A cancelled worker leaves its generator suspended, not closed: its cleanup (the

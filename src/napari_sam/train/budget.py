@@ -114,11 +114,17 @@ class TimeBudget:
         Sized now (:func:`steps_for_minutes`); its ``config.steps`` changes on :meth:`resize`.
     minutes
         The budget, from now.
+    max_steps
+        The run never grows past this many steps (it ends sooner, its schedule sized to them).
     """
 
-    def __init__(self, trainer: Trainer, minutes: float):
+    def __init__(self, trainer: Trainer, minutes: float, max_steps: int | None = None):
         self.end = time.monotonic() + 60 * minutes
+        self.max_steps = max_steps
         self.steps = steps_for_minutes(trainer, minutes)
+        if max_steps is not None and self.steps > max_steps:
+            trainer.config = dataclasses.replace(trainer.config, steps=max(max_steps, trainer.step + 1))
+            self.steps = trainer.config.steps
         self._start = (time.monotonic(), trainer.step)
 
     def resize(self, trainer: Trainer) -> int:
@@ -136,6 +142,8 @@ class TimeBudget:
             return trainer.config.steps
         pace = (now - t0) / (trainer.step - step0)
         total = trainer.step + max(1, int((self.end - now) / pace))
+        if self.max_steps is not None:
+            total = max(min(total, self.max_steps), trainer.step)
         trainer.config = dataclasses.replace(trainer.config, steps=total)
         self.steps = total
         return total

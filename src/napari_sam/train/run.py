@@ -4,7 +4,7 @@ model and the data, train with a progress bar, save.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -13,9 +13,9 @@ from ..model.checkpoint import PathLike
 from .budget import TimeBudget
 from .config import TrainingConfig
 from .dataset import SegmentationDataset
-from .trainer import Trainer
+from .trainer import Trainer, TrainingRecord
 
-__all__ = ["train"]
+__all__ = ["finish", "run_steps", "train"]
 
 
 def train(
@@ -71,8 +71,6 @@ def train(
     Trainer
         After the last step, with its ``history``.
     """
-    import time
-
     from tqdm.auto import tqdm
 
     from ..core.models import load_model
@@ -89,34 +87,80 @@ def train(
         if validation_data is not None and not isinstance(validation_data, SegmentationDataset):
             validation_data = SegmentationDataset.from_folder(validation_data)
         trainer = Trainer(model, train_data, config, validation_data, device)
-    end = None if stop_after is None else time.monotonic() + 60 * stop_after
-    budget = None
-    if minutes is not None:
-        budget = TimeBudget(trainer, minutes)
-        end = budget.end
-        if progress:
-            print(f"{minutes:g} minute(s) hold about {budget.steps - trainer.step} step(s) here; the schedule "
-                  "spans them (resized at each validation)")
+
+    def say_size(budget: TimeBudget) -> None:
+        print(f"{minutes:g} minute(s) hold about {budget.steps - trainer.step} step(s) here; the schedule "
+              "spans them (resized at each validation)")
+
     with tqdm(total=trainer.config.steps, initial=trainer.step, disable=not progress, desc="training") as bar:
-        for record in trainer.run():
+        for record in run_steps(trainer, minutes, stop_after, on_sized=say_size if progress else None):
             bar.update(1)
+            bar.total = trainer.config.steps  # a time budget resizes the run at each validation
             post = {"loss": f"{record.loss:.4f}", "lr": f"{record.learning_rate:.2e}"}
             if record.validation_iou is not None:
                 post["val_iou"] = f"{record.validation_iou:.3f}"
-                if budget is not None:
-                    bar.total = budget.resize(trainer)
             bar.set_postfix(post)
             if checkpoint is not None and save_every and record.step % save_every == 0:
                 trainer.save(checkpoint)
-            if (end is not None and time.monotonic() > end) or (stop is not None and stop()):
+            if stop is not None and stop():
                 break
     if keep_best:
-        if trainer.validation_data is not None and trainer.best is not None and trainer.best[0] != trainer.step \
-                and "validation_iou" not in trainer.history[-1]:
-            trainer.validate_step()  # stopped by the clock between validations: the last weights compete too
-        kept = trainer.keep_best()
+        kept = finish(trainer)
         if progress and kept != trainer.step and trainer.best is not None:
             print(f"kept the weights of step {kept} (best validation IoU {trainer.best[1]:.3f})")
     if checkpoint is not None:
         trainer.save(checkpoint)
     return trainer
+
+
+def run_steps(trainer: Trainer, minutes: float | None = None, stop_after: float | None = None,
+              max_steps: int | None = None,
+              on_sized: Callable[[TimeBudget], object] | None = None) -> Iterator[TrainingRecord]:
+    """The trainer's steps, each record as it comes, within a time budget: what
+    :func:`train` and the training widget run.
+
+    Parameters
+    ----------
+    trainer
+        Run from where it stands.
+    minutes
+        The run is sized to end in about this many minutes
+        (:class:`~napari_sam.train.budget.TimeBudget`: its schedule warms up and decays
+        within them) and ends when they are spent.
+    stop_after
+        Minutes after which the run ends wherever its schedule is.
+    max_steps
+        With ``minutes``: the run never grows past this many steps.
+    on_sized
+        Called with the budget once the run is sized (measuring a step takes a moment).
+
+    Yields
+    ------
+    TrainingRecord
+        After each step; stopping the iteration ends the run there.
+    """
+    import time
+
+    end = None if stop_after is None else time.monotonic() + 60 * stop_after
+    budget = None
+    if minutes is not None:
+        budget = TimeBudget(trainer, minutes, max_steps)
+        end = budget.end if end is None else min(end, budget.end)
+        if on_sized is not None:
+            on_sized(budget)
+    for record in trainer.run():
+        if record.validation_iou is not None and budget is not None:
+            budget.resize(trainer)
+        yield record
+        if end is not None and time.monotonic() > end:
+            return
+
+
+def finish(trainer: Trainer) -> int:
+    """End a run with the weights of its best validation (:meth:`Trainer.keep_best`); a
+    run stopped between validations has its last weights validated first, so that they
+    compete too. Returns the step whose weights are kept."""
+    if trainer.validation_data is not None and trainer.best is not None and trainer.best[0] != trainer.step \
+            and trainer.history and "validation_iou" not in trainer.history[-1]:
+        trainer.validate_step()
+    return trainer.keep_best()

@@ -1,0 +1,75 @@
+"""What the training widget must not lose: files under "save as", the trained weights when
+stopped or closed mid-run, and its own state after a failed or early-stopped run."""
+
+import hashlib
+
+import numpy as np
+import pytest
+import tifffile
+
+pytestmark = pytest.mark.viewer
+
+
+@pytest.fixture
+def trainer_widget(make_napari_viewer, nuclei_2d, tiny_checkpoint, monkeypatch, tmp_path):
+    from napari_sam._qt.training import TrainingWidget
+
+    monkeypatch.setenv("NAPARI_SAM_MODEL", str(tiny_checkpoint))
+    viewer = make_napari_viewer()
+    image = viewer.add_image(np.stack([nuclei_2d[0][:128, :128], nuclei_2d[0][128:256, :128]]), name="img")
+    labels = viewer.add_labels(np.stack([nuclei_2d[1][:128, :128], nuclei_2d[1][128:256, :128]]), name="gt")
+    w = TrainingWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    w.image.value, w.labels.value = image, labels
+    w.base.value = str(tiny_checkpoint)
+    w.minutes.value = 0.5
+    return w
+
+
+def _digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_save_as_never_replaces_a_file_and_is_checked_before_training(trainer_widget, tiny_checkpoint, tmp_path):
+    w = trainer_widget
+    image = tmp_path / "image.tif"
+    tifffile.imwrite(image, np.zeros((8, 8), np.uint8))
+    kept = {p: _digest(p) for p in (tiny_checkpoint, image)}
+    for out, said in [(tiny_checkpoint, "exists and is kept"), (image, "saved as .pth"),
+                      (tmp_path / "missing" / "m.pth", "does not exist")]:
+        w.out.value = str(out)
+        assert w.start() is None and said in w.status.value and not w.workers.busy
+    assert {p: _digest(p) for p in kept} == kept
+    w.viewer.layers.remove("gt")  # no Labels layer to learn from
+    w.out.value = str(tmp_path / "new.pth")
+    assert w.start() is None and w.status.value == "cannot train: pick an image layer and a Labels layer of its " \
+        "annotations"
+
+
+def test_stop_and_closing_save_what_was_learned_and_never_an_earlier_run(trainer_widget, tmp_path, qtbot):
+    from napari_sam.core.models import load_model
+
+    w = trainer_widget
+    w.steps.value = 3
+    w.out.value = str(tmp_path / "first.pth")
+    w.start()
+    qtbot.waitUntil(lambda: not w.workers.busy, timeout=120000)
+    assert w.status.value.startswith("saved") and w.out.value.name == "first_2.pth"  # the next run saves beside it
+    # a second run stopped at once: never the first run's model under the new name
+    w.steps.value = 200
+    w.start()
+    w.workers.cancel()
+    qtbot.waitUntil(lambda: not w.workers.busy, timeout=120000)
+    second = tmp_path / "first_2.pth"
+    if second.exists():
+        assert load_model(second).metadata["training"]["steps"] < 3 and "stopped at step" in w.status.value
+    else:
+        assert w.status.value == "stopped before the first step: nothing was trained or saved"
+    assert "step 3" not in w.status.value
+    # closing the widget mid-run (napari's X, the viewer closing) saves what was learned so far
+    w.out.value = str(tmp_path / "closed.pth")
+    w.start()
+    qtbot.waitUntil(lambda: bool(w.curve.series.get("loss")), timeout=120000)
+    w.workers.close()
+    qtbot.waitUntil(lambda: not w.workers.busy, timeout=120000)
+    assert 1 <= load_model(tmp_path / "closed.pth").metadata["training"]["steps"] < 200
