@@ -171,3 +171,12 @@ def test_download_fetches_a_micro_sam_models_decoder_file_too(capsys, monkeypatc
     monkeypatch.setattr(weights, "fetch_decoder", lambda name, *a, **k: None)
     rc, out, _ = _run(["download", "vit_b"], capsys)
     assert rc == 0 and out.split() == [str(tmp_path / "vit_b.pt")]
+
+
+def test_a_warning_is_one_line_of_the_commands_output(files, tiny_checkpoint, capsys):
+    args = ["embed", files / "vol.tif", "--model", tiny_checkpoint, "--out", files / "c.zarr", "--planes", 0]
+    assert _run(args, capsys)[0] == 0
+    rc, _, err = _run([*args, "--storage", "float16"], capsys)  # the cache holds float32 embeddings
+    lines = [line for line in err.splitlines() if "warning" in line]
+    assert rc == 0 and len(lines) == 1 and lines[0].startswith("napari-sam embed: warning: the embedding cache"), err
+    assert "--on-mismatch replace" in lines[0] and "UserWarning" not in err

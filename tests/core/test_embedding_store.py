@@ -148,7 +148,7 @@ def test_verify_reads_every_tile_and_reports_damage_without_repairing(tmp_path):
     assert described == check and describe_cache(tmp_path / "c.zarr")[0]["check"] is None
 
 
-@pytest.mark.parametrize("lost", ["features", "checksums", "garbage group", "garbage array"])
+@pytest.mark.parametrize("lost", ["features", "checksums", "garbage group", "garbage array", "group"])
 def test_a_group_that_lost_an_arrays_metadata_is_rebuilt_not_a_crash(tmp_path, lost):
     store = EmbeddingStore.open(tmp_path / "c.zarr", SIG, LAYOUT)
     store.write((0, 0, 0), _features(0))
@@ -157,6 +157,8 @@ def test_a_group_that_lost_an_arrays_metadata_is_rebuilt_not_a_crash(tmp_path, l
         (group / "zarr.json").write_text("garbage{")
     elif lost == "garbage array":
         (group / "features" / "zarr.json").write_text("garbage{")
+    elif lost == "group":  # its arrays remain: a new group must not be made over them
+        (group / "zarr.json").unlink()
     else:
         (group / lost / "zarr.json").unlink()
     assert describe_cache(tmp_path / "c.zarr") == []  # listed as nothing usable, not a KeyError
@@ -164,3 +166,39 @@ def test_a_group_that_lost_an_arrays_metadata_is_rebuilt_not_a_crash(tmp_path, l
     assert again.layout == LAYOUT and not again.present().any()
     again.write((0, 0, 0), _features(1))
     assert np.array_equal(EmbeddingStore.open(tmp_path / "c.zarr", SIG, LAYOUT).read((0, 0, 0)), _features(1))
+
+
+def test_a_damaged_checksum_chunk_is_an_absent_entry_and_reported_not_a_crash(tmp_path):
+    store = EmbeddingStore.open(tmp_path / "c.zarr", SIG, LAYOUT)
+    for entry in [(0, 0, 0), (1, 0, 1), (2, 1, 0)]:
+        store.write(entry, _features(entry[0]))
+    (tmp_path / "c.zarr" / store.key / "checksums" / "c" / "1" / "0" / "1").write_bytes(b"gar")
+    again = EmbeddingStore.open(tmp_path / "c.zarr", SIG, LAYOUT)
+    assert again.present().sum() == 2 and again.read((1, 0, 1)) is None
+    assert again.verify() == TileCheck(3, [(1, 0, 1)], [])
+    assert describe_cache(tmp_path / "c.zarr")[0]["present"] == 2
+    again.write((1, 0, 1), _features(5))  # computed again: the chunk is whole again
+    assert np.array_equal(again.read((1, 0, 1)), _features(5)) and again.verify().clean
+
+
+@pytest.mark.parametrize("tamper", ["signature field", "features dtype", "features shape"])
+def test_altered_cache_metadata_is_a_damaged_group_rebuilt_never_trusted(tmp_path, tamper):
+    import json
+
+    store = EmbeddingStore.open(tmp_path / "c.zarr", SIG, LAYOUT)
+    store.write((0, 0, 0), _features(0))
+    group = tmp_path / "c.zarr" / store.key
+    meta_file = group / ("zarr.json" if tamper == "signature field" else "features/zarr.json")
+    meta = json.loads(meta_file.read_text())
+    if tamper == "signature field":
+        meta["attributes"]["signature"]["image_fingerprint"] = 5
+    elif tamper == "features dtype":
+        meta["data_type"] = "int8"
+    else:
+        meta["shape"][0] = 1
+    meta_file.write_text(json.dumps(meta))
+    assert describe_cache(tmp_path / "c.zarr") == []  # listed as nothing usable, not a traceback
+    again = EmbeddingStore.open(tmp_path / "c.zarr", SIG, LAYOUT)
+    assert not again.present().any()
+    again.write((0, 0, 0), _features(1))
+    assert np.array_equal(again.read((0, 0, 0)), _features(1)) and again.verify().clean

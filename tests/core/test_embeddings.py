@@ -319,8 +319,11 @@ def test_a_zarr_array_opened_in_a_script_finds_the_cache_made_for_its_path(tmp_p
     assert default_cache_path(ImageSource.open(path), "blake2b:ff") == beside
     for array in (read_image(path), zarr.open_array(str(path / "0")), zarr.open_group(str(path))["0"]):
         assert default_cache_path(ImageSource(array), "blake2b:ff") == beside
-    # another level is another image: its own folder, never the first level's cache
-    assert default_cache_path(ImageSource(group["1"]), "blake2b:ff") == path / "1.sam-embeddings.zarr"
+    # any array inside the store (another level, named by its path too): beside the store, never inside it;
+    # its entries are told apart by their signatures
+    assert default_cache_path(ImageSource(group["1"]), "blake2b:ff") == beside
+    assert default_cache_path(ImageSource.open(path / "1"), "blake2b:ff") == beside
+    assert default_cache_path(ImageSource.open(path / "0"), "blake2b:ff") == beside
     assert default_cache_path(ImageSource(plain), "blake2b:ff") == tmp_path / "plain.sam-embeddings.zarr"
     in_memory = default_cache_path(ImageSource(np.zeros((40, 40), np.uint8)), "blake2b:ff")
     assert in_memory.parent == __import__("pathlib").Path(os.environ["NAPARI_SAM_CACHE_DIR"]) / "embeddings"

@@ -134,3 +134,26 @@ def test_a_label_store_of_a_session_can_be_replaced_with_overwrite(tmp_path):
     writer.commit((0,), [PlaneMask.from_full(np.ones((6, 6), bool))])
     write_labels(store, np.full((2, 6, 6), 7, np.uint16), overwrite=True)
     assert (np.asarray(zarr.open_array(str(store), mode="r")) == 7).all()
+
+
+@pytest.mark.parametrize("ome, said", [
+    ({"multiscales": [{"datasets": [{"path": "s9"}]}]}, "name the level 's9', which cannot be read"),
+    ({"multiscales": [{"datasets": []}]}, "name no level"),
+    ({"multiscales": [{}]}, "name no level"),
+    ({"multiscales": {"datasets": [{"path": "s0"}]}}, "is not a list of images"),
+    ({"multiscales": [{"datasets": [{"path": 5}]}]}, "name no level"),
+    ("garbage", "'ome' metadata is a str"),
+    ({"multiscales": [{"datasets": [{"path": "s0"}], "axes": [{"name": ""}, {"name": "x"}]}]}, "not all named"),
+])
+def test_malformed_ome_zarr_metadata_is_one_line_naming_the_image(tmp_path, ome, said):
+    import zarr
+
+    from napari_sam.core.image_source import ImageSource
+
+    path = tmp_path / "bad.ome.zarr"
+    group = zarr.open_group(str(path), mode="w")
+    group.create_array("s0", shape=(8, 8), dtype="uint8")
+    group.attrs["ome"] = ome
+    with pytest.raises(ValueError, match=said) as info:
+        ImageSource.open(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)

@@ -91,3 +91,26 @@ def test_a_model_that_is_not_one_is_named(tiny_model):
 
     with pytest.raises(TypeError, match="a registry name or a checkpoint path, not int 5"):
         split_models(5)
+
+
+def test_a_checkpoint_replaced_after_loading_never_signs_the_old_weights_caches(tmp_path, tiny_checkpoint, tiny_sam):
+    import numpy as np
+
+    from napari_sam.core.distributed import _worker_predictor
+    from napari_sam.core.embeddings import Embeddings
+    from napari_sam.core.preprocess import Normalization
+    from napari_sam.model.checkpoint import CheckpointError
+
+    path = tmp_path / "model.pth"
+    path.write_bytes(tiny_checkpoint.read_bytes())
+    old = load_model(path, device="cpu", dtype="float32")
+    newer = {k: v + 1 if v.is_floating_point() else v for k, v in tiny_sam.state_dict().items()}
+    torch.save(newer, path)  # `napari-sam train --out model.pth` finishing, or a copy of a newer version
+    with pytest.raises(CheckpointError, match="changed on disk since the model was loaded"):
+        Embeddings(np.zeros((64, 64), np.uint8), old, tmp_path / "c.zarr").embedding_for(0, (0, 0))
+    assert not (tmp_path / "c.zarr").exists()
+    fresh = load_model(path, device="cpu", dtype="float32")  # loaded again: signs with the new file's hash
+    assert fresh.source.checksum.startswith("sha256:")
+    # a dask worker whose file at that path is not the client's refuses to embed
+    with pytest.raises(ValueError, match="is not the client's"):
+        _worker_predictor(str(path), "sha256:" + "0" * 64, "float32", Normalization(), 1)

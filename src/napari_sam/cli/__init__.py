@@ -19,6 +19,7 @@ import errno
 import json
 import sys
 import traceback
+import warnings
 
 __all__ = ["UsageError", "main", "is_user_error"]
 
@@ -76,8 +77,15 @@ def main(argv: list[str] | None = None) -> int:
         "export": share.export_package,
         "import": share.import_package,
     }
+    def warn(message, category, filename, lineno, file=None, line=None):
+        # a warning is one line of the command's output, not Python's two with a source line
+        print(f"napari-sam {args.command}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
     try:
-        return handlers[args.command](args)
+        with warnings.catch_warnings():
+            warnings.showwarning = warn
+            warnings.filterwarnings("default", category=UserWarning, module=r"napari_sam\.")  # ours: said, not raised
+            return handlers[args.command](args)
     except KeyboardInterrupt:
         print(f"napari-sam {args.command}: interrupted", file=sys.stderr)
         return 130

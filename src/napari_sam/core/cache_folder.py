@@ -6,6 +6,7 @@ signatures inside it, listed so that one damaged member cannot hide the others.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -18,7 +19,7 @@ import zarr
 from .signature import CacheSignature
 
 __all__ = ["FORMAT", "ROOT_ATTR", "delete_group", "entry_keys", "kind", "member_array", "member_group", "open_root",
-           "signatures"]
+           "signature_key", "signatures"]
 
 FORMAT = 1
 ROOT_ATTR = "napari_sam"
@@ -73,17 +74,27 @@ def entry_keys(root: zarr.Group) -> list[str]:
     return sorted(p.name for p in (Path(folder) / root.path).iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def signature_key(signature: CacheSignature | Mapping) -> str:
+    """Short stable name of a signature's group inside a cache (of a signature, or of its JSON)."""
+    data = signature.to_json() if isinstance(signature, CacheSignature) else signature
+    text = json.dumps(data, sort_keys=True)
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+
 def signatures(root: zarr.Group) -> dict[str, CacheSignature]:
-    """The complete entries' groups by key, with their signatures; damaged or unfinished
-    groups are left out (the next run that needs one replaces it)."""
+    """The complete entries' groups by key, with their signatures; damaged, unfinished or
+    altered groups are left out (the next run that needs one replaces it): a signature
+    that is not the one its key was made from, arrays whose shapes or type do not fit."""
     out = {}
     for key in entry_keys(root):
         try:
             group = member_group(root, key)
             data = dict(group.attrs)["signature"]
-            if not isinstance(data, Mapping):
-                raise TypeError(f"signature of {key!r} is not a mapping")
-            member_array(group, "features"), member_array(group, "checksums")  # noqa: B018 - both must open
+            if not isinstance(data, Mapping) or signature_key(data) != key:
+                raise TypeError(f"signature of {key!r} is not the one its key was made from")
+            features, checksums = member_array(group, "features"), member_array(group, "checksums")
+            if features.shape[:3] != checksums.shape or str(features.dtype) != data.get("storage"):
+                raise ValueError(f"the arrays of {key!r} do not fit each other or the signature")
             out[key] = CacheSignature.from_json(data)
         except (KeyError, ValueError, TypeError):  # a damaged zarr.json is a ValueError (JSONDecodeError)
             continue  # a crashed run's group (no signature yet) or one that lost an array: replaced when needed

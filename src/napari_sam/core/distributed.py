@@ -37,6 +37,7 @@ class _Job:
     """Everything a worker process needs to embed one tile (small and picklable)."""
 
     checkpoint: str
+    checksum: str
     dtype: str
     normalization: Normalization
     threads: int
@@ -48,11 +49,16 @@ class _Job:
 
 
 @functools.lru_cache(maxsize=2)
-def _worker_predictor(checkpoint: str, dtype: str, normalization: Normalization, threads: int) -> Predictor:
+def _worker_predictor(checkpoint: str, checksum: str, dtype: str, normalization: Normalization,
+                      threads: int) -> Predictor:
     # Loaded once per worker process and kept: a worker runs many tiles.
     if threads > 0:
         torch.set_num_threads(threads)
-    return Predictor(load_model(checkpoint, device="cpu", dtype=dtype), normalization, traced=False)
+    model = load_model(checkpoint, device="cpu", dtype=dtype)
+    if model.source.checksum != checksum:  # another file at that path here: its embeddings must not sign as ours
+        raise ValueError(f"the checkpoint {checkpoint} on this worker is not the client's ({model.source.checksum} "
+                         f"against {checksum}): give every worker the same file")
+    return Predictor(model, normalization, traced=False)
 
 
 @functools.lru_cache(maxsize=4)
@@ -62,7 +68,7 @@ def _worker_store(cache: str, key: str) -> EmbeddingStore:
 
 def _embed_job(job: _Job, source: ImageSource | None, region: np.ndarray | None) -> tuple[int, int, int]:
     """The task run on a worker: read the tile (unless given), embed it, write it."""
-    predictor = _worker_predictor(job.checkpoint, job.dtype, job.normalization, job.threads)
+    predictor = _worker_predictor(job.checkpoint, job.checksum, job.dtype, job.normalization, job.threads)
     if region is None:
         if source is None:
             raise ValueError("an embedding job needs either the tile or the image source to read it from")
@@ -120,13 +126,15 @@ def run_distributed(emb, todo: Iterable[tuple[int, int, int]], scheduler) -> Ite
         # way at most a window of tiles is in flight, so that claims are not hoarded.
         lazy = _reads_itself(emb.source)
         window = (4 if lazy else 2) * n_workers
-        source_ref = client.scatter(emb.source, broadcast=True) if lazy else None
+        # Each task carries the (small) reference itself: scattered data is lost with the
+        # worker that held it, and a task whose inputs are its own is run again elsewhere.
+        source_ref = emb.source if lazy else None
 
         def submit(entry):
             tile = emb.grid[entry[1:]]
             job = _Job(
-                model_source.path, model_source.dtype, emb.normalization, threads, str(emb.cache_path),
-                emb.store.key, entry, tile.outer, emb.limits_for(entry[0]),
+                model_source.path, model_source.checksum, model_source.dtype, emb.normalization, threads,
+                str(emb.cache_path), emb.store.key, entry, tile.outer, emb.limits_for(entry[0]),
             )
             region = None if lazy else emb.source.read(entry[0], tile.outer)
             fut = client.submit(_embed_job, job, source_ref, region, pure=False)

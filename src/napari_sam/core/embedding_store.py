@@ -21,8 +21,6 @@ write one cache at once without touching each other's files.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -33,6 +31,7 @@ import xxhash
 import zarr
 
 from . import cache_folder
+from .cache_folder import signature_key
 from .signature import CacheSignature
 
 __all__ = ["CacheMismatchError", "EmbeddingStore", "FEATURE_SHAPE", "TileCheck", "describe_cache", "signature_key"]
@@ -43,12 +42,6 @@ _STORAGE = ("float32", "float16")
 
 class CacheMismatchError(ValueError):
     """The cache holds embeddings, but none computed the way the request asks."""
-
-
-def signature_key(signature: CacheSignature) -> str:
-    """Short stable name of a signature's group inside a cache."""
-    text = json.dumps(signature.to_json(), sort_keys=True)
-    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
 def _checksum(features: np.ndarray) -> int:
@@ -157,12 +150,14 @@ class EmbeddingStore:
                 if on_mismatch == "error":
                     raise CacheMismatchError(
                         f"the embedding cache {path} was computed differently ({diffs}); "
-                        "recompute into it with on_mismatch='keep' (keeps the old entries) or 'replace'"
+                        "recompute into it with on_mismatch='keep' (--on-mismatch keep: keeps the old entries) or "
+                        "'replace' (--on-mismatch replace)"
                     )
                 if on_mismatch == "keep":
                     warnings.warn(
                         f"the embedding cache {path} holds embeddings computed differently ({diffs}); "
-                        "they are kept and new ones are computed beside them",
+                        "they are kept and new ones are computed beside them (on_mismatch='replace', "
+                        "--on-mismatch replace: drop them)",
                         stacklevel=3,
                     )
                 elif on_mismatch == "replace":
@@ -216,7 +211,10 @@ class EmbeddingStore:
         entry is forgotten, so that it is computed again)."""
         p, r, c = entry
         # Zarr types an element read as any scalar or array; here it is one uint64.
-        expected = int(np.asarray(self.checksums[p, r, c]))
+        try:
+            expected = int(np.asarray(self.checksums[p, r, c]))
+        except Exception:  # noqa: BLE001 - an undecodable checksum chunk: the entry counts as absent
+            return None
         if expected == 0:
             return None
         try:
@@ -235,7 +233,7 @@ class EmbeddingStore:
 
     def present(self) -> np.ndarray:
         """(planes, rows, cols) bool: entries whose checksum is written (not verified)."""
-        return np.asarray(self.checksums[...]) != 0
+        return self._checksums()[0] != 0
 
     def verify(self) -> TileCheck:
         """Read every entry whose checksum is recorded and compare; changes nothing.
@@ -243,8 +241,8 @@ class EmbeddingStore:
         Unlike :meth:`read`, a damaged entry is reported, not forgotten, so that a cache
         can be checked while it is read only (``napari-sam info --verify``).
         """
-        checks = np.asarray(self.checksums[...])
-        damaged, missing = [], []
+        checks, unreadable = self._checksums()
+        damaged, missing = list(unreadable), []
         for index in zip(*np.nonzero(checks)):
             entry = (int(index[0]), int(index[1]), int(index[2]))
             if not self._has_features(entry):
@@ -257,7 +255,23 @@ class EmbeddingStore:
                 continue
             if _checksum(data) != int(checks[entry]):
                 damaged.append(entry)
-        return TileCheck(int((checks != 0).sum()), damaged, missing)
+        return TileCheck(int((checks != 0).sum()) + len(unreadable), damaged, missing)
+
+    def _checksums(self) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+        """Every entry's recorded checksum (0: absent), and the entries whose checksum chunk
+        cannot be decoded (read as absent: computed again, which rewrites the chunk)."""
+        try:
+            return np.asarray(self.checksums[...]), []
+        except Exception:  # noqa: BLE001 - one damaged chunk: read them one by one
+            pass
+        checks = np.zeros(self.checksums.shape, np.uint64)
+        damaged = []
+        for entry in np.ndindex(*checks.shape):
+            try:
+                checks[entry] = np.asarray(self.checksums[entry])
+            except Exception:  # noqa: BLE001 - any decoding failure means a damaged chunk
+                damaged.append(tuple(int(i) for i in entry))
+        return checks, damaged
 
     def _has_features(self, entry: tuple[int, int, int]) -> bool:
         """Whether the entry's features chunk exists (Zarr reads an absent one as zeros)."""
@@ -304,17 +318,17 @@ def describe_cache(path: str | os.PathLike, verify: bool = False) -> list[dict]:
     root = cache_folder.open_root(path, "r")
     out = []
     for key, sig in sorted(cache_folder.signatures(root).items()):
-        group = cache_folder.member_group(root, key)
-        checks = np.asarray(cache_folder.member_array(group, "checksums")[...])
+        store = EmbeddingStore(cache_folder.member_group(root, key), sig, str(path))
+        checks = store.present()
         out.append(
             {
                 "key": key,
                 "signature": sig.to_json(),
                 "layout": list(checks.shape),
-                "present": int((checks != 0).sum()),
+                "present": int(checks.sum()),
                 "total": int(checks.size),
                 "bytes": _disk_bytes(path / key),
-                "check": EmbeddingStore(group, sig, str(path)).verify() if verify else None,
+                "check": store.verify() if verify else None,
             }
         )
     return out

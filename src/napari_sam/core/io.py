@@ -88,10 +88,23 @@ def read_image(path: str | os.PathLike):
         raise ValueError(f"cannot read {path} as a {kind} image: {text}") from err
 
 
-def _multiscales(group) -> list | None:
-    """OME-Zarr multiscales metadata (NGFF 0.4 in the attributes, 0.5 under ``ome``)."""
+def _multiscales(group, where: str = "the Zarr group") -> list | None:
+    """OME-Zarr multiscales metadata (NGFF 0.4 in the attributes, 0.5 under ``ome``), None
+    for a group without any; ValueError naming ``where`` for metadata that is malformed."""
     attrs = dict(group.attrs)
-    return attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales")
+    ome = attrs.get("ome", {})
+    if not isinstance(ome, dict):
+        raise ValueError(f"{where}: its 'ome' metadata is a {type(ome).__name__}, not a mapping")
+    multiscales = attrs.get("multiscales") or ome.get("multiscales")
+    if multiscales is None:
+        return None
+    if not isinstance(multiscales, list) or not multiscales or not isinstance(multiscales[0], dict):
+        raise ValueError(f"{where}: its OME-Zarr 'multiscales' metadata is not a list of images")
+    datasets = multiscales[0].get("datasets")
+    if not isinstance(datasets, list) or not datasets or not isinstance(datasets[0], dict) \
+            or not isinstance(datasets[0].get("path"), str):
+        raise ValueError(f"{where}: its OME-Zarr 'multiscales' name no level ('datasets' with a 'path')")
+    return multiscales
 
 
 def zarr_image_folder(array) -> Path | None:
@@ -110,7 +123,7 @@ def zarr_image_folder(array) -> Path | None:
 
     try:
         multiscales = _multiscales(zarr.open_group(str(folder.parent), mode="r"))
-    except Exception:  # noqa: BLE001 - the parent is no Zarr group: the array stands alone
+    except Exception:  # noqa: BLE001 - the parent is no (well-formed) OME-Zarr group: the array stands alone
         multiscales = None
     if multiscales and str(multiscales[0]["datasets"][0]["path"]).strip("/") == folder.name:
         return folder.parent
@@ -127,9 +140,18 @@ def _open_zarr_image(path: Path):
         raise ValueError(f"cannot read {path} as Zarr: {text}") from err
     if isinstance(node, zarr.Array):
         return node
-    multiscales = _multiscales(node)
+    multiscales = _multiscales(node, str(path))
     if multiscales:
-        return node[multiscales[0]["datasets"][0]["path"]]
+        level = multiscales[0]["datasets"][0]["path"]
+        try:
+            found = node[level]
+        except Exception as err:  # noqa: BLE001 - missing, or metadata zarr cannot read
+            text = " ".join(str(err).split()) or type(err).__name__
+            raise ValueError(f"{path}: the OME-Zarr multiscales name the level {level!r}, which cannot be read "
+                             f"({text})") from err
+        if not isinstance(found, zarr.Array):
+            raise ValueError(f"{path}: the OME-Zarr level {level!r} is a group, not an array")
+        return found
     arrays = list(node.array_keys())
     if len(arrays) == 1:
         return node[arrays[0]]
@@ -149,11 +171,13 @@ def image_axes(path: str | os.PathLike) -> str | None:
     node = zarr.open(str(path), mode="r")
     if isinstance(node, zarr.Array):
         return None
-    multiscales = _multiscales(node)
+    multiscales = _multiscales(node, str(path))
     if not multiscales or "axes" not in multiscales[0]:
         return None
-    names = [a["name"] if isinstance(a, dict) else a for a in multiscales[0]["axes"]]
-    return "".join(str(n)[0].upper() for n in names)
+    names = [a.get("name") if isinstance(a, dict) else a for a in multiscales[0]["axes"]]
+    if not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"{path}: its OME-Zarr axes {names} are not all named")
+    return "".join(n[0].upper() for n in names)
 
 
 def label_dtype(max_id: int) -> np.dtype:

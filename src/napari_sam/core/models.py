@@ -200,7 +200,7 @@ def load_model(
         so), or a state dict that does not fit (the error names the missing, unexpected and
         misshapen keys).
     """
-    from ..model.checkpoint import read_checkpoint
+    from ..model.checkpoint import file_stat, read_checkpoint
     from ..model.decoder_checkpoint import DECODER_KEY, find_decoder_state, read_decoder_state
     from ..model.instance_decoder import instance_decoder_from_state_dict
     from ..model.mask_refiner import MASK_REFINER_KEY, mask_refiner_from_state_dict
@@ -209,6 +209,7 @@ def load_model(
     name, path, decoder_file = resolve_checkpoint(name_or_path, "sam")
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
+    stat = file_stat(path)  # before the read: a file replaced from now on cannot sign this model's caches
     checkpoint = read_checkpoint(path)
     if state_dict_family(checkpoint.state_dict) != "sam":
         raise ValueError(family_mismatch(str(path), "sam2"))
@@ -219,7 +220,7 @@ def load_model(
     model = sam_from_state_dict(checkpoint.state_dict, config, device=device)
     model.image_encoder.to(torch_dtype)
     dtype_name = next(k for k, v in DTYPES.items() if v == torch_dtype)
-    model.source = ModelSource(name=name, path=str(path), dtype=dtype_name)
+    model.source = ModelSource(name=name, path=str(path), dtype=dtype_name, stat=stat)
     model.metadata = dict(checkpoint.metadata)
     # micro-sam's instance decoder, from the same file (wins, as in micro-sam) or its own;
     # float32 like the mask decoder.

@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from ..model.checkpoint import ModelSource, read_checkpoint
+from ..model.checkpoint import ModelSource, file_stat, read_checkpoint
 from ..model.sam2 import Sam2, Sam2Config, config_from_dict, sam2_from_state_dict
 from .models import family_mismatch, resolve_checkpoint, resolve_device, state_dict_family
 from .runtime import configure_runtime
@@ -64,6 +64,7 @@ def load_sam2_model(
     configure_runtime()
     name, path, _ = resolve_checkpoint(name_or_path, "sam2")
     device = resolve_device(device)
+    stat = file_stat(path)  # before the read (see load_model)
     checkpoint = read_checkpoint(path)
     state = checkpoint.state_dict
     if state_dict_family(state) != "sam2":
@@ -71,5 +72,5 @@ def load_sam2_model(
     if config is None and checkpoint.metadata.get("config"):  # our checkpoints record theirs (any size)
         config = config_from_dict(checkpoint.metadata["config"])
     model = sam2_from_state_dict(state, config, device=device)
-    model.source = ModelSource(name=name, path=str(path), dtype="float32")
+    model.source = ModelSource(name=name, path=str(path), dtype="float32", stat=stat)
     return model
