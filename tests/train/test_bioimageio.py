@@ -144,6 +144,21 @@ def test_default_model_package_passes_bioimageio_model_test(tmp_path):
     np.testing.assert_allclose(answer.masks[:, 0], masks[0], atol=2e-3)
     assert (masks[0] > 0).sum(axis=(1, 2)).min() > 20  # the test objects are found
 
+    # the instance decoder (automatic segmentation) travels as an attachment and comes back on import
+    assert [a["source"] for a in rdf["attachments"]] == ["instance_decoder.pt"]
+    back = load_model(import_bioimageio(path, tmp_path / "back.pth"), device="cpu", dtype="float32")
+    assert back.instance_decoder is not None
+    theirs = default.instance_decoder.state_dict()
+    assert all(torch.equal(v, theirs[k]) for k, v in back.instance_decoder.state_dict().items())
+    assert back.metadata["automatic"] == default.metadata["automatic"]
+    with zipfile.ZipFile(path) as archive:
+        decoder = torch.load(io.BytesIO(archive.read("instance_decoder.pt")), weights_only=True)
+    decoder["out_conv.bias"] = decoder["out_conv.bias"] + 1
+    with pytest.raises(ValueError, match="(?i)sha256"):  # altered: refused, by bioimageio's check or ours
+        import_bioimageio(rewrite(path, tmp_path / "tampered.zip", {"instance_decoder.pt": saved(decoder)}),
+                          tmp_path / "tampered.pth")
+    assert not (tmp_path / "tampered.pth").exists()
+
 
 def test_export_refuses_bad_requests(trained, tmp_path):
     with pytest.raises(ValueError, match="records no licence"):

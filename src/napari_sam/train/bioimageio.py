@@ -18,6 +18,7 @@ use.
 from __future__ import annotations
 
 import gc
+import hashlib
 import os
 import tempfile
 import warnings
@@ -33,6 +34,7 @@ from ..model import Sam, check_state_dict, config_to_dict, sam_from_state_dict
 from ..model.bioimageio_model import BoxPromptedSam
 from .bioimageio_content import make_cover, make_readme, make_test_sample
 from .bioimageio_description import (
+    DECODER_FILE,
     NAME_CHARACTERS,
     PACKAGE_FORMAT,
     WEIGHTS_FILE,
@@ -169,6 +171,7 @@ def export_bioimageio(
     check_folder_writable(target.parent)
 
     model = resolve_model(checkpoint, device="cpu", dtype="float32")
+    decoder = getattr(model, "instance_decoder", None)  # travels as an attachment (DECODER_FILE)
     metadata = dict(model.metadata)
     default = _is_default_model(model)
     licence = license or metadata.get("license") or (_DEFAULT_LICENCE if default else None)
@@ -220,6 +223,10 @@ def export_bioimageio(
     with tempfile.TemporaryDirectory(prefix=f".{target.name}.", dir=target.parent) as tmp:
         folder = Path(tmp)
         torch.save(state, folder / WEIGHTS_FILE)
+        if decoder is not None:
+            torch.save({k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.detach().cpu()
+                        for k, v in decoder.state_dict().items()}, folder / DECODER_FILE)
+            napari["instance_decoder"] = {"file": DECODER_FILE, "sha256": _sha256(folder / DECODER_FILE)}
         for file, array in (("test_image.npy", sample.image), ("test_box.npy", sample.box),
                             ("test_masks.npy", sample.masks), ("test_iou.npy", sample.iou)):
             np.save(folder / file, array)
@@ -249,6 +256,14 @@ def export_bioimageio(
             raise ValueError(f"the package for {name!r} did not validate: {problem}")
         os.replace(staged, target)
     return target
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _environment(version: str) -> str:

@@ -19,6 +19,8 @@ from typing import Any, Mapping
 from ..core.io import check_folder_writable, check_not_an_input
 from ..model import config_from_dict, config_to_dict, infer_config, sam_from_state_dict
 from ..model.checkpoint import METADATA_KEY, CheckpointError, read_checkpoint, write_checkpoint
+from ..model.decoder_checkpoint import DECODER_KEY, read_decoder_state
+from ..model.instance_decoder import instance_decoder_from_state_dict
 from .bioimageio import PathLike, require_bioimageio
 from .bioimageio_description import ARCHITECTURE, PACKAGE_FORMAT
 
@@ -110,20 +112,20 @@ def read_package(package: PathLike):
     return descr
 
 
-def _copy_weights(package: Path, member: str, sha256: str, folder: Path) -> Path:
+def _copy_weights(package: Path, member: str, sha256: str, folder: Path, what: str = "weights file") -> Path:
     """Copy the weights out of the zip into ``folder``, checking their sha256 on the way."""
     digest = hashlib.sha256()
     fd, name = tempfile.mkstemp(prefix=".weights-", suffix=".pt", dir=folder)
     try:
         with zipfile.ZipFile(package) as archive, os.fdopen(fd, "wb") as dst:
             if member not in archive.namelist():
-                raise ValueError(f"{package}: its weights file {member} is missing from the package")
+                raise ValueError(f"{package}: its {what} {member} is missing from the package")
             with archive.open(member) as src:
                 for block in iter(lambda: src.read(1 << 22), b""):
                     digest.update(block)
                     dst.write(block)
         if digest.hexdigest() != sha256.lower():
-            raise ValueError(f"{package}: the weights file {member} does not match its sha256 in rdf.yaml (damaged "
+            raise ValueError(f"{package}: the {what} {member} does not match its sha256 in rdf.yaml (damaged "
                              f"or altered): refused")
     except BaseException:
         os.remove(name)
@@ -231,6 +233,27 @@ def import_bioimageio(package: PathLike, out: PathLike | None = None, *, overwri
     # keeps them instead of asking anew (and cannot change licence unnoticed).
     metadata.setdefault("license", str(descr.license))
     metadata.setdefault("authors", [str(a.name) for a in descr.authors])
-    write_checkpoint(target, state, metadata)
+    decoder = _instance_decoder(src, ours, target.parent)
+    write_checkpoint(target, state, metadata, extras=None if decoder is None else {DECODER_KEY: decoder})
     return target
+
+
+def _instance_decoder(src: Path, ours: Mapping | None, folder: Path) -> dict | None:
+    """The instance decoder our export attached (``config.napari_sam.instance_decoder``),
+    checked against its sha256 and read without unpickling; None when there is none."""
+    entry = None if ours is None else ours.get("instance_decoder")
+    if entry is None:
+        return None
+    if not isinstance(entry, Mapping) or not isinstance(entry.get("file"), str) \
+            or not isinstance(entry.get("sha256"), str):
+        raise ValueError(f"{src}: config.{METADATA_KEY}.instance_decoder names no file with its sha256")
+    staged = _copy_weights(src, entry["file"], entry["sha256"], folder, "instance decoder file")
+    try:
+        state = read_decoder_state(staged)
+        instance_decoder_from_state_dict(state)  # every key and shape must fit, or the error names them
+    except (CheckpointError, ValueError) as err:
+        raise ValueError(f"{src}: its instance decoder: {str(err).replace(str(staged), entry['file'])}") from None
+    finally:
+        os.remove(staged)
+    return state
 
