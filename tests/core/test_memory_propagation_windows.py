@@ -216,5 +216,10 @@ def test_a_tzyx_stack_is_followed_along_the_chosen_axis_at_each_objects_other_in
     assert sorted(s.plane for s in along_z if 1 in s.masks) == [(0, z) for z in (0, 1, 3, 4, 5)]
     assert sorted(s.plane for s in along_z if 2 in s.masks) == [(1, z) for z in (0, 1, 2, 3, 5)]
     assert sorted(s.plane for s in along_t) == [(0, 2), (2, 2)]
-    with pytest.raises(ValueError, match="differ along another axis"):
-        list(propagate_objects(features, {1: {(0, 2): objects[1][(0, 2)], (1, 3): objects[1][(0, 2)]}}))
+    # one nucleus labelled at two time points: followed along Z at each, from its own plane there
+    both = list(propagate_objects(features, {1: {(0, 2): objects[1][(0, 2)],
+                                                 (1, 3): PlaneMask.from_full(gt[1, 3] == 1)}}))
+    assert sorted(s.plane for s in both if 1 in s.masks) == [(t, z) for t in (0, 1) for z in range(6)
+                                                             if (t, z) not in ((0, 2), (1, 3))]
+    with pytest.raises(ValueError, match="was not prompted on plane"):
+        list(propagate_objects(features, {1: {(0, 2): objects[1][(0, 2)]}}, starts={1: [(1, 2)]}))

@@ -178,8 +178,8 @@ def propagate_objects(features: Sam2Features, objects: Mapping[int, Mapping[tupl
     Raises
     ------
     ValueError
-        No objects, an empty mask, planes of one object that differ along another axis, a
-        start that is not a prompted plane, an axis the image does not have.
+        No objects, an empty mask, a start that is not a prompted plane, an axis the image
+        does not have.
     """
     source = features.source
     if not source.plane_axes:
@@ -189,20 +189,22 @@ def propagate_objects(features: Sam2Features, objects: Mapping[int, Mapping[tupl
         raise ValueError(f"axis {axis!r} is not a plane axis of this image (its plane axes are {source.plane_axes!r})")
     k = source.plane_axes.index(axis)
     n = source.plane_grid[k]
+    # One stack per index of the other plane axes (each time point of a TZYX image followed
+    # along Z): an id prompted in several stacks (one nucleus labelled at two time points) is
+    # followed in each from its own prompted planes.
     stacks: dict[tuple[int, ...], dict[int, dict[int, PlaneMask]]] = {}
     for oid, prompted in objects.items():
         if not prompted:
             raise ValueError(f"object {oid} has no prompted plane")
-        others = set()
         for plane, mask in prompted.items():
             index = source.plane_index(plane)
             if not mask.area:
                 raise ValueError(f"object {oid} has an empty mask on plane {index}")
-            others.add(index[:k] + index[k + 1:])
             stacks.setdefault(index[:k] + index[k + 1:], {}).setdefault(int(oid), {})[index[k]] = mask.cropped()
-        if len(others) > 1:
-            raise ValueError(f"object {oid} is prompted on planes that differ along another axis than {axis}: "
-                             f"{sorted(source.plane_index(p) for p in prompted)}")
+        for plane in (starts or {}).get(oid, ()):
+            if source.plane_index(plane) not in {source.plane_index(p) for p in prompted}:
+                raise ValueError(f"object {oid} was not prompted on plane {source.plane_index(plane)}: propagation "
+                                 f"starts from a prompted plane")
     if not stacks:
         raise ValueError("no objects to propagate")
     runs = {outer: _runs(features, group, n, settings, starts, source, k, outer) for outer, group in stacks.items()}
@@ -223,10 +225,8 @@ def _runs(features, group, n, settings, starts, source, k, outer) -> list[_Run]:
         if starts is not None:
             for plane in starts.get(oid, ()):
                 index = source.plane_index(plane)
-                if index[:k] + index[k + 1:] != outer or index[k] not in cond:
-                    raise ValueError(f"object {oid} was not prompted on plane {index}: propagation starts from a "
-                                     f"prompted plane")
-                chosen.add(index[k])
+                if index[:k] + index[k + 1:] == outer:  # a start in another stack is that stack's (checked above)
+                    chosen.add(index[k])
         for f in sorted(chosen):
             by_start.setdefault((frozenset(cond), f), []).append(oid)
     runs = []
