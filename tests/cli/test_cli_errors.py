@@ -180,3 +180,18 @@ def test_a_warning_is_one_line_of_the_commands_output(files, tiny_checkpoint, ca
     lines = [line for line in err.splitlines() if "warning" in line]
     assert rc == 0 and len(lines) == 1 and lines[0].startswith("napari-sam embed: warning: the embedding cache"), err
     assert "--on-mismatch replace" in lines[0] and "UserWarning" not in err
+
+
+@pytest.mark.parametrize("minutes", ["0", "-1", "nan", "ten"])
+def test_train_minutes_must_be_positive_before_anything_is_read(files, minutes, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["train", str(files / "nothing"), "--minutes", minutes, "--out", str(files / "m.pth")])
+    assert info.value.code == 2 and "--minutes" in capsys.readouterr().err and not (files / "m.pth").exists()
+
+
+def test_box_noise_is_a_fraction_of_the_box():
+    from napari_sam.train import TrainingConfig
+
+    assert TrainingConfig(box_noise=1.0).box_noise == 1.0
+    with pytest.raises(ValueError, match="box_noise must lie in \\[0, 1\\], got 5"):
+        TrainingConfig(box_noise=5)

@@ -40,3 +40,17 @@ def test_check_pair_wants_integer_labels_over_the_same_pixels():
         check_pair(np.zeros((4, 5)), np.zeros((4, 5), np.float32), "x")
     with pytest.raises(ValueError, match="do not cover the same pixels"):
         check_pair(np.zeros((4, 5)), np.zeros((5, 4), np.int32), "x")
+
+
+def test_label_files_without_an_image_are_named_and_a_stack_must_fit_its_image(tmp_path):
+    from napari_sam.train import SegmentationDataset
+
+    _write(tmp_path / "images", "a.tif", np.zeros((4, 5), np.uint8))
+    _write(tmp_path / "labels", "a.tif", np.ones((4, 5), np.uint16))
+    _write(tmp_path / "labels", "b.tif", np.ones((4, 5), np.uint16))  # its image was misnamed
+    with pytest.warns(UserWarning, match="1 label file\\(s\\) in .* have no image of the same name .*: b.tif"):
+        assert [i.name for i, _ in pair_files(tmp_path)] == ["a.tif"]
+    (tmp_path / "labels" / "b.tif").unlink()
+    _write(tmp_path / "labels", "a.tif", np.ones((6, 4, 5), np.uint16))  # a 2D image with a label stack
+    with pytest.raises(ValueError, match="a.tif: the image \\(4, 5\\) and its label stack \\(6, 4, 5\\) do not cover"):
+        SegmentationDataset.from_folder(tmp_path)

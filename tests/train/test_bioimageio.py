@@ -295,6 +295,14 @@ def test_import_refuses_bad_packages(package, tmp_path):
     with pytest.raises(ValueError, match="does not match its sha256"):  # our own check, after bioimageio's
         _copy_weights(package, "weights.pt", "0" * 64, tmp_path)
 
+    # a zip bomb: refused before anything is unpacked beside --out
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("weights.pt", bytes(80 << 20))
+    with pytest.raises(ValueError, match="weights.pt would unpack to 80 MiB from 0.1 MiB: not model weights"):
+        import_bioimageio(bomb, tmp_path / "bomb.pth")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".weights-")]
+
 
 def test_training_data_description_keeps_paths_private():
     meta = {"training": {"mode": "decoder", "steps": 5, "data": {"source": "folder", "path": "/home/ada/secret/cells",

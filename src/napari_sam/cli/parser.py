@@ -28,6 +28,16 @@ def _magnification(text: str):
         raise argparse.ArgumentTypeError(f"a number or 'auto', not {text!r}") from None
 
 
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:  # also NaN
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
 def _channel(text: str):
     from ..core.stain import STAIN_CHANNELS
 
@@ -230,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", required=True, help="checkpoint to write (.pth)")
     tr.add_argument("--mode", choices=["decoder", "full"], default="decoder")
     tr.add_argument("--steps", type=int, help="optimizer steps (default 1000, or what --minutes holds)")
-    tr.add_argument("--minutes", type=float,
+    tr.add_argument("--minutes", type=_positive,
                     help="a time budget: the run is sized to end in about this many minutes (with --steps: "
                     "stop after this many minutes)")
     tr.add_argument("--learning-rate", type=float)

@@ -10,6 +10,7 @@ planes pair up).
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,12 @@ def pair_files(
         raise ValueError(
             f"{len(missing)} image(s) in {img_dir} have no label file of the same name in {lab_dir}: {shown}"
         )
+    names = {p.name for p in files}
+    orphans = sorted(p.name for p in lab_dir.glob(pattern) if p.is_file() and p.name not in names)
+    if orphans:  # a misnamed image would lose its labels unnoticed
+        shown = ", ".join(orphans[:5]) + (f", ... ({len(orphans) - 5} more)" if len(orphans) > 5 else "")
+        warnings.warn(f"{len(orphans)} label file(s) in {lab_dir} have no image of the same name in {img_dir} and "
+                      f"are not used: {shown}", stacklevel=2)
     return [(p, lab_dir / p.name) for p in files]
 
 

@@ -112,6 +112,25 @@ def read_package(package: PathLike):
     return descr
 
 
+_MAX_MEMBER = 8 << 30
+"""Bytes any file of a package may unpack to (SAM ViT-H's weights are 2.6 GB)."""
+_MAX_RATIO = 50
+"""How much a large file may shrink in the zip: weights shrink little, zeros a thousand-fold."""
+
+
+def _check_sizes(package: Path) -> None:
+    """Refuse, before anything is unpacked, a package whose files would unpack to far more
+    than weights take (a zip bomb fills the disk beside ``--out``)."""
+    if not zipfile.is_zipfile(package):
+        return  # read_package names what it is
+    with zipfile.ZipFile(package) as archive:
+        for info in archive.infolist():
+            ratio = info.file_size / max(1, info.compress_size)
+            if info.file_size > _MAX_MEMBER or (info.file_size > 64 << 20 and ratio > _MAX_RATIO):
+                raise ValueError(f"{package}: {info.filename} would unpack to {info.file_size / 2**20:.0f} MiB from "
+                                 f"{info.compress_size / 2**20:.1f} MiB: not model weights, refused")
+
+
 def _copy_weights(package: Path, member: str, sha256: str, folder: Path, what: str = "weights file") -> Path:
     """Copy the weights out of the zip into ``folder``, checking their sha256 on the way."""
     digest = hashlib.sha256()
@@ -180,6 +199,7 @@ def import_bioimageio(package: PathLike, out: PathLike | None = None, *, overwri
     check_not_an_input(target, {"package": src}, what="out")
     check_folder_writable(target.parent)
 
+    _check_sizes(src)
     descr = read_package(src)
     entry = descr.weights.pytorch_state_dict
     if entry is None:

@@ -199,6 +199,8 @@ class TrainingConfig:
                      "iou_rank_weight"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.box_noise > 1:  # a fraction of the box's size: beyond it a box says nothing of its object
+            raise ValueError(f"box_noise must lie in [0, 1], got {self.box_noise}")
         if self.mask_prompt_probability is not None and not 0 <= self.mask_prompt_probability <= 1:
             raise ValueError(f"mask_prompt_probability must lie in [0, 1], got {self.mask_prompt_probability}")
         for name in ("box_probability", "central_click_probability"):

@@ -256,7 +256,10 @@ class SegmentationDataset:
                 loaders.append(lambda p=path, q=label_path: read(p, q))
                 names.append(path.name)
             elif len(shape) == 3:
-                lab = read(path, label_path)[1]
+                img, lab = read(path, label_path)
+                if img.shape[0] != shape[0] or img.shape[1:3] != shape[1:]:
+                    raise ValueError(f"{path.name}: the image {img.shape} and its label stack {tuple(shape)} do not "
+                                     f"cover the same planes and pixels")
                 for z in range(shape[0]):
                     if skip_empty and not lab[z].any():
                         continue
