@@ -11,14 +11,15 @@ __all__ = ["CurveWidget"]
 
 
 class CurveWidget(QWidget):
-    """Named series of (x, y) points, each scaled to its own range, with a legend."""
+    """Named series of (x, y) points, each scaled to its own range (said in the legend),
+    over the steps (said below)."""
 
     COLORS = ("#f0a030", "#40c0ff", "#80e080")
 
     def __init__(self, parent=None):
         super().__init__(parent)
         self.series: dict[str, list[tuple[float, float]]] = {}
-        self.setMinimumHeight(120)
+        self.setMinimumHeight(150)
         self.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Fixed)
 
     def add(self, name: str, x: float, y: float) -> None:
@@ -40,17 +41,23 @@ class CurveWidget(QWidget):
             painter.drawText(self.rect(), Qt.AlignCenter, "loss and validation IoU appear here")
             return
         x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+        top, bottom = 4 + 14 * len(self.series), 14  # a legend line per series above, the steps below
         for k, (name, pts) in enumerate(self.series.items()):
             ys = [y for _, y in pts]
             y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
             color = QColor(self.COLORS[k % len(self.COLORS)])
             painter.setPen(QPen(color, 1.5))
             points = [
-                QPointF(pad + (x - x0) / (x1 - x0) * (w - 2 * pad), h - pad - (y - y0) / (y1 - y0) * (h - 2 * pad - 14))
+                QPointF(pad + (x - x0) / (x1 - x0) * (w - 2 * pad),
+                        h - bottom - (y - y0) / (y1 - y0) * (h - top - bottom - pad))
                 for x, y in pts
             ]
             for a, b in zip(points, points[1:]):
                 painter.drawLine(a, b)
             if len(points) == 1:
                 painter.drawEllipse(points[0], 2, 2)
-            painter.drawText(pad + k * 150, 12, f"{name}: {ys[-1]:.3f}")
+            # each series has its own scale: its range is said, so two points never pass for a big change
+            painter.drawText(pad, 12 + 14 * k, f"{name} {ys[-1]:.3f} (range {min(ys):.3f}-{max(ys):.3f})")
+        painter.setPen(QColor("#a0a0a0"))
+        painter.drawText(pad, h - 2, f"step {min(xs):g}")
+        painter.drawText(self.rect().adjusted(0, 0, -pad, -2), Qt.AlignRight | Qt.AlignBottom, f"step {max(xs):g}")

@@ -110,7 +110,9 @@ class TrainingWidget(Container):
         self.status.native.setWordWrap(True)
         self.curve = CurveWidget()
         self.extend([self.image, self.labels, self.base, self.checkpoint, self.mode, self.minutes, self.steps, self.out,
-                     self.more, *self.settings.values(), self.train, self.stop, self.use, self.status])
+                     self.more, *self.settings.values(), self.train, self.stop, self.use])
+        # the status and the curve take the whole width, not the value column of a labelled row
+        self.native.layout().addWidget(self.status.native)
         self.native.layout().addWidget(self.curve)
         self.base.changed.connect(lambda v: setattr(self.checkpoint, "visible", v == CHECKPOINT))
         self.more.changed.connect(self._show_settings)
