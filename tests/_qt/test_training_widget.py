@@ -22,7 +22,7 @@ def trainer_widget(make_napari_viewer, nuclei_2d, tiny_checkpoint, monkeypatch, 
     viewer.window.add_dock_widget(w)
     w.image.value, w.labels.value = image, labels
     w.base.value = str(tiny_checkpoint)
-    w.minutes.value = 0.5
+    w.minutes.value = 10.0  # ample on a loaded machine: "steps at most" ends the runs
     return w
 
 
