@@ -232,6 +232,19 @@ def test_a_time_budget_sizes_the_schedule(mini_sam):
     assert 3 <= run.step <= run.config.steps
 
 
+def test_a_time_budget_never_grows_a_run_past_its_steps_at_most(mini_sam):
+    # the training widget: "minutes" sizes the schedule, "steps at most" caps it (with its warm-up)
+    from napari_sam.train.run import run_steps
+
+    image, labels, _ = _plane()
+    data = SegmentationDataset.from_arrays([image], [labels])
+    trainer = Trainer(mini_sam, data, TrainingConfig(**dict(FAST, steps=100_000, warmup_steps=50)),
+                      validation_data=data, device="cpu")
+    records = list(run_steps(trainer, minutes=30, max_steps=4))
+    assert [r.step for r in records] == [1, 2, 3, 4] and trainer.config.steps == 4
+    assert trainer.config.warmup_steps == 1
+
+
 def test_decoder_fine_tuning_keeps_the_instance_decoder(tmp_path, nuclei_2d):
     image, labels = nuclei_2d
     data = SegmentationDataset.from_arrays([image[:200, :200]], [labels[:200, :200]])

@@ -123,8 +123,11 @@ class TimeBudget:
         self.max_steps = max_steps
         self.steps = steps_for_minutes(trainer, minutes)
         if max_steps is not None and self.steps > max_steps:
-            trainer.config = dataclasses.replace(trainer.config, steps=max(max_steps, trainer.step + 1))
-            self.steps = trainer.config.steps
+            total = max(max_steps, trainer.step + 1)
+            warmup = min(trainer.config.warmup_steps, max(1, total // 10)) if trainer.step == 0 \
+                else trainer.config.warmup_steps  # as steps_for_minutes sizes a short run's warm-up
+            trainer.config = dataclasses.replace(trainer.config, steps=total, warmup_steps=warmup)
+            self.steps = total
         self._start = (time.monotonic(), trainer.step)
 
     def resize(self, trainer: Trainer) -> int:
