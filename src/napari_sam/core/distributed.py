@@ -55,9 +55,10 @@ def _worker_predictor(checkpoint: str, checksum: str, dtype: str, normalization:
     if threads > 0:
         torch.set_num_threads(threads)
     model = load_model(checkpoint, device="cpu", dtype=dtype)
-    if model.source.checksum != checksum:  # another file at that path here: its embeddings must not sign as ours
-        raise ValueError(f"the checkpoint {checkpoint} on this worker is not the client's ({model.source.checksum} "
-                         f"against {checksum}): give every worker the same file")
+    here = None if model.source is None else model.source.checksum
+    if here != checksum:  # another file at that path here: its embeddings must not sign as ours
+        raise ValueError(f"the checkpoint {checkpoint} on this worker is not the client's ({here} against "
+                         f"{checksum}): give every worker the same file")
     return Predictor(model, normalization, traced=False)
 
 

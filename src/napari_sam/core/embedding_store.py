@@ -265,12 +265,12 @@ class EmbeddingStore:
         except Exception:  # noqa: BLE001 - one damaged chunk: read them one by one
             pass
         checks = np.zeros(self.checksums.shape, np.uint64)
-        damaged = []
-        for entry in np.ndindex(*checks.shape):
+        damaged: list[tuple[int, int, int]] = []
+        for p, r, c in np.ndindex(*checks.shape):
             try:
-                checks[entry] = np.asarray(self.checksums[entry])
+                checks[p, r, c] = np.asarray(self.checksums[p, r, c])
             except Exception:  # noqa: BLE001 - any decoding failure means a damaged chunk
-                damaged.append(tuple(int(i) for i in entry))
+                damaged.append((int(p), int(r), int(c)))
         return checks, damaged
 
     def _has_features(self, entry: tuple[int, int, int]) -> bool:

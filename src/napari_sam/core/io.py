@@ -175,9 +175,10 @@ def image_axes(path: str | os.PathLike) -> str | None:
     if not multiscales or "axes" not in multiscales[0]:
         return None
     names = [a.get("name") if isinstance(a, dict) else a for a in multiscales[0]["axes"]]
-    if not all(isinstance(n, str) and n for n in names):
+    letters = [n[0].upper() for n in names if isinstance(n, str) and n]
+    if len(letters) != len(names):
         raise ValueError(f"{path}: its OME-Zarr axes {names} are not all named")
-    return "".join(n[0].upper() for n in names)
+    return "".join(letters)
 
 
 def label_dtype(max_id: int) -> np.dtype:

@@ -22,7 +22,6 @@ state, epoch counters) are returned apart, as :attr:`Checkpoint.extras`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -31,6 +30,8 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence, Union
 
 import torch
+
+from .model_source import ModelSource, file_stat  # re-exported: the loaders' one import place
 
 __all__ = ["METADATA_KEY", "SAM_MODULES", "Checkpoint", "ModelSource", "CheckpointError", "UntrustedCheckpointError",
            "check_state_dict", "file_stat", "normalize_checkpoint", "read_checkpoint", "read_state_dict",
@@ -54,63 +55,6 @@ _NON_PARAMETERS = ("pixel_mean", "pixel_std")
 """Normalisation buffers that some re-saved checkpoints contain; the official ones do not."""
 
 _MAX_LISTED = 10
-
-
-@dataclass
-class ModelSource:
-    """Where a loaded model came from: enough to tell whether cached embeddings fit it.
-
-    Attributes
-    ----------
-    name
-        Registry name, or the checkpoint's file name for a local file.
-    path
-        The checkpoint file.
-    dtype
-        Encoder precision name.
-    stat
-        ``(size, mtime_ns, inode)`` of the file taken before its weights were read
-        (:func:`file_stat`); None when unknown.
-    """
-
-    name: str
-    path: str
-    dtype: str
-    stat: tuple[int, int, int] | None = None
-    _checksum: str | None = field(default=None, repr=False)
-
-    @property
-    def checksum(self) -> str:
-        """sha256 of the checkpoint file (computed once, on first use).
-
-        Raises
-        ------
-        CheckpointError
-            When the file changed since the weights were read from it (replaced by a newer
-            model, say): its hash would sign caches with embeddings of other weights.
-        """
-        if self._checksum is None:
-            if self.stat is not None and file_stat(self.path) != self.stat:
-                raise CheckpointError(f"{self.path} changed on disk since the model was loaded from it: load it "
-                                      "again (its embeddings would be cached under the new file's name)")
-            digest = hashlib.sha256()
-            with open(self.path, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 22), b""):
-                    digest.update(block)
-            if self.stat is not None and file_stat(self.path) != self.stat:  # changed while it was read
-                raise CheckpointError(f"{self.path} changed on disk since the model was loaded from it: load it "
-                                      "again")
-            self._checksum = "sha256:" + digest.hexdigest()
-        return self._checksum
-
-
-def file_stat(path) -> tuple[int, int, int] | None:
-    """``(size, mtime_ns, inode)`` of a file: what changes when it is rewritten or replaced."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_size, st.st_mtime_ns, st.st_ino)
 
 
 class CheckpointError(ValueError):
