@@ -38,22 +38,20 @@ class ModelSource:
 
         Raises
         ------
-        CheckpointError
+        ValueError
             When the file changed since the weights were read from it (replaced by a newer
             model, say): its hash would sign caches with embeddings of other weights.
         """
         if self._checksum is None:
-            from .checkpoint import CheckpointError
-
             if self.stat is not None and file_stat(self.path) != self.stat:
-                raise CheckpointError(f"{self.path} changed on disk since the model was loaded from it: load it "
+                raise ValueError(f"{self.path} changed on disk since the model was loaded from it: load it "
                                       "again (its embeddings would be cached under the new file's name)")
             digest = hashlib.sha256()
             with open(self.path, "rb") as fh:
                 for block in iter(lambda: fh.read(1 << 22), b""):
                     digest.update(block)
             if self.stat is not None and file_stat(self.path) != self.stat:  # changed while it was read
-                raise CheckpointError(f"{self.path} changed on disk since the model was loaded from it: load it "
+                raise ValueError(f"{self.path} changed on disk since the model was loaded from it: load it "
                                       "again")
             self._checksum = "sha256:" + digest.hexdigest()
         return self._checksum
