@@ -6,7 +6,7 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 
-__all__ = ["ModelSource", "file_stat"]
+__all__ = ["ModelSource", "file_sha256", "file_stat"]
 
 
 @dataclass
@@ -43,18 +43,25 @@ class ModelSource:
             model, say): its hash would sign caches with embeddings of other weights.
         """
         if self._checksum is None:
-            if self.stat is not None and file_stat(self.path) != self.stat:
-                raise ValueError(f"{self.path} changed on disk since the model was loaded from it: load it "
-                                      "again (its embeddings would be cached under the new file's name)")
-            digest = hashlib.sha256()
-            with open(self.path, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 22), b""):
-                    digest.update(block)
-            if self.stat is not None and file_stat(self.path) != self.stat:  # changed while it was read
-                raise ValueError(f"{self.path} changed on disk since the model was loaded from it: load it "
-                                      "again")
-            self._checksum = "sha256:" + digest.hexdigest()
+            self._check_unchanged()
+            digest = file_sha256(self.path)
+            self._check_unchanged()  # nor while it was read
+            self._checksum = "sha256:" + digest
         return self._checksum
+
+    def _check_unchanged(self) -> None:
+        if self.stat is not None and file_stat(self.path) != self.stat:
+            raise ValueError(f"{self.path} changed on disk since the model was loaded from it: load it again (its "
+                             "embeddings would be cached under the new file's name)")
+
+
+def file_sha256(path) -> str:
+    """The sha256 of a file's bytes, as hex digits."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def file_stat(path) -> tuple[int, int, int] | None:

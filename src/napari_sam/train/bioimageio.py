@@ -18,7 +18,6 @@ use.
 from __future__ import annotations
 
 import gc
-import hashlib
 import os
 import tempfile
 import warnings
@@ -32,6 +31,7 @@ from ..core.io import check_folder_writable, check_not_an_input
 from ..core.preprocess import Normalization
 from ..model import Sam, check_state_dict, config_to_dict, sam_from_state_dict
 from ..model.bioimageio_model import BoxPromptedSam
+from ..model.model_source import file_sha256
 from .bioimageio_content import make_cover, make_readme, make_test_sample
 from .bioimageio_description import (
     DECODER_FILE,
@@ -226,7 +226,7 @@ def export_bioimageio(
         if decoder is not None:
             torch.save({k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.detach().cpu()
                         for k, v in decoder.state_dict().items()}, folder / DECODER_FILE)
-            napari["instance_decoder"] = {"file": DECODER_FILE, "sha256": _sha256(folder / DECODER_FILE)}
+            napari["instance_decoder"] = {"file": DECODER_FILE, "sha256": file_sha256(folder / DECODER_FILE)}
         for file, array in (("test_image.npy", sample.image), ("test_box.npy", sample.box),
                             ("test_masks.npy", sample.masks), ("test_iou.npy", sample.iou)):
             np.save(folder / file, array)
@@ -256,14 +256,6 @@ def export_bioimageio(
             raise ValueError(f"the package for {name!r} did not validate: {problem}")
         os.replace(staged, target)
     return target
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _environment(version: str) -> str:
