@@ -125,6 +125,14 @@ def test_foreign_folders_are_not_used_as_caches(tmp_path):
         EmbeddingStore.open(tmp_path / "group.zarr", SIG, LAYOUT)
     with pytest.raises(ValueError, match="not an embedding cache"):
         describe_cache(tmp_path / "photos")
+    # `napari-sam info` reads: no advice to choose a location, and a missing or empty folder said as such
+    with pytest.raises(ValueError, match="group.zarr is a Zarr group, but not an embedding cache$"):
+        describe_cache(tmp_path / "group.zarr")
+    with pytest.raises(FileNotFoundError, match="no embedding cache at .*missing.zarr: no such folder"):
+        describe_cache(tmp_path / "missing.zarr")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty is an empty folder, not an embedding cache"):
+        describe_cache(tmp_path / "empty")
 
 
 def test_layout_must_match(tmp_path):

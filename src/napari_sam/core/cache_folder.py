@@ -33,16 +33,21 @@ def open_root(path: str | os.PathLike | None, mode: Literal["r", "r+", "a"]) -> 
     if path is None:
         return zarr.open_group(zarr.storage.MemoryStore(), mode="a", zarr_format=3)
     path = Path(path).expanduser()
+    if mode == "r" and not path.exists():
+        raise FileNotFoundError(f"no embedding cache at {path}: no such folder")
+    advice = "" if mode == "r" else ": choose another cache location"  # reading one, there is no location to choose
     # An empty folder (made by hand or by a file dialog) is a fine place for a new cache.
     fresh = not path.exists() or (path.is_dir() and not any(path.iterdir()))
+    if fresh and mode == "r":
+        raise ValueError(f"{path} is an empty folder, not an embedding cache")
     if not fresh:
         meta = path / "zarr.json"
         try:
             node_type = json.loads(meta.read_text()).get("node_type")
         except (OSError, ValueError) as err:
-            raise ValueError(f"{path} exists but is not a Zarr v3 store: choose another cache location") from err
+            raise ValueError(f"{path} is not an embedding cache (not a Zarr v3 store){advice}") from err
         if node_type != "group":
-            raise ValueError(f"{path} is a Zarr {node_type}, not an embedding cache: choose another cache location")
+            raise ValueError(f"{path} is a Zarr {node_type}, not an embedding cache{advice}")
     try:
         if fresh and mode != "r":
             try:
@@ -60,6 +65,8 @@ def open_root(path: str | os.PathLike | None, mode: Literal["r", "r+", "a"]) -> 
         root.attrs[ROOT_ATTR] = {"format": FORMAT}
     ours = dict(root.attrs).get(ROOT_ATTR, {})
     fmt = ours.get("format") if isinstance(ours, Mapping) else None
+    if fmt is None:
+        raise ValueError(f"{path} is a Zarr group, but not an embedding cache{advice}")
     if fmt != FORMAT:
         raise ValueError(f"{path} is not an embedding cache of format {FORMAT} (found {fmt!r})")
     return root

@@ -313,8 +313,6 @@ def describe_cache(path: str | os.PathLike, verify: bool = False) -> list[dict]:
         checksum is recorded: counted, not read), ``total``, ``bytes`` on disk, ``check``.
     """
     path = Path(path).expanduser()
-    if not (path / "zarr.json").exists():
-        raise ValueError(f"{path} is not an embedding cache (no zarr.json)")
     root = cache_folder.open_root(path, "r")
     out = []
     for key, sig in sorted(cache_folder.signatures(root).items()):
