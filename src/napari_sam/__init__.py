@@ -15,6 +15,7 @@ from ._lazy import lazy_names
 __version__ = "0.1.0"
 
 _LAZY = {
+    "Annotator": "napari_sam.api",
     "load_model": "napari_sam.core.models",
     "Predictor": "napari_sam.core.predictor",
     "ImageEmbedding": "napari_sam.core.image_embedding",

@@ -137,7 +137,7 @@ def test_existing_labels_are_protected_unless_overwrite(viewer_3d, tiny_checkpoi
 
 def test_bad_inputs_are_refused_clearly(make_napari_viewer, viewer_3d, tiny_checkpoint):
     viewer, layer = viewer_3d
-    wrong = viewer.add_labels(np.zeros((10, 100, 100), np.uint8))
+    wrong = viewer.add_labels(np.zeros((10, 100, 100), np.uint8), scale=layer.scale)
     with pytest.raises(ValueError, match=r"labels have shape \(10, 100, 100\), but the image needs \(100, 100, 100\)"):
         attach(viewer, layer, model=str(tiny_checkpoint), labels=wrong, cache=False)
     with pytest.raises(ValueError, match="no image layer"):

@@ -89,6 +89,10 @@ def test_ais_on_a_slice_keeps_existing_labels(make_napari_viewer, stack, tiny_ch
     viewer.dims.set_current_step(0, 2)
     data = session.labels_layer.data
     data[2, :10, :10] = 9
+    # the user's own layer (ground truth, say) is not AIS's input
+    mine = viewer.add_labels(np.zeros(stack.shape, np.uint8), name="my labels", scale=(0.284, 0.127, 0.127))
+    w.rough.reset_choices()
+    assert w.rough.value is mine
     worker = w.run_everything()
     assert w.workers.running(worker)  # the work runs in a thread, the viewer keeps drawing
     _idle(w, qtbot)
@@ -102,7 +106,7 @@ def test_ais_on_a_slice_keeps_existing_labels(make_napari_viewer, stack, tiny_ch
     np.testing.assert_array_equal(new, (expected > 0) & ~existing)
     n = len(np.unique(data[2][new]))
     assert w.status.value == f"committed {n} object(s)" and n >= 3
-    assert not data[1].any() and not data[3].any()
+    assert not data[1].any() and not data[3].any() and not mine.data.any()
 
 
 def test_augment_is_offered_for_ais_and_commits_the_augmented_objects(make_napari_viewer, stack, tiny_checkpoint,

@@ -48,6 +48,11 @@ def _run(argv, capsys):
         (["embed", "{d}/vol.tif", "--planes", 7, "--out", "{d}/c.zarr"], "--planes 7: the image has 5 plane(s)"),
         (["embed", "{d}/vol.tif", "--tile", 16, "--halo", 64, "--out", "{d}/c.zarr"],
          "--halo 64 is larger than --tile 16: each tile would embed more halo than interior"),
+        (["segment", "{d}/img.tif", "--mode", "ais", "--point", 3, 3, "--box", 1, 1, 9, 9],
+         "--mode ais segments every object of every plane, so --point, --box would be ignored"),
+        (["segment", "{d}/vol.tif", "--mode", "boxes", "--plane", 1], "so --plane would be ignored"),
+        (["segment", "{d}/img.tif", "--mode", "ais", "--points-per-side", 4],
+         "--points-per-side sets the point grid of --mode auto, not of --mode ais"),
     ],
 )
 def test_mistakes_end_in_one_line_before_the_model_loads(files, monkeypatch, capsys, argv, expected):
@@ -189,9 +194,29 @@ def test_train_minutes_must_be_positive_before_anything_is_read(files, minutes, 
     assert info.value.code == 2 and "--minutes" in capsys.readouterr().err and not (files / "m.pth").exists()
 
 
+@pytest.mark.parametrize("option, value, said", [("--min-area", "-5", "-5 is negative"),
+                                                 ("--points-per-side", "0", "0 is not a positive number")])
+def test_automatic_mode_sizes_are_checked_when_parsed(files, option, value, said, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["segment", str(files / "img.tif"), "--mode", "auto", option, value, "--out", str(files / "o.tif")])
+    assert info.value.code == 2 and f"argument {option}: {said}" in capsys.readouterr().err
+    assert not (files / "o.tif").exists()
+
+
 def test_box_noise_is_a_fraction_of_the_box():
     from napari_sam.train import TrainingConfig
 
     assert TrainingConfig(box_noise=1.0).box_noise == 1.0
     with pytest.raises(ValueError, match="box_noise must lie in \\[0, 1\\], got 5"):
         TrainingConfig(box_noise=5)
+
+
+def test_auto_on_volumes_alone_is_refused_rather_than_skipped(tmp_path, tiny_checkpoint, capsys):
+    for sub in ("images", "labels"):
+        (tmp_path / sub).mkdir()
+    labels = np.zeros((3, 32, 32), np.uint16)
+    labels[:, 8:20, 8:20] = 1
+    tifffile.imwrite(tmp_path / "images" / "v.tif", (labels * 200).astype(np.uint8))
+    tifffile.imwrite(tmp_path / "labels" / "v.tif", labels)
+    rc, out, err = _run(["evaluate", tmp_path, "--model", tiny_checkpoint, "--auto", "--max-objects", 1], capsys)
+    assert rc == 2 and "--auto scores 2D label images; the 1 3D volume(s)" in err and "Propagation" not in out

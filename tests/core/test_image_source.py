@@ -149,3 +149,9 @@ def test_a_path_is_opened_where_an_image_is_expected_and_named_where_an_array_is
         ImageSource(str(tmp_path / "plane.tif"))
     with pytest.raises(TypeError, match="an image is an array"):
         ImageSource([[1, 2], [3, 4]])
+
+
+def test_none_names_the_plane_of_a_2d_image_and_is_refused_for_a_stack():
+    assert ImageSource(np.zeros((8, 8))).plane_index(None) == ()
+    with pytest.raises(IndexError, match="give the plane: the image has 3 planes along 'Z'"):
+        ImageSource(np.zeros((3, 8, 8))).plane_index(None)

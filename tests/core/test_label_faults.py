@@ -360,3 +360,14 @@ def test_a_second_writer_of_this_process_does_not_undo_a_write_in_progress(base)
         journal._WRITING.discard(str(first._journal))
     # no write of this process is in progress: a note naming our pid is a dead process's
     assert LabelWriter(create_label_store(base, SHAPE, chunks=CHUNKS)).recovered
+
+
+def test_labels_that_cannot_be_written_are_refused_in_one_line():
+    import dask.array as da
+
+    from napari_sam.core.label_target import open_labels
+
+    for labels, kind in ((da.zeros((4, 6), dtype="uint32"), "dask.Array"), (((0,) * 6,) * 4, "builtins.tuple")):
+        with pytest.raises(ValueError, match=f"labels of type {kind} cannot be written"):
+            open_labels(labels, (4, 6))
+    assert open_labels(np.zeros((4, 6), np.uint32), (4, 6)).shape == (4, 6)

@@ -184,3 +184,16 @@ def test_a_path_never_opens_an_image_or_foreign_array_as_labels(tmp_path):
     assert (np.asarray(again) == 7).all() and "napari_sam_max_id" not in dict(again.attrs)
     ours = create_label_store(tmp_path / "labels.zarr", (3, 16, 16))
     assert create_label_store(tmp_path / "labels.zarr", (3, 16, 16)).shape == ours.shape  # ours reopens
+
+
+def test_a_brush_stroke_between_reading_and_writing_a_region_stays():
+    # the viewer's brush writes on the GUI thread while a commit computes in a worker: the
+    # commit must write only the pixels it changes, not its whole region as it read it
+    labels = np.zeros((1, 32, 32), np.uint32)
+    writer = LabelWriter(labels)
+    before = labels[0, 4:20, 4:20].copy()
+    after = before.copy()
+    after[2:6, 2:6] = 1
+    labels[0, 15, 15] = 9  # painted by hand after the commit read the region
+    writer._write((0,), (4, 20, 4, 20), before, after, 1)
+    assert labels[0, 15, 15] == 9 and (labels[0, 6:10, 6:10] == 1).all() and (labels == 1).sum() == 16

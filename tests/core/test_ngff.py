@@ -519,3 +519,28 @@ def test_level_factors_believe_the_shapes_when_a_declared_scale_contradicts_them
     assert level_factors(shapes, [(1.0, 1.0), (2.002, 2.0026), (4.004, 4.005)])[1] == (2.002, 2.0026)
     # every level declared at scale 1: a crop of level 0 would follow; the shapes decide instead
     assert level_factors(shapes, [(1.0, 1.0)] * 3)[2] == (round(1001 / 250, 9), round(777 / 194, 9))
+
+
+def _untyped(path: Path, names: str, data: np.ndarray) -> Path:
+    """An NGFF 0.4 image whose axes have names and no types (the spec's SHOULD, not a MUST)."""
+    root = zarr.open_group(str(path), mode="w", zarr_format=2)
+    root.create_array("0", data=data, chunks=(1,) * (data.ndim - 2) + (32, 32))
+    root.attrs["multiscales"] = [{"version": "0.4", "axes": [{"name": a} for a in names],
+                                  "datasets": [{"path": "0", "coordinateTransformations": [
+                                      {"type": "scale", "scale": [1.0] * data.ndim}]}]}]
+    return path
+
+
+def test_axes_without_types_get_their_types_and_unknown_ones_are_refused_before_any_work(tmp_path):
+    data = np.zeros((3, 40, 48), np.uint8)
+    path = _untyped(tmp_path / "named.ome.zarr", "zyx", data)
+    labels = np.zeros((3, 40, 48), np.uint16)
+    labels[1, 5:9, 5:9] = 4
+    write_label_image(path, "cells", labels)
+    meta = json.loads((path / "labels" / "cells" / ".zattrs").read_text())["multiscales"][0]
+    assert [(a["name"], a["type"]) for a in meta["axes"]] == [("z", "space"), ("y", "space"), ("x", "space")]
+    np.testing.assert_array_equal(zarr.open_array(str(path / "labels" / "cells" / "0"))[...], labels)
+    odd = _untyped(tmp_path / "odd.ome.zarr", ["q", "r", "x"], data)
+    with pytest.raises(ValueError, match="its axes .* do not make valid label axes"):
+        check_label_target(odd, "cells", shape=(3, 40, 48))
+    assert not (odd / "labels").exists()

@@ -111,7 +111,8 @@ class SamWidget(Container):
         self.tracking = TrackingControls(self.workers, self._say, lambda: self.session, parent=self.native)
         self.propagate = self.tracking.selected  # "Propagate selected label through slices"
         self.everything_mode = ComboBox(
-            label="segment everything", choices=mode_choices(), value="auto",
+            label="segment everything", value="auto",  # choices a callable: napari resets them per layer added
+            choices=lambda *_: mode_choices(self.session and self.session.annotator.model),
             tooltip="AIS, APG: from the model's instance decoder (models that have one, e.g. vit_b_lm); labels: "
             "refine a rough segmentation (a threshold, another tool's output) object by object",
         )
@@ -162,8 +163,7 @@ class SamWidget(Container):
         for choice in (self.image, self.rough):
             viewer.layers.events.inserted.connect(choice.reset_choices)
             viewer.layers.events.removed.connect(choice.reset_choices)
-        # The workers, not the widget, are captured: by the time Qt reports the destruction the
-        # widget's Python attributes may be gone.
+        # the workers are captured, not the widget: its attributes may be gone when Qt reports the destruction
         self.native.destroyed.connect(lambda *_, workers=self.workers: workers.close())
         # napari's close button takes the widget out of its dock without destroying it
         self.native_parent_changed.connect(lambda parent: parent is None and self._closed())
@@ -283,7 +283,7 @@ class SamWidget(Container):
                 button.enabled = True
             self.tracking.attach(self.session)
             self.everything_mode.choices = ()  # emptied first: new choices are appended, not put in order
-            self.everything_mode.choices = mode_choices(annotator.model)
+            self.everything_mode.reset_choices()
             self.everything_mode.value = recommended(annotator.model).mode
             self._everything_mode_changed(self.everything_mode.value)
             self.whole_volume.visible = bool(annotator.source.plane_axes)
@@ -337,7 +337,7 @@ class SamWidget(Container):
             self._say(f"committed {n} object(s){where}")
 
         plane = session.current_plane()  # the slice shown now, read on the GUI thread
-        rough = self.rough.value
+        rough = self.rough.value if mode == "labels" else None  # the user's other Labels layers are not a mode's input
         tracker = EverythingProgress(session.annotator.source.plane_grid[-1] if volume else 1)
         session.writing = "segment everything"
         return self.workers.steps(

@@ -156,6 +156,14 @@ def evaluate(args) -> int:
     if sam2 is not None and not volumes:
         raise UsageError(f"{args.model} is a SAM 2: it is measured on 3D label volumes (propagation), and "
                          f"{args.images} holds 2D planes only")
+    if auto and volumes:  # the automatic modes are scored per 2D image; a volume is measured by propagation
+        skipped = f"--auto scores 2D label images; the {len(volumes)} 3D volume(s) in {args.images} are measured by " \
+                  "propagation only"
+        if not planes:
+            raise UsageError(skipped + ": give 2D images (e.g. planes of the volume saved one per file) for --auto")
+        import warnings
+
+        warnings.warn(skipped, UserWarning, stacklevel=1)
     for method, name in methods:
         sam = not isinstance(method, WatershedBaseline)
         if planes and method is not sam2:

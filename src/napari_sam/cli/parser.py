@@ -38,6 +38,23 @@ def _positive(text: str) -> float:
     return value
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = _count(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("0 is not a positive number")
+    return value
+
+
 def _channel(text: str):
     from ..core.stain import STAIN_CHANNELS
 
@@ -106,10 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--plane).",
     )
     seg.add_argument("--mode", choices=["prompts", "ais", "apg", "auto", "boxes"], default="prompts")
-    seg.add_argument("--points-per-side", type=int, default=32, help="auto mode: grid density per tile")
+    seg.add_argument("--points-per-side", type=_positive_int, default=None,
+                     help="auto mode: grid density per tile (32)")
     seg.add_argument("--detector", choices=["otsu", "log"], default=None,
                      help="boxes mode: the detector (default: the one measured to suit the model; otsu for SAM's own)")
-    seg.add_argument("--min-area", type=int, default=None,
+    seg.add_argument("--min-area", type=_count, default=None,
                      help="automatic modes: smaller objects are dropped (default: 25 for auto and boxes, the "
                      "model's advice for ais and apg)")
     seg.add_argument("--augment", action="store_true",

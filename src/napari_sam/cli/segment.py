@@ -198,7 +198,7 @@ def _mode_settings(args) -> dict:
     """The settings of --mode that the command line gives (the model's advice for the rest)."""
     min_area = args.min_area
     if args.mode == "auto":
-        return {"points_per_side": args.points_per_side, "min_area": 25 if min_area is None else min_area}
+        return {"points_per_side": args.points_per_side or 32, "min_area": 25 if min_area is None else min_area}
     if args.mode == "boxes":
         detector = {} if args.detector is None else {"detector": args.detector}
         return {"min_area": 25 if min_area is None else min_area, **detector}
@@ -215,7 +215,8 @@ def _check_mode(mode: str, model) -> None:
         # micro-sam's fine-tuned checkpoints all carry their instance decoder
         named = [e.name for e in list_models() if e.description.startswith("micro-sam")]
         raise UsageError(f"--mode {mode} needs a model with an instance decoder, which {model.source.name} lacks; "
-                         f"{', '.join(named)} have one (--model NAME, see `napari-sam models`)")
+                         f"the embedded default (offline) and {', '.join(named)} have one (--model NAME, see "
+                         "`napari-sam models`)")
 
 
 def _segment_all(args) -> int:
@@ -231,14 +232,22 @@ def _segment_all(args) -> int:
 
     if args.detector is not None and args.mode != "boxes":
         raise UsageError(f"--detector chooses the boxes of --mode boxes, not of --mode {args.mode}")
+    if args.points_per_side is not None and args.mode != "auto":
+        raise UsageError(f"--points-per-side sets the point grid of --mode auto, not of --mode {args.mode}")
+    prompted = [flag for flag, given in (("--point", args.point), ("--bg-point", args.bg_point), ("--box", args.box),
+                                         ("--prompts", args.prompts), ("--plane", args.plane)) if given]
+    if prompted and not args.add:  # all would be ignored (--add says why it needs --mode prompts itself)
+        raise UsageError(f"--mode {args.mode} segments every object of every plane, so {', '.join(prompted)} "
+                         "would be ignored: they are for --mode prompts (for one plane of a stack, crop it first "
+                         "or use the API's segment_everything(plane))")
     source = ImageSource.open(args.image, axes=args.axes, channel=args.channel)
     _check_labels_into(args, source.plane_grid + source.plane_shape)
     model = resolve_model(args.model, device=args.device, dtype=args.dtype)
     _check_mode(args.mode, model)
+    emb = Embeddings(source, model, cache=False, magnification=args.magnification, diameter=args.diameter)
     if args.mode in ("ais", "apg") and args.magnification not in (None, "auto", 1.0) and reads_native_scale(model):
         print(f"note: --mode {args.mode} reads embeddings at magnification 1, where the instance decoder learned; "
               f"--magnification {args.magnification:g} would change nothing", file=sys.stderr)
-    emb = Embeddings(source, model, cache=False, magnification=args.magnification, diameter=args.diameter)
     settings = _mode_settings(args)
     grid = source.plane_grid
     stacks = [[outer + (i,) for i in range(grid[-1])] for outer in np.ndindex(*grid[:-1])] if grid else [[()]]

@@ -167,8 +167,13 @@ class ImageSource:
         """Number of 2D planes."""
         return int(np.prod(self.plane_grid, dtype=np.int64))
 
-    def plane_index(self, plane: int | tuple[int, ...]) -> tuple[int, ...]:
-        """Normalise a flat plane number or a (t, z) tuple to the tuple form."""
+    def plane_index(self, plane: int | tuple[int, ...] | None) -> tuple[int, ...]:
+        """Normalise a flat plane number or a (t, z) tuple to the tuple form; None names the
+        plane of an image that has one."""
+        if plane is None:
+            if self.n_planes != 1:
+                raise IndexError(f"give the plane: the image has {self.n_planes} planes along {self.plane_axes!r}")
+            plane = 0
         if isinstance(plane, (int, np.integer)):
             n = self.n_planes
             if not -n <= plane < n:

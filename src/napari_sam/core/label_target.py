@@ -64,6 +64,11 @@ def open_labels(labels, shape: tuple[int, ...]):
             raise ValueError(f"the label image {labels.path} has shape {tuple(labels.data.shape)} "
                              f"({labels.axes}), but the image needs {shape} (planes, then Y, X)")
         return labels.data
+    kind = type(labels)
+    # dask and xarray take item assignment, but into a copy: the objects would never land
+    if not hasattr(labels, "__setitem__") or kind.__module__.split(".")[0] in ("dask", "xarray"):
+        raise ValueError(f"labels of type {kind.__module__.split('.')[0]}.{kind.__name__} cannot be written: give "
+                         "a numpy array, a Zarr array or a path for a Zarr array on disk")
     if tuple(labels.shape) != shape:
         raise ValueError(f"labels have shape {tuple(labels.shape)}, but the image needs {shape} (planes, then Y, X)")
     if isinstance(labels, np.ndarray):  # in memory: cheap to check (a Zarr array on disk is not read whole)

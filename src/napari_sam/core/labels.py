@@ -323,7 +323,13 @@ class LabelWriter:
                 # the id first: a kill between the two leaves an unused id, never an unrecorded one
                 if max_id > old_max:
                     self._set_max_id(max_id)
-                self.labels[index] = after
+                if isinstance(self.labels, np.ndarray):
+                    # only the pixels this step changes: a brush stroke made in the viewer
+                    # between reading the region and writing it stays (Zarr writes whole chunks)
+                    changed = after != before
+                    self.labels[index][changed] = after[changed]
+                else:
+                    self.labels[index] = after
                 self._written(plane, region)
             except BaseException:
                 # an error or Ctrl-C between chunks: put the region back as it was

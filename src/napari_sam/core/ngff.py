@@ -136,7 +136,27 @@ def _settle(image: OmeZarrImage) -> None:
         clean_staging(folder)
 
 
+_AXIS_TYPES = {"t": "time", "c": "channel", "z": "space", "y": "space", "x": "space"}
+
+
+def _label_axes(image: OmeZarrImage) -> list[dict]:
+    """The image's axes without C, each with its type: NGFF says an axis SHOULD have one,
+    and ome-zarr-py refuses to write more than one without, so the usual names get theirs."""
+    axes = [dict(a) for i, a in enumerate(image.axes) if i != image.channel]
+    for a in axes:
+        if "type" not in a and str(a.get("name", "")).lower() in _AXIS_TYPES:
+            a["type"] = _AXIS_TYPES[str(a["name"]).lower()]
+    return axes
+
+
 def _check_target(image: OmeZarrImage, name: str, shape: Sequence[int] | None, overwrite: bool) -> Path:
+    from ome_zarr.axes import Axes
+
+    try:  # what writing the label image's metadata will ask of the axes, asked before any work
+        Axes(_label_axes(image), fmt=image.fmt)
+    except ValueError as err:
+        raise ValueError(f"no label image can be written beside {image.path}: its axes {image.axes} do not "
+                         f"make valid label axes ({err})") from None
     if shape is not None and tuple(int(n) for n in shape) != image.label_shape:
         raise ValueError(f"labels of shape {tuple(shape)} do not fit the OME-Zarr image {image.path}: its label "
                          f"images have shape {image.label_shape} (axes {image.label_axes})")
@@ -329,7 +349,7 @@ def _create(image: OmeZarrImage, name: str, dtype: np.dtype, chunks: tuple[int, 
         parent = zarr.open_group(str(staging), mode="w", zarr_format=image.fmt.zarr_format)
         group = parent.create_group(name)
         v2 = image.fmt.zarr_format == 2
-        label_axes = [a for i, a in enumerate(image.axes) if i != image.channel]
+        label_axes = _label_axes(image)
         for k, (path, shape) in enumerate(zip(image.paths, image.shapes)):
             shape = image.drop_channel(shape)
             extra: dict[str, Any] = ({"chunk_key_encoding": {"name": "v2", "separator": "/"}} if v2

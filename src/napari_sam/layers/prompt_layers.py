@@ -24,8 +24,10 @@ __all__ = [
     "POINTS",
     "PREVIEW",
     "add_session_layers",
+    "draw_preview",
     "image_layer_of",
     "plane_of",
+    "prompted_planes",
     "prompts_on",
     "remove_prompts_on",
     "source_from_layer",
@@ -218,6 +220,35 @@ def prompts_on(image_layer, points_layer, boxes_layer, plane: tuple[int, ...]) -
     if not boxes and not len(points):
         return []
     return [Prompt.make(points if len(points) else None, labels if len(points) else None, boxes[0] if boxes else None)]
+
+
+def prompted_planes(image_layer, points_layer, boxes_layer) -> set[tuple[int, ...]]:
+    """The planes on which any point or box lies."""
+    planes = {plane_of(image_layer, p) for p in to_image(image_layer, points_layer, points_layer.data)}
+    for shape in boxes_layer.data:
+        planes.add(plane_of(image_layer, to_image(image_layer, boxes_layer, shape).mean(0)))
+    return planes
+
+
+def draw_preview(preview_layer, image_layer, plane: tuple[int, ...], masks) -> None:
+    """Show the objects ``masks`` (PlaneMask) of one plane in the preview layer: only their
+    bounding region is stored, moved into place by the layer's translate, so that a preview
+    on a large plane costs what the objects cover."""
+    masks = [m for m in masks if m.area]
+    ndim = image_layer.ndim
+    if not masks:
+        preview_layer.data = np.zeros((1,) * ndim, np.uint8)
+        preview_layer.translate = image_layer.translate
+        return
+    y0, x0 = min(m.region[0] for m in masks), min(m.region[2] for m in masks)
+    y1, x1 = max(m.region[1] for m in masks), max(m.region[3] for m in masks)
+    crop = np.zeros((y1 - y0, x1 - x0), np.uint8)
+    for k, m in enumerate(masks, start=1):
+        my0, my1, mx0, mx1 = m.region
+        crop[my0 - y0 : my1 - y0, mx0 - x0 : mx1 - x0][m.mask] = min(k, 255)
+    offset = np.array([*plane, y0, x0], dtype=np.float64)
+    preview_layer.data = crop.reshape((1,) * (ndim - 2) + crop.shape)
+    preview_layer.translate = np.asarray(image_layer.translate) + offset * np.asarray(image_layer.scale)
 
 
 def remove_prompts_on(image_layer, points_layer, boxes_layer, plane: tuple[int, ...]) -> None:

@@ -30,11 +30,14 @@ from ..core.labels import Commit
 from ..core.masks import PlaneMask
 from ..core.memory_labels import PROMPTED_ATTR
 from ..core.prompts import Prompt
+from .bound_layers import BoundLayers, labels_layer_for, painted_ids
 from .keys import KEYS, bind_keys, step_planes
 from .prompt_layers import (
     LABELS,
     add_session_layers,
+    draw_preview,
     image_layer_of,
+    prompted_planes,
     prompts_on,
     remove_prompts_on,
     source_from_layer,
@@ -60,7 +63,7 @@ class ViewerSession:
         ``done``; synchronous by default, threaded in the dock widget.
     say : callable
         ``say(text)`` shows the outcome of a step (a commit) to the user; the dock widget
-        passes its status line; nothing by default.
+        passes its status line; printed by default (the napari console, a notebook).
     """
 
     def __init__(self, viewer: napari.Viewer, image_layer, annotator: Annotator, points, boxes, labels_layer, preview,
@@ -77,12 +80,14 @@ class ViewerSession:
         self._preview_key = None
         self._shown: tuple | None = None  # (plane, prompts, masks) of the preview on show
         self.run: Callable = run or _run_now
-        self.say: Callable[[str], None] = say or (lambda text: None)
+        self.say: Callable[[str], None] = say or print
+        self.bound = BoundLayers(viewer, image_layer, labels_layer)
         # which model propagates (SAM, or a SAM 2 with memory), and the prompted planes kept with the layer
         self.tracker = SessionTracker(annotator, labels_layer.metadata.setdefault(PROMPTED_ATTR, {}))
         self.writing = ""  # the step writing the labels now: no commit or undo may interleave with it
         # a brush stroke writes an id past the writer's count: later objects must not take it
-        labels_layer.events.paint.connect(lambda event: annotator.writer.note_id(labels_layer.selected_label))
+        labels_layer.events.paint.connect(
+            lambda event: annotator.writer.note_id(painted_ids(event, labels_layer.selected_label)))
 
     # -- construction ----------------------------------------------------------------------
     @classmethod
@@ -98,14 +103,8 @@ class ViewerSession:
         slow steps and ``say`` shows their outcome (see the class), ``overwrite`` lets commits
         replace other objects' pixels (see :meth:`set_overwrite`).
         """
-        from napari.layers import Labels
-
         image_layer = image_layer_of(viewer, image_layer)
-        labels_layer = labels if isinstance(labels, Labels) else None
-        if labels_layer is not None and labels_layer.multiscale:
-            raise ValueError(f"the Labels layer {labels_layer.name!r} is a pyramid, which napari reads but cannot "
-                             "write: to continue an OME-Zarr label image, open it with "
-                             "napari_sam.core.ngff.open_label_image and pass that as labels")
+        labels_layer = labels_layer_for(viewer, image_layer, labels, LABELS if annotator is None else None)
         if annotator is None:
             annotator = Annotator(source_from_layer(image_layer), model, labels_layer.data if labels_layer else labels,
                                   **kwargs)
@@ -141,6 +140,7 @@ class ViewerSession:
         ValueError
             For points that describe no object (background points alone).
         """
+        self._check_layers()
         plane = self.current_plane() if plane is None else tuple(plane)
         return prompts_on(self.image_layer, self.points_layer, self.boxes_layer, plane)
 
@@ -167,6 +167,7 @@ class ViewerSession:
         tuple
             (plane, prompt key, masks, prompts), for :meth:`show_preview`.
         """
+        self._check_layers()
         plane = self.current_plane() if plane is None else tuple(plane)
         prompts = self.prompts(plane) if prompts is None else prompts
         previous = self._refinable(plane, prompts)
@@ -195,23 +196,7 @@ class ViewerSession:
         plane, key, masks = result[:3]
         self.preview_masks, self._preview_key = masks, key
         self._shown = (plane, result[3], masks) if len(result) > 3 else None
-        masks = [m for m in masks if m.area]
-        ndim = self.image_layer.ndim
-        if not masks:
-            self.preview_layer.data = np.zeros((1,) * ndim, np.uint8)
-            self.preview_layer.translate = self.image_layer.translate
-            return
-        y0, x0 = min(m.region[0] for m in masks), min(m.region[2] for m in masks)
-        y1, x1 = max(m.region[1] for m in masks), max(m.region[3] for m in masks)
-        crop = np.zeros((y1 - y0, x1 - x0), np.uint8)
-        for k, m in enumerate(masks, start=1):
-            my0, my1, mx0, mx1 = m.region
-            crop[my0 - y0 : my1 - y0, mx0 - x0 : mx1 - x0][m.mask] = min(k, 255)
-        offset = np.array([*plane, y0, x0], dtype=np.float64)
-        self.preview_layer.data = crop.reshape((1,) * (ndim - 2) + crop.shape)
-        self.preview_layer.translate = (
-            np.asarray(self.image_layer.translate) + offset * np.asarray(self.image_layer.scale)
-        )
+        draw_preview(self.preview_layer, self.image_layer, plane, masks)
 
     def preview_is_current(self, plane: tuple[int, ...] | None = None) -> bool:
         """Whether the shown preview answers the prompts as they are now."""
@@ -239,18 +224,38 @@ class ViewerSession:
         self.clear_prompts(commit.plane)
 
     def busy_writing(self) -> bool:
-        """Whether a step writes the labels now (said to the user): commits and undos wait,
-        or they would interleave with it in the labels and the undo history."""
+        """Whether no step may write the labels now (said to the user): while a step writes
+        them, commits and undos wait, or they would interleave with it in the labels and the
+        undo history; once a layer was removed or given other data, nothing is written."""
         if self.writing:
             self.say(f"{self.writing} is writing the labels: wait for it, or cancel it")
-        return bool(self.writing)
+            return True
+        problem = self.bound.changed()
+        if problem:
+            self.say(problem)
+        return bool(problem)
 
-    def commit(self, done: Callable | None = None) -> None:
-        """Commit what the prompts on the current plane describe: the shown preview when it
-        is current, else computed first. Each box is its own object."""
+    def _check_layers(self) -> None:
+        problem = self.bound.changed()
+        if problem:
+            raise ValueError(problem)
+
+    def commit(self, done: Callable | None = None, plane: tuple[int, ...] | None = None):
+        """Commit what the prompts on a plane describe: the shown preview when it is current,
+        else computed first. Each box is its own object. ``plane`` defaults to the current
+        one, or, when it has no prompts, the one plane that has (points added from the
+        console land wherever their coordinates say, whatever the viewer shows).
+
+        Returns what :attr:`run` returns: run synchronously (the console), the
+        :class:`~napari_sam.core.labels.Commit`, or None when nothing was committed."""
         if self.busy_writing():  # a second press before the first commit cleared the prompts, say
-            return
-        plane = self.current_plane()
+            return None
+        if plane is None:
+            plane = self.current_plane()
+            elsewhere = prompted_planes(self.image_layer, self.points_layer, self.boxes_layer) - {plane}
+            if len(elsewhere) == 1 and not self._has_prompts(plane):
+                plane = elsewhere.pop()
+        plane = tuple(plane)
         current = self.preview_is_current(plane)
         masks = list(self.preview_masks) if current else None
         try:
@@ -271,11 +276,18 @@ class ViewerSession:
         def finished(commit):
             self.writing = ""
             self.after_commit(commit)
-            self.say(_commit_text(commit))
+            shown = self.current_plane() == plane or self.image_layer.ndim == 2
+            self.say(_commit_text(commit) + ("" if shown or commit is None else f" on plane {plane}"))
             if done is not None:
                 done(commit)
 
-        self.run(work, finished, "committing")
+        return self.run(work, finished, "committing")
+
+    def _has_prompts(self, plane: tuple[int, ...]) -> bool:
+        try:
+            return bool(self.prompts(plane))
+        except ValueError:  # background points alone: prompts all the same
+            return True
 
     def propagation(self, label_id: int | None = None, axis: str | None = None, **settings):
         """A generator propagating object ``label_id`` (default: the labels layer's selected
@@ -284,6 +296,7 @@ class ViewerSession:
         as it runs: call :meth:`labels_layer.refresh` to show them."""
         from ..core.propagation import PropagationSettings
 
+        self._check_layers()
         label_id = int(self.labels_layer.selected_label if label_id is None else label_id)
         return self.tracker.selected(self.current_plane(), label_id, axis, PropagationSettings(**settings),
                                      self.overwrite)
@@ -293,6 +306,7 @@ class ViewerSession:
         undo step (:meth:`~napari_sam.layers.tracker.SessionTracker.all`)."""
         from ..core.propagation import PropagationSettings
 
+        self._check_layers()
         return self.tracker.all(axis, PropagationSettings(**settings), self.overwrite, ids)
 
     def segment_everything(self, plane: tuple[int, ...] | None = None, mode: str | None = None,
@@ -306,6 +320,7 @@ class ViewerSession:
         from ..auto import recommended
         from .everything import rough_labels
 
+        self._check_layers()
         plane = self.current_plane() if plane is None else tuple(plane)
         mode = recommended(self.annotator.model).mode if mode is None else mode
         if mode == "auto":
