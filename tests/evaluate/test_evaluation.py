@@ -274,6 +274,8 @@ def test_automatic_evaluation(gt_and_pred):
     table = format_table([perfect, half])
     assert "| oracle | 2 | 1.000 | 1.000 | 1.000 |" in table
     assert "| shifted | 2 | 0.175 | 0.250 | 0.250 |" in table
+    empty = dict(half, method="nothing", msa=float("nan"), ap50=None)  # no object to score
+    assert "| nothing | 2 | - | - | 0.250 |" in format_table(empty)
 
 
 # -- propagation ------------------------------------------------------------------------------

@@ -8,10 +8,10 @@ __all__ = ["format_table"]
 
 
 def _fmt(v) -> str:
-    if v is None:
+    if v is None or isinstance(v, float) and np.isnan(v):  # no object to score: as the JSON's null
         return "-"
     if isinstance(v, float):
-        return "nan" if np.isnan(v) else f"{v:.3f}"
+        return f"{v:.3f}"
     return str(v)
 
 
