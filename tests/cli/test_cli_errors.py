@@ -220,3 +220,18 @@ def test_auto_on_volumes_alone_is_refused_rather_than_skipped(tmp_path, tiny_che
     tifffile.imwrite(tmp_path / "labels" / "v.tif", labels)
     rc, out, err = _run(["evaluate", tmp_path, "--model", tiny_checkpoint, "--auto", "--max-objects", 1], capsys)
     assert rc == 2 and "--auto scores 2D label images; the 1 3D volume(s)" in err and "Propagation" not in out
+
+
+def test_version_and_annotate_without_a_display_are_one_line(monkeypatch, capsys):
+    from napari_sam import __version__
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"napari-sam {__version__}"
+    pytest.importorskip("napari")
+    for name in ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr("sys.platform", "linux")
+    rc, _, err = _run(["annotate", "--sample", "nuclei_2d"], capsys)  # Qt would abort the process
+    assert rc == 2 and err.count("\n") == 1
+    assert err.startswith("napari-sam annotate: error: no display to open napari on")

@@ -99,13 +99,16 @@ def _add_output_args(p: argparse.ArgumentParser, never: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
     parser = argparse.ArgumentParser(prog="napari-sam", description="Segment Anything for microscopy.")
+    parser.add_argument("--version", action="version", version=f"napari-sam {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     sub.add_parser("models", help="list the models that can be loaded by name")
 
     dl = sub.add_parser("download", help="download a model into the cache (checksum verified)")
-    dl.add_argument("name")
+    dl.add_argument("name", help="a model's registry name (see `napari-sam models`)")
 
     seg = sub.add_parser(
         "segment",
@@ -144,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="background point; repeatable")
     seg.add_argument("--box", nargs=4, type=float, action="append", metavar=("X0", "Y0", "X1", "Y1"), default=[],
                      help="box around one object; repeatable")
-    seg.add_argument("--prompts", help="JSON file: a list of {points, labels, box} objects")
+    seg.add_argument("--prompts", help="JSON file: a list of {points, labels, box} objects (points as [x, y], "
+                     "box as [x0, y0, x1, y1], in plane pixels)")
     seg.add_argument("--plane", type=int, nargs="*", default=[], metavar="I",
                      help="index of the 2D plane in a 3D/4D image (leading axes)")
     seg.add_argument("--channel", type=_channel, help="channel to use in a multichannel image (channels last)"
@@ -278,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ann.add_argument("image", nargs="?", help="image to open (default: --sample)")
     ann.add_argument("--sample", default="nuclei_3d", choices=["nuclei_2d", "nuclei_3d"],
-                     help="bundled sample to open when no image is given")
+                     help="bundled sample to open when no image is given (default: nuclei_3d)")
     ann.add_argument("--model", help="model preselected in the widget (registry name or checkpoint file)")
     ann.add_argument("--start", action="store_true", help="load the model and create the prompt layers right away")
     ann.add_argument("--screenshot", help=argparse.SUPPRESS)

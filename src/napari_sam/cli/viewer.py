@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 
 __all__ = ["annotate"]
@@ -15,11 +17,18 @@ def annotate(args) -> int:
         require("the viewer", ("napari", "magicgui", "qtpy"), qt=True)
     except ImportError as err:  # a request this installation cannot serve: one line, exit 2
         raise UsageError(str(err)) from None
+    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")) \
+            and os.environ.get("QT_QPA_PLATFORM") is None:  # Qt would abort the process
+        raise UsageError("no display to open napari on: run it in a desktop session (or under xvfb-run); "
+                         "`napari-sam segment` does the same work without a viewer")
     import napari
+
+    from ..core.ngff_image import is_ome_zarr
 
     viewer = napari.Viewer(title="napari-sam")
     if args.image:
-        viewer.open(args.image)
+        # an OME-Zarr with label images is claimed by napari's builtin reader too, which cannot read it
+        viewer.open(args.image, plugin="napari-ome-zarr" if is_ome_zarr(args.image) else None)
     else:
         viewer.open_sample("napari-sam-scale", args.sample)
     _, widget = viewer.window.add_plugin_dock_widget("napari-sam-scale", "Segment Anything")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -75,10 +75,10 @@ class Commit:
 
     plane: tuple[int, ...]
     region: tuple[int, int, int, int]
-    before: np.ndarray
+    before: np.ndarray = field(repr=False)  # a region's pixels: the console would print them all
     ids: tuple[int, ...]
     pixels: tuple[int, ...]
-    after: np.ndarray
+    after: np.ndarray = field(repr=False)
 
 
 class LabelWriter:
