@@ -7,7 +7,9 @@ Prints one JSON object per line in the format of ``../shared/bench/official_sam.
     python benchmarks/model.py --models vit_b vit_t --threads 2
     bash ../shared/bench/official_sam.sh --models vit_b vit_t --threads 2
 
-``encoder_s``: seconds per 1024x1024 image through the image encoder (float32 and
+``--models default`` times the embedded default model as it ships (its 256-pixel input, its
+mask refiner). ``encoder_s``: seconds per image at the model's input size (1024x1024 for
+SAM's) through the image encoder (float32 and
 bfloat16 weights). ``decoder_ms``: milliseconds from a single click on an image whose
 embedding is known to its mask at the original 1024x1024 size: prompt encoding, mask
 decoding of the three multimask outputs, then the best one upscaled and thresholded,
@@ -30,6 +32,7 @@ import time
 import numpy as np
 import torch
 
+from napari_sam.core.models import load_model
 from napari_sam.core.predictor import Predictor
 from napari_sam.core.runtime import configure_runtime
 from napari_sam.model import build_sam
@@ -61,16 +64,17 @@ def main() -> None:
     # Models loaded by the package run under these process-wide settings (load_model
     # applies them); the models below are built in memory, so they are applied here.
     configure_runtime()
-    x = torch.rand(1, 3, 1024, 1024) * 255
     img = (np.random.default_rng(0).random((1024, 1024, 3)) * 255).astype(np.uint8)
     for name in a.models:
         with torch.device("cpu"):
-            sam = build_sam(name)
+            # "default": the embedded model as it ships (256-pixel input, its mask refiner)
+            sam = load_model("default", device="cpu", dtype="float32") if name == "default" else build_sam(name)
+        x = torch.rand(1, 3, sam.config.image_size, sam.config.image_size) * 255
         with torch.inference_mode():
             for dtype in a.dtypes:
                 sam.image_encoder.to(getattr(torch, dtype))
                 sam.embed(x)  # warm-up
-                ts = timed(lambda sam=sam: sam.embed(x), a.repeats)
+                ts = timed(lambda sam=sam, x=x: sam.embed(x), a.repeats)
                 emit(model=name, what="encoder_s", dtype=dtype, threads=a.threads, median=statistics.median(ts), all=ts)
             sam.image_encoder.float()
         pt, lb = np.array([[500.0, 500.0]]), np.array([1])

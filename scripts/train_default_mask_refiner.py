@@ -113,6 +113,9 @@ def main(argv=None) -> None:
                         help="share of the synthetic planes made dim and noisy (contrast to noise 1-3)")
     parser.add_argument("--noise", type=float, default=defaults.noise,
                         help="most Gaussian noise added to a training window, in its standard deviations (0: none)")
+    parser.add_argument("--refine-below-magnification", type=float, default=2.0,
+                        help="the refiner acts on planes embedded at less than this magnification only (on the "
+                        "training images it lost at 2 and more; 0: everywhere)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--checkpoint-dir", default=str(base.ROOT / "runs/mask_refiner"))
     parser.add_argument("--write", action="store_true", help="store the refiner in --model's file")
@@ -154,6 +157,8 @@ def main(argv=None) -> None:
         "threads": args.threads,
         "iou_model_input_frame": figures,
     }
+    if args.refine_below_magnification > 0:  # read by napari_sam.core.predictor.refines_masks
+        provenance["refine_below_magnification"] = args.refine_below_magnification
     print(json.dumps(provenance, indent=1))
     if args.write:
         output = Path(args.model)

@@ -58,6 +58,11 @@ def test_it_ships_small_and_says_what_it_is(default_model):
     assert refiner["config"]["width"] == decoder.config.refine_width == 16 and decoder.needs_image
     assert refiner["config"]["depth"] == decoder.config.refine_depth == 5
     assert meta["automatic"]["mode"] == "ais"
+    # the head that sharpens a prompted mask with the pixels, where they are finer than the mask
+    assert default_model.mask_refiner is not None
+    assert meta["mask_refiner"]["script"] == "scripts/train_default_mask_refiner.py"
+    assert meta["mask_refiner"]["sources"] == ["fluo", "synthetic", "em"]  # never H&E, never MoNuSeg
+    assert meta["mask_refiner"]["refine_below_magnification"] == 2.0
     held_out = meta["default_model"]["held_out"]
     assert "img2d.tif + mask2d.tif" in held_out["stardist_bundled"] and len(held_out["dsb2018_fluo"]) == 5
     # Official key names and shapes: the configuration follows from the tensors alone.

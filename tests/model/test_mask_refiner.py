@@ -143,3 +143,29 @@ def test_an_answer_to_a_correction_is_sams_own(tiny_sam):
     np.testing.assert_array_equal(got.masks, expected.masks)
     np.testing.assert_array_equal(got.prompt_logits, got.low_res_logits)
     assert not np.array_equal(first.prompt_logits, first.low_res_logits)
+
+
+def test_planes_enlarged_as_much_as_the_checkpoint_says_or_more_keep_sams_masks(tiny_sam):
+    from napari_sam.core.embeddings import Embeddings
+    from napari_sam.core.predictor import refines_masks
+    from napari_sam.core.prompts import Prompt
+
+    image = (np.random.default_rng(2).random((96, 96)) * 255).astype(np.uint8)
+    prompt = Prompt.make([[40, 50]], [1])
+    tiny_sam.mask_refiner = _shifted(bias=8.0)
+    try:
+        tiny_sam.metadata = {"mask_refiner": {"refine_below_magnification": 2.0}}
+        assert refines_masks(tiny_sam, None, 1.9) and not refines_masks(tiny_sam, None, 2.0)
+        assert refines_masks(tiny_sam)  # a plane's enlargement unknown: as before
+        # the 96-pixel plane fills the 1024-pixel input: enlarged 10.7 times, though at magnification 1
+        emb = Embeddings(image, tiny_sam, cache=False, axes="YX", magnification=1.0)
+        kept = emb.segment(0, prompt, multimask=False).to_full((96, 96))
+        plain = emb.segment(0, prompt, multimask=False, refine=False).to_full((96, 96))
+        tiny_sam.metadata = {"mask_refiner": {"refine_below_magnification": 12.0}}
+        emb = Embeddings(image, tiny_sam, cache=False, axes="YX", magnification=1.0)
+        refined = emb.segment(0, prompt, multimask=False).to_full((96, 96))
+    finally:
+        tiny_sam.mask_refiner = None
+        tiny_sam.metadata = {}
+    np.testing.assert_array_equal(kept, plain)
+    assert refined.sum() > plain.sum()

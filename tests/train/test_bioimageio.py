@@ -137,10 +137,15 @@ def test_default_model_package_passes_bioimageio_model_test(tmp_path):
     assert iio.imread(cover).shape == (256, 512, 3)
     assert image.shape == (1, 3, 256, 256) and box.shape == (1, 3, 4) and masks.shape == (1, 3, 256, 256)
 
-    # The package's forward is SAM's box answer: the predictor of the package gives the same logits.
-    predictor = Predictor(default, traced=False)
-    predictor.set_model_input(image[0].transpose(1, 2, 0), (256, 256))
-    answer = predictor.predict_batch(boxes=box[0], multimask=False, return_logits=True)
+    # The package's forward is SAM's box answer: the predictor of the package gives the same logits
+    # (without the mask refiner, which the package does not carry).
+    refiner, default.mask_refiner = default.mask_refiner, None
+    try:
+        predictor = Predictor(default, traced=False)
+        predictor.set_model_input(image[0].transpose(1, 2, 0), (256, 256))
+        answer = predictor.predict_batch(boxes=box[0], multimask=False, return_logits=True)
+    finally:
+        default.mask_refiner = refiner
     np.testing.assert_allclose(answer.masks[:, 0], masks[0], atol=2e-3)
     assert (masks[0] > 0).sum(axis=(1, 2)).min() > 20  # the test objects are found
 

@@ -251,7 +251,9 @@ class Embeddings:
     def _refiner_pixels(self, plane, tile: tuple[int, int]) -> torch.Tensor | None:
         """A tile's model input for a model whose mask refiner reads it (the cache holds
         embeddings only; the few tiles a click visits are kept)."""
-        if not refines_masks(self.model, self.source.channel):
+        y0, y1, x0, x1 = self.grid[tile].outer  # a tile smaller than the input is enlarged to fill it
+        enlarged = max(self.magnification, self.model.config.image_size / max(y1 - y0, x1 - x0))
+        if not refines_masks(self.model, self.source.channel, enlarged):
             return None
         with self._lock:
             pixels = self._pixels.pop((plane, tile), None)

@@ -29,12 +29,20 @@ __all__ = ["Prediction", "Predictor", "refines_masks"]
 _CONTEXTS = 4  # image contexts kept (about 19 MiB each for SAM's 64 x 64 grid)
 
 
-def refines_masks(model: Sam, channel=None) -> bool:
-    """Whether the answers on a plane read through ``channel`` are sharpened by the model's
-    mask refiner (:attr:`Sam.mask_refiner <napari_sam.model.sam.Sam.mask_refiner>`): when it
-    has one, except on stained brightfield read as its haematoxylin stain: a refiner
-    trained on fluorescence cost H&E nuclei 0.07-0.09 IoU there (docs/default_model.md)."""
-    return model.mask_refiner is not None and channel != HAEMATOXYLIN
+def refines_masks(model: Sam, channel=None, magnification: float | None = None) -> bool:
+    """Whether the answers on a plane read through ``channel`` and enlarged ``magnification``
+    times for its embedding (the scale advice's, or more for a plane smaller than the model
+    input) are sharpened by the model's mask refiner (:attr:`Sam.mask_refiner
+    <napari_sam.model.sam.Sam.mask_refiner>`): when it has one, except on stained brightfield
+    read as its haematoxylin stain (a refiner trained on fluorescence cost H&E nuclei
+    0.07-0.09 IoU there) and on planes enlarged as much as its checkpoint's
+    ``metadata["mask_refiner"]["refine_below_magnification"]`` or more, where a mask pixel
+    covers two image pixels or fewer and the pixels it would read are interpolated
+    (docs/default_model.md)."""
+    if model.mask_refiner is None or channel == HAEMATOXYLIN:
+        return False
+    limit = (getattr(model, "metadata", None) or {}).get("mask_refiner", {}).get("refine_below_magnification")
+    return limit is None or magnification is None or magnification < float(limit)
 
 
 class Predictor:

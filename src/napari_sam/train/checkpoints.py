@@ -109,6 +109,13 @@ def save(trainer: Trainer, path: PathLike, optimizer: bool = True) -> Path:
         for key in ("instance_decoder", "automatic"):
             if key in trainer.model.metadata:
                 meta[key] = trainer.model.metadata[key]
+    refiner = trainer.model.mask_refiner
+    if refiner is not None:  # it reads a mask's logits and the pixels, never the embedding: it serves any fine-tune
+        from ..model.mask_refiner import MASK_REFINER_KEY
+
+        extras[MASK_REFINER_KEY] = {k: v.detach().float().cpu() for k, v in refiner.state_dict().items()}
+        if "mask_refiner" in trainer.model.metadata:  # where it acts (core.predictor.refines_masks)
+            meta["mask_refiner"] = trainer.model.metadata["mask_refiner"]
     write_checkpoint(path, state, meta, extras=extras or None)
     if optimizer:
         target = optimizer_state_path(path)
