@@ -149,13 +149,23 @@ def test_default_model_package_passes_bioimageio_model_test(tmp_path):
     np.testing.assert_allclose(answer.masks[:, 0], masks[0], atol=2e-3)
     assert (masks[0] > 0).sum(axis=(1, 2)).min() > 20  # the test objects are found
 
-    # the instance decoder (automatic segmentation) travels as an attachment and comes back on import
-    assert [a["source"] for a in rdf["attachments"]] == ["instance_decoder.pt"]
+    # the instance decoder (automatic segmentation) and the mask refiner travel as attachments
+    # and come back on import, with where the refiner acts
+    assert [a["source"] for a in rdf["attachments"]] == ["instance_decoder.pt", "mask_refiner.pt"]
     back = load_model(import_bioimageio(path, tmp_path / "back.pth"), device="cpu", dtype="float32")
-    assert back.instance_decoder is not None
-    theirs = default.instance_decoder.state_dict()
-    assert all(torch.equal(v, theirs[k]) for k, v in back.instance_decoder.state_dict().items())
+    assert back.instance_decoder is not None and back.mask_refiner is not None
+    for head in ("instance_decoder", "mask_refiner"):
+        theirs = getattr(default, head).state_dict()
+        assert all(torch.equal(v, theirs[k]) for k, v in getattr(back, head).state_dict().items())
     assert back.metadata["automatic"] == default.metadata["automatic"]
+    assert back.metadata["mask_refiner"]["refine_below_magnification"] == 2.0
+    with zipfile.ZipFile(path) as archive:
+        refined = torch.load(io.BytesIO(archive.read("mask_refiner.pt")), weights_only=True)
+    refined["body.10.bias"] = refined["body.10.bias"] + 1
+    with pytest.raises(ValueError, match="(?i)sha256"):
+        import_bioimageio(rewrite(path, tmp_path / "tampered.zip", {"mask_refiner.pt": saved(refined)}),
+                          tmp_path / "tampered.pth")
+    assert not (tmp_path / "tampered.pth").exists()
     with zipfile.ZipFile(path) as archive:
         decoder = torch.load(io.BytesIO(archive.read("instance_decoder.pt")), weights_only=True)
     decoder["out_conv.bias"] = decoder["out_conv.bias"] + 1

@@ -35,6 +35,7 @@ from ..model.model_source import file_sha256
 from .bioimageio_content import make_cover, make_readme, make_test_sample
 from .bioimageio_description import (
     DECODER_FILE,
+    MASK_REFINER_FILE,
     NAME_CHARACTERS,
     PACKAGE_FORMAT,
     WEIGHTS_FILE,
@@ -172,6 +173,7 @@ def export_bioimageio(
 
     model = resolve_model(checkpoint, device="cpu", dtype="float32")
     decoder = getattr(model, "instance_decoder", None)  # travels as an attachment (DECODER_FILE)
+    refiner = getattr(model, "mask_refiner", None)  # and so does this (MASK_REFINER_FILE)
     metadata = dict(model.metadata)
     default = _is_default_model(model)
     licence = license or metadata.get("license") or (_DEFAULT_LICENCE if default else None)
@@ -223,10 +225,13 @@ def export_bioimageio(
     with tempfile.TemporaryDirectory(prefix=f".{target.name}.", dir=target.parent) as tmp:
         folder = Path(tmp)
         torch.save(state, folder / WEIGHTS_FILE)
-        if decoder is not None:
-            torch.save({k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.detach().cpu()
-                        for k, v in decoder.state_dict().items()}, folder / DECODER_FILE)
-            napari["instance_decoder"] = {"file": DECODER_FILE, "sha256": file_sha256(folder / DECODER_FILE)}
+        # our heads beside SAM travel as attachments that bioimage.io's runner leaves alone
+        for key, head, file in (("instance_decoder", decoder, DECODER_FILE),
+                                ("mask_refiner", refiner, MASK_REFINER_FILE)):
+            if head is not None:
+                torch.save({k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.detach().cpu()
+                            for k, v in head.state_dict().items()}, folder / file)
+                napari[key] = {"file": file, "sha256": file_sha256(folder / file)}
         for file, array in (("test_image.npy", sample.image), ("test_box.npy", sample.box),
                             ("test_masks.npy", sample.masks), ("test_iou.npy", sample.iou)):
             np.save(folder / file, array)

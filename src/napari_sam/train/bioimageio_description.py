@@ -19,8 +19,8 @@ from ..model import Sam
 from ..model.checkpoint import METADATA_KEY
 from .bioimageio_content import PackageSample, describe_training_data
 
-__all__ = ["ARCHITECTURE", "DECODER_FILE", "PACKAGE_FORMAT", "WEIGHTS_FILE", "check_licence", "check_name",
-           "first_error", "model_description", "training_data_description"]
+__all__ = ["ARCHITECTURE", "DECODER_FILE", "MASK_REFINER_FILE", "PACKAGE_FORMAT", "WEIGHTS_FILE", "check_licence",
+           "check_name", "first_error", "model_description", "training_data_description"]
 
 ARCHITECTURE = ("napari_sam.model.bioimageio_model", "BoxPromptedSam")
 """Where bioimage.io consumers import the network from (module, callable)."""
@@ -28,6 +28,7 @@ PACKAGE_FORMAT = 1
 """Version of the layout of ``config.napari_sam`` in our packages."""
 WEIGHTS_FILE = "weights.pt"
 DECODER_FILE = "instance_decoder.pt"
+MASK_REFINER_FILE = "mask_refiner.pt"
 """The instance decoder (automatic segmentation) of a model that has one: an attachment
 that napari-sam's import puts back; bioimage.io's runner uses the SAM weights only."""
 
@@ -235,7 +236,7 @@ def model_description(
             tags=["segment-anything", "sam", "napari-sam", "interactive-segmentation", "instance-segmentation",
                   "2d", "pytorch", "vision-transformer"],
             inputs=inputs, outputs=outputs, weights=weights, training_data=training_data,
-            attachments=[file(DECODER_FILE)] if (folder / DECODER_FILE).is_file() else [],
+            attachments=[file(f) for f in (DECODER_FILE, MASK_REFINER_FILE) if (folder / f).is_file()],
             config={METADATA_KEY: napari, "bioimageio": {
                 "reproducibility_tolerance": _tolerances(sample.masks, sample.iou),
                 "architecture_type": "transformer",

@@ -21,6 +21,7 @@ from ..model import config_from_dict, config_to_dict, infer_config, sam_from_sta
 from ..model.checkpoint import METADATA_KEY, CheckpointError, read_checkpoint, write_checkpoint
 from ..model.decoder_checkpoint import DECODER_KEY, read_decoder_state
 from ..model.instance_decoder import instance_decoder_from_state_dict
+from ..model.mask_refiner import MASK_REFINER_KEY, mask_refiner_from_state_dict
 from .bioimageio import PathLike, require_bioimageio
 from .bioimageio_description import ARCHITECTURE, PACKAGE_FORMAT
 
@@ -253,27 +254,48 @@ def import_bioimageio(package: PathLike, out: PathLike | None = None, *, overwri
     # keeps them instead of asking anew (and cannot change licence unnoticed).
     metadata.setdefault("license", str(descr.license))
     metadata.setdefault("authors", [str(a.name) for a in descr.authors])
-    decoder = _instance_decoder(src, ours, target.parent)
-    write_checkpoint(target, state, metadata, extras=None if decoder is None else {DECODER_KEY: decoder})
+    extras = {}
+    for key, extra, what in (("instance_decoder", DECODER_KEY, "instance decoder"),
+                             ("mask_refiner", MASK_REFINER_KEY, "mask refiner")):
+        head = _attached_head(src, ours, target.parent, key, what)
+        if head is not None:
+            extras[extra] = head
+    write_checkpoint(target, state, metadata, extras=extras or None)
     return target
 
 
-def _instance_decoder(src: Path, ours: Mapping | None, folder: Path) -> dict | None:
-    """The instance decoder our export attached (``config.napari_sam.instance_decoder``),
-    checked against its sha256 and read without unpickling; None when there is none."""
-    entry = None if ours is None else ours.get("instance_decoder")
+def _read_head(path: Path, key: str) -> dict:
+    """A head's tensors, read without unpickling; every key and shape checked by building it."""
+    if key == "instance_decoder":
+        state = read_decoder_state(path)
+        instance_decoder_from_state_dict(state)
+        return state
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - a refused pickle or a damaged file: named below
+        raise CheckpointError(f"{path} is not a file of tensors ({type(err).__name__})") from None
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors")
+    mask_refiner_from_state_dict(state)
+    return dict(state)
+
+
+def _attached_head(src: Path, ours: Mapping | None, folder: Path, key: str, what: str) -> dict | None:
+    """A head our export attached (``config.napari_sam.<key>``: the instance decoder, the mask
+    refiner), checked against its sha256 and read without unpickling; None when there is none."""
+    entry = None if ours is None else ours.get(key)
     if entry is None:
         return None
     if not isinstance(entry, Mapping) or not isinstance(entry.get("file"), str) \
             or not isinstance(entry.get("sha256"), str):
-        raise ValueError(f"{src}: config.{METADATA_KEY}.instance_decoder names no file with its sha256")
-    staged = _copy_weights(src, entry["file"], entry["sha256"], folder, "instance decoder file")
+        raise ValueError(f"{src}: config.{METADATA_KEY}.{key} names no file with its sha256")
+    staged = _copy_weights(src, entry["file"], entry["sha256"], folder, f"{what} file")
     try:
-        state = read_decoder_state(staged)
-        instance_decoder_from_state_dict(state)  # every key and shape must fit, or the error names them
+        return _read_head(staged, key)  # every key and shape must fit, or the error names them
     except (CheckpointError, ValueError) as err:
-        raise ValueError(f"{src}: its instance decoder: {str(err).replace(str(staged), entry['file'])}") from None
+        raise ValueError(f"{src}: its {what}: {str(err).replace(str(staged), entry['file'])}") from None
     finally:
         os.remove(staged)
-    return state
 
