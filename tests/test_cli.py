@@ -221,7 +221,7 @@ def test_the_first_ctrl_c_in_train_stops_and_saves(tmp_path, tiny_checkpoint, nu
     assert main(_training_pair(tmp_path, nuclei_2d) + ["--model", str(tiny_checkpoint), "--out", str(out),
                                                         "--steps", "50"]) == 0
     captured = capsys.readouterr()
-    assert "stopping after this step" in captured.err and "stopped by Ctrl-C before step 50" in captured.out
+    assert "stopping after this step" in captured.err and "stopped before step 50" in captured.out
     assert load_model(out).metadata["training"]["steps"] == 1  # what was learned is kept, and resumable
     assert signal.getsignal(signal.SIGINT) is previous  # the terminal's Ctrl-C is the usual one again
 
@@ -310,3 +310,16 @@ def test_segment_everything_with_the_default_model_uses_its_settings(tmp_path, n
     assert main(["segment", str(tmp_path / "img.tif"), "--model", "default", "--mode", "auto", "--points-per-side", "8",
                  "--out", str(tmp_path / "a.tif")]) == 0
     assert len(np.unique(tifffile.imread(tmp_path / "a.tif"))) > 10
+
+
+def test_segment_modes_are_the_automatic_modes_the_package_knows():
+    # the parser stays free of heavy imports, so its choices are written out; they must
+    # follow the one list of mode names
+    from napari_sam.auto.recommend import MODES
+    from napari_sam.cli.parser import build_parser
+    from napari_sam.layers.everything import MODE_NAMES
+
+    segment = build_parser()._subparsers._group_actions[0].choices["segment"]
+    mode = next(a for a in segment._actions if a.dest == "mode")
+    assert tuple(mode.choices) == ("prompts", *MODES)
+    assert set(MODES) < set(MODE_NAMES)

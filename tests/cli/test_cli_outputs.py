@@ -138,7 +138,7 @@ def test_missing_output_folder_is_refused_before_the_model_loads(tmp_path, no_mo
 
 
 def test_unwritable_output_folder_is_refused_before_the_model_loads(tmp_path, no_model, monkeypatch, capsys):
-    import napari_sam.core.io as io
+    import napari_sam.core.outputs as outputs
 
     tifffile.imwrite(tmp_path / "img.tif", np.zeros((32, 32), np.uint8))
     locked = tmp_path / "locked"
@@ -149,7 +149,7 @@ def test_unwritable_output_folder_is_refused_before_the_model_loads(tmp_path, no
             def refuse(*args, **kwargs):
                 raise PermissionError(13, "Permission denied")
 
-            monkeypatch.setattr(io.tempfile, "mkstemp", refuse)
+            monkeypatch.setattr(outputs.tempfile, "mkstemp", refuse)
         for argv in (["segment", str(tmp_path / "img.tif"), "--point", "3", "3"],
                      ["propagate", str(tmp_path / "img.tif"), str(tmp_path / "img.tif")]):
             assert main([*argv, "--model", "x.pth", "--out", str(locked / "labels.tif")]) == 2

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import tifffile
 
+from napari_sam.core.image_source import ImageSource
 from napari_sam.core.io import label_dtype, read_image, write_labels
 from napari_sam.core.labels import next_free_id, paint
 
@@ -56,7 +57,7 @@ def test_label_dtype():
 def test_write_labels_replaces_only_what_it_wrote(tmp_path):
     import zarr
 
-    from napari_sam.core.io import check_output
+    from napari_sam.core.outputs import check_output
 
     labels = np.ones((4, 4), np.uint8)
     ours = write_labels(tmp_path / "ours.zarr", labels)
@@ -157,3 +158,20 @@ def test_malformed_ome_zarr_metadata_is_one_line_naming_the_image(tmp_path, ome,
     with pytest.raises(ValueError, match=said) as info:
         ImageSource.open(path)
     assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_rgb_stored_plane_by_plane_is_read_channels_last(tmp_path):
+    # planar RGB is (3, H, W) in the file; read as it is it would be three grey Z planes
+    rgb = np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)
+    path = tmp_path / "planar.tif"
+    tifffile.imwrite(path, np.moveaxis(rgb, -1, 0), photometric="rgb", planarconfig="separate")
+    np.testing.assert_array_equal(read_image(path), rgb)
+    assert ImageSource.open(path).plane_axes == ""
+
+
+def test_a_grey_stack_of_three_planes_stays_a_stack(tmp_path):
+    stack = np.random.default_rng(0).integers(0, 255, (3, 40, 50), dtype=np.uint8)
+    path = tmp_path / "stack.tif"
+    tifffile.imwrite(path, stack, photometric="minisblack")
+    np.testing.assert_array_equal(read_image(path), stack)
+    assert ImageSource.open(path).plane_grid == (3,)

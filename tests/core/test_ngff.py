@@ -366,7 +366,7 @@ def test_write_label_image_writes_the_pyramid_and_replaces_only_when_asked(tmp_p
 
 
 def test_refusals_name_the_fault_and_write_nothing(tmp_path, monkeypatch):
-    import napari_sam.core.io as io
+    import napari_sam.core.outputs as outputs
 
     path = make_image(tmp_path, "0.5", "zyx")
     write_label_image(path, "cells", np.ones((4, 48, 64), np.uint8))
@@ -413,7 +413,10 @@ def test_refusals_name_the_fault_and_write_nothing(tmp_path, monkeypatch):
         write_label_image(path, "notes", np.zeros((4, 48, 64), np.uint8), overwrite=True)
     assert (path / "labels" / "notes").read_text() == "mine"
     # a read-only container: refused before anything is made
-    monkeypatch.setattr(io.tempfile, "mkstemp", lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "denied")))
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "denied")
+
+    monkeypatch.setattr(outputs.tempfile, "mkstemp", refuse)
     with pytest.raises(PermissionError, match="cannot write in the folder .*labels"):
         write_label_image(path, "new", np.zeros((4, 48, 64), np.uint8))
     assert not (path / "labels" / "new").exists()
@@ -491,19 +494,19 @@ def test_a_label_image_cut_off_mid_replacement_is_put_back_and_never_replaced_un
 
 
 def test_replacing_a_label_image_that_cannot_be_moved_is_refused_before_any_work(tmp_path, monkeypatch):
-    import napari_sam.core.io as io
+    import napari_sam.core.outputs as outputs
 
     path = make_image(tmp_path, "0.4", "zyx")
     write_label_image(path, "cells", np.full((4, 48, 64), 2, np.uint8))
     target = path / "labels" / "cells"
-    make = io.tempfile.mkstemp
+    make = outputs.tempfile.mkstemp
 
     def read_only_label_image(*args, dir=None, **kwargs):  # the label image's folder is read-only
         if Path(dir) == target:
             raise PermissionError(13, "Permission denied")
         return make(*args, dir=dir, **kwargs)
 
-    monkeypatch.setattr(io.tempfile, "mkstemp", read_only_label_image)
+    monkeypatch.setattr(outputs.tempfile, "mkstemp", read_only_label_image)
     with pytest.raises(PermissionError, match="cannot write in the folder .*labels/cells"):
         check_label_target(path, "cells", shape=(4, 48, 64), overwrite=True)
     with pytest.raises(PermissionError, match="cannot write in the folder .*labels/cells"):

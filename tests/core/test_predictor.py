@@ -175,3 +175,17 @@ def test_warm_up_traces_the_usual_prompts_and_leaves_no_image(tiny_sam):
     assert len(p._traced._graphs) == 5  # context, point x 3 masks, point x 1, point + mask prompt, box
     with pytest.raises(RuntimeError, match="no image is set"):
         p.predict(points=[[1, 1]])
+
+
+def test_a_stored_embedding_knows_its_input_side_from_its_features():
+    # 16 x 16 features come from a 256-pixel input (the default model's), not SAM's 1024
+    emb = ImageEmbedding.from_array(np.zeros((256, 16, 16), np.float32), (100, 200))
+    assert emb.input_size == (128, 256)
+    assert ImageEmbedding.from_array(np.zeros((256, 64, 64), np.float32), (100, 200)).input_size == (512, 1024)
+
+
+def test_an_embedding_made_for_another_input_side_is_refused(tiny_sam, predictor):
+    emb = predictor.embedding
+    wrong = ImageEmbedding(emb.features, (2 * emb.input_size[0], 2 * emb.input_size[1]), emb.original_size)
+    with pytest.raises(ValueError, match="model input"):
+        Predictor(tiny_sam).set_embedding(wrong)

@@ -29,7 +29,7 @@ def check_checkpoint_out(path) -> Path:
     """Where a trained model may be saved, checked before the training: a new ``.pth`` (or
     ``.pt``) file in a folder that accepts files; an existing file (the base checkpoint,
     an earlier model, an image) is never replaced."""
-    from ..core.io import check_folder_writable
+    from ..core.outputs import check_folder_writable
 
     path = Path(str(path)).expanduser()
     if path.suffix.lower() not in (".pth", ".pt"):

@@ -41,7 +41,7 @@ from .apg import APGSettings, iter_apg
 from .boxes import detect_boxes, iter_from_boxes
 from .grid import GridConfig, iter_grid
 from .link import link_planes
-from .recommend import Recommended, recommended
+from .recommend import DECODER_MODES, MODES, Recommended, recommended
 from .results import Progress, run
 
 __all__ = [
@@ -55,8 +55,6 @@ __all__ = [
     "segment_volume",
 ]
 
-MODES = ("ais", "apg", "auto", "boxes")
-_DECODER_MODES = ("ais", "apg")
 # Keywords of the modes whose settings are not one dataclass, with their defaults (those
 # of segment_detections and iter_ais).
 BOXES_OPTIONS = {"min_area": 25, "batch_size": 64}
@@ -72,7 +70,7 @@ def available_modes(model) -> tuple[str, ...]:
     an instance decoder, then ``"auto"`` and ``"boxes"``."""
     if model.instance_decoder is not None:
         return MODES
-    return tuple(m for m in MODES if m not in _DECODER_MODES)
+    return tuple(m for m in MODES if m not in DECODER_MODES)
 
 
 def _settings(cls, advised, mode: str, overrides: dict, extra: dict) -> tuple[Any, dict]:

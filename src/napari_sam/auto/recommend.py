@@ -11,8 +11,11 @@ from .grid import GridConfig
 
 __all__ = ["Recommended", "recommended"]
 
-_DECODER_MODES = ("ais", "apg")
-_MODES = ("auto", "boxes", *_DECODER_MODES)
+DECODER_MODES = ("ais", "apg")
+"""The modes that need the model's instance decoder."""
+MODES = ("ais", "apg", "auto", "boxes")
+"""Every automatic mode by name, in display order: the one list the API, CLI, widget and
+evaluation take them from."""
 
 
 @dataclass(frozen=True)
@@ -106,14 +109,14 @@ def recommended(model) -> Recommended:
             "apg": APGSettings(**dict(advice.pop("apg", {}))),
         }
         out = Recommended(**settings, **advice)
-        if out.mode not in _MODES or out.detector not in ("otsu", "log"):
+        if out.mode not in MODES or out.detector not in ("otsu", "log"):
             raise ValueError(f"mode {out.mode!r}, detector {out.detector!r}")
     except (TypeError, ValueError) as err:  # a checkpoint is untrusted input
         _warn(f"ignoring the checkpoint's advice on automatic segmentation ({err})")
         return fallback
     if not named_mode and has_decoder:
         return replace(out, mode="ais")
-    if out.mode in _DECODER_MODES and not has_decoder:
+    if out.mode in DECODER_MODES and not has_decoder:
         mode = "boxes" if "detector" in advice else "auto"
         _warn(
             f"the checkpoint advises mode {out.mode!r} but the model has no instance decoder; using {mode!r}"

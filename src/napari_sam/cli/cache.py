@@ -12,8 +12,8 @@ def embed(args) -> int:
 
     from ..core.embeddings import Embeddings
     from ..core.image_source import ImageSource
-    from ..core.io import check_folder_writable, check_not_an_input
     from ..core.models import resolve_model
+    from ..core.outputs import check_folder_writable, check_not_an_input
     from ..core.tiling import default_tiling
     from .inputs import check_planes, check_tiling
 

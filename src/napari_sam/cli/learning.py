@@ -28,18 +28,24 @@ def _first_interrupt_stops(message: str):
         pressed.set()
         print(message, file=sys.stderr, flush=True)
 
-    previous = signal.signal(signal.SIGINT, handler)
+    # A cluster's time limit (SIGTERM) and a closed terminal (SIGHUP) end the run as the
+    # first Ctrl-C does: what was learned is saved and --resume continues it.
+    caught = [sig for sig in (signal.SIGINT, getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None))
+              if sig is not None]
+    previous = {sig: signal.signal(sig, handler) for sig in caught}
     try:
         yield pressed
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def train(args) -> int:
     from pathlib import Path
 
-    from ..core.io import check_folder_writable, check_not_an_input, read_image
+    from ..core.io import read_image
     from ..core.models import resolve_model
+    from ..core.outputs import check_folder_writable, check_not_an_input
     from ..train import SegmentationDataset, Trainer, TrainingConfig
     from ..train.run import train as run_training
 
@@ -59,22 +65,28 @@ def train(args) -> int:
     if args.validation:
         train, val = data, SegmentationDataset.from_folder(args.validation)
     else:
-        train, val = data.split(0.1, seed=args.seed) if len(data) > 1 else (data, None)
+        train, val = data.split(0.1, seed=args.seed or 0) if len(data) > 1 else (data, None)
     steps = args.steps if args.steps is not None else 1000
     # only what was given: TrainingConfig holds the defaults
-    given = {"box_noise": args.box_noise, "central_click_probability": args.central_clicks}
-    prompts = {name: value for name, value in given.items() if value is not None}
-    config = TrainingConfig(mode=args.mode, steps=steps, learning_rate=args.learning_rate, seed=args.seed, **prompts)
+    given = {"mode": args.mode, "learning_rate": args.learning_rate, "box_noise": args.box_noise,
+             "central_click_probability": args.central_clicks, "seed": args.seed}
+    chosen = {name: value for name, value in given.items() if value is not None}
+    # a short run warms up over a tenth of itself, as a run sized by --minutes does
+    warmup = min(TrainingConfig.warmup_steps, max(1, steps // 10))
+    config = TrainingConfig(steps=steps, warmup_steps=warmup, **chosen)
     out = Path(args.out).expanduser()  # the path the checks above looked at
     if args.resume and out.exists():
         trainer = Trainer.resume(out, train, val, device=args.device)
+        _check_resumed(trainer.config, chosen, args.model, out)
         if args.steps is not None:
             trainer.config = dataclasses.replace(trainer.config, steps=args.steps)
     else:
         if out.exists():
             raise FileExistsError(f"{out} exists; pass --resume to continue it, or choose another --out")
+        if args.resume:
+            print(f"{out} does not exist yet: a new run starts (--resume continues a run saved there)")
         trainer = Trainer(resolve_model(args.model, device=args.device, dtype="float32"), train, config,
-                          validation_data=val)
+                          validation_data=val, device=args.device)
     cfg = trainer.config
     print(f"training on {len(trainer.train_data)} tile(s) of {len(train)} pair(s), validating on "
           f"{len(trainer.validation_data) if trainer.validation_data is not None else 0}; {cfg.mode} mode, "
@@ -88,21 +100,44 @@ def train(args) -> int:
         print(f"{out} already holds {trainer.step} step(s), as many as --steps {cfg.steps} asks: nothing to train, "
               "the file is left as it is")
         return 0
-    with _first_interrupt_stops("stopping after this step, then saving what was learned "
-                                "(Ctrl-C again to quit without saving)") as stopped:
-        run_training(trainer, checkpoint=None, minutes=budget, stop_after=None if budget else args.minutes,
-                     stop=stopped.is_set)
     if trainer.model.instance_decoder is not None and cfg.mode != "decoder":
         print("the instance decoder (automatic segmentation) is left out: it reads the old encoder's embeddings")
-    trainer.save(out)
+    with _first_interrupt_stops("stopping after this step, then saving what was learned "
+                                "(Ctrl-C again to quit without saving)") as stopped:
+        # saved along the way too, so that a killed run (out of memory, power) resumes from there
+        run_training(trainer, checkpoint=out, save_every=SAVE_EVERY, minutes=budget,
+                     stop_after=None if budget else args.minutes, stop=stopped.is_set)
     kept = trainer.weights_step
     note = "" if kept is None else f", with the weights of step {kept} (best validation)"
     if kept == 0:
         note = " (no step beat the starting model on validation: its weights are kept)"
+    planned = trainer.config.steps  # a time budget sizes the run after it starts
     if stopped.is_set():
-        note += f"; stopped by Ctrl-C before step {cfg.steps} (--resume continues it)"
+        note += f"; stopped before step {planned} (--resume continues it)"
+    elif trainer.step < planned:
+        note += f"; --minutes ended it before step {planned} (--resume continues it)"
     print(f"saved {out} after {trainer.step} step(s){note}")
     return 0
+
+
+SAVE_EVERY = 100
+"""Steps between the saves of a run in progress."""
+
+
+def _check_resumed(config, chosen: dict, model: str | None, out) -> None:
+    """Refuse options that contradict the run being resumed: it goes on as it started."""
+    options = {"mode": "--mode", "learning_rate": "--learning-rate", "box_noise": "--box-noise",
+               "central_click_probability": "--central-clicks", "seed": "--seed"}
+
+    def setting(name: str):
+        return config.peak_learning_rate if name == "learning_rate" else getattr(config, name)
+
+    differ = [f"{options[name]} {value}" for name, value in chosen.items() if setting(name) != value]
+    if differ:
+        raise UsageError(f"{out} is resumed with its own settings; {', '.join(differ)} would change them: "
+                         "leave them out, or train a new --out")
+    if model is not None:
+        print(f"--model {model} is not read: the run continues from the model saved in {out}")
 
 
 def evaluate(args) -> int:
@@ -111,7 +146,7 @@ def evaluate(args) -> int:
     import numpy as np
 
     from .. import evaluate
-    from ..core.io import check_folder_writable, check_not_an_input
+    from ..core.outputs import check_folder_writable, check_not_an_input
     from ..evaluate import WatershedBaseline
 
     if args.json:
@@ -119,7 +154,10 @@ def evaluate(args) -> int:
             raise ValueError(f"--json {args.json}: the results are written as a .json file")
         check_not_an_input(args.json, {"images": args.images, "labels": args.labels}, what="--json", inside_ok=True)
         check_folder_writable(Path(args.json).expanduser().parent)
-        if Path(args.json).expanduser().exists() and not args.overwrite:
+        target = Path(args.json).expanduser()
+        if target.exists() and not target.is_file():
+            raise ValueError(f"--json {args.json} is a folder: --overwrite replaces only a file; choose another path")
+        if target.exists() and not args.overwrite:
             raise FileExistsError(f"{args.json} exists; pass --overwrite to replace it, or choose another --json")
 
     pairs = evaluate.load_pairs(args.images, args.labels)

@@ -7,10 +7,12 @@ import argparse
 __all__ = ["build_parser"]
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser, dtype: bool = True) -> None:
     p.add_argument("--model", help="registry name (see `napari-sam models`) or checkpoint file (default: "
                    "$NAPARI_SAM_MODEL, else the small model shipped with the package)")
     p.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default)")
+    if not dtype:  # training runs in float32
+        return
     p.add_argument(
         "--dtype",
         default="auto",
@@ -258,9 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument("data", help="folder of images/ and labels/, or one image file")
     tr.add_argument("--labels", help="label image for a single image file given as DATA")
-    _add_model_args(tr)
+    _add_model_args(tr, dtype=False)
     tr.add_argument("--out", required=True, help="checkpoint to write (.pth)")
-    tr.add_argument("--mode", choices=["decoder", "full"], default="decoder")
+    tr.add_argument("--mode", choices=["decoder", "full"],
+                    help="decoder (default): the prompt encoder and mask decoder on cached embeddings; full: "
+                    "the whole model")
     tr.add_argument("--steps", type=int, help="optimizer steps (default 1000, or what --minutes holds)")
     tr.add_argument("--minutes", type=_positive,
                     help="a time budget: the run is sized to end in about this many minutes (with --steps: "
@@ -273,8 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="share of lone clicks drawn in the inner half of their object, where people click "
                     "(default 0.75; SAM drew them anywhere in it: 0)")
     tr.add_argument("--validation", help="folder of validation pairs (default: a 10%% split of DATA)")
-    tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--resume", action="store_true", help="continue from --out if it exists")
+    tr.add_argument("--seed", type=int, help="seeds the validation split and every random draw (default 0)")
+    tr.add_argument("--resume", action="store_true",
+                    help="continue from --out if it exists, with the settings it was started with")
 
     ann = sub.add_parser(
         "annotate",

@@ -49,7 +49,7 @@ def _label_name(args) -> str:
 
 def _check_out(args) -> None:
     """--out, checked before any work; one of --out and --labels-into is required."""
-    from ..core.io import check_output
+    from ..core.outputs import check_output
 
     if args.out is None and args.labels_into is None:
         raise UsageError("no output: give --out (a .tif, .zarr or .npy file), --labels-into (an OME-Zarr image), "
@@ -276,9 +276,10 @@ def propagate(args) -> int:
 
     from ..api import Annotator
     from ..core.image_source import ImageSource
-    from ..core.io import check_folder_writable, check_not_an_input, read_image
+    from ..core.io import read_image
     from ..core.label_target import check_label_ids
     from ..core.memory_labels import object_planes
+    from ..core.outputs import check_folder_writable, check_not_an_input
 
     _check_out(args)  # before any work
     if args.cache is not None:

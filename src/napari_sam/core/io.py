@@ -5,16 +5,11 @@ volume larger than memory can be opened; everything else is read into memory.
 Label images are written atomically: to a temporary name beside the target, then renamed,
 so an interrupted write never leaves a half-written file under the real name.
 
-Writing follows one rule (:func:`check_output`): an output is never an input (nor inside
-one, nor around one), its folder must already exist and accept files, and replacing an
-existing target is allowed only for the kind of thing this module writes: a TIFF or .npy
-file, or a Zarr array that carries our label marker. A Zarr group, an OME-Zarr image or
-any other folder is never deleted.
+Writing follows the output rule of :mod:`napari_sam.core.outputs`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -23,23 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["LABELS_MARKER", "read_image", "image_axes", "write_labels", "label_dtype", "check_output",
-           "check_not_an_input", "check_folder_writable"]
+from .outputs import LABELS_MARKER, TIFF_SUFFIXES, check_output, is_zarr_path
 
-_TIFF = (".tif", ".tiff")
+__all__ = ["read_image", "image_axes", "write_labels", "label_dtype"]
+
 _IMAGE = (".png", ".jpg", ".jpeg", ".bmp")
-_LABEL_SUFFIXES = _TIFF + (".zarr", ".npy")
-LABELS_MARKER = {"kind": "labels"}
-"""The ``napari_sam`` attribute of every Zarr label array we write (files and
-:func:`~napari_sam.core.label_target.create_label_store`): only such a store may be replaced."""
-
-
-def _is_zarr(path: Path) -> bool:
-    return (
-        path.suffix == ".zarr" or (path / "zarr.json").exists() or (path / ".zarray").exists()
-        or (path / ".zgroup").exists()
-    )
-
 
 def read_image(path: str | os.PathLike):
     """Open an image.
@@ -63,18 +46,16 @@ def read_image(path: str | os.PathLike):
     path = Path(path).expanduser()
     if not path.exists():
         raise ValueError(f"no such image: {path}")
-    if _is_zarr(path):
+    if is_zarr_path(path):
         return _open_zarr_image(path)
     suffix = path.suffix.lower()
     if path.is_dir():
         raise ValueError(f"cannot read {path}: a folder that is not a Zarr store")
-    if suffix not in _TIFF + _IMAGE + (".npy",):
+    if suffix not in TIFF_SUFFIXES + _IMAGE + (".npy",):
         raise ValueError(f"cannot read {path}: use TIFF, Zarr, .npy, PNG or JPEG")
     try:
-        if suffix in _TIFF:
-            import tifffile
-
-            return tifffile.imread(path)
+        if suffix in TIFF_SUFFIXES:
+            return _read_tiff(path)
         if suffix == ".npy":
             return np.load(path, allow_pickle=False)
         from skimage.io import imread
@@ -84,7 +65,7 @@ def read_image(path: str | os.PathLike):
         raise
     except Exception as err:  # each reader has its own errors for a damaged file
         text = " ".join(str(err).split()) or type(err).__name__
-        kind = "TIFF" if suffix in _TIFF else suffix.lstrip(".").upper()
+        kind = "TIFF" if suffix in TIFF_SUFFIXES else suffix.lstrip(".").upper()
         raise ValueError(f"cannot read {path} as a {kind} image: {text}") from err
 
 
@@ -158,13 +139,28 @@ def _open_zarr_image(path: Path):
     raise ValueError(f"{path} is a Zarr group with arrays {arrays}: give the path of one array")
 
 
+def _read_tiff(path: Path) -> np.ndarray:
+    """A TIFF's first series; RGB stored plane by plane (planar configuration "separate",
+    channels first in the file) comes channels last, as every reader here takes colour,
+    rather than as a stack of three grey planes."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        series = tif.series[0]
+        data, axes = series.asarray(), series.axes
+    s = axes.find("S")  # tifffile's letter for the samples of a pixel: the colours
+    if 0 <= s < len(axes) - 1 and data.shape[s] in (3, 4):
+        data = np.moveaxis(data, s, -1)
+    return data
+
+
 def image_axes(path: str | os.PathLike) -> str | None:
     """Axis names (e.g. ``"TCZYX"``) that an OME-Zarr image declares, or None.
 
     Only OME-Zarr says what its axes are; for other files the caller names them.
     """
     path = Path(path).expanduser()
-    if not _is_zarr(path):
+    if not is_zarr_path(path):
         return None
     import zarr
 
@@ -187,146 +183,6 @@ def label_dtype(max_id: int) -> np.dtype:
         if max_id <= np.iinfo(dt).max:
             return np.dtype(dt)
     return np.dtype(np.uint64)
-
-
-def _resolved(path: str | os.PathLike) -> Path:
-    return Path(path).expanduser().resolve()
-
-
-def check_not_an_input(output: str | os.PathLike, inputs: Mapping[str, str | os.PathLike | None],
-                       what: str = "--out", inside_ok: bool = False) -> None:
-    """Refuse an output that is an input, lies inside one or contains one.
-
-    Parameters
-    ----------
-    output
-        Where something will be written (a file, a Zarr store or a cache folder).
-    inputs
-        The inputs by what they are (``{"image": path, "seeds": path}``); None values are skipped.
-    what
-        How to name the output in the message (an option such as ``--out``).
-    inside_ok
-        Allow a new file inside an input folder (a folder of training pairs), though never
-        inside a Zarr store.
-
-    Raises
-    ------
-    ValueError
-        Naming both paths.
-    """
-    out = _resolved(output)
-    for name, path in inputs.items():
-        if path is None:
-            continue
-        src = _resolved(path)
-        same = out == src or (out.exists() and src.exists() and os.path.samefile(out, src))
-        if same:
-            relation = "is"
-        elif out.is_relative_to(src) and not (inside_ok and src.is_dir() and not _is_zarr(src)):
-            relation = "lies inside"
-        elif src.is_relative_to(out):
-            relation = "contains"
-        else:
-            continue
-        raise ValueError(f"{what} {output} {relation} the {name} {path}: writing there would destroy an input; "
-                         f"choose another path")
-
-
-def check_folder_writable(folder: str | os.PathLike) -> None:
-    """Raise unless ``folder`` exists, is a folder and accepts new files.
-
-    Writability is tested by creating (and removing) a file there: permission bits say
-    nothing about read-only mounts, ACLs or the super-user.
-    """
-    folder = Path(folder)
-    if not folder.exists():
-        raise FileNotFoundError(f"the folder {folder} does not exist; create it first")
-    if not folder.is_dir():
-        raise NotADirectoryError(f"{folder} is not a folder")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".napari-sam-probe-", dir=folder)
-    except OSError as err:
-        raise PermissionError(f"cannot write in the folder {folder}: {err.strerror or err}") from None
-    os.close(fd)
-    os.unlink(probe)
-
-
-def _is_our_label_store(path: Path) -> bool:
-    try:
-        meta = json.loads((path / "zarr.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return meta.get("node_type") == "array" and (meta.get("attributes") or {}).get("napari_sam") == LABELS_MARKER
-
-
-def _is_our_label_tiff(path: Path) -> bool:
-    """Whether a TIFF carries the marker :func:`write_labels` puts in its description."""
-    import tifffile
-
-    try:
-        with tifffile.TiffFile(path) as tif:
-            described = tif.shaped_metadata or ()
-    except Exception:  # noqa: BLE001 - unreadable as a TIFF: not ours to replace
-        return False
-    return any(isinstance(d, dict) and d.get("napari_sam") == LABELS_MARKER for d in described)
-
-
-def check_output(path: str | os.PathLike, inputs: Mapping[str, str | os.PathLike | None] | None = None,
-                 overwrite: bool = False, what: str = "--out") -> Path:
-    """Check, before any work, that a label image can be written to ``path``.
-
-    Parameters
-    ----------
-    path
-        Target: ``.tif``/``.tiff``, ``.zarr`` or ``.npy``.
-    inputs
-        Paths the command reads, by what they are: the target may be none of them, nor
-        inside or around one (see :func:`check_not_an_input`).
-    overwrite
-        Allow replacing an existing target, which must then be of the kind written here:
-        a TIFF or Zarr label array written by :func:`write_labels` (both carry its marker),
-        or a .npy file (which has no room for one).
-    what
-        How to name the target in messages.
-
-    Returns
-    -------
-    pathlib.Path
-        The target, with ``~`` expanded.
-
-    Raises
-    ------
-    ValueError
-        An unknown suffix, an input as target, or a target that ``overwrite`` may not replace.
-    FileExistsError
-        The target exists and ``overwrite`` is False.
-    FileNotFoundError, NotADirectoryError, PermissionError
-        The target's folder is missing, not a folder, or not writable.
-    """
-    path = Path(path).expanduser()
-    suffix = path.suffix.lower()
-    if suffix not in _LABEL_SUFFIXES:
-        raise ValueError(f"cannot write labels to {path}: use .tif, .zarr or .npy")
-    check_not_an_input(path, inputs or {}, what)
-    if path.exists() or path.is_symlink():
-        if not overwrite:
-            raise FileExistsError(f"{path} exists; pass --overwrite (overwrite=True) to replace it")
-        if suffix == ".zarr":
-            if path.is_symlink():  # a folder under a link cannot be replaced by a rename
-                raise ValueError(f"{what} {path} is a symbolic link: give the path it points to")
-            if not _is_our_label_store(path):
-                raise ValueError(f"{what} {path} exists and is not a label array written by napari-sam (a Zarr "
-                                 f"group, an image or another folder): --overwrite never deletes it; remove it "
-                                 f"yourself or choose another path")
-        elif not path.is_file():
-            raise ValueError(f"{what} {path} exists and is not a file: --overwrite replaces only a "
-                             f"{suffix} file; remove it yourself or choose another path")
-        elif suffix in _TIFF and not _is_our_label_tiff(path):
-            # an image (or labels from elsewhere) under the name: a typo must not destroy it
-            raise ValueError(f"{what} {path} exists and is not a label image written by napari-sam: --overwrite "
-                             f"never replaces it; remove it yourself or choose another path")
-    check_folder_writable(path.parent)
-    return path
 
 
 def write_labels(path: str | os.PathLike, labels: np.ndarray, overwrite: bool = False,
@@ -361,7 +217,7 @@ def write_labels(path: str | os.PathLike, labels: np.ndarray, overwrite: bool = 
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     tmp = staging / path.name
     try:
-        if suffix in _TIFF:
+        if suffix in TIFF_SUFFIXES:
             import tifffile
 
             # minisblack: a 3-plane label volume must not be taken for an RGB image

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import LABELS_MARKER
 from .labels import MAX_ID_ATTR
 from .ngff import LabelImage
+from .outputs import LABELS_MARKER
 
 __all__ = ["IN_MEMORY_LABELS", "check_label_ids", "create_label_store", "open_labels"]
 

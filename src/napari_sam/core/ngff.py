@@ -29,10 +29,10 @@ from typing import Any
 
 import numpy as np
 
-from .io import LABELS_MARKER, check_folder_writable
 from .label_pyramid import downsample, level_factors, update_levels
 from .labels import MAX_ID_ATTR
 from .ngff_image import OmeZarrImage, axis_letters, is_ome_zarr, level_transforms, ngff_version, read_ome_zarr
+from .outputs import LABELS_MARKER, check_folder_writable
 from .staging import clean_staging, make_staging, swap_in
 
 __all__ = ["LabelImage", "check_label_target", "is_ome_zarr", "ngff_version", "open_label_image",

@@ -50,7 +50,7 @@ def pair_files(
         if not d.is_dir():
             hint = "expected images/ and labels/ with files of the same names" if labels is None else "not a folder"
             raise ValueError(f"no folder {d}: {hint}")
-    files = sorted(p for p in img_dir.glob(pattern) if p.is_file())
+    files = sorted(p for p in img_dir.glob(pattern) if _wanted(p))
     if not files:
         raise ValueError(f"no image files matching {pattern!r} in {img_dir}")
     missing = [p.name for p in files if not (lab_dir / p.name).is_file()]
@@ -60,7 +60,7 @@ def pair_files(
             f"{len(missing)} image(s) in {img_dir} have no label file of the same name in {lab_dir}: {shown}"
         )
     names = {p.name for p in files}
-    orphans = sorted(p.name for p in lab_dir.glob(pattern) if p.is_file() and p.name not in names)
+    orphans = sorted(p.name for p in lab_dir.glob(pattern) if _wanted(p) and p.name not in names)
     if orphans:  # a misnamed image would lose its labels unnoticed
         shown = ", ".join(orphans[:5]) + (f", ... ({len(orphans) - 5} more)" if len(orphans) > 5 else "")
         warnings.warn(f"{len(orphans)} label file(s) in {lab_dir} have no image of the same name in {img_dir} and "
@@ -68,14 +68,42 @@ def pair_files(
     return [(p, lab_dir / p.name) for p in files]
 
 
+def _wanted(path: Path) -> bool:
+    # Hidden files are not images (macOS leaves "._name.tif" beside every file it copies),
+    # nor is a checkpoint "a.tif.pth" that *.tif* also matches.
+    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in _IMAGE_SUFFIXES
+
+
+_IMAGE_SUFFIXES = (".tif", ".tiff", ".npy", ".png", ".jpg", ".jpeg", ".bmp")  # what read_image reads as files
+
+
 def check_pair(image: np.ndarray, labels: np.ndarray, name: str) -> None:
     """Raise ValueError (naming the pair) unless ``labels`` are integer ids covering the
-    pixels of ``image`` (whose trailing channel axis, if any, is ignored)."""
+    pixels of ``image`` (whose trailing channel axis, if any, is ignored); warn where the
+    labels look like a mask rather than instances (one id in many separate pieces)."""
     if labels.dtype.kind not in "iub":
         raise ValueError(f"{name}: labels must be integer instance ids, got dtype {labels.dtype}")
+    if labels.ndim == 3 and labels.shape[-1] in (3, 4) and image.shape[-1] == labels.shape[-1]:
+        raise ValueError(f"{name}: the labels {labels.shape} look like a colour image; instance labels are one "
+                         "integer id per pixel (a 2D plane, or a stack of planes)")
     if image.shape[: labels.ndim] != labels.shape:
         raise ValueError(f"{name}: image {image.shape} and labels {labels.shape} do not cover the same pixels")
     check_label_ids(labels, f"{name}: the labels")
+    _warn_if_a_mask(labels, name)
+
+
+def _warn_if_a_mask(labels: np.ndarray, name: str) -> None:
+    """A binary mask (0/255, 0/1) read as labels is one object covering every cell."""
+    from scipy import ndimage
+
+    ids = np.unique(labels[labels > 0][:: max(1, labels.size // 1_000_000)])
+    if len(ids) != 1:
+        return
+    plane = labels if labels.ndim == 2 else labels[labels.shape[0] // 2]
+    pieces = ndimage.label(plane == ids[0])[1]
+    if pieces >= 5:
+        warnings.warn(f"{name}: the labels hold one id ({ids[0]}) in {pieces} separate pieces: a mask rather than "
+                      "instance labels? Give each object its own id (skimage.measure.label)", stacklevel=3)
 
 
 def read_pair(image_file: str | os.PathLike, label_file: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:

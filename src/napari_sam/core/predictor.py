@@ -191,6 +191,11 @@ class Predictor:
         for a model with a mask refiner (:attr:`Sam.mask_refiner
         <napari_sam.model.sam.Sam.mask_refiner>`) to sharpen the masks by; without it the
         masks are SAM's enlarged logits."""
+        side = self.model.config.image_size
+        if max(embedding.input_size) != side:
+            # Prompts would be mapped into another frame than the features': silently empty masks.
+            raise ValueError(f"this embedding was made for a {max(embedding.input_size)}-pixel model input; "
+                             f"the model takes {side} (ImageEmbedding.from_array(..., long_side={side}))")
         self._pixels = pixels
         known = self._contexts.get(id(embedding))
         if known is not None and known[0] is embedding:

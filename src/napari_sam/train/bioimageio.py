@@ -27,7 +27,7 @@ from typing import Any, Mapping, Sequence, Union
 import numpy as np
 import torch
 
-from ..core.io import check_folder_writable, check_not_an_input
+from ..core.outputs import check_folder_writable, check_not_an_input
 from ..core.preprocess import Normalization
 from ..model import Sam, check_state_dict, config_to_dict, sam_from_state_dict
 from ..model.bioimageio_model import BoxPromptedSam

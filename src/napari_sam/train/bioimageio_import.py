@@ -16,7 +16,7 @@ import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..core.io import check_folder_writable, check_not_an_input
+from ..core.outputs import check_folder_writable, check_not_an_input
 from ..model import config_from_dict, config_to_dict, infer_config, sam_from_state_dict
 from ..model.checkpoint import METADATA_KEY, CheckpointError, read_checkpoint, write_checkpoint
 from ..model.decoder_checkpoint import DECODER_KEY, read_decoder_state

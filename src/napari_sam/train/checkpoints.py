@@ -109,6 +109,13 @@ def save(trainer: Trainer, path: PathLike, optimizer: bool = True) -> Path:
         for key in ("instance_decoder", "automatic"):
             if key in trainer.model.metadata:
                 meta[key] = trainer.model.metadata[key]
+    elif "automatic" in trainer.model.metadata:
+        # Without the decoder its modes and their settings go; the grid's thresholds and the
+        # box detector are the SAM's and the images' and still apply.
+        advice = {k: v for k, v in trainer.model.metadata["automatic"].items() if k in ("mode", "detector", "grid")}
+        if advice.get("mode") in ("ais", "apg"):  # the modes that need the instance decoder
+            advice["mode"] = "boxes"
+        meta["automatic"] = advice
     refiner = trainer.model.mask_refiner
     if refiner is not None:  # it reads a mask's logits and the pixels, never the embedding: it serves any fine-tune
         from ..model.mask_refiner import MASK_REFINER_KEY

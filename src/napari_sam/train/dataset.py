@@ -8,6 +8,7 @@ contribute one pair per labelled plane.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -245,14 +246,26 @@ class SegmentationDataset:
             # A stack file is read once for all its planes.
             if path not in cache:
                 cache.clear()
-                cache[path] = (tifffile.imread(path), tifffile.imread(label_path))
+                try:
+                    cache[path] = (tifffile.imread(path), tifffile.imread(label_path))
+                except Exception as err:  # noqa: BLE001 - tifffile has its own errors for a damaged file
+                    raise ValueError(f"cannot read the pair {path.name} as TIFFs: {err}") from None
             return cache[path]
 
-        loaders, names = [], []
+        loaders, names, empty = [], [], []
         for path, label_path in files:
-            with tifffile.TiffFile(label_path) as tif:
-                shape = tif.series[0].shape
+            try:
+                with tifffile.TiffFile(label_path) as tif:
+                    shape = tif.series[0].shape
+            except Exception as err:  # noqa: BLE001 - tifffile has its own errors for a damaged file
+                raise ValueError(f"cannot read {label_path} as a TIFF: {err}") from None
+            if len(shape) == 3 and shape[-1] in (3, 4):
+                raise ValueError(f"{label_path}: the labels {tuple(shape)} look like a colour image; instance labels "
+                                 "are one integer id per pixel (a 2D plane, or a stack of planes)")
             if len(shape) == 2:
+                if skip_empty and not tifffile.imread(label_path).any():
+                    empty.append(label_path.name)
+                    continue
                 loaders.append(lambda p=path, q=label_path: read(p, q))
                 names.append(path.name)
             elif len(shape) == 3:
@@ -267,6 +280,10 @@ class SegmentationDataset:
                     names.append(f"{path.name} z={z}")
             else:
                 raise ValueError(f"{label_path}: labels must be 2D or a 3D stack, got shape {shape}")
+        if empty:  # a plane without objects teaches nothing, and a split could leave only it to validate on
+            shown = ", ".join(empty[:5]) + (f", ... ({len(empty) - 5} more)" if len(empty) > 5 else "")
+            warnings.warn(f"{len(empty)} label file(s) in {root} hold no object and are left out: {shown}",
+                          stacklevel=2)
         if not loaders:
             raise ValueError(f"no labelled plane found in {root}")
         desc = {"source": "folder", "path": str(root.resolve()), "files": len(files), "pairs": len(loaders)}

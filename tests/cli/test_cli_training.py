@@ -1,0 +1,162 @@
+"""`napari-sam train` and `evaluate` with odd input, interruptions and resumed runs."""
+
+import signal
+
+import numpy as np
+import pytest
+import tifffile
+
+from napari_sam.cli import main
+
+
+def _pair(folder, nuclei_2d):
+    image, labels = nuclei_2d
+    tifffile.imwrite(folder / "img.tif", np.stack([image[:128, :128], image[128:256, 128:256]]))
+    tifffile.imwrite(folder / "lab.tif", np.stack([labels[:128, :128], labels[128:256, 128:256]]))
+    return ["train", str(folder / "img.tif"), "--labels", str(folder / "lab.tif"), "--device", "cpu"]
+
+
+def _folder(root, nuclei_2d, n=3):
+    image, labels = nuclei_2d
+    for d in ("images", "labels"):
+        (root / d).mkdir(parents=True)
+    for i in range(n):
+        tifffile.imwrite(root / "images" / f"p{i}.tif", image[i * 128:(i + 1) * 128, :128])
+        tifffile.imwrite(root / "labels" / f"p{i}.tif", labels[i * 128:(i + 1) * 128, :128])
+    return root
+
+
+def test_a_terminated_run_saves_what_it_learned(tmp_path, tiny_checkpoint, nuclei_2d, monkeypatch, capsys):
+    from napari_sam.core.models import load_model
+    from napari_sam.train import Trainer
+
+    run = Trainer.run
+
+    def terminated_at_the_first_step(self):
+        for record in run(self):
+            if record.step == 1:
+                signal.raise_signal(signal.SIGTERM)  # a cluster's time limit
+            yield record
+
+    monkeypatch.setattr(Trainer, "run", terminated_at_the_first_step)
+    out = tmp_path / "tuned.pth"
+    previous = signal.getsignal(signal.SIGTERM)
+    assert main(_pair(tmp_path, nuclei_2d) + ["--model", str(tiny_checkpoint), "--out", str(out),
+                                              "--steps", "50"]) == 0
+    assert "stopped before step 50 (--resume continues it)" in capsys.readouterr().out
+    assert load_model(out).metadata["training"]["steps"] == 1
+    assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_a_run_that_dies_can_resume_from_its_last_save(tmp_path, tiny_checkpoint, nuclei_2d, monkeypatch):
+    import napari_sam.cli.learning as learning
+    from napari_sam.core.models import load_model
+    from napari_sam.train import Trainer
+
+    run = Trainer.run
+
+    def dies_after_three_steps(self):
+        for record in run(self):
+            yield record
+            if record.step == 3:
+                raise MemoryError("the machine ran out of memory")
+
+    monkeypatch.setattr(learning, "SAVE_EVERY", 2)
+    monkeypatch.setattr(Trainer, "run", dies_after_three_steps)
+    out = tmp_path / "tuned.pth"
+    args = _pair(tmp_path, nuclei_2d) + ["--model", str(tiny_checkpoint), "--out", str(out), "--steps", "6"]
+    assert main(args) == 1
+    assert load_model(out).metadata["training"]["steps"] == 2  # the save of step 2 is there to resume from
+    monkeypatch.setattr(Trainer, "run", run)
+    assert main([a for a in args if a not in ("--model", str(tiny_checkpoint))] + ["--resume"]) == 0
+    assert load_model(out).metadata["training"]["steps"] == 6
+
+
+def test_a_resumed_run_refuses_other_settings(tmp_path, tiny_checkpoint, nuclei_2d, capsys):
+    out = tmp_path / "tuned.pth"
+    args = _pair(tmp_path, nuclei_2d) + ["--out", str(out)]
+    assert main(args + ["--model", str(tiny_checkpoint), "--steps", "1"]) == 0
+    before = out.read_bytes()
+    capsys.readouterr()
+    assert main(args + ["--steps", "2", "--resume", "--mode", "full", "--learning-rate", "0.01"]) == 2
+    err = capsys.readouterr().err
+    assert "--mode full" in err and "--learning-rate 0.01" in err and err.count("\n") == 1
+    assert out.read_bytes() == before
+    # the same command again, --model and all, continues it
+    assert main(args + ["--model", str(tiny_checkpoint), "--steps", "2", "--resume", "--mode", "decoder"]) == 0
+    assert "is not read" in capsys.readouterr().out
+
+
+def test_train_takes_no_encoder_precision_and_a_short_run_leaves_its_warm_up(tmp_path, tiny_checkpoint, nuclei_2d,
+                                                                           capsys):
+    from napari_sam.core.models import load_model
+
+    args = _pair(tmp_path, nuclei_2d) + ["--model", str(tiny_checkpoint)]
+    with pytest.raises(SystemExit) as refused:  # argparse's own refusal of an unknown option
+        main(args + ["--out", str(tmp_path / "a.pth"), "--steps", "1", "--dtype", "foo"])
+    assert refused.value.code == 2 and "unrecognized arguments: --dtype foo" in capsys.readouterr().err
+    assert main(args + ["--out", str(tmp_path / "b.pth"), "--steps", "20"]) == 0
+    assert load_model(tmp_path / "b.pth").metadata["training"]["settings"]["warmup_steps"] == 2
+
+
+def test_a_mistyped_device_is_one_line(tmp_path, nuclei_2d, capsys):
+    folder = _folder(tmp_path / "data", nuclei_2d, 1)
+    assert main(["evaluate", str(folder), "--model", "default", "--device", "gpu", "--corrections", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown device 'gpu'" in err and err.count("\n") == 1
+
+
+def test_a_full_fine_tune_keeps_the_advice_that_needs_no_decoder(tmp_path, nuclei_2d):
+    from napari_sam.core.models import load_model
+
+    out = tmp_path / "full.pth"
+    assert main(_pair(tmp_path, nuclei_2d) + ["--model", "default", "--out", str(out), "--steps", "1",
+                                              "--mode", "full"]) == 0
+    model = load_model(out, device="cpu", dtype="float32")
+    assert model.instance_decoder is None
+    assert model.metadata["automatic"] == {"mode": "boxes", "detector": "log",
+                                           "grid": {"pred_iou_thresh": 0.6, "stability_thresh": 0.8}}
+
+
+def test_hidden_files_and_checkpoints_beside_the_images_are_not_pairs(tmp_path, nuclei_2d):
+    from napari_sam.core.pairs import pair_files
+
+    folder = _folder(tmp_path / "data", nuclei_2d, 2)
+    for d in ("images", "labels"):
+        (folder / d / "._p0.tif").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (folder / "images" / "p0.tif.pth").write_bytes(b"a checkpoint")
+    assert [p.name for p, _ in pair_files(folder)] == ["p0.tif", "p1.tif"]
+
+
+def test_labels_that_are_a_colour_image_or_a_mask_are_named(tmp_path, nuclei_2d):
+    from napari_sam.core.pairs import check_pair
+    from napari_sam.train import SegmentationDataset
+
+    image, labels = nuclei_2d
+    rgb = np.repeat(image[:128, :128, None], 3, axis=2).astype(np.uint8)
+    with pytest.raises(ValueError, match="look like a colour image"):
+        check_pair(rgb, np.repeat(labels[:128, :128, None], 3, axis=2).astype(np.uint8), "a.tif")
+    with pytest.warns(UserWarning, match=r"one id \(255\) in \d+ separate pieces"):
+        check_pair(image, np.where(labels > 0, 255, 0).astype(np.uint8), "mask.tif")
+    folder = _folder(tmp_path / "data", nuclei_2d, 2)
+    tifffile.imwrite(folder / "labels" / "p1.tif", np.repeat(labels[:128, :128, None], 3, axis=2).astype(np.uint8))
+    with pytest.raises(ValueError, match="p1.tif: the labels .* look like a colour image"):
+        SegmentationDataset.from_folder(folder)
+
+
+def test_a_label_file_without_objects_is_left_out_with_a_warning(tmp_path, nuclei_2d):
+    from napari_sam.train import SegmentationDataset
+
+    folder = _folder(tmp_path / "data", nuclei_2d, 3)
+    tifffile.imwrite(folder / "labels" / "p1.tif", np.zeros((128, 128), np.uint16))
+    with pytest.warns(UserWarning, match="1 label file.* hold no object and are left out: p1.tif"):
+        data = SegmentationDataset.from_folder(folder)
+    assert data.names == ["p0.tif", "p2.tif"]
+
+
+def test_a_json_target_that_is_a_folder_is_refused_before_the_work(tmp_path, nuclei_2d, capsys):
+    folder = _folder(tmp_path / "data", nuclei_2d, 1)
+    (tmp_path / "r.json").mkdir()
+    assert main(["evaluate", str(folder), "--model", "no-such-model.pth", "--json", str(tmp_path / "r.json"),
+                 "--overwrite"]) == 2
+    assert "is a folder" in capsys.readouterr().err
