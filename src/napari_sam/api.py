@@ -21,6 +21,7 @@ viewer's layers:
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Generator, Iterator
 from typing import TYPE_CHECKING
 
@@ -31,7 +32,7 @@ from .core.image_source import ImageSource
 from .core.label_target import open_labels
 from .core.labels import Commit, LabelWriter
 from .core.masks import PlaneMask
-from .core.memory_labels import NoSam, Tracking, largest_planes, note_prompted, split_models
+from .core.memory_labels import NoSam, Tracking, note_prompted, propagation_starts, split_models
 from .core.memory_propagation import MemoryStep
 from .core.ngff import LabelImage
 from .core.object_scale import segment_at_object_scale
@@ -186,6 +187,7 @@ class Annotator:
     def commit(self, plane, masks, overwrite: bool = False) -> Commit:
         """Write objects into one plane of :attr:`labels` under new ids (next free ones).
         Pixels of other objects are kept unless ``overwrite``."""
+        self.writer.check_no_step_open()
         commit = self.writer.commit(self.plane(plane), list(masks), overwrite=overwrite)
         if self.tracking is not None:  # SAM 2 propagates from the planes objects were given on
             self.tracking.remember(commit.plane, commit.ids)
@@ -218,8 +220,8 @@ class Annotator:
         start = self.object_mask(plane, label_id)
         with self.writer.one_step():
             for step in propagate(self.embeddings, plane, start, axis, settings or PropagationSettings()):
-                if step.mask is not None:
-                    self.writer.commit(step.plane, [step.mask], overwrite=overwrite, ids=[label_id])
+                if step.mask is not None:  # the object's earlier pixels there give way: propagating again corrects
+                    self.writer.commit(step.plane, [step.mask], overwrite=overwrite, ids=[label_id], replace=True)
                 yield step
 
     def propagate_all(self, axis: str | None = None, ids=None, settings=None, overwrite: bool = False,
@@ -236,13 +238,21 @@ class Annotator:
             return self.tracking.propagate_all(self.writer, ids, axis, settings, overwrite, progress, seeds)
         if seeds != "largest":
             raise ValueError(f"seeds={seeds!r} is for propagation with SAM 2 (tracker=); SAM starts from the largest")
-        out = {}
+        out: dict[int, list[tuple[int, ...]]] = {}
         with self.writer.one_step():  # all objects are one undo step, as with SAM 2
-            for label_id, plane in tqdm(largest_planes(self.labels, len(self.source.plane_grid), ids).items(),
-                                        desc="propagating", unit="object", disable=not progress):
+            for label_id, plane in tqdm(self._starts(axis, ids, settings), desc="propagating", unit="object",
+                                        disable=not progress):
                 steps = self.propagate(plane, label_id, axis, settings, overwrite)
-                out[label_id] = [s.plane for s in steps if s.mask is not None]
+                out.setdefault(label_id, []).extend(s.plane for s in steps if s.mask is not None)
         return out
+
+    def _starts(self, axis, ids, settings) -> list[tuple[int, tuple[int, ...]]]:
+        """(id, plane) each SAM propagation starts from (``propagation_starts``); too small ones warned of."""
+        min_area = (settings or PropagationSettings()).min_area
+        starts, skipped = propagation_starts(self.labels, self.source.plane_axes, axis, ids, min_area)
+        if skipped:
+            warnings.warn(f"not propagated, smaller than min_area={min_area}: {'; '.join(skipped)}", stacklevel=3)
+        return starts
 
     def propagate_all_steps(self, axis: str | None = None, ids=None, settings=None, overwrite: bool = False,
                             seeds: str = "largest") -> Iterator[MemoryStep | PropagationStep]:
@@ -251,8 +261,8 @@ class Annotator:
         MemoryStep` per plane and window, all objects together; with SAM each object's steps in turn."""
         if self.tracking is not None:
             return self.tracking.steps(self.writer, ids, axis, settings, overwrite, seeds)
-        starts = largest_planes(self.labels, len(self.source.plane_grid), ids)
-        steps = (s for i, p in starts.items() for s in self.propagate(p, i, axis, settings, overwrite))
+        starts = self._starts(axis, ids, settings)
+        steps = (s for i, p in starts for s in self.propagate(p, i, axis, settings, overwrite))
         return self.writer.as_one_step(steps)
 
     # -- every object ---------------------------------------------------------------------
@@ -323,10 +333,11 @@ class Annotator:
         return self._everything(planes, mode, whole_volume, commit, overwrite, rough, link_iou, settings)
 
     def _everything(self, planes, mode, whole_volume, commit, overwrite, rough, link_iou, settings):
+        from .auto.boxes import iter_refine_labels
         from .auto.modes import iter_segment_plane, iter_segment_volume
 
         if mode == "labels":
-            found = yield from _refine(self.embeddings, planes, rough, link_iou, settings)
+            found = yield from iter_refine_labels(self.embeddings, planes, rough, link_iou, **settings)
             found = found if whole_volume else found[0]
         elif whole_volume:
             found = yield from iter_segment_volume(self.embeddings, mode, planes, link_iou=link_iou, **settings)
@@ -384,17 +395,3 @@ class Annotator:
     def undo(self) -> list[Commit]:
         """Undo the last commit (or the last propagation); returns what was undone."""
         return self.writer.undo()
-
-
-def _refine(embeddings, planes, rough, link_iou: float, settings: dict):
-    """Mode "labels": the box of each object of ``rough`` through SAM, plane by plane,
-    linked into (Z, H, W) 3D objects."""
-    from .auto import Progress, boxes_from_labels, iter_from_boxes, link_planes
-
-    found = []
-    for k, plane in enumerate(planes, start=1):
-        boxes = boxes_from_labels(np.asarray(rough[plane]))[0]
-        found.append((yield from iter_from_boxes(embeddings, plane, boxes, **settings)).labels)
-        yield Progress(k, len(planes), embeddings.source.flat_index(plane), None, "planes")
-    return link_planes(found, link_iou)
-

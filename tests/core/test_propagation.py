@@ -195,3 +195,58 @@ def test_propagating_every_object_is_one_undo_step_and_names_ids_it_lacks(tiny_m
     assert ann.propagate_all(ids=2, settings=settings, progress=False).keys() == {2}  # one id, not a list
     with pytest.raises(ValueError, match=r"no object \[99\] in the labels"):
         ann.propagate_all(ids=[99], progress=False)
+
+
+def test_propagating_again_replaces_the_objects_earlier_planes_and_an_open_run_blocks_commits(tiny_model, nuclei_3d,
+                                                                                             monkeypatch):
+    image, gt = nuclei_3d
+    ann = Annotator(image, tiny_model, cache=False)
+    monkeypatch.setattr(ann.embeddings, "segment", ExactEmbeddings(gt).segment)
+    obj = np.unique(gt)[6]
+    z, _, start = _start(gt, obj)
+    ann.commit(z, [start])
+    wrong = np.zeros(gt.shape[1:], bool)
+    wrong[:5, :5] = True  # a stray piece of object 1 on the next plane, from an earlier bad run
+    ann.labels[z + 1][wrong] = 1
+    settings = PropagationSettings(min_consecutive_iou=0.0, min_area=1, min_contrast=None)
+    list(ann.propagate(z, 1, settings=settings))
+    assert np.array_equal(ann.labels[z + 1] == 1, gt[z + 1] == obj)  # the new answer alone
+    # a run left open: a commit or an undo would join it or cut it in half
+    run = ann.propagate(z, 1, settings=settings)
+    next(run)
+    with pytest.raises(RuntimeError, match="propagation is still open"):
+        ann.undo()
+    with pytest.raises(RuntimeError, match="propagation is still open"):
+        ann.commit(0, [PlaneMask.from_full(wrong)])
+    run.close()
+    assert ann.undo()  # closed, it is one step again
+
+
+def test_every_time_points_stack_starts_on_its_own_and_specks_are_skipped():
+    from napari_sam.core.memory_labels import propagation_starts
+
+    labels = np.zeros((2, 5, 20, 20), np.uint16)
+    labels[0, 2, 2:8, 2:8] = 3
+    labels[0, 1, 2:5, 2:5] = 3
+    labels[1, 3, 2:9, 2:9] = 3
+    labels[1, 0, 15:17, 15:17] = 9  # a speck of 4 pixels
+    starts, skipped = propagation_starts(labels, "TZ", "Z", min_area=10)
+    assert starts == [(3, (0, 2)), (3, (1, 3))]
+    assert skipped == ["object 9 on plane (1, 0) (4 pixel(s))"]
+    assert propagation_starts(labels, "TZ", "T", min_area=10)[0] == [(3, (1, 3))]  # followed in time: once
+
+
+def test_a_speck_among_the_objects_is_skipped_with_a_warning(tiny_model, nuclei_3d, monkeypatch):
+    image, gt = nuclei_3d
+    ann = Annotator(image, tiny_model, cache=False)
+    monkeypatch.setattr(ann.embeddings, "segment", ExactEmbeddings(gt).segment)
+    obj = np.unique(gt)[6]
+    z, _, start = _start(gt, obj)
+    ann.commit(z, [start])
+    ann.labels[0, :2, :2] = 9
+    settings = PropagationSettings(min_consecutive_iou=0.0, min_area=10, min_contrast=None)
+    with pytest.warns(UserWarning, match=r"not propagated, smaller than min_area=10: object 9 on plane \(0,\)"):
+        written = ann.propagate_all(settings=settings, progress=False)
+    assert list(written) == [1] and len(written[1]) >= 2
+    with pytest.raises(ValueError, match="max_planes must be at least 1"):
+        PropagationSettings(max_planes=0)

@@ -21,9 +21,10 @@ from ..core.preprocess import Normalization
 from ..core.prompts import Prompt
 from .candidates import _Candidate, masks_to_labels, stability_score
 from .decoding import UPSCALE_CHUNK, decoder, full_logits, plane_embeddings
+from .link import link_planes
 from .results import AutomaticResult, Progress, run
 
-__all__ = ["boxes_from_labels", "detect_boxes", "iter_from_boxes", "segment_detections"]
+__all__ = ["boxes_from_labels", "detect_boxes", "iter_from_boxes", "iter_refine_labels", "segment_detections"]
 
 
 def boxes_from_labels(labels, min_area: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -290,3 +291,18 @@ def segment_detections(
             plane = plane[..., channel]
         boxes = detect_boxes(plane, method=method, min_area=min_area)
     return run(iter_from_boxes(emb, 0, boxes, batch_size=batch_size, min_area=min_area))
+
+
+def iter_refine_labels(embeddings: Embeddings, planes, rough, link_iou: float = 0.25, **settings):
+    """Mode "labels": the box of each object of a rough segmentation through SAM, plane by
+    plane, linked into 3D objects; a generator of :class:`Progress` that returns the
+    (Z, H, W) labels of ``planes``.
+
+    ``rough``: (planes..., H, W) labels indexed by the plane keys in ``planes``;
+    ``settings``: those of :func:`iter_from_boxes`."""
+    found = []
+    for k, plane in enumerate(planes, start=1):
+        boxes = boxes_from_labels(np.asarray(rough[plane]))[0]
+        found.append((yield from iter_from_boxes(embeddings, plane, boxes, **settings)).labels)
+        yield Progress(k, len(planes), embeddings.source.flat_index(plane), None, "planes")
+    return link_planes(found, link_iou)

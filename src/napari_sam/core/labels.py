@@ -292,9 +292,17 @@ class LabelWriter:
         with self.one_step():
             yield from steps
 
+    def check_no_step_open(self) -> None:
+        """Raise while a step is being made (a propagation whose generator is still open):
+        a commit or an undo then would join it or cut it in half."""
+        if self._step is not None:
+            raise RuntimeError("a propagation is still open (its generator was neither run to the end nor "
+                               "closed): finish it or close() it first")
+
     def undo(self) -> list[Commit]:
         """Undo the last step (one commit or a group); returns its commits, newest first,
         or an empty list when there is nothing to undo."""
+        self.check_no_step_open()
         if not self._history:
             return []
         step = list(reversed(self._history.pop()))

@@ -149,6 +149,43 @@ def _largest(planes: dict[tuple[int, ...], int]) -> tuple[int, ...]:
     return max(planes, key=lambda p: (planes[p], tuple(-i for i in p)))
 
 
+def propagation_starts(labels, plane_axes: str, axis: str | None = None, ids=None,
+                       min_area: int = 1) -> tuple[list[tuple[int, tuple[int, ...]]], list[str]]:
+    """Where SAM re-prompting starts each object: the plane where it is largest, once per
+    time point when a TZYX image is followed along Z (each time point's stack on its own).
+
+    Parameters
+    ----------
+    labels
+        (planes..., Y, X) integer labels.
+    plane_axes
+        The image's plane axes (``"Z"``, ``"T"``, ``"TZ"``).
+    axis
+        The axis followed (None: the innermost plane axis).
+    ids, min_area
+        The objects (None: all); a start with fewer pixels is left out.
+
+    Returns
+    -------
+    starts, skipped
+        (id, plane) pairs in id order; a note per start left out as too small.
+    """
+    axis = (axis or plane_axes[-1:] or "Z").upper()
+    per_time = plane_axes == "TZ" and axis == "Z"
+    starts, skipped = [], []
+    for label_id, planes in object_planes(labels, len(plane_axes), ids).items():
+        groups: dict[tuple[int, ...], dict[tuple[int, ...], int]] = {}
+        for plane, count in planes.items():
+            groups.setdefault(plane[:1] if per_time else (), {})[plane] = count
+        for group in groups.values():
+            plane = _largest(group)
+            if group[plane] < min_area:
+                skipped.append(f"object {label_id} on plane {plane} ({group[plane]} pixel(s))")
+            else:
+                starts.append((label_id, plane))
+    return starts, skipped
+
+
 _IN_MEMORY: dict[int, dict] = {}
 """What a numpy label array keeps (it has no attributes), by the array's id while it lives."""
 

@@ -107,6 +107,8 @@ class PropagationSettings:
                              f"not {self.box_margin}")
         if self.min_contrast is not None and not self.min_contrast <= 1:
             raise ValueError(f"min_contrast is a fraction of the starting contrast, at most 1, not {self.min_contrast}")
+        if self.max_planes is not None and self.max_planes < 1:
+            raise ValueError(f"max_planes must be at least 1 (None: no limit), not {self.max_planes}")
         if self.contrast_ring < 1:
             raise ValueError(f"contrast_ring must be at least 1 pixel, not {self.contrast_ring}")
 

@@ -223,11 +223,13 @@ def prompts_on(image_layer, points_layer, boxes_layer, plane: tuple[int, ...]) -
 
 
 def prompted_planes(image_layer, points_layer, boxes_layer) -> set[tuple[int, ...]]:
-    """The planes on which any point or box lies."""
+    """The planes of the image on which any point or box lies (prompts beyond its first or
+    last plane prompt nothing, as prompts beside it do)."""
     planes = {plane_of(image_layer, p) for p in to_image(image_layer, points_layer, points_layer.data)}
     for shape in boxes_layer.data:
         planes.add(plane_of(image_layer, to_image(image_layer, boxes_layer, shape).mean(0)))
-    return planes
+    grid = tuple(image_layer.level_shapes[0][: image_layer.ndim - 2])
+    return {p for p in planes if all(0 <= i < n for i, n in zip(p, grid))}
 
 
 def draw_preview(preview_layer, image_layer, plane: tuple[int, ...], masks) -> None:
