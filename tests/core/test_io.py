@@ -160,18 +160,25 @@ def test_malformed_ome_zarr_metadata_is_one_line_naming_the_image(tmp_path, ome,
     assert str(path) in str(info.value) and "\n" not in str(info.value)
 
 
-def test_rgb_stored_plane_by_plane_is_read_channels_last(tmp_path):
-    # planar RGB is (3, H, W) in the file; read as it is it would be three grey Z planes
+def test_rgb_stored_plane_by_plane_keeps_its_planes_and_names_the_choice(tmp_path):
+    # tifffile declares every 3-plane uint8 stack so: the planes stay planes, and the
+    # warning says how to read them as colour
     rgb = np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)
     path = tmp_path / "planar.tif"
     tifffile.imwrite(path, np.moveaxis(rgb, -1, 0), photometric="rgb", planarconfig="separate")
-    np.testing.assert_array_equal(read_image(path), rgb)
-    assert ImageSource.open(path).plane_axes == ""
+    with pytest.warns(UserWarning, match="declares RGB stored plane by plane; its 3 planes are read as Z"):
+        assert ImageSource.open(path).plane_grid == (3,)
+    colour = ImageSource.open(path, axes="CYX")
+    assert colour.plane_axes == "" and colour.plane_shape == (40, 50)
 
 
-def test_a_grey_stack_of_three_planes_stays_a_stack(tmp_path):
+def test_a_grey_stack_of_three_planes_is_read_without_a_word(tmp_path):
+    import warnings
+
     stack = np.random.default_rng(0).integers(0, 255, (3, 40, 50), dtype=np.uint8)
     path = tmp_path / "stack.tif"
     tifffile.imwrite(path, stack, photometric="minisblack")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ImageSource.open(path).plane_grid == (3,)
     np.testing.assert_array_equal(read_image(path), stack)
-    assert ImageSource.open(path).plane_grid == (3,)

@@ -57,6 +57,23 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0:  # also NaN
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = _non_negative(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a fraction between 0 and 1")
+    return value
+
+
 def _channel(text: str):
     from ..core.stain import STAIN_CHANNELS
 
@@ -240,8 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: all the model offers; ais and apg need an instance decoder)")
     ev.add_argument("--augment", action="store_true",
                     help="with --auto: also AIS with test-time augmentation (segment --augment), as its own row")
-    ev.add_argument("--corrections", type=int, default=8)
-    ev.add_argument("--max-objects", type=int, help="objects sampled per image (default: all)")
+    ev.add_argument("--corrections", type=_count, default=8)
+    ev.add_argument("--max-objects", type=_positive_int, help="objects sampled per image (default: all)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--json", help="write the results as JSON (scores of no objects as null)")
     ev.add_argument("--overwrite", action="store_true", help="replace --json if it exists")
@@ -265,15 +282,16 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--mode", choices=["decoder", "full"],
                     help="decoder (default): the prompt encoder and mask decoder on cached embeddings; full: "
                     "the whole model")
-    tr.add_argument("--steps", type=int, help="optimizer steps (default 1000, or what --minutes holds)")
+    tr.add_argument("--steps", type=_positive_int, help="optimizer steps (default 1000, or what --minutes holds)")
     tr.add_argument("--minutes", type=_positive,
                     help="a time budget: the run is sized to end in about this many minutes (with --steps: "
                     "stop after this many minutes)")
-    tr.add_argument("--learning-rate", type=float)
-    tr.add_argument("--box-noise", type=float, metavar="FRACTION",
+    tr.add_argument("--learning-rate", type=_positive,
+                    help="peak learning rate (default 1e-4)")
+    tr.add_argument("--box-noise", type=_non_negative, metavar="FRACTION",
                     help="jitter of the training boxes, a fraction of each side (default 0.02: close to the "
                     "labels' exact boxes; SAM learned with 0.1)")
-    tr.add_argument("--central-clicks", type=float, metavar="P",
+    tr.add_argument("--central-clicks", type=_fraction, metavar="P",
                     help="share of lone clicks drawn in the inner half of their object, where people click "
                     "(default 0.75; SAM drew them anywhere in it: 0)")
     tr.add_argument("--validation", help="folder of validation pairs (default: a 10%% split of DATA)")

@@ -13,6 +13,7 @@ entries and no channel is chosen), ``Y`` (rows), ``X`` (columns).
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -156,10 +157,14 @@ class ImageSource:
     def open(cls, path: str | os.PathLike, axes: str | None = None, channel: int | str | None = None) -> "ImageSource":
         """Open a TIFF, .npy, PNG/JPEG file or a Zarr array/group (v2, v3, OME-Zarr, whose
         full-resolution level is used and whose declared axes are the default)."""
-        from .io import image_axes, read_image
+        from .io import image_axes, planar_rgb, read_image
 
         array = read_image(path)
-        return cls(array, axes or image_axes(path), channel, path=Path(path).expanduser())
+        axes = axes or image_axes(path)
+        if axes is None and planar_rgb(path):
+            warnings.warn(f"{path} declares RGB stored plane by plane; its {array.shape[0]} planes are read as Z "
+                          "(axes='CYX', --axes CYX on the command line, reads them as colour)", stacklevel=2)
+        return cls(array, axes, channel, path=Path(path).expanduser())
 
     # -- planes ----------------------------------------------------------------------------
     @property

@@ -140,18 +140,27 @@ def _open_zarr_image(path: Path):
 
 
 def _read_tiff(path: Path) -> np.ndarray:
-    """A TIFF's first series; RGB stored plane by plane (planar configuration "separate",
-    channels first in the file) comes channels last, as every reader here takes colour,
-    rather than as a stack of three grey planes."""
+    """A TIFF's first series, as its pages hold it."""
     import tifffile
 
-    with tifffile.TiffFile(path) as tif:
-        series = tif.series[0]
-        data, axes = series.asarray(), series.axes
-    s = axes.find("S")  # tifffile's letter for the samples of a pixel: the colours
-    if 0 <= s < len(axes) - 1 and data.shape[s] in (3, 4):
-        data = np.moveaxis(data, s, -1)
-    return data
+    return tifffile.imread(path)
+
+
+def planar_rgb(path: str | os.PathLike) -> bool:
+    """Whether a TIFF declares RGB stored plane by plane ((3, H, W) in the file). tifffile
+    writes every 3-plane uint8 stack so unless told otherwise, so the declaration alone
+    does not say colour: readers keep the planes and name the choice."""
+    path = Path(path)
+    if path.suffix.lower() not in TIFF_SUFFIXES:
+        return False
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            axes = tif.series[0].axes
+    except Exception:  # noqa: BLE001 - not readable as a TIFF: read_image says why
+        return False
+    return 0 <= axes.find("S") < len(axes) - 1
 
 
 def image_axes(path: str | os.PathLike) -> str | None:
