@@ -160,3 +160,18 @@ def test_a_json_target_that_is_a_folder_is_refused_before_the_work(tmp_path, nuc
     assert main(["evaluate", str(folder), "--model", "no-such-model.pth", "--json", str(tmp_path / "r.json"),
                  "--overwrite"]) == 2
     assert "is a folder" in capsys.readouterr().err
+
+
+def test_labels_without_objects_are_said_to_be_empty(tmp_path, tiny_checkpoint, capsys):
+    for d in ("images", "labels"):
+        (tmp_path / d).mkdir()
+    tifffile.imwrite(tmp_path / "images" / "a.tif", np.zeros((64, 64), np.uint8))
+    tifffile.imwrite(tmp_path / "labels" / "a.tif", np.zeros((64, 64), np.uint16))
+    assert main(["evaluate", str(tmp_path), "--model", str(tiny_checkpoint), "--corrections", "0"]) == 0
+    assert "no object was measured" in capsys.readouterr().err
+
+
+def test_one_image_without_its_labels_is_told_to_give_them(tmp_path, capsys):
+    tifffile.imwrite(tmp_path / "a.tif", np.zeros((64, 64), np.uint8))
+    assert main(["train", str(tmp_path / "a.tif"), "--out", str(tmp_path / "m.pth")]) == 2
+    assert "give its labels with --labels" in capsys.readouterr().err

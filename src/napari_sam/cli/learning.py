@@ -57,9 +57,13 @@ def train(args) -> int:
     check_folder_writable(Path(args.out).expanduser().parent)
     if args.labels:
         image, labels = read_image(args.data), read_image(args.labels)
-        data = (SegmentationDataset.from_stack if labels.ndim == 3 else SegmentationDataset.from_arrays)(
-            *((image, labels) if labels.ndim == 3 else ([image], [labels]))
-        )
+        if labels.ndim == 3:
+            data = SegmentationDataset.from_stack(image, labels, name=Path(args.data).name)
+        else:
+            data = SegmentationDataset.from_arrays([image], [labels], names=[Path(args.data).name])
+    elif Path(args.data).expanduser().is_file():
+        raise UsageError(f"{args.data} is one image: give its labels with --labels (or a folder of images/ and "
+                         "labels/ as DATA)")
     else:
         data = SegmentationDataset.from_folder(args.data)
     if args.validation:
@@ -241,6 +245,10 @@ def evaluate(args) -> int:
                     break
                 bar.update(1)
     print(evaluate.format_table(results))
+    counted = [r["objects"] for r in results if "objects" in r]
+    if counted and not any(counted):
+        print(f"no object was measured: the labels in {args.labels or args.images} hold none (background is 0, "
+              "each object its own id)", file=sys.stderr)
     if args.json:
         _write_json(Path(args.json).expanduser(), results)
         print(f"wrote {args.json}")
