@@ -115,7 +115,7 @@ def test_cancelling_a_whole_volume_stops_the_work_and_commits_nothing(decoder_mo
 
 
 def test_the_rough_labels_mode_refines_each_object_on_its_plane(decoder_model, volume, monkeypatch):
-    from napari_sam import auto as automatic
+    from napari_sam.auto import boxes as automatic
 
     ann = Annotator(volume, decoder_model, axes="ZYX", cache=False)
     rough = np.zeros(volume.shape, np.int32)

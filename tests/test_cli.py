@@ -201,29 +201,32 @@ def test_a_resumed_run_keeps_the_instance_decoder_and_a_finished_one_is_left_alo
     assert "nothing to train" in capsys.readouterr().out and out.read_bytes() == before
 
 
-def test_the_first_ctrl_c_in_train_stops_and_saves(tmp_path, tiny_checkpoint, nuclei_2d, monkeypatch, capsys):
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM", "SIGHUP"])  # Ctrl-C, a cluster's time limit, a closed terminal
+def test_the_first_ctrl_c_in_train_stops_and_saves(tmp_path, tiny_checkpoint, nuclei_2d, monkeypatch, capsys, name):
     import signal
 
     from napari_sam.core.models import load_model
     from napari_sam.train import Trainer
 
     run = Trainer.run
+    sent = getattr(signal, name)
 
     def interrupted_after_the_first_step(self):
         for record in run(self):
             if record.step == 1:
-                signal.raise_signal(signal.SIGINT)  # as a Ctrl-C in the terminal, during the first step
+                signal.raise_signal(sent)  # as a Ctrl-C in the terminal, during the first step
             yield record
 
     monkeypatch.setattr(Trainer, "run", interrupted_after_the_first_step)
     out = tmp_path / "tuned.pth"
-    previous = signal.getsignal(signal.SIGINT)
+    previous = signal.getsignal(sent)
     assert main(_training_pair(tmp_path, nuclei_2d) + ["--model", str(tiny_checkpoint), "--out", str(out),
                                                         "--steps", "50"]) == 0
     captured = capsys.readouterr()
-    assert "stopping after this step" in captured.err and "stopped before step 50" in captured.out
+    assert "stopping after this step" in captured.err
+    assert "stopped before step 50 (--resume continues it)" in captured.out
     assert load_model(out).metadata["training"]["steps"] == 1  # what was learned is kept, and resumable
-    assert signal.getsignal(signal.SIGINT) is previous  # the terminal's Ctrl-C is the usual one again
+    assert signal.getsignal(sent) is previous  # the terminal's Ctrl-C is the usual one again
 
 def test_segment_boxes_and_auto_modes(tmp_path, tiny_checkpoint, nuclei_2d, nuclei_3d, capsys):
     tifffile.imwrite(tmp_path / "img.tif", nuclei_2d[0][:200, :200])

@@ -88,3 +88,14 @@ def test_a_brush_painting_another_label_than_the_selected_one_is_noted(viewer_3d
     session.labels_layer.paint((40, 80, 80), 77)  # the console paints 77 while 2 is selected
     session.points_layer.add(np.array([[40, 50, 60]]))
     assert session.commit().ids == (78,)
+
+
+def test_a_layer_of_channels_is_refused_rather_than_segmented_as_planes(make_napari_viewer):
+    viewer = make_napari_viewer()
+    data = np.zeros((2, 64, 64), np.uint16)
+    layer = viewer.add_image(data, axis_labels=("c", "y", "x"))
+    with pytest.raises(ValueError, match="holds channels .* one layer each"):
+        attach(viewer, layer, model="default")
+    plain = viewer.add_image(data, name="plain")
+    with pytest.raises(ValueError, match="segmented with its own axes"):
+        attach(viewer, plain, model="default", channel=1)

@@ -361,7 +361,7 @@ def test_widget_refines_the_objects_of_a_rough_labels_layer(widget, viewer_3d, n
     widget.rough.value = wrong
     assert widget.run_everything() is None and "wrong shape has shape (10, 10)" in widget.status.value
     widget.rough.value = viewer.layers["threshold"]
-    from napari_sam import auto as automatic
+    from napari_sam.auto import boxes as automatic
 
     asked = []
     boxes_through_sam = automatic.iter_from_boxes

@@ -1,7 +1,5 @@
 """`napari-sam train` and `evaluate` with odd input, interruptions and resumed runs."""
 
-import signal
-
 import numpy as np
 import pytest
 import tifffile
@@ -24,28 +22,6 @@ def _folder(root, nuclei_2d, n=3):
         tifffile.imwrite(root / "images" / f"p{i}.tif", image[i * 128:(i + 1) * 128, :128])
         tifffile.imwrite(root / "labels" / f"p{i}.tif", labels[i * 128:(i + 1) * 128, :128])
     return root
-
-
-def test_a_terminated_run_saves_what_it_learned(tmp_path, tiny_checkpoint, nuclei_2d, monkeypatch, capsys):
-    from napari_sam.core.models import load_model
-    from napari_sam.train import Trainer
-
-    run = Trainer.run
-
-    def terminated_at_the_first_step(self):
-        for record in run(self):
-            if record.step == 1:
-                signal.raise_signal(signal.SIGTERM)  # a cluster's time limit
-            yield record
-
-    monkeypatch.setattr(Trainer, "run", terminated_at_the_first_step)
-    out = tmp_path / "tuned.pth"
-    previous = signal.getsignal(signal.SIGTERM)
-    assert main(_pair(tmp_path, nuclei_2d) + ["--model", str(tiny_checkpoint), "--out", str(out),
-                                              "--steps", "50"]) == 0
-    assert "stopped before step 50 (--resume continues it)" in capsys.readouterr().out
-    assert load_model(out).metadata["training"]["steps"] == 1
-    assert signal.getsignal(signal.SIGTERM) is previous
 
 
 def test_a_run_that_dies_can_resume_from_its_last_save(tmp_path, tiny_checkpoint, nuclei_2d, monkeypatch):
@@ -175,3 +151,31 @@ def test_one_image_without_its_labels_is_told_to_give_them(tmp_path, capsys):
     tifffile.imwrite(tmp_path / "a.tif", np.zeros((64, 64), np.uint8))
     assert main(["train", str(tmp_path / "a.tif"), "--out", str(tmp_path / "m.pth")]) == 2
     assert "give its labels with --labels" in capsys.readouterr().err
+
+
+def test_train_and_evaluate_take_one_channel_of_a_multichannel_image(tmp_path, tiny_checkpoint, nuclei_2d, capsys):
+    image, labels = nuclei_2d
+    for d in ("images", "labels"):
+        (tmp_path / d).mkdir()
+    for i in range(2):
+        nuclei = image[i * 128:(i + 1) * 128, :128]
+        two = np.stack([nuclei, nuclei[::-1]], -1)  # channel 1: something else
+        tifffile.imwrite(tmp_path / "images" / f"p{i}.tif", two, photometric="minisblack", planarconfig="contig")
+        tifffile.imwrite(tmp_path / "labels" / f"p{i}.tif", labels[i * 128:(i + 1) * 128, :128])
+    model = ["--model", str(tiny_checkpoint), "--device", "cpu"]
+    assert main(["evaluate", str(tmp_path), *model, "--corrections", "0"]) == 2
+    assert "2 channels" in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path), *model, "--corrections", "0", "--channel", "2"]) == 2
+    assert "--channel 2 does not exist" in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path), *model, "--corrections", "0", "--channel", "0"]) == 0
+    assert main(["train", str(tmp_path), *model, "--channel", "0", "--steps", "1", "--out",
+                 str(tmp_path / "m.pth")]) == 0
+    assert (tmp_path / "m.pth").is_file()
+
+
+def test_channels_first_images_are_named_as_such(nuclei_2d):
+    from napari_sam.core.pairs import check_pair
+
+    image, labels = nuclei_2d
+    with pytest.raises(ValueError, match=r"channels first\? images are read with their channels last"):
+        check_pair(np.stack([image, image]), labels, "cyx.tif")

@@ -210,3 +210,14 @@ def test_altered_cache_metadata_is_a_damaged_group_rebuilt_never_trusted(tmp_pat
     assert not again.present().any()
     again.write((0, 0, 0), _features(1))
     assert np.array_equal(again.read((0, 0, 0)), _features(1)) and again.verify().clean
+
+
+def test_another_channel_of_the_image_is_kept_beside_without_a_warning(tmp_path):
+    path = tmp_path / "c.zarr"
+    first = dataclasses.replace(SIG, channel=0)
+    EmbeddingStore.open(path, first, LAYOUT).write((0, 0, 0), _features(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        second = EmbeddingStore.open(path, dataclasses.replace(SIG, channel=1), LAYOUT)
+    assert not second.present().any()
+    assert np.array_equal(EmbeddingStore.open(path, first, LAYOUT).read((0, 0, 0)), _features(0))

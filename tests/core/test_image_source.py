@@ -71,8 +71,19 @@ def test_rgb_and_channels(nuclei_2d):
     assert src.axes == "YXC" and src.rgb and src.read(0).shape == (512, 512, 3)
     chans = np.stack([gray, 255 - gray, gray // 3, gray // 4, gray // 5])  # (C, Y, X), 5 channels
     assert np.array_equal(ImageSource(chans, "CYX", channel=3).read(0, (0, 8, 0, 9)), chans[3, :8, :9])
-    with pytest.raises(ValueError, match="5 channels: choose one"):
+    with pytest.raises(ValueError, match=r"5 channels \(axes 'CYX'\): choose one"):
         ImageSource(chans, "CYX")
+    # numpy integers are channels as ints are; other numbers, and ImageSources given other axes, are refused
+    assert ImageSource(chans, "CYX", channel=np.int64(3)).channel == 3
+    with pytest.raises(ValueError, match="channel must be a whole number"):
+        ImageSource(chans, "CYX", channel=True)
+    with pytest.raises(ValueError, match="channel=1 given with an ImageSource"):
+        ImageSource.of(ImageSource(chans, "CYX", channel=0), channel=1)
+    # two trailing channels are channels, not a stack of planes 2 pixels wide
+    two = np.stack([gray, 255 - gray], -1)
+    assert ImageSource(two, channel=1).axes == "YXC"
+    with pytest.raises(ValueError, match="channel 1 given, but the axes 'ZYX', guessed from the shape,"):
+        ImageSource(chans[:3], channel=1)
     with pytest.raises(ValueError, match="channel 7 does not exist"):
         ImageSource(chans, "CYX", channel=7)
 

@@ -166,7 +166,7 @@ def test_rgb_stored_plane_by_plane_keeps_its_planes_and_names_the_choice(tmp_pat
     rgb = np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)
     path = tmp_path / "planar.tif"
     tifffile.imwrite(path, np.moveaxis(rgb, -1, 0), photometric="rgb", planarconfig="separate")
-    with pytest.warns(UserWarning, match="declares RGB stored plane by plane; its 3 planes are read as Z"):
+    with pytest.warns(UserWarning, match="declares RGB stored plane by plane; its axes are read as ZYX"):
         assert ImageSource.open(path).plane_grid == (3,)
     colour = ImageSource.open(path, axes="CYX")
     assert colour.plane_axes == "" and colour.plane_shape == (40, 50)
@@ -182,3 +182,17 @@ def test_a_grey_stack_of_three_planes_is_read_without_a_word(tmp_path):
         warnings.simplefilter("error")
         assert ImageSource.open(path).plane_grid == (3,)
     np.testing.assert_array_equal(read_image(path), stack)
+
+
+def test_an_imagej_hyperstack_and_an_ome_tiff_say_their_axes(tmp_path):
+    from napari_sam.core.io import image_axes
+
+    data = np.zeros((3, 2, 40, 50), np.uint16)  # Z, C, Y, X
+    tifffile.imwrite(tmp_path / "fiji.tif", data, imagej=True, metadata={"axes": "ZCYX"})
+    tifffile.imwrite(tmp_path / "ome.tif", np.moveaxis(data, 1, 0), ome=True, metadata={"axes": "CZYX"})
+    tifffile.imwrite(tmp_path / "plain.tif", data[:, 0], photometric="minisblack")
+    assert image_axes(tmp_path / "fiji.tif") == "ZCYX"
+    assert image_axes(tmp_path / "ome.tif") == "CZYX"
+    assert image_axes(tmp_path / "plain.tif") is None
+    src = ImageSource.open(tmp_path / "fiji.tif", channel=1)
+    assert src.plane_axes == "Z" and src.plane_grid == (3,)

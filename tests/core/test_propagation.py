@@ -197,14 +197,20 @@ def test_propagating_every_object_is_one_undo_step_and_names_ids_it_lacks(tiny_m
         ann.propagate_all(ids=[99], progress=False)
 
 
-def test_propagating_again_replaces_the_objects_earlier_planes_and_an_open_run_blocks_commits(tiny_model, nuclei_3d,
-                                                                                             monkeypatch):
+def _one_object_committed(model, nuclei_3d, monkeypatch):
+    """An Annotator answering exactly, with one nucleus committed as object 1 on its largest plane."""
     image, gt = nuclei_3d
-    ann = Annotator(image, tiny_model, cache=False)
+    ann = Annotator(image, model, cache=False)
     monkeypatch.setattr(ann.embeddings, "segment", ExactEmbeddings(gt).segment)
     obj = np.unique(gt)[6]
     z, _, start = _start(gt, obj)
     ann.commit(z, [start])
+    return ann, gt, obj, z
+
+
+def test_propagating_again_replaces_the_objects_earlier_planes_and_an_open_run_blocks_commits(tiny_model, nuclei_3d,
+                                                                                             monkeypatch):
+    ann, gt, obj, z = _one_object_committed(tiny_model, nuclei_3d, monkeypatch)
     wrong = np.zeros(gt.shape[1:], bool)
     wrong[:5, :5] = True  # a stray piece of object 1 on the next plane, from an earlier bad run
     ann.labels[z + 1][wrong] = 1
@@ -237,12 +243,7 @@ def test_every_time_points_stack_starts_on_its_own_and_specks_are_skipped():
 
 
 def test_a_speck_among_the_objects_is_skipped_with_a_warning(tiny_model, nuclei_3d, monkeypatch):
-    image, gt = nuclei_3d
-    ann = Annotator(image, tiny_model, cache=False)
-    monkeypatch.setattr(ann.embeddings, "segment", ExactEmbeddings(gt).segment)
-    obj = np.unique(gt)[6]
-    z, _, start = _start(gt, obj)
-    ann.commit(z, [start])
+    ann, *_ = _one_object_committed(tiny_model, nuclei_3d, monkeypatch)
     ann.labels[0, :2, :2] = 9
     settings = PropagationSettings(min_consecutive_iou=0.0, min_area=10, min_contrast=None)
     with pytest.warns(UserWarning, match=r"not propagated, smaller than min_area=10: object 9 on plane \(0,\)"):

@@ -6,43 +6,30 @@ names the option and the valid values, so a mistake costs seconds, not a model l
 
 from __future__ import annotations
 
-import numpy as np
-
 from . import UsageError
 
-__all__ = ["check_planes", "check_tiling", "select_plane"]
+__all__ = ["check_planes", "check_tiling", "source_plane"]
 
 
-def select_plane(image, plane: list[int], channel: int | str | None, path) -> np.ndarray:
-    """The 2D plane (channels last) that ``--plane`` and ``--channel`` choose in ``image``.
+def source_plane(source, plane: list[int], path) -> tuple[int, ...]:
+    """The plane (indices over the image's T and Z axes) that ``--plane`` names.
 
     Raises
     ------
     UsageError
-        For a wrong number of plane indices, an index or channel out of range, or a channel
-        asked of an image without one; the message gives the valid range.
+        For a wrong number of plane indices or an index out of range; the message gives
+        the image's plane axes and the valid range.
     """
-    shape = tuple(int(s) for s in image.shape)
-    has_channel = channel is not None
-    if has_channel and len(shape) < 3:
-        raise UsageError(f"--channel {channel} given, but {path} has shape {shape}: no channel axis (channels last)")
-    spatial = 3 if has_channel or (len(shape) >= 3 and shape[-1] in (3, 4) and len(plane) == len(shape) - 3) else 2
-    leading = shape[: len(shape) - spatial]
-    ranges = ", ".join(f"0 to {n - 1}" for n in leading)
-    if len(plane) != len(leading):
-        need = f"--plane with {len(leading)} index(es) ({ranges})" if leading else "no --plane"
-        extra = "" if has_channel or len(shape) < 3 else "; for a multichannel image also --channel"
-        raise UsageError(f"{path} has shape {shape}: it needs {need}, got {len(plane)}{extra}")
-    for axis, (i, n) in enumerate(zip(plane, leading)):
+    grid, axes = source.plane_grid, source.plane_axes
+    ranges = ", ".join(f"{a} 0 to {n - 1}" for a, n in zip(axes, grid))
+    if len(plane) != len(grid):
+        need = f"--plane with {len(grid)} index(es) ({ranges})" if grid else "no --plane"
+        raise UsageError(f"{path} has axes {source.axes} of shape {source.shape}: it needs {need}, got {len(plane)}"
+                         + ("" if "C" in source.axes else "; name the axes with --axes if they are read wrong"))
+    for a, i, n in zip(axes, plane, grid):
         if not 0 <= i < n:
-            raise UsageError(f"--plane {i} does not exist: axis {axis} of {path} (shape {shape}) has {n} plane(s), "
-                             f"0 to {n - 1}")
-    if isinstance(channel, str) and shape[-1] not in (3, 4):
-        raise UsageError(f"--channel {channel} is read from RGB: {path} has shape {shape}, not 3 or 4 channels last")
-    if has_channel and not isinstance(channel, str) and not 0 <= channel < shape[-1]:
-        raise UsageError(f"--channel {channel} does not exist: {path} has {shape[-1]} channel(s), "
-                         f"0 to {shape[-1] - 1} (channels last)")
-    return np.asarray(image[tuple(plane)] if plane else image[...])
+            raise UsageError(f"--plane {i} does not exist: the {a} axis of {path} has {n} plane(s), 0 to {n - 1}")
+    return tuple(int(i) for i in plane)
 
 
 def check_planes(planes: list[int] | None, n_planes: int, option: str = "--planes") -> None:

@@ -55,19 +55,21 @@ def train(args) -> int:
     check_not_an_input(args.out, {"data": args.data, "labels": args.labels, "validation": args.validation},
                        inside_ok=True)
     check_folder_writable(Path(args.out).expanduser().parent)
+    channels = {} if args.channel is None else {"channel_axis": -1, "channel": args.channel}
     if args.labels:
         image, labels = read_image(args.data), read_image(args.labels)
         if labels.ndim == 3:
-            data = SegmentationDataset.from_stack(image, labels, name=Path(args.data).name)
+            data = SegmentationDataset.from_stack(image, labels, name=Path(args.data).name, channel=args.channel)
         else:
-            data = SegmentationDataset.from_arrays([image], [labels], names=[Path(args.data).name])
+            data = SegmentationDataset.from_arrays([image], [labels], names=[Path(args.data).name],
+                                                   **channels)
     elif Path(args.data).expanduser().is_file():
         raise UsageError(f"{args.data} is one image: give its labels with --labels (or a folder of images/ and "
                          "labels/ as DATA)")
     else:
-        data = SegmentationDataset.from_folder(args.data)
+        data = SegmentationDataset.from_folder(args.data, **channels)
     if args.validation:
-        train, val = data, SegmentationDataset.from_folder(args.validation)
+        train, val = data, SegmentationDataset.from_folder(args.validation, **channels)
     else:
         train, val = data.split(0.1, seed=args.seed or 0) if len(data) > 1 else (data, None)
     steps = args.steps if args.steps is not None else 1000
@@ -165,6 +167,12 @@ def evaluate(args) -> int:
             raise FileExistsError(f"{args.json} exists; pass --overwrite to replace it, or choose another --json")
 
     pairs = evaluate.load_pairs(args.images, args.labels)
+    if args.channel is not None:
+        pairs = [_one_channel(p, args.channel) for p in pairs]
+    elif multi := next((p for p in pairs if p.image.ndim == p.labels.ndim + 1 and p.image.shape[-1] not in (3, 4)),
+                       None):
+        raise UsageError(f"{multi.name} has {multi.image.shape[-1]} channels (shape {multi.image.shape}): choose the "
+                         "one to segment with --channel")
     results = []
     methods = []
     model = sam2 = None
@@ -253,6 +261,20 @@ def evaluate(args) -> int:
         _write_json(Path(args.json).expanduser(), results)
         print(f"wrote {args.json}")
     return 0
+
+
+def _one_channel(pair, channel: int):
+    """An evaluation pair whose image is one channel (channels last) of a multichannel image."""
+    from ..evaluate import EvalPair
+
+    image = pair.image
+    if image.ndim != pair.labels.ndim + 1:
+        raise UsageError(f"--channel {channel}: {pair.name} has shape {image.shape} for labels of shape "
+                         f"{pair.labels.shape}, no channels last")
+    if not 0 <= channel < image.shape[-1]:
+        raise UsageError(f"--channel {channel} does not exist: {pair.name} has {image.shape[-1]} channel(s), "
+                         f"0 to {image.shape[-1] - 1}")
+    return EvalPair(image[..., channel], pair.labels, pair.name)
 
 
 def _write_json(path, results) -> None:

@@ -157,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "and mirrored (12 views) before post-processing: better on small touching objects, about 30 "
                      "times the embedding work")
     _add_scale_args(seg)
-    seg.add_argument("--axes", help="automatic modes: axis letters from TZCYX (default: guessed)")
+    seg.add_argument("--axes", help="axis letters from TZCYX, e.g. CZYX (default: what an OME-Zarr, OME-TIFF or "
+                     "ImageJ file declares, else a guess from the shape); --plane indexes its T and Z axes")
     seg.add_argument("image", help="TIFF, Zarr, .npy, PNG or JPEG (a bool mask image is read as 0/255)")
     _add_model_args(seg)
     seg.add_argument("--point", nargs=2, type=float, action="append", metavar=("X", "Y"), default=[],
@@ -257,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: all the model offers; ais and apg need an instance decoder)")
     ev.add_argument("--augment", action="store_true",
                     help="with --auto: also AIS with test-time augmentation (segment --augment), as its own row")
+    ev.add_argument("--channel", type=_count,
+                    help="for multichannel images (channels last): the channel to segment, e.g. the nuclei's")
     ev.add_argument("--corrections", type=_count, default=8)
     ev.add_argument("--max-objects", type=_positive_int, help="objects sampled per image (default: all)")
     ev.add_argument("--seed", type=int, default=0)
@@ -294,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--central-clicks", type=_fraction, metavar="P",
                     help="share of lone clicks drawn in the inner half of their object, where people click "
                     "(default 0.75; SAM drew them anywhere in it: 0)")
+    tr.add_argument("--channel", type=_count,
+                    help="for multichannel images (channels last): the channel to learn from, e.g. the nuclei's")
     tr.add_argument("--validation", help="folder of validation pairs (default: a 10%% split of DATA)")
     tr.add_argument("--seed", type=int, help="seeds the validation split and every random draw (default 0)")
     tr.add_argument("--resume", action="store_true",

@@ -124,30 +124,16 @@ def _write(args, labels, what: str, note: str = "", plane: tuple[int, ...] | Non
               f"{where}, {len(image.levels)} resolution level(s){note}")
 
 
-def _prompt_target(args, image, plane) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """In --mode prompts: the label shape of the whole image (the planes, then Y, X) and the
-    index of the segmented plane in it; an OME-Zarr C axis among the --plane indices is dropped,
-    as label images have none."""
-    from ..core.io import image_axes
-
-    shape = tuple(int(n) for n in image.shape[: len(args.plane)]) + tuple(plane.shape[:2])
-    index = tuple(args.plane)
-    axes = image_axes(args.image) or ""
-    if "C" in axes[: len(args.plane)]:
-        c = axes.index("C")
-        shape, index = shape[:c] + shape[c + 1:], index[:c] + index[c + 1:]
-    return shape, index
-
-
 def segment(args) -> int:
     import numpy as np
 
     from ..core.embeddings import Embeddings
-    from ..core.io import label_dtype, read_image
+    from ..core.image_source import ImageSource
+    from ..core.io import label_dtype
     from ..core.labels import paint
     from ..core.models import resolve_model
     from ..core.object_scale import segment_at_object_scale
-    from .inputs import select_plane
+    from .inputs import source_plane
 
     _check_out(args)  # before any work
     if args.augment and args.mode != "ais":
@@ -155,27 +141,30 @@ def segment(args) -> int:
     if args.mode != "prompts":
         return _segment_all(args)
     objects = _object_prompts(args)
-    image = read_image(args.image)
-    plane = select_plane(image, args.plane, args.channel, args.image)
+    # The axes the file declares (OME-Zarr, OME-TIFF, ImageJ), --axes, or a guess; --channel
+    # picks along C and --plane names a plane over T and Z, as in every other command.
+    source = ImageSource.open(args.image, axes=args.axes, channel=args.channel)
+    index = source_plane(source, args.plane, args.image)
     for obj in objects:  # a point off the image is refused before the model loads and the image is embedded
-        obj.on_plane(plane.shape[:2])
-    label_shape, index = _prompt_target(args, image, plane)
-    _check_labels_into(args, label_shape)
+        obj.on_plane(source.plane_shape)
+    _check_labels_into(args, source.plane_grid + source.plane_shape)
     t0 = time.perf_counter()
     model = resolve_model(args.model, device=args.device, dtype=args.dtype)
     # As the plugin answers a click: a plane larger than the model input is embedded in
     # full-resolution tiles and objects are followed across them.
-    emb = Embeddings(plane, model, cache=False, axes="YX" if plane.ndim == 2 else "YXC", channel=args.channel,
-                     statistics="plane", magnification=args.magnification, diameter=args.diameter)
-    emb.compute_all(progress=False)
+    emb = Embeddings(source, model, cache=False, statistics="plane", magnification=args.magnification,
+                     diameter=args.diameter)
+    flat = source.flat_index(index)
+    emb.compute_all(planes=[flat], progress=False)
     t_embed = time.perf_counter() - t0
-    labels = np.zeros(plane.shape[:2], label_dtype(len(objects)))
+    labels = np.zeros(source.plane_shape, label_dtype(len(objects)))
     rows, cols = emb.grid.grid_shape
-    print(f"embedded {plane.shape[1]}x{plane.shape[0]} image ({rows}x{cols} tile(s), magnification "
+    height, width = source.plane_shape
+    print(f"embedded {width}x{height} image ({rows}x{cols} tile(s), magnification "
           f"{emb.magnification:g}) with {model.source.name} ({model.source.dtype}) in {t_embed:.1f} s")
     empty = []
     for i, obj in enumerate(objects, start=1):
-        found = segment_at_object_scale(emb, 0, obj)
+        found = segment_at_object_scale(emb, flat, obj)
         mask = found.to_full(labels.shape)
         written = paint(labels, mask, i)
         if not written:

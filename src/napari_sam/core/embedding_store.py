@@ -153,7 +153,9 @@ class EmbeddingStore:
                         "recompute into it with on_mismatch='keep' (--on-mismatch keep: keeps the old entries) or "
                         "'replace' (--on-mismatch replace)"
                     )
-                if on_mismatch == "keep":
+                # another channel of the same image is another view, as wanted, not a near miss
+                another_channel = all(d.startswith("channel:") for d in closest.differences(signature))
+                if on_mismatch == "keep" and not another_channel:
                     warnings.warn(
                         f"the embedding cache {path} holds embeddings computed differently ({diffs}); "
                         "they are kept and new ones are computed beside them (on_mismatch='replace', "

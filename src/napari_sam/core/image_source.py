@@ -33,15 +33,23 @@ _STAT_SAMPLES = 64
 _STAT_BLOCK = 256
 
 
+_MAX_TRAILING_CHANNELS = 8
+
+
 def guess_axes(shape: tuple[int, ...]) -> str:
-    """The usual reading of an unlabelled array: YX, YXC (3-4 trailing channels), ZYX, TZYX."""
+    """The usual reading of an unlabelled array: YX, YXC (3-4 trailing colours, or up to 8
+    channels far fewer than the rows), ZYX, TZYX."""
     ndim = len(shape)
     if ndim == 2:
         return "YX"
+    # Three or four trailing values are colours; a few more, far fewer than the rows, are
+    # channels too: no plane is that narrow.
+    last = shape[-1] if ndim >= 3 else 0
+    channels = ndim >= 3 and (last in (3, 4) or (last <= _MAX_TRAILING_CHANNELS and 4 * last <= shape[-2]))
     if ndim == 3:
-        return "YXC" if shape[-1] in (3, 4) else "ZYX"
+        return "YXC" if channels else "ZYX"
     if ndim == 4:
-        return "ZYXC" if shape[-1] in (3, 4) else "TZYX"
+        return "ZYXC" if channels else "TZYX"
     if ndim == 5:
         return "TCZYX"
     raise ValueError(f"cannot guess the axes of a {ndim}-D array of shape {tuple(shape)}: name them (e.g. axes='TZYX')")
@@ -90,6 +98,7 @@ class ImageSource:
         if not (hasattr(array, "shape") and hasattr(array, "dtype")):
             raise TypeError(f"an image is an array (numpy, dask, zarr), not {type(array).__name__}")
         shape = tuple(int(s) for s in array.shape)
+        given_axes = axes is not None
         axes = (axes or guess_axes(shape)).upper()
         if len(axes) != len(shape):
             raise ValueError(
@@ -111,6 +120,10 @@ class ImageSource:
         self.plane_shape = (shape[axes.index("Y")], shape[axes.index("X")])
         if min(self.plane_shape) == 0 or 0 in self.plane_grid:
             raise ValueError(f"the image is empty: shape {shape}")
+        if channel is not None and not isinstance(channel, str):
+            if isinstance(channel, bool) or not isinstance(channel, (int, np.integer)):
+                raise ValueError(f"channel must be a whole number (or a name), not {channel!r}")
+            channel = int(channel)  # numpy integers index as ints do
         self.rgb = False
         self.stain = None  # "haematoxylin" when planes are that stain separated from RGB
         self._white: float | None = None
@@ -137,12 +150,14 @@ class ImageSource:
                 elif n == 1:
                     channel = 0
                 else:
-                    raise ValueError(f"the image has {n} channels: choose one with channel=... "
-                                     "(--channel on the command line)")
+                    raise ValueError(f"the image has {n} channels (axes {axes!r}): choose one with channel=... "
+                                     "(--channel on the command line), or name the axes if these are not channels")
             elif not 0 <= channel < n:
                 raise ValueError(f"channel {channel} does not exist; the image has {n} channels (0 to {n - 1})")
         elif channel is not None:
-            raise ValueError(f"channel={channel} given, but the axes {axes!r} have no C axis")
+            named = "" if given_axes else ", guessed from the shape,"
+            raise ValueError(f"channel {channel} given, but the axes {axes!r}{named} have no C axis: name them "
+                             "(axes='CYX', --axes CYX on the command line)")
         self.channel = channel
 
     @classmethod
@@ -150,6 +165,12 @@ class ImageSource:
         """``image`` as an ImageSource: itself if it is one, else opened from a path
         (:meth:`open`) or wrapping an array (numpy, dask, zarr) with ``axes`` and ``channel``."""
         if isinstance(image, ImageSource):
+            differs = [f"{name}={value!r}" for name, value, own in (("axes", axes, image.axes),
+                                                                   ("channel", channel, image.channel))
+                       if value is not None and value != own]
+            if differs:  # silently dropped, they would segment another array than the one asked for
+                raise ValueError(f"{', '.join(differs)} given with an ImageSource that has axes={image.axes!r}, "
+                                 f"channel={image.channel!r}: make the ImageSource with them instead")
             return image
         return cls.open(image, axes, channel) if isinstance(image, (str, os.PathLike)) else cls(image, axes, channel)
 
@@ -162,8 +183,8 @@ class ImageSource:
         array = read_image(path)
         axes = axes or image_axes(path)
         if axes is None and planar_rgb(path):
-            warnings.warn(f"{path} declares RGB stored plane by plane; its {array.shape[0]} planes are read as Z "
-                          "(axes='CYX', --axes CYX on the command line, reads them as colour)", stacklevel=2)
+            warnings.warn(f"{path} declares RGB stored plane by plane; its axes are read as {guess_axes(array.shape)}"
+                          " (name them, e.g. axes='CYX' or --axes CYX, to read the planes as colours)", stacklevel=2)
         return cls(array, axes, channel, path=Path(path).expanduser())
 
     # -- planes ----------------------------------------------------------------------------

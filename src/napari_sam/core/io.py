@@ -163,12 +163,27 @@ def planar_rgb(path: str | os.PathLike) -> bool:
     return 0 <= axes.find("S") < len(axes) - 1
 
 
-def image_axes(path: str | os.PathLike) -> str | None:
-    """Axis names (e.g. ``"TCZYX"``) that an OME-Zarr image declares, or None.
+def _tiff_axes(path: Path) -> str | None:
+    """The axes an ImageJ hyperstack or an OME-TIFF declares (tifffile's "S", the samples
+    of RGB, read as C), or None for a TIFF that declares none."""
+    import tifffile
 
-    Only OME-Zarr says what its axes are; for other files the caller names them.
-    """
+    try:
+        with tifffile.TiffFile(path) as tif:
+            declared = tif.is_imagej or tif.is_ome
+            axes = tif.series[0].axes.replace("S", "C")
+    except Exception:  # noqa: BLE001 - not readable as a TIFF: read_image says why
+        return None
+    known = declared and set(axes) <= set("TZCYX") and len(set(axes)) == len(axes)
+    return axes if known else None
+
+
+def image_axes(path: str | os.PathLike) -> str | None:
+    """Axis names (e.g. ``"TCZYX"``) that an OME-Zarr image, an OME-TIFF or an ImageJ
+    hyperstack declares, or None (the caller names them, or they are guessed)."""
     path = Path(path).expanduser()
+    if path.suffix.lower() in TIFF_SUFFIXES:
+        return _tiff_axes(path)
     if not is_zarr_path(path):
         return None
     import zarr

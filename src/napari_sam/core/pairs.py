@@ -87,7 +87,8 @@ def check_pair(image: np.ndarray, labels: np.ndarray, name: str) -> None:
         raise ValueError(f"{name}: the labels {labels.shape} look like a colour image; instance labels are one "
                          "integer id per pixel (a 2D plane, or a stack of planes)")
     if image.shape[: labels.ndim] != labels.shape:
-        raise ValueError(f"{name}: image {image.shape} and labels {labels.shape} do not cover the same pixels")
+        first = " (channels first? images are read with their channels last)" if image.shape[1:] == labels.shape else ""
+        raise ValueError(f"{name}: image {image.shape} and labels {labels.shape} do not cover the same pixels{first}")
     check_label_ids(labels, f"{name}: the labels")
     _warn_if_a_mask(labels, name)
 

@@ -66,6 +66,9 @@ def _layer_axes(layer) -> str | None:
     """The layer's axis labels as our letters, when they name the axes (t, z, y, x)."""
     labels = [str(a).upper() for a in getattr(layer, "axis_labels", ())]
     axes = "".join(labels)
+    if "C" in labels and not layer.rgb:  # a channel slider would be segmented as a stack of planes
+        raise ValueError(f"layer {layer.name!r} holds channels (axes {axes}): open them as one layer each "
+                         "(viewer.add_image(data, channel_axis=...)) and segment the nuclei's layer")
     if len(labels) == layer.ndim and all(len(a) == 1 for a in labels) and axes.endswith("YX") \
             and set(axes) <= set("TZYX") and len(set(axes)) == len(axes):
         return axes

@@ -104,6 +104,9 @@ class ViewerSession:
         replace other objects' pixels (see :meth:`set_overwrite`).
         """
         image_layer = image_layer_of(viewer, image_layer)
+        if kwargs.get("axes") is not None or isinstance(kwargs.get("channel"), (int, np.integer)):  # shown as is
+            raise ValueError("a layer is segmented with its own axes: open a multichannel image as one layer per "
+                             "channel (viewer.add_image(data, channel_axis=...)) and attach the nuclei's layer")
         labels_layer = labels_layer_for(viewer, image_layer, labels, LABELS if annotator is None else None)
         if annotator is None:
             annotator = Annotator(source_from_layer(image_layer), model, labels_layer.data if labels_layer else labels,
