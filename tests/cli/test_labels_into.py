@@ -194,3 +194,26 @@ def test_add_annotates_a_volume_plane_by_plane_keeping_earlier_objects(tmp_path,
                  "--out", str(tmp_path / "x.tif"), "--add"]) == 2
     assert not (tmp_path / "x.tif").exists()
     np.testing.assert_array_equal(read_labels(path)[0][0], full)
+
+
+def test_a_prompt_on_a_multichannel_image_reads_its_declared_axes(tmp_path, tiny_checkpoint, nuclei_3d, capsys):
+    image, _ = nuclei_3d
+    volume = image[40:43, :64, :64]
+    czyx = np.stack([volume, volume[:, ::-1]])  # C, Z, Y, X
+    path = make_image(tmp_path / "cells.ome.zarr", czyx, "czyx")
+    model = ["--model", str(tiny_checkpoint), "--dtype", "float32"]
+    assert main(["segment", str(path), *model, "--plane", "2", "--channel", "1", "--box", "10", "10", "40", "40",
+                 "--labels-into", str(path), "--out", str(tmp_path / "o.tif")]) == 0
+    levels, _, _ = read_labels(path)
+    assert levels[0].shape == (3, 64, 64) and not levels[0][:2].any() and levels[0][2].max() == 1
+    assert tifffile.imread(tmp_path / "o.tif").shape == (64, 64)
+    capsys.readouterr()
+    # the channel is not a plane: --plane names Z alone
+    assert main(["segment", str(path), *model, "--plane", "1", "2", "--channel", "1", "--box", "10", "10", "40", "40",
+                 "--out", str(tmp_path / "p.tif")]) == 2
+    assert "needs --plane with 1 index(es) (Z 0 to 2)" in capsys.readouterr().err
+    # a channels-first TIFF named by --axes
+    tifffile.imwrite(tmp_path / "cyx.tif", czyx[:, 0], photometric="minisblack")
+    assert main(["segment", str(tmp_path / "cyx.tif"), *model, "--axes", "CYX", "--channel", "1", "--point", "20", "30",
+                 "--out", str(tmp_path / "q.tif")]) == 0
+    assert tifffile.imread(tmp_path / "q.tif").shape == (64, 64)
