@@ -375,6 +375,7 @@ class Annotator:
         step; returns them under those ids where they were written."""
         from scipy import ndimage as ndi
 
+        self.writer.check_no_step_open()
         base = self.writer.next_id() - 1
         out = np.zeros(found.shape, np.uint32)
         with self.writer.one_step():

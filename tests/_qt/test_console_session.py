@@ -96,6 +96,10 @@ def test_a_layer_of_channels_is_refused_rather_than_segmented_as_planes(make_nap
     layer = viewer.add_image(data, axis_labels=("c", "y", "x"))
     with pytest.raises(ValueError, match="holds channels .* one layer each"):
         attach(viewer, layer, model="default")
+    from napari_sam.layers.prompt_layers import source_from_layer
+
+    one = viewer.add_image(data[:1], axis_labels=("c", "y", "x"), name="one channel")
+    assert source_from_layer(one).plane_shape == (64, 64)  # a single channel is no choice to make
     plain = viewer.add_image(data, name="plain")
     with pytest.raises(ValueError, match="segmented with its own axes"):
         attach(viewer, plain, model="default", channel=1)

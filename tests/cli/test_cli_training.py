@@ -179,3 +179,30 @@ def test_channels_first_images_are_named_as_such(nuclei_2d):
     image, labels = nuclei_2d
     with pytest.raises(ValueError, match=r"channels first\? images are read with their channels last"):
         check_pair(np.stack([image, image]), labels, "cyx.tif")
+
+
+def test_an_ignored_hang_up_stays_ignored_under_nohup():
+    import signal
+
+    from napari_sam.cli.learning import _first_interrupt_stops
+
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as nohup starts a command
+    try:
+        with _first_interrupt_stops("stopping"):
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL  # a time limit still saves
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
+def test_a_resumed_run_validates_on_the_split_it_started_with(tmp_path, tiny_checkpoint, nuclei_2d):
+    from napari_sam.model.checkpoint import read_checkpoint
+
+    folder = _folder(tmp_path / "data", nuclei_2d, 4)
+    out = tmp_path / "m.pth"
+    args = ["train", str(folder), "--device", "cpu", "--out", str(out)]
+    assert main(args + ["--model", str(tiny_checkpoint), "--steps", "1", "--seed", "5"]) == 0
+    first = read_checkpoint(out).metadata["training"]["validation_data"]
+    assert main(args + ["--steps", "2", "--resume"]) == 0
+    assert read_checkpoint(out).metadata["training"]["validation_data"] == first

@@ -371,3 +371,15 @@ def test_models_with_a_smaller_input_get_matching_tiles_and_cache(nuclei_2d, tmp
     assert got.input_size == (256, 256)
     result = emb.segment(0, Prompt.make(points=[[250, 260]]), max_tiles=1)
     assert result.tiles == ((1, 1),) and result.mask.dtype == bool
+
+
+def test_two_channels_of_an_image_share_a_cache_without_a_warning(tmp_path, tiny_model):
+    rng = np.random.default_rng(0)
+    chans = np.stack([rng.integers(0, 100, (64, 64)), rng.integers(0, 4000, (64, 64))]).astype(np.uint16)
+    cache = tmp_path / "c.zarr"
+    Embeddings(chans, tiny_model, cache=cache, axes="CYX", channel=0).compute_all(progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second channel's limits differ from the first's
+        second = Embeddings(chans, tiny_model, cache=cache, axes="CYX", channel=1)
+    assert not second.is_cached(0)
+    assert Embeddings(chans, tiny_model, cache=cache, axes="CYX", channel=0).is_cached(0)

@@ -194,5 +194,8 @@ def test_an_imagej_hyperstack_and_an_ome_tiff_say_their_axes(tmp_path):
     assert image_axes(tmp_path / "fiji.tif") == "ZCYX"
     assert image_axes(tmp_path / "ome.tif") == "CZYX"
     assert image_axes(tmp_path / "plain.tif") is None
+    # tifffile, told nothing, declares a plain stack's planes channels: not believed
+    tifffile.imwrite(tmp_path / "stack.ome.tif", data[:, 0])
+    assert image_axes(tmp_path / "stack.ome.tif") is None
     src = ImageSource.open(tmp_path / "fiji.tif", channel=1)
     assert src.plane_axes == "Z" and src.plane_grid == (3,)

@@ -169,8 +169,8 @@ def test_training_embeds_as_the_plugin_reads(advised):
     torch.testing.assert_close(got.features.float(), want, atol=1e-4, rtol=0)
 
 
-def test_cli_names_the_stain(tmp_path):
-    from napari_sam.cli.inputs import UsageError, select_plane
+def test_cli_names_the_stain(tmp_path, capsys):
+    from napari_sam.cli import main
     from napari_sam.cli.parser import build_parser
 
     args = build_parser().parse_args(["segment", "img.tif", "--point", "1", "1",
@@ -179,9 +179,11 @@ def test_cli_names_the_stain(tmp_path):
     assert build_parser().parse_args(["embed", "img.tif", "--channel", "2"]).channel == 2
     with pytest.raises(SystemExit):
         build_parser().parse_args(["embed", "img.tif", "--channel", "dapi"])
-    with pytest.raises(UsageError, match="not 3 or 4 channels"):
-        select_plane(np.zeros((8, 8, 2)), [], "haematoxylin", "x.tif")
-    assert select_plane(np.zeros((8, 8, 3)), [], "haematoxylin", "x.tif").shape == (8, 8, 3)
+    two = tmp_path / "two.npy"
+    np.save(two, np.zeros((32, 32, 2), np.uint8))
+    assert main(["segment", str(two), "--point", "1", "1", "--channel", "haematoxylin", "--model", "x.pth",
+                 "--out", str(tmp_path / "o.tif")]) == 2  # refused before the model (x.pth) is looked for
+    assert "needs an RGB(A) image" in capsys.readouterr().err
 
 
 def test_tiles_of_a_float_image_are_scaled_alike():

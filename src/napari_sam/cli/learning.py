@@ -26,13 +26,17 @@ def _first_interrupt_stops(message: str):
         if pressed.is_set():
             raise KeyboardInterrupt
         pressed.set()
-        print(message, file=sys.stderr, flush=True)
+        try:
+            print(message, file=sys.stderr, flush=True)
+        except OSError:  # a closed terminal takes no more output; the run still saves
+            pass
 
     # A cluster's time limit (SIGTERM) and a closed terminal (SIGHUP) end the run as the
     # first Ctrl-C does: what was learned is saved and --resume continues it.
     caught = [sig for sig in (signal.SIGINT, getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None))
               if sig is not None]
-    previous = {sig: signal.signal(sig, handler) for sig in caught}
+    # a signal already ignored stays so: nohup keeps a run going after the terminal closes
+    previous = {sig: signal.signal(sig, handler) for sig in caught if signal.getsignal(sig) is not signal.SIG_IGN}
     try:
         yield pressed
     finally:
@@ -55,6 +59,7 @@ def train(args) -> int:
     check_not_an_input(args.out, {"data": args.data, "labels": args.labels, "validation": args.validation},
                        inside_ok=True)
     check_folder_writable(Path(args.out).expanduser().parent)
+    out = Path(args.out).expanduser()  # the path the checks above looked at
     channels = {} if args.channel is None else {"channel_axis": -1, "channel": args.channel}
     if args.labels:
         image, labels = read_image(args.data), read_image(args.labels)
@@ -71,7 +76,9 @@ def train(args) -> int:
     if args.validation:
         train, val = data, SegmentationDataset.from_folder(args.validation, **channels)
     else:
-        train, val = data.split(0.1, seed=args.seed or 0) if len(data) > 1 else (data, None)
+        # a resumed run validates on the split it started with
+        seed = _saved_seed(out) if args.resume and out.exists() else args.seed or 0
+        train, val = data.split(0.1, seed=seed) if len(data) > 1 else (data, None)
     steps = args.steps if args.steps is not None else 1000
     # only what was given: TrainingConfig holds the defaults
     given = {"mode": args.mode, "learning_rate": args.learning_rate, "box_noise": args.box_noise,
@@ -80,7 +87,6 @@ def train(args) -> int:
     # a short run warms up over a tenth of itself, as a run sized by --minutes does
     warmup = min(TrainingConfig.warmup_steps, max(1, steps // 10))
     config = TrainingConfig(steps=steps, warmup_steps=warmup, **chosen)
-    out = Path(args.out).expanduser()  # the path the checks above looked at
     if args.resume and out.exists():
         trainer = Trainer.resume(out, train, val, device=args.device)
         _check_resumed(trainer.config, chosen, args.model, out)
@@ -124,6 +130,17 @@ def train(args) -> int:
         note += f"; --minutes ended it before step {planned} (--resume continues it)"
     print(f"saved {out} after {trainer.step} step(s){note}")
     return 0
+
+
+def _saved_seed(path) -> int:
+    """The seed a saved run was started with (its validation split follows from it)."""
+    from ..model.checkpoint import read_checkpoint
+
+    try:
+        training = read_checkpoint(path).metadata.get("training") or {}
+        return int(training.get("seed") or 0)
+    except (ValueError, TypeError, OSError):  # not a run of ours: resuming it says why in one line
+        return 0
 
 
 SAVE_EVERY = 100

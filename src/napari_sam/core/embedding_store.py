@@ -154,7 +154,9 @@ class EmbeddingStore:
                         "'replace' (--on-mismatch replace)"
                     )
                 # another channel of the same image is another view, as wanted, not a near miss
-                another_channel = all(d.startswith("channel:") for d in closest.differences(signature))
+                # (whose intensity limits are its own)
+                fields = {d.split(":")[0] for d in closest.differences(signature)}
+                another_channel = "channel" in fields and fields <= {"channel", "normalization"}
                 if on_mismatch == "keep" and not another_channel:
                     warnings.warn(
                         f"the embedding cache {path} holds embeddings computed differently ({diffs}); "

@@ -165,9 +165,8 @@ class ImageSource:
         """``image`` as an ImageSource: itself if it is one, else opened from a path
         (:meth:`open`) or wrapping an array (numpy, dask, zarr) with ``axes`` and ``channel``."""
         if isinstance(image, ImageSource):
-            differs = [f"{name}={value!r}" for name, value, own in (("axes", axes, image.axes),
-                                                                   ("channel", channel, image.channel))
-                       if value is not None and value != own]
+            asked = (("axes", None if axes is None else axes.upper(), image.axes), ("channel", channel, image.channel))
+            differs = [f"{name}={value!r}" for name, value, own in asked if value is not None and value != own]
             if differs:  # silently dropped, they would segment another array than the one asked for
                 raise ValueError(f"{', '.join(differs)} given with an ImageSource that has axes={image.axes!r}, "
                                  f"channel={image.channel!r}: make the ImageSource with them instead")

@@ -20,9 +20,11 @@ import numpy as np
 
 from .outputs import LABELS_MARKER, TIFF_SUFFIXES, check_output, is_zarr_path
 
-__all__ = ["read_image", "image_axes", "write_labels", "label_dtype"]
+__all__ = ["IMAGE_FILE_SUFFIXES", "read_image", "image_axes", "write_labels", "label_dtype"]
 
 _IMAGE = (".png", ".jpg", ".jpeg", ".bmp")
+IMAGE_FILE_SUFFIXES = TIFF_SUFFIXES + _IMAGE + (".npy",)
+"""The files (not folders) read_image reads, by suffix."""
 
 def read_image(path: str | os.PathLike):
     """Open an image.
@@ -51,7 +53,7 @@ def read_image(path: str | os.PathLike):
     suffix = path.suffix.lower()
     if path.is_dir():
         raise ValueError(f"cannot read {path}: a folder that is not a Zarr store")
-    if suffix not in TIFF_SUFFIXES + _IMAGE + (".npy",):
+    if suffix not in IMAGE_FILE_SUFFIXES:
         raise ValueError(f"cannot read {path}: use TIFF, Zarr, .npy, PNG or JPEG")
     try:
         if suffix in TIFF_SUFFIXES:
@@ -172,9 +174,15 @@ def _tiff_axes(path: Path) -> str | None:
         with tifffile.TiffFile(path) as tif:
             declared = tif.is_imagej or tif.is_ome
             axes = tif.series[0].axes.replace("S", "C")
+            by_tifffile = (tif.is_imagej and str((tif.imagej_metadata or {}).get("ImageJ")) == "1.11a") or (
+                tif.is_ome and 'Creator="tifffile' in (tif.ome_metadata or ""))
     except Exception:  # noqa: BLE001 - not readable as a TIFF: read_image says why
         return None
     known = declared and set(axes) <= set("TZCYX") and len(set(axes)) == len(axes)
+    # tifffile, unless told the axes, declares a plain stack's planes channels: only its
+    # files that also name Z or T have said what their axes are
+    if by_tifffile and "C" in axes and not set(axes) & set("TZ"):
+        return None
     return axes if known else None
 
 

@@ -43,7 +43,7 @@ from .preprocess import Normalization
 from .propagation import PropagationSettings, PropagationStep
 from .sam2_features import Sam2Features
 
-__all__ = ["NoSam", "PROMPTED_ATTR", "SEEDS", "Tracking", "kept_prompted", "largest_planes", "model_family",
+__all__ = ["NoSam", "PROMPTED_ATTR", "SEEDS", "Tracking", "kept_prompted", "model_family",
            "note_prompted", "object_planes", "split_models"]
 
 PROMPTED_ATTR = "napari_sam_prompted"
@@ -137,12 +137,6 @@ def object_planes(labels, n_plane_axes: int, ids=None) -> dict[int, dict[tuple[i
     if wanted is not None and (missing := sorted(wanted - set(out))):
         raise ValueError(f"no object {missing} in the labels: nothing to propagate from")
     return dict(sorted(out.items()))
-
-
-def largest_planes(labels, n_plane_axes: int, ids=None) -> dict[int, tuple[int, ...]]:
-    """For each object id, the plane (index over the leading axes) where it has the most
-    pixels (the first of equals)."""
-    return {v: _largest(planes) for v, planes in object_planes(labels, n_plane_axes, ids).items()}
 
 
 def _largest(planes: dict[tuple[int, ...], int]) -> tuple[int, ...]:

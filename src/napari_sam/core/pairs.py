@@ -17,7 +17,7 @@ import numpy as np
 
 from .label_target import check_label_ids
 
-__all__ = ["check_pair", "pair_files", "read_pair"]
+__all__ = ["check_pair", "pair_files", "read_pair", "warn_if_a_mask"]
 
 
 def pair_files(
@@ -69,12 +69,11 @@ def pair_files(
 
 
 def _wanted(path: Path) -> bool:
+    from .io import IMAGE_FILE_SUFFIXES
+
     # Hidden files are not images (macOS leaves "._name.tif" beside every file it copies),
     # nor is a checkpoint "a.tif.pth" that *.tif* also matches.
-    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in _IMAGE_SUFFIXES
-
-
-_IMAGE_SUFFIXES = (".tif", ".tiff", ".npy", ".png", ".jpg", ".jpeg", ".bmp")  # what read_image reads as files
+    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_FILE_SUFFIXES
 
 
 def check_pair(image: np.ndarray, labels: np.ndarray, name: str) -> None:
@@ -90,10 +89,10 @@ def check_pair(image: np.ndarray, labels: np.ndarray, name: str) -> None:
         first = " (channels first? images are read with their channels last)" if image.shape[1:] == labels.shape else ""
         raise ValueError(f"{name}: image {image.shape} and labels {labels.shape} do not cover the same pixels{first}")
     check_label_ids(labels, f"{name}: the labels")
-    _warn_if_a_mask(labels, name)
+    warn_if_a_mask(labels, name)
 
 
-def _warn_if_a_mask(labels: np.ndarray, name: str) -> None:
+def warn_if_a_mask(labels: np.ndarray, name: str) -> None:
     """A binary mask (0/255, 0/1) read as labels is one object covering every cell."""
     from scipy import ndimage
 

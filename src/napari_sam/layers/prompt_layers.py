@@ -63,10 +63,12 @@ def source_from_layer(layer) -> ImageSource:
 
 
 def _layer_axes(layer) -> str | None:
-    """The layer's axis labels as our letters, when they name the axes (t, z, y, x)."""
+    """The layer's axis labels as our letters, when they name the axes (t, z, y, x);
+    a layer holding several channels (a ``c`` axis) is refused."""
     labels = [str(a).upper() for a in getattr(layer, "axis_labels", ())]
     axes = "".join(labels)
-    if "C" in labels and not layer.rgb:  # a channel slider would be segmented as a stack of planes
+    data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+    if "C" in labels and not layer.rgb and data.shape[labels.index("C")] > 1:  # else segmented as planes
         raise ValueError(f"layer {layer.name!r} holds channels (axes {axes}): open them as one layer each "
                          "(viewer.add_image(data, channel_axis=...)) and segment the nuclei's layer")
     if len(labels) == layer.ndim and all(len(a) == 1 for a in labels) and axes.endswith("YX") \

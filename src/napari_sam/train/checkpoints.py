@@ -114,7 +114,11 @@ def save(trainer: Trainer, path: PathLike, optimizer: bool = True) -> Path:
         # box detector are the SAM's and the images' and still apply.
         advice = {k: v for k, v in trainer.model.metadata["automatic"].items() if k in ("mode", "detector", "grid")}
         if advice.get("mode") in ("ais", "apg"):  # the modes that need the instance decoder
-            advice["mode"] = "boxes"
+            # a detector the model recommends stands in; without one, the package's own choice
+            if "detector" in advice:
+                advice["mode"] = "boxes"
+            else:
+                del advice["mode"]
         meta["automatic"] = advice
     refiner = trainer.model.mask_refiner
     if refiner is not None:  # it reads a mask's logits and the pixels, never the embedding: it serves any fine-tune

@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from ..core.label_target import check_label_ids
-from ..core.pairs import pair_files
+from ..core.pairs import pair_files, warn_if_a_mask
 from ..model.checkpoint import PathLike
 
 __all__ = ["SegmentationDataset", "TrainingPair", "object_ids"]
@@ -221,7 +221,8 @@ class SegmentationDataset:
         pattern
             Which image files to take (glob).
         skip_empty
-            Leave out stack planes without objects.
+            Leave out stack planes and 2D label files without objects (the files named in
+            a warning).
         channel_axis, channel
             See the class.
 
@@ -263,9 +264,11 @@ class SegmentationDataset:
                 raise ValueError(f"{label_path}: the labels {tuple(shape)} look like a colour image; instance labels "
                                  "are one integer id per pixel (a 2D plane, or a stack of planes)")
             if len(shape) == 2:
-                if skip_empty and not tifffile.imread(label_path).any():
+                labels = tifffile.imread(label_path)
+                if skip_empty and not labels.any():
                     empty.append(label_path.name)
                     continue
+                warn_if_a_mask(labels, label_path.name)
                 loaders.append(lambda p=path, q=label_path: read(p, q))
                 names.append(path.name)
             elif len(shape) == 3:

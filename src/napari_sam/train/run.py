@@ -104,12 +104,11 @@ def train(
                 trainer.save(checkpoint)
             if stop is not None and stop():
                 break
-    if keep_best:
-        kept = finish(trainer)
-        if progress and kept != trainer.step and trainer.best is not None:
-            print(f"kept the weights of step {kept} (best validation IoU {trainer.best[1]:.3f})")
-    if checkpoint is not None:
+    kept = finish(trainer) if keep_best else trainer.step
+    if checkpoint is not None:  # saved before anything is printed: a closed terminal takes no output
         trainer.save(checkpoint)
+    if progress and kept != trainer.step and trainer.best is not None:
+        print(f"kept the weights of step {kept} (best validation IoU {trainer.best[1]:.3f})")
     return trainer
 
 
