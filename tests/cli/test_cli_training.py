@@ -170,7 +170,13 @@ def test_train_and_evaluate_take_one_channel_of_a_multichannel_image(tmp_path, t
     assert main(["evaluate", str(tmp_path), *model, "--corrections", "0", "--channel", "0"]) == 0
     assert main(["train", str(tmp_path), *model, "--channel", "0", "--steps", "1", "--out",
                  str(tmp_path / "m.pth")]) == 0
-    assert (tmp_path / "m.pth").is_file()
+    from napari_sam.model.checkpoint import read_checkpoint
+
+    assert read_checkpoint(tmp_path / "m.pth").metadata["training"]["data"]["channel"] == 0
+    capsys.readouterr()
+    assert main(["train", str(tmp_path), "--device", "cpu", "--channel", "1", "--steps", "2", "--resume", "--out",
+                 str(tmp_path / "m.pth")]) == 2
+    assert "learned from --channel 0" in capsys.readouterr().err
 
 
 def test_channels_first_images_are_named_as_such(nuclei_2d):

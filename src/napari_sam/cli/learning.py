@@ -77,7 +77,7 @@ def train(args) -> int:
         train, val = data, SegmentationDataset.from_folder(args.validation, **channels)
     else:
         # a resumed run validates on the split it started with
-        seed = _saved_seed(out) if args.resume and out.exists() else args.seed or 0
+        seed = int(_saved_training(out).get("seed") or 0) if args.resume and out.exists() else args.seed or 0
         train, val = data.split(0.1, seed=seed) if len(data) > 1 else (data, None)
     steps = args.steps if args.steps is not None else 1000
     # only what was given: TrainingConfig holds the defaults
@@ -90,6 +90,10 @@ def train(args) -> int:
     if args.resume and out.exists():
         trainer = Trainer.resume(out, train, val, device=args.device)
         _check_resumed(trainer.config, chosen, args.model, out)
+        read = (_saved_training(out).get("data") or {}).get("channel")
+        if args.channel != read:
+            learned = "images without --channel" if read is None else f"--channel {read}"
+            raise UsageError(f"{out} learned from {learned}: resume it so, or train a new --out")
         if args.steps is not None:
             trainer.config = dataclasses.replace(trainer.config, steps=args.steps)
     else:
@@ -132,15 +136,15 @@ def train(args) -> int:
     return 0
 
 
-def _saved_seed(path) -> int:
-    """The seed a saved run was started with (its validation split follows from it)."""
+def _saved_training(path) -> dict:
+    """What a saved run records of its training (its seed, the data it read)."""
     from ..model.checkpoint import read_checkpoint
 
     try:
-        training = read_checkpoint(path).metadata.get("training") or {}
-        return int(training.get("seed") or 0)
+        training = read_checkpoint(path).metadata.get("training")
     except (ValueError, TypeError, OSError):  # not a run of ours: resuming it says why in one line
-        return 0
+        return {}
+    return training if isinstance(training, dict) else {}
 
 
 SAVE_EVERY = 100

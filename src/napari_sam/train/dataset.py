@@ -336,4 +336,5 @@ class SegmentationDataset:
     def describe(self) -> dict[str, Any]:
         """JSON-friendly description of the data (what checkpoints record)."""
         names = self.names if len(self.names) <= 50 else self.names[:50] + [f"... ({len(self.names) - 50} more)"]
-        return dict(self.description, pairs=len(self), names=names)
+        channel = {} if self.channel is None else {"channel": self.channel}  # what the model learned to read
+        return dict(self.description, pairs=len(self), names=names, **channel)
