@@ -73,11 +73,12 @@ def train(args) -> int:
                          "labels/ as DATA)")
     else:
         data = SegmentationDataset.from_folder(args.data, **channels)
+    saved = _saved_training(out) if args.resume and out.exists() else None  # what the resumed run recorded
     if args.validation:
         train, val = data, SegmentationDataset.from_folder(args.validation, **channels)
     else:
         # a resumed run validates on the split it started with
-        seed = int(_saved_training(out).get("seed") or 0) if args.resume and out.exists() else args.seed or 0
+        seed = int(saved.get("seed") or 0) if saved is not None else args.seed or 0
         train, val = data.split(0.1, seed=seed) if len(data) > 1 else (data, None)
     steps = args.steps if args.steps is not None else 1000
     # only what was given: TrainingConfig holds the defaults
@@ -90,7 +91,7 @@ def train(args) -> int:
     if args.resume and out.exists():
         trainer = Trainer.resume(out, train, val, device=args.device)
         _check_resumed(trainer.config, chosen, args.model, out)
-        read = (_saved_training(out).get("data") or {}).get("channel")
+        read = ((saved or {}).get("data") or {}).get("channel")
         if args.channel != read:
             learned = "images without --channel" if read is None else f"--channel {read}"
             raise UsageError(f"{out} learned from {learned}: resume it so, or train a new --out")

@@ -30,11 +30,15 @@ def _magnification(text: str):
         raise argparse.ArgumentTypeError(f"a number or 'auto', not {text!r}") from None
 
 
-def _positive(text: str) -> float:
+def _number(text: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def _positive(text: str) -> float:
+    value = _number(text)
     if not value > 0:  # also NaN
         raise argparse.ArgumentTypeError(f"{text} is not a positive number")
     return value
@@ -58,10 +62,7 @@ def _positive_int(text: str) -> int:
 
 
 def _non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    value = _number(text)
     if not value >= 0:  # also NaN
         raise argparse.ArgumentTypeError(f"{text} is negative")
     return value
