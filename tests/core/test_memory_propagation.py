@@ -289,3 +289,23 @@ def test_a_later_session_on_the_same_labels_keeps_the_plane_a_person_committed(s
     later.propagate_all(progress=False)  # before: from the largest plane, over the person's plane 3
     np.testing.assert_array_equal(later.labels[3], committed)
     np.testing.assert_array_equal(later.labels, before)  # the same prompts give the same planes
+
+
+def test_a_tzyx_stack_is_followed_along_z_at_every_time_point_and_specks_are_skipped(sam2):
+    volume, seeds = two_disks()
+    movie = np.stack([volume, volume])  # (T=2, Z, Y, X)
+    labels = np.zeros(movie.shape, np.uint32)
+    labels[0, 3][seeds[3] == 1] = 1  # the same nucleus drawn at both time points, on different planes
+    labels[1, 4][seeds[3] == 1] = 1
+    labels[1, 6, 60, 5] = 7  # a stray brush click: one pixel
+    ann = Annotator(movie, sam2, labels, axes="TZYX", cache=False)
+    from napari_sam.core.memory_propagation import MemorySettings
+
+    with pytest.warns(UserWarning, match=r"object 7 on plane \(1, 6\) \(1 pixel"):
+        written = ann.propagate_all(axis="Z", progress=False, settings=MemorySettings(min_area=4))
+    assert set(written) == {1}
+    assert {t for t, _ in written[1]} == {0, 1}  # each time point's stack from its own drawn plane
+    assert (0, 3) not in written[1] and (1, 4) not in written[1]
+    assert ann.labels[1, 6, 60, 5] == 7  # the speck is left as it was
+    with pytest.raises(ValueError, match="of at least min_area=4 pixels"), pytest.warns(UserWarning, match="object 7"):
+        ann.propagate_all(axis="Z", ids=[7], progress=False, settings=MemorySettings(min_area=4))

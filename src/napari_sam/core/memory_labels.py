@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -164,20 +165,25 @@ def propagation_starts(labels, plane_axes: str, axis: str | None = None, ids=Non
     starts, skipped
         (id, plane) pairs in id order; a note per start left out as too small.
     """
-    axis = (axis or plane_axes[-1:] or "Z").upper()
-    per_time = plane_axes == "TZ" and axis == "Z"
     starts, skipped = [], []
     for label_id, planes in object_planes(labels, len(plane_axes), ids).items():
-        groups: dict[tuple[int, ...], dict[tuple[int, ...], int]] = {}
-        for plane, count in planes.items():
-            groups.setdefault(plane[:1] if per_time else (), {})[plane] = count
-        for group in groups.values():
-            plane = _largest(group)
-            if group[plane] < min_area:
-                skipped.append(f"object {label_id} on plane {plane} ({group[plane]} pixel(s))")
+        for plane in _largest_per_stack(planes, plane_axes, axis):
+            if planes[plane] < min_area:
+                skipped.append(f"object {label_id} on plane {plane} ({planes[plane]} pixel(s))")
             else:
                 starts.append((label_id, plane))
     return starts, skipped
+
+
+def _largest_per_stack(planes: dict[tuple[int, ...], int], plane_axes: str, axis: str | None) -> list[tuple[int, ...]]:
+    """The plane where an object (its pixel count per plane) is largest, once per time
+    point of a TZYX image followed along Z: each time point's stack is its own."""
+    axis = (axis or plane_axes[-1:] or "Z").upper()
+    per_time = plane_axes == "TZ" and axis == "Z"
+    groups: dict[tuple[int, ...], dict[tuple[int, ...], int]] = {}
+    for plane, count in planes.items():
+        groups.setdefault(plane[:1] if per_time else (), {})[plane] = count
+    return [_largest(group) for group in groups.values()]
 
 
 _IN_MEMORY: dict[int, dict] = {}
@@ -278,8 +284,12 @@ class Tracking:
         for oid, planes in kept_prompted(labels).items():
             self.prompted.setdefault(oid, set()).update(planes)
 
-    def objects(self, labels, ids=None, seeds: str = "largest") -> dict[int, dict[tuple[int, ...], PlaneMask]]:
-        """Object id -> {prompted plane: its mask there} read from ``labels`` (see the module notes)."""
+    def objects(self, labels, ids=None, seeds: str = "largest", axis: str | None = None,
+                min_area: int = 1) -> dict[int, dict[tuple[int, ...], PlaneMask]]:
+        """Object id -> {prompted plane: its mask there} read from ``labels`` (see the module
+        notes). Planes chosen by ``seeds`` (the object has no remembered prompted plane) where
+        it has fewer than ``min_area`` pixels are left out with a warning (a stray brush
+        click is no object to follow), objects left with none too."""
         if seeds not in SEEDS:
             raise ValueError(f"seeds must be one of {SEEDS}, not {seeds!r}")
         if ids is not None and not np.atleast_1d(ids).size:
@@ -287,10 +297,17 @@ class Tracking:
         if not self.source.plane_axes:
             raise ValueError("a 2D image has no planes to propagate through")
         self.recall(labels)
-        out = {}
+        out, skipped = {}, []
         for oid, planes in object_planes(labels, len(self.source.plane_grid), ids).items():
             chosen = [p for p in sorted(self.prompted.get(oid, ())) if p in planes]
-            out[oid] = _masks(labels, oid, chosen or (sorted(planes) if seeds == "drawn" else [_largest(planes)]))
+            if not chosen:
+                seeded = sorted(planes) if seeds == "drawn" else _largest_per_stack(planes, self.source.plane_axes, axis)
+                skipped += [f"object {oid} on plane {p} ({planes[p]} pixel(s))" for p in seeded if planes[p] < min_area]
+                chosen = [p for p in seeded if planes[p] >= min_area]
+            if chosen:
+                out[oid] = _masks(labels, oid, chosen)
+        if skipped:
+            warnings.warn(f"not propagated from, smaller than min_area={min_area}: {'; '.join(skipped)}", stacklevel=4)
         return out
 
     def steps(self, writer: LabelWriter, ids=None, axis: str | None = None, settings=None, overwrite: bool = False,
@@ -304,9 +321,11 @@ class Tracking:
 
     def _written(self, writer, ids, axis, settings, overwrite, seeds, objects, starts):
         """:meth:`steps`, each with the ids that got pixels on its plane."""
-        objects = self.objects(writer.labels, ids, seeds) if objects is None else objects
+        min_area = _memory_settings(settings).min_area
+        objects = self.objects(writer.labels, ids, seeds, axis, min_area) if objects is None else objects
         if not objects:
-            raise ValueError("no objects to propagate: the labels hold none" + ("" if ids is None else f" of {ids}"))
+            raise ValueError("no objects to propagate: the labels hold none" + ("" if ids is None else f" of {ids}")
+                             + ("" if min_area == 1 else f" of at least min_area={min_area} pixels"))
         for oid, planes in objects.items():  # planes propagated from stay prompted: later runs leave them be
             for plane in planes:
                 self.remember(plane, [oid])
@@ -350,7 +369,7 @@ class Tracking:
         planes it was written on."""
         from tqdm.auto import tqdm
 
-        objects = self.objects(writer.labels, ids, seeds)
+        objects = self.objects(writer.labels, ids, seeds, axis, _memory_settings(settings).min_area)
         out: dict[int, list[tuple[int, ...]]] = {oid: [] for oid in objects}
         with tqdm(desc="propagating (SAM 2)", unit="object-plane", disable=not progress) as bar:
             for step, written in self._written(writer, ids, axis, settings, overwrite, seeds, objects, None):
