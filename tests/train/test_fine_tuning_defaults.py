@@ -212,6 +212,32 @@ def test_the_run_ends_with_the_best_validations_weights(mini_sam, tmp_path, monk
     assert [h.get("validation_iou") for h in meta["losses"]] == [0.5, 0.7, 0.6]
 
 
+
+def test_a_save_in_the_middle_of_a_run_keeps_the_best_weights_for_a_resumed_run(mini_sam, tmp_path, monkeypatch):
+    # a run killed after a periodic save (out of memory, kill -9) must still end with its best weights
+    image, labels, _ = _plane()
+    data = SegmentationDataset.from_arrays([image], [labels])
+    trainer = Trainer(mini_sam, data, TrainingConfig(**FAST), validation_data=data, device="cpu")
+    scores = iter([0.4, 0.7, 0.5])  # the starting weights, then steps 1 and 2
+    monkeypatch.setattr(trainer, "validate", lambda data=None: {"iou": next(scores), "point": 0, "box": 0})
+    list(trainer.run(until=2))
+    assert trainer.best == (1, 0.7)
+    best = {n: v.clone() for n, v in trainer.best_state.items()}
+    path = trainer.save(tmp_path / "run.pth")  # the periodic save: step 2's weights
+    assert read_checkpoint(path).metadata["training"]["weights_from_step"] == 2
+    resumed = Trainer.resume(path, data, validation_data=data, device="cpu")
+    assert resumed.best == (1, 0.7) and resumed.step == 2
+    monkeypatch.setattr(resumed, "validate", lambda data=None: {"iou": 0.6, "point": 0, "box": 0})
+    list(resumed.run())
+    assert resumed.keep_best() == 1
+    named = dict(resumed.model.named_parameters())
+    assert all(torch.equal(named[n].detach().cpu(), v) for n, v in best.items())
+    # the final file holds the best weights: nothing more beside them
+    resumed.save(tmp_path / "run.pth")
+    from napari_sam.train.checkpoints import optimizer_state_path
+
+    assert "best" not in torch.load(optimizer_state_path(tmp_path / "run.pth"), weights_only=True)
+
 def test_a_time_budget_sizes_the_schedule(mini_sam):
     image, labels, _ = _plane()
     data = SegmentationDataset.from_arrays([image], [labels])

@@ -301,7 +301,8 @@ class Tracking:
         for oid, planes in object_planes(labels, len(self.source.plane_grid), ids).items():
             chosen = [p for p in sorted(self.prompted.get(oid, ())) if p in planes]
             if not chosen:
-                seeded = sorted(planes) if seeds == "drawn" else _largest_per_stack(planes, self.source.plane_axes, axis)
+                axes = self.source.plane_axes
+                seeded = sorted(planes) if seeds == "drawn" else _largest_per_stack(planes, axes, axis)
                 skipped += [f"object {oid} on plane {p} ({planes[p]} pixel(s))" for p in seeded if planes[p] < min_area]
                 chosen = [p for p in seeded if planes[p] >= min_area]
             if chosen:

@@ -132,10 +132,14 @@ def save(trainer: Trainer, path: PathLike, optimizer: bool = True) -> Path:
         target = optimizer_state_path(path)
         tmp = target.with_name(target.name + f".partial-{os.getpid()}")
         try:
-            torch.save(
-                {"optimizer": trainer.optimizer.state_dict(), "step": trainer.step, "param_names": trainer.param_names},
-                tmp,
-            )
+            resumable = {"optimizer": trainer.optimizer.state_dict(), "step": trainer.step,
+                         "param_names": trainer.param_names}
+            if trainer.best is not None and trainer.best_state is not None and meta["training"]["weights_from_step"] \
+                    != trainer.best[0]:
+                # a save in the middle of a run holds its current weights: the best so far go beside
+                # them, so that a run killed after it still ends with them
+                resumable["best"] = {"step": trainer.best[0], "iou": trainer.best[1], "state": trainer.best_state}
+            torch.save(resumable, tmp)
             os.replace(tmp, target)
         finally:
             if tmp.exists():
@@ -197,4 +201,16 @@ def resume(
         )
         return trainer
     trainer.optimizer.load_state_dict(state["optimizer"])
+    kept = state.get("best")
+    if trainer.best is None and isinstance(best, Mapping) and _fits(kept, best.get("step"), trainer):
+        trainer.remember_best(int(best["step"]), float(best["iou"]), dict(kept["state"]))
     return trainer
+
+
+def _fits(kept, step, trainer: Trainer) -> bool:
+    """Whether best weights kept beside a save are the recorded best step's, for these parameters."""
+    if not isinstance(kept, Mapping) or kept.get("step") != step or not isinstance(kept.get("state"), Mapping):
+        return False
+    named = dict(trainer.model.named_parameters())
+    return set(kept["state"]) == set(trainer.param_names) and all(
+        isinstance(v, torch.Tensor) and v.shape == named[n].shape for n, v in kept["state"].items())

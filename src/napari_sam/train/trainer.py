@@ -139,7 +139,7 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, self.param_names, self.config)
         self.best: tuple[int, float] | None = None
         self.weights_step: int | None = None
-        self._best_state: dict[str, torch.Tensor] | None = None
+        self.best_state: dict[str, torch.Tensor] | None = None  # the best validation's weights, on the CPU
 
     # -- features ----------------------------------------------------------------------
     def _features(self, data: SegmentationDataset, index: int, grad: bool) -> ImageEmbedding:
@@ -315,11 +315,11 @@ class Trainer:
             self.remember_best(self.step, val["iou"])
         return val
 
-    def remember_best(self, step: int, score: float) -> None:
-        """Keep the current weights as those of the best validation (``score`` at ``step``)."""
+    def remember_best(self, step: int, score: float, state: dict[str, torch.Tensor] | None = None) -> None:
+        """Keep the current weights (or ``state``, by name) as the best validation's (``score`` at ``step``)."""
         self.best = (int(step), float(score))
         named = dict(self.model.named_parameters())
-        self._best_state = {n: named[n].detach().to("cpu", copy=True) for n in self.param_names}
+        self.best_state = state or {n: named[n].detach().to("cpu", copy=True) for n in self.param_names}
 
     def keep_best(self) -> int:
         """Go back to the weights of the best validation; returns the step whose weights
@@ -328,11 +328,11 @@ class Trainer:
         Fine-tuning on a few images can overfit: the trained parts go back to the best
         validation IoU (without validation, or when the last step was best, nothing changes).
         """
-        if self.best is None or self._best_state is None or self.best[0] == self.step:
+        if self.best is None or self.best_state is None or self.best[0] == self.step:
             return self.step if self.weights_step is None else self.weights_step
         named = dict(self.model.named_parameters())
         with torch.no_grad():
-            for name, value in self._best_state.items():
+            for name, value in self.best_state.items():
                 named[name].copy_(value.to(named[name].device))
         self.weights_step = self.best[0]
         return self.weights_step
