@@ -212,3 +212,27 @@ def test_a_resumed_run_validates_on_the_split_it_started_with(tmp_path, tiny_che
     first = read_checkpoint(out).metadata["training"]["validation_data"]
     assert main(args + ["--steps", "2", "--resume"]) == 0
     assert read_checkpoint(out).metadata["training"]["validation_data"] == first
+
+
+def test_png_and_npy_pairs_train_and_evaluate_as_tiffs_do(tmp_path, nuclei_2d, capsys):
+    # DSB2018 and many exports come as PNG; evaluation and training read the same formats
+    from skimage.io import imsave
+
+    from napari_sam.evaluate import load_pairs
+    from napari_sam.train import SegmentationDataset
+
+    image, labels = nuclei_2d
+    root = tmp_path / "data"
+    for d in ("images", "labels"):
+        (root / d).mkdir(parents=True)
+    imsave(root / "images" / "a.png", image[:128, :128], check_contrast=False)
+    imsave(root / "labels" / "a.png", labels[:128, :128].astype(np.uint16), check_contrast=False)
+    np.save(root / "images" / "b.npy", image[128:256, :128])
+    np.save(root / "labels" / "b.npy", labels[128:256, :128])
+    data = SegmentationDataset.from_folder(root)
+    assert data.names == ["a.png", "b.npy"]
+    np.testing.assert_array_equal(data[0].labels, labels[:128, :128])
+    np.testing.assert_array_equal(data[1].image, image[128:256, :128])
+    assert [p.name for p in load_pairs(root)] == ["a", "b"]
+    assert main(["evaluate", str(root), "--max-objects", "3"]) == 0
+    assert "| watershed baseline | 2 | 6 |" in capsys.readouterr().out  # both images, three objects each

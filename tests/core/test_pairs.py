@@ -30,7 +30,7 @@ def test_missing_pieces_are_named(tmp_path):
     (tmp_path / "labels").mkdir()
     with pytest.raises(ValueError, match="1 image\\(s\\) .* no label file .*: a.tif"):
         pair_files(tmp_path)
-    with pytest.raises(ValueError, match="no image files matching"):
+    with pytest.raises(ValueError, match=r"no image files \(TIFF, PNG, JPEG or .npy\) matching"):
         pair_files(tmp_path, pattern="*.png")
 
 

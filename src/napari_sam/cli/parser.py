@@ -236,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser(
         "evaluate",
         help="measure segmentation quality against ground truth (point, box, corrections; auto; propagation)",
-        description="IMAGES is a folder with images/ and labels/ TIFFs of the same names, a Zarr group with "
+        description="IMAGES is a folder with images/ and labels/ image files (TIFF, PNG, JPEG, .npy) of the same "
+        "names, a Zarr group with "
         "'images' and 'labels' arrays, or a folder of images with LABELS a folder of label images. Every "
         "ground-truth object is prompted with one point (the interior point farthest from the boundary), with "
         "its box, and with up to --corrections extra points on the largest error, as SAM and micro-sam "
@@ -270,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser(
         "train",
         help="fine-tune a model on your own annotations (decoder only on cached embeddings, or the whole model)",
-        description="DATA is a folder with images/ and labels/ TIFFs of the same names (a 3D file counts as a "
+        description="DATA is a folder with images/ and labels/ image files (TIFF, PNG, JPEG, .npy) of the same "
+        "names (a 3D file counts as a "
         "stack of planes), or an image file with --labels. SAM's recipe: simulated point and box prompts, "
         "corrective points from the error region, focal+dice loss plus the IoU-prediction loss; the loss "
         "weights, corrective rounds and mask prompts are those the model was trained with where its checkpoint "

@@ -21,7 +21,7 @@ __all__ = ["check_pair", "pair_files", "read_pair", "warn_if_a_mask"]
 
 
 def pair_files(
-    images: str | os.PathLike, labels: str | os.PathLike | None = None, pattern: str = "*.tif*"
+    images: str | os.PathLike, labels: str | os.PathLike | None = None, pattern: str = "*"
 ) -> list[tuple[Path, Path]]:
     """The (image file, label file) pairs of a folder layout, sorted by name.
 
@@ -33,7 +33,8 @@ def pair_files(
     labels
         The folder of label images, named as their images; None for the subfolder layout.
     pattern
-        Which image files to take (glob).
+        Which image files to take (glob); of those, the files
+        :func:`~napari_sam.core.io.read_image` reads (TIFF, PNG, JPEG, ``.npy``).
 
     Raises
     ------
@@ -52,7 +53,7 @@ def pair_files(
             raise ValueError(f"no folder {d}: {hint}")
     files = sorted(p for p in img_dir.glob(pattern) if _wanted(p))
     if not files:
-        raise ValueError(f"no image files matching {pattern!r} in {img_dir}")
+        raise ValueError(f"no image files (TIFF, PNG, JPEG or .npy) matching {pattern!r} in {img_dir}")
     missing = [p.name for p in files if not (lab_dir / p.name).is_file()]
     if missing:
         shown = ", ".join(missing[:5]) + (f", ... ({len(missing) - 5} more)" if len(missing) > 5 else "")

@@ -55,6 +55,21 @@ def _check_plane(image: np.ndarray, labels: np.ndarray, name: str) -> None:
         raise ValueError(f"{name}: image {image.shape} and labels {labels.shape} do not cover the same pixels")
 
 
+def _file_shape(path: Path) -> tuple[int, ...]:
+    """An image file's shape; a TIFF's read from its header (a stack is read once, later)."""
+    from ..core.io import TIFF_SUFFIXES, read_image
+
+    if path.suffix.lower() not in TIFF_SUFFIXES:
+        return tuple(np.shape(read_image(path)))
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            return tuple(tif.series[0].shape)
+    except Exception as err:  # noqa: BLE001 - tifffile has its own errors for a damaged file
+        raise ValueError(f"cannot read {path} as a TIFF image: {err}") from None
+
+
 def object_ids(labels: np.ndarray, min_pixels: int = 1) -> np.ndarray:
     """Instance ids of a label plane with at least ``min_pixels`` pixels, sorted.
 
@@ -202,12 +217,14 @@ class SegmentationDataset:
         folder: PathLike,
         images: str = "images",
         labels: str = "labels",
-        pattern: str = "*.tif*",
+        pattern: str = "*",
         skip_empty: bool = True,
         channel_axis: int | None = None,
         channel: int | None = None,
     ) -> "SegmentationDataset":
-        """Pairs of TIFF files: ``folder/images/NAME`` with ``folder/labels/NAME``.
+        """Pairs of image files (TIFF, PNG, JPEG, ``.npy``, as
+        :func:`~napari_sam.core.io.read_image` reads them): ``folder/images/NAME`` with
+        ``folder/labels/NAME``.
 
         A label file holding a 3D stack contributes each of its z planes (with the
         matching planes of the image file).
@@ -231,7 +248,7 @@ class SegmentationDataset:
         ValueError
             When a folder is missing, holds no image, or an image has no label file.
         """
-        import tifffile
+        from ..core.io import read_image
 
         root = Path(folder).expanduser()
         # pair_files' own layout (images/ and labels/) gives the clearer message when a
@@ -247,24 +264,17 @@ class SegmentationDataset:
             # A stack file is read once for all its planes.
             if path not in cache:
                 cache.clear()
-                try:
-                    cache[path] = (tifffile.imread(path), tifffile.imread(label_path))
-                except Exception as err:  # noqa: BLE001 - tifffile has its own errors for a damaged file
-                    raise ValueError(f"cannot read the pair {path.name} as TIFFs: {err}") from None
+                cache[path] = (np.asarray(read_image(path)), np.asarray(read_image(label_path)))
             return cache[path]
 
         loaders, names, empty = [], [], []
         for path, label_path in files:
-            try:
-                with tifffile.TiffFile(label_path) as tif:
-                    shape = tif.series[0].shape
-            except Exception as err:  # noqa: BLE001 - tifffile has its own errors for a damaged file
-                raise ValueError(f"cannot read {label_path} as a TIFF: {err}") from None
+            shape = _file_shape(label_path)
             if len(shape) == 3 and shape[-1] in (3, 4):
                 raise ValueError(f"{label_path}: the labels {tuple(shape)} look like a colour image; instance labels "
                                  "are one integer id per pixel (a 2D plane, or a stack of planes)")
             if len(shape) == 2:
-                labels = tifffile.imread(label_path)
+                labels = np.asarray(read_image(label_path))
                 if skip_empty and not labels.any():
                     empty.append(label_path.name)
                     continue
