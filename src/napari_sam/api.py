@@ -32,13 +32,14 @@ from .core.image_source import ImageSource
 from .core.label_target import open_labels
 from .core.labels import Commit, LabelWriter
 from .core.masks import PlaneMask
-from .core.memory_labels import NoSam, Tracking, note_prompted, propagation_starts, split_models
+from .core.memory_labels import Tracking, note_prompted, propagation_starts
 from .core.memory_propagation import MemoryStep
 from .core.ngff import LabelImage
 from .core.object_scale import segment_at_object_scale
 from .core.preprocess import Normalization
 from .core.prompts import Prompt
 from .core.propagation import PropagationSettings, PropagationStep, propagate
+from .core.sam2_models import NoSam, split_models
 
 if TYPE_CHECKING:  # pragma: no cover
     from .auto import Progress

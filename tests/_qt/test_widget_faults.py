@@ -43,6 +43,13 @@ def test_a_commit_of_background_points_alone_is_said_not_raised(viewer_3d, tiny_
     session.points_layer.features.loc[0, "positive"] = False
     session.commit()
     assert "foreground point" in said[-1] and not session.labels_layer.data.any() and not session.writing
+    # as in the viewer, where a preview is always shown first (an empty one after a slider moves)
+    session.points_layer.features.loc[0, "positive"] = True
+    session.show_preview(session.compute_preview())
+    session.points_layer.features.loc[0, "positive"] = False
+    said.clear()
+    session.commit()
+    assert "foreground point" in said[-1] and not session.labels_layer.data.any() and not session.writing
 
 
 def test_no_commit_or_undo_while_a_step_writes_the_labels(viewer_3d, tiny_checkpoint):  # noqa: F811

@@ -87,7 +87,7 @@ def test_a_models_weights_alone_load_at_the_input_size_their_shapes_give(tmp_pat
 
 
 def test_a_model_that_is_not_one_is_named(tiny_model):
-    from napari_sam.core.memory_labels import split_models
+    from napari_sam.core.sam2_models import split_models
 
     with pytest.raises(TypeError, match="a registry name or a checkpoint path, not int 5"):
         split_models(5)

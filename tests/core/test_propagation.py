@@ -195,6 +195,10 @@ def test_propagating_every_object_is_one_undo_step_and_names_ids_it_lacks(tiny_m
     assert ann.propagate_all(ids=2, settings=settings, progress=False).keys() == {2}  # one id, not a list
     with pytest.raises(ValueError, match=r"no object \[99\] in the labels"):
         ann.propagate_all(ids=[99], progress=False)
+    empty = Annotator(image, tiny_model, cache=False)
+    for run in (lambda: empty.propagate_all(progress=False), empty.propagate_all_steps):  # said, not "0 planes"
+        with pytest.raises(ValueError, match="no objects to propagate: the labels hold none"):
+            run()
 
 
 def _one_object_committed(model, nuclei_3d, monkeypatch):

@@ -200,7 +200,7 @@ def evaluate(args) -> int:
     model = sam2 = None
     auto = args.auto or args.auto_modes is not None or args.augment
     if args.model:
-        from ..core.memory_labels import model_family
+        from ..core.models import model_family
         from ..core.predictor import Predictor
 
         if model_family(args.model) == "sam2":  # SAM 2 is measured where it works: propagating through volumes

@@ -1,8 +1,9 @@
 """Objects of a label image propagated with SAM 2's memory and written back.
 
-The API, the command line and the widget share this path (:class:`Tracking`): which model
-is a SAM 2 (:func:`split_models`), which planes of an object are its prompted planes, and
-how each plane's result is written:
+The API, the command line and the widget share this path (:class:`Tracking`; which model
+is a SAM 2 is :func:`napari_sam.core.sam2_models.split_models`'s answer): which planes of an
+object are its prompted planes, where SAM's propagation starts (:func:`propagation_starts`),
+and how each plane's result is written:
 
 * **Prompted planes.** The planes an object was committed or propagated from
   (:meth:`Tracking.remember`), where it is still drawn (a correction drawn on a plane
@@ -32,96 +33,24 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from ..model.sam2 import Sam2
 from .image_source import ImageSource
 from .labels import LabelWriter
 from .masks import PlaneMask
 from .memory_propagation import MemorySettings, MemoryStep, propagate_objects
-from .models import state_dict_family
 from .preprocess import Normalization
 from .propagation import PropagationSettings, PropagationStep
 from .sam2_features import Sam2Features
 
-__all__ = ["NoSam", "PROMPTED_ATTR", "SEEDS", "Tracking", "kept_prompted", "model_family",
-           "note_prompted", "object_planes", "split_models"]
+__all__ = ["PROMPTED_ATTR", "SEEDS", "Tracking", "kept_prompted", "note_prompted", "object_planes",
+           "propagation_starts"]
 
 PROMPTED_ATTR = "napari_sam_prompted"
 """Where a Zarr label array keeps its objects' prompted planes: ``{"id": [[plane...], ...]}``."""
 
 SEEDS = ("largest", "drawn")
 """Where objects without remembered prompted planes are propagated from (see the module notes)."""
-
-
-def model_family(spec) -> str:
-    """``"sam2"`` for a SAM 2 (a loaded :class:`~napari_sam.model.sam2.Sam2`, a SAM 2.1
-    registry name or checkpoint file), else ``"sam"``; a file that cannot be read is left
-    for the SAM loader to report."""
-    if isinstance(spec, Sam2):
-        return "sam2"
-    if spec is None or isinstance(spec, torch.nn.Module):
-        return "sam"
-    if not isinstance(spec, (str, os.PathLike)):
-        raise TypeError(f"a model is a loaded SAM, a registry name or a checkpoint path, not {type(spec).__name__} "
-                        f"{spec!r}")
-    from ..weights import REGISTRY
-
-    text = os.fspath(spec)
-    if text in REGISTRY:
-        return REGISTRY[text].family
-    if not os.path.isfile(text):
-        return "sam"
-    try:  # the keys only: a memory map reads no weights
-        state = torch.load(text, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001 - not a readable checkpoint: the SAM loader says why
-        return "sam"
-    if isinstance(state, dict):
-        state = next((state[k] for k in ("model", "state_dict") if isinstance(state.get(k), dict)), state)
-    return state_dict_family(state) if isinstance(state, dict) else "sam"
-
-
-def split_models(model=None, tracker=None, device=None, dtype="auto"):
-    """The SAM that answers prompts and the SAM 2 that propagates, from what a user gave.
-
-    Parameters
-    ----------
-    model
-        A SAM (loaded, name, file, or None for the default:
-        :func:`~napari_sam.core.models.resolve_model`), or a SAM 2: then there is no SAM,
-        and the SAM 2 propagates.
-    tracker
-        A SAM 2 (loaded :class:`~napari_sam.model.sam2.Sam2`, registry name or checkpoint
-        file) to propagate with beside the SAM; None for none.
-
-    Returns
-    -------
-    (Sam or None, Sam2 or None)
-    """
-    from .models import resolve_model
-    from .sam2_models import load_sam2_model
-
-    def sam2(spec):
-        model_family(spec)  # anything but a model, a name or a path: named in one line
-        return spec if isinstance(spec, Sam2) else load_sam2_model(spec, device)
-
-    if model_family(model) == "sam2":
-        if tracker is not None:
-            raise ValueError("model= is a SAM 2 already; give tracker= only beside a SAM")
-        return None, sam2(model)
-    return resolve_model(model, device, dtype), None if tracker is None else sam2(tracker)
-
-
-class NoSam:
-    """Stands where an annotator's SAM embeddings would be when it holds a SAM 2 only:
-    whatever is asked of it is refused in one line."""
-
-    def __init__(self, name: str):
-        self.name = name
-
-    def __getattr__(self, attr):
-        raise ValueError(f"{self.name} is a SAM 2: it propagates objects, but segmenting from prompts needs a SAM "
-                         f"(give model= a SAM and tracker= the SAM 2)")
 
 
 def object_planes(labels, n_plane_axes: int, ids=None) -> dict[int, dict[tuple[int, ...], int]]:
@@ -164,6 +93,11 @@ def propagation_starts(labels, plane_axes: str, axis: str | None = None, ids=Non
     -------
     starts, skipped
         (id, plane) pairs in id order; a note per start left out as too small.
+
+    Raises
+    ------
+    ValueError
+        When no object is left to start from (none in the labels, or all too small).
     """
     starts, skipped = [], []
     for label_id, planes in object_planes(labels, len(plane_axes), ids).items():
@@ -172,6 +106,9 @@ def propagation_starts(labels, plane_axes: str, axis: str | None = None, ids=Non
                 skipped.append(f"object {label_id} on plane {plane} ({planes[plane]} pixel(s))")
             else:
                 starts.append((label_id, plane))
+    if not starts:  # said before any work starts, as SAM 2's propagation says it
+        raise ValueError("no objects to propagate: the labels hold none" + ("" if ids is None else f" of {ids}")
+                         + (f" of at least min_area={min_area} pixels ({'; '.join(skipped)})" if skipped else ""))
     return starts, skipped
 
 

@@ -13,12 +13,13 @@ from typing import Mapping
 import torch
 
 from ..model import ModelSource, Sam, config_from_dict, infer_config, sam_from_state_dict
+from ..model.sam2 import Sam2
 from .runtime import configure_runtime
 
 __all__ = [
     "DEFAULT_MODEL", "DTYPES", "MODEL_ENV_VAR", "default_model_spec", "load_model", "model_choices", "resolve_model",
     "model_identity", "resolve_device", "resolve_dtype", "native_bfloat16", "state_dict_family",
-    "family_mismatch", "resolve_checkpoint",
+    "family_mismatch", "resolve_checkpoint", "model_family",
 ]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -305,3 +306,30 @@ def model_identity(model: Sam) -> tuple[str, str, str]:
         digest.update(key.encode())
         digest.update(value.detach().float().cpu().contiguous().numpy().tobytes())
     return getattr(model.config, "name", None) or "in-memory", "blake2b:" + digest.hexdigest(), dtype
+
+
+def model_family(spec) -> str:
+    """``"sam2"`` for a SAM 2 (a loaded :class:`~napari_sam.model.sam2.Sam2`, a SAM 2.1
+    registry name or checkpoint file), else ``"sam"``; a file that cannot be read is left
+    for the SAM loader to report."""
+    if isinstance(spec, Sam2):
+        return "sam2"
+    if spec is None or isinstance(spec, torch.nn.Module):
+        return "sam"
+    if not isinstance(spec, (str, os.PathLike)):
+        raise TypeError(f"a model is a loaded SAM, a registry name or a checkpoint path, not {type(spec).__name__} "
+                        f"{spec!r}")
+    from ..weights import REGISTRY
+
+    text = os.fspath(spec)
+    if text in REGISTRY:
+        return REGISTRY[text].family
+    if not os.path.isfile(text):
+        return "sam"
+    try:  # the keys only: a memory map reads no weights
+        state = torch.load(text, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - not a readable checkpoint: the SAM loader says why
+        return "sam"
+    if isinstance(state, dict):
+        state = next((state[k] for k in ("model", "state_dict") if isinstance(state.get(k), dict)), state)
+    return state_dict_family(state) if isinstance(state, dict) else "sam"

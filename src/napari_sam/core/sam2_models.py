@@ -6,7 +6,8 @@ SAM (:func:`napari_sam.core.models.load_model`), in a family of its own in the r
 they are read with ``torch.load(weights_only=True)`` (:func:`napari_sam.model.checkpoint.read_checkpoint`)
 and their size (tiny, small, base+, large) is inferred from the keys and shapes. A SAM
 checkpoint given here, or a SAM 2.1 one given to ``load_model``, is refused in one line that
-says which loader takes it.
+says which loader takes it. What a user gave (``model=``, ``tracker=``) is split here into
+the SAM that answers prompts and the SAM 2 that propagates (:func:`split_models`).
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ import torch
 
 from ..model.checkpoint import ModelSource, file_stat, read_checkpoint
 from ..model.sam2 import Sam2, Sam2Config, config_from_dict, sam2_from_state_dict
-from .models import family_mismatch, resolve_checkpoint, resolve_device, state_dict_family
+from .models import family_mismatch, model_family, resolve_checkpoint, resolve_device, resolve_model, state_dict_family
 from .runtime import configure_runtime
 
-__all__ = ["load_sam2_model"]
+__all__ = ["NoSam", "load_sam2_model", "split_models"]
 
 
 def load_sam2_model(
@@ -74,3 +75,43 @@ def load_sam2_model(
     model = sam2_from_state_dict(state, config, device=device)
     model.source = ModelSource(name=name, path=str(path), dtype="float32", stat=stat)
     return model
+
+
+def split_models(model=None, tracker=None, device=None, dtype="auto"):
+    """The SAM that answers prompts and the SAM 2 that propagates, from what a user gave.
+
+    Parameters
+    ----------
+    model
+        A SAM (loaded, name, file, or None for the default:
+        :func:`~napari_sam.core.models.resolve_model`), or a SAM 2: then there is no SAM,
+        and the SAM 2 propagates.
+    tracker
+        A SAM 2 (loaded :class:`~napari_sam.model.sam2.Sam2`, registry name or checkpoint
+        file) to propagate with beside the SAM; None for none.
+
+    Returns
+    -------
+    (Sam or None, Sam2 or None)
+    """
+    def sam2(spec):
+        model_family(spec)  # anything but a model, a name or a path: named in one line
+        return spec if isinstance(spec, Sam2) else load_sam2_model(spec, device)
+
+    if model_family(model) == "sam2":
+        if tracker is not None:
+            raise ValueError("model= is a SAM 2 already; give tracker= only beside a SAM")
+        return None, sam2(model)
+    return resolve_model(model, device, dtype), None if tracker is None else sam2(tracker)
+
+
+class NoSam:
+    """Stands where an annotator's SAM embeddings would be when it holds a SAM 2 only:
+    whatever is asked of it is refused in one line."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __getattr__(self, attr):
+        raise ValueError(f"{self.name} is a SAM 2: it propagates objects, but segmenting from prompts needs a SAM "
+                         f"(give model= a SAM and tracker= the SAM 2)")

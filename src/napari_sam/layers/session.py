@@ -259,13 +259,13 @@ class ViewerSession:
             if len(elsewhere) == 1 and not self._has_prompts(plane):
                 plane = elsewhere.pop()
         plane = tuple(plane)
-        current = self.preview_is_current(plane)
-        masks = list(self.preview_masks) if current else None
-        try:
-            prompts = None if current else self.prompts(plane)  # read here, on the GUI thread
+        try:  # the prompts are read here, on the GUI thread
+            current = self.preview_is_current(plane)
+            prompts = None if current else self.prompts(plane)
         except ValueError as err:  # background points alone
             self.say(str(err))
             return
+        masks = list(self.preview_masks) if current else None
         self.writing = "a commit"
 
         def work():
