@@ -111,7 +111,7 @@ class SamWidget(Container):
         self.tracking = TrackingControls(self.workers, self._say, lambda: self.session, parent=self.native)
         self.propagate = self.tracking.selected  # "Propagate selected label through slices"
         self.everything_mode = ComboBox(
-            label="segment everything", value="auto",  # choices a callable: napari resets them per layer added
+            label="everything mode", value="auto",  # choices a callable: napari resets them per layer added
             choices=lambda *_: mode_choices(self.session and self.session.annotator.model),
             tooltip="AIS, APG: from the model's instance decoder (models that have one, e.g. vit_b_lm); labels: "
             "refine a rough segmentation (a threshold, another tool's output) object by object",
@@ -141,8 +141,8 @@ class SamWidget(Container):
             self.ngff_labels, self.ngff_name, self.start,
             self.embed_slice, self.embed_all, self.cancel, self.overwrite, self.commit, *self.tracking.widgets,
             self.everything_mode, self.rough, self.augment, self.whole_volume, self.everything, self.undo, self.clear,
-            self.status,
         ])
+        self.native.layout().addWidget(self.status.native)  # the whole width, not the value column: it wraps less
 
         self.model.changed.connect(lambda v: setattr(self.checkpoint, "visible", v == CHECKPOINT))
         self.image.changed.connect(self._image_changed)

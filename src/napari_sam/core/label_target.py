@@ -94,8 +94,8 @@ def create_label_store(path, shape: tuple[int, ...], chunks: tuple[int, int] = (
             raise ValueError(f"{path} exists and is not a Zarr label array: choose another place") from err
         if dict(existing.attrs).get("napari_sam") != LABELS_MARKER:  # the image itself, say
             raise ValueError(f"{path} is a Zarr array napari-sam did not write (an image, or labels from elsewhere): "
-                             "a path writes only into label arrays napari-sam made; to write into this one, open it "
-                             "yourself (zarr.open_array(path, mode='r+')) and pass the array")
+                             "choose another place (from Python, to write into it, pass "
+                             "zarr.open_array(path, mode='r+') instead of its path)")
         if np.dtype(existing.dtype).kind not in "ui":
             raise ValueError(f"{path} holds {existing.dtype} values, not integer labels: choose another place")
         if tuple(existing.shape) != tuple(shape):
