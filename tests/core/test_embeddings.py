@@ -297,6 +297,22 @@ def test_a_damaged_entry_is_recomputed(tiny_model, volume_zarr, tmp_path, monkey
     assert calls == [(5, 1, 1)] and again.store.read((5, 1, 1)) is not None
 
 
+
+def test_a_damaged_checksum_chunk_is_an_absent_tile_computed_again_not_a_crash(tiny_model, volume_zarr, tmp_path,
+                                                                                monkeypatch):
+    path, _ = volume_zarr
+    cache = tmp_path / "c.zarr"
+    emb = Embeddings(zarr.open_array(str(path), mode="r"), tiny_model, cache, axes="ZYX", tile=200, halo=25)
+    emb.compute_all(planes=[5], progress=False)
+    good = emb.embedding_for(5, (1, 1)).features.clone()
+    (cache / emb.store.key / "checksums" / "c" / "5" / "1" / "1").write_bytes(b"\xff\xff garbage")
+    again = Embeddings(zarr.open_array(str(path), mode="r"), tiny_model, cache, axes="ZYX", tile=200, halo=25)
+    assert not again.is_cached(5, (1, 1)) and again.is_cached(5, (0, 0)) and not again.plane_ready(5)
+    calls = _count_computes(monkeypatch, again)
+    assert again.compute_all(planes=[5], progress=False) == len(again.entries([5]))
+    assert calls == [(5, 1, 1)] and torch.equal(again.embedding_for(5, (1, 1)).features, good)
+    assert again.plane_ready(5) and again.store.verify().clean
+
 def test_default_cache_goes_beside_a_zarr_image_or_into_the_user_cache(tiny_model, volume_zarr, tmp_path):
     path, data = volume_zarr
     src = ImageSource.open(path, axes="ZYX")

@@ -235,6 +235,21 @@ class EmbeddingStore:
         p, r, c = entry
         self.checksums[p, r, c] = np.uint64(0)
 
+    def stored(self, entry: tuple[int, int, int]) -> bool:
+        """Whether an entry's checksum is written (not verified); an undecodable checksum
+        chunk counts as absent, so that the entry is computed again."""
+        try:
+            return int(np.asarray(self.checksums[entry])) != 0
+        except Exception:  # noqa: BLE001 - any decoding failure means a damaged chunk
+            return False
+
+    def plane_stored(self, plane: int) -> bool:
+        """Whether every entry of a (flat) plane has its checksum written (see :meth:`stored`)."""
+        try:
+            return bool((np.asarray(self.checksums[plane]) != 0).all())
+        except Exception:  # noqa: BLE001 - any decoding failure means a damaged chunk
+            return False
+
     def present(self) -> np.ndarray:
         """(planes, rows, cols) bool: entries whose checksum is written (not verified)."""
         return self._checksums()[0] != 0

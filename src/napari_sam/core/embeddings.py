@@ -208,7 +208,7 @@ class Embeddings:
         # The widget asks on every click, from the GUI thread, and a cache read waits on
         # zarr's event loop (~15 ms here): a plane once complete is remembered. Only
         # positives are, since another process may be filling the same cache.
-        if flat not in self._ready and (np.asarray(self.store.checksums[flat]) != 0).all():
+        if flat not in self._ready and self.store.plane_stored(flat):
             self._ready.add(flat)
         return flat in self._ready
 
@@ -305,7 +305,7 @@ class Embeddings:
 
     def entry_stored(self, entry: tuple[int, int, int]) -> bool:
         """Whether an entry (flat plane, tile row, tile column) is in the cache (its checksum is set)."""
-        return bool(int(np.asarray(self.store.checksums[entry])) != 0)
+        return self.store.stored(entry)
 
     def compute_all(self, planes=None, scheduler=None, progress: bool = True) -> int:
         """:meth:`precompute` to the end with a tqdm progress bar; returns the number of

@@ -182,7 +182,7 @@ class Sam2Features:
     def is_cached(self, plane, window: Window) -> bool:
         """Whether the window's features of this plane are in the cache (not read)."""
         entry = self.entry(plane, window)
-        return entry in self._recent or bool(int(np.asarray(self.store.checksums[entry])) != 0)
+        return entry in self._recent or self.store.stored(entry)
 
     def limits_for(self, plane) -> tuple[float, float] | None:
         """The intensity limits used for a plane."""
