@@ -22,10 +22,12 @@ state, epoch counters) are returned apart, as :attr:`Checkpoint.extras`.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
 import re
+import shutil
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence, Union
 
@@ -35,7 +37,7 @@ from .model_source import ModelSource, file_stat  # re-exported: the loaders' on
 
 __all__ = ["METADATA_KEY", "SAM_MODULES", "Checkpoint", "ModelSource", "CheckpointError", "UntrustedCheckpointError",
            "check_state_dict", "file_stat", "normalize_checkpoint", "read_checkpoint", "read_state_dict",
-           "write_checkpoint"]
+           "save_whole", "write_checkpoint"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -305,10 +307,28 @@ def write_checkpoint(
             raise CheckpointError(f"{len(bad)} state-dict entries are not tensors: {_few(bad)}")
     if {"state_dict", METADATA_KEY} & set(extras):
         raise CheckpointError("extras may not be named 'state_dict' or " + repr(METADATA_KEY))
+    save_whole({"state_dict": dict(state_dict), METADATA_KEY: metadata, **extras}, path)
+
+
+def save_whole(obj, path: PathLike) -> None:
+    """``torch.save`` through a temporary file beside ``path``, renamed over it once whole,
+    so that a reader (a resumed run) never meets half a file.
+
+    Raises
+    ------
+    OSError
+        ENOSPC, naming ``path``, when the disk filled (torch reports it as a RuntimeError).
+    """
     target = os.fspath(path)
     tmp = f"{target}.partial-{os.getpid()}"
     try:
-        torch.save({"state_dict": dict(state_dict), METADATA_KEY: metadata, **extras}, tmp)
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as err:
+            # read while the partial file still holds what the disk had left
+            if shutil.disk_usage(os.path.dirname(os.path.abspath(target))).free < 1 << 20:
+                raise OSError(errno.ENOSPC, "No space left on device", target) from err
+            raise
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

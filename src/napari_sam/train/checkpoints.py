@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..model import Sam, config_to_dict
-from ..model.checkpoint import PathLike, read_checkpoint, write_checkpoint
+from ..model.checkpoint import PathLike, read_checkpoint, save_whole, write_checkpoint
 from .config import TrainingConfig
 from .dataset import SegmentationDataset
 
@@ -129,21 +129,14 @@ def save(trainer: Trainer, path: PathLike, optimizer: bool = True) -> Path:
             meta["mask_refiner"] = trainer.model.metadata["mask_refiner"]
     write_checkpoint(path, state, meta, extras=extras or None)
     if optimizer:
-        target = optimizer_state_path(path)
-        tmp = target.with_name(target.name + f".partial-{os.getpid()}")
-        try:
-            resumable = {"optimizer": trainer.optimizer.state_dict(), "step": trainer.step,
-                         "param_names": trainer.param_names}
-            if trainer.best is not None and trainer.best_state is not None and meta["training"]["weights_from_step"] \
-                    != trainer.best[0]:
-                # a save in the middle of a run holds its current weights: the best so far go beside
-                # them, so that a run killed after it still ends with them
-                resumable["best"] = {"step": trainer.best[0], "iou": trainer.best[1], "state": trainer.best_state}
-            torch.save(resumable, tmp)
-            os.replace(tmp, target)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        resumable = {"optimizer": trainer.optimizer.state_dict(), "step": trainer.step,
+                     "param_names": trainer.param_names}
+        if trainer.best is not None and trainer.best_state is not None and meta["training"]["weights_from_step"] \
+                != trainer.best[0]:
+            # a save in the middle of a run holds its current weights: the best so far go beside
+            # them, so that a run killed after it still ends with them
+            resumable["best"] = {"step": trainer.best[0], "iou": trainer.best[1], "state": trainer.best_state}
+        save_whole(resumable, optimizer_state_path(path))
     return path
 
 
@@ -184,21 +177,19 @@ def resume(
         trainer.remember_best(int(best["step"]), float(best["iou"]))
 
     state_file = optimizer_state_path(path)
+    problem, state = "", None
     if not state_file.is_file():
-        warnings.warn(
-            f"no optimizer state at {state_file}: training resumes with fresh AdamW moments",
-            UserWarning,
-            stacklevel=3,
-        )
-        return trainer
-    state = torch.load(state_file, map_location="cpu", weights_only=True)
-    if state.get("param_names") != trainer.param_names or int(state.get("step", -1)) != trainer.step:
-        warnings.warn(
-            f"the optimizer state at {state_file} belongs to other trainable parameters or another step: "
-            "training resumes with fresh AdamW moments",
-            UserWarning,
-            stacklevel=3,
-        )
+        problem = f"no optimizer state at {state_file}"
+    else:
+        try:  # a file beside the checkpoint, as untrusted as it: damaged, it costs the moments only
+            state = torch.load(state_file, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - torch has many errors for a damaged file
+            problem = f"the optimizer state at {state_file} cannot be read ({' '.join(str(err).split())[:120]})"
+    if state is not None and (not isinstance(state, Mapping) or state.get("param_names") != trainer.param_names
+                              or int(state.get("step", -1)) != trainer.step):
+        problem = f"the optimizer state at {state_file} belongs to other trainable parameters or another step"
+    if problem:
+        warnings.warn(f"{problem}: training resumes with fresh AdamW moments", UserWarning, stacklevel=3)
         return trainer
     trainer.optimizer.load_state_dict(state["optimizer"])
     kept = state.get("best")

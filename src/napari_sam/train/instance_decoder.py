@@ -33,6 +33,7 @@ from ..core.image_embedding import ImageEmbedding
 from ..core.preprocess import Normalization, prepare_plane
 from ..core.stain import plane_channel
 from ..model import Sam
+from ..model.checkpoint import save_whole
 from ..model.instance_decoder import InstanceDecoder, InstanceDecoderConfig
 from .dataset import SegmentationDataset
 from .instance_targets import instance_targets
@@ -208,10 +209,15 @@ def _rate(config: DecoderTrainingConfig, step: int) -> float:
     return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(step - config.warmup_steps, span) / span))
 
 
-def _save(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f"{path.name}.partial-{os.getpid()}")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+
+
+def _load(path: Path, device) -> dict:
+    """A run's own checkpoint, read as untrusted (tensors and plain values only)."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch has many errors for a damaged file
+        raise ValueError(f"{path} cannot be read ({' '.join(str(err).split())[:120]}): delete it to start the run "
+                         "again, or use another checkpoint_dir") from None
 
 
 class _Resumable:
@@ -232,7 +238,7 @@ class _Resumable:
         self.folder.mkdir(parents=True, exist_ok=True)
         last = self.folder / self.last
         if last.is_file():
-            state = torch.load(last, map_location=device, weights_only=True)
+            state = _load(last, device)
             if state.get("config") != config:
                 raise ValueError(f"{last} was written with other settings; use another checkpoint_dir")
             module.load_state_dict(state[key])
@@ -241,7 +247,7 @@ class _Resumable:
             self.start, self.best_step = int(state["step"]), state["best_step"]
             self.best_loss = float(state["best_loss"])
         if (self.folder / self.best).is_file():
-            self.best_state = torch.load(self.folder / self.best, map_location=device, weights_only=True)[key]
+            self.best_state = _load(self.folder / self.best, device)[key]
 
     def checkpoint(self, done: int, val_loss: float | None) -> None:
         """After a validation (``val_loss`` None without a validation set): keep the best
@@ -250,12 +256,12 @@ class _Resumable:
             self.best_loss, self.best_step = val_loss, done
             self.best_state = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
             if self.folder is not None:
-                _save(self.folder / self.best, {self.key: self.best_state, "step": done, "loss": val_loss})
+                save_whole({self.key: self.best_state, "step": done, "loss": val_loss}, self.folder / self.best)
         if self.folder is not None:
-            _save(self.folder / self.last, {
+            save_whole({
                 self.key: self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "step": done, "best_loss": self.best_loss,
-                "best_step": self.best_step, "config": self.config})
+                "best_step": self.best_step, "config": self.config}, self.folder / self.last)
 
     def steps(self, config, groups, step_loss, validate) -> Generator[DecoderTrainingProgress, None, None]:
         """The loop both trainers share: ``groups`` (training, then validation data, None
