@@ -313,6 +313,34 @@ def test_a_damaged_checksum_chunk_is_an_absent_tile_computed_again_not_a_crash(t
     assert calls == [(5, 1, 1)] and torch.equal(again.embedding_for(5, (1, 1)).features, good)
     assert again.plane_ready(5) and again.store.verify().clean
 
+
+def test_a_cache_that_cannot_be_written_leaves_the_session_in_memory_with_one_warning(tiny_model, volume_zarr,
+                                                                                      tmp_path, monkeypatch):
+    import errno
+
+    path, _ = volume_zarr
+    emb = Embeddings(zarr.open_array(str(path), mode="r"), tiny_model, tmp_path / "c.zarr", axes="ZYX", tile=200,
+                     halo=25)
+    tried = []
+
+    def refused(entry, features):  # a cache made read-only, or a full disk
+        tried.append(entry)
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "c.zarr" / "features"))
+
+    monkeypatch.setattr(emb.store, "write", refused)
+    with pytest.warns(UserWarning, match=r"cannot be written \(Permission denied\): tiles computed now are kept in "
+                                         r"memory only"):
+        first = emb.embedding_for(3, (0, 0))
+    second = emb.embedding_for(4, (0, 0))  # no second warning, no second try
+    assert tried == [(3, 0, 0)] and first.features.shape == second.features.shape
+    from napari_sam.core.prompts import Prompt
+
+    assert emb.segment(3, Prompt(points=np.array([[50.0, 50.0]]), labels=np.array([1]))).area >= 0
+    monkeypatch.setattr(emb.store, "write", lambda entry, features: (_ for _ in ()).throw(OSError(errno.EIO, "I/O")))
+    emb._writable = True
+    with pytest.raises(OSError, match="I/O"):  # not a refusal of the folder: said as it is
+        emb.embedding_for(5, (0, 0))
+
 def test_default_cache_goes_beside_a_zarr_image_or_into_the_user_cache(tiny_model, volume_zarr, tmp_path):
     path, data = volume_zarr
     src = ImageSource.open(path, axes="ZYX")

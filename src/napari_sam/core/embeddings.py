@@ -17,8 +17,10 @@ tile's region (plus halo) and writes its result straight into the cache.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
@@ -48,6 +50,7 @@ from .tiling import Tile, TileGrid, default_tiling
 __all__ = ["EmbedProgress", "Embeddings", "default_cache_path"]
 
 _RECENT = 16  # embeddings kept in memory (4 MiB each): a few planes' worth of tiles
+_UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
 
 
 class Embeddings:
@@ -169,6 +172,7 @@ class Embeddings:
         self._encoder = Predictor(model, normalization, traced=False)  # embeds only
         self._decoder = Predictor(model, normalization)
         self._recent: OrderedDict[tuple[int, int, int], ImageEmbedding] = OrderedDict()
+        self._writable = True  # False once the cache refused a tile: the session goes on in memory
         self._lock = threading.Lock()  # guards _recent and the per-entry locks
         self._entry_locks: dict[tuple[int, int, int], threading.Lock] = {}
         self._decode_lock = threading.Lock()
@@ -268,7 +272,17 @@ class Embeddings:
         tile = self.grid[entry[1:]]
         region = self.source.read(entry[0], tile.outer)
         features = embed_region(self._encoder, region, self.limits_for(entry[0]))
-        self.store.write(entry, features)
+        if self._writable:
+            try:
+                self.store.write(entry, features)
+            except OSError as err:
+                if err.errno not in _UNWRITABLE:
+                    raise
+                # A cache made read-only (shared, archived) or a full disk must not stop the
+                # clicks: tiles are kept in memory for this session, as without a cache.
+                self._writable = False
+                warnings.warn(f"the embedding cache {self.cache_path} cannot be written ({err.strerror}): tiles "
+                              "computed now are kept in memory only, for this session", stacklevel=4)
         # Hand out what a later read of the cache gives (float16 storage rounds).
         return features.astype(self.signature.storage).astype(np.float32)
 
