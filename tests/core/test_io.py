@@ -137,6 +137,27 @@ def test_a_label_store_of_a_session_can_be_replaced_with_overwrite(tmp_path):
     assert (np.asarray(zarr.open_array(str(store), mode="r")) == 7).all()
 
 
+
+def test_a_label_store_that_cannot_be_removed_is_refused_before_the_work(tmp_path, monkeypatch):
+    import os
+
+    from napari_sam.core import outputs
+    from napari_sam.core.label_target import create_label_store
+
+    store = tmp_path / "old.zarr"
+    create_label_store(store, (2, 6, 6))
+    locked = str(store / "c")
+    os.makedirs(locked, exist_ok=True)
+    real = os.access
+    # chmod -R a-w as another user (root passes every permission check, so the test pretends)
+    monkeypatch.setattr(outputs.os, "access", lambda p, mode: real(p, mode) and os.fspath(p) != locked)
+    with pytest.raises(PermissionError, match="--overwrite cannot replace it") as err:
+        outputs.check_output(store, overwrite=True)
+    assert err.value.filename == locked
+    monkeypatch.setattr(outputs.os, "access", real)
+    assert outputs.check_output(store, overwrite=True) == store
+
+
 @pytest.mark.parametrize("ome, said", [
     ({"multiscales": [{"datasets": [{"path": "s9"}]}]}, "name the level 's9', which cannot be read"),
     ({"multiscales": [{"datasets": []}]}, "name no level"),

@@ -8,6 +8,7 @@ marker. A Zarr group, an OME-Zarr image or any other folder is never deleted.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -161,6 +162,11 @@ def check_output(path: str | os.PathLike, inputs: Mapping[str, str | os.PathLike
                 raise ValueError(f"{what} {path} exists and is not a label array written by napari-sam (a Zarr "
                                  f"group, an image or another folder): --overwrite never deletes it; remove it "
                                  f"yourself or choose another path")
+            # it is moved aside and removed once the new one is whole: every folder in it must
+            # let that happen, or the refusal would come after all the work
+            locked = next((d for d, _, _ in os.walk(path) if not os.access(d, os.W_OK | os.X_OK)), None)
+            if locked is not None:
+                raise PermissionError(errno.EACCES, "Permission denied (--overwrite cannot replace it)", locked)
         elif not path.is_file():
             raise ValueError(f"{what} {path} exists and is not a file: --overwrite replaces only a "
                              f"{suffix} file; remove it yourself or choose another path")
