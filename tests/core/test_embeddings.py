@@ -341,6 +341,20 @@ def test_a_cache_that_cannot_be_written_leaves_the_session_in_memory_with_one_wa
     with pytest.raises(OSError, match="I/O"):  # not a refusal of the folder: said as it is
         emb.embedding_for(5, (0, 0))
 
+
+def test_a_cache_deleted_during_a_session_is_made_anew_not_left_headless(tiny_model, volume_zarr, tmp_path):
+    import shutil
+
+    path, _ = volume_zarr
+    cache = tmp_path / "c.zarr"
+    emb = Embeddings(zarr.open_array(str(path), mode="r"), tiny_model, cache, axes="ZYX", tile=200, halo=25)
+    emb.embedding_for(3, (0, 0))
+    shutil.rmtree(cache)  # caches cleaned while napari is open
+    made = emb.embedding_for(6, (0, 0)).features
+    later = Embeddings(zarr.open_array(str(path), mode="r"), tiny_model, cache, axes="ZYX", tile=200, halo=25)
+    assert later.is_cached(6, (0, 0)) and not later.is_cached(3, (0, 0))
+    assert torch.equal(later.embedding_for(6, (0, 0)).features, made)
+
 def test_default_cache_goes_beside_a_zarr_image_or_into_the_user_cache(tiny_model, volume_zarr, tmp_path):
     path, data = volume_zarr
     src = ImageSource.open(path, axes="ZYX")

@@ -235,6 +235,12 @@ class EmbeddingStore:
         p, r, c = entry
         self.checksums[p, r, c] = np.uint64(0)
 
+    def removed(self) -> bool:
+        """Whether the entries' folder was deleted under this store (a cache cleaned during a
+        session): writing on would leave chunks without their metadata, a folder that no
+        later session can open."""
+        return self.path is not None and not (Path(self.path).expanduser() / self.key / "zarr.json").is_file()
+
     def stored(self, entry: tuple[int, int, int]) -> bool:
         """Whether an entry's checksum is written (not verified); an undecodable checksum
         chunk counts as absent, so that the entry is computed again."""

@@ -164,11 +164,7 @@ class Embeddings:
             storage=storage,
         )
         self.cache_path = cache_path_for(cache, self.source, image_fp)
-        rows, cols = self.grid.grid_shape
-        with cache_lock(self.cache_path):  # another process may be creating the same entries
-            self.store = EmbeddingStore.open(
-                self.cache_path, self.signature, (self.source.n_planes, rows, cols), on_mismatch, self.feature_shape
-            )
+        self._open_store(on_mismatch)
         self._encoder = Predictor(model, normalization, traced=False)  # embeds only
         self._decoder = Predictor(model, normalization)
         self._recent: OrderedDict[tuple[int, int, int], ImageEmbedding] = OrderedDict()
@@ -268,10 +264,20 @@ class Embeddings:
                 self._pixels.popitem(last=False)
         return pixels
 
+    def _open_store(self, on_mismatch: str) -> None:
+        rows, cols = self.grid.grid_shape
+        with cache_lock(self.cache_path):  # another process may be creating the same entries
+            self.store = EmbeddingStore.open(
+                self.cache_path, self.signature, (self.source.n_planes, rows, cols), on_mismatch, self.feature_shape
+            )
+
     def _compute(self, entry: tuple[int, int, int]) -> np.ndarray:
         tile = self.grid[entry[1:]]
         region = self.source.read(entry[0], tile.outer)
         features = embed_region(self._encoder, region, self.limits_for(entry[0]))
+        if self._writable and self.store.removed():  # the cache was deleted during the session: made anew
+            self._ready.clear()
+            self._open_store("beside")
         if self._writable:
             try:
                 self.store.write(entry, features)
