@@ -188,7 +188,7 @@ def test_the_checks_can_fail():
     }
 
 
-@pytest.mark.parametrize("path", sorted((PKG / "model").glob("*.py")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((PKG / "model").rglob("*.py")), ids=lambda p: str(p.relative_to(PKG)))
 def test_model_imports_only_torch(path):
     assert _imports(path) - STDLIB - {"torch", "__future__"} == set()
 

@@ -326,3 +326,9 @@ def test_segment_modes_are_the_automatic_modes_the_package_knows():
     mode = next(a for a in segment._actions if a.dest == "mode")
     assert tuple(mode.choices) == ("prompts", *MODES)
     assert set(MODES) < set(MODE_NAMES)
+    from napari_sam.auto.boxes import DETECTORS
+    from napari_sam.auto.modes import PLANNERS
+
+    assert set(PLANNERS) == set(MODES)  # a mode without its planner would have run as another
+    detector = next(a for a in segment._actions if a.dest == "detector")
+    assert tuple(detector.choices) == DETECTORS

@@ -148,7 +148,7 @@ def test_bad_modes_and_settings_are_one_clear_error(model, plane):
         segment_plane(emb, 0, "auto", min_size_px=3)
     with pytest.raises(ValueError, match="mode 'boxes' has no setting 'points_per_side'"):
         segment_plane(emb, 0, "boxes", points_per_side=3)
-    with pytest.raises(ValueError, match="detector must be 'otsu' or 'log'"):
+    with pytest.raises(ValueError, match="detector must be one of 'otsu', 'log'"):
         segment_plane(emb, 0, "boxes", detector="blobs")
     with pytest.raises(ValueError, match="points_per_side"):
         segment_plane(emb, 0, "auto", points_per_side=0)

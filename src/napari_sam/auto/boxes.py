@@ -24,7 +24,11 @@ from .decoding import UPSCALE_CHUNK, decoder, full_logits, plane_embeddings
 from .link import link_planes
 from .results import AutomaticResult, Progress, run
 
-__all__ = ["boxes_from_labels", "detect_boxes", "iter_from_boxes", "iter_refine_labels", "segment_detections"]
+__all__ = ["DETECTORS", "boxes_from_labels", "detect_boxes", "iter_from_boxes", "iter_refine_labels",
+           "segment_detections"]
+
+DETECTORS = ("otsu", "log")
+"""The classical detectors whose boxes the ``"boxes"`` mode answers (:func:`detect_boxes`)."""
 
 
 def boxes_from_labels(labels, min_area: int = 1) -> tuple[np.ndarray, np.ndarray]:

@@ -38,7 +38,7 @@ import numpy as np
 
 from .ais import AISSettings, iter_ais
 from .apg import APGSettings, iter_apg
-from .boxes import detect_boxes, iter_from_boxes
+from .boxes import DETECTORS, detect_boxes, iter_from_boxes
 from .grid import GridConfig, iter_grid
 from .link import link_planes
 from .recommend import DECODER_MODES, MODES, Recommended, recommended
@@ -47,6 +47,7 @@ from .results import Progress, run
 __all__ = [
     "BOXES_OPTIONS",
     "MODES",
+    "PLANNERS",
     "available_modes",
     "reads_native_scale",
     "iter_segment_plane",
@@ -118,6 +119,56 @@ def _stained_settings(advised: AISSettings, overrides: dict) -> AISSettings:
     return dataclasses.replace(advised, **given)
 
 
+def _plan_ais(model, advice: Recommended, overrides: dict) -> _PlaneRun:
+    ais, opts = _settings(AISSettings, advice.ais, "ais", overrides, _AIS_OPTIONS)
+    stained = ais if advice.ais_stained is None else _stained_settings(advice.ais_stained, overrides)
+
+    def run_ais(emb, plane):
+        chosen = stained if getattr(emb.source, "stain", None) else ais
+        return (yield from iter_ais(_for_decoder(model, emb), plane, model.instance_decoder, chosen,
+                                    opts["batch_size"], opts["augment"]))
+
+    return run_ais
+
+
+def _plan_apg(model, advice: Recommended, overrides: dict) -> _PlaneRun:
+    apg, _ = _settings(APGSettings, advice.apg, "apg", overrides, {})
+    return lambda emb, plane: iter_apg(_for_decoder(model, emb), plane, model.instance_decoder, apg)
+
+
+def _plan_grid(model, advice: Recommended, overrides: dict) -> _PlaneRun:
+    grid, _ = _settings(GridConfig, advice.grid, "auto", overrides, {})
+
+    def run_grid(emb, plane):
+        return (yield from iter_grid(emb, plane, grid)).labels
+
+    return run_grid
+
+
+def _plan_boxes(model, advice: Recommended, overrides: dict) -> _PlaneRun:
+    extra = {"detector": advice.detector, **BOXES_OPTIONS}
+    unknown = sorted(set(overrides) - set(extra))
+    if unknown:
+        raise ValueError(f"mode 'boxes' has no setting {', '.join(map(repr, unknown))} (it takes: {', '.join(extra)})")
+    opts = {k: overrides.get(k, v) for k, v in extra.items()}
+    if opts["detector"] not in DETECTORS:
+        raise ValueError(f"detector must be one of {', '.join(map(repr, DETECTORS))}, not {opts['detector']!r}")
+
+    def run_boxes(emb, plane):
+        boxes = detect_boxes(emb.source.read(plane), method=opts["detector"], min_area=opts["min_area"])
+        result = yield from iter_from_boxes(emb, plane, boxes, opts["batch_size"], opts["min_area"])
+        return result.labels
+
+    return run_boxes
+
+
+PLANNERS: dict[str, Callable[[Any, Recommended, dict], _PlaneRun]] = {
+    "ais": _plan_ais, "apg": _plan_apg, "auto": _plan_grid, "boxes": _plan_boxes}
+"""Per mode of :data:`~napari_sam.auto.recommend.MODES`: its settings checked once (the
+model, its advice, the caller's keywords) into what segments one plane. A new mode is
+one entry here (a test holds the two lists equal)."""
+
+
 def _plan(model, mode: str | None, advice: Recommended | None, overrides: dict) -> _PlaneRun:
     """Check the mode and its settings once, and return what segments one plane."""
     advice = recommended(model) if advice is None else advice
@@ -129,41 +180,7 @@ def _plan(model, mode: str | None, advice: Recommended | None, overrides: dict) 
             f"mode {mode!r} needs an instance decoder, which this model lacks; "
             f"its modes are {', '.join(available_modes(model))}"
         )
-    decoder = model.instance_decoder
-    if mode == "ais":
-        ais, opts = _settings(AISSettings, advice.ais, mode, overrides, _AIS_OPTIONS)
-        stained = ais if advice.ais_stained is None else _stained_settings(advice.ais_stained, overrides)
-
-        def run_ais(emb, plane):
-            chosen = stained if getattr(emb.source, "stain", None) else ais
-            return (yield from iter_ais(_for_decoder(model, emb), plane, decoder, chosen, opts["batch_size"],
-                                        opts["augment"]))
-
-        return run_ais
-    if mode == "apg":
-        apg, _ = _settings(APGSettings, advice.apg, mode, overrides, {})
-        return lambda emb, plane: iter_apg(_for_decoder(model, emb), plane, decoder, apg)
-    if mode == "auto":
-        grid, _ = _settings(GridConfig, advice.grid, mode, overrides, {})
-
-        def run_grid(emb, plane):
-            return (yield from iter_grid(emb, plane, grid)).labels
-
-        return run_grid
-    extra = {"detector": advice.detector, **BOXES_OPTIONS}
-    unknown = sorted(set(overrides) - set(extra))
-    if unknown:
-        raise ValueError(f"mode 'boxes' has no setting {', '.join(map(repr, unknown))} (it takes: {', '.join(extra)})")
-    opts = {k: overrides.get(k, v) for k, v in extra.items()}
-    if opts["detector"] not in ("otsu", "log"):
-        raise ValueError(f"detector must be 'otsu' or 'log', not {opts['detector']!r}")
-
-    def run_boxes(emb, plane):
-        boxes = detect_boxes(emb.source.read(plane), method=opts["detector"], min_area=opts["min_area"])
-        result = yield from iter_from_boxes(emb, plane, boxes, opts["batch_size"], opts["min_area"])
-        return result.labels
-
-    return run_boxes
+    return PLANNERS[mode](model, advice, overrides)
 
 
 def iter_segment_plane(

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, replace
 
 from .ais import AISSettings
 from .apg import APGSettings
+from .boxes import DETECTORS
 from .grid import GridConfig
 
 __all__ = ["Recommended", "recommended"]
@@ -109,7 +110,7 @@ def recommended(model) -> Recommended:
             "apg": APGSettings(**dict(advice.pop("apg", {}))),
         }
         out = Recommended(**settings, **advice)
-        if out.mode not in MODES or out.detector not in ("otsu", "log"):
+        if out.mode not in MODES or out.detector not in DETECTORS:
             raise ValueError(f"mode {out.mode!r}, detector {out.detector!r}")
     except (TypeError, ValueError) as err:  # a checkpoint is untrusted input
         _warn(f"ignoring the checkpoint's advice on automatic segmentation ({err})")

@@ -21,9 +21,6 @@ IMAGE_SIZE = 1024
 PROMPT_EMBED_DIM = 256
 """Channels of the image embedding and of every prompt token."""
 
-EMBEDDING_SIZE = IMAGE_SIZE // 16
-"""Side of the image embedding grid (64 for a 1024 input)."""
-
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
 
