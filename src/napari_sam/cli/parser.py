@@ -147,12 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     seg.add_argument("--mode", choices=["prompts", "ais", "apg", "auto", "boxes"], default="prompts")
     seg.add_argument("--points-per-side", type=_positive_int, default=None,
-                     help="auto mode: grid density per tile (32)")
+                     help="auto mode: grid density per tile (default: the model's advice, else 32)")
     seg.add_argument("--detector", choices=["otsu", "log"], default=None,
                      help="boxes mode: the detector (default: the one measured to suit the model; otsu for SAM's own)")
     seg.add_argument("--min-area", type=_count, default=None,
-                     help="automatic modes: smaller objects are dropped (default: 25 for auto and boxes, the "
-                     "model's advice for ais and apg)")
+                     help="automatic modes: smaller objects are dropped (default: the model's advice, else 25)")
     seg.add_argument("--augment", action="store_true",
                      help="ais mode: average the instance decoder's maps of the plane seen enlarged (1, 1.5, 2x) "
                      "and mirrored (12 views) before post-processing: better on small touching objects, about 30 "

@@ -186,11 +186,11 @@ def segment(args) -> int:
 def _mode_settings(args) -> dict:
     """The settings of --mode that the command line gives (the model's advice for the rest)."""
     min_area = args.min_area
-    if args.mode == "auto":
-        return {"points_per_side": args.points_per_side or 32, "min_area": 25 if min_area is None else min_area}
+    given = {"min_area": min_area} if min_area is not None else {}
+    if args.mode == "auto":  # what is not given is the model's advice, else the mode's defaults
+        return {**given, **({} if args.points_per_side is None else {"points_per_side": args.points_per_side})}
     if args.mode == "boxes":
-        detector = {} if args.detector is None else {"detector": args.detector}
-        return {"min_area": 25 if min_area is None else min_area, **detector}
+        return {**given, **({} if args.detector is None else {"detector": args.detector})}
     augment = {"augment": True} if args.augment else {}
     return augment if min_area is None else {"min_size": min_area, **augment}
 
