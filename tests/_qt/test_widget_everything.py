@@ -33,7 +33,7 @@ def ais_advice(stack, tiny_checkpoint):
 def _widget(make_napari_viewer, stack, tiny_checkpoint, monkeypatch, qtbot, advice=None):
     """The widget on the stack; with ``advice`` (a checkpoint's "automatic" metadata) the
     model it loads has an instance decoder."""
-    import napari_sam.core.models as models
+    import napari_sam.core.sam2_models as models  # where the annotator's model is resolved
     from napari_sam._qt.widget import SamWidget
 
     monkeypatch.setenv("NAPARI_SAM_MODEL", str(tiny_checkpoint))

@@ -12,9 +12,9 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, Label, PushButton, SpinBox
 
+from ..layers.training_data import annotated_planes
 from .curve import CurveWidget
 from .widget import CHECKPOINT, model_picker_choices
 from .workers import Workers
@@ -22,7 +22,7 @@ from .workers import Workers
 if TYPE_CHECKING:  # pragma: no cover
     import napari
 
-__all__ = ["TrainingWidget", "check_checkpoint_out", "dataset_from_layers", "free_name"]
+__all__ = ["TrainingWidget", "check_checkpoint_out", "free_name"]
 
 
 def check_checkpoint_out(path) -> Path:
@@ -47,30 +47,6 @@ def free_name(path) -> str:
     while candidate.exists():
         candidate, k = path.with_name(f"{path.stem}_{k}{path.suffix}"), k + 1
     return str(candidate)
-
-
-def dataset_from_layers(image_layer, labels_layer):
-    """Training pairs from an image layer and a Labels layer of the same shape: one pair
-    per annotated plane (planes without objects are skipped)."""
-    from ..layers import source_from_layer
-    from ..train import SegmentationDataset
-
-    source = source_from_layer(image_layer)
-    labels = labels_layer.data[0] if labels_layer.multiscale else labels_layer.data
-    if tuple(labels.shape) != source.plane_grid + source.plane_shape:
-        raise ValueError(f"labels of shape {tuple(labels.shape)} do not match the image's planes "
-                         f"{source.plane_grid + source.plane_shape}")
-    images, masks, names = [], [], []
-    for flat in range(source.n_planes):
-        index = source.plane_index(flat)
-        plane_labels = np.asarray(labels[index])
-        if plane_labels.any():
-            images.append(source.read(flat))
-            masks.append(plane_labels)
-            names.append(f"{image_layer.name}{list(index)}")
-    if not images:
-        raise ValueError(f"the labels layer {labels_layer.name!r} holds no objects to learn from")
-    return SegmentationDataset.from_arrays(images, masks, names)
 
 
 class TrainingWidget(Container):
@@ -161,7 +137,7 @@ class TrainingWidget(Container):
         most) or until Stop, and save the model: also when stopped or when the widget
         closes mid-run."""
         from ..core.models import resolve_model
-        from ..train import Trainer, TrainingConfig
+        from ..train import SegmentationDataset, Trainer, TrainingConfig
         from ..train.run import finish, run_steps
 
         if self.workers.busy:
@@ -170,7 +146,7 @@ class TrainingWidget(Container):
             if self.image.value is None or self.labels.value is None:
                 raise ValueError("pick an image layer and a Labels layer of its annotations")
             out = check_checkpoint_out(self.out.value)
-            data = dataset_from_layers(self.image.value, self.labels.value)
+            data = SegmentationDataset.from_arrays(*annotated_planes(self.image.value, self.labels.value))
         except (ValueError, OSError) as err:
             self.status.value = f"cannot train: {err}"
             return None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from ..auto.modes import available_modes
 from ..auto.results import Progress
+from .prompt_layers import full_resolution
 
 __all__ = ["MODE_NAMES", "EverythingProgress", "mode_choices", "rough_labels"]
 
@@ -53,10 +54,8 @@ def rough_labels(rough, shape: tuple[int, ...]):
     """
     if rough is None:
         raise ValueError("choose the Labels layer whose objects are to be refined")
-    data = getattr(rough, "data", rough)
+    data = full_resolution(rough) if hasattr(rough, "multiscale") else rough  # a layer, or an array
     name = getattr(rough, "name", "the rough labels")
-    if getattr(rough, "multiscale", False):
-        data = data[0]
     if tuple(data.shape) != tuple(shape):
         raise ValueError(f"{name} has shape {tuple(data.shape)}, but the image's labels need {tuple(shape)}")
     return data

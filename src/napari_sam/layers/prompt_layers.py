@@ -42,6 +42,11 @@ LABELS = "SAM labels"
 FOREGROUND, BACKGROUND = "lime", "red"
 
 
+def full_resolution(layer):
+    """A layer's data, or its full-resolution level (level 0) when it is a pyramid."""
+    return layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+
+
 def source_from_layer(layer) -> ImageSource:
     """The ImageSource of an image layer: its full-resolution data (level 0 of a pyramid),
     with axes (T)(Z)YX(C).
@@ -52,7 +57,7 @@ def source_from_layer(layer) -> ImageSource:
     through that store, so the embedding cache is the one beside it that ``napari-sam
     embed`` fills, and is shared with the command line.
     """
-    data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+    data = full_resolution(layer)
     spatial = layer.ndim
     if spatial < 2 or spatial > 4:
         raise ValueError(f"layer {layer.name!r} has {spatial} dimensions: SAM segments 2D planes of 2D to 4D images")
@@ -67,7 +72,7 @@ def _layer_axes(layer) -> str | None:
     a layer holding several channels (a ``c`` axis) is refused."""
     labels = [str(a).upper() for a in getattr(layer, "axis_labels", ())]
     axes = "".join(labels)
-    data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+    data = full_resolution(layer)
     if "C" in labels and not layer.rgb and data.shape[labels.index("C")] > 1:  # else segmented as planes
         raise ValueError(f"layer {layer.name!r} holds channels (axes {axes}): open them as one layer each "
                          "(viewer.add_image(data, channel_axis=...)) and segment the nuclei's layer")
