@@ -29,14 +29,11 @@ def check_checkpoint_out(path) -> Path:
     """Where a trained model may be saved, checked before the training: a new ``.pth`` (or
     ``.pt``) file in a folder that accepts files; an existing file (the base checkpoint,
     an earlier model, an image) is never replaced."""
-    from ..core.outputs import check_folder_writable
+    from ..core.outputs import check_file_output
 
-    path = Path(str(path)).expanduser()
-    if path.suffix.lower() not in (".pth", ".pt"):
-        raise ValueError(f"save as {path}: a model is saved as .pth (or .pt)")
-    if path.exists():
+    path = check_file_output(Path(str(path)), (".pth", ".pt"), "a model", "save as", overwrite=None)
+    if path.exists():  # the widget has no "overwrite": said as what to do there
         raise ValueError(f"{path} exists and is kept: choose another name to save the model as")
-    check_folder_writable(path.parent)
     return path
 
 

@@ -49,17 +49,14 @@ def train(args) -> int:
 
     from ..core.io import read_image
     from ..core.models import resolve_model
-    from ..core.outputs import check_folder_writable, check_not_an_input
+    from ..core.outputs import check_file_output
     from ..train import SegmentationDataset, Trainer, TrainingConfig
     from ..train.run import train as run_training
 
-    # the checkpoint's place is checked before hours of training, not after
-    if Path(args.out).suffix.lower() not in (".pth", ".pt"):
-        raise ValueError(f"--out {args.out}: a checkpoint is written as .pth (or .pt)")
-    check_not_an_input(args.out, {"data": args.data, "labels": args.labels, "validation": args.validation},
-                       inside_ok=True)
-    check_folder_writable(Path(args.out).expanduser().parent)
-    out = Path(args.out).expanduser()  # the path the checks above looked at
+    # the checkpoint's place is checked before hours of training, not after; an existing one is resumed
+    out = check_file_output(args.out, (".pth", ".pt"), "a checkpoint",
+                            inputs={"data": args.data, "labels": args.labels, "validation": args.validation},
+                            overwrite=None)
     channels = {} if args.channel is None else {"channel_axis": -1, "channel": args.channel}
     if args.labels:
         image, labels = read_image(args.data), read_image(args.labels)
@@ -174,19 +171,12 @@ def evaluate(args) -> int:
     import numpy as np
 
     from .. import evaluate
-    from ..core.outputs import check_folder_writable, check_not_an_input
+    from ..core.outputs import check_file_output
     from ..evaluate import WatershedBaseline
 
     if args.json:
-        if Path(args.json).suffix.lower() != ".json":
-            raise ValueError(f"--json {args.json}: the results are written as a .json file")
-        check_not_an_input(args.json, {"images": args.images, "labels": args.labels}, what="--json", inside_ok=True)
-        check_folder_writable(Path(args.json).expanduser().parent)
-        target = Path(args.json).expanduser()
-        if target.exists() and not target.is_file():
-            raise ValueError(f"--json {args.json} is a folder: --overwrite replaces only a file; choose another path")
-        if target.exists() and not args.overwrite:
-            raise FileExistsError(f"{args.json} exists; pass --overwrite to replace it, or choose another --json")
+        check_file_output(args.json, (".json",), "the results", "--json",
+                          {"images": args.images, "labels": args.labels}, args.overwrite)
 
     pairs = evaluate.load_pairs(args.images, args.labels)
     if args.channel is not None:

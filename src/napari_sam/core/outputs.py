@@ -15,8 +15,8 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-__all__ = ["LABELS_MARKER", "TIFF_SUFFIXES", "check_folder_writable", "check_not_an_input", "check_output",
-           "is_zarr_path"]
+__all__ = ["LABELS_MARKER", "TIFF_SUFFIXES", "check_file_output", "check_folder_writable", "check_not_an_input",
+           "check_output", "is_zarr_path"]
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 _LABEL_SUFFIXES = TIFF_SUFFIXES + (".zarr", ".npy")
@@ -176,3 +176,54 @@ def check_output(path: str | os.PathLike, inputs: Mapping[str, str | os.PathLike
                              f"never replaces it; remove it yourself or choose another path")
     check_folder_writable(path.parent)
     return path
+
+
+def check_file_output(path: str | os.PathLike, suffixes: tuple[str, ...], noun: str, what: str = "--out",
+                      inputs: Mapping[str, str | os.PathLike | None] | None = None,
+                      overwrite: bool | None = False) -> Path:
+    """Check, before any work, that a file other than a label image (a checkpoint, a
+    report) can be written to ``path``.
+
+    Parameters
+    ----------
+    path
+        The target file.
+    suffixes
+        The suffixes it may have (the first is named in messages: ``(".pth", ".pt")``).
+    noun
+        What is written, for messages (``"a checkpoint"``).
+    what
+        How to name the target in messages (an option, a field).
+    inputs
+        Paths the work reads: the target may be none of them, nor hold one (it may lie
+        inside an input folder; see :func:`check_not_an_input`).
+    overwrite
+        Whether an existing file may be replaced; None leaves an existing file to the
+        caller (a training run that resumes from it).
+
+    Returns
+    -------
+    pathlib.Path
+        The target, with ``~`` expanded.
+
+    Raises
+    ------
+    ValueError
+        Another suffix, an input as target, a folder under the name.
+    FileExistsError
+        The file exists and ``overwrite`` is False.
+    FileNotFoundError, NotADirectoryError, PermissionError
+        Its folder is missing, not a folder, or not writable.
+    """
+    target = Path(path).expanduser()
+    if target.suffix.lower() not in suffixes:
+        alternatives = "".join(f" (or {s})" for s in suffixes[1:])
+        raise ValueError(f"{what} {path}: {noun} is written as {suffixes[0]}{alternatives}")
+    check_not_an_input(target, inputs or {}, what=what, inside_ok=True)
+    if target.exists() and not target.is_file():
+        raise ValueError(f"{what} {path} is a folder, not a file: choose another path")
+    if target.exists() and overwrite is False:
+        raise FileExistsError(f"{path} exists; pass --overwrite (overwrite=True) to replace it, or choose another "
+                              f"{what}")
+    check_folder_writable(target.parent)
+    return target

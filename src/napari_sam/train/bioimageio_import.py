@@ -16,7 +16,7 @@ import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..core.outputs import check_folder_writable, check_not_an_input
+from ..core.outputs import check_file_output
 from ..model import config_from_dict, config_to_dict, infer_config, sam_from_state_dict
 from ..model.checkpoint import METADATA_KEY, CheckpointError, read_checkpoint, write_checkpoint
 from ..model.decoder_checkpoint import DECODER_KEY, read_decoder_state
@@ -191,14 +191,7 @@ def import_bioimageio(package: PathLike, out: PathLike | None = None, *, overwri
         target = src.with_name(stem + ".pth")
     else:
         target = Path(out).expanduser()
-    if target.suffix.lower() not in (".pth", ".pt"):
-        raise ValueError(f"out {out}: a checkpoint is written as .pth (or .pt)")
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} exists; pass overwrite=True (--overwrite) to replace it")
-    if target.is_dir():
-        raise IsADirectoryError(f"{target} is a folder, not a checkpoint file")
-    check_not_an_input(target, {"package": src}, what="out")
-    check_folder_writable(target.parent)
+    target = check_file_output(target, (".pth", ".pt"), "a checkpoint", "out", {"package": src}, overwrite)
 
     _check_sizes(src)
     descr = read_package(src)
