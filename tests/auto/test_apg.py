@@ -21,8 +21,8 @@ import torch
 from scipy import ndimage as ndi
 
 from napari_sam.auto.apg import APGSettings, iter_apg, prompt_points, segment_apg, select_masks
-from napari_sam.auto.boxes import _iter_tile_prompts
-from napari_sam.auto.candidates import _Candidate, stability_score
+from napari_sam.auto.boxes import iter_tile_prompts
+from napari_sam.auto.candidates import Candidate, stability_score
 from napari_sam.auto.decoding import decoder as predictor_of
 from napari_sam.auto.decoding import full_logits
 from napari_sam.core.embeddings import Embeddings
@@ -128,7 +128,7 @@ def test_labels_match_micro_sams_generate(reference):
     for x, y in data["points"]:
         logits, iou = stand_in_answer(instances, int(x), int(y))
         stability = float(stability_score(logits, 1.0, 0.0))
-        candidates.append(_Candidate.of(logits > 0, (0, 0), iou, stability))
+        candidates.append(Candidate.of(logits > 0, (0, 0), iou, stability))
     for case, spec in meta["cases"].items():
         expected = data[f"labels_{case}"]
         labels = select_masks(instances.shape, candidates, APGSettings(**spec["generate"]))
@@ -154,7 +154,7 @@ def test_one_point_per_object_at_its_deepest_pixel():
 def _square(y0, y1, x0, x1, iou, stability=1.0, shape=(60, 60)):
     mask = np.zeros(shape, bool)
     mask[y0:y1, x0:x1] = True
-    return _Candidate.of(mask, (0, 0), iou, stability)
+    return Candidate.of(mask, (0, 0), iou, stability)
 
 
 def test_duplicates_are_suppressed_by_mask_overlap_and_larger_masks_are_painted_first():
@@ -245,7 +245,7 @@ def test_a_plane_is_sams_answer_to_each_prompt_filtered(model):
     pred = predictor.predict_batch(points=points[:, None, :], multimask=False)
     logits = full_logits(predictor, pred.low_res_logits[:, 0])
     stab = stability_score(logits, 1.0, 0.0)
-    candidates = [_Candidate.of(lg > 0, (0, 0), float(i), float(s)) for lg, i, s in zip(logits, pred.iou[:, 0], stab)]
+    candidates = [Candidate.of(lg > 0, (0, 0), float(i), float(s)) for lg, i, s in zip(logits, pred.iou[:, 0], stab)]
     expected = select_masks((64, 80), [c for c in candidates if c is not None], settings)
     assert expected.max() >= 1
     np.testing.assert_array_equal(labels, expected)
@@ -255,7 +255,7 @@ def test_a_plane_is_sams_answer_to_each_prompt_filtered(model):
     best = pred.iou.argmax(axis=1)
     logits = full_logits(predictor, pred.low_res_logits[np.arange(3), best])
     stab = stability_score(logits, 1.0, 0.0)
-    candidates = [_Candidate.of(lg > 0, (0, 0), float(i), float(s))
+    candidates = [Candidate.of(lg > 0, (0, 0), float(i), float(s))
                   for lg, i, s in zip(logits, pred.iou[np.arange(3), best], stab)]
     np.testing.assert_array_equal(multi, select_masks((64, 80), [c for c in candidates if c is not None], settings))
     # refinement: each mask asked again with its box, on the same plane
@@ -295,10 +295,10 @@ def test_tiled_plane(model):
     groups = {}
     for i, (x, y) in enumerate(points):
         groups.setdefault(emb.grid.tile_at(x, y).index, []).append(i)
-    _, found = drain(_iter_tile_prompts(emb, 0, groups, 32, 3, points=points))
+    _, found = drain(iter_tile_prompts(emb, 0, groups, 32, 3, points=points))
     kept = [c for i, c in found if tuple(points[i]) not in asked]
     discs_asked = [PlaneMask.from_full(truth == truth[int(y), int(x)], iou=0.99) for x, y in asked]
-    answers = [_Candidate(m.region, m.mask, m.iou) for m in discs_asked]
+    answers = [Candidate(m.region, m.mask, m.iou) for m in discs_asked]
     np.testing.assert_array_equal(labels, select_masks((48, 90), kept + answers, APGSettings()))
     for i, c in found:
         y0, y1, x0, x1 = c.region

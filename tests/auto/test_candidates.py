@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from napari_sam.auto.candidates import _Candidate, box_nms, clean_mask, masks_to_labels, stability_score
+from napari_sam.auto.candidates import Candidate, box_nms, clean_mask, masks_to_labels, stability_score
 
 
 def test_box_nms_keeps_the_best_of_overlapping_boxes():
@@ -54,7 +54,7 @@ def test_clean_mask_fills_small_holes_and_removes_small_islands():
 
 
 def _cand(region, mask, iou=0.9):
-    return _Candidate(region, np.asarray(mask, bool), iou, 0.99)
+    return Candidate(region, np.asarray(mask, bool), iou, 0.99)
 
 
 def test_masks_to_labels_paints_large_first_without_overlaps():

@@ -117,7 +117,9 @@ def _smooth(image: np.ndarray, sigma: float) -> np.ndarray:
     return ndi.gaussian_filter(image, sigma, mode="mirror", radius=math.ceil(3 * sigma))
 
 
-def _as_map(name: str, value, shape=None) -> np.ndarray:
+def checked_map(name: str, value, shape=None) -> np.ndarray:
+    """``value`` as a finite (H, W) float32 map (of ``shape`` when given), else a
+    ValueError naming it: the instance decoder's maps as the post-processing takes them."""
     arr = np.asarray(value)
     if arr.ndim != 2 or arr.dtype.kind not in "fiub" or min(arr.shape) < 1:
         raise ValueError(f"{name} must be a non-empty (H, W) array of numbers, got {arr.dtype} {arr.shape}")
@@ -173,9 +175,9 @@ def instances_from_maps(
         Naming the map that is not a 2D array of finite numbers of the foreground's shape.
     """
     settings = settings or AISSettings()
-    fg = _as_map("foreground", foreground)
-    center = _as_map("center_distances", center_distances, fg.shape)
-    boundary = _as_map("boundary_distances", boundary_distances, fg.shape)
+    fg = checked_map("foreground", foreground)
+    center = checked_map("center_distances", center_distances, fg.shape)
+    boundary = checked_map("boundary_distances", boundary_distances, fg.shape)
     fg = _smooth(fg, settings.foreground_smoothing)
     sigma = _distance_sigma(settings, diameter)
     center = _smooth(center, sigma)

@@ -51,9 +51,9 @@ from skimage.measure import label
 from skimage.segmentation import find_boundaries
 
 from ..core.prompts import Prompt
-from .ais import _as_map
-from .boxes import _iter_box_candidates, _iter_tile_prompts
-from .candidates import _Candidate
+from .ais import checked_map
+from .boxes import iter_box_candidates, iter_tile_prompts
+from .candidates import Candidate
 from .instance_maps import iter_instance_maps
 from .results import Progress, run
 
@@ -138,9 +138,9 @@ def prompt_points(
         the components' first pixels (row-major); (0, 2) when there is none.
     """
     settings = settings or APGSettings()
-    fg = _as_map("foreground", foreground)
-    center = _as_map("center_distances", center_distances, fg.shape)
-    boundary = _as_map("boundary_distances", boundary_distances, fg.shape)
+    fg = checked_map("foreground", foreground)
+    center = checked_map("center_distances", center_distances, fg.shape)
+    boundary = checked_map("boundary_distances", boundary_distances, fg.shape)
     seeds = (
         (fg >= settings.foreground_threshold)
         & (center < settings.center_distance_threshold)
@@ -161,7 +161,7 @@ def prompt_points(
     return np.asarray(points, dtype=np.float64)
 
 
-def _overlap(a: _Candidate, b: _Candidate, over_min: bool) -> float:
+def _overlap(a: Candidate, b: Candidate, over_min: bool) -> float:
     """Mask IoU (or intersection over the smaller area) of two candidates whose regions
     intersect."""
     ay0, ay1, ax0, ax1 = a.region
@@ -173,7 +173,7 @@ def _overlap(a: _Candidate, b: _Candidate, over_min: bool) -> float:
     return inter / denominator if denominator else 0.0
 
 
-def _mask_nms(pool: Sequence[_Candidate], scores: np.ndarray, threshold: float, over_min: bool) -> list[int]:
+def _mask_nms(pool: Sequence[Candidate], scores: np.ndarray, threshold: float, over_min: bool) -> list[int]:
     """Greedy non-maximum suppression on masks: indices kept, best first (equal scores
     keep the earlier)."""
     regions = np.array([c.region for c in pool], dtype=np.int64).reshape(-1, 4)
@@ -196,7 +196,7 @@ def _mask_nms(pool: Sequence[_Candidate], scores: np.ndarray, threshold: float, 
 
 
 def select_masks(
-    shape: tuple[int, int], candidates: Sequence[_Candidate], settings: APGSettings | None = None
+    shape: tuple[int, int], candidates: Sequence[Candidate], settings: APGSettings | None = None
 ) -> np.ndarray:
     """SAM's masks of the prompts filtered and painted into labels (steps 3 and 4 of the
     module docstring).
@@ -206,7 +206,7 @@ def select_masks(
     shape
         (H, W) of the plane.
     candidates
-        The masks as crops of the plane (:class:`~napari_sam.auto.candidates._Candidate`:
+        The masks as crops of the plane (:class:`~napari_sam.auto.candidates.Candidate`:
         region, mask, predicted IoU, stability; NaN stability ranks by IoU alone), in
         prompt order (equal scores keep the earlier).
     settings
@@ -237,7 +237,7 @@ def select_masks(
     return lut[pieces]
 
 
-def _cut_by_view(c: _Candidate, outer: tuple[int, int, int, int], shape: tuple[int, int]) -> bool:
+def _cut_by_view(c: Candidate, outer: tuple[int, int, int, int], shape: tuple[int, int]) -> bool:
     """Whether a candidate reaches an edge of the embedded region ``outer`` beyond which
     the plane goes on."""
     y0, y1, x0, x1 = c.region
@@ -245,7 +245,7 @@ def _cut_by_view(c: _Candidate, outer: tuple[int, int, int, int], shape: tuple[i
     return (y0 == oy0 > 0) or (y1 == oy1 < shape[0]) or (x0 == ox0 > 0) or (x1 == ox1 < shape[1])
 
 
-def _refinement_boxes(candidates: Sequence[_Candidate], shape: tuple[int, int]) -> np.ndarray:
+def _refinement_boxes(candidates: Sequence[Candidate], shape: tuple[int, int]) -> np.ndarray:
     """Each candidate's box (first to last pixel) widened by 1 % of its size per side."""
     boxes = []
     for c in candidates:
@@ -302,7 +302,7 @@ def iter_apg(
     groups: dict[tuple[int, int], list[int]] = {}
     for i, (x, y) in enumerate(points):
         groups.setdefault(grid.tile_at(x, y).index, []).append(i)
-    found = yield from _iter_tile_prompts(
+    found = yield from iter_tile_prompts(
         embeddings, flat, groups, settings.batch_size, len(points), points=points,
         multimask=settings.multimask, stage="prompts",
     )
@@ -312,11 +312,11 @@ def iter_apg(
     for n, i in enumerate(cut, start=1):
         obj = embeddings.segment(flat, Prompt.make(points=points[i]), multimask=settings.multimask)
         if obj.area:
-            candidates.append(_Candidate(obj.region, obj.mask, float(obj.iou)))
+            candidates.append(Candidate(obj.region, obj.mask, float(obj.iou)))
         yield Progress(n, len(cut), flat, None, "prompts")
     if settings.refine_with_boxes and candidates:
         boxes = _refinement_boxes(candidates, grid.shape)
-        candidates = yield from _iter_box_candidates(embeddings, flat, boxes, settings.batch_size, "prompts")
+        candidates = yield from iter_box_candidates(embeddings, flat, boxes, settings.batch_size, "prompts")
     return select_masks(grid.shape, candidates, settings)
 
 

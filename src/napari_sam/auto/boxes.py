@@ -19,7 +19,7 @@ from scipy import ndimage
 from ..core.embeddings import Embeddings
 from ..core.preprocess import Normalization
 from ..core.prompts import Prompt
-from .candidates import _Candidate, masks_to_labels, stability_score
+from .candidates import Candidate, masks_to_labels, stability_score
 from .decoding import UPSCALE_CHUNK, decoder, full_logits, plane_embeddings
 from .link import link_planes
 from .results import AutomaticResult, Progress, run
@@ -177,13 +177,13 @@ def iter_from_boxes(
     if boxes.ndim != 2 or boxes.shape[1] != 4:
         raise ValueError(f"boxes must have shape (N, 4) as (x0, y0, x1, y1), got {boxes.shape}")
     flat = embeddings.source.flat_index(plane)
-    candidates = yield from _iter_box_candidates(embeddings, flat, boxes, batch_size)
+    candidates = yield from iter_box_candidates(embeddings, flat, boxes, batch_size)
     return masks_to_labels(embeddings.grid.shape, candidates, min_area)
 
 
-def _iter_box_candidates(
+def iter_box_candidates(
     embeddings: Embeddings, flat: int, boxes: np.ndarray, batch_size: int, stage: str = "boxes"
-) -> Generator[Progress, None, list[_Candidate]]:
+) -> Generator[Progress, None, list[Candidate]]:
     """SAM's mask of each (N, 4) box of a plane (see :func:`iter_from_boxes`), as
     candidates in plane coordinates; shared with APG's refinement by boxes."""
     grid = embeddings.grid
@@ -198,19 +198,19 @@ def _iter_box_candidates(
             groups.setdefault(tile.index, []).append(i)
         else:
             across.append(i)
-    found = yield from _iter_tile_prompts(embeddings, flat, groups, batch_size, len(boxes), boxes=boxes, stage=stage)
+    found = yield from iter_tile_prompts(embeddings, flat, groups, batch_size, len(boxes), boxes=boxes, stage=stage)
     candidates = [c for _, c in found]
     done = len(boxes) - len(across)
     for i in across:
         obj = embeddings.segment(flat, Prompt.make(box=boxes[i]))
         if obj.area:
-            candidates.append(_Candidate(obj.region, obj.mask, float(obj.iou)))
+            candidates.append(Candidate(obj.region, obj.mask, float(obj.iou)))
         done += 1
         yield Progress(done, len(boxes), flat, None, stage)
     return candidates
 
 
-def _iter_tile_prompts(
+def iter_tile_prompts(
     embeddings: Embeddings,
     flat: int,
     groups: dict[tuple[int, int], list[int]],
@@ -220,7 +220,7 @@ def _iter_tile_prompts(
     points: np.ndarray | None = None,
     multimask: bool = False,
     stage: str = "boxes",
-) -> Generator[Progress, None, list[tuple[int, _Candidate]]]:
+) -> Generator[Progress, None, list[tuple[int, Candidate]]]:
     """SAM's mask for each prompt of each tile's group, decoded in batches on the tile's
     embedding (shared by the detector-prompted mode and APG).
 
@@ -233,7 +233,7 @@ def _iter_tile_prompts(
     """
     predictor = decoder(embeddings)
     threshold = float(embeddings.model.mask_threshold)
-    found: list[tuple[int, _Candidate]] = []
+    found: list[tuple[int, Candidate]] = []
     done = 0
     for index, members in groups.items():
         tile = embeddings.grid[index]
@@ -254,7 +254,7 @@ def _iter_tile_prompts(
                 logits = full_logits(predictor, low[c0 : c0 + UPSCALE_CHUNK])
                 stab = stability_score(logits, 1.0, threshold)
                 for j in range(logits.shape[0]):
-                    candidate = _Candidate.of(logits[j] > threshold, (oy, ox), float(ious[c0 + j]), float(stab[j]))
+                    candidate = Candidate.of(logits[j] > threshold, (oy, ox), float(ious[c0 + j]), float(stab[j]))
                     if candidate is not None:
                         found.append((chunk[c0 + j], candidate))
             done += len(chunk)

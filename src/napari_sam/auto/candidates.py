@@ -23,11 +23,12 @@ import torch
 from ..core.masks import PlaneMask
 from .results import AutomaticResult
 
-__all__ = ["box_nms", "clean_mask", "masks_to_labels", "stability_score"]
+__all__ = ["Candidate", "box_nms", "clean_mask", "cleaned_candidates", "masks_to_labels", "nms_candidates",
+           "stability_score"]
 
 
 @dataclass
-class _Candidate:
+class Candidate:
     """A mask as a crop of the plane: ``region`` is (y0, y1, x0, x1)."""
 
     region: tuple[int, int, int, int]
@@ -48,7 +49,7 @@ class _Candidate:
     @classmethod
     def of(
         cls, mask: np.ndarray, offset: tuple[int, int], iou: float, stability: float = math.nan
-    ) -> _Candidate | None:
+    ) -> Candidate | None:
         """The candidate of a bool mask whose origin lies at ``offset`` = (y, x) in the
         plane, cropped to its pixels; None for an empty mask.
 
@@ -171,7 +172,7 @@ def clean_mask(mask, min_area: int) -> np.ndarray:
     return _remove_small(_remove_small(mask, min_area, holes=True), min_area, holes=False)
 
 
-def _nms(candidates: list[_Candidate], iou_threshold: float) -> list[_Candidate]:
+def nms_candidates(candidates: list[Candidate], iou_threshold: float) -> list[Candidate]:
     """The candidates :func:`box_nms` keeps (by predicted IoU), best first."""
     if not candidates:
         return []
@@ -179,19 +180,19 @@ def _nms(candidates: list[_Candidate], iou_threshold: float) -> list[_Candidate]
     return [candidates[i] for i in keep]
 
 
-def _cleaned(candidates: list[_Candidate], min_area: int) -> list[_Candidate]:
+def cleaned_candidates(candidates: list[Candidate], min_area: int) -> list[Candidate]:
     """Every candidate through :func:`clean_mask`, re-cropped; those left smaller than
     ``min_area`` (or empty) are dropped."""
     out = []
     for c in candidates:
-        cleaned = _Candidate.of(clean_mask(c.mask, min_area), (c.region[0], c.region[2]), c.iou, c.stability)
+        cleaned = Candidate.of(clean_mask(c.mask, min_area), (c.region[0], c.region[2]), c.iou, c.stability)
         if cleaned is None or cleaned.area < max(min_area, 1):
             continue
         out.append(cleaned)
     return out
 
 
-def masks_to_labels(shape: tuple[int, int], candidates: Sequence[_Candidate], min_area: int = 0) -> AutomaticResult:
+def masks_to_labels(shape: tuple[int, int], candidates: Sequence[Candidate], min_area: int = 0) -> AutomaticResult:
     """Paint object masks into one label image without overlaps.
 
     Larger objects are painted first and smaller ones over them (as micro-sam does), so

@@ -32,7 +32,7 @@ from ..core.embeddings import Embeddings
 from ..core.predictor import Predictor
 from ..core.preprocess import Normalization
 from ..core.tiling import Tile
-from .candidates import _Candidate, _cleaned, _nms, masks_to_labels, stability_score
+from .candidates import Candidate, cleaned_candidates, masks_to_labels, nms_candidates, stability_score
 from .decoding import UPSCALE_CHUNK, decoder, full_logits, plane_embeddings
 from .link import link_planes
 from .results import AutomaticResult, Progress, run
@@ -122,14 +122,14 @@ def _cut_by_view(mask: np.ndarray, tile: Tile, plane_shape: tuple[int, int]) -> 
     )
 
 
-def _tile_candidates(predictor: Predictor, tile: Tile, plane_shape, config: GridConfig) -> list[_Candidate]:
+def _tile_candidates(predictor: Predictor, tile: Tile, plane_shape, config: GridConfig) -> list[Candidate]:
     """The candidates of one tile's grid of points that pass the filters, in plane
     coordinates; ``predictor`` holds the tile's embedding."""
     points = grid_points(tile.inner, config.points_per_side)
     oy, ox = tile.outer[0], tile.outer[2]
     local = points - (ox, oy)
     threshold = float(predictor.model.mask_threshold)
-    found: list[_Candidate] = []
+    found: list[Candidate] = []
     for start in range(0, len(local), config.batch_size):
         batch = local[start : start + config.batch_size]
         pred = predictor.predict_batch(
@@ -150,7 +150,7 @@ def _tile_candidates(predictor: Predictor, tile: Tile, plane_shape, config: Grid
                 mask = logits[j] > threshold
                 if _cut_by_view(mask, tile, plane_shape):
                     continue
-                candidate = _Candidate.of(mask, (oy, ox), float(iou[k]), float(stab[j]))
+                candidate = Candidate.of(mask, (oy, ox), float(iou[k]), float(stab[j]))
                 if candidate is not None:
                     found.append(candidate)
     return found
@@ -186,15 +186,15 @@ def iter_grid(
     flat = embeddings.source.flat_index(plane)
     grid = embeddings.grid
     predictor = decoder(embeddings)
-    candidates: list[_Candidate] = []
+    candidates: list[Candidate] = []
     for n, tile in enumerate(grid, start=1):
         predictor.set_embedding(embeddings.embedding_for(flat, tile.index))
         # NMS per tile first keeps the candidate list (and memory) small.
-        candidates += _nms(_tile_candidates(predictor, tile, grid.shape, config), config.nms_iou)
+        candidates += nms_candidates(_tile_candidates(predictor, tile, grid.shape, config), config.nms_iou)
         yield Progress(n, len(grid), flat, tile.index, "tiles")
-    candidates = _cleaned(candidates, config.min_area)
+    candidates = cleaned_candidates(candidates, config.min_area)
     # Across tiles: the same object found from two tiles' points is one object.
-    candidates = _nms(candidates, config.nms_iou)
+    candidates = nms_candidates(candidates, config.nms_iou)
     return masks_to_labels(grid.shape, candidates, config.min_area)
 
 
