@@ -127,7 +127,10 @@ def _looks_like_checkpoint(name: str) -> bool:
                                                                                  b"\x05") or head[257:262] == b"ustar"
 
 
-def _load(path: PathLike) -> Any:
+def load_file(path: PathLike) -> Any:
+    """A checkpoint file's contents, read as untrusted (``weights_only``: tensors and plain
+    values); a file that is not a checkpoint, or that holds pickled objects, is a
+    :class:`CheckpointError` saying which."""
     name = os.fspath(path)
     if not _looks_like_checkpoint(name):
         raise CheckpointError(f"{name} is not a readable PyTorch checkpoint (neither a PyTorch archive nor a pickle)")
@@ -250,7 +253,7 @@ def read_checkpoint(path: PathLike) -> Checkpoint:
     """
     if not os.path.isfile(os.fspath(path)):
         raise FileNotFoundError(f"no checkpoint file at {os.fspath(path)}")
-    return normalize_checkpoint(_load(path), source=os.fspath(path))
+    return normalize_checkpoint(load_file(path), source=os.fspath(path))
 
 
 def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .checkpoint import CheckpointError, PathLike, _load
+from .checkpoint import CheckpointError, PathLike, load_file
 from .instance_decoder import InstanceDecoder, instance_decoder_from_state_dict
 
 __all__ = ["DECODER_KEY", "find_decoder_state", "load_instance_decoder", "read_decoder_state"]
@@ -76,7 +76,7 @@ def read_decoder_state(path: PathLike) -> dict[str, torch.Tensor]:
     name = os.fspath(path)
     if not os.path.isfile(name):
         raise FileNotFoundError(f"no checkpoint file at {name}")
-    return find_decoder_state(_load(name), source=name)
+    return find_decoder_state(load_file(name), source=name)
 
 
 def load_instance_decoder(path: PathLike) -> InstanceDecoder:

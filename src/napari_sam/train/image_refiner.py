@@ -32,7 +32,7 @@ from ..model import Sam
 from ..model.image_refiner import DEPTH
 from ..model.instance_decoder import UPSCALE, InstanceDecoder
 from .dataset import SegmentationDataset
-from .instance_decoder import DecoderTrainingProgress, _Planes, _rate, _Resumable, distance_dice_loss
+from .instance_decoder import DecoderTrainingProgress, EncodedPlanes, ResumableRun, distance_dice_loss, rate_factor
 from .instance_targets import contact_band, instance_targets
 
 __all__ = ["RefinerTrainingConfig", "iter_train_image_refiner"]
@@ -108,7 +108,7 @@ class _Frames:
                  contact: bool = False):
         self.side = int(model.config.image_size)
         self.contact = contact
-        self.planes = _Planes(model, data, normalization, keep_inputs=True)
+        self.planes = EncodedPlanes(model, data, normalization, keep_inputs=True)
         self.decoder = decoder
         self.items: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int]]] = []
 
@@ -211,8 +211,8 @@ def iter_train_image_refiner(
     decoder.eval().requires_grad_(False)
     refine = decoder.refine.requires_grad_(True)
     optimizer = torch.optim.AdamW(refine.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _rate(config, step))
-    run = _Resumable(checkpoint_dir, (LAST, BEST), "refine", refine, optimizer, scheduler, config.as_dict(), device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: rate_factor(config, step))
+    run = ResumableRun(checkpoint_dir, (LAST, BEST), "refine", refine, optimizer, scheduler, config.as_dict(), device)
     contact = config.contact_weight > 0
     frames = _Frames(model, decoder, train, config.normalization, contact)
     val_frames = _Frames(model, decoder, validation, config.normalization, contact) if validation else None

@@ -143,7 +143,7 @@ def distance_dice_loss(maps: torch.Tensor, targets: torch.Tensor, eps: float = 1
     return (1 - 2 * overlap / total.clamp_min(eps)).sum()
 
 
-class _Planes:
+class EncodedPlanes:
     """Embeddings (CPU, float32) and targets (uint8, 1/255 steps) of a dataset's planes,
     each computed when first drawn; with ``keep_inputs`` instead of the targets each
     plane's model input (its channel mean, float16) and labels, in :attr:`inputs` (an
@@ -191,7 +191,7 @@ class _Planes:
         return emb, torch.from_numpy(targets).float().div_(255)
 
 
-def _batch_loss(decoder: InstanceDecoder, planes: _Planes, indices, device) -> torch.Tensor:
+def _batch_loss(decoder: InstanceDecoder, planes: EncodedPlanes, indices, device) -> torch.Tensor:
     embs, targets = zip(*(planes.get(int(i)) for i in indices))
     maps = decoder.maps(torch.cat([e.features for e in embs]).to(device))
     side = planes.model.config.image_size
@@ -202,7 +202,9 @@ def _batch_loss(decoder: InstanceDecoder, planes: _Planes, indices, device) -> t
     return torch.stack([distance_dice_loss(p, t[None].to(device)) for p, t in zip(preds, targets)]).mean()
 
 
-def _rate(config: DecoderTrainingConfig, step: int) -> float:
+def rate_factor(config: DecoderTrainingConfig, step: int) -> float:
+    """The learning rate at ``step`` as a factor of the peak: linear warm-up, then cosine
+    decay to 2 % (what ``LambdaLR`` takes)."""
     if step < config.warmup_steps:
         return (step + 1) / config.warmup_steps
     span = max(config.steps - config.warmup_steps, 1)
@@ -211,7 +213,7 @@ def _rate(config: DecoderTrainingConfig, step: int) -> float:
 
 
 
-def _load(path: Path, device) -> dict:
+def _load_run(path: Path, device) -> dict:
     """A run's own checkpoint, read as untrusted (tensors and plain values only)."""
     try:
         return torch.load(path, map_location=device, weights_only=True)
@@ -220,7 +222,7 @@ def _load(path: Path, device) -> dict:
                          "again, or use another checkpoint_dir") from None
 
 
-class _Resumable:
+class ResumableRun:
     """The bookkeeping of a resumable run that trains ``module`` alone: where it stands
     (read back from ``folder`` when a run of the same ``config`` left checkpoints there),
     the best validation loss and weights so far, and the checkpoints it writes.
@@ -238,7 +240,7 @@ class _Resumable:
         self.folder.mkdir(parents=True, exist_ok=True)
         last = self.folder / self.last
         if last.is_file():
-            state = _load(last, device)
+            state = _load_run(last, device)
             if state.get("config") != config:
                 raise ValueError(f"{last} was written with other settings; use another checkpoint_dir")
             module.load_state_dict(state[key])
@@ -247,7 +249,7 @@ class _Resumable:
             self.start, self.best_step = int(state["step"]), state["best_step"]
             self.best_loss = float(state["best_loss"])
         if (self.folder / self.best).is_file():
-            self.best_state = _load(self.folder / self.best, device)[key]
+            self.best_state = _load_run(self.folder / self.best, device)[key]
 
     def checkpoint(self, done: int, val_loss: float | None) -> None:
         """After a validation (``val_loss`` None without a validation set): keep the best
@@ -290,7 +292,7 @@ class _Resumable:
             self.module.load_state_dict(self.best_state)
 
 
-def _validate(decoder: InstanceDecoder, planes: _Planes, batch_size: int, device) -> float:
+def _validate(decoder: InstanceDecoder, planes: EncodedPlanes, batch_size: int, device) -> float:
     decoder.eval()
     losses, weights = [], []
     with torch.no_grad():
@@ -342,10 +344,10 @@ def iter_train_instance_decoder(
     torch.manual_seed(config.seed)
     decoder = InstanceDecoder(config.decoder_config(model.config.prompt_embed_dim)).to(device).train()
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _rate(config, step))
-    run = _Resumable(checkpoint_dir, (LAST, BEST), "decoder", decoder, optimizer, scheduler, config.as_dict(), device)
-    planes = _Planes(model, train, config.normalization)
-    val_planes = _Planes(model, validation, config.normalization) if validation else None
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: rate_factor(config, step))
+    run = ResumableRun(checkpoint_dir, (LAST, BEST), "decoder", decoder, optimizer, scheduler, config.as_dict(), device)
+    planes = EncodedPlanes(model, train, config.normalization)
+    val_planes = EncodedPlanes(model, validation, config.normalization) if validation else None
     yield from run.steps(
         config, (planes, val_planes),
         lambda rng: _batch_loss(decoder, planes, rng.integers(len(planes), size=config.batch_size), device),
