@@ -222,3 +222,23 @@ def test_public_api_resolves_lazily():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "napari_sam.core.models Predictor True"
+
+
+def _private_imports(source: str) -> list[str]:
+    """Names with a leading underscore imported from the package's other modules."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("napari_sam")):
+            found += [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+    return found
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PKG)))
+def test_no_module_imports_another_modules_private_names(path):
+    # what modules share is public, with a docstring: a private name is the module's own to change
+    assert _private_imports(path.read_text()) == []
+
+
+def test_the_private_import_check_can_fail():
+    assert _private_imports("from .candidates import _Candidate, box_nms\n") == ["_Candidate"]
+    assert _private_imports("from ..core.masks import iou\nfrom os import _exit\n") == []
