@@ -361,7 +361,7 @@ class Embeddings:
         flat = self.source.flat_index(plane)
 
         def answer(tile: Tile, pts, lbl, bx, multi, mask_input=None):
-            result = self._decode(flat, tile.index, pts, lbl, bx, mask_input, multi, refine)
+            result = self.decode_tile(flat, tile.index, pts, lbl, bx, mask_input, multi, refine)
             return LazyMasks(result), result.iou
 
         return dataclasses.replace(segment_tiled(self.grid, answer, prompt, multimask, max_tiles),
@@ -373,9 +373,11 @@ class Embeddings:
         with self._decode_lock:
             self._decoder.warm_up()
 
-    def _decode(self, plane, tile: tuple[int, int], points, labels, box, mask_input, multimask: bool,
-                refine: bool = True) -> Prediction:
-        """Answer prompts on one tile, in the coordinates of its embedded region."""
+    def decode_tile(self, plane, tile: tuple[int, int], points, labels, box, mask_input, multimask: bool,
+                    refine: bool = True) -> Prediction:
+        """Answer prompts on one tile (:meth:`Predictor.predict`): points (N, 2) as (x, y)
+        and box (4,) as (x0, y0, x1, y1) in the pixels of the tile's embedded region
+        (``grid[tile].outer``), mask_input (1, S/4, S/4) low-res logits of that tile."""
         emb = self.embedding_for(plane, tile)
         pixels = self._refiner_pixels(plane, tile) if refine else None
         with self._decode_lock:

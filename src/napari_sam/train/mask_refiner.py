@@ -126,17 +126,17 @@ def collect_mask_samples(model: Sam, pairs: Sequence, seed: int = 0, min_area: i
                 if mask.sum() < min_area:
                     continue
                 point, fg = interior_point(mask)[None], np.array([1])
-                first = emb._decode(0, tile.index, point, fg, None, None, True)
+                first = emb.decode_tile(0, tile.index, point, fg, None, None, True)
                 best = int(np.argmax(first.iou))
                 answers = [first.low_res_logits[best],
-                           emb._decode(0, tile.index, None, None, prompt_box(mask), None, False).low_res_logits[0]]
+                           emb.decode_tile(0, tile.index, None, None, prompt_box(mask), None, False).low_res_logits[0]]
                 previous, answer = first.low_res_logits[best], first.mask(best)
                 for _ in range(corrections):
                     fix = corrective_point(mask, answer, rng, "center")
                     if fix is None:
                         break
                     point, fg = np.concatenate([point, fix[0][None]]), np.append(fg, int(fix[1]))
-                    again = emb._decode(0, tile.index, point, fg, None, previous[None], False)
+                    again = emb.decode_tile(0, tile.index, point, fg, None, previous[None], False)
                     previous, answer = again.low_res_logits[0], again.mask(0)
                     answers.append(previous)
                 target = _target(mask, input_size, size)
