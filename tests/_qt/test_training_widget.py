@@ -35,7 +35,7 @@ def test_save_as_never_replaces_a_file_and_is_checked_before_training(trainer_wi
     image = tmp_path / "image.tif"
     tifffile.imwrite(image, np.zeros((8, 8), np.uint8))
     kept = {p: _digest(p) for p in (tiny_checkpoint, image)}
-    for out, said in [(tiny_checkpoint, "exists and is kept"), (image, "a model is written as .pth"),
+    for out, said in [(tiny_checkpoint, "exists and is kept"), (image, "a model is written as a .pth (or .pt) file"),
                       (tmp_path / "missing" / "m.pth", "does not exist")]:
         w.out.value = str(out)
         assert w.start() is None and said in w.status.value and not w.workers.busy

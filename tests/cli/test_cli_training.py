@@ -216,6 +216,7 @@ def test_a_resumed_run_validates_on_the_split_it_started_with(tmp_path, tiny_che
 
 def test_png_and_npy_pairs_train_and_evaluate_as_tiffs_do(tmp_path, nuclei_2d, capsys):
     # DSB2018 and many exports come as PNG; evaluation and training read the same formats
+    from PIL import Image
     from skimage.io import imsave
 
     from napari_sam.evaluate import load_pairs
@@ -226,7 +227,10 @@ def test_png_and_npy_pairs_train_and_evaluate_as_tiffs_do(tmp_path, nuclei_2d, c
     for d in ("images", "labels"):
         (root / d).mkdir(parents=True)
     imsave(root / "images" / "a.png", image[:128, :128], check_contrast=False)
-    imsave(root / "labels" / "a.png", labels[:128, :128].astype(np.uint16), check_contrast=False)
+    assert labels[:128, :128].max() < 256
+    indexed = Image.fromarray(labels[:128, :128].astype(np.uint8), mode="P")  # as label tools save them
+    indexed.putpalette(list(np.random.default_rng(0).integers(0, 256, 768)))
+    indexed.save(root / "labels" / "a.png")
     np.save(root / "images" / "b.npy", image[128:256, :128])
     np.save(root / "labels" / "b.npy", labels[128:256, :128])
     data = SegmentationDataset.from_folder(root)

@@ -221,3 +221,26 @@ def test_another_channel_of_the_image_is_kept_beside_without_a_warning(tmp_path)
         second = EmbeddingStore.open(path, dataclasses.replace(SIG, channel=1), LAYOUT)
     assert not second.present().any()
     assert np.array_equal(EmbeddingStore.open(path, first, LAYOUT).read((0, 0, 0)), _features(0))
+
+
+def test_a_sessions_write_remakes_a_deleted_cache_and_falls_back_to_memory_when_refused(tmp_path, monkeypatch):
+    import errno
+    import shutil
+
+    store = EmbeddingStore.open(tmp_path / "c.zarr", SIG, LAYOUT)
+    store.write((0, 0, 0), _features(0))
+    shutil.rmtree(tmp_path / "c.zarr")  # cleaned during the session (SAM's embeddings and SAM 2's features alike)
+    again = store.write_kept((1, 0, 0), _features(1))
+    assert again.path == store.path and np.array_equal(
+        EmbeddingStore.open(tmp_path / "c.zarr", SIG, LAYOUT).read((1, 0, 0)), _features(1))
+
+    def refused(entry, features):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "c.zarr"))
+
+    monkeypatch.setattr(again, "write", refused)
+    with pytest.warns(UserWarning, match=r"cannot be written \(No space left on device\)"):
+        memory = again.write_kept((2, 1, 1), _features(2))
+    assert memory.path is None and np.array_equal(memory.read((2, 1, 1)), _features(2))
+    monkeypatch.setattr(again, "write", lambda e, f: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    with pytest.raises(OSError, match="I/O error"):
+        again.write_kept((2, 0, 0), _features(3))

@@ -318,28 +318,45 @@ def test_a_cache_that_cannot_be_written_leaves_the_session_in_memory_with_one_wa
                                                                                       tmp_path, monkeypatch):
     import errno
 
+    from napari_sam.core.embedding_store import EmbeddingStore
+
     path, _ = volume_zarr
     emb = Embeddings(zarr.open_array(str(path), mode="r"), tiny_model, tmp_path / "c.zarr", axes="ZYX", tile=200,
                      halo=25)
-    tried = []
+    on_disk, tried = emb.store, []
 
     def refused(entry, features):  # a cache made read-only, or a full disk
         tried.append(entry)
         raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "c.zarr" / "features"))
 
-    monkeypatch.setattr(emb.store, "write", refused)
+    monkeypatch.setattr(on_disk, "write", refused)
     with pytest.warns(UserWarning, match=r"cannot be written \(Permission denied\): tiles computed now are kept in "
                                          r"memory only"):
         first = emb.embedding_for(3, (0, 0))
+    assert emb.store is not on_disk and emb.store.path is None  # a store in memory from now on
     second = emb.embedding_for(4, (0, 0))  # no second warning, no second try
     assert tried == [(3, 0, 0)] and first.features.shape == second.features.shape
-    from napari_sam.core.prompts import Prompt
-
-    assert emb.segment(3, Prompt(points=np.array([[50.0, 50.0]]), labels=np.array([1]))).area >= 0
+    assert emb.store.read((3, 0, 0)) is not None  # every tile kept, not only the recent ones
+    calls = _count_computes(monkeypatch, emb)
+    assert emb.compute_all(planes=[3, 5], progress=False) == len(emb.entries([3, 5]))  # ahead too, without claims
+    assert (3, 0, 0) not in calls and (5, 0, 0) in calls
+    assert not (tmp_path / "c.zarr" / on_disk.key / "checksums" / "claims").exists()
     monkeypatch.setattr(emb.store, "write", lambda entry, features: (_ for _ in ()).throw(OSError(errno.EIO, "I/O")))
-    emb._writable = True
     with pytest.raises(OSError, match="I/O"):  # not a refusal of the folder: said as it is
-        emb.embedding_for(5, (0, 0))
+        emb.embedding_for(6, (0, 0))
+
+    real_open = EmbeddingStore.open
+
+    def read_only_folder(path, *args, **kwargs):  # a read-only cache without this image's entries yet
+        if path is not None:
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(EmbeddingStore, "open", read_only_folder)
+    with pytest.warns(UserWarning, match="embeddings are kept in memory only"):
+        fresh = Embeddings(zarr.open_array(str(path), mode="r"), tiny_model, tmp_path / "ro.zarr", axes="ZYX",
+                           tile=200, halo=25)
+    assert fresh.store.path is None and fresh.embedding_for(2, (0, 0)).features.shape == first.features.shape
 
 
 def test_a_cache_deleted_during_a_session_is_made_anew_not_left_headless(tiny_model, volume_zarr, tmp_path):

@@ -54,3 +54,13 @@ def test_label_files_without_an_image_are_named_and_a_stack_must_fit_its_image(t
     _write(tmp_path / "labels", "a.tif", np.ones((6, 4, 5), np.uint16))  # a 2D image with a label stack
     with pytest.raises(ValueError, match="a.tif: the image \\(4, 5\\) and its label stack \\(6, 4, 5\\) do not cover"):
         SegmentationDataset.from_folder(tmp_path)
+
+
+def test_previews_of_another_format_beside_the_images_are_named_as_such(tmp_path):
+    for d in ("images", "labels"):
+        (tmp_path / d).mkdir()
+        tifffile.imwrite(tmp_path / d / "a.tif", np.ones((4, 4), np.uint8))
+    np.save(tmp_path / "images" / "a_thumb.npy", np.zeros((4, 4)))
+    with pytest.raises(ValueError, match=r"a_thumb.npy \(only the .tif files have labels: keep other files out"):
+        pair_files(tmp_path)
+    assert [p.name for p, _ in pair_files(tmp_path, pattern="*.tif")] == ["a.tif"]

@@ -269,6 +269,9 @@ def test_resume_continues_from_the_saved_step(mini_sam, data, tmp_path):
     optimizer_state_path(path).write_bytes(whole[: len(whole) // 2])  # torn by a crash or a full disk
     with pytest.warns(UserWarning, match=r"optimizer state at .* cannot be read .*fresh AdamW"):
         assert Trainer.resume(path, data, device="cpu").step == 2
+    torch.save({"optimizer": {"state": 5}, "step": 2, "param_names": resumed.param_names}, optimizer_state_path(path))
+    with pytest.warns(UserWarning, match=r"is not AdamW's for these parameters .*fresh AdamW"):
+        assert not Trainer.resume(path, data, device="cpu").optimizer.state_dict()["state"]
     optimizer_state_path(path).unlink()
     with pytest.warns(UserWarning, match="no optimizer state at .*fresh AdamW"):
         Trainer.resume(path, data, device="cpu")
@@ -276,8 +279,7 @@ def test_resume_continues_from_the_saved_step(mini_sam, data, tmp_path):
 
 def test_a_full_disk_is_said_as_such_and_leaves_no_partial_file(mini_sam, data, tmp_path, monkeypatch):
     import errno
-    import shutil
-    from collections import namedtuple
+    import os
 
     from napari_sam.model import checkpoint
 
@@ -286,13 +288,20 @@ def test_a_full_disk_is_said_as_such_and_leaves_no_partial_file(mini_sam, data, 
             fh.write(b"half")
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
 
+    def quota_spent(fd, data):  # what the probe's write meets on a full disk or a spent quota
+        raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+
     monkeypatch.setattr(checkpoint.torch, "save", full)
-    monkeypatch.setattr(shutil, "disk_usage", lambda p: namedtuple("usage", "total used free")(10, 10, 0))
+    monkeypatch.setattr(checkpoint.os, "write", quota_spent)
     trainer = Trainer(mini_sam, data, TrainingConfig(**FAST), device="cpu")
     with pytest.raises(OSError) as err:
         trainer.save(tmp_path / "ft.pth")
-    assert err.value.errno == errno.ENOSPC and err.value.filename == str(tmp_path / "ft.pth")
-    assert list(tmp_path.iterdir()) == []
+    assert err.value.errno == errno.EDQUOT and err.value.filename == str(tmp_path / "ft.pth")
+    assert list(tmp_path.iterdir()) == []  # neither the partial file nor the probe
+    monkeypatch.undo()
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+    with pytest.raises(RuntimeError, match="unexpected pos"):  # the disk takes the probe: torch's own error
+        trainer.save(tmp_path / "ft.pth")
 
 
 def test_train_convenience_saves_the_result(mini_sam, data, tmp_path):

@@ -175,7 +175,7 @@ def evaluate(args) -> int:
     from ..evaluate import WatershedBaseline
 
     if args.json:
-        check_file_output(args.json, (".json",), "the results", "--json",
+        check_file_output(args.json, (".json",), "the report", "--json",
                           {"images": args.images, "labels": args.labels}, args.overwrite)
 
     pairs = evaluate.load_pairs(args.images, args.labels)

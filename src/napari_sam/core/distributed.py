@@ -109,7 +109,7 @@ def run_distributed(emb, todo: Iterable[tuple[int, int, int]], scheduler) -> Ite
         raise ValueError(
             "distributed embedding loads the model from its checkpoint file in each worker: load it with load_model()"
         )
-    if emb.cache_path is None:
+    if emb.store.path is None:  # also a cache that refused a tile, left for one in memory
         raise ValueError("distributed embedding writes into an on-disk cache: give cache=PATH")
     pending = iter(todo)
     head = next(pending, None)
@@ -135,7 +135,7 @@ def run_distributed(emb, todo: Iterable[tuple[int, int, int]], scheduler) -> Ite
             tile = emb.grid[entry[1:]]
             job = _Job(
                 model_source.path, model_source.checksum, model_source.dtype, emb.normalization, threads,
-                str(emb.cache_path), emb.store.key, entry, tile.outer, emb.limits_for(entry[0]),
+                str(emb.store.path), emb.store.key, entry, tile.outer, emb.limits_for(entry[0]),
             )
             region = None if lazy else emb.source.read(entry[0], tile.outer)
             fut = client.submit(_embed_job, job, source_ref, region, pure=False)

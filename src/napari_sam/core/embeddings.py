@@ -17,10 +17,8 @@ tile's region (plus halo) and writes its result straight into the cache.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import os
 import threading
-import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
@@ -30,9 +28,9 @@ import torch
 
 from ..model.sam import Sam
 from .cache_location import cache_path_for, default_cache_path
-from .claims import CLAIM_TIMEOUT, cache_lock
+from .claims import CLAIM_TIMEOUT
 from .distributed import embed_region
-from .embedding_store import EmbeddingStore
+from .embedding_store import open_for_session
 from .image_embedding import ImageEmbedding
 from .image_source import ImageSource
 from .masks import PlaneMask
@@ -50,7 +48,6 @@ from .tiling import Tile, TileGrid, default_tiling
 __all__ = ["EmbedProgress", "Embeddings", "default_cache_path"]
 
 _RECENT = 16  # embeddings kept in memory (4 MiB each): a few planes' worth of tiles
-_UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
 
 
 class Embeddings:
@@ -164,11 +161,12 @@ class Embeddings:
             storage=storage,
         )
         self.cache_path = cache_path_for(cache, self.source, image_fp)
-        self._open_store(on_mismatch)
+        rows, cols = self.grid.grid_shape
+        self.store = open_for_session(self.cache_path, self.signature, (self.source.n_planes, rows, cols),
+                                      on_mismatch, self.feature_shape)
         self._encoder = Predictor(model, normalization, traced=False)  # embeds only
         self._decoder = Predictor(model, normalization)
         self._recent: OrderedDict[tuple[int, int, int], ImageEmbedding] = OrderedDict()
-        self._writable = True  # False once the cache refused a tile: the session goes on in memory
         self._lock = threading.Lock()  # guards _recent and the per-entry locks
         self._entry_locks: dict[tuple[int, int, int], threading.Lock] = {}
         self._decode_lock = threading.Lock()
@@ -264,31 +262,12 @@ class Embeddings:
                 self._pixels.popitem(last=False)
         return pixels
 
-    def _open_store(self, on_mismatch: str) -> None:
-        rows, cols = self.grid.grid_shape
-        with cache_lock(self.cache_path):  # another process may be creating the same entries
-            self.store = EmbeddingStore.open(
-                self.cache_path, self.signature, (self.source.n_planes, rows, cols), on_mismatch, self.feature_shape
-            )
-
     def _compute(self, entry: tuple[int, int, int]) -> np.ndarray:
         tile = self.grid[entry[1:]]
         region = self.source.read(entry[0], tile.outer)
         features = embed_region(self._encoder, region, self.limits_for(entry[0]))
-        if self._writable and self.store.removed():  # the cache was deleted during the session: made anew
-            self._ready.clear()
-            self._open_store("beside")
-        if self._writable:
-            try:
-                self.store.write(entry, features)
-            except OSError as err:
-                if err.errno not in _UNWRITABLE:
-                    raise
-                # A cache made read-only (shared, archived) or a full disk must not stop the
-                # clicks: tiles are kept in memory for this session, as without a cache.
-                self._writable = False
-                warnings.warn(f"the embedding cache {self.cache_path} cannot be written ({err.strerror}): tiles "
-                              "computed now are kept in memory only, for this session", stacklevel=4)
+        with self._lock:  # one store for every thread: a refused cache gives way to one in memory once
+            self.store = self.store.write_kept(entry, features)
         # Hand out what a later read of the cache gives (float16 storage rounds).
         return features.astype(self.signature.storage).astype(np.float32)
 

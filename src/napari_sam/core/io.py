@@ -34,7 +34,8 @@ def read_image(path: str | os.PathLike):
     path
         A ``.tif``/``.tiff``, ``.npy``, ``.png``/``.jpg`` file, or a Zarr array or group.
         For a group, the OME-Zarr multiscales' full-resolution level is used, else the
-        only array in the group.
+        only array in the group. An indexed (palette) PNG gives its indices, as label
+        images are stored so.
 
     Returns
     -------
@@ -60,6 +61,11 @@ def read_image(path: str | os.PathLike):
             return _read_tiff(path)
         if suffix == ".npy":
             return np.load(path, allow_pickle=False)
+        from PIL import Image
+
+        with Image.open(path) as im:
+            if im.mode == "P":  # an indexed PNG: label images store their ids so, not colours
+                return np.asarray(im)
         from skimage.io import imread
 
         return imread(path)

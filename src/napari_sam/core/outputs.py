@@ -115,6 +115,10 @@ def _is_our_label_tiff(path: Path) -> bool:
     return any(isinstance(d, dict) and d.get("napari_sam") == LABELS_MARKER for d in described)
 
 
+def _raise(err: OSError) -> None:
+    raise PermissionError(errno.EACCES, "Permission denied (--overwrite cannot replace it)", err.filename) from err
+
+
 def check_output(path: str | os.PathLike, inputs: Mapping[str, str | os.PathLike | None] | None = None,
                  overwrite: bool = False, what: str = "--out") -> Path:
     """Check, before any work, that a label image can be written to ``path``.
@@ -164,9 +168,9 @@ def check_output(path: str | os.PathLike, inputs: Mapping[str, str | os.PathLike
                                  f"yourself or choose another path")
             # it is moved aside and removed once the new one is whole: every folder in it must
             # let that happen, or the refusal would come after all the work
-            locked = next((d for d, _, _ in os.walk(path) if not os.access(d, os.W_OK | os.X_OK)), None)
-            if locked is not None:
-                raise PermissionError(errno.EACCES, "Permission denied (--overwrite cannot replace it)", locked)
+            for folder, _, _ in os.walk(path, onerror=_raise):
+                if not os.access(folder, os.R_OK | os.W_OK | os.X_OK):
+                    raise PermissionError(errno.EACCES, "Permission denied (--overwrite cannot replace it)", folder)
         elif not path.is_file():
             raise ValueError(f"{what} {path} exists and is not a file: --overwrite replaces only a "
                              f"{suffix} file; remove it yourself or choose another path")
@@ -218,11 +222,11 @@ def check_file_output(path: str | os.PathLike, suffixes: tuple[str, ...], noun: 
     target = Path(path).expanduser()
     if target.suffix.lower() not in suffixes:
         alternatives = "".join(f" (or {s})" for s in suffixes[1:])
-        raise ValueError(f"{what} {path}: {noun} is written as {suffixes[0]}{alternatives}")
+        raise ValueError(f"{what} {path}: {noun} is written as a {suffixes[0]}{alternatives} file")
     check_not_an_input(target, inputs or {}, what=what, inside_ok=True)
     if target.exists() and not target.is_file():
         raise ValueError(f"{what} {path} is a folder, not a file: choose another path")
-    if target.exists() and overwrite is False:
+    if target.exists() and overwrite is not None and not overwrite:
         raise FileExistsError(f"{path} exists; pass --overwrite (overwrite=True) to replace it, or choose another "
                               f"{what}")
     check_folder_writable(target.parent)

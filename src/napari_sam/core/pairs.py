@@ -57,8 +57,13 @@ def pair_files(
     missing = [p.name for p in files if not (lab_dir / p.name).is_file()]
     if missing:
         shown = ", ".join(missing[:5]) + (f", ... ({len(missing) - 5} more)" if len(missing) > 5 else "")
+        paired = {p.suffix.lower() for p in files if p.name not in missing}
+        unpaired = {Path(m).suffix.lower() for m in missing}
+        # previews or thumbnails of another format beside the images (every image file is taken)
+        hint = f" (only the {', '.join(sorted(paired))} files have labels: keep other files out of {img_dir.name}/, " \
+               f"or give pattern=)" if paired and not paired & unpaired else ""
         raise ValueError(
-            f"{len(missing)} image(s) in {img_dir} have no label file of the same name in {lab_dir}: {shown}"
+            f"{len(missing)} image(s) in {img_dir} have no label file of the same name in {lab_dir}: {shown}{hint}"
         )
     names = {p.name for p in files}
     orphans = sorted(p.name for p in lab_dir.glob(pattern) if _wanted(p) and p.name not in names)

@@ -51,8 +51,9 @@ def iter_precompute(embeddings, planes=None, scheduler=None, verify: bool = True
     yield EmbedProgress(done, len(entries), None)
     # Other writers of this cache (another `embed`) may be computing some of the same
     # tiles: each is claimed before it is computed (a cache in memory has no others).
-    claims = None if embeddings.cache_path is None else TileClaims(
-        claims_folder(embeddings.cache_path, embeddings.store.key), claim_timeout)
+    # (a cache that refused a tile was left for a store in memory: its path is None)
+    claims = None if embeddings.store.path is None else TileClaims(
+        claims_folder(embeddings.store.path, embeddings.store.key), claim_timeout)
     first = None if scheduler is None else functools.partial(run_distributed, embeddings, scheduler=scheduler)
     # Closed explicitly: an error here must not leave claims held by a live process.
     with contextlib.closing(share_work(todo, claims, embeddings.entry_stored, first)) as work:

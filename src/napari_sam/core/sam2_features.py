@@ -41,8 +41,7 @@ import torch
 from ..model.sam2 import Sam2
 from ..model.sam2.image_predictor import preprocess
 from .cache_location import cache_path_for
-from .claims import cache_lock
-from .embedding_store import EmbeddingStore
+from .embedding_store import open_for_session
 from .image_source import ImageSource
 from .preprocess import IntensityLimits, Normalization, to_rgb
 from .signature import CacheSignature, as_stored, fingerprint
@@ -168,9 +167,8 @@ class Sam2Features:
         )
         self.cache_path = cache_path_for(cache, self.source, image_fp)
         rows, cols = self.windows.grid_shape
-        with cache_lock(self.cache_path):
-            self.store = EmbeddingStore.open(self.cache_path, self.signature, (self.source.n_planes, rows, cols),
-                                             on_mismatch, _packed_shape(self.levels))
+        self.store = open_for_session(self.cache_path, self.signature, (self.source.n_planes, rows, cols),
+                                      on_mismatch, _packed_shape(self.levels))
         self.computed = 0  # entries run through the encoder by this object (the rest came from the cache)
         self._recent: OrderedDict[tuple[int, int, int], list[torch.Tensor]] = OrderedDict()
         self._lock = threading.Lock()
@@ -233,7 +231,7 @@ class Sam2Features:
         if got != self.levels:
             raise ValueError(f"the model's features have shapes {got}, not the {self.levels} its configuration gives")
         packed = pack(levels)
-        self.store.write(entry, packed)
+        self.store = self.store.write_kept(entry, packed)  # under self._lock (backbone)
         self.computed += 1
         # hand out what a later read of the cache gives (float16 storage rounds)
         return packed.astype(self.signature.storage).astype(np.float32)

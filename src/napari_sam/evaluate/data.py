@@ -1,8 +1,9 @@
 """What an evaluation measures against: images with their instance labels, and the
 objects sampled from them.
 
-Pairs come from a folder (``images/*.tif`` + ``labels/*.tif`` with the same names, or a
-folder of images and a separate folder of labels, read by :mod:`napari_sam.core.pairs`),
+Pairs come from a folder (``images/`` + ``labels/`` with files of the same names: TIFF,
+PNG, JPEG or ``.npy``; or a folder of images and a separate folder of labels, read by
+:mod:`napari_sam.core.pairs`),
 a Zarr group with ``images`` and ``labels`` arrays, or arrays (:func:`load_pairs`).
 """
 
@@ -65,8 +66,8 @@ def load_pairs(
     Parameters
     ----------
     source
-        * a folder with ``images/*.tif`` and ``labels/*.tif`` of the same names (as
-          ``/work/shared/data/dsb2018_fluo``);
+        * a folder with ``images/`` and ``labels/`` holding files of the same names
+          (TIFF, PNG, JPEG, ``.npy``; as ``../shared/data/dsb2018_fluo``);
         * with ``labels``: the folder of images itself;
         * a Zarr group (path) with arrays ``image_key`` and ``label_key``: one plane
           each, or stacks of planes along the first axis;

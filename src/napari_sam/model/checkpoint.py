@@ -22,12 +22,10 @@ state, epoch counters) are returned apart, as :attr:`Checkpoint.extras`.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import pickle
 import re
-import shutil
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence, Union
 
@@ -328,14 +326,35 @@ def save_whole(obj, path: PathLike) -> None:
         try:
             torch.save(obj, tmp)
         except RuntimeError as err:
-            # read while the partial file still holds what the disk had left
-            if shutil.disk_usage(os.path.dirname(os.path.abspath(target))).free < 1 << 20:
-                raise OSError(errno.ENOSPC, "No space left on device", target) from err
+            # torch reports a failed write as its own error: a probe, written while the partial
+            # file still holds what the disk (or the user's quota) had left, says why
+            refused = _write_refused(os.path.dirname(os.path.abspath(target)))
+            if refused is not None:
+                raise OSError(refused.errno, refused.strerror, target) from err
             raise
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _write_refused(folder: str) -> OSError | None:
+    """The error writing a MiB into ``folder`` gives (a full disk, a spent quota), or None."""
+    fd, probe = None, os.path.join(folder, f".napari-sam-probe-{os.getpid()}")
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        left = memoryview(bytes(1 << 20))
+        while left:  # a short write is what a nearly full disk gives first; the next one fails
+            left = left[os.write(fd, left):]
+        os.fsync(fd)
+        return None
+    except OSError as err:
+        return err
+    finally:
+        if fd is not None:
+            os.close(fd)
+        if os.path.exists(probe):
+            os.remove(probe)
 
 
 ShapeLike = Union[torch.Size, Sequence[int], torch.Tensor]

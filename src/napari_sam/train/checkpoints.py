@@ -1,7 +1,8 @@
 """Checkpoints of a training run: the model in the official key format with the
 configuration and the training provenance as metadata
-(:func:`napari_sam.core.models.load_model` reads them), the optimizer state beside it,
-and resuming from both.
+(:func:`napari_sam.core.models.load_model` reads them), the optimizer state beside it
+(with, after a save in the middle of a run, the best validated weights so far, so that a
+resumed run still ends with them), and resuming from both.
 """
 
 from __future__ import annotations
@@ -186,12 +187,16 @@ def resume(
         except Exception as err:  # noqa: BLE001 - torch has many errors for a damaged file
             problem = f"the optimizer state at {state_file} cannot be read ({' '.join(str(err).split())[:120]})"
     if state is not None and (not isinstance(state, Mapping) or state.get("param_names") != trainer.param_names
-                              or int(state.get("step", -1)) != trainer.step):
+                              or state.get("step") != trainer.step):
         problem = f"the optimizer state at {state_file} belongs to other trainable parameters or another step"
+    if not problem:
+        try:
+            trainer.optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, TypeError, ValueError) as err:  # a file of the right name and another make
+            problem = f"the optimizer state at {state_file} is not AdamW's for these parameters ({err})"
     if problem:
         warnings.warn(f"{problem}: training resumes with fresh AdamW moments", UserWarning, stacklevel=3)
         return trainer
-    trainer.optimizer.load_state_dict(state["optimizer"])
     kept = state.get("best")
     if trainer.best is None and isinstance(best, Mapping) and _fits(kept, best.get("step"), trainer):
         trainer.remember_best(int(best["step"]), float(best["iou"]), dict(kept["state"]))

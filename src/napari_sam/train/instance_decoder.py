@@ -218,8 +218,9 @@ def _load_run(path: Path, device) -> dict:
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch has many errors for a damaged file
-        raise ValueError(f"{path} cannot be read ({' '.join(str(err).split())[:120]}): delete it to start the run "
-                         "again, or use another checkpoint_dir") from None
+        raise ValueError(f"{path} cannot be read ({' '.join(str(err).split())[:120]}): delete it (the run's last "
+                         "state: the run starts again; its best weights: they are forgotten), or use another "
+                         "checkpoint_dir") from None
 
 
 class ResumableRun:

@@ -145,10 +145,6 @@ class Trainer:
     def _features(self, data: SegmentationDataset, index: int, grad: bool) -> ImageEmbedding:
         return self._embeddings.get(data, index, grad)
 
-    def clear_cache(self) -> None:
-        """Forget the cached image embeddings (e.g. after changing the encoder)."""
-        self._embeddings.clear()
-
     # -- one image ---------------------------------------------------------------------
     def _decode(self, emb: ImageEmbedding, points, labels, boxes, mask_input, multimask: bool):
         with autocast(self.device, self.config):
@@ -357,7 +353,8 @@ class Trainer:
         path
             The checkpoint file (``.pth``).
         optimizer
-            Also write :func:`optimizer_state_path` (tensors and plain values only).
+            Also write :func:`optimizer_state_path` (tensors and plain values only; with
+            the best validated weights when the model holds later ones).
 
         Returns
         -------
@@ -377,9 +374,11 @@ class Trainer:
     ) -> "Trainer":
         """Continue a run from a checkpoint written by :meth:`save`.
 
-        The model, the step count, the loss history and (when its file is beside the
-        checkpoint) the optimizer state are restored; the settings too, unless
-        ``config`` replaces them (for instance with a larger ``steps``).
+        The model, the step count, the loss history, the best validation (its weights
+        from the optimizer-state file when the checkpoint holds later ones) and the
+        optimizer state (when its file is beside the checkpoint and readable) are restored;
+        the settings too, unless ``config`` replaces them (for instance with a larger
+        ``steps``).
 
         Parameters
         ----------
