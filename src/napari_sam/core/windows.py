@@ -140,68 +140,69 @@ class WindowGrid:
             for c in range(cols):
                 yield self[r, c]
 
-    def around(self, box: tuple[int, int, int, int]) -> Window:
-        """The window whose centre lies nearest the centre of ``box`` (y0, y1, x0, x1)."""
+    def around(self, region: tuple[int, int, int, int]) -> Window:
+        """The window whose centre lies nearest the centre of ``region`` (y0, y1, x0, x1)."""
         index = []
-        for origins, (b0, b1), n in zip(self._origins, (box[:2], box[2:]), self.shape):
+        for origins, (b0, b1), n in zip(self._origins, (region[:2], region[2:]), self.shape):
             extent = min(n, self.side)
             centre = (b0 + b1) / 2
             index.append(int(np.argmin([abs(o + extent / 2 - centre) for o in origins])))
         return self[index[0], index[1]]
 
-    def near_edge(self, window: Window, box: tuple[int, int, int, int]) -> bool:
-        """Whether ``box`` (y0, y1, x0, x1) comes within :attr:`margin` of an edge of
+    def near_edge(self, window: Window, region: tuple[int, int, int, int]) -> bool:
+        """Whether ``region`` (y0, y1, x0, x1) comes within :attr:`margin` of an edge of
         ``window`` that lies inside the plane (or crosses it): time to follow the object."""
         y0, y1, x0, x1 = window.region
         H, W = self.shape
-        b0, b1, c0, c1 = box
+        b0, b1, c0, c1 = region
         m = self.margin
         return bool((y0 > 0 and b0 < y0 + m) or (y1 < H and b1 > y1 - m)
                     or (x0 > 0 and c0 < x0 + m) or (x1 < W and c1 > x1 - m))
 
-    def holds(self, window: Window, box: tuple[int, int, int, int]) -> bool:
-        """Whether ``box`` lies inside ``window`` away from its inner edges."""
+    def holds(self, window: Window, region: tuple[int, int, int, int]) -> bool:
+        """Whether ``region`` lies inside ``window`` away from its inner edges."""
         y0, y1, x0, x1 = window.region
-        inside = y0 <= box[0] and box[1] <= y1 and x0 <= box[2] and box[3] <= x1
-        return inside and not self.near_edge(window, box)
+        inside = y0 <= region[0] and region[1] <= y1 and x0 <= region[2] and region[3] <= x1
+        return inside and not self.near_edge(window, region)
 
-    def cover(self, boxes: list[tuple[int, int, int, int]]) -> list[tuple[Window, list[int]]]:
+    def cover(self, regions: list[tuple[int, int, int, int]]) -> list[tuple[Window, list[int]]]:
         """Windows for objects, greedily shared.
 
         Parameters
         ----------
-        boxes
+        regions
             Each object's (y0, y1, x0, x1) in plane pixels.
 
         Returns
         -------
         list of (Window, list of int)
-            Each window used and the positions in ``boxes`` of the objects it takes; every
+            Each window used and the positions in ``regions`` of the objects it takes; every
             object is in exactly one. An object that no window holds (larger than a window
             allows) gets the window :meth:`around` it.
         """
         windows = list(self)
-        holds = np.array([[self.holds(w, b) for w in windows] for b in boxes], bool).reshape(len(boxes), len(windows))
-        left = list(range(len(boxes)))
+        holds = np.array([[self.holds(w, r) for w in windows] for r in regions], bool).reshape(
+            len(regions), len(windows))
+        left = list(range(len(regions)))
         out: list[tuple[Window, list[int]]] = []
         while left:
             counts = holds[left].sum(axis=0)
             if counts.max() == 0:  # the rest fits no window: each gets the one around it
                 by_window: dict[tuple[int, int], list[int]] = {}
                 for i in left:
-                    by_window.setdefault(self.around(boxes[i]).index, []).append(i)
+                    by_window.setdefault(self.around(regions[i]).index, []).append(i)
                 out += [(self[index], taken) for index, taken in sorted(by_window.items())]
                 break
             # of the fullest windows, the one whose objects lie nearest its centre
             best = min(np.flatnonzero(counts == counts.max()),
-                       key=lambda w: sum(_offset(windows[w], boxes[i]) for i in left if holds[i, w]))
+                       key=lambda w: sum(_offset(windows[w], regions[i]) for i in left if holds[i, w]))
             taken = [i for i in left if holds[i, best]]
             out.append((windows[best], taken))
             left = [i for i in left if not holds[i, best]]
         return out
 
 
-def _offset(window: Window, box: tuple[int, int, int, int]) -> float:
-    """Distance in pixels between the centres of a window and a box."""
+def _offset(window: Window, region: tuple[int, int, int, int]) -> float:
+    """Distance in pixels between the centres of a window and a region."""
     y0, y1, x0, x1 = window.region
-    return math.hypot((box[0] + box[1] - y0 - y1) / 2, (box[2] + box[3] - x0 - x1) / 2)
+    return math.hypot((region[0] + region[1] - y0 - y1) / 2, (region[2] + region[3] - x0 - x1) / 2)
