@@ -230,7 +230,9 @@ def test_a_sessions_write_remakes_a_deleted_cache_and_falls_back_to_memory_when_
     store = EmbeddingStore.open(tmp_path / "c.zarr", SIG, LAYOUT)
     store.write((0, 0, 0), _features(0))
     shutil.rmtree(tmp_path / "c.zarr")  # cleaned during the session (SAM's embeddings and SAM 2's features alike)
-    again = store.write_kept((1, 0, 0), _features(1))
+    from napari_sam.core.cache_fallback import write_kept
+
+    again = write_kept(store, (1, 0, 0), _features(1))
     assert again.path == store.path and np.array_equal(
         EmbeddingStore.open(tmp_path / "c.zarr", SIG, LAYOUT).read((1, 0, 0)), _features(1))
 
@@ -239,8 +241,8 @@ def test_a_sessions_write_remakes_a_deleted_cache_and_falls_back_to_memory_when_
 
     monkeypatch.setattr(again, "write", refused)
     with pytest.warns(UserWarning, match=r"cannot be written \(No space left on device\)"):
-        memory = again.write_kept((2, 1, 1), _features(2))
+        memory = write_kept(again, (2, 1, 1), _features(2))
     assert memory.path is None and np.array_equal(memory.read((2, 1, 1)), _features(2))
     monkeypatch.setattr(again, "write", lambda e, f: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
     with pytest.raises(OSError, match="I/O error"):
-        again.write_kept((2, 0, 0), _features(3))
+        write_kept(again, (2, 0, 0), _features(3))

@@ -281,7 +281,7 @@ def test_a_full_disk_is_said_as_such_and_leaves_no_partial_file(mini_sam, data, 
     import errno
     import os
 
-    from napari_sam.model import checkpoint
+    from napari_sam.model import atomic_save as checkpoint
 
     def full(obj, target):
         with open(target, "wb") as fh:

@@ -21,7 +21,7 @@ from qtpy.QtWidgets import QSizePolicy
 
 from ..api import Annotator
 from ..core.models import default_model_spec, model_choices
-from ..layers import KEYS, ViewerSession, source_from_layer
+from ..layers import KEYS, ViewerSession, attach, source_from_layer
 from ..layers.everything import EverythingProgress, mode_choices, rough_labels
 from ..layers.keys import unbind_keys
 from .tracking import TrackingControls
@@ -273,9 +273,8 @@ class SamWidget(Container):
         def ready(annotator):
             from ..auto import recommended
 
-            self.session = ViewerSession.attach(self.viewer, layer, annotator=annotator, run=self.workers.call,
-                                                overwrite=bool(self.overwrite.value), say=self.workers.say,
-                                                labels=carried)
+            self.session = attach(self.viewer, layer, annotator=annotator, run=self.workers.call,
+                                  overwrite=bool(self.overwrite.value), say=self.workers.say, labels=carried)
             self.session.points_layer.events.data.connect(self._on_prompts_changed)
             self.session.boxes_layer.events.data.connect(self._on_prompts_changed)
             self.viewer.dims.events.current_step.connect(self.request_preview)

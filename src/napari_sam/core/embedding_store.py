@@ -21,7 +21,6 @@ write one cache at once without touching each other's files.
 
 from __future__ import annotations
 
-import errno
 import os
 import warnings
 from dataclasses import dataclass
@@ -35,12 +34,9 @@ from . import cache_folder
 from .cache_folder import signature_key
 from .signature import CacheSignature
 
-__all__ = ["CacheMismatchError", "EmbeddingStore", "FEATURE_SHAPE", "TileCheck", "UNWRITABLE", "describe_cache",
-           "open_for_session", "signature_key"]
+__all__ = ["CacheMismatchError", "EmbeddingStore", "FEATURE_SHAPE", "TileCheck", "describe_cache", "signature_key"]
 
 FEATURE_SHAPE = (256, 64, 64)
-UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
-"""What a cache that cannot take more entries reports (read-only, full): a session goes on in memory."""
 _STORAGE = ("float32", "float16")
 
 
@@ -214,32 +210,6 @@ class EmbeddingStore:
         self.features[p, r, c] = data
         self.checksums[p, r, c] = np.uint64(_checksum(data))
 
-    def write_kept(self, entry: tuple[int, int, int], features) -> "EmbeddingStore":
-        """:meth:`write` for a session that must go on; returns the store to go on with.
-
-        A cache deleted since it was opened is made anew (writing on would leave chunks
-        without metadata, a folder no later session opens). A cache that refuses the write
-        (made read-only, a full disk) gives way, with one warning, to a store in memory
-        that holds this entry and every later one, as without a cache.
-        """
-        from .claims import cache_lock
-
-        store = self
-        if self.removed():
-            with cache_lock(self.path):
-                store = EmbeddingStore.open(self.path, self.signature, self.layout, "beside", self.feature_shape)
-        try:
-            store.write(entry, features)
-            return store
-        except OSError as err:
-            if err.errno not in UNWRITABLE:
-                raise
-            warnings.warn(f"the embedding cache {self.path} cannot be written ({err.strerror}): tiles computed now "
-                          "are kept in memory only, for this session", stacklevel=4)
-        memory = EmbeddingStore.open(None, self.signature, self.layout, feature_shape=self.feature_shape)
-        memory.write(entry, features)
-        return memory
-
     def read(self, entry: tuple[int, int, int]) -> np.ndarray | None:
         """The (256, 64, 64) float32 embedding, or None when absent or damaged (a damaged
         entry is forgotten, so that it is computed again)."""
@@ -385,21 +355,3 @@ def describe_cache(path: str | os.PathLike, verify: bool = False) -> list[dict]:
             }
         )
     return out
-
-
-def open_for_session(path, signature: CacheSignature, layout: tuple[int, int, int], on_mismatch: str = "keep",
-                     feature_shape: tuple[int, int, int] = FEATURE_SHAPE) -> EmbeddingStore:
-    """:meth:`EmbeddingStore.open` under the cache's lock, for a session that must go on: a
-    cache that cannot be written (a read-only folder without these entries yet, a full disk)
-    gives a store in memory, with a warning."""
-    from .claims import cache_lock
-
-    try:
-        with cache_lock(path):  # another process may be creating the same entries
-            return EmbeddingStore.open(path, signature, layout, on_mismatch, feature_shape)
-    except OSError as err:
-        if path is None or err.errno not in UNWRITABLE:
-            raise
-        warnings.warn(f"the embedding cache {path} cannot be written ({err.strerror}): embeddings are kept in "
-                      "memory only, for this session", stacklevel=3)
-    return EmbeddingStore.open(None, signature, layout, feature_shape=feature_shape)

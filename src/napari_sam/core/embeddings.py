@@ -27,10 +27,10 @@ import numpy as np
 import torch
 
 from ..model.sam import Sam
+from .cache_fallback import open_for_session, write_kept
 from .cache_location import cache_path_for, default_cache_path
 from .claims import CLAIM_TIMEOUT
 from .distributed import embed_region
-from .embedding_store import open_for_session
 from .image_embedding import ImageEmbedding
 from .image_source import ImageSource
 from .masks import PlaneMask
@@ -267,7 +267,7 @@ class Embeddings:
         region = self.source.read(entry[0], tile.outer)
         features = embed_region(self._encoder, region, self.limits_for(entry[0]))
         with self._lock:  # one store for every thread: a refused cache gives way to one in memory once
-            self.store = self.store.write_kept(entry, features)
+            self.store = write_kept(self.store, entry, features)
         # Hand out what a later read of the cache gives (float16 storage rounds).
         return features.astype(self.signature.storage).astype(np.float32)
 

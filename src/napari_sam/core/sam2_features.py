@@ -40,8 +40,8 @@ import torch
 
 from ..model.sam2 import Sam2
 from ..model.sam2.image_predictor import preprocess
+from .cache_fallback import open_for_session, write_kept
 from .cache_location import cache_path_for
-from .embedding_store import open_for_session
 from .image_source import ImageSource
 from .preprocess import IntensityLimits, Normalization, to_rgb
 from .signature import CacheSignature, as_stored, fingerprint
@@ -231,7 +231,7 @@ class Sam2Features:
         if got != self.levels:
             raise ValueError(f"the model's features have shapes {got}, not the {self.levels} its configuration gives")
         packed = pack(levels)
-        self.store = self.store.write_kept(entry, packed)  # under self._lock (backbone)
+        self.store = write_kept(self.store, entry, packed)  # under self._lock (backbone)
         self.computed += 1
         # hand out what a later read of the cache gives (float16 storage rounds)
         return packed.astype(self.signature.storage).astype(np.float32)

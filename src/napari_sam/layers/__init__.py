@@ -15,8 +15,9 @@ from .._extras import require
 require("napari_sam.layers", ("napari",))
 
 # after the check, so that a missing napari is reported by it and not by a submodule
+from .attachment import attach  # noqa: E402
 from .keys import KEYS  # noqa: E402
 from .prompt_layers import source_from_layer  # noqa: E402
-from .session import ViewerSession, attach  # noqa: E402
+from .session import ViewerSession  # noqa: E402
 
 __all__ = ["KEYS", "ViewerSession", "attach", "source_from_layer"]

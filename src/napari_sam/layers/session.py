@@ -1,6 +1,7 @@
 """A viewer session: an :class:`~napari_sam.api.Annotator` driven from napari's layers.
 
-A :class:`ViewerSession` connects an Annotator to a viewer:
+A :class:`ViewerSession` connects an Annotator to a viewer (made by
+:func:`~napari_sam.layers.attachment.attach`):
 
 * a Points layer ("SAM points") whose points carry a ``positive`` feature (True:
   foreground, drawn green; False: background, drawn red);
@@ -30,17 +31,13 @@ from ..core.labels import Commit
 from ..core.masks import PlaneMask
 from ..core.memory_labels import PROMPTED_ATTR
 from ..core.prompts import Prompt
-from .bound_layers import BoundLayers, labels_layer_for, painted_ids
+from .bound_layers import BoundLayers, painted_ids
 from .keys import KEYS, bind_keys, step_planes
 from .prompt_layers import (
-    LABELS,
-    add_session_layers,
     draw_preview,
-    image_layer_of,
     prompted_planes,
     prompts_on,
     remove_prompts_on,
-    source_from_layer,
     toggle_foreground,
 )
 from .tracker import SessionTracker
@@ -48,7 +45,7 @@ from .tracker import SessionTracker
 if TYPE_CHECKING:  # pragma: no cover
     import napari
 
-__all__ = ["ViewerSession", "attach"]
+__all__ = ["ViewerSession"]
 
 
 class ViewerSession:
@@ -88,43 +85,6 @@ class ViewerSession:
         # a brush stroke writes an id past the writer's count: later objects must not take it
         labels_layer.events.paint.connect(
             lambda event: annotator.writer.note_id(painted_ids(event, labels_layer.selected_label)))
-
-    # -- construction ----------------------------------------------------------------------
-    @classmethod
-    def attach(cls, viewer, image_layer=None, model=None, labels=None, annotator: Annotator | None = None,
-               run: Callable | None = None, overwrite: bool = False, say: Callable[[str], None] | None = None,
-               **kwargs) -> ViewerSession:
-        """Create the prompt, preview and labels layers for ``image_layer`` and bind keys.
-
-        ``labels`` may be an existing napari Labels layer (objects go into it), a path (a
-        Zarr array on disk) or None (a new layer); other keywords go to
-        :class:`~napari_sam.api.Annotator`. An ``annotator`` built beforehand (in a worker
-        thread, say: loading a model takes a while) is used as it is. ``run`` executes the
-        slow steps and ``say`` shows their outcome (see the class), ``overwrite`` lets commits
-        replace other objects' pixels (see :meth:`set_overwrite`).
-        """
-        image_layer = image_layer_of(viewer, image_layer)
-        if kwargs.get("axes") is not None or isinstance(kwargs.get("channel"), (int, np.integer)):  # shown as is
-            raise ValueError("a layer is segmented with its own axes: open a multichannel image as one layer per "
-                             "channel (viewer.add_image(data, channel_axis=...)) and attach the nuclei's layer")
-        labels_layer = labels_layer_for(viewer, image_layer, labels, LABELS if annotator is None else None)
-        if annotator is None:
-            annotator = Annotator(source_from_layer(image_layer), model, labels_layer.data if labels_layer else labels,
-                                  **kwargs)
-        if labels_layer is None:
-            # An NGFF label image comes with its pyramid: napari then shows the level that
-            # suits the zoom, as it does for the image, instead of loading whole full-size planes.
-            levels = annotator.label_levels
-            labels_layer = viewer.add_labels(levels if len(levels) > 1 else levels[0], multiscale=len(levels) > 1,
-                                             name=LABELS, scale=image_layer.scale, translate=image_layer.translate,
-                                             units=image_layer.units)
-        points, boxes, preview = add_session_layers(viewer, image_layer,
-                                                    max(4.0, 0.015 * max(annotator.source.plane_shape)))
-        session = cls(viewer, image_layer, annotator, points, boxes, labels_layer, preview, run, overwrite, say)
-        session.bind_keys()
-        viewer.layers.selection.active = points
-        points.mode = "add"
-        return session
 
     # -- coordinates -----------------------------------------------------------------------
     def current_plane(self) -> tuple[int, ...]:
@@ -377,24 +337,3 @@ def _run_now(fn, done=None, label: str = ""):
     if done is not None:
         done(result)
     return result
-
-
-def attach(viewer, image_layer=None, model=None, **kwargs) -> ViewerSession:
-    """Connect an :class:`~napari_sam.api.Annotator` to a napari viewer: prompt layers, a
-    labels layer and keyboard shortcuts (for the napari console and scripts).
-
-    Parameters
-    ----------
-    viewer
-        A ``napari.Viewer``.
-    image_layer
-        The image layer to segment (default: the selected or the first image layer).
-    model, kwargs
-        As for :class:`~napari_sam.api.Annotator` (``labels=`` a path gives an on-disk Zarr
-        labels layer) and :meth:`ViewerSession.attach`.
-
-    Returns
-    -------
-    ViewerSession
-    """
-    return ViewerSession.attach(viewer, image_layer, model=model, **kwargs)

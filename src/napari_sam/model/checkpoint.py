@@ -31,11 +31,12 @@ from typing import Any, Mapping, Sequence, Union
 
 import torch
 
+from .atomic_save import save_whole
 from .model_source import ModelSource, file_stat  # re-exported: the loaders' one import place
 
 __all__ = ["METADATA_KEY", "SAM_MODULES", "Checkpoint", "ModelSource", "CheckpointError", "UntrustedCheckpointError",
            "check_state_dict", "file_stat", "normalize_checkpoint", "read_checkpoint", "read_state_dict",
-           "save_whole", "write_checkpoint"]
+           "write_checkpoint"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -309,52 +310,6 @@ def write_checkpoint(
     if {"state_dict", METADATA_KEY} & set(extras):
         raise CheckpointError("extras may not be named 'state_dict' or " + repr(METADATA_KEY))
     save_whole({"state_dict": dict(state_dict), METADATA_KEY: metadata, **extras}, path)
-
-
-def save_whole(obj, path: PathLike) -> None:
-    """``torch.save`` through a temporary file beside ``path``, renamed over it once whole,
-    so that a reader (a resumed run) never meets half a file.
-
-    Raises
-    ------
-    OSError
-        ENOSPC, naming ``path``, when the disk filled (torch reports it as a RuntimeError).
-    """
-    target = os.fspath(path)
-    tmp = f"{target}.partial-{os.getpid()}"
-    try:
-        try:
-            torch.save(obj, tmp)
-        except RuntimeError as err:
-            # torch reports a failed write as its own error: a probe, written while the partial
-            # file still holds what the disk (or the user's quota) had left, says why
-            refused = _write_refused(os.path.dirname(os.path.abspath(target)))
-            if refused is not None:
-                raise OSError(refused.errno, refused.strerror, target) from err
-            raise
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _write_refused(folder: str) -> OSError | None:
-    """The error writing a MiB into ``folder`` gives (a full disk, a spent quota), or None."""
-    fd, probe = None, os.path.join(folder, f".napari-sam-probe-{os.getpid()}")
-    try:
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        left = memoryview(bytes(1 << 20))
-        while left:  # a short write is what a nearly full disk gives first; the next one fails
-            left = left[os.write(fd, left):]
-        os.fsync(fd)
-        return None
-    except OSError as err:
-        return err
-    finally:
-        if fd is not None:
-            os.close(fd)
-        if os.path.exists(probe):
-            os.remove(probe)
 
 
 ShapeLike = Union[torch.Size, Sequence[int], torch.Tensor]

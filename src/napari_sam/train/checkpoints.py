@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from ..model import Sam, config_to_dict
-from ..model.checkpoint import PathLike, read_checkpoint, save_whole, write_checkpoint
+from ..model.atomic_save import save_whole
+from ..model.checkpoint import PathLike, read_checkpoint, write_checkpoint
 from .config import TrainingConfig
 from .dataset import SegmentationDataset
 

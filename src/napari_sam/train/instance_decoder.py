@@ -33,7 +33,7 @@ from ..core.image_embedding import ImageEmbedding
 from ..core.preprocess import Normalization, prepare_plane
 from ..core.stain import plane_channel
 from ..model import Sam
-from ..model.checkpoint import save_whole
+from ..model.atomic_save import save_whole
 from ..model.instance_decoder import InstanceDecoder, InstanceDecoderConfig
 from .dataset import SegmentationDataset
 from .instance_targets import instance_targets
