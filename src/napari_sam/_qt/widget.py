@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label, LineEdit, PushButton
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QSizePolicy
@@ -22,8 +21,8 @@ from qtpy.QtWidgets import QSizePolicy
 from ..api import Annotator
 from ..core.models import default_model_spec, model_choices
 from ..layers import KEYS, ViewerSession, attach, source_from_layer
-from ..layers.everything import EverythingProgress, mode_choices, rough_labels
 from ..layers.keys import unbind_keys
+from .everything_controls import EverythingControls
 from .tracking import TrackingControls
 from .workers import Workers, error_text
 
@@ -110,22 +109,10 @@ class SamWidget(Container):
         self.commit = PushButton(text=f"Commit ({KEYS['commit']})", enabled=False)
         self.tracking = TrackingControls(self.workers, self._say, lambda: self.session, parent=self.native)
         self.propagate = self.tracking.selected  # "Propagate selected label through slices"
-        self.everything_mode = ComboBox(
-            label="everything mode", value="auto",  # choices a callable: napari resets them per layer added
-            choices=lambda *_: mode_choices(self.session and self.session.annotator.model),
-            tooltip="AIS, APG: from the model's instance decoder (models that have one, e.g. vit_b_lm); labels: "
-            "refine a rough segmentation (a threshold, another tool's output) object by object",
-        )
-        self.whole_volume = CheckBox(text="whole volume", value=False, visible=False,
-                                     tooltip="every slice of the stack, objects linked from slice to slice into 3D "
-                                     "objects")
-        self.augment = CheckBox(text="augment (slower, finer)", value=False, visible=False,
-                                tooltip="AIS: average the instance decoder's maps of the slice seen enlarged and "
-                                "mirrored (12 views, about 30 times the embedding work); splits more small touching "
-                                "objects")
-        self.rough = ComboBox(label="rough labels", choices=self._rough_choices, visible=False,
-                              tooltip="Labels layer of the image's shape whose objects become box prompts")
-        self.everything = PushButton(text="Segment everything on this slice", enabled=False)
+        self.everything_controls = EverythingControls(viewer, self.workers, self._say, lambda: self.session)
+        ec = self.everything_controls  # its widgets under the names the widget has always had
+        self.everything_mode, self.whole_volume, self.augment = ec.mode, ec.whole_volume, ec.augment
+        self.rough, self.everything = ec.rough, ec.button
         self.undo = PushButton(text=f"Undo ({KEYS['undo']})", enabled=False)
         self.clear = PushButton(text=f"Clear prompts ({KEYS['clear']})", enabled=False)
         self.status = Label(value="choose an image and a model, then Start")
@@ -140,7 +127,7 @@ class SamWidget(Container):
             self.labels_path,
             self.ngff_labels, self.ngff_name, self.start,
             self.embed_slice, self.embed_all, self.cancel, self.overwrite, self.commit, *self.tracking.widgets,
-            self.everything_mode, self.rough, self.augment, self.whole_volume, self.everything, self.undo, self.clear,
+            *ec.widgets, self.undo, self.clear,
         ])
         self.native.layout().addWidget(self.status.native)  # the whole width, not the value column: it wraps less
 
@@ -155,14 +142,10 @@ class SamWidget(Container):
         self.workers.cancel_changed = self.workers.gui(lambda running: setattr(self.cancel, "enabled", running))
         self.commit.clicked.connect(lambda: self.session and self.session.commit())
         self.undo.clicked.connect(self.undo_commit)
-        self.everything.clicked.connect(self.run_everything)
         self.clear.clicked.connect(lambda: self.session and self.session.clear_prompts())
         self.overwrite.changed.connect(lambda v: self.session and self.session.set_overwrite(v))
-        self.everything_mode.changed.connect(self._everything_mode_changed)
-        self.whole_volume.changed.connect(self._everything_scope)
-        for choice in (self.image, self.rough):
-            viewer.layers.events.inserted.connect(choice.reset_choices)
-            viewer.layers.events.removed.connect(choice.reset_choices)
+        viewer.layers.events.inserted.connect(self.image.reset_choices)
+        viewer.layers.events.removed.connect(self.image.reset_choices)
         # the workers are captured, not the widget: its attributes may be gone when Qt reports the destruction
         self.native.destroyed.connect(lambda *_, workers=self.workers: workers.close())
         # napari's close button takes the widget out of its dock without destroying it
@@ -173,12 +156,6 @@ class SamWidget(Container):
         from napari.layers import Image
 
         return [(layer.name, layer) for layer in self.viewer.layers if isinstance(layer, Image)]
-
-    def _rough_choices(self, *_):
-        from napari.layers import Labels
-
-        own = () if self.session is None else (self.session.labels_layer, self.session.preview_layer)
-        return [(layer.name, layer) for layer in self.viewer.layers if isinstance(layer, Labels) and layer not in own]
 
     def _image_changed(self, layer) -> None:
         # the choice exists only for an image read from an OME-Zarr container
@@ -197,17 +174,6 @@ class SamWidget(Container):
 
     def _say(self, text: str) -> None:
         self.status.value = text
-
-    def _stack(self) -> bool:
-        return self.session is not None and bool(self.session.annotator.source.plane_axes)
-
-    def _everything_mode_changed(self, mode) -> None:
-        self.rough.visible = mode == "labels"
-        self.augment.visible = mode == "ais"
-
-    def _everything_scope(self, *_) -> None:
-        volume = bool(self.whole_volume.value) and self._stack()
-        self.everything.text = f"Segment everything {'in this volume' if volume else 'on this slice'}"
 
     # -- steps ---------------------------------------------------------------------------
     def choose_model(self, spec: str) -> None:
@@ -278,17 +244,11 @@ class SamWidget(Container):
             self.session.points_layer.events.data.connect(self._on_prompts_changed)
             self.session.boxes_layer.events.data.connect(self._on_prompts_changed)
             self.viewer.dims.events.current_step.connect(self.request_preview)
-            for button in (self.embed_slice, self.embed_all, self.commit, self.undo, self.clear, self.everything):
+            for button in (self.embed_slice, self.embed_all, self.commit, self.undo, self.clear):
                 button.enabled = True
             self.tracking.attach(self.session)
-            self.everything_mode.choices = ()  # emptied first: new choices are appended, not put in order
-            self.everything_mode.reset_choices()
-            self.everything_mode.value = recommended(annotator.model).mode
-            self._everything_mode_changed(self.everything_mode.value)
-            self.whole_volume.visible = bool(annotator.source.plane_axes)
-            self.rough.reset_choices()  # without the layers the session just added
+            self.everything_controls.attach(self.session, recommended(annotator.model).mode)
             self.start.enabled = True
-            self._everything_scope()
             stain = ", H&E read as its haematoxylin stain" if annotator.embeddings.source.stain else ""
             self._say(f"{annotator.model.source.name} at {annotator.embeddings.magnification:g}x{stain}: click to add "
                       f"points ({KEYS['toggle']}: foreground/background)")
@@ -313,38 +273,9 @@ class SamWidget(Container):
         )
 
     def run_everything(self):
-        """Segment every object of the current slice, or of the whole volume (linked
-        through it), in a worker (progress, cancel) and commit them; existing labels are
-        kept unless overwriting is on."""
-        if self.session is None or self.session.busy_writing():  # one run at a time, and no commit inside it
-            return None
-        session = self.session
-        mode = self.everything_mode.value
-        volume = bool(self.whole_volume.value) and self._stack()
-        settings = {"augment": True} if mode == "ais" and self.augment.value else {}
-        if mode == "labels":
-            try:  # checked here, where the user can be told at once
-                rough_labels(self.rough.value, session.annotator.labels_shape)
-            except ValueError as err:
-                self._say(str(err))
-                return None
-
-        def done(written):
-            session.labels_layer.refresh()
-            n = len(np.unique(written[written > 0]))
-            where = f" on {int(written.any(axis=(-2, -1)).sum())} slice(s)" if volume else ""
-            self._say(f"committed {n} object(s){where}")
-
-        plane = session.current_plane()  # the slice shown now, read on the GUI thread
-        rough = self.rough.value if mode == "labels" else None  # the user's other Labels layers are not a mode's input
-        tracker = EverythingProgress(session.annotator.source.plane_grid[-1] if volume else 1)
-        session.writing = "segment everything"
-        return self.workers.steps(
-            lambda: session.segment_everything(plane, mode, rough=rough, whole_volume=volume, **settings),
-            desc="segmenting everything", show=lambda p: self._say(tracker.text(p)), progress_of=tracker.of,
-            done=done, cancelled="segment everything cancelled: nothing was committed",
-            ended=lambda: setattr(session, "writing", ""),
-        )
+        """Segment everything in a worker (:meth:`EverythingControls.run
+        <napari_sam._qt.everything_controls.EverythingControls.run>`)."""
+        return self.everything_controls.run()
 
     def run_propagation(self, label_id: int | None = None):
         """Propagate an object through the stack in a worker, writing slice by slice, with
