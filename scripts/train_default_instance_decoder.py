@@ -63,7 +63,8 @@ AIS_STAINED_ADVICE = {"boundary_distance_threshold": 0.7, "foreground_threshold"
 CRYONUSEG = base.DATA / "cryonuseg_he_examples"
 
 
-def datasets(seed: int, n_synthetic: int, n_large: int, n_validation: int, crops: int, scale_matched: bool = False):
+def datasets(seed: int, n_synthetic: int, n_large: int, n_validation: int, crops: int, scale_matched: bool = False,
+             crop_factor: int = 1):
     """(training, validation): the default model's recipe plus CryoNuSeg H&E crops.
 
     ``scale_matched``: real crops enlarged as inference enlarges their planes
@@ -73,7 +74,7 @@ def datasets(seed: int, n_synthetic: int, n_large: int, n_validation: int, crops
         train, validation = base.build_datasets(seed, n_synthetic, n_validation, n_large, None, True)
         description = dict(train.description, source="scripts/train_default_instance_decoder.py")
         return SegmentationDataset(list(train._loaders), list(train.names), description), validation
-    train, validation = base.build_datasets(seed, n_synthetic, n_validation, n_large)
+    train, validation = base.build_datasets(seed, n_synthetic, n_validation, n_large, crop_factor=crop_factor)
     loaders, names = list(train._loaders), list(train.names)
     if CRYONUSEG.is_dir():
         for s, path in enumerate(sorted((CRYONUSEG / "images").glob("*.tif"))):
@@ -97,6 +98,8 @@ def main(argv=None) -> None:
     parser.add_argument("--large", type=int, default=100, help="synthetic images of few large objects")
     parser.add_argument("--validation", type=int, default=40, help="synthetic validation images")
     parser.add_argument("--cryonuseg-crops", type=int, default=15)
+    parser.add_argument("--crop-factor", type=int, default=1,
+                        help="draw this many times the default model's crops of each real training plane")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--checkpoint-dir", default=None,
@@ -125,7 +128,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     model = load_model(args.model, device="cpu", dtype="float32")
     train, validation = datasets(args.seed, args.synthetic, args.large, args.validation, args.cryonuseg_crops,
-                                 args.scale_matched)
+                                 args.scale_matched, args.crop_factor)
     if args.checkpoint_dir is None:
         args.checkpoint_dir = str(base.ROOT / "runs" / ("image_refiner" if args.refiner else "instance_decoder"))
     if args.refiner:
@@ -144,7 +147,8 @@ def main(argv=None) -> None:
         # or other crops would make a resumed (or already finished) decoder wrong
         "model": model.source.checksum,
         "scale_matched": bool(args.scale_matched),
-        "data": [args.seed, args.synthetic, args.large, args.validation, args.cryonuseg_crops],
+        "data": [args.seed, args.synthetic, args.large, args.validation, args.cryonuseg_crops]
+        + ([args.crop_factor] if args.crop_factor != 1 else []),
         **({"refiner": True} if args.refiner else {}),
     })
     log = open(folder / "log.jsonl", "a")

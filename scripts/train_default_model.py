@@ -322,11 +322,13 @@ def low_light_pair(rng: np.random.Generator, large: bool = False) -> tuple[np.nd
 
 def build_datasets(seed: int, n_synthetic: int, n_validation: int, n_large: int = 0,
                    zoom_range: tuple[float, float] | None = (0.75, 1.33), with_cryonuseg: bool = False,
-                   n_low_light: int = 0):
+                   n_low_light: int = 0, crop_factor: int = 1):
     """(training, validation) datasets. Images are made when first drawn, each from its
     own seed, so the set is fixed by ``seed`` whatever the order of use. ``zoom_range``
     None: :func:`scale_matched_zoom` for each real plane. ``n_low_light`` more synthetic
-    planes are dim and noisy (:func:`low_light_pair`; a quarter with large objects)."""
+    planes are dim and noisy (:func:`low_light_pair`; a quarter with large objects).
+    ``crop_factor`` draws that many times the crops of each real plane (the first ones
+    are the crops of factor 1, so a larger factor only adds)."""
     loaders, names = [], []
 
     def synth(i: int, purpose: int, large: bool = False):
@@ -344,7 +346,7 @@ def build_datasets(seed: int, n_synthetic: int, n_validation: int, n_large: int 
     sources = real_sources(with_cryonuseg)
     for s, (name, image, labels, crops) in enumerate(sources):
         zooms = scale_matched_zoom(labels) if zoom_range is None else zoom_range
-        for c in range(crops):
+        for c in range(crops * crop_factor):
             loaders.append(
                 lambda image=image, labels=labels, s=s, c=c, zooms=zooms: _augmented_crop(
                     image, labels, np.random.default_rng([seed, 2, s, c]), zoom_range=zooms
@@ -358,7 +360,7 @@ def build_datasets(seed: int, n_synthetic: int, n_validation: int, n_large: int 
         "large_object_synthetic_images": n_large,
         "low_light_synthetic_images": n_low_light,
         "real_planes": [name for name, *_ in sources],
-        "real_crops": int(sum(c for *_, c in sources)),
+        "real_crops": int(sum(c for *_, c in sources)) * crop_factor,
         "crop_zoom": "matched to the scale advice" if zoom_range is None else list(zoom_range),
         "held_out": HELD_OUT,
     }

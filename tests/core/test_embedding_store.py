@@ -246,3 +246,47 @@ def test_a_sessions_write_remakes_a_deleted_cache_and_falls_back_to_memory_when_
     monkeypatch.setattr(again, "write", lambda e, f: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
     with pytest.raises(OSError, match="I/O error"):
         write_kept(again, (2, 0, 0), _features(3))
+
+
+def _copy_entry(store_from, entry_from, store_to, entry_to):
+    """Copy a tile's two chunk files by hand, as someone tidying caches might."""
+    import shutil
+    from pathlib import Path
+
+    for array in ("features", "checksums"):
+        tail = [str(i) for i in entry_from] + (["0", "0", "0"] if array == "features" else [])
+        dest = [str(i) for i in entry_to] + (["0", "0", "0"] if array == "features" else [])
+        source = Path(store_from.path) / store_from.key / array / "c" / Path(*tail)
+        target = Path(store_to.path) / store_to.key / array / "c" / Path(*dest)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+
+
+def test_a_tile_copied_from_another_images_cache_or_place_is_not_used(tmp_path):
+    # never answer from embeddings of other data: the checksum covers the entries' key
+    # (the signature, with the image's fingerprint) and the tile's place
+    mine = EmbeddingStore.open(tmp_path / "a.zarr", SIG, LAYOUT)
+    theirs = EmbeddingStore.open(tmp_path / "b.zarr", dataclasses.replace(SIG, image_fingerprint="blake2b:cd"), LAYOUT)
+    theirs.write((0, 0, 0), _features(5))
+    mine.write((1, 0, 0), _features(6))
+    _copy_entry(theirs, (0, 0, 0), mine, (0, 0, 0))
+    _copy_entry(mine, (1, 0, 0), mine, (2, 1, 1))
+    assert mine.stored((0, 0, 0)) and mine.stored((2, 1, 1))  # both look present ...
+    check = mine.verify()
+    assert sorted(check.damaged) == [(0, 0, 0), (2, 1, 1)]  # ... and fail their check
+    assert mine.read((0, 0, 0)) is None and mine.read((2, 1, 1)) is None
+    assert np.array_equal(mine.read((1, 0, 0)), _features(6))
+    assert np.array_equal(theirs.read((0, 0, 0)), _features(5))
+
+
+def test_a_group_written_before_checksums_covered_key_and_place_still_reads(tmp_path):
+    path = tmp_path / "c.zarr"
+    store = EmbeddingStore.open(path, SIG, LAYOUT)
+    del store.group.attrs["checksum"]  # as groups were written until 2026-12-07
+    legacy = EmbeddingStore.open(path, SIG, LAYOUT)
+    legacy.write((0, 1, 0), _features(7))
+    again = EmbeddingStore.open(path, SIG, LAYOUT)
+    assert np.array_equal(again.read((0, 1, 0)), _features(7)) and again.verify().damaged == []
+    import xxhash
+
+    assert int(np.asarray(again.checksums[0, 1, 0])) == xxhash.xxh3_64_intdigest(_features(7).tobytes())

@@ -11,11 +11,14 @@ Layout of a cache (a directory ending in ``.zarr``)::
 embeddings computed with another model, precision, tiling, normalisation or from other
 image data live beside the old ones instead of replacing or, worse, passing for them.
 
-An entry counts as present only when its checksum (xxh3-64 of the feature bytes) is
-written and matches: features are written first, the checksum last, and Zarr's local
+An entry counts as present only when its checksum (xxh3-64 of the entries' key, the
+entry's place and the feature bytes) is written and matches: features are written first, the checksum last, and Zarr's local
 store writes each chunk to a temporary file that it renames into place. An interrupted
 run therefore leaves entries either complete or absent, and a file damaged later is
-caught when it is read and computed again. One chunk per entry also lets many processes
+caught when it is read and computed again, and so is a tile copied (with its checksum)
+from another image's cache or from another place. Groups written before the checksum
+covered the key and the place (no ``checksum`` attribute) are read with the feature bytes'
+hash alone. One chunk per entry also lets many processes
 write one cache at once without touching each other's files.
 """
 
@@ -44,9 +47,15 @@ class CacheMismatchError(ValueError):
     """The cache holds embeddings, but none computed the way the request asks."""
 
 
-def _checksum(features: np.ndarray) -> int:
+# The group attribute that says its checksums cover the key and the entry's place.
+_PLACED = "xxh3-64 of key, entry, bytes"
+
+
+def _checksum(features: np.ndarray, place: bytes = b"") -> int:
     # 0 is the fill value that means "absent"; a real hash of 0 is nudged to 1.
-    return xxhash.xxh3_64_intdigest(np.ascontiguousarray(features).tobytes()) or 1
+    digest = xxhash.xxh3_64(place)
+    digest.update(np.ascontiguousarray(features).tobytes())
+    return digest.intdigest() or 1
 
 
 @dataclass(frozen=True)
@@ -78,6 +87,7 @@ class EmbeddingStore:
         self.path = path
         self.features = cache_folder.member_array(group, "features")
         self.checksums = cache_folder.member_array(group, "checksums")
+        self._placed = group.attrs.get("checksum") == _PLACED
 
     @property
     def key(self) -> str:
@@ -180,6 +190,7 @@ class EmbeddingStore:
                 fill_value=0,
             )
             group.create_array("checksums", shape=(P, R, C), chunks=(1, 1, 1), dtype="uint64", fill_value=0)
+            group.attrs["checksum"] = _PLACED
             # The signature goes last: a group is only recognised once it is complete.
             group.attrs["signature"] = signature.to_json()
         group = cache_folder.member_group(root, key)
@@ -208,7 +219,7 @@ class EmbeddingStore:
         )
         p, r, c = entry
         self.features[p, r, c] = data
-        self.checksums[p, r, c] = np.uint64(_checksum(data))
+        self.checksums[p, r, c] = np.uint64(self._checksum(entry, data))
 
     def read(self, entry: tuple[int, int, int]) -> np.ndarray | None:
         """The (256, 64, 64) float32 embedding, or None when absent or damaged (a damaged
@@ -225,10 +236,17 @@ class EmbeddingStore:
             data = np.asarray(self.features[p, r, c])
         except Exception:  # noqa: BLE001 - any decoding failure means a damaged chunk
             data = None
-        if data is None or _checksum(data) != expected:
+        if data is None or self._checksum(entry, data) != expected:
             self.forget(entry)
             return None
         return data.astype(np.float32, copy=False)
+
+    def _checksum(self, entry: tuple[int, int, int], data: np.ndarray) -> int:
+        # The key and the place make a tile copied from another image's cache, or from
+        # another tile, fail its check instead of answering for this one.
+        if not self._placed:
+            return _checksum(data)
+        return _checksum(data, f"{self.key}/{entry[0]}/{entry[1]}/{entry[2]}/".encode())
 
     def forget(self, entry: tuple[int, int, int]) -> None:
         """Mark an entry absent."""
@@ -278,7 +296,7 @@ class EmbeddingStore:
             except Exception:  # noqa: BLE001 - any decoding failure means a damaged chunk
                 damaged.append(entry)
                 continue
-            if _checksum(data) != int(checks[entry]):
+            if self._checksum(entry, data) != int(checks[entry]):
                 damaged.append(entry)
         return TileCheck(int((checks != 0).sum()) + len(unreadable), damaged, missing)
 
