@@ -240,3 +240,20 @@ def test_png_and_npy_pairs_train_and_evaluate_as_tiffs_do(tmp_path, nuclei_2d, c
     assert [p.name for p in load_pairs(root)] == ["a", "b"]
     assert main(["evaluate", str(root), "--max-objects", "3"]) == 0
     assert "| watershed baseline | 2 | 6 |" in capsys.readouterr().out  # both images, three objects each
+
+
+def test_previews_beside_the_images_are_left_out_with_pattern(tmp_path, tiny_checkpoint, nuclei_2d, capsys):
+    # the error names the previews and the option; the option then takes the labelled files only
+    root = _folder(tmp_path / "data", nuclei_2d, n=2)
+    np.save(root / "images" / "p0_preview.npy", np.zeros((16, 16), np.uint8))
+    assert main(["evaluate", str(root), "--max-objects", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "p0_preview.npy (only the .tif files have labels" in err and "--pattern '*.tif'" in err
+    assert main(["evaluate", str(root), "--max-objects", "2", "--pattern", "*.tif"]) == 0
+    assert "| watershed baseline | 2 | 4 |" in capsys.readouterr().out  # both images, two objects each
+    out = tmp_path / "ft.pth"
+    assert main(["train", str(root), "--model", str(tiny_checkpoint), "--device", "cpu", "--steps", "1",
+                 "--pattern", "*.tif", "--out", str(out)]) == 0
+    assert out.is_file()
+    assert main(["evaluate", str(root), "--pattern", "*.png"]) == 2
+    assert "no image files (TIFF, PNG, JPEG or .npy) matching '*.png'" in capsys.readouterr().err

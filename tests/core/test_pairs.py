@@ -61,6 +61,7 @@ def test_previews_of_another_format_beside_the_images_are_named_as_such(tmp_path
         (tmp_path / d).mkdir()
         tifffile.imwrite(tmp_path / d / "a.tif", np.ones((4, 4), np.uint8))
     np.save(tmp_path / "images" / "a_thumb.npy", np.zeros((4, 4)))
-    with pytest.raises(ValueError, match=r"a_thumb.npy \(only the .tif files have labels: keep other files out"):
+    hint = r"a_thumb.npy \(only the .tif files have labels: keep other files out.*--pattern '.\.tif'"
+    with pytest.raises(ValueError, match=hint):
         pair_files(tmp_path)
     assert [p.name for p, _ in pair_files(tmp_path, pattern="*.tif")] == ["a.tif"]

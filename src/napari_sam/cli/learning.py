@@ -69,10 +69,10 @@ def train(args) -> int:
         raise UsageError(f"{args.data} is one image: give its labels with --labels (or a folder of images/ and "
                          "labels/ as DATA)")
     else:
-        data = SegmentationDataset.from_folder(args.data, **channels)
+        data = SegmentationDataset.from_folder(args.data, pattern=args.pattern, **channels)
     saved = _saved_training(out) if args.resume and out.exists() else None  # what the resumed run recorded
     if args.validation:
-        train, val = data, SegmentationDataset.from_folder(args.validation, **channels)
+        train, val = data, SegmentationDataset.from_folder(args.validation, pattern=args.pattern, **channels)
     else:
         # a resumed run validates on the split it started with
         seed = int(saved.get("seed") or 0) if saved is not None else args.seed or 0
@@ -178,7 +178,7 @@ def evaluate(args) -> int:
         check_file_output(args.json, (".json",), "the report", "--json",
                           {"images": args.images, "labels": args.labels}, args.overwrite)
 
-    pairs = evaluate.load_pairs(args.images, args.labels)
+    pairs = evaluate.load_pairs(args.images, args.labels, pattern=args.pattern)
     if args.channel is not None:
         pairs = [_one_channel(p, args.channel) for p in pairs]
     elif multi := next((p for p in pairs if p.image.ndim == p.labels.ndim + 1 and p.image.shape[-1] not in (3, 4)),

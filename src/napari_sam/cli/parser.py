@@ -261,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --auto: also AIS with test-time augmentation (segment --augment), as its own row")
     ev.add_argument("--channel", type=_count,
                     help="for multichannel images (channels last): the channel to segment, e.g. the nuclei's")
+    ev.add_argument("--pattern", default="*", metavar="GLOB",
+                    help="which image files of the folder to take (default: every image file), e.g. '*.tif'")
     ev.add_argument("--corrections", type=_count, default=8)
     ev.add_argument("--max-objects", type=_positive_int, help="objects sampled per image (default: all)")
     ev.add_argument("--seed", type=int, default=0)
@@ -301,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default 0.75; SAM drew them anywhere in it: 0)")
     tr.add_argument("--channel", type=_count,
                     help="for multichannel images (channels last): the channel to learn from, e.g. the nuclei's")
+    tr.add_argument("--pattern", default="*", metavar="GLOB",
+                    help="which image files of the folders to take (default: every image file), e.g. '*.tif'")
     tr.add_argument("--validation", help="folder of validation pairs (default: a 10%% split of DATA)")
     tr.add_argument("--seed", type=int, help="seeds the validation split and every random draw (default 0)")
     tr.add_argument("--resume", action="store_true",

@@ -12,8 +12,9 @@ embeddings computed with another model, precision, tiling, normalisation or from
 image data live beside the old ones instead of replacing or, worse, passing for them.
 
 An entry counts as present only when its checksum (xxh3-64 of the entries' key, the
-entry's place and the feature bytes) is written and matches: features are written first, the checksum last, and Zarr's local
-store writes each chunk to a temporary file that it renames into place. An interrupted
+entry's place and the feature bytes) is written and matches: features are written
+first, the checksum last, and Zarr's local store writes each chunk to a temporary file
+that it renames into place. An interrupted
 run therefore leaves entries either complete or absent, and a file damaged later is
 caught when it is read and computed again, and so is a tile copied (with its checksum)
 from another image's cache or from another place. Groups written before the checksum

@@ -60,8 +60,11 @@ def pair_files(
         paired = {p.suffix.lower() for p in files if p.name not in missing}
         unpaired = {Path(m).suffix.lower() for m in missing}
         # previews or thumbnails of another format beside the images (every image file is taken)
-        hint = f" (only the {', '.join(sorted(paired))} files have labels: keep other files out of {img_dir.name}/, " \
-               f"or give pattern=)" if paired and not paired & unpaired else ""
+        hint = ""
+        if paired and not paired & unpaired:
+            take = f"'*{sorted(paired)[0]}'"
+            hint = (f" (only the {', '.join(sorted(paired))} files have labels: keep other files out of "
+                    f"{img_dir.name}/, or take only those with --pattern {take} or pattern={take})")
         raise ValueError(
             f"{len(missing)} image(s) in {img_dir} have no label file of the same name in {lab_dir}: {shown}{hint}"
         )

@@ -59,7 +59,8 @@ def pairs_from_arrays(images, labels, names: Sequence[str] | None = None) -> lis
 
 
 def load_pairs(
-    source, labels: str | os.PathLike | None = None, *, image_key: str = "images", label_key: str = "labels"
+    source, labels: str | os.PathLike | None = None, *, image_key: str = "images", label_key: str = "labels",
+    pattern: str = "*",
 ) -> list[EvalPair]:
     """Image/label pairs from a folder, two folders, a Zarr group or arrays.
 
@@ -77,6 +78,8 @@ def load_pairs(
         for the other layouts.
     image_key, label_key
         Array names in a Zarr group.
+    pattern
+        In the folder layouts: which image files to take (glob, e.g. ``"*.tif"``).
 
     Returns
     -------
@@ -84,7 +87,7 @@ def load_pairs(
         Pairs read from files are named by the image file's stem.
     """
     if labels is not None:
-        return _pairs_from_folder(source, labels)
+        return _pairs_from_folder(source, labels, pattern)
     if isinstance(source, (str, os.PathLike)):
         path = Path(source).expanduser()
         if not path.exists():
@@ -101,7 +104,7 @@ def load_pairs(
                 )
             return pairs_from_arrays(group[image_key][...], group[label_key][...])
         if (path / "images").is_dir() and (path / "labels").is_dir():
-            return _pairs_from_folder(path)
+            return _pairs_from_folder(path, pattern=pattern)
         raise ValueError(f"{path} is neither a folder with images/ and labels/ nor a Zarr group")
     pairs = []
     for i, item in enumerate(source):
@@ -118,8 +121,8 @@ def load_pairs(
     return pairs
 
 
-def _pairs_from_folder(images, labels=None) -> list[EvalPair]:
-    return [EvalPair(*read_pair(img, lab), Path(img).stem) for img, lab in pair_files(images, labels)]
+def _pairs_from_folder(images, labels=None, pattern: str = "*") -> list[EvalPair]:
+    return [EvalPair(*read_pair(img, lab), Path(img).stem) for img, lab in pair_files(images, labels, pattern)]
 
 
 def sample_objects(
