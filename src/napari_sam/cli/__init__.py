@@ -4,6 +4,7 @@
     napari-sam segment IMAGE --model NAME_OR_CHECKPOINT --point X Y [--box X0 Y0 X1 Y1] --out labels.tif
     napari-sam embed IMAGE --model NAME_OR_CHECKPOINT --out CACHE.zarr [--axes ZYX] [--scheduler local:2]
     napari-sam info CACHE.zarr
+    napari-sam caches [--older-than DAYS] [--max-size GB] [--dry-run]
 
 Coordinates are pixels of the image as (x, y), that is (column, row).
 
@@ -69,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         "propagate": segment.propagate,
         "embed": cache.embed,
         "info": cache.info,
+        "caches": cache.caches,
         "train": learning.train,
         "evaluate": learning.evaluate,
         "annotate": viewer.annotate,

@@ -1,10 +1,10 @@
-"""``napari-sam embed`` and ``napari-sam info``: the embedding cache."""
+"""``napari-sam embed``, ``info`` and ``caches``: the embedding cache."""
 
 from __future__ import annotations
 
 import time
 
-__all__ = ["embed", "info"]
+__all__ = ["caches", "embed", "info"]
 
 
 def embed(args) -> int:
@@ -81,3 +81,36 @@ def info(args) -> int:
     if bad:
         print(f"{bad} tile(s) damaged or missing: the next `napari-sam embed` on this cache computes them again")
     return 1 if bad else 0
+
+
+def caches(args) -> int:
+    """List the user cache folder's embedding caches; remove old or excess ones when asked."""
+    from datetime import datetime
+
+    from ..core import cache_housekeeping as housekeeping
+
+    folder = housekeeping.user_cache_folder()
+    found = housekeeping.user_caches(folder)
+    if args.older_than is None and args.max_size is None:
+        if not found:
+            print(f"{folder}: no embedding caches")
+            return 0
+        for c in found:
+            used = datetime.fromtimestamp(c.last_used).strftime("%Y-%m-%d %H:%M")
+            what = "; ".join(c.entries) or "no complete entries"
+            print(f"{c.path.name}  {_size(c.bytes):>9}  last used {used}{'  (being written)' if c.busy else ''}  "
+                  f"{what}")
+        print(f"{len(found)} cache(s), {_size(sum(c.bytes for c in found))} in {folder}")
+        return 0
+    max_bytes = None if args.max_size is None else int(args.max_size * 1e9)
+    gone = housekeeping.remove(found, older_than_days=args.older_than, max_bytes=max_bytes, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for c in gone:
+        print(f"{verb} {c.path.name} ({_size(c.bytes)})")
+    left = sum(c.bytes for c in found) - sum(c.bytes for c in gone)
+    print(f"{verb} {len(gone)} cache(s), {_size(sum(c.bytes for c in gone))}; {_size(left)} left in {folder}")
+    return 0
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"

@@ -330,6 +330,19 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("cache")
     info.add_argument("--verify", action="store_true", help="read every tile against its checksum (slow)")
 
+    caches = sub.add_parser(
+        "caches", help="list the embedding caches in the user cache folder; remove old or excess ones",
+        description="Images without a Zarr store to sit beside (TIFFs, arrays) keep their embeddings in the user "
+        "cache folder ($NAPARI_SAM_CACHE_DIR/embeddings), one cache per image content; nothing there is removed "
+        "by itself. Without options the caches are listed, least recently used first. --older-than and "
+        "--max-size remove caches not opened for that long, then the least recently used until the rest fit; "
+        "a cache being written (an embed in progress) is kept. Caches beside Zarr images are not touched.",
+    )
+    caches.add_argument("--older-than", type=_positive, metavar="DAYS", help="remove caches unused for DAYS days")
+    caches.add_argument("--max-size", type=_non_negative, metavar="GB",
+                        help="remove the least recently used caches until the rest hold at most GB gigabytes")
+    caches.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+
     from .share import add_share_commands
 
     add_share_commands(sub)

@@ -69,7 +69,18 @@ def open_root(path: str | os.PathLike | None, mode: Literal["r", "r+", "a"]) -> 
         raise ValueError(f"{path} is a Zarr group, but not an embedding cache{advice}")
     if fmt != FORMAT:
         raise ValueError(f"{path} is not an embedding cache of format {FORMAT} (found {fmt!r})")
+    if mode != "r":
+        _mark_used(path)
     return root
+
+
+def _mark_used(path: Path) -> None:
+    # The root's zarr.json mtime says when the cache was last opened for work, which
+    # napari_sam.core.cache_housekeeping reads; a cache that cannot be written is still read.
+    try:
+        os.utime(path / "zarr.json")
+    except OSError:
+        pass
 
 
 def entry_keys(root: zarr.Group) -> list[str]:

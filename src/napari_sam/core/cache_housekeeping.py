@@ -1,0 +1,147 @@
+"""The embedding caches of the user cache folder: listed, and the least recently used removed.
+
+Images that are not Zarr stores beside a writable folder (TIFFs, arrays in a session, a
+numpy array edited between sessions) get their cache in
+``<user cache>/embeddings/<fingerprint>.zarr`` (:mod:`napari_sam.core.cache_location`).
+Nothing there is ever removed by itself, and each changed image makes a new cache, so the
+folder grows by a few hundred MB per image. :func:`user_caches` lists it; :func:`remove`
+frees it by age or down to a size, least recently used first.
+
+"Last used" is the modification time of a cache's root ``zarr.json``, which every opening
+for work touches (:func:`napari_sam.core.cache_folder.open_root`), so a cache read for
+months without a new tile still counts as used.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import cache_folder
+from .claims import TileClaims, cache_lock, claims_folder
+
+__all__ = ["CacheSummary", "remove", "user_cache_folder", "user_caches"]
+
+_REMOVING = ".removing-"  # a cache being removed is first renamed so, out of every listing
+
+
+@dataclass(frozen=True)
+class CacheSummary:
+    """One embedding cache of the user cache folder.
+
+    ``bytes`` on disk; ``last_used`` seconds since the epoch; ``entries`` one line per
+    signature group (model, image shape and axes); ``busy``: a writer holds claims in it
+    now (an ``embed`` or a session embedding ahead), so it is never removed.
+    """
+
+    path: Path
+    bytes: int
+    last_used: float
+    entries: list[str] = field(default_factory=list)
+    busy: bool = False
+
+
+def user_cache_folder() -> Path:
+    """``<user cache>/embeddings``: where caches go that have no Zarr image to sit beside."""
+    from ..weights import cache_dir
+
+    return cache_dir() / "embeddings"
+
+
+def user_caches(folder: str | os.PathLike | None = None) -> list[CacheSummary]:
+    """The embedding caches in ``folder`` (default :func:`user_cache_folder`), least
+    recently used first. Folders that are not embedding caches are not listed (and so
+    never removed); leftovers of an interrupted removal are cleared."""
+    root = Path(folder).expanduser() if folder is not None else user_cache_folder()
+    if not root.is_dir():
+        return []
+    out = []
+    for path in sorted(root.iterdir()):
+        if path.name.startswith(_REMOVING):
+            shutil.rmtree(path, ignore_errors=True)
+            continue
+        if not path.is_dir() or path.name.startswith("."):
+            continue
+        try:
+            group = cache_folder.open_root(path, "r")
+            signatures = cache_folder.signatures(group)
+        except (OSError, ValueError):
+            continue
+        entries = [f"{s.model}, {'x'.join(map(str, s.shape))} {s.axes}" for s in signatures.values()]
+        busy = any(TileClaims(claims_folder(path, key)).present() for key in cache_folder.entry_keys(group))
+        try:
+            last_used = (path / "zarr.json").stat().st_mtime
+        except OSError:
+            continue
+        out.append(CacheSummary(path, _size(path), last_used, entries, busy))
+    return sorted(out, key=lambda c: c.last_used)
+
+
+def remove(caches: list[CacheSummary], *, older_than_days: float | None = None, max_bytes: int | None = None,
+           dry_run: bool = False, now: float | None = None) -> list[CacheSummary]:
+    """Remove caches unused for ``older_than_days``, then the least recently used until
+    the rest hold at most ``max_bytes``; busy caches are kept whatever their age.
+
+    Parameters
+    ----------
+    caches
+        As :func:`user_caches` lists them.
+    older_than_days, max_bytes
+        Either or both; with neither, nothing is removed.
+    dry_run
+        Only say what would go.
+    now
+        The time to measure ages from (seconds since the epoch; default now).
+
+    Returns
+    -------
+    list of CacheSummary
+        The caches removed (or that would be), least recently used first.
+    """
+    now = time.time() if now is None else now
+    chosen: list[CacheSummary] = []
+    kept = sorted(caches, key=lambda c: c.last_used)
+    if older_than_days is not None:
+        cutoff = now - older_than_days * 86400
+        chosen = [c for c in kept if c.last_used < cutoff and not c.busy]
+        kept = [c for c in kept if c not in chosen]
+    if max_bytes is not None:
+        total = sum(c.bytes for c in kept)
+        for c in list(kept):
+            if total <= max_bytes:
+                break
+            if not c.busy:
+                chosen.append(c)
+                kept.remove(c)
+                total -= c.bytes
+    if not dry_run:
+        for c in chosen:
+            _remove_one(c.path)
+    return sorted(chosen, key=lambda c: c.last_used)
+
+
+def _remove_one(path: Path) -> None:
+    # Renamed first, under the cache's lock: a session opening it meanwhile waits, then
+    # finds no cache and makes a new one; a half-removed cache is never read as a cache.
+    with cache_lock(path):
+        gone = path.with_name(f"{_REMOVING}{uuid.uuid4().hex[:8]}-{path.name}")
+        try:
+            path.rename(gone)
+        except OSError:
+            return
+    shutil.rmtree(gone, ignore_errors=True)
+
+
+def _size(path: Path) -> int:
+    total = 0
+    for folder, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(folder, name)).st_size
+            except OSError:
+                pass
+    return total

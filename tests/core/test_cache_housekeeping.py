@@ -1,0 +1,82 @@
+"""The user cache folder's embedding caches: listed, and old or excess ones removed."""
+
+import dataclasses
+import os
+import time
+
+import numpy as np
+import zarr
+
+from napari_sam.core import cache_housekeeping as housekeeping
+from napari_sam.core.claims import claims_folder
+from napari_sam.core.embedding_store import EmbeddingStore
+from napari_sam.core.signature import CacheSignature
+
+SIG = CacheSignature(
+    model="vit_t", checkpoint="sha256:00", dtype="float32", normalization={"mode": "auto"}, tile=768, halo=128,
+    shape=(2, 700, 900), dtype_in="uint16", axes="ZYX", image_fingerprint="blake2b:ab",
+)
+DAY = 86400.0
+
+
+def _cache(folder, name, tiles, age_days, now):
+    path = folder / name
+    store = EmbeddingStore.open(path, dataclasses.replace(SIG, image_fingerprint=f"blake2b:{name}"), (2, 1, 2))
+    for t in range(tiles):
+        store.write((0, 0, t), np.full((256, 64, 64), t, np.float32))
+    os.utime(path / "zarr.json", (now - age_days * DAY, now - age_days * DAY))
+    return path
+
+
+def _folder(tmp_path, now):
+    folder = tmp_path / "embeddings"
+    old = _cache(folder, "old.zarr", 2, 40, now)
+    mid = _cache(folder, "mid.zarr", 1, 10, now)
+    new = _cache(folder, "new.zarr", 1, 1, now)
+    (folder / "notes").mkdir()  # not ours: never listed, never removed
+    (folder / "notes" / "a.txt").write_text("keep me")
+    zarr.open_group(str(folder / "foreign.zarr"), mode="w").create_array("x", shape=(2,), dtype="u1")
+    (folder / ".removing-1234abcd-gone.zarr").mkdir()  # left by a removal that was interrupted
+    return folder, old, mid, new
+
+
+def test_caches_are_listed_least_recently_used_first_and_others_left_alone(tmp_path):
+    now = time.time()
+    folder, old, mid, new = _folder(tmp_path, now)
+    found = housekeeping.user_caches(folder)
+    assert [c.path for c in found] == [old, mid, new]
+    assert found[0].bytes > found[1].bytes > 0  # two tiles against one
+    assert found[0].entries == ["vit_t, 2x700x900 ZYX"] and not any(c.busy for c in found)
+    assert abs(found[0].last_used - (now - 40 * DAY)) < 1
+    assert not (folder / ".removing-1234abcd-gone.zarr").exists()  # the leftover is cleared
+
+
+def test_old_and_excess_caches_are_removed_and_busy_ones_kept(tmp_path):
+    now = time.time()
+    folder, old, mid, new = _folder(tmp_path, now)
+    found = housekeeping.user_caches(folder)
+    assert [c.path for c in housekeeping.remove(found, older_than_days=30, dry_run=True, now=now)] == [old]
+    assert old.is_dir()  # a dry run removes nothing
+    assert [c.path for c in housekeeping.remove(found, older_than_days=30, now=now)] == [old]
+    assert not old.exists() and mid.is_dir() and new.is_dir()
+    assert (folder / "notes" / "a.txt").read_text() == "keep me" and (folder / "foreign.zarr").is_dir()
+    # down to a size: the least recently used go first
+    found = housekeeping.user_caches(folder)
+    assert [c.path for c in housekeeping.remove(found, max_bytes=found[1].bytes, now=now)] == [mid]
+    assert new.is_dir() and [c.path for c in housekeeping.user_caches(folder)] == [new]
+    # a cache being written (a live claim) stays, whatever its age or size
+    claims = claims_folder(new, EmbeddingStore.open(new, dataclasses.replace(SIG, image_fingerprint="blake2b:new.zarr"),
+                                                    (2, 1, 2)).key)
+    claims.mkdir(parents=True, exist_ok=True)
+    (claims / "0.0.1").write_text("{}")
+    busy = housekeeping.user_caches(folder)
+    assert busy[0].busy and housekeeping.remove(busy, older_than_days=0.0001, max_bytes=0, now=now + DAY) == []
+    assert new.is_dir()
+
+
+def test_opening_a_cache_for_work_marks_it_used(tmp_path):
+    now = time.time()
+    folder, old, *_ = _folder(tmp_path, now)
+    EmbeddingStore.open(old, dataclasses.replace(SIG, image_fingerprint="blake2b:old.zarr"), (2, 1, 2))
+    assert housekeeping.user_caches(folder)[-1].path == old  # now the most recently used
+    assert housekeeping.user_caches(folder)[-1].last_used > now - 60
