@@ -1,6 +1,7 @@
 """The user cache folder's embedding caches: listed, and old or excess ones removed."""
 
 import dataclasses
+import json
 import os
 import time
 
@@ -8,7 +9,7 @@ import numpy as np
 import zarr
 
 from napari_sam.core import cache_housekeeping as housekeeping
-from napari_sam.core.claims import claims_folder
+from napari_sam.core.claims import Claim, claims_folder
 from napari_sam.core.embedding_store import EmbeddingStore
 from napari_sam.core.signature import CacheSignature
 
@@ -68,7 +69,10 @@ def test_old_and_excess_caches_are_removed_and_busy_ones_kept(tmp_path):
     claims = claims_folder(new, EmbeddingStore.open(new, dataclasses.replace(SIG, image_fingerprint="blake2b:new.zarr"),
                                                     (2, 1, 2)).key)
     claims.mkdir(parents=True, exist_ok=True)
-    (claims / "0.0.1").write_text("{}")
+    gone = Claim.mine()
+    (claims / "0.0.0").write_text(json.dumps(dict(dataclasses.asdict(gone), pid=2**22 + 17)))  # a dead writer's
+    assert not housekeeping.user_caches(folder)[0].busy
+    (claims / "0.0.1").write_text(json.dumps(dataclasses.asdict(Claim.mine())))  # this live process's
     busy = housekeeping.user_caches(folder)
     assert busy[0].busy and housekeeping.remove(busy, older_than_days=0.0001, max_bytes=0, now=now + DAY) == []
     assert new.is_dir()

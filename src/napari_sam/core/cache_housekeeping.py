@@ -34,8 +34,9 @@ class CacheSummary:
     """One embedding cache of the user cache folder.
 
     ``bytes`` on disk; ``last_used`` seconds since the epoch; ``entries`` one line per
-    signature group (model, image shape and axes); ``busy``: a writer holds claims in it
-    now (an ``embed`` or a session embedding ahead), so it is never removed.
+    signature group (model, image shape and axes); ``busy``: a writer still at work holds
+    claims in it (an ``embed`` or a session embedding ahead), so it is never removed; the
+    claims of writers that are gone do not count.
     """
 
     path: Path
@@ -72,7 +73,7 @@ def user_caches(folder: str | os.PathLike | None = None) -> list[CacheSummary]:
         except (OSError, ValueError):
             continue
         entries = [f"{s.model}, {'x'.join(map(str, s.shape))} {s.axes}" for s in signatures.values()]
-        busy = any(TileClaims(claims_folder(path, key)).present() for key in cache_folder.entry_keys(group))
+        busy = any(TileClaims(claims_folder(path, key)).live() for key in cache_folder.entry_keys(group))
         try:
             last_used = (path / "zarr.json").stat().st_mtime
         except OSError:

@@ -246,6 +246,19 @@ class TileClaims:
             if stale:
                 self._remove_stale(path, claim)
 
+    def live(self) -> list[Path]:
+        """The claim files of writers still at work (changes nothing; :meth:`sweep` removes
+        the others). An unreadable claim counts as live for its first seconds only."""
+        out = []
+        for path in self.present():
+            if _TOMB in path.name:
+                continue
+            claim = _read(path)
+            stale = _older_than(path, _UNREADABLE_GRACE) if claim is None else claim.stale(self.timeout)
+            if not stale:
+                out.append(path)
+        return out
+
     def present(self) -> list[Path]:
         """The claim files in the folder (any writer's, stale or not)."""
         if not self.folder.is_dir():
