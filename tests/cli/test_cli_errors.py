@@ -236,3 +236,15 @@ def test_version_and_annotate_without_a_display_are_one_line(monkeypatch, capsys
     rc, _, err = _run(["annotate", "--sample", "nuclei_2d"], capsys)  # Qt would abort the process
     assert rc == 2 and err.count("\n") == 1
     assert err.startswith("napari-sam annotate: error: no display to open napari on")
+
+
+def test_output_read_by_a_reader_that_leaves_is_no_internal_error():
+    # `napari-sam models | head -1` used to end in a traceback and "this is a bug"
+    import subprocess
+    import sys
+
+    run = subprocess.Popen([sys.executable, "-m", "napari_sam.cli", "models"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE)
+    run.stdout.close()  # the reader is gone before the first line
+    err = run.stderr.read().decode()
+    assert run.wait() == 141 and err == ""

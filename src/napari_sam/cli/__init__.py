@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import sys
 import traceback
 import warnings
@@ -59,6 +60,25 @@ def _one_line(err: BaseException) -> str:
     return " ".join(text.split())
 
 
+def _stdout_closed() -> bool:
+    """Whether the reader of our output has gone (a pipe whose far end is closed); if so,
+    stdout is pointed at the null device so that Python's own flush at exit does not print
+    a second traceback."""
+    import select
+
+    try:
+        fd = sys.stdout.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        gone = any(event & select.POLLERR for _, event in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no real file, or no poll on this system
+        return False
+    if gone:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, fd)
+    return gone
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     from . import cache, learning, registry, segment, share, viewer
@@ -91,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"napari-sam {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise
+        return 141  # the reader went away (`| head`): stop quietly, as a killed pipe would
     except Exception as err:
         if is_user_error(err):
             print(f"napari-sam {args.command}: error: {_one_line(err)}", file=sys.stderr)

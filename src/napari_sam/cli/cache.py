@@ -97,7 +97,9 @@ def caches(args) -> int:
             return 0
         for c in found:
             used = datetime.fromtimestamp(c.last_used).strftime("%Y-%m-%d %H:%M")
-            what = "; ".join(c.entries) or "no complete entries"
+            kinds = {e: c.entries.count(e) for e in c.entries}  # several tilings of one image are one line
+            what = "; ".join(e + (f" ({n} entries)" if n > 1 else "") for e, n in kinds.items())
+            what = what or "no complete entries"
             print(f"{c.path.name}  {_size(c.bytes):>9}  last used {used}{'  (being written)' if c.busy else ''}  "
                   f"{what}")
         print(f"{len(found)} cache(s), {_size(sum(c.bytes for c in found))} in {folder}")
