@@ -248,3 +248,27 @@ def test_output_read_by_a_reader_that_leaves_is_no_internal_error():
     run.stdout.close()  # the reader is gone before the first line
     err = run.stderr.read().decode()
     assert run.wait() == 141 and err == ""
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
+def test_a_time_limit_or_a_closed_terminal_stops_embed_cleanly(tmp_path, signame):
+    # a cluster's SIGTERM used to kill the command mid-bar, leaving claims that held the
+    # tiles from writers on other hosts for 15 minutes
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    volume = np.random.default_rng(0).integers(0, 255, (400, 64, 64), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "v.tif", volume, imagej=True, metadata={"axes": "ZYX"})
+    cache = tmp_path / "c.zarr"
+    run = subprocess.Popen([sys.executable, "-m", "napari_sam.cli", "embed", str(tmp_path / "v.tif"), "--out",
+                            str(cache)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(cache.glob("*/checksums/c/*")):  # a tile is stored
+        time.sleep(0.2)
+    run.send_signal(getattr(signal, signame))
+    out, err = run.communicate(timeout=60)
+    assert run.returncode == 128 + getattr(signal, signame), err.decode()[-500:]
+    assert err.decode().strip().splitlines()[-1] == f"napari-sam embed: stopped by {signame}; what was finished is kept"
+    assert not [p for p in cache.glob("*/checksums/claims/*")]  # no claim left behind

@@ -16,10 +16,13 @@ to report it, and the exit status is 1.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+import signal
 import sys
+import threading
 import traceback
 import warnings
 
@@ -58,6 +61,34 @@ def _one_line(err: BaseException) -> str:
     else:
         text = str(err) or type(err).__name__
     return " ".join(text.split())
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a cluster's time limit) or SIGHUP (a closed terminal), raised where Ctrl-C
+    would be, so that every ``finally`` runs: claims on cache tiles are released, partial
+    outputs removed."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+        self.name = signal.Signals(signum).name
+
+
+@contextlib.contextmanager
+def _terminations_interrupt():
+    def handler(signum, frame):
+        raise _Terminated(signum)
+
+    wanted = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    previous = {}
+    if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+        # a signal already ignored stays so: nohup keeps a command going after the terminal closes
+        previous = {sig: signal.signal(sig, handler) for sig in wanted if signal.getsignal(sig) is not signal.SIG_IGN}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def _stdout_closed() -> bool:
@@ -104,10 +135,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"napari-sam {args.command}: warning: {' '.join(str(message).split())}", file=sys.stderr)
 
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _terminations_interrupt():
             warnings.showwarning = warn
             warnings.filterwarnings("default", category=UserWarning, module=r"napari_sam\.")  # ours: said, not raised
             return handlers[args.command](args)
+    except _Terminated as stop:
+        print(f"napari-sam {args.command}: stopped by {stop.name}; what was finished is kept", file=sys.stderr)
+        return 128 + stop.signum
     except KeyboardInterrupt:
         print(f"napari-sam {args.command}: interrupted", file=sys.stderr)
         return 130

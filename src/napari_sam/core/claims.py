@@ -31,6 +31,7 @@ import os
 import socket
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from itertools import chain
@@ -43,6 +44,7 @@ __all__ = [
 CLAIM_TIMEOUT = 900.0  # s: a tile of the largest model on a slow CPU takes well under this
 _UNREADABLE_GRACE = 10.0  # s: writing a claim's few bytes takes microseconds
 _TOMB = ".stale-"
+_SAY_WAITING_AFTER = 30.0  # s: waiting longer than a tile takes is worth a line
 
 Entry = tuple[int, int, int]  # (flat plane, tile row, tile column)
 
@@ -349,7 +351,15 @@ def wait_for(waiting: list[Entry], claims: TileClaims,
     stored, ``(entry, True)`` when its claim went stale (or was given up) and this writer
     now holds it: the caller computes and releases it."""
     pending = list(waiting)
+    started, said = time.monotonic(), False
     while pending:
+        if not said and time.monotonic() - started > _SAY_WAITING_AFTER:
+            said = True
+            holder = claims.holder(pending[0])
+            who = f"process {holder.pid} on {holder.host}" if holder is not None else "another writer"
+            warnings.warn(f"waiting for {len(pending)} tile(s) of this cache that {who} is computing; a claim of a "
+                          f"writer on another host that stopped counts as abandoned {claims.timeout / 60:g} minutes "
+                          "after it was made", stacklevel=2)
         left = []
         for entry in pending:
             if present(entry):
