@@ -2,6 +2,7 @@
 anything else is a bug, reported with its traceback, the version and exit status 1."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -238,8 +239,9 @@ def test_version_and_annotate_without_a_display_are_one_line(monkeypatch, capsys
     assert err.startswith("napari-sam annotate: error: no display to open napari on")
 
 
-def test_output_read_by_a_reader_that_leaves_is_no_internal_error():
-    # `napari-sam models | head -1` used to end in a traceback and "this is a bug"
+def test_output_read_by_a_reader_that_leaves_is_no_internal_error(tmp_path, nuclei_2d):
+    # `napari-sam models | head -1` ended in a traceback and "this is a bug", and a segment
+    # whose log was cut short never wrote the file it was asked for
     import subprocess
     import sys
 
@@ -247,7 +249,15 @@ def test_output_read_by_a_reader_that_leaves_is_no_internal_error():
                            stderr=subprocess.PIPE)
     run.stdout.close()  # the reader is gone before the first line
     err = run.stderr.read().decode()
-    assert run.wait() == 141 and err == ""
+    assert run.wait() == 0 and err == ""
+    tifffile.imwrite(tmp_path / "a.tif", nuclei_2d[0][:128, :128])
+    run = subprocess.Popen([sys.executable, "-m", "napari_sam.cli", "segment", str(tmp_path / "a.tif"), "--box",
+                            "10", "10", "60", "60", "--out", str(tmp_path / "lab.tif")], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    run.stdout.close()
+    err = run.stderr.read().decode()
+    assert run.wait() == 0 and "Traceback" not in err
+    assert tifffile.imread(tmp_path / "lab.tif").max() == 1
 
 
 @pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])

@@ -91,23 +91,34 @@ def _terminations_interrupt():
             signal.signal(sig, old)
 
 
-def _stdout_closed() -> bool:
-    """Whether the reader of our output has gone (a pipe whose far end is closed); if so,
-    stdout is pointed at the null device so that Python's own flush at exit does not print
-    a second traceback."""
-    import select
+class _OutputMayBeDropped:
+    """stdout that outlives its reader: once a pipe's reader has gone (``| head -1``),
+    what is printed goes to the null device and the command finishes its work (an output
+    file asked for is still written); Python's own print would raise mid-run."""
 
-    try:
-        fd = sys.stdout.fileno()
-        poller = select.poll()
-        poller.register(fd, select.POLLOUT)
-        gone = any(event & select.POLLERR for _, event in poller.poll(0))
-    except (OSError, ValueError, AttributeError):  # no real file, or no poll on this system
-        return False
-    if gone:
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._drop()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._drop()
+
+    def _drop(self) -> None:
         devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, fd)
-    return gone
+        os.dup2(devnull, self._stream.fileno())
+        os.close(devnull)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         # a warning is one line of the command's output, not Python's two with a source line
         print(f"napari-sam {args.command}: warning: {' '.join(str(message).split())}", file=sys.stderr)
 
+    stdout, sys.stdout = sys.stdout, _OutputMayBeDropped(sys.stdout)
     try:
         with warnings.catch_warnings(), _terminations_interrupt():
             warnings.showwarning = warn
@@ -145,10 +157,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"napari-sam {args.command}: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        if not _stdout_closed():
-            raise
-        return 141  # the reader went away (`| head`): stop quietly, as a killed pipe would
     except Exception as err:
         if is_user_error(err):
             print(f"napari-sam {args.command}: error: {_one_line(err)}", file=sys.stderr)
@@ -160,3 +168,5 @@ def main(argv: list[str] | None = None) -> int:
               f"{sys.version.split()[0]}): this is a bug; please report it to the developers with the "
               f"traceback above and the command you ran", file=sys.stderr)
         return 1
+    finally:
+        sys.stdout = stdout
