@@ -220,3 +220,15 @@ def test_an_imagej_hyperstack_and_an_ome_tiff_say_their_axes(tmp_path):
     assert image_axes(tmp_path / "stack.ome.tif") is None
     src = ImageSource.open(tmp_path / "fiji.tif", channel=1)
     assert src.plane_axes == "Z" and src.plane_grid == (3,)
+
+
+def test_an_imagej_stack_cut_short_is_refused_not_read_as_one_plane(tmp_path, capsys):
+    # an interrupted copy: tifffile finds the first plane and reads it as the whole image
+    volume = np.random.default_rng(0).integers(0, 255, (20, 64, 64), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "full.tif", volume, imagej=True, metadata={"axes": "ZYX"})
+    (tmp_path / "cut.tif").write_bytes((tmp_path / "full.tif").read_bytes()[:20000])
+    assert read_image(tmp_path / "full.tif").shape == (20, 64, 64)
+    with pytest.raises(ValueError, match=r"cut short or damaged: its ImageJ header announces 20 planes, the file "
+                                         r"holds 1"):
+        read_image(tmp_path / "cut.tif")
+    assert capsys.readouterr().err == ""  # said once, by us, not by tifffile's log as well

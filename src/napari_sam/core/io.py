@@ -10,6 +10,7 @@ Writing follows the output rule of :mod:`napari_sam.core.outputs`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -147,11 +148,36 @@ def _open_zarr_image(path: Path):
     raise ValueError(f"{path} is a Zarr group with arrays {arrays}: give the path of one array")
 
 
-def _read_tiff(path: Path) -> np.ndarray:
-    """A TIFF's first series, as its pages hold it."""
+@contextlib.contextmanager
+def _open_tiff(path: Path):
+    """A TiffFile whose complaints about damaged files are not logged: the reader says what
+    is wrong in one line, as for every other input."""
+    import logging
+
     import tifffile
 
-    return tifffile.imread(path)
+    log = logging.getLogger("tifffile")
+    level = log.level
+    log.setLevel(logging.ERROR + 10)
+    try:
+        with tifffile.TiffFile(path) as tif:
+            yield tif
+    finally:
+        log.setLevel(level)
+
+
+def _read_tiff(path: Path) -> np.ndarray:
+    """A TIFF's first series, as its pages hold it. ValueError for an ImageJ stack that
+    holds fewer planes than its header announces (a copy cut short), which tifffile would
+    read as its first plane alone."""
+    with _open_tiff(path) as tif:
+        announced = (tif.imagej_metadata or {}).get("images") if tif.is_imagej else None
+        series = tif.series[0]
+        planes = int(np.prod(series.shape[:-3 if series.axes.endswith("S") else -2], dtype=np.int64))
+        if isinstance(announced, int) and planes < announced:
+            raise ValueError(f"cut short or damaged: its ImageJ header announces {announced} planes, the file "
+                             f"holds {planes}")
+        return series.asarray()
 
 
 def planar_rgb(path: str | os.PathLike) -> bool:
@@ -161,10 +187,8 @@ def planar_rgb(path: str | os.PathLike) -> bool:
     path = Path(path)
     if path.suffix.lower() not in TIFF_SUFFIXES:
         return False
-    import tifffile
-
     try:
-        with tifffile.TiffFile(path) as tif:
+        with _open_tiff(path) as tif:
             axes = tif.series[0].axes
     except Exception:  # noqa: BLE001 - not readable as a TIFF: read_image says why
         return False
@@ -174,10 +198,8 @@ def planar_rgb(path: str | os.PathLike) -> bool:
 def _tiff_axes(path: Path) -> str | None:
     """The axes an ImageJ hyperstack or an OME-TIFF declares (tifffile's "S", the samples
     of RGB, read as C), or None for a TIFF that declares none."""
-    import tifffile
-
     try:
-        with tifffile.TiffFile(path) as tif:
+        with _open_tiff(path) as tif:
             declared = tif.is_imagej or tif.is_ome
             axes = tif.series[0].axes.replace("S", "C")
             by_tifffile = (tif.is_imagej and str((tif.imagej_metadata or {}).get("ImageJ")) == "1.11a") or (
