@@ -332,3 +332,28 @@ def test_segment_modes_are_the_automatic_modes_the_package_knows():
     assert set(PLANNERS) == set(MODES)  # a mode without its planner would have run as another
     detector = next(a for a in segment._actions if a.dest == "detector")
     assert tuple(detector.choices) == DETECTORS
+
+
+def test_segment_reads_the_cache_that_embed_made(tmp_path, tiny_checkpoint, nuclei_3d, capsys, monkeypatch):
+    # embed on one machine, segment on another: the tiles are read, not computed again
+    import tifffile
+
+    from napari_sam.core.embedding_store import describe_cache
+
+    monkeypatch.setenv("NAPARI_SAM_CACHE_DIR", str(tmp_path / "user-cache"))
+    image = tmp_path / "vol.tif"
+    tifffile.imwrite(image, nuclei_3d[0][:2, :96, :96], imagej=True, metadata={"axes": "ZYX"})
+    model = ["--model", str(tiny_checkpoint), "--dtype", "float32"]
+    assert main(["embed", str(image), *model]) == 0
+    (cache,) = (tmp_path / "user-cache" / "embeddings").glob("*.zarr")
+    chunks = {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file() and "features" in p.parts}
+    assert chunks and describe_cache(cache)[0]["present"] == 2
+    capsys.readouterr()
+    for mode in (["--point", "40", "40", "--plane", "1"], ["--mode", "boxes"]):
+        out = tmp_path / f"lab{len(mode)}.tif"
+        assert main(["segment", str(image), *model, *mode, "--cache", "--out", str(out)]) == 0
+        assert out.is_file()
+    assert len(describe_cache(cache)) == 1  # no other signature beside embed's
+    assert {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file() and "features" in p.parts} == chunks
+    with pytest.raises(SystemExit):  # --cache takes one folder at most
+        main(["segment", str(image), "--cache", "a", "b"])

@@ -233,7 +233,7 @@ class Annotator:
 
         Returns, per id, the planes it was written on.
         """
-        from tqdm.auto import tqdm
+        from .core.progress_bar import progress_bar
 
         if self.tracking is not None:
             return self.tracking.propagate_all(self.writer, ids, axis, settings, overwrite, progress, seeds)
@@ -241,8 +241,8 @@ class Annotator:
             raise ValueError(f"seeds={seeds!r} is for propagation with SAM 2 (tracker=); SAM starts from the largest")
         out: dict[int, list[tuple[int, ...]]] = {}
         with self.writer.one_step():  # all objects are one undo step, as with SAM 2
-            for label_id, plane in tqdm(self._starts(axis, ids, settings), desc="propagating", unit="object",
-                                        disable=not progress):
+            for label_id, plane in progress_bar(self._starts(axis, ids, settings), desc="propagating",
+                                                unit="object", progress=progress):
                 steps = self.propagate(plane, label_id, axis, settings, overwrite)
                 out.setdefault(label_id, []).extend(s.plane for s in steps if s.mask is not None)
         return out
@@ -306,11 +306,11 @@ class Annotator:
         ValueError
             A missing plane, an unknown mode or setting, a decoder mode without a decoder.
         """
-        from tqdm.auto import tqdm
+        from .core.progress_bar import progress_bar
 
         steps = self.segment_everything_steps(plane, mode, whole_volume=whole_volume, commit=commit,
                                               overwrite=overwrite, rough=rough, link_iou=link_iou, **settings)
-        with tqdm(desc="segmenting everything", disable=not progress) as bar:
+        with progress_bar(desc="segmenting everything", progress=progress) as bar:
             while True:
                 try:
                     report = next(steps)

@@ -253,10 +253,10 @@ def evaluate(args) -> int:
             )
             results.append(merged)
     if auto and planes:
-        from tqdm.auto import tqdm
+        from ..core.progress_bar import progress_bar
 
         gen = evaluate.iter_evaluate_modes(planes, model, modes or None, baseline=True, augment=args.augment)
-        with tqdm(total=len(planes), desc="automatic modes", unit="image") as bar:
+        with progress_bar(total=len(planes), desc="automatic modes", unit="image") as bar:
             while True:
                 try:
                     next(gen)

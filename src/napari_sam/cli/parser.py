@@ -7,6 +7,10 @@ import argparse
 __all__ = ["build_parser"]
 
 
+DEFAULT_CACHE = "<default>"
+"""``segment --cache`` without a folder: the cache's default place."""
+
+
 def _add_model_args(p: argparse.ArgumentParser, dtype: bool = True) -> None:
     p.add_argument("--model", help="registry name (see `napari-sam models`) or checkpoint file (default: "
                    "$NAPARI_SAM_MODEL, else the small model shipped with the package)")
@@ -173,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="index of the 2D plane in a 3D/4D image (leading axes)")
     seg.add_argument("--channel", type=_channel, help="channel to use in a multichannel image (channels last)"
                      + _STAIN_HELP)
+    seg.add_argument("--cache", nargs="?", const=DEFAULT_CACHE, metavar="FOLDER",
+                     help="read and keep the embeddings in a cache, as `napari-sam embed` makes it: --cache alone "
+                     "where embed puts it by default (beside a Zarr image, else the user cache), --cache FOLDER "
+                     "there (default: no cache, the embeddings are computed for this run only)")
     _add_output_args(seg, "an input")
     seg.add_argument("--add", action="store_true",
                      help="--mode prompts with --labels-into: add the objects to the label image labels/NAME if it "

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from . import UsageError
+from .parser import DEFAULT_CACHE
 
 __all__ = ["propagate", "segment"]
 
@@ -136,6 +137,7 @@ def segment(args) -> int:
     from .inputs import source_plane
 
     _check_out(args)  # before any work
+    _check_cache(args)
     if args.augment and args.mode != "ais":
         raise UsageError(f"--augment averages the instance decoder's maps of --mode ais, not of --mode {args.mode}")
     if args.mode != "prompts":
@@ -152,8 +154,10 @@ def segment(args) -> int:
     model = resolve_model(args.model, device=args.device, dtype=args.dtype)
     # As the plugin answers a click: a plane larger than the model input is embedded in
     # full-resolution tiles and objects are followed across them.
-    emb = Embeddings(source, model, cache=False, statistics="plane", magnification=args.magnification,
-                     diameter=args.diameter)
+    # With a cache, the whole image's intensity statistics, as `embed` computes them, so
+    # that its tiles are found; without, the plane's own, and no reading of other planes.
+    emb = Embeddings(source, model, cache=_cache(args), statistics="plane" if args.cache is None else "volume",
+                     magnification=args.magnification, diameter=args.diameter)
     flat = source.flat_index(index)
     emb.compute_all(planes=[flat], progress=False)
     t_embed = time.perf_counter() - t0
@@ -181,6 +185,20 @@ def segment(args) -> int:
         return 0
     _write(args, labels, f"{len(objects) - len(empty)} object(s)", note, plane=index)
     return 0
+
+
+def _check_cache(args) -> None:
+    from ..core.outputs import check_folder_writable, check_not_an_input
+
+    if args.cache not in (None, DEFAULT_CACHE):
+        check_not_an_input(args.cache, {k: v for k, v in _inputs(args).items() if k != "--cache"}, what="--cache")
+        check_folder_writable(Path(args.cache).expanduser().parent)
+
+
+def _cache(args):
+    """What ``Embeddings(cache=...)`` takes for ``--cache``: False without it (memory only),
+    None for its default place."""
+    return False if args.cache is None else None if args.cache == DEFAULT_CACHE else args.cache
 
 
 def _mode_settings(args) -> dict:
@@ -212,12 +230,12 @@ def _segment_all(args) -> int:
     """--mode ais|apg|auto|boxes: every plane; the planes of a stack linked into 3D objects
     (for TZYX, the Z stack of each time point, ids unique over the image)."""
     import numpy as np
-    from tqdm.auto import tqdm
 
     from ..auto.modes import iter_segment_plane, iter_segment_volume, reads_native_scale
     from ..core.embeddings import Embeddings
     from ..core.image_source import ImageSource
     from ..core.models import resolve_model
+    from ..core.progress_bar import progress_bar
 
     if args.detector is not None and args.mode != "boxes":
         raise UsageError(f"--detector chooses the boxes of --mode boxes, not of --mode {args.mode}")
@@ -233,7 +251,7 @@ def _segment_all(args) -> int:
     _check_labels_into(args, source.plane_grid + source.plane_shape)
     model = resolve_model(args.model, device=args.device, dtype=args.dtype)
     _check_mode(args.mode, model)
-    emb = Embeddings(source, model, cache=False, magnification=args.magnification, diameter=args.diameter)
+    emb = Embeddings(source, model, cache=_cache(args), magnification=args.magnification, diameter=args.diameter)
     if args.mode in ("ais", "apg") and args.magnification not in (None, "auto", 1.0) and reads_native_scale(model):
         print(f"note: --mode {args.mode} reads embeddings at magnification 1, where the instance decoder learned; "
               f"--magnification {args.magnification:g} would change nothing", file=sys.stderr)
@@ -241,7 +259,7 @@ def _segment_all(args) -> int:
     grid = source.plane_grid
     stacks = [[outer + (i,) for i in range(grid[-1])] for outer in np.ndindex(*grid[:-1])] if grid else [[()]]
     found, offset = [], 0
-    with tqdm(total=source.n_planes, desc=f"segmenting ({args.mode})", unit="plane") as bar:
+    with progress_bar(total=source.n_planes, desc=f"segmenting ({args.mode})", unit="plane") as bar:
         for planes in stacks:
             steps = (iter_segment_volume(emb, args.mode, planes, **settings) if grid
                      else iter_segment_plane(emb, 0, args.mode, **settings))

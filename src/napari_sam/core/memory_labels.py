@@ -305,11 +305,11 @@ class Tracking:
                       seeds: str = "largest") -> dict[int, list[tuple[int, ...]]]:
         """:meth:`steps` to the end with a tqdm bar (object-planes); returns, per id, the
         planes it was written on."""
-        from tqdm.auto import tqdm
+        from .progress_bar import progress_bar
 
         objects = self.objects(writer.labels, ids, seeds, axis, _memory_settings(settings).min_area)
         out: dict[int, list[tuple[int, ...]]] = {oid: [] for oid in objects}
-        with tqdm(desc="propagating (SAM 2)", unit="object-plane", disable=not progress) as bar:
+        with progress_bar(desc="propagating (SAM 2)", unit="object-plane", progress=progress) as bar:
             for step, written in self._written(writer, ids, axis, settings, overwrite, seeds, objects, None):
                 for oid in written:
                     if oid:

@@ -67,11 +67,11 @@ def iter_precompute(embeddings, planes=None, scheduler=None, verify: bool = True
 def compute_all(embeddings, planes=None, scheduler=None, progress: bool = True) -> int:
     """:func:`iter_precompute` to the end with a tqdm progress bar; returns the number of
     tiles present afterwards."""
-    from tqdm.auto import tqdm
+    from .progress_bar import progress_bar
 
     gen = iter_precompute(embeddings, planes, scheduler)
     last = next(gen)
-    with tqdm(total=last.total, initial=last.done, unit="tile", desc="embedding", disable=not progress) as bar:
+    with progress_bar(total=last.total, initial=last.done, unit="tile", desc="embedding", progress=progress) as bar:
         for last in gen:  # noqa: B007 - the last report is returned after the loop
             bar.update(1)
     return last.done

@@ -71,9 +71,8 @@ def train(
     Trainer
         After the last step, with its ``history``.
     """
-    from tqdm.auto import tqdm
-
     from ..core.models import load_model
+    from ..core.progress_bar import progress_bar
 
     if isinstance(model, Trainer):
         trainer = model
@@ -92,7 +91,7 @@ def train(
         print(f"{minutes:g} minute(s) hold about {budget.steps - trainer.step} step(s) here; the schedule "
               "spans them (resized at each validation)")
 
-    with tqdm(total=trainer.config.steps, initial=trainer.step, disable=not progress, desc="training") as bar:
+    with progress_bar(total=trainer.config.steps, initial=trainer.step, progress=progress, desc="training") as bar:
         for record in run_steps(trainer, minutes, stop_after, on_sized=say_size if progress else None):
             bar.update(1)
             bar.total = trainer.config.steps  # a time budget resizes the run at each validation
