@@ -282,3 +282,11 @@ def test_a_time_limit_or_a_closed_terminal_stops_embed_cleanly(tmp_path, signame
     assert run.returncode == 128 + getattr(signal, signame), err.decode()[-500:]
     assert err.decode().strip().splitlines()[-1] == f"napari-sam embed: stopped by {signame}; what was finished is kept"
     assert not [p for p in cache.glob("*/checksums/claims/*")]  # no claim left behind
+
+
+def test_a_plane_option_left_empty_by_the_shell_is_refused(capsys):
+    # `--planes $PLANES` with PLANES unset used to embed nothing and exit 0
+    for args in (["embed", "x.tif", "--planes"], ["segment", "x.tif", "--plane", "--point", "1", "1"]):
+        with pytest.raises(SystemExit) as stop:
+            main(args)
+        assert stop.value.code == 2 and "expected at least one argument" in capsys.readouterr().err

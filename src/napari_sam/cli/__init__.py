@@ -11,7 +11,8 @@ Coordinates are pixels of the image as (x, y), that is (column, row).
 Errors: a mistake in what was asked (a path, a plane, a channel, prompts, a model, an
 output) ends with one line, ``napari-sam <command>: error: <what and which>``, and exit
 status 2. Anything else is a bug: its traceback is printed with the version and a request
-to report it, and the exit status is 1.
+to report it, and the exit status is 1. ``info --verify`` exits with 3 when it finds a
+damaged tile; Ctrl-C ends a command with 130, SIGTERM with 143 and SIGHUP with 129.
 """
 
 from __future__ import annotations

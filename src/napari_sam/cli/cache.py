@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import time
 
-__all__ = ["caches", "embed", "info"]
+__all__ = ["DAMAGE_FOUND", "caches", "embed", "info"]
+
+DAMAGE_FOUND = 3
+"""``info --verify``'s exit status when a tile is damaged or missing."""
 
 
 def embed(args) -> int:
@@ -50,8 +53,8 @@ def embed(args) -> int:
 
 
 def info(args) -> int:
-    """Print what a cache holds; with ``--verify`` read every tile: exit 1 if any is damaged
-    or missing, else 0."""
+    """Print what a cache holds; with ``--verify`` read every tile: exit 3 if any is damaged
+    or missing (1 is a bug, 2 a mistake in the request), else 0."""
     from ..core.embedding_store import describe_cache
     from ..core.signature import describe_fingerprint
 
@@ -80,7 +83,7 @@ def info(args) -> int:
         bad += len(check.damaged) + len(check.missing)
     if bad:
         print(f"{bad} tile(s) damaged or missing: the next `napari-sam embed` on this cache computes them again")
-    return 1 if bad else 0
+    return DAMAGE_FOUND if bad else 0
 
 
 def caches(args) -> int:

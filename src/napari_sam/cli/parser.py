@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="box around one object; repeatable")
     seg.add_argument("--prompts", help="JSON file: a list of {points, labels, box} objects (points as [x, y], "
                      "box as [x0, y0, x1, y1], in plane pixels)")
-    seg.add_argument("--plane", type=int, nargs="*", default=[], metavar="I",
+    seg.add_argument("--plane", type=int, nargs="+", default=[], metavar="I",
                      help="index of the 2D plane in a 3D/4D image (leading axes)")
     seg.add_argument("--channel", type=_channel, help="channel to use in a multichannel image (channels last)"
                      + _STAIN_HELP)
@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="context around each tile in pixels, at most --tile (default: 1/8 of the model input, "
                      "128 for SAM)")
     _add_scale_args(emb)
-    emb.add_argument("--planes", type=int, nargs="*", metavar="I", help="flat plane numbers to embed (default: all)")
+    emb.add_argument("--planes", type=int, nargs="+", metavar="I", help="flat plane numbers to embed (default: all)")
     emb.add_argument("--storage", choices=["float32", "float16"], default="float32", help="stored precision")
     emb.add_argument("--statistics", choices=["volume", "plane"], default="volume",
                      help="where intensity percentiles come from")
@@ -333,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
         "info", help="show what an embedding cache holds",
         description="Without --verify the tiles are counted from their recorded checksums, not read. With "
         "--verify every tile is read against its checksum and damaged or missing ones are listed (plane, tile "
-        "row, col); the exit code is 1 when any is found, 0 when the cache is clean.",
+        "row, col); the exit status is 3 when any is found (1 is kept for bugs, 2 for mistakes in the request), 0 when the cache is clean.",
     )
     info.add_argument("cache")
     info.add_argument("--verify", action="store_true", help="read every tile against its checksum (slow)")
