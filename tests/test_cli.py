@@ -258,6 +258,11 @@ def test_evaluate_prints_a_table_and_writes_json(tmp_path, tiny_checkpoint, nucl
     assert [r["method"] for r in results] == ["tiny_sam.pth", "watershed baseline"]
     assert all(0 <= r["point"] <= 1 and 0 <= r["box"] <= 1 for r in results)
     assert main(["evaluate", str(tmp_path / "images"), str(tmp_path / "nothing")]) == 2
+    capsys.readouterr()
+    # --json -: the report alone on stdout (for jq), the table on stderr
+    assert main(["evaluate", str(tmp_path), "--max-objects", "3", "--corrections", "0", "--json", "-"]) == 0
+    out, err = capsys.readouterr()
+    assert [r["method"] for r in json.loads(out)] == ["watershed baseline"] and "| watershed baseline | 1 | 3 |" in err
 
 
 def test_evaluate_measures_propagation_on_volumes(tmp_path, tiny_checkpoint, nuclei_3d, capsys):

@@ -290,3 +290,10 @@ def test_a_plane_option_left_empty_by_the_shell_is_refused(capsys):
         with pytest.raises(SystemExit) as stop:
             main(args)
         assert stop.value.code == 2 and "expected at least one argument" in capsys.readouterr().err
+
+
+def test_a_model_named_by_the_environment_is_said_to_come_from_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("NAPARI_SAM_MODEL", "bogus")
+    tifffile.imwrite(tmp_path / "a.tif", np.zeros((32, 32), np.uint8))
+    assert main(["segment", str(tmp_path / "a.tif"), "--point", "5", "5", "--out", str(tmp_path / "l.tif")]) == 2
+    assert "error: $NAPARI_SAM_MODEL=bogus: 'bogus' is neither a model name" in capsys.readouterr().err

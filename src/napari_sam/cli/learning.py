@@ -166,17 +166,34 @@ def _check_resumed(config, chosen: dict, model: str | None, out) -> None:
 
 
 def evaluate(args) -> int:
+    """Measure, print the table, and write the report (``--json -``: the report on stdout,
+    everything else on stderr, for ``| jq``)."""
+    import contextlib
     from pathlib import Path
 
-    import numpy as np
-
-    from .. import evaluate
     from ..core.outputs import check_file_output
-    from ..evaluate import WatershedBaseline
 
+    if args.json == "-":
+        with contextlib.redirect_stdout(sys.stderr):
+            results = _measure(args)
+        print(_json_text(results))
+        return 0
     if args.json:
         check_file_output(args.json, (".json",), "the report", "--json",
                           {"images": args.images, "labels": args.labels}, args.overwrite)
+    results = _measure(args)
+    if args.json:
+        _write_json(Path(args.json).expanduser(), results)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _measure(args) -> list[dict]:
+    """Every measurement ``evaluate`` asks for, the table printed; returns the results."""
+    import numpy as np
+
+    from .. import evaluate
+    from ..evaluate import WatershedBaseline
 
     pairs = evaluate.load_pairs(args.images, args.labels, pattern=args.pattern)
     if args.channel is not None:
@@ -269,10 +286,7 @@ def evaluate(args) -> int:
     if counted and not any(counted):
         print(f"no object was measured: the labels in {args.labels or args.images} hold none (background is 0, "
               "each object its own id)", file=sys.stderr)
-    if args.json:
-        _write_json(Path(args.json).expanduser(), results)
-        print(f"wrote {args.json}")
-    return 0
+    return results
 
 
 def _one_channel(pair, channel: int):
@@ -289,12 +303,10 @@ def _one_channel(pair, channel: int):
     return EvalPair(image[..., channel], pair.labels, pair.name)
 
 
-def _write_json(path, results) -> None:
-    """The results as strict JSON (a score of no objects, NaN, as null), written whole or
-    not at all: a kill mid-write leaves the old file."""
+def _json_text(results) -> str:
+    """The results as strict JSON: a score of no objects (NaN) as null."""
     import json
     import math
-    import os
 
     def strict(value):
         if isinstance(value, float) and not math.isfinite(value):
@@ -305,7 +317,14 @@ def _write_json(path, results) -> None:
             return [strict(v) for v in value]
         return value
 
-    text = json.dumps(strict(results), indent=1, allow_nan=False)
+    return json.dumps(strict(results), indent=1, allow_nan=False)
+
+
+def _write_json(path, results) -> None:
+    """The report written whole or not at all: a kill mid-write leaves the old file."""
+    import os
+
+    text = _json_text(results)
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     try:
         tmp.write_text(text)

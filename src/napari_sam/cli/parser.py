@@ -255,8 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("images")
     ev.add_argument("labels", nargs="?")
     ev.add_argument("--model", help="model to evaluate (registry name or checkpoint); without it only the baseline")
-    ev.add_argument("--device", default="auto")
-    ev.add_argument("--dtype", default="float32")
+    ev.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default: the best available)")
+    ev.add_argument("--dtype", default="float32",
+                    help="the model's precision (default float32, so that figures compare across machines; auto: "
+                    "what the device runs fastest)")
     _add_scale_args(ev)
     ev.add_argument("--baseline", action="store_true", help="also the classical baseline (seeded watershed)")
     ev.add_argument("--auto", action="store_true",
@@ -271,10 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="for multichannel images (channels last): the channel to segment, e.g. the nuclei's")
     ev.add_argument("--pattern", default="*", metavar="GLOB",
                     help="which image files of the folder to take (default: every image file), e.g. '*.tif'")
-    ev.add_argument("--corrections", type=_count, default=8)
+    ev.add_argument("--corrections", type=_count, default=8,
+                    help="corrective clicks after the first one, each on the largest error (default 8)")
     ev.add_argument("--max-objects", type=_positive_int, help="objects sampled per image (default: all)")
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--json", help="write the results as JSON (scores of no objects as null)")
+    ev.add_argument("--seed", type=int, default=0,
+                    help="seeds the sampling of --max-objects and the choice among tied correction points (default 0)")
+    ev.add_argument("--json", help="write the results as JSON (scores of no objects as null); '-': to stdout, "
+                    "with the table and everything else on stderr")
     ev.add_argument("--overwrite", action="store_true", help="replace --json if it exists")
 
     tr = sub.add_parser(
@@ -333,7 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
         "info", help="show what an embedding cache holds",
         description="Without --verify the tiles are counted from their recorded checksums, not read. With "
         "--verify every tile is read against its checksum and damaged or missing ones are listed (plane, tile "
-        "row, col); the exit status is 3 when any is found (1 is kept for bugs, 2 for mistakes in the request), 0 when the cache is clean.",
+        "row, col); the exit status is 3 when any is found (1 is kept for bugs, 2 for mistakes in the "
+        "request), 0 when the cache is clean.",
     )
     info.add_argument("cache")
     info.add_argument("--verify", action="store_true", help="read every tile against its checksum (slow)")

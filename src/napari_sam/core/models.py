@@ -289,6 +289,11 @@ def resolve_model(
             f"no model given: name one (a registry name, see `napari-sam models`, or a checkpoint file), "
             f"or set {MODEL_ENV_VAR}"
         )
+    if model is None and os.environ.get(MODEL_ENV_VAR):
+        try:  # the name came from the environment, not from the caller: say where
+            return load_model(spec, device=device, dtype=dtype)
+        except ValueError as err:
+            raise ValueError(f"${MODEL_ENV_VAR}={spec}: {err}") from err
     return load_model(spec, device=device, dtype=dtype)
 
 
