@@ -58,7 +58,10 @@ def open_root(path: str | os.PathLike | None, mode: Literal["r", "r+", "a"]) -> 
         else:
             root = zarr.open_group(str(path), mode=mode, zarr_format=3)
     except (OSError, ValueError, KeyError) as err:
-        raise ValueError(f"cannot open the embedding cache {path}: {err}") from err
+        why = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        where = "" if mode == "r" else (" (another place: --out or --cache, cache= in Python, or "
+                                         "$NAPARI_SAM_CACHE_DIR for the default one)")
+        raise ValueError(f"cannot open the embedding cache {path}: {why}{where}") from err
     if mode != "r" and ROOT_ATTR not in root.attrs:
         if list(root.keys()):
             raise ValueError(f"{path} is a Zarr group, but not an embedding cache: choose another cache location")
