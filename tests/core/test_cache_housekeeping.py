@@ -6,6 +6,7 @@ import os
 import time
 
 import numpy as np
+import pytest
 import zarr
 
 from napari_sam.core import cache_housekeeping as housekeeping
@@ -84,3 +85,33 @@ def test_opening_a_cache_for_work_marks_it_used(tmp_path):
     EmbeddingStore.open(old, dataclasses.replace(SIG, image_fingerprint="blake2b:old.zarr"), (2, 1, 2))
     assert housekeeping.user_caches(folder)[-1].path == old  # now the most recently used
     assert housekeeping.user_caches(folder)[-1].last_used > now - 60
+
+
+def test_a_cache_opened_after_the_listing_is_not_removed(tmp_path):
+    # an embed that opens the cache between the listing and the removal keeps it
+    now = time.time()
+    folder, old, *_ = _folder(tmp_path, now)
+    listed = housekeeping.user_caches(folder)
+    EmbeddingStore.open(old, dataclasses.replace(SIG, image_fingerprint="blake2b:old.zarr"), (2, 1, 2))
+    assert housekeeping.remove(listed, older_than_days=30, now=now) == [] and old.is_dir()
+
+
+def test_what_a_writers_claims_leave_of_a_removed_cache_becomes_a_cache_again(tmp_path):
+    # a writer's claim on a cache removed under it recreates <key>/checksums/claims/: the
+    # next opening must make a cache there, not refuse the folder as foreign
+    sig = dataclasses.replace(SIG, image_fingerprint="blake2b:x")
+    path = tmp_path / "c.zarr"
+    store = EmbeddingStore.open(path, sig, (2, 1, 2))
+    claims = claims_folder(path, store.key)
+    import shutil
+
+    shutil.rmtree(path)
+    claims.mkdir(parents=True)
+    (claims / "0.0.0").write_text(json.dumps(dataclasses.asdict(Claim.mine())))
+    again = EmbeddingStore.open(path, sig, (2, 1, 2))
+    again.write((0, 0, 0), np.ones((256, 64, 64), np.float32))
+    assert again.read((0, 0, 0)) is not None
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="not an embedding cache"):
+        EmbeddingStore.open(tmp_path / "foreign", sig, (2, 1, 2))

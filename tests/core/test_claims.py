@@ -342,14 +342,14 @@ def test_two_writers_started_together_share_the_tiles_and_match_a_serial_run(sma
 
 def test_a_writer_kept_waiting_says_who_holds_the_tiles(tmp_path, monkeypatch):
     # a claim of a writer on another host holds its tile until it times out: say so, once
-    import napari_sam.core.claims as claims_module
+    import napari_sam.core.shared_work as shared_work
 
-    monkeypatch.setattr(claims_module, "_SAY_WAITING_AFTER", 0.05)
+    monkeypatch.setattr(shared_work, "SAY_WAITING_AFTER", 0.05)
     claims = TileClaims(tmp_path, timeout=0.4)
     other = dataclasses.replace(Claim.mine(), host="node042", pid=4242, token="t")
     tmp_path.mkdir(exist_ok=True)
     claims.path((0, 1, 2)).write_text(json.dumps(dataclasses.asdict(other)))
     with pytest.warns(UserWarning, match=r"waiting for 1 tile\(s\) .* process 4242 on node042 .* abandoned") as said:
-        got = list(claims_module.wait_for([(0, 1, 2)], claims, lambda entry: False, poll=0.02))
+        got = list(shared_work.wait_for([(0, 1, 2)], claims, lambda entry: False, poll=0.02))
     assert got == [((0, 1, 2), True)] and len([w for w in said if "waiting for" in str(w.message)]) == 1
     claims.release((0, 1, 2))

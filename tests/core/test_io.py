@@ -232,3 +232,17 @@ def test_an_imagej_stack_cut_short_is_refused_not_read_as_one_plane(tmp_path, ca
                                          r"holds 1"):
         read_image(tmp_path / "cut.tif")
     assert capsys.readouterr().err == ""  # said once, by us, not by tifffile's log as well
+
+
+
+def test_a_plain_or_ome_tiff_stack_cut_short_is_refused(tmp_path):
+    import tifffile
+
+    volume = np.random.default_rng(1).integers(0, 255, (5, 64, 64), dtype=np.uint8)
+    for name, options in (("z.tif", {"compression": "zlib"}), ("z.ome.tif", {}), ("p.tif", {})):
+        tifffile.imwrite(tmp_path / name, volume, **options)
+        assert read_image(tmp_path / name).shape == (5, 64, 64)
+        whole = (tmp_path / name).read_bytes()
+        (tmp_path / f"cut_{name}").write_bytes(whole[:int(len(whole) * 0.6)])
+        with pytest.raises(ValueError):
+            read_image(tmp_path / f"cut_{name}")

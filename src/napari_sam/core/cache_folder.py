@@ -36,8 +36,9 @@ def open_root(path: str | os.PathLike | None, mode: Literal["r", "r+", "a"]) -> 
     if mode == "r" and not path.exists():
         raise FileNotFoundError(f"no embedding cache at {path}: no such folder")
     advice = "" if mode == "r" else ": choose another cache location"  # reading one, there is no location to choose
-    # An empty folder (made by hand or by a file dialog) is a fine place for a new cache.
-    fresh = not path.exists() or (path.is_dir() and not any(path.iterdir()))
+    # An empty folder (made by hand or by a file dialog) is a fine place for a new cache, and
+    # so is what a writer's claims left of a cache removed under it (folders, claim files).
+    fresh = not path.exists() or (path.is_dir() and not (path / "zarr.json").exists() and _holds_only_claims(path))
     if fresh and mode == "r":
         raise ValueError(f"{path} is an empty folder, not an embedding cache")
     if not fresh:
@@ -75,6 +76,12 @@ def open_root(path: str | os.PathLike | None, mode: Literal["r", "r+", "a"]) -> 
     if mode != "r":
         _mark_used(path)
     return root
+
+
+def _holds_only_claims(folder: Path) -> bool:
+    """Whether a folder holds nothing but folders and the claim files of
+    :mod:`napari_sam.core.claims` (``<key>/checksums/claims/*``)."""
+    return all(not files or "claims" in Path(where).parts for where, _, files in os.walk(folder))
 
 
 def _mark_used(path: Path) -> None:

@@ -54,9 +54,19 @@ def user_cache_folder() -> Path:
 
 
 def user_caches(folder: str | os.PathLike | None = None) -> list[CacheSummary]:
-    """The embedding caches in ``folder`` (default :func:`user_cache_folder`), least
-    recently used first. Folders that are not embedding caches are not listed (and so
-    never removed); leftovers of an interrupted removal are cleared."""
+    """The embedding caches of a folder, least recently used first.
+
+    Parameters
+    ----------
+    folder
+        Default :func:`user_cache_folder`.
+
+    Returns
+    -------
+    list of CacheSummary
+        Folders that are not embedding caches are not listed (and so never removed);
+        leftovers of an interrupted removal are cleared on the way.
+    """
     root = Path(folder).expanduser() if folder is not None else user_cache_folder()
     if not root.is_dir():
         return []
@@ -65,21 +75,23 @@ def user_caches(folder: str | os.PathLike | None = None) -> list[CacheSummary]:
         if path.name.startswith(_REMOVING):
             shutil.rmtree(path, ignore_errors=True)
             continue
-        if not path.is_dir() or path.name.startswith("."):
-            continue
-        try:
-            group = cache_folder.open_root(path, "r")
-            signatures = cache_folder.signatures(group)
-        except (OSError, ValueError):
-            continue
-        entries = [f"{s.model}, {'x'.join(map(str, s.shape))} {s.axes}" for s in signatures.values()]
-        busy = any(TileClaims(claims_folder(path, key)).live() for key in cache_folder.entry_keys(group))
-        try:
-            last_used = (path / "zarr.json").stat().st_mtime
-        except OSError:
-            continue
-        out.append(CacheSummary(path, _size(path), last_used, entries, busy))
+        if path.is_dir() and not path.name.startswith(".") and (summary := _summary(path)) is not None:
+            out.append(summary)
     return sorted(out, key=lambda c: c.last_used)
+
+
+def _summary(path: Path) -> CacheSummary | None:
+    """The summary of one cache folder; None for a folder that is not an embedding cache."""
+    try:
+        last_used = (path / "zarr.json").stat().st_mtime
+        group = cache_folder.open_root(path, "r")
+        signatures = cache_folder.signatures(group)
+        keys = cache_folder.entry_keys(group)
+    except (OSError, ValueError):
+        return None
+    entries = [f"{s.model}, {'x'.join(map(str, s.shape))} {s.axes}" for s in signatures.values()]
+    busy = any(TileClaims(claims_folder(path, key)).live() for key in keys)
+    return CacheSummary(path, _size(path), last_used, entries, busy)
 
 
 def remove(caches: list[CacheSummary], *, older_than_days: float | None = None, max_bytes: int | None = None,
@@ -120,21 +132,28 @@ def remove(caches: list[CacheSummary], *, older_than_days: float | None = None, 
                 kept.remove(c)
                 total -= c.bytes
     if not dry_run:
-        for c in chosen:
-            _remove_one(c.path)
+        chosen = [c for c in chosen if _remove_one(c)]
     return sorted(chosen, key=lambda c: c.last_used)
 
 
-def _remove_one(path: Path) -> None:
-    # Renamed first, under the cache's lock: a session opening it meanwhile waits, then
-    # finds no cache and makes a new one; a half-removed cache is never read as a cache.
+def _remove_one(cache: CacheSummary) -> bool:
+    """Remove a cache unless it was opened or claimed since it was listed; whether it went."""
+    path = cache.path
+    if not path.is_dir():  # gone already (the lock would make the folder again)
+        return False
+    # Under the cache's lock, which every opening takes: renamed first, so a half-removed
+    # cache is never read as one, and a session opening it next finds none and makes one.
     with cache_lock(path):
+        again = _summary(path)
+        if again is None or again.busy or again.last_used != cache.last_used:
+            return False
         gone = path.with_name(f"{_REMOVING}{uuid.uuid4().hex[:8]}-{path.name}")
         try:
             path.rename(gone)
         except OSError:
-            return
+            return False
     shutil.rmtree(gone, ignore_errors=True)
+    return True
 
 
 def _size(path: Path) -> int:

@@ -74,7 +74,12 @@ def _embed_job(job: _Job, source: ImageSource | None, region: np.ndarray | None)
         if source is None:
             raise ValueError("an embedding job needs either the tile or the image source to read it from")
         region = source.read(job.entry[0], job.outer)
-    _worker_store(job.cache, job.key).write(job.entry, embed_region(predictor, region, job.limits))
+    features = embed_region(predictor, region, job.limits)
+    store = _worker_store(job.cache, job.key)
+    if store.removed():  # writing on would leave chunks without metadata, a folder no run could open
+        raise FileNotFoundError(f"the embedding cache {job.cache} was removed while embedding: run again to make "
+                                "it anew")
+    store.write(job.entry, features)
     return job.entry
 
 
@@ -101,7 +106,7 @@ def run_distributed(emb, todo: Iterable[tuple[int, int, int]], scheduler) -> Ite
     on ``scheduler`` ("local:N", an address or a Client), yielding each entry when it is
     stored; closing the generator cancels what is still queued. ``todo`` is consumed a
     window at a time (a few tiles per worker), so a lazy stream of claimed entries
-    (:func:`~napari_sam.core.claims.share_work`) claims only what is about to run."""
+    (:func:`~napari_sam.core.shared_work.share_work`) claims only what is about to run."""
     from distributed import as_completed
 
     model_source = emb.model.source

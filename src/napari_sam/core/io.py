@@ -11,9 +11,11 @@ Writing follows the output rule of :mod:`napari_sam.core.outputs`.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -148,36 +150,58 @@ def _open_zarr_image(path: Path):
     raise ValueError(f"{path} is a Zarr group with arrays {arrays}: give the path of one array")
 
 
+class _TiffComplaints(logging.Filter):
+    """Holds back the errors tifffile logs while this thread reads a TIFF through
+    :func:`_open_tiff`, which turns them into one line (other threads' reads and tifffile's
+    use elsewhere are untouched: the filter only acts where a read asked it to)."""
+
+    local = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        sink = getattr(self.local, "records", None)
+        if sink is None:
+            return True
+        sink.append(record)
+        return False
+
+
+_COMPLAINTS = _TiffComplaints()
+
+
 @contextlib.contextmanager
 def _open_tiff(path: Path):
-    """A TiffFile whose complaints about damaged files are not logged: the reader says what
-    is wrong in one line, as for every other input."""
-    import logging
-
+    """``(tif, complaints)``: a TiffFile, and the list that collects the records tifffile
+    logs meanwhile (a damaged or cut-short file shows there, not as an exception)."""
     import tifffile
 
     log = logging.getLogger("tifffile")
-    level = log.level
-    log.setLevel(logging.ERROR + 10)
+    if _COMPLAINTS not in log.filters:
+        log.addFilter(_COMPLAINTS)
+    outer = getattr(_TiffComplaints.local, "records", None)
+    _TiffComplaints.local.records = complaints = []
     try:
         with tifffile.TiffFile(path) as tif:
-            yield tif
+            yield tif, complaints
     finally:
-        log.setLevel(level)
+        _TiffComplaints.local.records = outer
 
 
 def _read_tiff(path: Path) -> np.ndarray:
-    """A TIFF's first series, as its pages hold it. ValueError for an ImageJ stack that
-    holds fewer planes than its header announces (a copy cut short), which tifffile would
-    read as its first plane alone."""
-    with _open_tiff(path) as tif:
+    """A TIFF's first series, as its pages hold it. ValueError for a file that is cut
+    short (an interrupted copy) or damaged, which tifffile would read as the planes it
+    finds, often the first alone, with an error in its log."""
+    with _open_tiff(path) as (tif, complaints):
         announced = (tif.imagej_metadata or {}).get("images") if tif.is_imagej else None
         series = tif.series[0]
         planes = int(np.prod(series.shape[:-3 if series.axes.endswith("S") else -2], dtype=np.int64))
         if isinstance(announced, int) and planes < announced:
             raise ValueError(f"cut short or damaged: its ImageJ header announces {announced} planes, the file "
                              f"holds {planes}")
-        return series.asarray()
+        data = series.asarray()
+        errors = [r.getMessage() for r in complaints if r.levelno >= logging.ERROR]
+        if errors:
+            raise ValueError(f"cut short or damaged (tifffile: {' '.join(errors[0].split())[:160]})")
+        return data
 
 
 def planar_rgb(path: str | os.PathLike) -> bool:
@@ -188,7 +212,7 @@ def planar_rgb(path: str | os.PathLike) -> bool:
     if path.suffix.lower() not in TIFF_SUFFIXES:
         return False
     try:
-        with _open_tiff(path) as tif:
+        with _open_tiff(path) as (tif, _):
             axes = tif.series[0].axes
     except Exception:  # noqa: BLE001 - not readable as a TIFF: read_image says why
         return False
@@ -199,7 +223,7 @@ def _tiff_axes(path: Path) -> str | None:
     """The axes an ImageJ hyperstack or an OME-TIFF declares (tifffile's "S", the samples
     of RGB, read as C), or None for a TIFF that declares none."""
     try:
-        with _open_tiff(path) as tif:
+        with _open_tiff(path) as (tif, _):
             declared = tif.is_imagej or tif.is_ome
             axes = tif.series[0].axes.replace("S", "C")
             by_tifffile = (tif.is_imagej and str((tif.imagej_metadata or {}).get("ImageJ")) == "1.11a") or (

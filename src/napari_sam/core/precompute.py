@@ -14,8 +14,9 @@ import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .claims import CLAIM_TIMEOUT, TileClaims, claims_folder, share_work
+from .claims import CLAIM_TIMEOUT, TileClaims, claims_folder
 from .distributed import run_distributed
+from .shared_work import share_work
 
 __all__ = ["EmbedProgress", "compute_all", "iter_precompute"]
 
