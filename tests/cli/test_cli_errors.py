@@ -297,3 +297,9 @@ def test_a_model_named_by_the_environment_is_said_to_come_from_it(tmp_path, monk
     tifffile.imwrite(tmp_path / "a.tif", np.zeros((32, 32), np.uint8))
     assert main(["segment", str(tmp_path / "a.tif"), "--point", "5", "5", "--out", str(tmp_path / "l.tif")]) == 2
     assert "error: $NAPARI_SAM_MODEL=bogus: 'bogus' is neither a model name" in capsys.readouterr().err
+
+
+def test_a_closed_stdout_is_no_internal_error(monkeypatch, capsys):
+    # `napari-sam caches >&-`: Python's stdout is None, and print() writes nothing
+    monkeypatch.setattr("sys.stdout", None)
+    assert main(["models"]) == 0

@@ -282,7 +282,9 @@ def test_a_tile_copied_from_another_images_cache_or_place_is_not_used(tmp_path):
 def test_a_group_written_before_checksums_covered_key_and_place_still_reads(tmp_path):
     path = tmp_path / "c.zarr"
     store = EmbeddingStore.open(path, SIG, LAYOUT)
-    del store.group.attrs["checksum"]  # as groups were written until 2026-12-07
+    del store.group.attrs["checksum"]  # as groups were written until 2026-12-07, in caches of format 1
+    root = zarr.open_group(str(path), mode="r+")
+    root.attrs["napari_sam"] = {"format": 1}
     legacy = EmbeddingStore.open(path, SIG, LAYOUT)
     legacy.write((0, 1, 0), _features(7))
     again = EmbeddingStore.open(path, SIG, LAYOUT)
@@ -290,3 +292,10 @@ def test_a_group_written_before_checksums_covered_key_and_place_still_reads(tmp_
     import xxhash
 
     assert int(np.asarray(again.checksums[0, 1, 0])) == xxhash.xxh3_64_intdigest(_features(7).tobytes())
+    # opened for work, the cache is marked format 2, which an older napari-sam refuses
+    # rather than rewriting the placed checksums of new groups
+    assert dict(zarr.open_group(str(path), mode="r").attrs)["napari_sam"] == {"format": 2}
+    root = zarr.open_group(str(path), mode="r+")
+    root.attrs["napari_sam"] = {"format": 3}
+    with pytest.raises(ValueError, match="format 3, made by a newer napari-sam"):
+        EmbeddingStore.open(path, SIG, LAYOUT)

@@ -35,3 +35,26 @@ def test_bars_are_off_when_asked(monkeypatch):
     assert _run(monkeypatch, io.StringIO(), progress=False) == ""
     monkeypatch.setenv("TQDM_DISABLE", "1")
     assert _run(monkeypatch, _Terminal()) == ""
+
+
+def test_a_notebook_bar_is_left_as_tqdm_makes_it(monkeypatch):
+    # in Jupyter stderr is no terminal, but the widget bar must not become log lines
+    import tqdm.auto
+    from tqdm.std import tqdm as plain
+
+    made = {}
+
+    class Notebook(plain):
+        def __init__(self, *args, **kwargs):
+            made.update(kwargs)
+            super().__init__(*args, **kwargs)
+
+    Notebook.__module__ = "tqdm.notebook"
+
+    class Auto(Notebook):  # as tqdm.auto defines its class in Jupyter
+        pass
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Auto)
+    monkeypatch.setattr("sys.stderr", io.StringIO())
+    bars.progress_bar(total=2, desc="x").close()
+    assert "file" not in made and "mininterval" not in made

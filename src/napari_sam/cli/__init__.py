@@ -84,7 +84,9 @@ def _terminations_interrupt():
     previous = {}
     if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
         # a signal already ignored stays so: nohup keeps a command going after the terminal closes
-        previous = {sig: signal.signal(sig, handler) for sig in wanted if signal.getsignal(sig) is not signal.SIG_IGN}
+        # (None: a handler set outside Python, which cannot be put back, so it is left alone)
+        previous = {sig: signal.signal(sig, handler) for sig in wanted
+                    if signal.getsignal(sig) not in (signal.SIG_IGN, None)}
     try:
         yield
     finally:
@@ -93,9 +95,10 @@ def _terminations_interrupt():
 
 
 class _OutputMayBeDropped:
-    """stdout that outlives its reader: once a pipe's reader has gone (``| head -1``),
-    what is printed goes to the null device and the command finishes its work (an output
-    file asked for is still written); Python's own print would raise mid-run."""
+    """stdout (or stderr) that outlives its reader: once a pipe's reader has gone
+    (``| head -1``, ``2>&1 | head``), what is printed goes to the null device and the command
+    finishes its work (an output file asked for is still written); Python's own print would
+    raise mid-run."""
 
     def __init__(self, stream):
         self._stream = stream
@@ -146,14 +149,19 @@ def main(argv: list[str] | None = None) -> int:
         # a warning is one line of the command's output, not Python's two with a source line
         print(f"napari-sam {args.command}: warning: {' '.join(str(message).split())}", file=sys.stderr)
 
-    stdout, sys.stdout = sys.stdout, _OutputMayBeDropped(sys.stdout)
+    streams = sys.stdout, sys.stderr
+    # a closed stdout (None) stays so: print() to None prints nothing
+    sys.stdout, sys.stderr = (None if s is None else _OutputMayBeDropped(s) for s in streams)
+    # napari's own event loop answers SIGTERM and SIGHUP in the viewer
+    stops = contextlib.nullcontext() if args.command == "annotate" else _terminations_interrupt()
     try:
-        with warnings.catch_warnings(), _terminations_interrupt():
+        with warnings.catch_warnings(), stops:
             warnings.showwarning = warn
             warnings.filterwarnings("default", category=UserWarning, module=r"napari_sam\.")  # ours: said, not raised
             return handlers[args.command](args)
     except _Terminated as stop:
-        print(f"napari-sam {args.command}: stopped by {stop.name}; what was finished is kept", file=sys.stderr)
+        with contextlib.suppress(OSError):  # a closed terminal takes no more output
+            print(f"napari-sam {args.command}: stopped by {stop.name}; what was finished is kept", file=sys.stderr)
         return 128 + stop.signum
     except KeyboardInterrupt:
         print(f"napari-sam {args.command}: interrupted", file=sys.stderr)
@@ -170,4 +178,4 @@ def main(argv: list[str] | None = None) -> int:
               f"traceback above and the command you ran", file=sys.stderr)
         return 1
     finally:
-        sys.stdout = stdout
+        sys.stdout, sys.stderr = streams

@@ -15,8 +15,9 @@ __all__ = ["evaluate", "train"]
 
 @contextlib.contextmanager
 def _first_interrupt_stops(message: str):
-    """An event the first Ctrl-C sets (printing ``message``) for a loop to end at its next
-    step and keep what it did; a second Ctrl-C interrupts as usual."""
+    """An event the first Ctrl-C (or SIGTERM, SIGHUP) sets, printing ``message`` and keeping
+    the signal's number as ``signum``, for a loop to end at its next step and keep what it
+    did; a second one interrupts as usual."""
     pressed = threading.Event()
     if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
         yield pressed
@@ -25,6 +26,7 @@ def _first_interrupt_stops(message: str):
     def handler(signum, frame):
         if pressed.is_set():
             raise KeyboardInterrupt
+        pressed.signum = signum  # the exit status says which signal stopped the run
         pressed.set()
         try:
             print(message, file=sys.stderr, flush=True)
@@ -131,7 +133,8 @@ def train(args) -> int:
     elif trainer.step < planned:
         note += f"; --minutes ended it before step {planned} (--resume continues it)"
     print(f"saved {out} after {trainer.step} step(s){note}")
-    return 0
+    # a cluster script tells a run stopped early (to resume) from a finished one
+    return 128 + stopped.signum if stopped.is_set() else 0
 
 
 def _saved_training(path) -> dict:

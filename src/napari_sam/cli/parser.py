@@ -180,7 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--cache", nargs="?", const=DEFAULT_CACHE, metavar="FOLDER",
                      help="read and keep the embeddings in a cache, as `napari-sam embed` makes it: --cache alone "
                      "where embed puts it by default (beside a Zarr image, else the user cache), --cache FOLDER "
-                     "there (default: no cache, the embeddings are computed for this run only)")
+                     "there (default: no cache, the embeddings are computed for this run only). With a cache, "
+                     "--mode prompts scales a volume's intensities by the whole image's statistics, as embed does, "
+                     "not by the prompted plane's own")
     _add_output_args(seg, "an input")
     seg.add_argument("--add", action="store_true",
                      help="--mode prompts with --labels-into: add the objects to the label image labels/NAME if it "

@@ -21,7 +21,12 @@ from .signature import CacheSignature
 __all__ = ["FORMAT", "ROOT_ATTR", "delete_group", "entry_keys", "kind", "member_array", "member_group", "open_root",
            "signature_key", "signatures"]
 
-FORMAT = 1
+FORMAT = 2
+"""Format 2: the checksums of the signature groups it makes cover the group's key and the
+tile's place (:mod:`napari_sam.core.embedding_store`). A format-1 cache is read as it is
+and marked format 2 when opened for work, so that an older napari-sam, which would judge
+every tile of a new group damaged and write it again unplaced, refuses the cache instead."""
+READABLE = (1, 2)
 ROOT_ATTR = "napari_sam"
 """The root group's attribute that marks a cache: ``{"format": FORMAT}``."""
 
@@ -71,9 +76,13 @@ def open_root(path: str | os.PathLike | None, mode: Literal["r", "r+", "a"]) -> 
     fmt = ours.get("format") if isinstance(ours, Mapping) else None
     if fmt is None:
         raise ValueError(f"{path} is a Zarr group, but not an embedding cache{advice}")
-    if fmt != FORMAT:
-        raise ValueError(f"{path} is not an embedding cache of format {FORMAT} (found {fmt!r})")
+    if fmt not in READABLE:
+        raise ValueError(f"{path} is an embedding cache of format {fmt!r}, made by a newer napari-sam (this one "
+                         f"reads formats {', '.join(map(str, READABLE))}): update napari-sam, or choose another "
+                         "cache location")
     if mode != "r":
+        if fmt != FORMAT:
+            root.attrs[ROOT_ATTR] = {"format": FORMAT}
         _mark_used(path)
     return root
 

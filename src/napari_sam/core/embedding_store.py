@@ -2,7 +2,7 @@
 
 Layout of a cache (a directory ending in ``.zarr``)::
 
-    cache.zarr/                 group; attrs {"napari_sam": {"format": 1}}
+    cache.zarr/                 group; attrs {"napari_sam": {"format": 2}}
       <key>/                    one group per signature; attrs {"signature": {...}}
         features                (planes, tile rows, tile cols, 256, 64, 64), one chunk per tile
         checksums               (planes, tile rows, tile cols) uint64, one chunk per tile

@@ -289,8 +289,11 @@ def resolve_model(
             f"no model given: name one (a registry name, see `napari-sam models`, or a checkpoint file), "
             f"or set {MODEL_ENV_VAR}"
         )
-    if model is None and os.environ.get(MODEL_ENV_VAR):
-        try:  # the name came from the environment, not from the caller: say where
+    from ..weights import REGISTRY
+
+    named = spec == DEFAULT_MODEL or spec in REGISTRY or Path(spec).expanduser().exists()
+    if model is None and os.environ.get(MODEL_ENV_VAR) and not named:
+        try:  # a name from the environment that names nothing: say where it came from
             return load_model(spec, device=device, dtype=dtype)
         except ValueError as err:
             raise ValueError(f"${MODEL_ENV_VAR}={spec}: {err}") from err

@@ -62,9 +62,12 @@ def pair_files(
         # previews or thumbnails of another format beside the images (every image file is taken)
         hint = ""
         if paired and not paired & unpaired:
-            take = f"'*{sorted(paired)[0]}'"
+            # a pattern is offered only where one suffix, spelt as the files spell it, takes them all
+            spelt = {p.suffix for p in files if p.name not in missing}
+            take = f"'*{spelt.pop()}'" if len(spelt) == 1 else None
             hint = (f" (only the {', '.join(sorted(paired))} files have labels: keep other files out of "
-                    f"{img_dir.name}/, or take only those with --pattern {take} or pattern={take})")
+                    f"{img_dir.name}/" + (f", or take only those with --pattern {take} or pattern={take})" if take
+                                          else ")"))
         raise ValueError(
             f"{len(missing)} image(s) in {img_dir} have no label file of the same name in {lab_dir}: {shown}{hint}"
         )

@@ -33,11 +33,18 @@ def progress_bar(iterable: Iterable | None = None, *, progress: bool = True, **k
         False: no bar at all.
     **kwargs
         tqdm's own (``total``, ``desc``, ``unit``, ``initial``, ...).
+
+    Returns
+    -------
+    tqdm.tqdm
+        The bar (a context manager; iterate it when ``iterable`` is given).
     """
     from tqdm.auto import tqdm
 
     disable = not progress or os.environ.get("TQDM_DISABLE", "").strip().lower() in ("1", "true", "yes")
-    if not disable and "notebook" not in tqdm.__module__ and not _is_terminal(sys.stderr):
+    # tqdm.auto's class in Jupyter is defined in tqdm.auto but derives from the notebook bar
+    notebook = any(c.__module__ == "tqdm.notebook" for c in tqdm.__mro__)
+    if not disable and not notebook and not _is_terminal(sys.stderr):
         kwargs = {"file": _LogLines(sys.stderr), "mininterval": LOG_INTERVAL, "ascii": True, **kwargs}
     return tqdm(iterable, disable=disable, **kwargs)
 
