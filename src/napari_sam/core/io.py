@@ -178,7 +178,8 @@ def _open_tiff(path: Path):
     if _COMPLAINTS not in log.filters:
         log.addFilter(_COMPLAINTS)
     outer = getattr(_TiffComplaints.local, "records", None)
-    _TiffComplaints.local.records = complaints = []
+    complaints: list[logging.LogRecord] = []
+    _TiffComplaints.local.records = complaints
     try:
         with tifffile.TiffFile(path) as tif:
             yield tif, complaints
