@@ -5,15 +5,14 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field, replace
 
+from ..model.decoder_checkpoint import DECODER_MODES
 from .ais import AISSettings
 from .apg import APGSettings
 from .boxes import DETECTORS
 from .grid import GridConfig
 
-__all__ = ["Recommended", "recommended"]
+__all__ = ["DECODER_MODES", "Recommended", "recommended"]
 
-DECODER_MODES = ("ais", "apg")
-"""The modes that need the model's instance decoder."""
 MODES = ("ais", "apg", "auto", "boxes")
 """Every automatic mode by name, in display order: the one list the API, CLI, widget and
 evaluation take them from."""

@@ -232,6 +232,7 @@ def _segment_all(args) -> int:
     import numpy as np
 
     from ..auto.modes import iter_segment_plane, iter_segment_volume, reads_native_scale
+    from ..auto.recommend import DECODER_MODES
     from ..core.embeddings import Embeddings
     from ..core.image_source import ImageSource
     from ..core.models import resolve_model
@@ -252,7 +253,7 @@ def _segment_all(args) -> int:
     model = resolve_model(args.model, device=args.device, dtype=args.dtype)
     _check_mode(args.mode, model)
     emb = Embeddings(source, model, cache=_cache(args), magnification=args.magnification, diameter=args.diameter)
-    if args.mode in ("ais", "apg") and args.magnification not in (None, "auto", 1.0) and reads_native_scale(model):
+    if args.mode in DECODER_MODES and args.magnification not in (None, "auto", 1.0) and reads_native_scale(model):
         print(f"note: --mode {args.mode} reads embeddings at magnification 1, where the instance decoder learned; "
               f"--magnification {args.magnification:g} would change nothing", file=sys.stderr)
     settings = _mode_settings(args)

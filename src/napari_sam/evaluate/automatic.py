@@ -23,6 +23,7 @@ from collections.abc import Callable, Generator, Sequence
 
 import numpy as np
 
+from ..model.decoder_checkpoint import DECODER_MODES
 from .baseline import watershed_instances
 from .data import EvalPair, load_pairs
 from .metrics import instance_scores
@@ -181,7 +182,7 @@ def _describe(mode: str, settings: dict) -> str:
                 f"stability > {s['stability_thresh']:g}")
     if mode == "boxes":
         return f"{s['detector']} detector, min area {s['min_area']}"
-    if mode in ("ais", "apg"):
+    if mode in DECODER_MODES:  # their settings are AIS's
         text = (f"centre < {s['center_distance_threshold']:g}, boundary < {s['boundary_distance_threshold']:g}, "
                 f"foreground > {s['foreground_threshold']:g}")
         if s.get("distance_smoothing_per_diameter"):
@@ -247,7 +248,7 @@ def iter_evaluate_modes(
             # The instance decoder's modes may read embeddings at magnification 1
             # (auto.modes.reads_native_scale): made here, they are timed as embedding,
             # not as the mode.
-            native = all(mode in ("ais", "apg") for mode in modes) and reads_native_scale(model)
+            native = all(mode in DECODER_MODES for mode in modes) and reads_native_scale(model)
             emb, seconds = _embed(pair.image, model, 1.0 if native else None)
             embed_seconds.append(seconds)
             for mode in modes:

@@ -19,10 +19,14 @@ import torch
 from .checkpoint import CheckpointError, PathLike, load_file
 from .instance_decoder import InstanceDecoder, instance_decoder_from_state_dict
 
-__all__ = ["DECODER_KEY", "find_decoder_state", "load_instance_decoder", "read_decoder_state"]
+__all__ = ["DECODER_KEY", "DECODER_MODES", "find_decoder_state", "load_instance_decoder", "read_decoder_state"]
 
 DECODER_KEY = "decoder_state"
 """Top-level key under which micro-sam's checkpoints keep the instance decoder."""
+
+DECODER_MODES = ("ais", "apg")
+"""The automatic modes (:mod:`napari_sam.auto`) that read the instance decoder: a model
+without one cannot run them, nor recommend them."""
 
 _MARKER = "out_conv.weight"
 """A key that every instance decoder has and no SAM has: tells a decoder-only file."""

@@ -20,6 +20,7 @@ import torch
 from ..model import Sam, config_to_dict
 from ..model.atomic_save import save_whole
 from ..model.checkpoint import PathLike, read_checkpoint, write_checkpoint
+from ..model.decoder_checkpoint import DECODER_KEY, DECODER_MODES
 from .config import TrainingConfig
 from .dataset import SegmentationDataset
 
@@ -105,8 +106,6 @@ def save(trainer: Trainer, path: PathLike, optimizer: bool = True) -> Path:
     decoder = trainer.model.instance_decoder
     if decoder is not None and trainer.config.mode == "decoder":
         # the encoder did not change, so the instance decoder still reads its embeddings
-        from ..model.decoder_checkpoint import DECODER_KEY
-
         extras[DECODER_KEY] = {k: v.detach().float().cpu() for k, v in decoder.state_dict().items()}
         for key in ("instance_decoder", "automatic"):
             if key in trainer.model.metadata:
@@ -115,7 +114,7 @@ def save(trainer: Trainer, path: PathLike, optimizer: bool = True) -> Path:
         # Without the decoder its modes and their settings go; the grid's thresholds and the
         # box detector are the SAM's and the images' and still apply.
         advice = {k: v for k, v in trainer.model.metadata["automatic"].items() if k in ("mode", "detector", "grid")}
-        if advice.get("mode") in ("ais", "apg"):  # the modes that need the instance decoder
+        if advice.get("mode") in DECODER_MODES:
             # a detector the model recommends stands in; without one, the package's own choice
             if "detector" in advice:
                 advice["mode"] = "boxes"
