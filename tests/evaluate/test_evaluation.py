@@ -15,6 +15,7 @@ from napari_sam.evaluate import (
     evaluate_automatic,
     evaluate_prompted,
     evaluate_propagation,
+    evaluate_propagation_volumes,
     format_table,
     instance_scores,
     iter_evaluate_prompted,
@@ -321,3 +322,24 @@ def test_propagation_that_stays_on_its_plane(volume_labels):
     assert evaluate_propagation(stay, volume, labels, max_objects=1, seed=0)["objects"] == 1
     with pytest.raises(ValueError, match="shape"):
         evaluate_propagation(lambda v, s, m: m, volume, labels)
+
+
+def test_propagation_over_several_volumes_weighs_every_object_alike(volume_labels):
+    from napari_sam.evaluate import EvalPair
+
+    volume, labels = volume_labels
+    one = labels.copy()
+    one[one == 5] = 0  # the second volume holds only the five-plane object
+
+    def stay(vol, start, mask):
+        out = np.zeros(vol.shape, bool)
+        out[start] = mask
+        return out
+
+    result = evaluate_propagation_volumes(stay, [EvalPair(volume, labels, "a"), EvalPair(volume, one, "b")],
+                                          name="stay")
+    assert [o["volume"] for o in result["per_object"]] == ["a", "a", "b"]
+    assert [o["iou"] for o in result["per_object"]] == pytest.approx([1 / 5, 1 / 2, 1 / 5])
+    assert result["objects"] == 3 and result["mean_iou"] == pytest.approx((0.2 + 0.5 + 0.2) / 3)
+    assert result["kind"] == "propagation" and result["method"] == "stay"
+    assert evaluate_propagation_volumes(stay, [])["objects"] == 0

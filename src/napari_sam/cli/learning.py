@@ -260,18 +260,8 @@ def _measure(args) -> list[dict]:
                 propagate = evaluate.sam_propagator(method.model, magnification=args.magnification)
             else:
                 propagate = evaluate.watershed_propagator()
-            merged = None
-            for pair in volumes:
-                r = evaluate.evaluate_propagation(propagate, pair.image, pair.labels, max_objects=args.max_objects,
-                                                  seed=args.seed, name=f"{name} (propagation)")
-                for o in r["per_object"]:
-                    o["volume"] = pair.name
-                merged = r if merged is None else merged | {"per_object": merged["per_object"] + r["per_object"]}
-            merged["objects"] = len(merged["per_object"])
-            merged["mean_iou"] = (
-                float(np.mean([o["iou"] for o in merged["per_object"]])) if merged["objects"] else float("nan")
-            )
-            results.append(merged)
+            results.append(evaluate.evaluate_propagation_volumes(propagate, volumes, max_objects=args.max_objects,
+                                                                 seed=args.seed, name=f"{name} (propagation)"))
     if auto and planes:
         from ..core.progress_bar import progress_bar
 

@@ -48,6 +48,7 @@ _LAZY = {
     "select_modes": "automatic",
     "watershed_segmenter": "automatic",
     "evaluate_propagation": "propagation",
+    "evaluate_propagation_volumes": "propagation",
     "sam_propagator": "propagation",
     "sam2_propagator": "propagation",
     "watershed_propagator": "propagation",

@@ -14,7 +14,8 @@ from ..core.masks import PlaneMask, iou
 from .baseline import WatershedBaseline
 from .data import sample_objects
 
-__all__ = ["evaluate_propagation", "sam2_propagator", "sam_propagator", "watershed_propagator"]
+__all__ = ["evaluate_propagation", "evaluate_propagation_volumes", "sam2_propagator", "sam_propagator",
+           "watershed_propagator"]
 
 
 def evaluate_propagation(
@@ -72,14 +73,42 @@ def evaluate_propagation(
         # one row of all voxels: iou() sums over the last two axes, the 3D IoU over all three
         score = iou(result.reshape(1, -1), obj.reshape(1, -1), empty=1.0)
         per_object.append({"id": int(i), "start_plane": start, "iou": score})
+    return _result(name, per_object)
+
+
+def _result(name: str, per_object: list[dict]) -> dict:
     mean = float(np.mean([r["iou"] for r in per_object])) if per_object else float("nan")
-    return {
-        "kind": "propagation",
-        "method": name,
-        "objects": len(per_object),
-        "mean_iou": mean,
-        "per_object": per_object,
-    }
+    return {"kind": "propagation", "method": name, "objects": len(per_object), "mean_iou": mean,
+            "per_object": per_object}
+
+
+def evaluate_propagation_volumes(propagate: Callable[[np.ndarray, int, np.ndarray], np.ndarray], volumes, *,
+                                 max_objects: int | None = None, seed: int = 0, min_area: int = 1,
+                                 name: str = "propagation") -> dict:
+    """:func:`evaluate_propagation` over several volumes, as one result whose mean 3D IoU
+    weighs every object alike.
+
+    Parameters
+    ----------
+    volumes
+        :class:`~napari_sam.evaluate.data.EvalPair` items (``image`` (Z, H, W),
+        ``labels`` (Z, H, W), ``name``).
+    propagate, max_objects, seed, min_area, name
+        As for :func:`evaluate_propagation`; ``max_objects`` and ``seed`` apply to each
+        volume.
+
+    Returns
+    -------
+    dict
+        As :func:`evaluate_propagation` returns it, each of ``per_object`` also naming its
+        ``volume``.
+    """
+    per_object = []
+    for pair in volumes:
+        r = evaluate_propagation(propagate, pair.image, pair.labels, max_objects=max_objects, seed=seed,
+                                 min_area=min_area, name=name)
+        per_object += [o | {"volume": pair.name} for o in r["per_object"]]
+    return _result(name, per_object)
 
 
 def sam_propagator(model, settings=None, magnification=None) -> Callable[[np.ndarray, int, np.ndarray], np.ndarray]:
