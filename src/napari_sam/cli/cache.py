@@ -59,9 +59,12 @@ def info(args) -> int:
     from ..core.signature import describe_fingerprint
 
     entries = describe_cache(args.cache, verify=args.verify)
+    bad = sum(len(e["check"].damaged) + len(e["check"].missing) for e in entries if e["check"] is not None)
+    if args.json:
+        _print_json({"cache": str(args.cache), "entries": [_entry_json(e) for e in entries]})
+        return DAMAGE_FOUND if bad else 0
     if not entries:
         print(f"{args.cache}: an embedding cache with no entries yet")
-    bad = 0
     for e in entries:
         s = e["signature"]
         print(f"[{e['key']}] {s['model']} ({s['dtype']}, {s['checkpoint'][:23]}...)")
@@ -80,7 +83,6 @@ def info(args) -> int:
         for what, found in (("damaged", check.damaged), ("missing", check.missing)):
             for plane, row, col in found:
                 print(f"  {what:9} plane {plane}, tile row {row}, col {col}")
-        bad += len(check.damaged) + len(check.missing)
     if bad:
         print(f"{bad} tile(s) damaged or missing: the next `napari-sam embed` on this cache computes them again")
     return DAMAGE_FOUND if bad else 0
@@ -94,7 +96,12 @@ def caches(args) -> int:
 
     folder = housekeeping.user_cache_folder()
     found = housekeeping.user_caches(folder)
-    if args.older_than is None and args.max_size is None:
+    listing = args.older_than is None and args.max_size is None
+    if args.json and listing:
+        _print_json({"folder": str(folder), "caches": [_summary_json(c) for c in found],
+                     "bytes": sum(c.bytes for c in found)})
+        return 0
+    if listing:
         if not found:
             print(f"{folder}: no embedding caches")
             return 0
@@ -109,12 +116,40 @@ def caches(args) -> int:
         return 0
     max_bytes = None if args.max_size is None else int(args.max_size * 1e9)
     gone = housekeeping.remove(found, older_than_days=args.older_than, max_bytes=max_bytes, dry_run=args.dry_run)
+    left = sum(c.bytes for c in found) - sum(c.bytes for c in gone)
+    if args.json:
+        _print_json({"folder": str(folder), "dry_run": bool(args.dry_run), "removed": [_summary_json(c) for c in gone],
+                     "bytes_removed": sum(c.bytes for c in gone), "bytes_left": left})
+        return 0
     verb = "would remove" if args.dry_run else "removed"
     for c in gone:
         print(f"{verb} {c.path.name} ({_size(c.bytes)})")
-    left = sum(c.bytes for c in found) - sum(c.bytes for c in gone)
     print(f"{verb} {len(gone)} cache(s), {_size(sum(c.bytes for c in gone))}; {_size(left)} left in {folder}")
     return 0
+
+
+def _print_json(report: dict) -> None:
+    import json
+
+    print(json.dumps(report, indent=1))
+
+
+def _entry_json(entry: dict) -> dict:
+    """One ``describe_cache`` entry as plain JSON: the check's tiles as [plane, row, col]."""
+    check = entry["check"]
+    if check is not None:
+        check = {"checked": check.checked, "damaged": [list(t) for t in check.damaged],
+                 "missing": [list(t) for t in check.missing]}
+    return {k: v for k, v in entry.items() if k != "check"} | {"check": check}
+
+
+def _summary_json(cache) -> dict:
+    """A :class:`~napari_sam.core.cache_housekeeping.CacheSummary` as plain JSON (times in UTC)."""
+    from datetime import datetime, timezone
+
+    used = datetime.fromtimestamp(cache.last_used, timezone.utc).isoformat(timespec="seconds")
+    return {"name": cache.path.name, "path": str(cache.path), "bytes": cache.bytes, "last_used": used,
+            "busy": cache.busy, "entries": list(cache.entries)}
 
 
 def _size(n: int) -> str:

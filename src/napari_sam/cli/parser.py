@@ -345,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     info.add_argument("cache")
     info.add_argument("--verify", action="store_true", help="read every tile against its checksum (slow)")
+    info.add_argument("--json", action="store_true",
+                      help="print the report as JSON (for scripts; the exit status is the same)")
 
     caches = sub.add_parser(
         "caches", help="list the embedding caches in the user cache folder; remove old or excess ones",
@@ -358,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     caches.add_argument("--max-size", type=_non_negative, metavar="GB",
                         help="remove the least recently used caches until the rest hold at most GB gigabytes")
     caches.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+    caches.add_argument("--json", action="store_true",
+                        help="print the listing, or what was (or would be) removed, as JSON (sizes in bytes)")
 
     from .share import add_share_commands
 
