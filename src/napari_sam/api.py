@@ -29,6 +29,7 @@ import numpy as np
 
 from .core.embeddings import Embeddings, EmbedProgress
 from .core.image_source import ImageSource
+from .core.instance_commit import commit_instances
 from .core.label_target import open_labels
 from .core.labels import Commit, LabelWriter
 from .core.masks import PlaneMask
@@ -346,7 +347,7 @@ class Annotator:
             found = yield from iter_segment_plane(self.embeddings, planes[0], mode, **settings)
         found = np.asarray(found, np.uint32)
         stack = found.reshape(len(planes), *found.shape[-2:])
-        return self._commit_found(planes, stack, overwrite).reshape(found.shape) if commit else found
+        return commit_instances(self.writer, planes, stack, overwrite).reshape(found.shape) if commit else found
 
     def _everything_planes(self, plane, whole_volume: bool) -> list[tuple[int, ...]]:
         grid = self.source.plane_grid
@@ -371,29 +372,19 @@ class Annotator:
                              f"{self.labels_shape}")
         return rough
 
-    def _commit_found(self, planes, found: np.ndarray, overwrite: bool) -> np.ndarray:
-        """Write (Z, H, W) objects (ids 1..n, one per 3D object) under new ids, one undo
-        step; returns them under those ids where they were written."""
-        from scipy import ndimage as ndi
-
-        self.writer.check_no_step_open()
-        base = self.writer.next_id() - 1
-        out = np.zeros(found.shape, np.uint32)
-        with self.writer.one_step():
-            for k, plane in enumerate(planes):
-                masks, ids = [], []
-                for i, box in enumerate(ndi.find_objects(found[k]), start=1):
-                    if box is not None:
-                        masks.append(PlaneMask((box[0].start, box[0].stop, box[1].start, box[1].stop),
-                                               found[k][box] == i, 1.0, ()))
-                        ids.append(base + i)
-                if masks:
-                    self.writer.commit(plane, masks, overwrite=overwrite, ids=ids)
-                    now = np.asarray(self.labels[plane])
-                    mine = (found[k] > 0) & (now == found[k].astype(np.int64) + base)
-                    out[k][mine] = now[mine]
-        return out
+    def erase(self, plane, ids) -> Commit | None:
+        """Clear objects ``ids`` (an id or several) from one plane, as a commit :meth:`undo`
+        takes back; None when they have no pixel there. Other objects keep theirs."""
+        return self.writer.erase(self.plane(plane), ids)
 
     def undo(self) -> list[Commit]:
         """Undo the last commit (or the last propagation); returns what was undone."""
         return self.writer.undo()
+
+    def __repr__(self) -> str:
+        model = "no SAM" if self.model is None else getattr(self.model.source, "name", None) or "a SAM"
+        cache = getattr(self.embeddings, "cache_path", None)
+        # nothing here reads the label image: its largest id could mean a scan of terabytes
+        where = "in memory" if isinstance(self.labels, np.ndarray) else type(self.labels).__name__
+        return (f"Annotator({self.source.describe()}; model {model}; labels {'x'.join(map(str, self.labels_shape))} "
+                f"{self.labels.dtype} {where}; cache {cache or 'none (in memory)'})")
