@@ -34,3 +34,26 @@ def test_the_repr_names_the_image_model_labels_and_cache(tiny_model, tmp_path):
     assert "labels 2x40x50 uint32 in memory" in text and "cache none (in memory)" in text
     cached = repr(Annotator(image, tiny_model, axes="ZYX", cache=tmp_path / "c.zarr"))
     assert f"cache {tmp_path / 'c.zarr'}" in cached
+
+
+def test_erase_refuses_ids_that_are_not_whole_numbers_and_an_open_step(tiny_model):
+    import pytest
+
+    ann = Annotator(np.zeros((30, 40), np.uint8), tiny_model, cache=False)
+    (a,) = ann.commit(0, [_square(5, 5)]).ids
+    with pytest.raises(ValueError, match="whole numbers"):
+        ann.erase(0, 1.7)
+    with ann.writer.one_step():  # a propagation under way: an erase would join its undo step
+        with pytest.raises(RuntimeError):
+            ann.erase(0, a)
+    assert (np.asarray(ann.labels) == a).sum() == 100
+
+
+def test_the_repr_of_a_zarr_label_image_and_of_a_sam2_only_annotator(tiny_model, tmp_path):
+    from tests.core.test_memory_propagation import reference_sam2
+
+    image = np.zeros((2, 40, 50), np.uint8)
+    text = repr(Annotator(image, tiny_model, labels=str(tmp_path / "labels.zarr"), axes="ZYX", cache=False))
+    assert "labels 2x40x50 uint32 file://" in text and "labels.zarr" in text
+    text = repr(Annotator(image, reference_sam2(), axes="ZYX", cache=False))
+    assert "model none (tracker sam2_small_seed0)" in text and "cache none" in text

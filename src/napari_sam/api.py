@@ -350,19 +350,12 @@ class Annotator:
         return commit_instances(self.writer, planes, stack, overwrite).reshape(found.shape) if commit else found
 
     def _everything_planes(self, plane, whole_volume: bool) -> list[tuple[int, ...]]:
-        grid = self.source.plane_grid
-        if not whole_volume:
-            if plane is None and self.source.n_planes > 1:
-                raise ValueError(f"the image has {self.source.n_planes} planes ({self.source.plane_axes}): give "
-                                 "plane=, or whole_volume=True")
-            return [self.plane(0 if plane is None else plane)]
-        if not grid:
-            raise ValueError("whole_volume needs a stack of planes; this image is a single 2D plane")
-        if plane is None and int(np.prod(grid[:-1])) > 1:
-            raise ValueError(f"the image has {self.source.plane_axes} planes: give plane= to choose the stack along "
-                             f"{self.source.plane_axes[-1]}")
-        outer = self.plane(0 if plane is None else plane)[:-1]
-        return [outer + (i,) for i in range(grid[-1])]
+        if whole_volume:
+            return self.source.stack_through(plane)
+        if plane is None and self.source.n_planes > 1:
+            raise ValueError(f"the image has {self.source.n_planes} planes ({self.source.plane_axes}): give "
+                             "plane=, or whole_volume=True")
+        return [self.plane(0 if plane is None else plane)]
 
     def _rough(self, rough):
         if rough is None:
@@ -373,18 +366,27 @@ class Annotator:
         return rough
 
     def erase(self, plane, ids) -> Commit | None:
-        """Clear objects ``ids`` (an id or several) from one plane, as a commit :meth:`undo`
-        takes back; None when they have no pixel there. Other objects keep theirs."""
-        return self.writer.erase(self.plane(plane), ids)
+        """Clear objects ``ids`` (an integer id or several; 0 is ignored) from one ``plane``
+        (flat number or (t, z) tuple) as a commit that :meth:`undo` takes back, and return
+        it; None when they have no pixel there. Other objects keep their pixels."""
+        values = np.atleast_1d(np.asarray(ids))
+        if values.dtype.kind not in "iu":
+            raise ValueError(f"object ids are whole numbers, not {ids!r}")
+        self.writer.check_no_step_open()
+        return self.writer.erase(self.plane(plane), values)
 
     def undo(self) -> list[Commit]:
         """Undo the last commit (or the last propagation); returns what was undone."""
         return self.writer.undo()
 
     def __repr__(self) -> str:
-        model = "no SAM" if self.model is None else getattr(self.model.source, "name", None) or "a SAM"
-        cache = getattr(self.embeddings, "cache_path", None)
+        if self.model is None:  # a SAM 2 only: it propagates, and has no SAM embeddings
+            model, cache = f"none (tracker {self.tracking.model.config.name})" if self.tracking else "none", None
+        else:
+            model, cache = getattr(self.model.source, "name", None) or "a SAM", self.embeddings.cache_path
         # nothing here reads the label image: its largest id could mean a scan of terabytes
-        where = "in memory" if isinstance(self.labels, np.ndarray) else type(self.labels).__name__
+        store = getattr(self.labels, "store_path", None)
+        where = str(store) if store is not None else "in memory" if type(self.labels) is np.ndarray \
+            else type(self.labels).__name__
         return (f"Annotator({self.source.describe()}; model {model}; labels {'x'.join(map(str, self.labels_shape))} "
                 f"{self.labels.dtype} {where}; cache {cache or 'none (in memory)'})")

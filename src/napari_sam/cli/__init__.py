@@ -3,8 +3,8 @@
     napari-sam models
     napari-sam segment IMAGE --model NAME_OR_CHECKPOINT --point X Y [--box X0 Y0 X1 Y1] --out labels.tif
     napari-sam embed IMAGE --model NAME_OR_CHECKPOINT --out CACHE.zarr [--axes ZYX] [--scheduler local:2]
-    napari-sam info CACHE.zarr
-    napari-sam caches [--older-than DAYS] [--max-size GB] [--dry-run]
+    napari-sam info CACHE.zarr [--verify] [--json]
+    napari-sam caches [--older-than DAYS] [--max-size GB] [--dry-run] [--json]
 
 Coordinates are pixels of the image as (x, y), that is (column, row).
 

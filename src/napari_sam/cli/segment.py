@@ -232,11 +232,11 @@ def _segment_all(args) -> int:
     import numpy as np
 
     from ..auto.modes import iter_segment_plane, iter_segment_volume, reads_native_scale
-    from ..auto.recommend import DECODER_MODES
     from ..core.embeddings import Embeddings
     from ..core.image_source import ImageSource
     from ..core.models import resolve_model
     from ..core.progress_bar import progress_bar
+    from ..model.decoder_checkpoint import DECODER_MODES
 
     if args.detector is not None and args.mode != "boxes":
         raise UsageError(f"--detector chooses the boxes of --mode boxes, not of --mode {args.mode}")

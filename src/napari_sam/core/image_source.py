@@ -192,6 +192,19 @@ class ImageSource:
         """Number of 2D planes."""
         return int(np.prod(self.plane_grid, dtype=np.int64))
 
+    def stack_through(self, plane: int | tuple[int, ...] | None = None) -> list[tuple[int, ...]]:
+        """Every plane along the innermost plane axis (Z, else T) through ``plane`` (flat
+        number or tuple; None where the image has one such stack), as :meth:`plane_index`
+        tuples: for a TZYX image, the Z stack at ``plane``'s t."""
+        grid = self.plane_grid
+        if not grid:
+            raise ValueError("whole_volume needs a stack of planes; this image is a single 2D plane")
+        if plane is None and int(np.prod(grid[:-1])) > 1:
+            raise ValueError(f"the image has {self.plane_axes} planes: give plane= to choose the stack along "
+                             f"{self.plane_axes[-1]}")
+        outer = self.plane_index(0 if plane is None else plane)[:-1]
+        return [outer + (i,) for i in range(grid[-1])]
+
     def plane_index(self, plane: int | tuple[int, ...] | None) -> tuple[int, ...]:
         """Normalise a flat plane number or a (t, z) tuple to the tuple form; None names the
         plane of an image that has one."""
