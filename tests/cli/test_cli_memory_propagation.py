@@ -82,6 +82,13 @@ def test_evaluate_measures_sam2_propagation_beside_the_watershed(tmp_path, sam2_
     assert "measured on 3D label volumes" in capsys.readouterr().err
     assert main(["evaluate", str(tmp_path), "--model", str(sam2_checkpoint), "--auto"]) == 2
     assert "is a SAM 2" in capsys.readouterr().err
+    rgb = tmp_path / "rgb"  # a stain it does not read is refused, not silently dropped
+    for sub in ("images", "labels"):
+        (rgb / sub).mkdir(parents=True)
+    tifffile.imwrite(rgb / "images" / "v.tif", np.repeat(np.asarray(image)[..., None], 3, -1), photometric="rgb")
+    tifffile.imwrite(rgb / "labels" / "v.tif", labels)
+    assert main(["evaluate", str(rgb), "--model", str(sam2_checkpoint), "--channel", "haematoxylin"]) == 2
+    assert "is a SAM 2, which reads RGB as its colours" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("extra, seeds_empty, said", [

@@ -179,6 +179,55 @@ def test_train_and_evaluate_take_one_channel_of_a_multichannel_image(tmp_path, t
     assert "learned from --channel 0" in capsys.readouterr().err
 
 
+def _stained_folder(root, nuclei_2d):
+    """Two H&E-like RGB tiles: purple nuclei on a pale pink ground, as brightfield looks."""
+    image, labels = nuclei_2d
+    for d in ("images", "labels"):
+        (root / d).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        lab = labels[i * 128:(i + 1) * 128, :128]
+        rgb = np.where(lab[..., None] > 0, [95, 60, 140], [236, 214, 226]) + rng.normal(0, 6, lab.shape + (3,))
+        tifffile.imwrite(root / "images" / f"he{i}.tif", np.clip(rgb, 0, 255).astype(np.uint8), photometric="rgb")
+        tifffile.imwrite(root / "labels" / f"he{i}.tif", lab)
+    return root
+
+
+def test_evaluate_and_train_read_rgb_as_the_colours_or_the_stain_when_named(tmp_path, tiny_sam, nuclei_2d, capsys):
+    import json
+
+    from napari_sam.model.checkpoint import read_checkpoint, write_checkpoint
+
+    folder = _stained_folder(tmp_path / "he", nuclei_2d)
+    scores = {}
+    for channel in ("rgb", "haematoxylin"):
+        out = tmp_path / f"{channel}.json"
+        assert main(["evaluate", str(folder), "--model", "default", "--device", "cpu", "--corrections", "0",
+                     "--max-objects", "4", "--channel", channel, "--json", str(out)]) == 0
+        scores[channel] = json.loads(out.read_text())[0]["point"]
+    assert scores["rgb"] != scores["haematoxylin"]  # the model read two different planes
+    grey = tmp_path / "grey"
+    _folder(grey, nuclei_2d, n=1)
+    assert main(["evaluate", str(grey), "--model", "default", "--channel", "rgb", "--corrections", "0"]) == 2
+    assert "--channel rgb reads RGB images" in capsys.readouterr().err
+
+    # what a fine-tune learned to read is what its model asks for: the colours drop the
+    # base model's stain advice, the stain gives it to a model that had none
+    advised = tmp_path / "advised.pth"
+    write_checkpoint(advised, tiny_sam.state_dict(), {"stain": "haematoxylin"})
+    for base, channel, stain in ((advised, "rgb", None), (advised, None, "haematoxylin"),
+                                 (tmp_path / "plain.pth", "haematoxylin", "haematoxylin")):
+        if not base.exists():
+            write_checkpoint(base, tiny_sam.state_dict(), {})
+        out = tmp_path / f"ft-{base.stem}-{channel}.pth"
+        given = [] if channel is None else ["--channel", channel]
+        assert main(["train", str(folder), "--model", str(base), "--device", "cpu", "--steps", "1", *given,
+                     "--out", str(out)]) == 0
+        meta = read_checkpoint(out).metadata
+        assert meta.get("stain") == stain and meta["training"]["data"].get("channel") == channel
+    capsys.readouterr()
+
+
 def test_channels_first_images_are_named_as_such(nuclei_2d):
     from napari_sam.core.pairs import check_pair
 

@@ -199,7 +199,12 @@ def _measure(args) -> list[dict]:
     from ..evaluate import WatershedBaseline
 
     pairs = evaluate.load_pairs(args.images, args.labels, pattern=args.pattern)
-    if args.channel is not None:
+    stain = args.channel if isinstance(args.channel, str) else None  # how RGB is read: "rgb" or "haematoxylin"
+    if stain is not None:
+        if not_rgb := next((p for p in pairs if p.image.ndim != p.labels.ndim + 1 or p.image.shape[-1] not in (3, 4)),
+                           None):
+            raise UsageError(f"--channel {stain} reads RGB images; {not_rgb.name} has shape {not_rgb.image.shape}")
+    elif args.channel is not None:
         pairs = [_one_channel(p, args.channel) for p in pairs]
     elif multi := next((p for p in pairs if p.image.ndim == p.labels.ndim + 1 and p.image.shape[-1] not in (3, 4)),
                        None):
@@ -218,6 +223,8 @@ def _measure(args) -> list[dict]:
 
             if auto:
                 raise UsageError(f"--auto measures a SAM's automatic modes; {args.model} is a SAM 2, which propagates")
+            if stain not in (None, "rgb"):
+                raise UsageError(f"--channel {stain}: {args.model} is a SAM 2, which reads RGB as its colours")
             sam2 = load_sam2_model(args.model, device=args.device)
             methods.append((sam2, sam2.source.name if sam2.source is not None else sam2.config.name))
         else:
@@ -251,13 +258,14 @@ def _measure(args) -> list[dict]:
         if planes and method is not sam2:
             results.append(evaluate.evaluate_prompted(planes, method, n_corrections=args.corrections,
                                                       max_objects=args.max_objects, seed=args.seed, name=name,
-                                                      magnification=args.magnification, diameter=args.diameter))
+                                                      magnification=args.magnification, diameter=args.diameter,
+                                                      channel=stain))
         if volumes:
             # Volumes: each object is propagated from its ground-truth mask on its middle plane.
             if method is sam2:
                 propagate = evaluate.sam2_propagator(method)
             elif sam:
-                propagate = evaluate.sam_propagator(method.model, magnification=args.magnification)
+                propagate = evaluate.sam_propagator(method.model, magnification=args.magnification, channel=stain)
             else:
                 propagate = evaluate.watershed_propagator()
             results.append(evaluate.evaluate_propagation_volumes(propagate, volumes, max_objects=args.max_objects,
@@ -265,7 +273,8 @@ def _measure(args) -> list[dict]:
     if auto and planes:
         from ..core.progress_bar import progress_bar
 
-        gen = evaluate.iter_evaluate_modes(planes, model, modes or None, baseline=True, augment=args.augment)
+        gen = evaluate.iter_evaluate_modes(planes, model, modes or None, baseline=True, augment=args.augment,
+                                           channel=stain)
         with progress_bar(total=len(planes), desc="automatic modes", unit="image") as bar:
             while True:
                 try:

@@ -271,8 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: all the model offers; ais and apg need an instance decoder)")
     ev.add_argument("--augment", action="store_true",
                     help="with --auto: also AIS with test-time augmentation (segment --augment), as its own row")
-    ev.add_argument("--channel", type=_count,
-                    help="for multichannel images (channels last): the channel to segment, e.g. the nuclei's")
+    ev.add_argument("--channel", type=_channel,
+                    help="for multichannel images (channels last): the channel to segment, e.g. the nuclei's"
+                    + _STAIN_HELP)
     ev.add_argument("--pattern", default="*", metavar="GLOB",
                     help="which image files of the folder to take (default: every image file), e.g. '*.tif'")
     ev.add_argument("--corrections", type=_count, default=8,
@@ -316,8 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--central-clicks", type=_fraction, metavar="P",
                     help="share of lone clicks drawn in the inner half of their object, where people click "
                     "(default 0.75; SAM drew them anywhere in it: 0)")
-    tr.add_argument("--channel", type=_count,
-                    help="for multichannel images (channels last): the channel to learn from, e.g. the nuclei's")
+    tr.add_argument("--channel", type=_channel,
+                    help="for multichannel images (channels last): the channel to learn from, e.g. the nuclei's"
+                    + _STAIN_HELP)
     tr.add_argument("--pattern", default="*", metavar="GLOB",
                     help="which image files of the folders to take (default: every image file), e.g. '*.tif'")
     tr.add_argument("--validation", help="folder of validation pairs (default: a 10%% split of DATA)")

@@ -191,7 +191,7 @@ def _describe(mode: str, settings: dict) -> str:
     return ", ".join(f"{k} {v}" for k, v in s.items())
 
 
-def _embed(image: np.ndarray, model, magnification=None):
+def _embed(image: np.ndarray, model, magnification=None, channel=None):
     """The image's embeddings in memory, every tile computed now, and the seconds it took."""
     from ..core.embeddings import Embeddings
 
@@ -203,7 +203,7 @@ def _embed(image: np.ndarray, model, magnification=None):
     else:
         raise ValueError(f"automatic modes are measured on (H, W) or (H, W, 3|4) planes, got shape {image.shape}")
     start = time.perf_counter()
-    emb = Embeddings(image, model, cache=False, axes=axes, magnification=magnification)
+    emb = Embeddings(image, model, cache=False, axes=axes, channel=channel, magnification=magnification)
     for _ in emb.precompute(verify=False):
         pass
     return emb, time.perf_counter() - start
@@ -218,6 +218,7 @@ def iter_evaluate_modes(
     baseline: bool = True,
     name: str | None = None,
     augment: bool = False,
+    channel: str | None = None,
 ) -> Generator[EvalProgress, None, list[dict]]:
     """:func:`evaluate_modes` as a generator: yields after each image (all its modes)."""
     from ..auto.modes import iter_segment_plane, reads_native_scale
@@ -249,7 +250,7 @@ def iter_evaluate_modes(
             # (auto.modes.reads_native_scale): made here, they are timed as embedding,
             # not as the mode.
             native = all(mode in DECODER_MODES for mode in modes) and reads_native_scale(model)
-            emb, seconds = _embed(pair.image, model, 1.0 if native else None)
+            emb, seconds = _embed(pair.image, model, 1.0 if native else None, channel)
             embed_seconds.append(seconds)
             for mode in modes:
                 start = time.perf_counter()
@@ -299,6 +300,7 @@ def evaluate_modes(
     baseline: bool = True,
     name: str | None = None,
     augment: bool = False,
+    channel: str | None = None,
 ) -> list[dict]:
     """Every automatic mode of a model, with the settings it recommends, beside the
     classical baseline.
@@ -321,6 +323,9 @@ def evaluate_modes(
     augment
         Also AIS with test-time augmentation (:mod:`~napari_sam.auto.augmentation`), a
         row of its own after the modes (``augment=True`` in it); needs ``"ais"``.
+    channel
+        How RGB planes are read: ``"rgb"`` (the colours) or ``"haematoxylin"``
+        (:mod:`~napari_sam.core.stain`); None as the model advises.
 
     Returns
     -------
@@ -339,4 +344,4 @@ def evaluate_modes(
         ``augment`` without ``"ais"`` among the modes, or a pair that is not a 2D plane.
     """
     return run_to_end(iter_evaluate_modes(pairs, model, modes, advice=advice, baseline=baseline, name=name,
-                                          augment=augment))
+                                          augment=augment, channel=channel))

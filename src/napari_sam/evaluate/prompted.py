@@ -46,8 +46,9 @@ class _SamRunner:
     """Prompts a batch of objects of one image through a SAM predictor."""
 
     def __init__(self, predictor: Predictor, multimask_point: bool, batch_size: int, refine: bool = True,
-                 magnification: float | str | None = None, diameter: float | None = None):
+                 magnification: float | str | None = None, diameter: float | None = None, channel=None):
         self.predictor = predictor
+        self.channel = channel
         self.multimask_point = multimask_point
         self.batch_size = batch_size
         self.refine = refine
@@ -75,12 +76,12 @@ class _SamRunner:
             # Chosen again by the embeddings, as the plugin's are, so that the model's
             # per-object advice applies where the magnification is the model's choice.
             self.tiles = Embeddings(
-                image, model, cache=False, axes=axes, normalization=self.predictor.normalization,
+                image, model, cache=False, axes=axes, channel=self.channel, normalization=self.predictor.normalization,
                 statistics="plane", magnification=self.magnification, diameter=self.diameter,
             )
             self.chosen = self.tiles.magnification
         else:
-            self.predictor.set_image(image)
+            self.predictor.set_image(image, channel=self.channel)
 
     def run(self, masks: list[np.ndarray], n_corrections: int, rng) -> tuple[list, list, list]:
         if self.tiles is not None:
@@ -209,9 +210,10 @@ class _BaselineRunner:
         return point_iou, box_iou, iter_iou
 
 
-def _runner(method, multimask_point: bool, batch_size: int, magnification=None, diameter=None):
+def _runner(method, multimask_point: bool, batch_size: int, magnification=None, diameter=None, channel=None):
     if isinstance(method, Predictor):
-        return _SamRunner(method, multimask_point, batch_size, magnification=magnification, diameter=diameter), "sam"
+        return _SamRunner(method, multimask_point, batch_size, magnification=magnification, diameter=diameter,
+                          channel=channel), "sam"
     if isinstance(method, WatershedBaseline):
         return _BaselineRunner(method), "watershed"
     raise ValueError(f"method must be a Predictor (SAM) or a WatershedBaseline, not {type(method).__name__}")
@@ -240,6 +242,7 @@ def iter_evaluate_prompted(
     name: str | None = None,
     magnification: float | str | None = None,
     diameter: float | None = None,
+    channel: str | None = None,
 ) -> Generator[EvalProgress, None, dict]:
     """:func:`evaluate_prompted` as a generator: yields after each image, returns the
     results dict."""
@@ -249,7 +252,7 @@ def iter_evaluate_prompted(
         raise ValueError(f"max_objects must be >= 1 or None, got {max_objects}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    runner, default_name = _runner(method, multimask_point, batch_size, magnification, diameter)
+    runner, default_name = _runner(method, multimask_point, batch_size, magnification, diameter, channel)
     pairs = load_pairs(pairs)
     rng = np.random.default_rng(seed)
     all_point, all_box, all_iter, per_image = [], [], [], []
@@ -318,6 +321,9 @@ def evaluate_prompted(pairs, method, **options) -> dict:
     diameter
         SAM only: the objects' diameter in pixels, for a magnification chosen from it
         (None: estimated per image).
+    channel
+        SAM only: how RGB planes are read, ``"rgb"`` (the colours) or ``"haematoxylin"``
+        (:mod:`~napari_sam.core.stain`); None: as the model advises.
 
     Returns
     -------

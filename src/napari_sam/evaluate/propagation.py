@@ -111,12 +111,14 @@ def evaluate_propagation_volumes(propagate: Callable[[np.ndarray, int, np.ndarra
     return _result(name, per_object)
 
 
-def sam_propagator(model, settings=None, magnification=None) -> Callable[[np.ndarray, int, np.ndarray], np.ndarray]:
+def sam_propagator(model, settings=None, magnification=None,
+                   channel: str | None = None) -> Callable[[np.ndarray, int, np.ndarray], np.ndarray]:
     """A ``propagate`` for :func:`evaluate_propagation`: SAM carrying the mask from plane
     to plane (:func:`~napari_sam.core.propagation.propagate` with ``settings``), as the
     plugin propagates. Each volume is embedded once, however many objects it holds, at
     ``magnification`` (:class:`~napari_sam.core.embeddings.Embeddings`; None: the
-    model's advice)."""
+    model's advice); an RGB volume (Z, Y, X, 3) is read as ``channel`` says (``"rgb"``,
+    ``"haematoxylin"``; None: the model's advice)."""
     from ..core.embeddings import Embeddings
     from ..core.propagation import PropagationSettings, propagate
 
@@ -126,7 +128,8 @@ def sam_propagator(model, settings=None, magnification=None) -> Callable[[np.nda
     def run(volume: np.ndarray, start: int, mask: np.ndarray) -> np.ndarray:
         if id(volume) not in held:
             held.clear()  # the volume object is kept with its embeddings, so its id stays its own
-            held[id(volume)] = (volume, Embeddings(volume, model, cache=False, axes="ZYX",
+            axes = "ZYXC" if volume.ndim == 4 else "ZYX"
+            held[id(volume)] = (volume, Embeddings(volume, model, cache=False, axes=axes, channel=channel,
                                                           magnification=magnification))
         emb = held[id(volume)][1]
         out = np.zeros(volume.shape[:3], bool)

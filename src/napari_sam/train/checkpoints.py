@@ -88,6 +88,16 @@ def training_metadata(trainer: Trainer) -> dict[str, Any]:
     }
 
 
+def _stain_learned(advice: str | None, channel) -> str | None:
+    """The stain advice of a model that was advised ``advice`` and trained on planes read
+    through ``channel``: what it learned to read is what it will be asked to read."""
+    from ..core.stain import HAEMATOXYLIN, RGB
+
+    if channel == HAEMATOXYLIN:  # stained brightfield read as that stain, whatever the base model read
+        return HAEMATOXYLIN
+    return None if channel == RGB else advice  # the colours, or as the base model reads them
+
+
 def save(trainer: Trainer, path: PathLike, optimizer: bool = True) -> Path:
     """Write the trainer's model (and optimizer state) to ``path`` (see
     :meth:`Trainer.save`)."""
@@ -101,8 +111,9 @@ def save(trainer: Trainer, path: PathLike, optimizer: bool = True) -> Path:
     meta, extras = trainer.metadata(), {}
     if "scale" in trainer.model.metadata:  # it was trained on the tiles its scale advice gives (inference_tiles)
         meta["scale"] = trainer.model.metadata["scale"]
-    if "stain" in trainer.model.metadata:  # it learned from images read so (train/features.py)
-        meta["stain"] = trainer.model.metadata["stain"]
+    stain = _stain_learned(trainer.model.metadata.get("stain"), trainer.train_data.channel)
+    if stain is not None:  # it learned from stained planes read so (train/features.py)
+        meta["stain"] = stain
     decoder = trainer.model.instance_decoder
     if decoder is not None and trainer.config.mode == "decoder":
         # the encoder did not change, so the instance decoder still reads its embeddings

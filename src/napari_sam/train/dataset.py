@@ -106,7 +106,9 @@ class SegmentationDataset:
     description
         JSON-friendly description of the source (kept in checkpoints).
     channel_axis, channel
-        How multichannel planes become RGB; see :func:`~napari_sam.core.preprocess.to_rgb`.
+        How multichannel planes become RGB; see :func:`~napari_sam.core.preprocess.to_rgb`
+        (``channel`` may also name how RGB is read, ``"rgb"`` or ``"haematoxylin"``; None:
+        as the model advises).
     """
 
     def __init__(
@@ -115,7 +117,7 @@ class SegmentationDataset:
         names: Sequence[str],
         description: Mapping[str, Any] | None = None,
         channel_axis: int | None = None,
-        channel: int | None = None,
+        channel: int | str | None = None,
     ):
         if len(loaders) != len(names):
             raise ValueError(f"{len(loaders)} loaders but {len(names)} names")
@@ -134,7 +136,7 @@ class SegmentationDataset:
         labels: Sequence[np.ndarray],
         names: Sequence[str] | None = None,
         channel_axis: int | None = None,
-        channel: int | None = None,
+        channel: int | str | None = None,
     ) -> "SegmentationDataset":
         """Pairs from in-memory planes.
 
@@ -175,7 +177,7 @@ class SegmentationDataset:
         image: np.ndarray,
         labels: np.ndarray,
         skip_empty: bool = True,
-        channel: int | None = None,
+        channel: int | str | None = None,
         name: str = "stack",
     ) -> "SegmentationDataset":
         """Every z plane of a 3D stack as a pair.
@@ -220,7 +222,7 @@ class SegmentationDataset:
         pattern: str = "*",
         skip_empty: bool = True,
         channel_axis: int | None = None,
-        channel: int | None = None,
+        channel: int | str | None = None,
     ) -> "SegmentationDataset":
         """Pairs of image files (TIFF, PNG, JPEG, ``.npy``, as
         :func:`~napari_sam.core.io.read_image` reads them): ``folder/images/NAME`` with
