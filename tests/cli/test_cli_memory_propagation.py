@@ -89,6 +89,8 @@ def test_evaluate_measures_sam2_propagation_beside_the_watershed(tmp_path, sam2_
     tifffile.imwrite(rgb / "labels" / "v.tif", labels)
     assert main(["evaluate", str(rgb), "--model", str(sam2_checkpoint), "--channel", "haematoxylin"]) == 2
     assert "is a SAM 2, which reads RGB as its colours" in capsys.readouterr().err
+    assert main(["evaluate", str(rgb), "--model", str(sam2_checkpoint), "--channel", "rgb", "--max-objects", "1"]) == 0
+    assert "(propagation) | 1 |" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("extra, seeds_empty, said", [

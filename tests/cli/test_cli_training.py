@@ -193,23 +193,53 @@ def _stained_folder(root, nuclei_2d):
     return root
 
 
-def test_evaluate_and_train_read_rgb_as_the_colours_or_the_stain_when_named(tmp_path, tiny_sam, nuclei_2d, capsys):
+def test_evaluate_and_train_read_rgb_as_the_colours_or_the_stain_when_named(tmp_path, tiny_sam, nuclei_2d, capsys,
+                                                                            monkeypatch):
     import json
 
+    from napari_sam.core.embeddings import Embeddings
     from napari_sam.model.checkpoint import read_checkpoint, write_checkpoint
 
+    read = []
+    init = Embeddings.__init__
+
+    def spy(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        read.append(self.source.channel)
+
+    monkeypatch.setattr(Embeddings, "__init__", spy)
     folder = _stained_folder(tmp_path / "he", nuclei_2d)
     scores = {}
     for channel in ("rgb", "haematoxylin"):
         out = tmp_path / f"{channel}.json"
+        read.clear()
         assert main(["evaluate", str(folder), "--model", "default", "--device", "cpu", "--corrections", "0",
                      "--max-objects", "4", "--channel", channel, "--json", str(out)]) == 0
+        assert read and set(read) == {channel}  # every plane read as asked
         scores[channel] = json.loads(out.read_text())[0]["point"]
-    assert scores["rgb"] != scores["haematoxylin"]  # the model read two different planes
+    assert scores["rgb"] != scores["haematoxylin"]
     grey = tmp_path / "grey"
     _folder(grey, nuclei_2d, n=1)
     assert main(["evaluate", str(grey), "--model", "default", "--channel", "rgb", "--corrections", "0"]) == 2
     assert "--channel rgb reads RGB images" in capsys.readouterr().err
+    assert main(["evaluate", str(folder), "--channel", "rgb"]) == 2  # the baseline alone has its own reading
+    assert "says how a model reads RGB: give --model" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["evaluate", str(folder), "--channel", "-1"])
+    assert "0 or more" in capsys.readouterr().err
+    # checked before the model loads
+    assert main(["train", str(grey), "--model", "no-such-model", "--channel", "haematoxylin", "--steps", "1",
+                 "--out", str(tmp_path / "x.pth")]) == 2
+    assert "--channel haematoxylin reads RGB images; p0.tif has shape (128, 128)" in capsys.readouterr().err
+    # a fine-tune that reads stained planes otherwise leaves out the heads that learned the other reading
+    assert main(["train", str(folder), "--model", "default", "--device", "cpu", "--steps", "1", "--channel", "rgb",
+                 "--out", str(tmp_path / "colours.pth")]) == 0
+    assert "the instance decoder and the mask refiner left out" in capsys.readouterr().out
+    saved = read_checkpoint(tmp_path / "colours.pth")
+    assert "stain" not in saved.metadata and set(saved.extras) == set()
+    assert main(["train", str(folder), "--model", "default", "--device", "cpu", "--steps", "1",
+                 "--out", str(tmp_path / "stain.pth")]) == 0
+    assert {"decoder_state", "mask_refiner_state"} <= set(read_checkpoint(tmp_path / "stain.pth").extras)
 
     # what a fine-tune learned to read is what its model asks for: the colours drop the
     # base model's stain advice, the stain gives it to a model that had none

@@ -53,6 +53,7 @@ def train(args) -> int:
     from ..core.models import resolve_model
     from ..core.outputs import check_file_output
     from ..train import SegmentationDataset, Trainer, TrainingConfig
+    from ..train.checkpoints import learned_stain
     from ..train.run import train as run_training
 
     # the checkpoint's place is checked before hours of training, not after; an existing one is resumed
@@ -72,6 +73,12 @@ def train(args) -> int:
                          "labels/ as DATA)")
     else:
         data = SegmentationDataset.from_folder(args.data, pattern=args.pattern, **channels)
+    if isinstance(args.channel, str):  # checked on the first plane before the model loads
+        from ..core.stain import is_rgb
+
+        first = data[0]
+        if not is_rgb(first.image, -1):
+            raise UsageError(f"--channel {args.channel} reads RGB images; {first.name} has shape {first.image.shape}")
     saved = _saved_training(out) if args.resume and out.exists() else None  # what the resumed run recorded
     if args.validation:
         train, val = data, SegmentationDataset.from_folder(args.validation, pattern=args.pattern, **channels)
@@ -118,6 +125,12 @@ def train(args) -> int:
         return 0
     if trainer.model.instance_decoder is not None and cfg.mode != "decoder":
         print("the instance decoder (automatic segmentation) is left out: it reads the old encoder's embeddings")
+    advice = trainer.model.metadata.get("stain")
+    heads = [name for name, head in (("the instance decoder", trainer.model.instance_decoder),
+                                     ("the mask refiner", trainer.model.mask_refiner)) if head is not None]
+    if learned_stain(advice, data.channel) != advice and heads:
+        print(f"{' and '.join(heads)} left out: learned on stained brightfield read as {advice or 'its colours'}, "
+              f"which --channel {args.channel} reads otherwise")
     with _first_interrupt_stops("stopping after this step, then saving what was learned "
                                 "(Ctrl-C again to quit without saving)") as stopped:
         # saved along the way too, so that a killed run (out of memory, power) resumes from there
@@ -236,6 +249,9 @@ def _measure(args) -> list[dict]:
     if args.augment and "ais" not in modes:
         raise UsageError("--augment measures AIS with test-time augmentation: it needs a model with an instance "
                          "decoder and ais among --auto-modes")
+    if stain is not None and not methods:
+        raise UsageError(f"--channel {stain} says how a model reads RGB: give --model (the classical baseline keeps "
+                         "its own reading: brightfield as its haematoxylin stain, other RGB as the channels' mean)")
     if args.baseline or not methods:
         methods.append((WatershedBaseline(), "watershed baseline"))
     planes = [p for p in pairs if np.asarray(p.labels).ndim == 2]

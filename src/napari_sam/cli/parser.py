@@ -84,11 +84,14 @@ def _channel(text: str):
 
     if text in STAIN_CHANNELS:
         return text
+    names = ", ".join(STAIN_CHANNELS)
     try:
-        return int(text)
+        value = int(text)
     except ValueError:
-        names = ", ".join(STAIN_CHANNELS)
         raise argparse.ArgumentTypeError(f"a channel number or one of {names}, not {text!r}") from None
+    if value < 0:  # channels count from 0; a negative one would pick from the end unasked
+        raise argparse.ArgumentTypeError(f"a channel number (0 or more) or one of {names}, not {text}")
+    return value
 
 
 _STAIN_HELP = ("; for RGB: 'rgb' (the colours) or 'haematoxylin' (that stain separated from stained brightfield; "
@@ -273,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --auto: also AIS with test-time augmentation (segment --augment), as its own row")
     ev.add_argument("--channel", type=_channel,
                     help="for multichannel images (channels last): the channel to segment, e.g. the nuclei's"
-                    + _STAIN_HELP)
+                    + _STAIN_HELP + "; a name is how the model reads RGB, the baseline keeps its own reading")
     ev.add_argument("--pattern", default="*", metavar="GLOB",
                     help="which image files of the folder to take (default: every image file), e.g. '*.tif'")
     ev.add_argument("--corrections", type=_count, default=8,

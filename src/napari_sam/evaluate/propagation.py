@@ -158,7 +158,8 @@ def sam2_propagator(model, settings=None) -> Callable[[np.ndarray, int, np.ndarr
     def run(volume: np.ndarray, start: int, mask: np.ndarray) -> np.ndarray:
         if id(volume) not in held:
             held.clear()  # the volume object is kept with its features, so its id stays its own
-            held[id(volume)] = (volume, Sam2Features(volume, model, cache=False, axes="ZYX"))
+            axes = "ZYXC" if volume.ndim == 4 else "ZYX"  # a SAM 2 reads RGB as its colours
+            held[id(volume)] = (volume, Sam2Features(volume, model, cache=False, axes=axes))
         features = held[id(volume)][1]
         out = np.zeros(volume.shape[:3], bool)
         out[start] = mask

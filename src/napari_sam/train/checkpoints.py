@@ -27,7 +27,8 @@ from .dataset import SegmentationDataset
 if TYPE_CHECKING:
     from .trainer import Trainer
 
-__all__ = ["CHECKPOINT_FORMAT", "describe_base", "optimizer_state_path", "resume", "save", "training_metadata"]
+__all__ = ["CHECKPOINT_FORMAT", "describe_base", "learned_stain", "optimizer_state_path", "resume", "save",
+           "training_metadata"]
 
 CHECKPOINT_FORMAT = 1
 """Version of the metadata layout written by :meth:`Trainer.save`."""
@@ -88,9 +89,12 @@ def training_metadata(trainer: Trainer) -> dict[str, Any]:
     }
 
 
-def _stain_learned(advice: str | None, channel) -> str | None:
-    """The stain advice of a model that was advised ``advice`` and trained on planes read
-    through ``channel``: what it learned to read is what it will be asked to read."""
+def learned_stain(advice: str | None, channel) -> str | None:
+    """The stain advice (``metadata["stain"]``) of a model that was advised ``advice`` and
+    fine-tuned on planes read through ``channel`` (a channel number, ``"rgb"``,
+    ``"haematoxylin"`` or None): what it learned to read is what it will be asked to read.
+    Where this differs from ``advice``, :func:`save` leaves out the instance decoder and the
+    mask refiner, which learned the other reading."""
     from ..core.stain import HAEMATOXYLIN, RGB
 
     if channel == HAEMATOXYLIN:  # stained brightfield read as that stain, whatever the base model read
@@ -111,11 +115,14 @@ def save(trainer: Trainer, path: PathLike, optimizer: bool = True) -> Path:
     meta, extras = trainer.metadata(), {}
     if "scale" in trainer.model.metadata:  # it was trained on the tiles its scale advice gives (inference_tiles)
         meta["scale"] = trainer.model.metadata["scale"]
-    stain = _stain_learned(trainer.model.metadata.get("stain"), trainer.train_data.channel)
+    stain = learned_stain(trainer.model.metadata.get("stain"), trainer.train_data.channel)
     if stain is not None:  # it learned from stained planes read so (train/features.py)
         meta["stain"] = stain
+    # The heads beside the SAM learned from planes read as the base model reads them: where
+    # the fine-tune reads stained planes otherwise, they would meet planes they never saw.
+    same_reading = stain == trainer.model.metadata.get("stain")
     decoder = trainer.model.instance_decoder
-    if decoder is not None and trainer.config.mode == "decoder":
+    if decoder is not None and trainer.config.mode == "decoder" and same_reading:
         # the encoder did not change, so the instance decoder still reads its embeddings
         extras[DECODER_KEY] = {k: v.detach().float().cpu() for k, v in decoder.state_dict().items()}
         for key in ("instance_decoder", "automatic"):
@@ -133,7 +140,7 @@ def save(trainer: Trainer, path: PathLike, optimizer: bool = True) -> Path:
                 del advice["mode"]
         meta["automatic"] = advice
     refiner = trainer.model.mask_refiner
-    if refiner is not None:  # it reads a mask's logits and the pixels, never the embedding: it serves any fine-tune
+    if refiner is not None and same_reading:  # it reads logits and pixels, not the embedding: any fine-tune's
         from ..model.mask_refiner import MASK_REFINER_KEY
 
         extras[MASK_REFINER_KEY] = {k: v.detach().float().cpu() for k, v in refiner.state_dict().items()}
