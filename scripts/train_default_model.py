@@ -239,7 +239,7 @@ def _read(path: Path) -> np.ndarray:
 
 def _augmented_crop(
     image: np.ndarray, labels: np.ndarray, rng: np.random.Generator, side: int = 256,
-    zoom_range: tuple[float, float] = (0.75, 1.33),
+    zoom_range: tuple[float, float] = (0.75, 1.33), photometric: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A random crop at about the image's own scale (zoomed 0.75-1.33x by default,
     log-uniform), flipped and rotated, uint8 brightness varied (uint8 is not rescaled at
@@ -264,8 +264,36 @@ def _augmented_crop(
     img = np.ascontiguousarray(img)
     if img.dtype == np.uint8 and rng.random() < 0.5:
         img = np.clip(img.astype(np.float32) * rng.uniform(0.6, 1.4), 0, 255).astype(np.uint8)
+    if photometric > 0 and rng.random() < photometric:
+        img = photometric_variant(img, rng)
     # Objects cut by the crop border stay: a person clicks on those too.
     return img, _drop_small(np.ascontiguousarray(lab).astype(np.int32), 12)
+
+
+def photometric_variant(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The same uint8 plane as another microscope might record it: a gamma of 0.5-2
+    (log-uniform), and each with probability 0.3, a Gaussian blur (sigma 0.5-1.5 pixels),
+    Gaussian noise (sigma 2-12 grey values) and a contrast change (x0.5-1.5 about the
+    mean). The labels are the same objects, so the model learns them whatever the
+    rendering; issue 15 lists these among the augmentations it asks for. Stained RGB
+    planes are left as they are: the model reads them through their stain, whose optical
+    densities a gamma would distort."""
+    if image.dtype != np.uint8 or image.ndim != 2:
+        return image
+    # in units of the plane's own bright end, which uint8 input keeps at inference (it
+    # is not rescaled), so a dim plane stays dim rather than crushed to a few grey values
+    top = max(float(np.percentile(image, 99.8)), 1.0)
+    x = np.clip(image.astype(np.float32) / top, 0, None)
+    x = x ** math.exp(rng.uniform(math.log(0.5), math.log(2.0)))
+    if rng.random() < 0.3:
+        sigma = rng.uniform(0.5, 1.5)
+        x = ndi.gaussian_filter(x, (sigma, sigma) + (0,) * (x.ndim - 2))
+    if rng.random() < 0.3:
+        mean = float(x.mean())
+        x = mean + (x - mean) * rng.uniform(0.5, 1.5)
+    if rng.random() < 0.3:
+        x = x + rng.normal(0.0, rng.uniform(2, 12) / 255.0 * 255.0 / top, x.shape)
+    return np.clip(np.rint(x * top), 0, 255).astype(np.uint8)
 
 
 def real_sources(with_cryonuseg: bool = False) -> list[tuple[str, np.ndarray, np.ndarray, int]]:
@@ -322,7 +350,7 @@ def low_light_pair(rng: np.random.Generator, large: bool = False) -> tuple[np.nd
 
 def build_datasets(seed: int, n_synthetic: int, n_validation: int, n_large: int = 0,
                    zoom_range: tuple[float, float] | None = (0.75, 1.33), with_cryonuseg: bool = False,
-                   n_low_light: int = 0, crop_factor: int = 1):
+                   n_low_light: int = 0, crop_factor: int = 1, photometric: float = 0.0):
     """(training, validation) datasets. Images are made when first drawn, each from its
     own seed, so the set is fixed by ``seed`` whatever the order of use. ``zoom_range``
     None: :func:`scale_matched_zoom` for each real plane. ``n_low_light`` more synthetic
@@ -349,7 +377,7 @@ def build_datasets(seed: int, n_synthetic: int, n_validation: int, n_large: int 
         for c in range(crops * crop_factor):
             loaders.append(
                 lambda image=image, labels=labels, s=s, c=c, zooms=zooms: _augmented_crop(
-                    image, labels, np.random.default_rng([seed, 2, s, c]), zoom_range=zooms
+                    image, labels, np.random.default_rng([seed, 2, s, c]), zoom_range=zooms, photometric=photometric
                 )
             )
             names.append(f"{name} crop {c}")
@@ -362,6 +390,7 @@ def build_datasets(seed: int, n_synthetic: int, n_validation: int, n_large: int 
         "real_planes": [name for name, *_ in sources],
         "real_crops": int(sum(c for *_, c in sources)) * crop_factor,
         "crop_zoom": "matched to the scale advice" if zoom_range is None else list(zoom_range),
+        **({"photometric_crops": photometric} if photometric else {}),
         "held_out": HELD_OUT,
     }
     train = SegmentationDataset(loaders, names, description)
@@ -421,7 +450,7 @@ def train(args) -> Path:
           f"input {args.image_size}")
     train_data, val_data = build_datasets(args.seed, args.synthetic, args.validation, args.large,
                                           None if args.scale_matched else (args.zoom_min, args.zoom_max),
-                                          args.cryonuseg, args.low_light_images)
+                                          args.cryonuseg, args.low_light_images, args.crop_factor, args.photometric)
     out = Path(args.output)
     resume = args.resume and out.is_file()
     if args.init_from and not resume:
@@ -778,6 +807,9 @@ def main(argv=None) -> None:
     parser.add_argument("--scale-matched", action="store_true",
                         help="zoom each real plane's crops as inference magnifies it (instead of --zoom-min/max)")
     parser.add_argument("--cryonuseg", action="store_true", help="also train on the cryonuseg_he_examples tiles")
+    parser.add_argument("--crop-factor", type=int, default=1, help="draw this many times the crops of each real plane")
+    parser.add_argument("--photometric", type=float, default=0.0,
+                        help="share of real crops rendered otherwise (gamma, blur, noise, contrast; default 0)")
     parser.add_argument("--evaluate-only", action="store_true", help="only measure --output")
     parser.add_argument("--stain-only", action="store_true",
                         help="only record the stain advice (H&E read as haematoxylin) in --output, then measure it")

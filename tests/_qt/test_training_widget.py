@@ -73,3 +73,32 @@ def test_stop_and_closing_save_what_was_learned_and_never_an_earlier_run(trainer
     w.workers.close()
     qtbot.waitUntil(lambda: not w.workers.busy, timeout=120000)
     assert 1 <= load_model(tmp_path / "closed.pth").metadata["training"]["steps"] < 200
+
+
+def test_an_rgb_image_is_read_as_chosen_and_the_trained_model_advises_that_reading(trainer_widget, tmp_path,
+                                                                                    qtbot):
+    from napari_sam.core.models import load_model
+
+    w = trainer_widget
+    assert w.rgb_reading.native.isHidden() and w.channel() is None  # a grey image has nothing to choose
+    grey = w.image.value.data
+    # H&E-like: dark purple nuclei on a pale pink ground
+    stained = np.stack([255 - 0.6 * grey, 255 - 0.9 * grey, 255 - 0.3 * grey], axis=-1).clip(0, 255).astype(np.uint8)
+    w.image.value = w.viewer.add_image(stained, name="stained", rgb=True)
+    assert not w.rgb_reading.native.isHidden() and w.channel() is None  # the model's advice until asked otherwise
+    w.rgb_reading.value = "haematoxylin stain"
+    assert w.channel() == "haematoxylin"
+    w.steps.value = 2
+    w.out.value = str(tmp_path / "stain.pth")
+    w.start()
+    qtbot.waitUntil(lambda: not w.workers.busy, timeout=120000)
+    assert w.status.value.startswith("saved"), w.status.value
+    model = load_model(tmp_path / "stain.pth", device="cpu")
+    assert model.metadata["stain"] == "haematoxylin"
+    assert model.metadata["training"]["data"]["channel"] == "haematoxylin"
+    w.rgb_reading.value = "colours"
+    w.out.value = str(tmp_path / "colours.pth")
+    w.start()
+    qtbot.waitUntil(lambda: not w.workers.busy, timeout=120000)
+    model = load_model(tmp_path / "colours.pth", device="cpu")
+    assert "stain" not in model.metadata and model.metadata["training"]["data"]["channel"] == "rgb"

@@ -87,6 +87,31 @@ def test_opening_a_cache_for_work_marks_it_used(tmp_path):
     assert housekeeping.user_caches(folder)[-1].last_used > now - 60
 
 
+def test_a_session_at_work_for_days_keeps_its_cache_recently_used(tmp_path, monkeypatch):
+    # a napari session opens its cache once and then reads and writes tiles for days: its
+    # reads and writes mark the cache used now and then, and only a store opened for work does
+    from napari_sam.core import embedding_store
+
+    now = time.time()
+    folder, old, *_ = _folder(tmp_path, now)
+    sig = dataclasses.replace(SIG, image_fingerprint="blake2b:old.zarr")
+    store = EmbeddingStore.open(old, sig, (2, 1, 2))
+    reader = EmbeddingStore(zarr.open_group(str(old / store.key), mode="r"), sig, str(old))  # as info reads it
+    ancient = now - 40 * DAY
+    os.utime(old / "zarr.json", (ancient, ancient))  # opened 40 days ago
+    assert store.read((0, 0, 1)) is not None  # within the interval: no mark
+    assert abs((old / "zarr.json").stat().st_mtime - ancient) < 1
+    monkeypatch.setattr(embedding_store, "MARK_USED_EVERY", 0.0)
+    assert reader.read((0, 0, 1)) is not None  # a look is not a use
+    assert abs((old / "zarr.json").stat().st_mtime - ancient) < 1
+    assert np.array_equal(store.read((0, 0, 1)), np.full((256, 64, 64), 1, np.float32))
+    assert (old / "zarr.json").stat().st_mtime > now - 60
+    assert old not in [c.path for c in housekeeping.remove(housekeeping.user_caches(folder), older_than_days=30)]
+    os.utime(old / "zarr.json", (ancient, ancient))
+    store.write((1, 0, 0), np.zeros((256, 64, 64), np.float32))  # so does a tile written
+    assert (old / "zarr.json").stat().st_mtime > now - 60 and old.is_dir()
+
+
 def test_a_cache_opened_after_the_listing_is_not_removed(tmp_path):
     # an embed that opens the cache between the listing and the removal keeps it
     now = time.time()

@@ -16,7 +16,7 @@ from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, FloatSpinB
 
 from ..layers.training_data import annotated_planes
 from .curve import CurveWidget
-from .widget import CHECKPOINT, model_picker_choices
+from .widget import CHECKPOINT, RGB_READINGS, model_picker_choices
 from .workers import Workers
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -65,6 +65,11 @@ class TrainingWidget(Container):
         self.image = ComboBox(label="image", choices=lambda *_: self._layers("Image"))
         self.labels = ComboBox(label="labels", choices=lambda *_: self._layers("Labels"),
                                tooltip="finished annotations: every object on an annotated plane is used")
+        # as in the annotation widget: how an RGB image is read is what the model learns to
+        # read, and the saved model advises that reading (train.checkpoints.learned_stain)
+        self.rgb_reading = ComboBox(label="RGB read as", choices=list(RGB_READINGS), value="model's advice",
+                                    visible=False, tooltip="read stained brightfield (H&E) as its colours or as "
+                                    "its haematoxylin stain; the trained model will advise the same reading")
         choices = model_picker_choices()
         self.base = ComboBox(label="start from", choices=choices, value=choices[0])
         self.checkpoint = FileEdit(label="checkpoint", mode="r", visible=False)
@@ -82,12 +87,14 @@ class TrainingWidget(Container):
         self.status = Label(value="pick an image and its labels")
         self.status.native.setWordWrap(True)
         self.curve = CurveWidget()
-        self.extend([self.image, self.labels, self.base, self.checkpoint, self.mode, self.minutes, self.steps, self.out,
-                     self.more, *self.settings.values(), self.train, self.stop, self.use])
+        self.extend([self.image, self.labels, self.rgb_reading, self.base, self.checkpoint, self.mode, self.minutes,
+                     self.steps, self.out, self.more, *self.settings.values(), self.train, self.stop, self.use])
         # the status and the curve take the whole width, not the value column of a labelled row
         self.native.layout().addWidget(self.status.native)
         self.native.layout().addWidget(self.curve)
         self.base.changed.connect(lambda v: setattr(self.checkpoint, "visible", v == CHECKPOINT))
+        self.image.changed.connect(self._image_changed)
+        self._image_changed(self.image.value)
         self.more.changed.connect(self._show_settings)
         self.train.clicked.connect(self.start)
         self.stop.clicked.connect(self.workers.cancel)
@@ -121,6 +128,16 @@ class TrainingWidget(Container):
                             tooltip="the validation split and every random draw of the run"),
         }
 
+    def _image_changed(self, layer) -> None:
+        self.rgb_reading.visible = bool(getattr(layer, "rgb", False))
+
+    def channel(self) -> str | None:
+        """How the chosen image's planes are read: None (the model's advice, and every
+        image that is not RGB), ``"rgb"`` or ``"haematoxylin"``."""
+        if not getattr(self.image.value, "rgb", False):
+            return None
+        return RGB_READINGS[self.rgb_reading.value]
+
     def _show_settings(self, shown: bool):
         for widget in self.settings.values():
             widget.visible = bool(shown)
@@ -143,7 +160,8 @@ class TrainingWidget(Container):
             if self.image.value is None or self.labels.value is None:
                 raise ValueError("pick an image layer and a Labels layer of its annotations")
             out = check_checkpoint_out(self.out.value)
-            data = SegmentationDataset.from_arrays(*annotated_planes(self.image.value, self.labels.value))
+            data = SegmentationDataset.from_arrays(*annotated_planes(self.image.value, self.labels.value),
+                                                   channel=self.channel())
         except (ValueError, OSError) as err:
             self.status.value = f"cannot train: {err}"
             return None
@@ -218,6 +236,7 @@ class TrainingWidget(Container):
         _, widget = self.viewer.window.add_plugin_dock_widget("napari-sam-scale", "Segment Anything")
         widget.model.value = CHECKPOINT
         widget.checkpoint.value = self.model
+        widget.rgb_reading.value = "model's advice"  # the trained model advises the reading it learned
         if self.image.value is not None:
             widget.image.value = self.image.value
         widget.start_session()

@@ -83,7 +83,7 @@ def open_root(path: str | os.PathLike | None, mode: Literal["r", "r+", "a"]) -> 
     if mode != "r":
         if fmt != FORMAT:
             root.attrs[ROOT_ATTR] = {"format": FORMAT}
-        _mark_used(path)
+        mark_used(path)
     return root
 
 
@@ -93,9 +93,12 @@ def _holds_only_claims(folder: Path) -> bool:
     return all(not files or "claims" in Path(where).parts for where, _, files in os.walk(folder))
 
 
-def _mark_used(path: Path) -> None:
-    # The root's zarr.json mtime says when the cache was last opened for work, which
-    # napari_sam.core.cache_housekeeping reads; a cache that cannot be written is still read.
+def mark_used(path: str | os.PathLike) -> None:
+    """Record that the cache at ``path`` is in use: its root ``zarr.json`` gets the
+    current time, which :mod:`napari_sam.core.cache_housekeeping` reads as "last used"
+    (an opening for work does this, and a store reading or writing tiles now and then);
+    a cache that cannot be written is still read."""
+    path = Path(path).expanduser()
     try:
         os.utime(path / "zarr.json")
     except OSError:

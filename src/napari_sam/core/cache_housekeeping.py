@@ -8,8 +8,11 @@ folder grows by a few hundred MB per image. :func:`user_caches` lists it; :func:
 frees it by age or down to a size, least recently used first.
 
 "Last used" is the modification time of a cache's root ``zarr.json``, which every opening
-for work touches (:func:`napari_sam.core.cache_folder.open_root`), so a cache read for
-months without a new tile still counts as used.
+for work touches (:func:`napari_sam.core.cache_folder.open_root`), and so does a store
+reading or writing tiles, at most every ten minutes
+(:data:`napari_sam.core.embedding_store.MARK_USED_EVERY`): a cache read for months
+without a new tile still counts as used, and so does the cache of a napari session left
+open for days while it works.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ write one cache at once without touching each other's files.
 from __future__ import annotations
 
 import os
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,10 @@ __all__ = ["CacheMismatchError", "EmbeddingStore", "FEATURE_SHAPE", "TileCheck",
 
 FEATURE_SHAPE = (256, 64, 64)
 _STORAGE = ("float32", "float16")
+MARK_USED_EVERY = 600.0
+"""Seconds between two marks of use (:func:`~napari_sam.core.cache_folder.mark_used`)
+by a store that reads or writes tiles: a session left open for days while it works keeps
+its cache "recently used", so that ``napari-sam caches --older-than`` leaves it."""
 
 
 class CacheMismatchError(ValueError):
@@ -89,6 +94,8 @@ class EmbeddingStore:
         self.features = cache_folder.member_array(group, "features")
         self.checksums = cache_folder.member_array(group, "checksums")
         self._placed = group.attrs.get("checksum") == _PLACED
+        self._writable = path is not None and not getattr(group.store, "read_only", True)
+        self._marked = time.monotonic()  # the opening for work marked it (cache_folder.open_root)
 
     @property
     def key(self) -> str:
@@ -221,6 +228,7 @@ class EmbeddingStore:
         p, r, c = entry
         self.features[p, r, c] = data
         self.checksums[p, r, c] = np.uint64(self._checksum(entry, data))
+        self._note_use()
 
     def read(self, entry: tuple[int, int, int]) -> np.ndarray | None:
         """The (256, 64, 64) float32 embedding, or None when absent or damaged (a damaged
@@ -240,7 +248,14 @@ class EmbeddingStore:
         if data is None or self._checksum(entry, data) != expected:
             self.forget(entry)
             return None
+        self._note_use()
         return data.astype(np.float32, copy=False)
+
+    def _note_use(self) -> None:
+        # Only a store opened for work: a read-only look (napari-sam info) is not a use.
+        if self._writable and time.monotonic() - self._marked >= MARK_USED_EVERY:
+            self._marked = time.monotonic()
+            cache_folder.mark_used(self.path)
 
     def _checksum(self, entry: tuple[int, int, int], data: np.ndarray) -> int:
         # The key and the place make a tile copied from another image's cache, or from
