@@ -96,6 +96,12 @@ def test_an_rgb_image_is_read_as_chosen_and_the_trained_model_advises_that_readi
     model = load_model(tmp_path / "stain.pth", device="cpu")
     assert model.metadata["stain"] == "haematoxylin"
     assert model.metadata["training"]["data"]["channel"] == "haematoxylin"
+    # annotation with the trained model reads the image as the training did
+    seg = w.use_model()
+    qtbot.waitUntil(lambda: seg.session is not None, timeout=30000)
+    assert seg.rgb_reading.value == "haematoxylin stain"
+    assert seg.session.annotator.source.channel == "haematoxylin"
+    qtbot.waitUntil(lambda: not seg.workers.busy, timeout=30000)
     w.rgb_reading.value = "colours"
     w.out.value = str(tmp_path / "colours.pth")
     w.start()

@@ -112,6 +112,24 @@ def test_a_session_at_work_for_days_keeps_its_cache_recently_used(tmp_path, monk
     assert (old / "zarr.json").stat().st_mtime > now - 60 and old.is_dir()
 
 
+def test_a_session_answering_from_tiles_in_memory_keeps_its_cache_recently_used(tmp_path, monkeypatch, tiny_model):
+    # a small image's tiles stay in the session's memory after their first read: clicks on
+    # them for days never read the cache again, and still count as using it
+    from napari_sam.core import embedding_store
+    from napari_sam.core.embeddings import Embeddings
+
+    cache = tmp_path / "c.zarr"
+    emb = Embeddings(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8), tiny_model, cache)
+    first = emb.embedding_for(0)
+    ancient = time.time() - 40 * DAY
+    os.utime(cache / "zarr.json", (ancient, ancient))
+    reads = []
+    monkeypatch.setattr(EmbeddingStore, "read", lambda self, entry: reads.append(entry))
+    monkeypatch.setattr(embedding_store, "MARK_USED_EVERY", 0.0)
+    assert emb.embedding_for(0) is first and reads == []  # from memory
+    assert (cache / "zarr.json").stat().st_mtime > time.time() - 60
+
+
 def test_a_cache_opened_after_the_listing_is_not_removed(tmp_path):
     # an embed that opens the cache between the listing and the removal keeps it
     now = time.time()

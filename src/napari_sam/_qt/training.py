@@ -61,6 +61,7 @@ class TrainingWidget(Container):
         self.trainer = None
         self.worker = None
         self.model = None
+        self.reading = None  # the "RGB read as" choice the trained model learned with (RGB images only)
         self.workers = Workers(lambda text: setattr(self.status, "value", text))
         self.image = ComboBox(label="image", choices=lambda *_: self._layers("Image"))
         self.labels = ComboBox(label="labels", choices=lambda *_: self._layers("Labels"),
@@ -166,6 +167,7 @@ class TrainingWidget(Container):
             self.status.value = f"cannot train: {err}"
             return None
         base = str(self.checkpoint.value) if self.base.value == CHECKPOINT else self.base.value
+        reading = self.rgb_reading.value if getattr(self.image.value, "rgb", False) else None
         steps, minutes = int(self.steps.value), float(self.minutes.value)
         chosen = {name: widget.value for name, widget in self.settings.items()}
         train, val = data.split(0.2, seed=int(chosen["seed"])) if len(data) > 1 else (data, data)
@@ -205,7 +207,7 @@ class TrainingWidget(Container):
             kept = run["trainer"].weights_step
             self.status.value = f"saved {path}" + ("" if kept is None else f" (the weights of step {kept}, "
                                                    "best on validation)")
-            self.model = path
+            self.model, self.reading = path, reading
             self.use.enabled = True
             self.out.value = free_name(path)  # the next run saves beside it, never over it
 
@@ -213,7 +215,7 @@ class TrainingWidget(Container):
             if "trainer" not in run:
                 self.status.value = "stopped before the first step: nothing was trained or saved"
                 return
-            self.model = out
+            self.model, self.reading = out, reading
             self.use.enabled = True
             self.out.value = free_name(out)
             self.status.value = f"stopped at step {run['trainer'].step}; saved {out}"
@@ -236,7 +238,11 @@ class TrainingWidget(Container):
         _, widget = self.viewer.window.add_plugin_dock_widget("napari-sam-scale", "Segment Anything")
         widget.model.value = CHECKPOINT
         widget.checkpoint.value = self.model
-        widget.rgb_reading.value = "model's advice"  # the trained model advises the reading it learned
+        if self.reading is not None:
+            # The same reading as in training. The model's advice would mostly agree (the saved
+            # model advises what it learned), but it reads a plane as a stain only where the
+            # plane looks like brightfield, and a user who chose the stain may know better.
+            widget.rgb_reading.value = self.reading
         if self.image.value is not None:
             widget.image.value = self.image.value
         widget.start_session()

@@ -228,7 +228,7 @@ class EmbeddingStore:
         p, r, c = entry
         self.features[p, r, c] = data
         self.checksums[p, r, c] = np.uint64(self._checksum(entry, data))
-        self._note_use()
+        self.note_use()
 
     def read(self, entry: tuple[int, int, int]) -> np.ndarray | None:
         """The (256, 64, 64) float32 embedding, or None when absent or damaged (a damaged
@@ -248,11 +248,14 @@ class EmbeddingStore:
         if data is None or self._checksum(entry, data) != expected:
             self.forget(entry)
             return None
-        self._note_use()
+        self.note_use()
         return data.astype(np.float32, copy=False)
 
-    def _note_use(self) -> None:
-        # Only a store opened for work: a read-only look (napari-sam info) is not a use.
+    def note_use(self) -> None:
+        """Mark the cache used (:func:`~napari_sam.core.cache_folder.mark_used`) when the
+        last mark is :data:`MARK_USED_EVERY` seconds old. Reads and writes call it; so do
+        sessions that answer from tiles they hold in memory. Only a store opened for work
+        marks: a read-only look (``napari-sam info``) is not a use."""
         if self._writable and time.monotonic() - self._marked >= MARK_USED_EVERY:
             self._marked = time.monotonic()
             cache_folder.mark_used(self.path)

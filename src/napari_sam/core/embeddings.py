@@ -224,6 +224,7 @@ class Embeddings:
         with self._lock:
             if entry in self._recent:
                 self._recent.move_to_end(entry)
+                self.store.note_use()  # answered from memory, the cache still serves this session
                 return self._recent[entry]
             lock = self._entry_locks.setdefault(entry, threading.Lock())
         with lock:  # two threads asking for the same tile compute it once

@@ -193,6 +193,8 @@ class Sam2Features:
         entry = self.entry(plane, window)
         with self._lock:
             levels = self._recent.get(entry)
+            if levels is not None:
+                self.store.note_use()  # answered from memory, the cache still serves this session
             if levels is None:
                 packed = self.store.read(entry)
                 if packed is None:
