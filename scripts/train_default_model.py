@@ -502,6 +502,7 @@ def train(args) -> Path:
         iou_rank_weight=args.iou_rank_weight,
         central_click_probability=args.central_clicks,
         mask_prompt_probability=args.mask_prompt_probability,
+        mask_loss_upscale=args.mask_loss_upscale,
         box_noise=0.1,  # SAM's jitter, as the shipped model learned (a fine-tune draws boxes within a pixel)
         grad_clip=1.0,
         validate_every=0,
@@ -808,6 +809,8 @@ def main(argv=None) -> None:
                         help="zoom each real plane's crops as inference magnifies it (instead of --zoom-min/max)")
     parser.add_argument("--cryonuseg", action="store_true", help="also train on the cryonuseg_he_examples tiles")
     parser.add_argument("--crop-factor", type=int, default=1, help="draw this many times the crops of each real plane")
+    parser.add_argument("--mask-loss-upscale", type=int, choices=(1, 2, 4), default=1,
+                        help="judge masks on the decoder's grid (1) or 2 or 4 times finer (TrainingConfig)")
     parser.add_argument("--photometric", type=float, default=0.0,
                         help="share of real crops rendered otherwise (gamma, blur, noise, contrast; default 0)")
     parser.add_argument("--evaluate-only", action="store_true", help="only measure --output")

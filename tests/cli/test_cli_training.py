@@ -54,9 +54,11 @@ def test_a_resumed_run_refuses_other_settings(tmp_path, tiny_checkpoint, nuclei_
     assert main(args + ["--model", str(tiny_checkpoint), "--steps", "1"]) == 0
     before = out.read_bytes()
     capsys.readouterr()
-    assert main(args + ["--steps", "2", "--resume", "--mode", "full", "--learning-rate", "0.01"]) == 2
+    assert main(args + ["--steps", "2", "--resume", "--mode", "full", "--learning-rate", "0.01",
+                        "--mask-loss-upscale", "4"]) == 2
     err = capsys.readouterr().err
-    assert "--mode full" in err and "--learning-rate 0.01" in err and err.count("\n") == 1
+    assert "--mode full" in err and "--learning-rate 0.01" in err and "--mask-loss-upscale 4" in err
+    assert err.count("\n") == 1
     assert out.read_bytes() == before
     # the same command again, --model and all, continues it
     assert main(args + ["--model", str(tiny_checkpoint), "--steps", "2", "--resume", "--mode", "decoder"]) == 0

@@ -106,6 +106,40 @@ def test_low_res_targets_follow_the_padded_model_frame():
     assert not t[0, 0, 128:].any()
 
 
+def test_finer_targets_and_enlarged_logits_are_what_inference_draws(mini_sam):
+    from napari_sam.train.frames import upscale_low_res
+
+    masks = torch.zeros(1, 100, 200, dtype=torch.bool)
+    masks[0, 10:13, 101:150] = True  # a strip 3 pixels high: 1.5 rows of the 4x grid, so half a 4x4 block
+    fine = low_res_targets(masks, (512, 1024), 1024, upscale=4)
+    assert fine.shape == (1, 1, 1024, 1024)  # the model input: the plane enlarged 5.12 times, then padding
+    rows = fine[0, 0].any(dim=1).nonzero().flatten()
+    assert 51 <= rows.min() <= 52 and 65 <= rows.max() <= 66  # rows 10-12 of 100 at 5.12 x: 51.2 to 66.6
+    assert fine[0, 0, 512:].sum() == 0 and fine[0, 0, :, 768:].sum() == 0  # nothing in the padding
+    half = low_res_targets(masks, (512, 1024), 1024, upscale=2)
+    assert half.shape == (1, 1, 512, 512) and 0 < half.sum() < fine.sum() / 3
+    assert torch.equal(low_res_targets(masks, (512, 1024), 1024, upscale=1), low_res_targets(masks, (512, 1024), 1024))
+    # enlarged logits are those the model's post-processing draws in the model input
+    size = mini_sam.config.image_size
+    low = torch.randn(2, 3, size // 4, size // 4)
+    torch.testing.assert_close(upscale_low_res(low, 4), mini_sam.postprocess_masks(low, (size, size), (size, size)))
+    assert upscale_low_res(low, 1) is low
+    with pytest.raises(ValueError, match="mask_loss_upscale must be 1, 2 or 4"):
+        TrainingConfig(mask_loss_upscale=3)
+
+
+def test_a_step_judged_on_the_finer_grid_learns(mini_sam, data):
+    cfg = TrainingConfig(**dict(FAST, mask_loss_upscale=4))
+    trainer = Trainer(mini_sam, data, cfg, device="cpu")
+    before = trainer.evaluate_loss(seed=5)
+    records = list(trainer.run())
+    assert all(np.isfinite(r.loss) and r.loss > 0 and 0 <= r.train_iou <= 1 for r in records)
+    assert trainer.evaluate_loss(seed=5) < 0.8 * before
+    # a different loss from the low-res one on the same draws
+    low_res = Trainer(mini_sam, data, TrainingConfig(**FAST), device="cpu")
+    assert low_res.evaluate_loss(seed=5) != pytest.approx(trainer.evaluate_loss(seed=5))
+
+
 def test_training_prompts_use_the_predictors_coordinates(mini_sam, crop):
     image, labels = crop
     data = SegmentationDataset.from_arrays([image], [labels])

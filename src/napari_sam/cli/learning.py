@@ -89,7 +89,8 @@ def train(args) -> int:
     steps = args.steps if args.steps is not None else 1000
     # only what was given: TrainingConfig holds the defaults
     given = {"mode": args.mode, "learning_rate": args.learning_rate, "box_noise": args.box_noise,
-             "central_click_probability": args.central_clicks, "seed": args.seed}
+             "central_click_probability": args.central_clicks, "mask_loss_upscale": args.mask_loss_upscale,
+             "seed": args.seed}
     chosen = {name: value for name, value in given.items() if value is not None}
     # a short run warms up over a tenth of itself, as a run sized by --minutes does
     warmup = min(TrainingConfig.warmup_steps, max(1, steps // 10))
@@ -116,7 +117,8 @@ def train(args) -> int:
           f"learning rate {cfg.peak_learning_rate:g}, focal:dice {cfg.focal_weight:g}:{cfg.dice_weight:g}, "
           f"{cfg.corrective_iterations} corrective round(s) (mask prompt {cfg.mask_prompt_probability:g}), "
           f"IoU ranking {cfg.iou_rank_weight:g}, gradient clipping {cfg.grad_clip or 'none'}, "
-          f"box jitter {cfg.box_noise:g}, central clicks {cfg.central_click_probability:g}")
+          f"box jitter {cfg.box_noise:g}, central clicks {cfg.central_click_probability:g}, "
+          f"masks judged at {cfg.mask_loss_upscale}x the decoder's grid")
     # --minutes sizes the schedule unless --steps fixes it; then it is only a time limit
     budget = args.minutes if args.minutes and args.steps is None else None
     if budget is None and trainer.step >= cfg.steps:  # a resumed run that is already as long as asked
@@ -168,7 +170,8 @@ SAVE_EVERY = 100
 def _check_resumed(config, chosen: dict, model: str | None, out) -> None:
     """Refuse options that contradict the run being resumed: it goes on as it started."""
     options = {"mode": "--mode", "learning_rate": "--learning-rate", "box_noise": "--box-noise",
-               "central_click_probability": "--central-clicks", "seed": "--seed"}
+               "central_click_probability": "--central-clicks", "mask_loss_upscale": "--mask-loss-upscale",
+               "seed": "--seed"}
 
     def setting(name: str):
         return config.peak_learning_rate if name == "learning_rate" else getattr(config, name)

@@ -320,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--central-clicks", type=_fraction, metavar="P",
                     help="share of lone clicks drawn in the inner half of their object, where people click "
                     "(default 0.75; SAM drew them anywhere in it: 0)")
+    tr.add_argument("--mask-loss-upscale", type=int, choices=(1, 2, 4), metavar="{1,2,4}",
+                    help="compare masks with the labels on the decoder's low-res grid (1, the default) or on a grid "
+                    "2 or 4 times finer, the logits enlarged as inference enlarges them (4: the model input)")
     tr.add_argument("--channel", type=_channel,
                     help="for multichannel images (channels last): the channel to learn from, e.g. the nuclei's"
                     + _STAIN_HELP)

@@ -91,6 +91,13 @@ class TrainingConfig:
         "Fine-tuning on exact boxes").
     point_placement
         Corrective points: ``"center"`` of the larger error region or ``"random"`` in it.
+    mask_loss_upscale
+        Where masks are compared with their objects: 1 in the decoder's low-res grid (a
+        quarter of the model input per side) against objects reduced to it, as until now;
+        2 or 4 with the logits enlarged by bilinear interpolation as inference enlarges
+        them (:meth:`Sam.postprocess_masks`), against objects at that finer grid (4: the
+        model input itself), so that the decoder learns where between its low-res pixels
+        an outline falls.
     min_object_pixels
         Smaller objects are never drawn.
     focal_weight, dice_weight, iou_weight
@@ -146,6 +153,7 @@ class TrainingConfig:
     box_noise: float = 0.02
     max_box_noise: float = 20.0
     point_placement: str = "center"
+    mask_loss_upscale: int = 1
     min_object_pixels: int = 16
     focal_weight: float | None = None
     focal_alpha: float | None = None
@@ -172,6 +180,8 @@ class TrainingConfig:
             raise ValueError(f"mode must be one of {MODES}, not {self.mode!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, not {self.schedule!r}")
+        if self.mask_loss_upscale not in (1, 2, 4) or isinstance(self.mask_loss_upscale, bool):
+            raise ValueError(f"mask_loss_upscale must be 1, 2 or 4, not {self.mask_loss_upscale!r}")
         if self.point_placement not in ("center", "random"):
             raise ValueError(f"point_placement must be 'center' or 'random', not {self.point_placement!r}")
         positive = {

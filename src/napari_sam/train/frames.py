@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ..core.image_embedding import ImageEmbedding
 from ..core.masks import upscale_logits
 
-__all__ = ["low_res_targets", "model_scale", "predicted_masks"]
+__all__ = ["low_res_targets", "model_scale", "predicted_masks", "upscale_low_res"]
 
 
 def model_scale(input_size: tuple[int, int], original_size: tuple[int, int]) -> np.ndarray:
@@ -33,7 +33,8 @@ def model_scale(input_size: tuple[int, int], original_size: tuple[int, int]) -> 
     return np.array([w / W, h / H])
 
 
-def low_res_targets(masks: torch.Tensor, input_size: tuple[int, int], image_size: int = 1024) -> torch.Tensor:
+def low_res_targets(masks: torch.Tensor, input_size: tuple[int, int], image_size: int = 1024,
+                    upscale: int = 1) -> torch.Tensor:
     """Ground-truth masks in the decoder's low-res frame, as {0, 1} floats.
 
     The plane is resized so that it occupies ``input_size`` of the padded square model
@@ -50,11 +51,14 @@ def low_res_targets(masks: torch.Tensor, input_size: tuple[int, int], image_size
         (h, w) of the resized plane inside the model input.
     image_size
         Side of the square model input (1024).
+    upscale
+        1, 2 or 4: the grid is that many times finer than the decoder's (4: the model
+        input), for logits enlarged as :func:`upscale_low_res` enlarges them.
 
     Returns
     -------
     torch.Tensor
-        (N, 1, image_size / 4, image_size / 4) float32, on the masks' device.
+        (N, 1, G, G) float32 with ``G = upscale * image_size / 4``, on the masks' device.
     """
     if masks.ndim != 3:
         raise ValueError(f"masks must have shape (N, H, W), got {tuple(masks.shape)}")
@@ -66,7 +70,20 @@ def low_res_targets(masks: torch.Tensor, input_size: tuple[int, int], image_size
         shrinking = h < x.shape[-2] or w < x.shape[-1]
         x = F.interpolate(x, (h, w), mode="bilinear", align_corners=False, antialias=shrinking)
     x = F.pad(x, (0, image_size - w, 0, image_size - h))
-    return (F.avg_pool2d(x, 4) >= 0.5).float()
+    if upscale == 4:
+        return (x >= 0.5).float()
+    return (F.avg_pool2d(x, 4 // upscale) >= 0.5).float()
+
+
+def upscale_low_res(low: torch.Tensor, upscale: int) -> torch.Tensor:
+    """Low-res logits (..., S, S) enlarged ``upscale`` times by bilinear interpolation, as
+    :meth:`Sam.postprocess_masks` enlarges them to the model input (1: unchanged), so that
+    a loss on them judges the outline inference draws."""
+    if upscale == 1:
+        return low
+    lead, (s, t) = low.shape[:-2], low.shape[-2:]
+    big = F.interpolate(low.reshape(-1, 1, s, t), (s * upscale, t * upscale), mode="bilinear", align_corners=False)
+    return big.reshape(*lead, s * upscale, t * upscale)
 
 
 def predicted_masks(model, low: torch.Tensor, emb: ImageEmbedding) -> np.ndarray:

@@ -27,7 +27,7 @@ from ..core.image_embedding import ImageEmbedding
 from ..core.prompt_simulation import bounding_box, central_point, corrective_point, random_point
 from .config import TrainingConfig
 from .dataset import object_ids
-from .frames import low_res_targets, model_scale, predicted_masks
+from .frames import low_res_targets, model_scale, predicted_masks, upscale_low_res
 from .losses import iou_prediction_loss, iou_ranking_loss, mask_iou, mask_loss
 
 __all__ = ["LossParts", "corrective_clicks", "draw_objects", "first_prompt", "session_loss"]
@@ -178,6 +178,9 @@ def session_loss(
         if not visible.any():
             return None
         masks, targets = masks[visible], targets[torch.from_numpy(visible).to(device)]
+    up = cfg.mask_loss_upscale
+    if up != 1:  # judged where inference draws the outline: the logits enlarged, the objects finer
+        targets = low_res_targets(torch.from_numpy(masks).to(device), emb.input_size, model.config.image_size, up)
     scale = model_scale(emb.input_size, emb.original_size)
     n = len(masks)
 
@@ -199,15 +202,16 @@ def session_loss(
         # supervises the best one.
         multimask = it == 0 and not use_box
         low, iou = decode(emb, points, labels, boxes, mask_input, multimask)
-        per_mask = mask_loss(low, targets, cfg.focal_weight, cfg.dice_weight, cfg.focal_alpha)  # (n, C)
+        judged = upscale_low_res(low, up)
+        per_mask = mask_loss(judged, targets, cfg.focal_weight, cfg.dice_weight, cfg.focal_alpha)  # (n, C)
         best = per_mask.detach().argmin(dim=1)
         total_mask = total_mask + per_mask[rows, best].mean()
-        total_iou = total_iou + iou_prediction_loss(iou, low, targets).mean()
+        total_iou = total_iou + iou_prediction_loss(iou, judged, targets).mean()
         if multimask and cfg.iou_rank_weight > 0:
-            total_iou = total_iou + cfg.iou_rank_weight * iou_ranking_loss(iou, low, targets).mean()
+            total_iou = total_iou + cfg.iou_rank_weight * iou_ranking_loss(iou, judged, targets).mean()
         chosen_low = low[rows, best][:, None]
         if it == iterations - 1:
-            train_iou = float(mask_iou(chosen_low, targets).mean())
+            train_iou = float(mask_iou(judged[rows, best][:, None], targets).mean())
             break
         pred = predicted_masks(model, chosen_low.detach(), emb)
         # (no draw at probability 1, so runs without the option repeat exactly)
