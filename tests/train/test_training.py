@@ -124,6 +124,21 @@ def test_finer_targets_and_enlarged_logits_are_what_inference_draws(mini_sam):
     low = torch.randn(2, 3, size // 4, size // 4)
     torch.testing.assert_close(upscale_low_res(low, 4), mini_sam.postprocess_masks(low, (size, size), (size, size)))
     assert upscale_low_res(low, 1) is low
+    # On every grid an outline lies where the enlarged logits put it: logits that rise
+    # linearly across the input (bilinear enlargement keeps a linear ramp exact) cross 0 at
+    # input column 102 (a low-res pixel's centre is at 4 j + 1.5), and the object is every
+    # column from 102 on.
+    size = mini_sam.config.image_size
+    ramp = (4 * torch.arange(size // 4, dtype=torch.float32) + 1.5 - 101.5).expand(1, 1, size // 4, size // 4)
+    plane = torch.zeros(1, size, size, dtype=torch.bool)
+    plane[0, :, 102:] = True
+    for up in (2, 4):
+        target = low_res_targets(plane, (size, size), size, upscale=up)[0, 0] > 0
+        drawn = upscale_low_res(ramp, up)[0, 0] > 0
+        assert torch.equal(target, drawn) and target[:, 102 * up // 4:].all() and not target[:, :102 * up // 4].any()
+    for bad in (3, 8, True):
+        with pytest.raises(ValueError, match="upscale must be 1, 2 or 4"):
+            low_res_targets(plane, (size, size), size, upscale=bad)
     with pytest.raises(ValueError, match="mask_loss_upscale must be 1, 2 or 4"):
         TrainingConfig(mask_loss_upscale=3)
 

@@ -62,6 +62,7 @@ def low_res_targets(masks: torch.Tensor, input_size: tuple[int, int], image_size
     """
     if masks.ndim != 3:
         raise ValueError(f"masks must have shape (N, H, W), got {tuple(masks.shape)}")
+    _check_upscale(upscale)
     h, w = input_size
     if not (0 < h <= image_size and 0 < w <= image_size):
         raise ValueError(f"input_size {input_size} does not fit a {image_size}x{image_size} model input")
@@ -79,6 +80,7 @@ def upscale_low_res(low: torch.Tensor, upscale: int) -> torch.Tensor:
     """Low-res logits (..., S, S) enlarged ``upscale`` times by bilinear interpolation, as
     :meth:`Sam.postprocess_masks` enlarges them to the model input (1: unchanged), so that
     a loss on them judges the outline inference draws."""
+    _check_upscale(upscale)
     if upscale == 1:
         return low
     lead, (s, t) = low.shape[:-2], low.shape[-2:]
@@ -106,3 +108,9 @@ def predicted_masks(model, low: torch.Tensor, emb: ImageEmbedding) -> np.ndarray
     with torch.no_grad():
         full = upscale_logits(model, low.float(), emb.input_size, emb.original_size)
     return (full[:, 0] > model.mask_threshold).cpu().numpy()
+
+
+def _check_upscale(upscale) -> None:
+    # the finer grids that split a low-res pixel into whole pixels of the model input
+    if isinstance(upscale, bool) or upscale not in (1, 2, 4):
+        raise ValueError(f"upscale must be 1, 2 or 4, not {upscale!r}")
