@@ -271,11 +271,11 @@ def test_channels_first_images_are_named_as_such(nuclei_2d):
 def test_an_ignored_hang_up_stays_ignored_under_nohup():
     import signal
 
-    from napari_sam.cli.learning import _first_interrupt_stops
+    from napari_sam.cli.stopping import first_interrupt_stops
 
     previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as nohup starts a command
     try:
-        with _first_interrupt_stops("stopping"):
+        with first_interrupt_stops("stopping"):
             assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
             assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL  # a time limit still saves
         assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN

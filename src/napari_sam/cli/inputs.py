@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from . import UsageError
 
-__all__ = ["check_planes", "check_tiling", "source_plane"]
+__all__ = ["check_planes", "check_tiling", "source_plane", "training_data"]
 
 
 def source_plane(source, plane: list[int], path) -> tuple[int, ...]:
@@ -60,3 +60,46 @@ def check_tiling(tile: int | None, halo: int | None, default_tile: int | None = 
         raise UsageError(f"--tile {t} is smaller than the default halo {h}: {waste}; give --halo of at most {t}")
     named = f"--tile {t}" if tile is not None else f"the default tile {t}"
     raise UsageError(f"--halo {h} is larger than {named}: {waste}; use a halo of at most the tile")
+
+
+def training_data(args):
+    """The training pairs of ``napari-sam train``: DATA, a folder of images/ and labels/
+    (``--pattern``), or one image with ``--labels``, read through ``--channel``.
+
+    Returns
+    -------
+    (SegmentationDataset, dict)
+        The pairs, and the ``channel_axis``/``channel`` keywords that read more pairs
+        the same way (a ``--validation`` folder).
+
+    Raises
+    ------
+    UsageError
+        For one image without ``--labels``, and a named channel (``rgb``,
+        ``haematoxylin``) on images that are not RGB: checked on the first plane, before
+        any model loads.
+    """
+    from pathlib import Path
+
+    from ..core.io import read_image
+    from ..train import SegmentationDataset
+
+    channels = {} if args.channel is None else {"channel_axis": -1, "channel": args.channel}
+    if args.labels:
+        image, labels = read_image(args.data), read_image(args.labels)
+        if labels.ndim == 3:
+            data = SegmentationDataset.from_stack(image, labels, name=Path(args.data).name, channel=args.channel)
+        else:
+            data = SegmentationDataset.from_arrays([image], [labels], names=[Path(args.data).name], **channels)
+    elif Path(args.data).expanduser().is_file():
+        raise UsageError(f"{args.data} is one image: give its labels with --labels (or a folder of images/ and "
+                         "labels/ as DATA)")
+    else:
+        data = SegmentationDataset.from_folder(args.data, pattern=args.pattern, **channels)
+    if isinstance(args.channel, str):
+        from ..core.stain import is_rgb
+
+        first = data[0]
+        if not is_rgb(first.image, -1):
+            raise UsageError(f"--channel {args.channel} reads RGB images; {first.name} has shape {first.image.shape}")
+    return data, channels

@@ -4,81 +4,32 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import signal
 import sys
-import threading
 
 from . import UsageError
 
 __all__ = ["evaluate", "train"]
 
 
-@contextlib.contextmanager
-def _first_interrupt_stops(message: str):
-    """An event the first Ctrl-C (or SIGTERM, SIGHUP) sets, printing ``message`` and keeping
-    the signal's number as ``signum``, for a loop to end at its next step and keep what it
-    did; a second one interrupts as usual."""
-    pressed = threading.Event()
-    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
-        yield pressed
-        return
-
-    def handler(signum, frame):
-        if pressed.is_set():
-            raise KeyboardInterrupt
-        pressed.signum = signum  # the exit status says which signal stopped the run
-        pressed.set()
-        try:
-            print(message, file=sys.stderr, flush=True)
-        except OSError:  # a closed terminal takes no more output; the run still saves
-            pass
-
-    # A cluster's time limit (SIGTERM) and a closed terminal (SIGHUP) end the run as the
-    # first Ctrl-C does: what was learned is saved and --resume continues it.
-    caught = [sig for sig in (signal.SIGINT, getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None))
-              if sig is not None]
-    # a signal already ignored stays so: nohup keeps a run going after the terminal closes
-    previous = {sig: signal.signal(sig, handler) for sig in caught if signal.getsignal(sig) is not signal.SIG_IGN}
-    try:
-        yield pressed
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
 def train(args) -> int:
-    from pathlib import Path
-
-    from ..core.io import read_image
     from ..core.models import resolve_model
     from ..core.outputs import check_file_output
     from ..train import SegmentationDataset, Trainer, TrainingConfig
     from ..train.checkpoints import learned_stain
     from ..train.run import train as run_training
+    from .inputs import training_data
+    from .stopping import first_interrupt_stops
+
+    if args.mode == "instance-decoder":
+        from .instance_training import train_instance_decoder
+
+        return train_instance_decoder(args)
 
     # the checkpoint's place is checked before hours of training, not after; an existing one is resumed
     out = check_file_output(args.out, (".pth", ".pt"), "a checkpoint",
                             inputs={"data": args.data, "labels": args.labels, "validation": args.validation},
                             overwrite=None)
-    channels = {} if args.channel is None else {"channel_axis": -1, "channel": args.channel}
-    if args.labels:
-        image, labels = read_image(args.data), read_image(args.labels)
-        if labels.ndim == 3:
-            data = SegmentationDataset.from_stack(image, labels, name=Path(args.data).name, channel=args.channel)
-        else:
-            data = SegmentationDataset.from_arrays([image], [labels], names=[Path(args.data).name],
-                                                   **channels)
-    elif Path(args.data).expanduser().is_file():
-        raise UsageError(f"{args.data} is one image: give its labels with --labels (or a folder of images/ and "
-                         "labels/ as DATA)")
-    else:
-        data = SegmentationDataset.from_folder(args.data, pattern=args.pattern, **channels)
-    if isinstance(args.channel, str):  # checked on the first plane before the model loads
-        from ..core.stain import is_rgb
-
-        first = data[0]
-        if not is_rgb(first.image, -1):
-            raise UsageError(f"--channel {args.channel} reads RGB images; {first.name} has shape {first.image.shape}")
+    data, channels = training_data(args)
     saved = _saved_training(out) if args.resume and out.exists() else None  # what the resumed run recorded
     if args.validation:
         train, val = data, SegmentationDataset.from_folder(args.validation, pattern=args.pattern, **channels)
@@ -126,14 +77,15 @@ def train(args) -> int:
               "the file is left as it is")
         return 0
     if trainer.model.instance_decoder is not None and cfg.mode != "decoder":
-        print("the instance decoder (automatic segmentation) is left out: it reads the old encoder's embeddings")
+        print("the instance decoder (automatic segmentation) is left out: it reads the old encoder's embeddings; "
+              "train a new one for the fine-tuned model with --mode instance-decoder")
     advice = trainer.model.metadata.get("stain")
     heads = [name for name, head in (("the instance decoder", trainer.model.instance_decoder),
                                      ("the mask refiner", trainer.model.mask_refiner)) if head is not None]
     if learned_stain(advice, data.channel) != advice and heads:
         print(f"{' and '.join(heads)} left out: learned on stained brightfield read as {advice or 'its colours'}, "
               f"which --channel {args.channel} reads otherwise")
-    with _first_interrupt_stops("stopping after this step, then saving what was learned "
+    with first_interrupt_stops("stopping after this step, then saving what was learned "
                                 "(Ctrl-C again to quit without saving)") as stopped:
         # saved along the way too, so that a killed run (out of memory, power) resumes from there
         run_training(trainer, checkpoint=out, save_every=SAVE_EVERY, minutes=budget,
@@ -187,7 +139,6 @@ def _check_resumed(config, chosen: dict, model: str | None, out) -> None:
 def evaluate(args) -> int:
     """Measure, print the table, and write the report (``--json -``: the report on stdout,
     everything else on stderr, for ``| jq``)."""
-    import contextlib
     from pathlib import Path
 
     from ..core.outputs import check_file_output

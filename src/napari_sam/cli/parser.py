@@ -305,9 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--labels", help="label image for a single image file given as DATA")
     _add_model_args(tr, dtype=False)
     tr.add_argument("--out", required=True, help="checkpoint to write (.pth)")
-    tr.add_argument("--mode", choices=["decoder", "full"],
+    tr.add_argument("--mode", choices=["decoder", "full", "instance-decoder"],
                     help="decoder (default): the prompt encoder and mask decoder on cached embeddings; full: "
-                    "the whole model")
+                    "the whole model; instance-decoder: a new instance decoder for automatic segmentation (--mode "
+                    "ais, apg) on the model's embeddings, its SAM weights unchanged")
     tr.add_argument("--steps", type=_positive_int, help="optimizer steps (default 1000, or what --minutes holds)")
     tr.add_argument("--minutes", type=_positive,
                     help="a time budget: the run is sized to end in about this many minutes (with --steps: "

@@ -1,0 +1,143 @@
+"""`napari-sam train --mode instance-decoder`: an instance decoder for a model that has none,
+its SAM weights untouched, and a stopped run saved and resumed."""
+
+import contextlib
+import threading
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from napari_sam.cli import main
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory):
+    """A two-block SAM with a 256-pixel input (written with its configuration), so that
+    a decoder trains in seconds."""
+    from napari_sam.model import SamConfig, ViTConfig, build_sam
+    from napari_sam.model.checkpoint import write_checkpoint
+    from napari_sam.model.config import config_to_dict
+
+    torch.manual_seed(0)
+    config = SamConfig(ViTConfig(embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,), img_size=256),
+                       name="small-256", image_size=256)
+    path = tmp_path_factory.mktemp("small") / "small.pth"
+    write_checkpoint(path, build_sam(config).state_dict(), {"config": config_to_dict(config)})
+    return path
+
+
+def _folder(root, nuclei_2d, n=3):
+    image, labels = nuclei_2d
+    for d in ("images", "labels"):
+        (root / d).mkdir(parents=True)
+    for i in range(n):
+        tifffile.imwrite(root / "images" / f"p{i}.tif", image[i * 128:(i + 1) * 128, :128])
+        tifffile.imwrite(root / "labels" / f"p{i}.tif", labels[i * 128:(i + 1) * 128, :128])
+    return root
+
+
+def test_a_model_without_one_gets_an_instance_decoder_and_keeps_its_sam(tmp_path, small_checkpoint, nuclei_2d,
+                                                                        capsys):
+    from napari_sam.auto.recommend import recommended
+    from napari_sam.cli.instance_training import run_folder
+    from napari_sam.core.models import load_model
+
+    data = _folder(tmp_path / "data", nuclei_2d)
+    out = tmp_path / "ais.pth"
+    args = ["train", str(data), "--model", str(small_checkpoint), "--out", str(out), "--device", "cpu",
+            "--mode", "instance-decoder"]
+    base = load_model(small_checkpoint)
+    assert base.instance_decoder is None and recommended(base).mode != "ais"
+    # the SAM's prompted-training settings are refused, before anything loads
+    assert main(args + ["--box-noise", "0.1", "--mask-loss-upscale", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "--box-noise, --mask-loss-upscale" in err and err.count("\n") == 1 and not out.exists()
+
+    assert main(args + ["--steps", "12"]) == 0
+    said = capsys.readouterr().out
+    assert f"saved {out}" in said and "--mode ais" in said
+    model = load_model(out)
+    assert model.instance_decoder is not None and recommended(model).mode == "ais"
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in model.state_dict().items())
+    meta = model.metadata["instance_decoder"]
+    assert meta["steps"] == 12 and meta["config"]["steps"] == 12 and meta["scale_matched"] is False
+    assert not run_folder(out).exists()  # a finished run leaves nothing behind
+    # an existing file is never replaced, and --resume of a finished run leaves it alone
+    before = out.read_bytes()
+    assert main(args + ["--steps", "12"]) == 2 and "pass --resume" in capsys.readouterr().err
+    assert main(args + ["--steps", "12", "--resume"]) == 0 and "finished its run already" in capsys.readouterr().out
+    assert out.read_bytes() == before
+    # and automatic segmentation runs with it
+    labels = tmp_path / "labels.tif"
+    image = tmp_path / "image.tif"
+    tifffile.imwrite(image, nuclei_2d[0][:128, :128])
+    assert main(["segment", str(image), "--model", str(out), "--mode", "ais", "--out", str(labels),
+                 "--device", "cpu"]) == 0
+    assert tifffile.imread(labels).shape == (128, 128)
+
+
+def test_a_stopped_run_is_saved_with_its_best_decoder_and_resumed(tmp_path, small_checkpoint, nuclei_2d, monkeypatch,
+                                                                  capsys):
+    import napari_sam.cli.stopping as stopping
+    from napari_sam.cli.instance_training import run_folder
+    from napari_sam.core.models import load_model
+
+    data = _folder(tmp_path / "data", nuclei_2d)
+    out = tmp_path / "ais.pth"
+    args = ["train", str(data), "--model", str(small_checkpoint), "--out", str(out), "--device", "cpu",
+            "--mode", "instance-decoder", "--steps", "20"]
+
+    class PressedAfter(threading.Event):
+        """Ctrl-C, as the run sees it, after its seventh step."""
+
+        signum, asked = 2, 0
+
+        def is_set(self):
+            self.asked += 1
+            return self.asked >= 7
+
+    @contextlib.contextmanager
+    def ctrl_c(message):
+        yield PressedAfter()
+
+    monkeypatch.setattr(stopping, "first_interrupt_stops", ctrl_c)
+    assert main(args) == 130
+    said = capsys.readouterr().out
+    assert "stopped after step 7 of 20 (--resume continues it)" in said and "the decoder of step 6" in said
+    stopped = load_model(out)
+    assert stopped.instance_decoder is not None and stopped.metadata["instance_decoder"]["steps"] == 7
+    assert run_folder(out).is_dir()
+    assert main(args) == 2 and "pass --resume" in capsys.readouterr().err  # the saved file is kept
+    # nor does a new run start over a stopped one whose file went
+    out.unlink()
+    assert main(args) == 2 and "holds a stopped run" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert main(args + ["--resume"]) == 0
+    resumed = load_model(out)
+    assert resumed.metadata["instance_decoder"]["steps"] == 20 and not run_folder(out).exists()
+    assert any(not torch.equal(v, stopped.instance_decoder.state_dict()[k])
+               for k, v in resumed.instance_decoder.state_dict().items())
+
+
+def test_a_channel_the_model_reads_otherwise_is_refused(tmp_path, small_checkpoint, nuclei_2d, capsys):
+    image, labels = nuclei_2d
+    rgb = np.repeat(image[:128, :128, None], 3, axis=-1).astype(np.uint8)
+    for d in ("images", "labels"):
+        (tmp_path / "data" / d).mkdir(parents=True)
+    tifffile.imwrite(tmp_path / "data" / "images" / "a.tif", rgb)
+    tifffile.imwrite(tmp_path / "data" / "labels" / "a.tif", labels[:128, :128])
+    out = tmp_path / "ais.pth"
+    assert main(["train", str(tmp_path / "data"), "--model", str(small_checkpoint), "--out", str(out), "--device",
+                 "cpu", "--mode", "instance-decoder", "--channel", "haematoxylin"]) == 2
+    err = capsys.readouterr().err
+    assert "reads the image as the model reads it" in err and not out.exists()
+
+
+@pytest.mark.parametrize("option", [["--central-clicks", "0.5"]])
+def test_each_prompted_training_setting_is_refused(tmp_path, small_checkpoint, nuclei_2d, option, capsys):
+    data = _folder(tmp_path / "data", nuclei_2d, 1)
+    assert main(["train", str(data), "--model", str(small_checkpoint), "--out", str(tmp_path / "a.pth"),
+                 "--mode", "instance-decoder"] + option) == 2
+    assert option[0] in capsys.readouterr().err
