@@ -67,7 +67,7 @@ def test_a_model_without_one_gets_an_instance_decoder_and_keeps_its_sam(tmp_path
     # an existing file is never replaced, and --resume of a finished run leaves it alone
     before = out.read_bytes()
     assert main(args + ["--steps", "12"]) == 2 and "pass --resume" in capsys.readouterr().err
-    assert main(args + ["--steps", "12", "--resume"]) == 0 and "finished its run already" in capsys.readouterr().out
+    assert main(args + ["--steps", "12", "--resume"]) == 0 and "nothing to resume" in capsys.readouterr().out
     assert out.read_bytes() == before
     # and automatic segmentation runs with it
     labels = tmp_path / "labels.tif"
@@ -90,13 +90,14 @@ def test_a_stopped_run_is_saved_with_its_best_decoder_and_resumed(tmp_path, smal
             "--mode", "instance-decoder", "--steps", "20"]
 
     class PressedAfter(threading.Event):
-        """Ctrl-C, as the run sees it, after its seventh step."""
+        """Ctrl-C, as the run sees it, after its seventh step: the run asks once per report,
+        two of embedding (the training tiles, then the validation plane's) and one per step."""
 
         signum, asked = 2, 0
 
         def is_set(self):
             self.asked += 1
-            return self.asked >= 7
+            return self.asked >= 9
 
     @contextlib.contextmanager
     def ctrl_c(message):
@@ -114,7 +115,22 @@ def test_a_stopped_run_is_saved_with_its_best_decoder_and_resumed(tmp_path, smal
     out.unlink()
     assert main(args) == 2 and "holds a stopped run" in capsys.readouterr().err
     monkeypatch.undo()
-    assert main(args + ["--resume"]) == 0
+    # other settings for the stopped run are refused in one line, before any training
+    assert main(args + ["--resume", "--learning-rate", "0.01"]) == 2
+    err = capsys.readouterr().err
+    assert "--learning-rate 0.01 would change it" in err and err.count("\n") == 1
+    from napari_sam.train import instance_decoder
+
+    starts = []
+    opened = instance_decoder.ResumableRun.__init__
+
+    def noted(self, *a, **k):
+        opened(self, *a, **k)
+        starts.append(self.start)
+
+    monkeypatch.setattr(instance_decoder.ResumableRun, "__init__", noted)
+    assert main([a for a in args if a not in ("--steps", "20")] + ["--resume"]) == 0
+    assert starts == [6]  # from the last validation before the stop, not from the start
     resumed = load_model(out)
     assert resumed.metadata["instance_decoder"]["steps"] == 20 and not run_folder(out).exists()
     assert any(not torch.equal(v, stopped.instance_decoder.state_dict()[k])
@@ -141,3 +157,60 @@ def test_each_prompted_training_setting_is_refused(tmp_path, small_checkpoint, n
     assert main(["train", str(data), "--model", str(small_checkpoint), "--out", str(tmp_path / "a.pth"),
                  "--mode", "instance-decoder"] + option) == 2
     assert option[0] in capsys.readouterr().err
+
+
+def test_a_stop_while_tiles_are_embedded_saves_nothing_and_leaves_nothing(tmp_path, small_checkpoint, nuclei_2d,
+                                                                           monkeypatch, capsys):
+    import napari_sam.cli.stopping as stopping
+    from napari_sam.cli.instance_training import run_folder
+
+    data = _folder(tmp_path / "data", nuclei_2d)
+    out = tmp_path / "ais.pth"
+
+    class Pressed(threading.Event):
+        signum = 15
+
+        def is_set(self):
+            return True
+
+    monkeypatch.setattr(stopping, "first_interrupt_stops", contextlib.contextmanager(lambda message: (yield Pressed())))
+    reports = []
+    from napari_sam.train import instance_decoder
+
+    real = instance_decoder.iter_train_instance_decoder
+
+    def watched(*a, **k):
+        for report in real(*a, **k):
+            reports.append(report.stage)
+            yield report
+
+    monkeypatch.setattr(instance_decoder, "iter_train_instance_decoder", watched)
+    assert main(["train", str(data), "--model", str(small_checkpoint), "--out", str(out), "--device", "cpu",
+                 "--mode", "instance-decoder", "--steps", "20"]) == 143
+    assert reports == ["embed"]  # stopped at its first report, not after embedding every tile
+    assert "nothing was saved, nothing is left to resume" in capsys.readouterr().out
+    assert not out.exists() and not run_folder(out).exists()
+
+
+def test_a_model_with_a_decoder_gets_a_new_one_and_advice_for_it(tmp_path, small_checkpoint, nuclei_2d):
+    from napari_sam.auto.recommend import recommended
+    from napari_sam.core.models import load_model
+    from napari_sam.model.checkpoint import read_checkpoint, write_checkpoint
+    from napari_sam.model.instance_decoder import InstanceDecoder, InstanceDecoderConfig
+
+    old = InstanceDecoder(InstanceDecoderConfig(embed_dim=256, initial_features=4, scale=8))
+    base = tmp_path / "with_decoder.pth"
+    checkpoint = read_checkpoint(small_checkpoint)
+    advice = {"mode": "boxes", "ais": {"foreground_threshold": 0.3}, "detector": "log"}
+    write_checkpoint(base, checkpoint.state_dict, dict(checkpoint.metadata, automatic=advice,
+                                                        instance_decoder={"scale_matched": True}),
+                     extras={"decoder_state": old.state_dict()})
+    data = _folder(tmp_path / "data", nuclei_2d)
+    out = tmp_path / "ais.pth"
+    assert main(["train", str(data), "--model", str(base), "--out", str(out), "--device", "cpu",
+                 "--mode", "instance-decoder", "--steps", "4"]) == 0
+    model = load_model(out)
+    assert model.metadata["automatic"] == {"mode": "ais", "detector": "log"}  # the old tuning went
+    assert model.metadata["instance_decoder"]["scale_matched"] is False  # AIS reads it at the plane's own scale
+    assert recommended(model).ais.foreground_threshold == 0.5  # micro-sam's
+    assert model.instance_decoder.config.initial_features == 16  # a new decoder, not the old one trained on

@@ -311,8 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "ais, apg) on the model's embeddings, its SAM weights unchanged")
     tr.add_argument("--steps", type=_positive_int, help="optimizer steps (default 1000, or what --minutes holds)")
     tr.add_argument("--minutes", type=_positive,
-                    help="a time budget: the run is sized to end in about this many minutes (with --steps: "
-                    "stop after this many minutes)")
+                    help="a time budget: the run is sized to end in about this many minutes (with --steps, and "
+                    "in --mode instance-decoder: stop after this many minutes)")
     tr.add_argument("--learning-rate", type=_positive,
                     help="peak learning rate (default 1e-4)")
     tr.add_argument("--box-noise", type=_non_negative, metavar="FRACTION",
