@@ -28,23 +28,13 @@ def small_checkpoint(tmp_path_factory):
     return path
 
 
-def _folder(root, nuclei_2d, n=3):
-    image, labels = nuclei_2d
-    for d in ("images", "labels"):
-        (root / d).mkdir(parents=True)
-    for i in range(n):
-        tifffile.imwrite(root / "images" / f"p{i}.tif", image[i * 128:(i + 1) * 128, :128])
-        tifffile.imwrite(root / "labels" / f"p{i}.tif", labels[i * 128:(i + 1) * 128, :128])
-    return root
-
-
 def test_a_model_without_one_gets_an_instance_decoder_and_keeps_its_sam(tmp_path, small_checkpoint, nuclei_2d,
-                                                                        capsys):
+                                                                        capsys, pairs_folder):
     from napari_sam.auto.recommend import recommended
     from napari_sam.cli.instance_training import run_folder
     from napari_sam.core.models import load_model
 
-    data = _folder(tmp_path / "data", nuclei_2d)
+    data = pairs_folder(tmp_path / "data")
     out = tmp_path / "ais.pth"
     args = ["train", str(data), "--model", str(small_checkpoint), "--out", str(out), "--device", "cpu",
             "--mode", "instance-decoder"]
@@ -79,12 +69,12 @@ def test_a_model_without_one_gets_an_instance_decoder_and_keeps_its_sam(tmp_path
 
 
 def test_a_stopped_run_is_saved_with_its_best_decoder_and_resumed(tmp_path, small_checkpoint, nuclei_2d, monkeypatch,
-                                                                  capsys):
+                                                                  capsys, pairs_folder):
     import napari_sam.cli.stopping as stopping
     from napari_sam.cli.instance_training import run_folder
     from napari_sam.core.models import load_model
 
-    data = _folder(tmp_path / "data", nuclei_2d)
+    data = pairs_folder(tmp_path / "data")
     out = tmp_path / "ais.pth"
     args = ["train", str(data), "--model", str(small_checkpoint), "--out", str(out), "--device", "cpu",
             "--mode", "instance-decoder", "--steps", "20"]
@@ -152,19 +142,19 @@ def test_a_channel_the_model_reads_otherwise_is_refused(tmp_path, small_checkpoi
 
 
 @pytest.mark.parametrize("option", [["--central-clicks", "0.5"]])
-def test_each_prompted_training_setting_is_refused(tmp_path, small_checkpoint, nuclei_2d, option, capsys):
-    data = _folder(tmp_path / "data", nuclei_2d, 1)
+def test_each_prompted_training_setting_is_refused(tmp_path, small_checkpoint, nuclei_2d, option, capsys, pairs_folder):
+    data = pairs_folder(tmp_path / "data", 1)
     assert main(["train", str(data), "--model", str(small_checkpoint), "--out", str(tmp_path / "a.pth"),
                  "--mode", "instance-decoder"] + option) == 2
     assert option[0] in capsys.readouterr().err
 
 
 def test_a_stop_while_tiles_are_embedded_saves_nothing_and_leaves_nothing(tmp_path, small_checkpoint, nuclei_2d,
-                                                                           monkeypatch, capsys):
+                                                                           monkeypatch, capsys, pairs_folder):
     import napari_sam.cli.stopping as stopping
     from napari_sam.cli.instance_training import run_folder
 
-    data = _folder(tmp_path / "data", nuclei_2d)
+    data = pairs_folder(tmp_path / "data")
     out = tmp_path / "ais.pth"
 
     class Pressed(threading.Event):
@@ -192,7 +182,7 @@ def test_a_stop_while_tiles_are_embedded_saves_nothing_and_leaves_nothing(tmp_pa
     assert not out.exists() and not run_folder(out).exists()
 
 
-def test_a_model_with_a_decoder_gets_a_new_one_and_advice_for_it(tmp_path, small_checkpoint, nuclei_2d):
+def test_a_model_with_a_decoder_gets_a_new_one_and_advice_for_it(tmp_path, small_checkpoint, nuclei_2d, pairs_folder):
     from napari_sam.auto.recommend import recommended
     from napari_sam.core.models import load_model
     from napari_sam.model.checkpoint import read_checkpoint, write_checkpoint
@@ -205,7 +195,7 @@ def test_a_model_with_a_decoder_gets_a_new_one_and_advice_for_it(tmp_path, small
     write_checkpoint(base, checkpoint.state_dict, dict(checkpoint.metadata, automatic=advice,
                                                         instance_decoder={"scale_matched": True}),
                      extras={"decoder_state": old.state_dict()})
-    data = _folder(tmp_path / "data", nuclei_2d)
+    data = pairs_folder(tmp_path / "data")
     out = tmp_path / "ais.pth"
     assert main(["train", str(data), "--model", str(base), "--out", str(out), "--device", "cpu",
                  "--mode", "instance-decoder", "--steps", "4"]) == 0

@@ -14,16 +14,6 @@ def _pair(folder, nuclei_2d):
     return ["train", str(folder / "img.tif"), "--labels", str(folder / "lab.tif"), "--device", "cpu"]
 
 
-def _folder(root, nuclei_2d, n=3):
-    image, labels = nuclei_2d
-    for d in ("images", "labels"):
-        (root / d).mkdir(parents=True)
-    for i in range(n):
-        tifffile.imwrite(root / "images" / f"p{i}.tif", image[i * 128:(i + 1) * 128, :128])
-        tifffile.imwrite(root / "labels" / f"p{i}.tif", labels[i * 128:(i + 1) * 128, :128])
-    return root
-
-
 def test_a_run_that_dies_can_resume_from_its_last_save(tmp_path, tiny_checkpoint, nuclei_2d, monkeypatch):
     import napari_sam.cli.learning as learning
     from napari_sam.core.models import load_model
@@ -77,8 +67,8 @@ def test_train_takes_no_encoder_precision_and_a_short_run_leaves_its_warm_up(tmp
     assert load_model(tmp_path / "b.pth").metadata["training"]["settings"]["warmup_steps"] == 2
 
 
-def test_a_mistyped_device_is_one_line(tmp_path, nuclei_2d, capsys):
-    folder = _folder(tmp_path / "data", nuclei_2d, 1)
+def test_a_mistyped_device_is_one_line(tmp_path, nuclei_2d, capsys, pairs_folder):
+    folder = pairs_folder(tmp_path / "data", 1)
     assert main(["evaluate", str(folder), "--model", "default", "--device", "gpu", "--corrections", "0"]) == 2
     err = capsys.readouterr().err
     assert "unknown device 'gpu'" in err and err.count("\n") == 1
@@ -96,17 +86,17 @@ def test_a_full_fine_tune_keeps_the_advice_that_needs_no_decoder(tmp_path, nucle
                                            "grid": {"pred_iou_thresh": 0.6, "stability_thresh": 0.8}}
 
 
-def test_hidden_files_and_checkpoints_beside_the_images_are_not_pairs(tmp_path, nuclei_2d):
+def test_hidden_files_and_checkpoints_beside_the_images_are_not_pairs(tmp_path, nuclei_2d, pairs_folder):
     from napari_sam.core.pairs import pair_files
 
-    folder = _folder(tmp_path / "data", nuclei_2d, 2)
+    folder = pairs_folder(tmp_path / "data", 2)
     for d in ("images", "labels"):
         (folder / d / "._p0.tif").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
     (folder / "images" / "p0.tif.pth").write_bytes(b"a checkpoint")
     assert [p.name for p, _ in pair_files(folder)] == ["p0.tif", "p1.tif"]
 
 
-def test_labels_that_are_a_colour_image_or_a_mask_are_named(tmp_path, nuclei_2d):
+def test_labels_that_are_a_colour_image_or_a_mask_are_named(tmp_path, nuclei_2d, pairs_folder):
     from napari_sam.core.pairs import check_pair
     from napari_sam.train import SegmentationDataset
 
@@ -116,24 +106,24 @@ def test_labels_that_are_a_colour_image_or_a_mask_are_named(tmp_path, nuclei_2d)
         check_pair(rgb, np.repeat(labels[:128, :128, None], 3, axis=2).astype(np.uint8), "a.tif")
     with pytest.warns(UserWarning, match=r"one id \(255\) in \d+ separate pieces"):
         check_pair(image, np.where(labels > 0, 255, 0).astype(np.uint8), "mask.tif")
-    folder = _folder(tmp_path / "data", nuclei_2d, 2)
+    folder = pairs_folder(tmp_path / "data", 2)
     tifffile.imwrite(folder / "labels" / "p1.tif", np.repeat(labels[:128, :128, None], 3, axis=2).astype(np.uint8))
     with pytest.raises(ValueError, match="p1.tif: the labels .* look like a colour image"):
         SegmentationDataset.from_folder(folder)
 
 
-def test_a_label_file_without_objects_is_left_out_with_a_warning(tmp_path, nuclei_2d):
+def test_a_label_file_without_objects_is_left_out_with_a_warning(tmp_path, nuclei_2d, pairs_folder):
     from napari_sam.train import SegmentationDataset
 
-    folder = _folder(tmp_path / "data", nuclei_2d, 3)
+    folder = pairs_folder(tmp_path / "data", 3)
     tifffile.imwrite(folder / "labels" / "p1.tif", np.zeros((128, 128), np.uint16))
     with pytest.warns(UserWarning, match="1 label file.* hold no object and are left out: p1.tif"):
         data = SegmentationDataset.from_folder(folder)
     assert data.names == ["p0.tif", "p2.tif"]
 
 
-def test_a_json_target_that_is_a_folder_is_refused_before_the_work(tmp_path, nuclei_2d, capsys):
-    folder = _folder(tmp_path / "data", nuclei_2d, 1)
+def test_a_json_target_that_is_a_folder_is_refused_before_the_work(tmp_path, nuclei_2d, capsys, pairs_folder):
+    folder = pairs_folder(tmp_path / "data", 1)
     (tmp_path / "r.json").mkdir()
     assert main(["evaluate", str(folder), "--model", "no-such-model.pth", "--json", str(tmp_path / "r.json"),
                  "--overwrite"]) == 2
@@ -196,7 +186,7 @@ def _stained_folder(root, nuclei_2d):
 
 
 def test_evaluate_and_train_read_rgb_as_the_colours_or_the_stain_when_named(tmp_path, tiny_sam, nuclei_2d, capsys,
-                                                                            monkeypatch):
+                                                                            monkeypatch, pairs_folder):
     import json
 
     from napari_sam.core.embeddings import Embeddings
@@ -221,7 +211,7 @@ def test_evaluate_and_train_read_rgb_as_the_colours_or_the_stain_when_named(tmp_
         scores[channel] = json.loads(out.read_text())[0]["point"]
     assert scores["rgb"] != scores["haematoxylin"]
     grey = tmp_path / "grey"
-    _folder(grey, nuclei_2d, n=1)
+    pairs_folder(grey, 1)
     assert main(["evaluate", str(grey), "--model", "default", "--channel", "rgb", "--corrections", "0"]) == 2
     assert "--channel rgb reads RGB images" in capsys.readouterr().err
     assert main(["evaluate", str(folder), "--channel", "rgb"]) == 2  # the baseline alone has its own reading
@@ -283,10 +273,10 @@ def test_an_ignored_hang_up_stays_ignored_under_nohup():
         signal.signal(signal.SIGHUP, previous)
 
 
-def test_a_resumed_run_validates_on_the_split_it_started_with(tmp_path, tiny_checkpoint, nuclei_2d):
+def test_a_resumed_run_validates_on_the_split_it_started_with(tmp_path, tiny_checkpoint, nuclei_2d, pairs_folder):
     from napari_sam.model.checkpoint import read_checkpoint
 
-    folder = _folder(tmp_path / "data", nuclei_2d, 4)
+    folder = pairs_folder(tmp_path / "data", 4)
     out = tmp_path / "m.pth"
     args = ["train", str(folder), "--device", "cpu", "--out", str(out)]
     assert main(args + ["--model", str(tiny_checkpoint), "--steps", "1", "--seed", "5"]) == 0
@@ -323,9 +313,10 @@ def test_png_and_npy_pairs_train_and_evaluate_as_tiffs_do(tmp_path, nuclei_2d, c
     assert "| watershed baseline | 2 | 6 |" in capsys.readouterr().out  # both images, three objects each
 
 
-def test_previews_beside_the_images_are_left_out_with_pattern(tmp_path, tiny_checkpoint, nuclei_2d, capsys):
+def test_previews_beside_the_images_are_left_out_with_pattern(tmp_path, tiny_checkpoint, nuclei_2d, capsys,
+                                                               pairs_folder):
     # the error names the previews and the option; the option then takes the labelled files only
-    root = _folder(tmp_path / "data", nuclei_2d, n=2)
+    root = pairs_folder(tmp_path / "data", 2)
     np.save(root / "images" / "p0_preview.npy", np.zeros((16, 16), np.uint8))
     assert main(["evaluate", str(root), "--max-objects", "2"]) == 2
     err = capsys.readouterr().err
