@@ -204,3 +204,17 @@ def test_a_model_with_a_decoder_gets_a_new_one_and_advice_for_it(tmp_path, small
     assert model.metadata["instance_decoder"]["scale_matched"] is False  # AIS reads it at the plane's own scale
     assert recommended(model).ais.foreground_threshold == 0.5  # micro-sam's
     assert model.instance_decoder.config.initial_features == 16  # a new decoder, not the old one trained on
+
+
+def test_without_model_the_run_takes_the_one_the_environment_names(tmp_path, small_checkpoint, pairs_folder,
+                                                                    monkeypatch):
+    from napari_sam.core.models import load_model
+
+    monkeypatch.setenv("NAPARI_SAM_MODEL", str(small_checkpoint))
+    out = tmp_path / "ais.pth"
+    assert main(["train", str(pairs_folder(tmp_path / "data", 2)), "--out", str(out), "--device", "cpu",
+                 "--mode", "instance-decoder", "--steps", "2"]) == 0
+    model = load_model(out)
+    assert model.metadata["instance_decoder"]["model"] == str(small_checkpoint)
+    small = load_model(small_checkpoint).state_dict()  # its SAM, not the shipped default's
+    assert all(torch.equal(v, small[k]) for k, v in model.state_dict().items())

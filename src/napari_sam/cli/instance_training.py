@@ -43,7 +43,11 @@ def run_folder(out: Path) -> Path:
 def _settings(args, folder: Path) -> dict:
     """What the run trains with: a new run's from its options, a resumed run's from its
     ``run.json``, where options given again must agree."""
-    given = {"model": args.model or "default", "steps": args.steps, "learning_rate": args.learning_rate,
+    from ..core.models import default_model_spec
+
+    # the model a run without --model takes ($NAPARI_SAM_MODEL, else the default), named
+    # in run.json so that a resume reads the same one
+    given = {"model": args.model or default_model_spec(), "steps": args.steps, "learning_rate": args.learning_rate,
              "seed": args.seed, "channel": args.channel}
     if not args.resume or not (folder / _RUN).is_file():
         from ..train.instance_decoder import DecoderTrainingConfig
