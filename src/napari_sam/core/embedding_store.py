@@ -256,7 +256,7 @@ class EmbeddingStore:
         last mark is :data:`MARK_USED_EVERY` seconds old. Reads and writes call it; so do
         sessions that answer from tiles they hold in memory. Only a store opened for work
         marks: a read-only look (``napari-sam info``) is not a use."""
-        if self._writable and time.monotonic() - self._marked >= MARK_USED_EVERY:
+        if self._writable and self.path is not None and time.monotonic() - self._marked >= MARK_USED_EVERY:
             self._marked = time.monotonic()
             cache_folder.mark_used(self.path)
 
