@@ -284,6 +284,29 @@ def test_a_time_limit_or_a_closed_terminal_stops_embed_cleanly(tmp_path, signame
     assert not [p for p in cache.glob("*/checksums/claims/*")]  # no claim left behind
 
 
+def test_a_stop_that_catches_an_asynchronous_write_half_made_still_ends_with_its_line(tmp_path):
+    # zarr writes through coroutines; a SIGTERM between making one and running it left Python
+    # to say "coroutine ... was never awaited" at exit, after the line that tells how it ended
+    import subprocess
+    import sys
+
+    script = (
+        "import os, signal, sys\n"
+        "from napari_sam import cli\n"
+        "from napari_sam.cli import cache\n"
+        "async def write(): pass\n"
+        "def store(coroutine):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return coroutine\n"
+        "def embed(args):\n"
+        "    store(write())\n"
+        "cache.embed = embed\n"
+        "sys.exit(cli.main(['embed', 'v.tif']))\n")
+    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 143, run.stderr[-500:]
+    assert run.stderr.strip().splitlines() == ["napari-sam embed: stopped by SIGTERM; what was finished is kept"]
+
+
 def test_a_plane_option_left_empty_by_the_shell_is_refused(capsys):
     # `--planes $PLANES` with PLANES unset used to embed nothing and exit 0
     for args in (["embed", "x.tif", "--planes"], ["segment", "x.tif", "--plane", "--point", "1", "1"]):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import json
 import os
 import signal
@@ -94,6 +95,16 @@ def _terminations_interrupt():
             signal.signal(sig, old)
 
 
+def _let_go_of_interrupted_work(stop: BaseException) -> None:
+    """Free what the interrupted step still holds, quietly. zarr writes through coroutines: a
+    signal that lands between making one and running it leaves it unrun, and Python would say
+    so as the command exits, after the line that tells how the command ended."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited", category=RuntimeWarning)
+        traceback.clear_frames(stop.__traceback__)
+        gc.collect()
+
+
 class _OutputMayBeDropped:
     """stdout (or stderr) that outlives its reader: once a pipe's reader has gone
     (``| head -1``, ``2>&1 | head``), what is printed goes to the null device and the command
@@ -160,10 +171,12 @@ def main(argv: list[str] | None = None) -> int:
             warnings.filterwarnings("default", category=UserWarning, module=r"napari_sam\.")  # ours: said, not raised
             return handlers[args.command](args)
     except _Terminated as stop:
+        _let_go_of_interrupted_work(stop)
         with contextlib.suppress(OSError):  # a closed terminal takes no more output
             print(f"napari-sam {args.command}: stopped by {stop.name}; what was finished is kept", file=sys.stderr)
         return 128 + stop.signum
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
+        _let_go_of_interrupted_work(stop)
         print(f"napari-sam {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as err:
