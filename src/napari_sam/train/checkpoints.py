@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from .trainer import Trainer
 
 __all__ = ["CHECKPOINT_FORMAT", "describe_base", "learned_stain", "optimizer_state_path", "resume", "save",
-           "training_metadata"]
+           "stored_weights", "training_metadata"]
 
 CHECKPOINT_FORMAT = 1
 """Version of the metadata layout written by :meth:`Trainer.save`."""
@@ -40,6 +40,46 @@ def optimizer_state_path(checkpoint: PathLike) -> Path:
     """Where :meth:`Trainer.save` keeps the optimizer state of ``checkpoint``."""
     path = Path(checkpoint)
     return path.with_name(path.name + ".optimizer.pt")
+
+
+def stored_weights(model: Sam, modules: Mapping[str, torch.nn.Module] = {}) -> tuple[dict, dict]:
+    """The weights of ``model`` (official keys) and of ``modules`` (extras' key -> module) as
+    a checkpoint stores them: floating tensors in float32, except each one still exactly as
+    the model's own checkpoint file holds it, which is written back as the file stored it.
+
+    A run that leaves weights as they are (the encoder of a decoder fine-tune, the SAM under
+    a new instance decoder) then writes them in the precision they came in: the default
+    model's float16 matrices stay float16, rather than doubling the file without adding a bit.
+
+    Returns
+    -------
+    (state, extras)
+        The SAM's state dict, and ``{key: state dict}`` for ``modules``; CPU tensors.
+    """
+    stored = None
+    if model.source is not None:
+        try:  # a file moved or replaced since costs only the saving in size: the values decide
+            stored = read_checkpoint(model.source.path)
+        except (OSError, ValueError):
+            stored = None
+
+    def kept(state: Mapping[str, torch.Tensor], before: Mapping[str, Any]) -> dict:
+        out = {}
+        for key, value in state.items():
+            value = value.detach().cpu()
+            if value.is_floating_point():
+                value = value.float()
+                old = before.get(key)
+                if isinstance(old, torch.Tensor) and old.is_floating_point() and old.dtype != torch.float32 \
+                        and old.shape == value.shape and torch.equal(old.float(), value):
+                    value = old  # the stored value, bit for bit: nothing lost by keeping its precision
+            out[key] = value.contiguous()
+        return out
+
+    state = kept(model.state_dict(), stored.state_dict if stored else {})
+    extras = {name: kept(module.state_dict(), (stored.extras.get(name) or {}) if stored else {})
+              for name, module in modules.items()}
+    return state, extras
 
 
 def describe_base(model: Sam) -> dict[str, Any]:
@@ -108,11 +148,7 @@ def save(trainer: Trainer, path: PathLike, optimizer: bool = True) -> Path:
     path = Path(path)
     # Floating tensors go out as float32 whatever precision the encoder ran in:
     # the file is the official format, which loaders cast as they need.
-    state = {
-        k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().contiguous()
-        for k, v in trainer.model.state_dict().items()
-    }
-    meta, extras = trainer.metadata(), {}
+    meta, heads = trainer.metadata(), {}
     if "scale" in trainer.model.metadata:  # it was trained on the tiles its scale advice gives (inference_tiles)
         meta["scale"] = trainer.model.metadata["scale"]
     stain = learned_stain(trainer.model.metadata.get("stain"), trainer.train_data.channel)
@@ -124,7 +160,7 @@ def save(trainer: Trainer, path: PathLike, optimizer: bool = True) -> Path:
     decoder = trainer.model.instance_decoder
     if decoder is not None and trainer.config.mode == "decoder" and same_reading:
         # the encoder did not change, so the instance decoder still reads its embeddings
-        extras[DECODER_KEY] = {k: v.detach().float().cpu() for k, v in decoder.state_dict().items()}
+        heads[DECODER_KEY] = decoder
         for key in ("instance_decoder", "automatic"):
             if key in trainer.model.metadata:
                 meta[key] = trainer.model.metadata[key]
@@ -143,9 +179,12 @@ def save(trainer: Trainer, path: PathLike, optimizer: bool = True) -> Path:
     if refiner is not None and same_reading:  # it reads logits and pixels, not the embedding: any fine-tune's
         from ..model.mask_refiner import MASK_REFINER_KEY
 
-        extras[MASK_REFINER_KEY] = {k: v.detach().float().cpu() for k, v in refiner.state_dict().items()}
+        heads[MASK_REFINER_KEY] = refiner
         if "mask_refiner" in trainer.model.metadata:  # where it acts (core.predictor.refines_masks)
             meta["mask_refiner"] = trainer.model.metadata["mask_refiner"]
+    # Floating tensors go out as float32 whatever precision the encoder ran in (loaders cast
+    # as they need), but those the run left as they were keep their file's precision.
+    state, extras = stored_weights(trainer.model, heads)
     write_checkpoint(path, state, meta, extras=extras or None)
     if optimizer:
         resumable = {"optimizer": trainer.optimizer.state_dict(), "step": trainer.step,

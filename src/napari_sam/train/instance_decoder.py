@@ -362,8 +362,9 @@ def save_with_instance_decoder(
 ) -> Path:
     """Write ``model`` with ``decoder`` beside it, as micro-sam stores its decoders.
 
-    The SAM weights go under the official keys in float32, the decoder under
-    ``"decoder_state"`` (the model's mask refiner, if any, under ``"mask_refiner_state"``);
+    The SAM weights go under the official keys (float32, or as the model's own file stored
+    them where they still hold its values: :func:`~napari_sam.train.checkpoints.stored_weights`),
+    the decoder under ``"decoder_state"`` (the model's mask refiner, if any, under ``"mask_refiner_state"``);
     :func:`~napari_sam.core.models.load_model` gives it back as :attr:`Sam.instance_decoder`.
     The model's metadata is kept, with ``provenance`` (plain JSON types) under
     ``"instance_decoder"`` and, when given, ``advice`` as its ``"automatic"`` entry
@@ -376,17 +377,18 @@ def save_with_instance_decoder(
     """
     from ..model.checkpoint import write_checkpoint
     from ..model.decoder_checkpoint import DECODER_KEY
+    from .checkpoints import stored_weights
 
     meta = dict(model.metadata)
     if provenance is not None:
         meta["instance_decoder"] = provenance
     if advice is not None:
         meta["automatic"] = advice
-    state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
-    extras = {DECODER_KEY: {k: v.detach().float().cpu() for k, v in decoder.state_dict().items()}}
+    heads: dict[str, torch.nn.Module] = {DECODER_KEY: decoder}
     if model.mask_refiner is not None:  # the prompted masks' head stays with the model
         from ..model.mask_refiner import MASK_REFINER_KEY
 
-        extras[MASK_REFINER_KEY] = {k: v.detach().float().cpu() for k, v in model.mask_refiner.state_dict().items()}
+        heads[MASK_REFINER_KEY] = model.mask_refiner
+    state, extras = stored_weights(model, heads)
     write_checkpoint(path, state, meta, extras=extras)
     return Path(path)
