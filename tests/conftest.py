@@ -51,6 +51,21 @@ def tiny_model(tiny_checkpoint):
 
 
 @pytest.fixture(scope="session")
+def small_checkpoint(tmp_path_factory):
+    """A two-block SAM with a 256-pixel input (written with its configuration), so that
+    an instance decoder trains in seconds."""
+    from napari_sam.model.checkpoint import write_checkpoint
+    from napari_sam.model.config import config_to_dict
+
+    torch.manual_seed(0)
+    config = SamConfig(ViTConfig(embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,), img_size=256),
+                       name="small-256", image_size=256)
+    path = tmp_path_factory.mktemp("small") / "small.pth"
+    write_checkpoint(path, build_sam(config).state_dict(), {"config": config_to_dict(config)})
+    return path
+
+
+@pytest.fixture(scope="session")
 def nuclei_3d(shared_dir):
     """Real 3D nuclei (GoNuclear crop, 100^3 uint8) and their instance labels."""
     import tifffile

@@ -108,3 +108,58 @@ def test_an_rgb_image_is_read_as_chosen_and_the_trained_model_advises_that_readi
     qtbot.waitUntil(lambda: not w.workers.busy, timeout=120000)
     model = load_model(tmp_path / "colours.pth", device="cpu")
     assert "stain" not in model.metadata and model.metadata["training"]["data"]["channel"] == "rgb"
+
+
+def test_an_instance_decoder_is_trained_saved_and_offered_for_segment_everything(trainer_widget, small_checkpoint,
+                                                                                 tmp_path, qtbot, monkeypatch):
+    import tempfile
+
+    import torch
+
+    from napari_sam.core.models import load_model
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    from napari_sam._qt.widget import CHECKPOINT
+
+    w = trainer_widget
+    w.base.value = CHECKPOINT
+    w.checkpoint.value = small_checkpoint  # a 256-pixel input: a decoder trains in seconds
+    w.mode.value = "instance-decoder"
+    w.more.value = True  # the prompted training's settings are not this run's: only the seed is shown
+    assert [name for name, s in w.settings.items() if not s.native.isHidden()] == ["seed"]
+    w.steps.value = 4
+    w.out.value = str(tmp_path / "ais.pth")
+    w.start()
+    qtbot.waitUntil(lambda: not w.workers.busy, timeout=120000)
+    assert w.status.value.startswith(f"saved {tmp_path / 'ais.pth'}: the SAM with an instance decoder (the decoder "
+                                     "of step"), w.status.value
+    assert w.curve.series.get("validation loss") and len(w.curve.series["loss"]) == 4
+    model = load_model(tmp_path / "ais.pth", device="cpu")
+    base = load_model(small_checkpoint, device="cpu")
+    assert model.instance_decoder is not None and model.metadata["automatic"]["mode"] == "ais"
+    assert model.metadata["instance_decoder"]["steps"] == 4
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in model.state_dict().items())  # the SAM unchanged
+    assert not list((tmp_path / "tmp").glob("napari-sam-*"))  # the run's state went with it
+    assert w.out.value.name == "ais_2.pth"
+    seg = w.use_model()
+    qtbot.waitUntil(lambda: seg.session is not None, timeout=30000)
+    assert seg.everything_mode.value == "ais" and "apg" in [c for c in seg.everything_mode.choices]
+    qtbot.waitUntil(lambda: not seg.workers.busy, timeout=30000)
+    # stopped at once: nothing trained, nothing saved, nothing left
+    w.steps.value = 500
+    w.start()
+    w.workers.cancel()
+    qtbot.waitUntil(lambda: not w.workers.busy, timeout=120000)
+    assert not (tmp_path / "ais_2.pth").exists() and "nothing was" in w.status.value
+    assert not list((tmp_path / "tmp").glob("napari-sam-*"))
+    # closed mid-run after a validation: the best decoder so far is saved
+    w.curve.clear()
+    w.steps.value = 30  # validating every 3 steps
+    w.start()
+    qtbot.waitUntil(lambda: bool(w.curve.series.get("validation loss")), timeout=120000)
+    w.workers.close()
+    qtbot.waitUntil(lambda: not w.workers.busy, timeout=120000)
+    stopped = load_model(tmp_path / "ais_2.pth", device="cpu").metadata["instance_decoder"]
+    assert 1 <= stopped["best_step"] <= stopped["steps"] < 30
+    assert not list((tmp_path / "tmp").glob("napari-sam-*"))

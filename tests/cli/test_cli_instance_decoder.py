@@ -12,27 +12,11 @@ import torch
 from napari_sam.cli import main
 
 
-@pytest.fixture(scope="module")
-def small_checkpoint(tmp_path_factory):
-    """A two-block SAM with a 256-pixel input (written with its configuration), so that
-    a decoder trains in seconds."""
-    from napari_sam.model import SamConfig, ViTConfig, build_sam
-    from napari_sam.model.checkpoint import write_checkpoint
-    from napari_sam.model.config import config_to_dict
-
-    torch.manual_seed(0)
-    config = SamConfig(ViTConfig(embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,), img_size=256),
-                       name="small-256", image_size=256)
-    path = tmp_path_factory.mktemp("small") / "small.pth"
-    write_checkpoint(path, build_sam(config).state_dict(), {"config": config_to_dict(config)})
-    return path
-
-
 def test_a_model_without_one_gets_an_instance_decoder_and_keeps_its_sam(tmp_path, small_checkpoint, nuclei_2d,
                                                                         capsys, pairs_folder):
     from napari_sam.auto.recommend import recommended
-    from napari_sam.cli.instance_training import run_folder
     from napari_sam.core.models import load_model
+    from napari_sam.train.instance_decoder_run import run_folder
 
     data = pairs_folder(tmp_path / "data")
     out = tmp_path / "ais.pth"
@@ -71,8 +55,8 @@ def test_a_model_without_one_gets_an_instance_decoder_and_keeps_its_sam(tmp_path
 def test_a_stopped_run_is_saved_with_its_best_decoder_and_resumed(tmp_path, small_checkpoint, nuclei_2d, monkeypatch,
                                                                   capsys, pairs_folder):
     import napari_sam.cli.stopping as stopping
-    from napari_sam.cli.instance_training import run_folder
     from napari_sam.core.models import load_model
+    from napari_sam.train.instance_decoder_run import run_folder
 
     data = pairs_folder(tmp_path / "data")
     out = tmp_path / "ais.pth"
@@ -104,6 +88,13 @@ def test_a_stopped_run_is_saved_with_its_best_decoder_and_resumed(tmp_path, smal
     # nor does a new run start over a stopped one whose file went
     out.unlink()
     assert main(args) == 2 and "holds a stopped run" in capsys.readouterr().err
+    # stopped again while the resumed run embeds: still the decoder of step 6, said as such
+    monkeypatch.setattr(stopping, "first_interrupt_stops", contextlib.contextmanager(
+        lambda message: (yield type("Pressed", (threading.Event,), {"signum": 2, "is_set": lambda self: True})())))
+    assert main(args + ["--resume"]) == 130
+    said = capsys.readouterr().out
+    assert "stopped after step 6 of 20" in said and "the decoder of step 6" in said
+    assert load_model(out).metadata["instance_decoder"]["steps"] == 6
     monkeypatch.undo()
     # other settings for the stopped run are refused in one line, before any training
     assert main(args + ["--resume", "--learning-rate", "0.01"]) == 2
@@ -152,7 +143,7 @@ def test_each_prompted_training_setting_is_refused(tmp_path, small_checkpoint, n
 def test_a_stop_while_tiles_are_embedded_saves_nothing_and_leaves_nothing(tmp_path, small_checkpoint, nuclei_2d,
                                                                            monkeypatch, capsys, pairs_folder):
     import napari_sam.cli.stopping as stopping
-    from napari_sam.cli.instance_training import run_folder
+    from napari_sam.train.instance_decoder_run import run_folder
 
     data = pairs_folder(tmp_path / "data")
     out = tmp_path / "ais.pth"

@@ -22,7 +22,10 @@ from .workers import Workers
 if TYPE_CHECKING:  # pragma: no cover
     import napari
 
-__all__ = ["TrainingWidget", "check_checkpoint_out", "free_name"]
+__all__ = ["INSTANCE_DECODER", "TrainingWidget", "check_checkpoint_out", "free_name"]
+
+INSTANCE_DECODER = "instance-decoder"
+"""The mode that trains an instance decoder (as ``napari-sam train --mode instance-decoder``)."""
 
 
 def check_checkpoint_out(path) -> Path:
@@ -74,8 +77,12 @@ class TrainingWidget(Container):
         choices = model_picker_choices()
         self.base = ComboBox(label="start from", choices=choices, value=choices[0])
         self.checkpoint = FileEdit(label="checkpoint", mode="r", visible=False)
-        self.mode = ComboBox(label="train", choices=[("mask decoder (fast)", "decoder"), ("whole model", "full")],
-                             value="decoder")
+        # the third gives the model (SAM's weights, a whole-model fine-tune) an instance decoder
+        # for "Segment everything" (AIS, APG), its SAM left as it is
+        self.mode = ComboBox(label="train", choices=[("mask decoder (fast)", "decoder"), ("whole model", "full"),
+                                                     ("instance decoder (segment everything)", INSTANCE_DECODER)],
+                             value="decoder", tooltip="what learns: the prompted masks' decoder, the whole model, or "
+                             "a new instance decoder for automatic segmentation")
         self.minutes = FloatSpinBox(label="minutes", value=10.0, min=0.5, max=24 * 60, step=0.5)
         self.steps = SpinBox(label="steps at most", value=1000, min=1, max=1_000_000)
         self.out = FileEdit(label="save as", mode="w", filter="*.pth",
@@ -97,6 +104,7 @@ class TrainingWidget(Container):
         self.image.changed.connect(self._image_changed)
         self._image_changed(self.image.value)
         self.more.changed.connect(self._show_settings)
+        self.mode.changed.connect(self._show_settings)
         self.train.clicked.connect(self.start)
         self.stop.clicked.connect(self.workers.cancel)
         self.use.clicked.connect(self.use_model)
@@ -139,9 +147,11 @@ class TrainingWidget(Container):
             return None
         return RGB_READINGS[self.rgb_reading.value]
 
-    def _show_settings(self, shown: bool):
-        for widget in self.settings.values():
-            widget.visible = bool(shown)
+    def _show_settings(self, *_):
+        # an instance decoder's run takes the seed only: the rest are the prompted training's
+        decoder = self.mode.value == INSTANCE_DECODER
+        for name, widget in self.settings.items():
+            widget.visible = bool(self.more.value) and (name == "seed" or not decoder)
 
     def _layers(self, kind: str):
         return [(layer.name, layer) for layer in self.viewer.layers if type(layer).__name__ == kind]
@@ -170,6 +180,8 @@ class TrainingWidget(Container):
         reading = self.rgb_reading.value if getattr(self.image.value, "rgb", False) else None
         steps, minutes = int(self.steps.value), float(self.minutes.value)
         chosen = {name: widget.value for name, widget in self.settings.items()}
+        if self.mode.value == INSTANCE_DECODER:
+            return self._start_instance_decoder(data, base, out, reading, steps, minutes, int(chosen["seed"]))
         train, val = data.split(0.2, seed=int(chosen["seed"])) if len(data) > 1 else (data, data)
         try:
             config = TrainingConfig(mode=self.mode.value, steps=steps, validate_every=max(1, min(50, steps // 10)),
@@ -227,6 +239,96 @@ class TrainingWidget(Container):
         self.status.value = f"training on {len(train)} plane(s), validating on {len(val)}..."
         self.worker = self.workers.steps(work, desc="training", show=show, done=done,
                                          progress_of=lambda r: (r.step, run["trainer"].config.steps), ended=ended)
+        self.worker.aborted.connect(save_stopped)  # not through workers.gui: the widget may be gone
+        self.worker.aborted.connect(self.workers.gui(stopped))
+        return self.worker
+
+    def _start_instance_decoder(self, data, base: str, out: Path, reading, steps: int, minutes: float, seed: int):
+        """Train a new instance decoder on the model's frozen embeddings of the planes, for
+        ``steps`` or until the minutes run out or Stop, and save the SAM with it: also when
+        stopped or when the widget closes mid-run (the best decoder so far)."""
+        import shutil
+        import tempfile
+        import time
+
+        from ..core.models import resolve_model
+        from ..train.instance_decoder_run import InstanceDecoderRun
+
+        self.curve.clear()
+        self.trainer = None
+        run: dict = {}  # this run, for a save that needs no widget (it may close mid-run)
+        command = "napari-sam training widget, instance decoder"
+
+        def work():
+            model = resolve_model(base, device="auto", dtype="float32")
+            # the state of the run lives only as long as the run: the widget does not resume
+            folder = tempfile.mkdtemp(prefix="napari-sam-instance-decoder-")
+            run["run"] = InstanceDecoderRun(model, data, out, steps=steps, seed=seed, folder=folder)
+            started, reports = time.monotonic(), run["run"].steps()
+            for report in reports:
+                yield report
+                if time.monotonic() - started > 60 * minutes:  # the best decoder so far is saved
+                    reports.close()
+                    break
+            return save()
+
+        def save():
+            if run.get("saved"):
+                return out
+            run["saved"] = True
+            try:
+                return run["run"].save(base, command)
+            finally:
+                shutil.rmtree(run["run"].folder, ignore_errors=True)
+
+        def save_stopped():
+            if "run" in run:
+                save()
+
+        def show(report):
+            if report.stage == "embed":
+                self.status.value = f"embedding tiles {report.step}/{report.steps}"
+                return
+            self.curve.add("loss", report.step, report.loss)
+            text = f"step {report.step}: loss {report.loss:.3f}"
+            if report.validation_loss is not None:
+                self.curve.add("validation loss", report.step, report.validation_loss)
+                text += f", validation loss {report.validation_loss:.3f}"
+            self.status.value = text
+
+        def said(saved) -> str:
+            decoder_run = run["run"]
+            if saved is None:
+                return (f"stopped after {decoder_run.done} step(s), before the first validation: nothing was "
+                        "saved")
+            text = f"saved {saved}: the SAM with an instance decoder"
+            if decoder_run.best_step is not None:
+                text += f" (the decoder of step {decoder_run.best_step}, best on validation)"
+            if not decoder_run.finished:
+                text += f"; stopped after step {decoder_run.done} of {decoder_run.config.steps}"
+            return text + "; \"Segment everything\" offers AIS with it"
+
+        def done(saved):
+            self.status.value = said(saved)
+            if saved is not None:
+                self.model, self.reading = saved, reading
+                self.use.enabled = True
+                self.out.value = free_name(saved)
+
+        def stopped():
+            if "run" not in run:
+                self.status.value = "stopped before the first step: nothing was trained or saved"
+                return
+            done(out if out.is_file() else None)
+
+        def progress_of(report):
+            return (report.step, report.steps) if report.stage == "embed" else (report.step, run["run"].config.steps)
+
+        self.train.enabled, self.stop.enabled = False, True
+        self.status.value = f"an instance decoder for {base}: reading {len(data)} plane(s)..."
+        self.worker = self.workers.steps(work, desc="instance decoder", show=show, done=done, progress_of=progress_of,
+                                         ended=lambda: (setattr(self.train, "enabled", True),
+                                                        setattr(self.stop, "enabled", False)))
         self.worker.aborted.connect(save_stopped)  # not through workers.gui: the widget may be gone
         self.worker.aborted.connect(self.workers.gui(stopped))
         return self.worker

@@ -32,6 +32,9 @@ The modules, one idea each:
   an instance decoder for AIS (micro-sam's), trained on the frozen model's embeddings
   (:func:`iter_train_instance_decoder`) and stored beside SAM
   (:func:`save_with_instance_decoder`);
+* :mod:`~napari_sam.train.instance_decoder_run`: a model given a new instance decoder from
+  a user's labelled planes, as the command line and the training widget do it
+  (:class:`InstanceDecoderRun`);
 * :mod:`~napari_sam.train.image_refiner`: an image refiner for that decoder, trained on
   crops with both frozen (:func:`iter_train_image_refiner`).
 
@@ -69,6 +72,7 @@ _LAZY = {
     "DecoderTrainingConfig": "instance_decoder",
     "DecoderTrainingProgress": "instance_decoder",
     "iter_train_instance_decoder": "instance_decoder",
+    "InstanceDecoderRun": "instance_decoder_run",
     "RefinerTrainingConfig": "image_refiner",
     "iter_train_image_refiner": "image_refiner",
     "save_with_instance_decoder": "instance_decoder",
