@@ -163,3 +163,52 @@ def test_an_instance_decoder_is_trained_saved_and_offered_for_segment_everything
     stopped = load_model(tmp_path / "ais_2.pth", device="cpu").metadata["instance_decoder"]
     assert 1 <= stopped["best_step"] <= stopped["steps"] < 30
     assert not list((tmp_path / "tmp").glob("napari-sam-*"))
+
+
+def test_an_instance_decoder_run_that_fails_keeps_its_best_decoder_and_a_reading_it_cannot_learn_is_said(
+        trainer_widget, small_checkpoint, tmp_path, qtbot, monkeypatch):
+    import tempfile
+
+    from napari_sam._qt.widget import CHECKPOINT
+    from napari_sam.core.models import load_model
+    from napari_sam.model.checkpoint import read_checkpoint, write_checkpoint
+    from napari_sam.train import instance_decoder
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    w = trainer_widget
+    w.base.value = CHECKPOINT
+    w.checkpoint.value = small_checkpoint
+    w.mode.value = "instance-decoder"
+    w.steps.value = 30  # validating every 3 steps
+    real, calls = instance_decoder._batch_loss, []
+
+    def failing(*args, **kwargs):  # as torch fails: out of memory at the fifth step
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("out of memory")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(instance_decoder, "_batch_loss", failing)
+    w.out.value = str(tmp_path / "failed.pth")
+    w.start()
+    qtbot.waitUntil(lambda: not w.workers.busy, timeout=120000)
+    assert w.status.value == f"error: out of memory; the best decoder so far is saved in {tmp_path / 'failed.pth'}"
+    assert load_model(tmp_path / "failed.pth", device="cpu").metadata["instance_decoder"]["best_step"] == 3
+    assert w.use.enabled and w.out.value.name == "failed_2.pth"
+    assert not list((tmp_path / "tmp").glob("napari-sam-*"))
+    monkeypatch.undo()
+    # a model that reads stained RGB as its haematoxylin stain, asked to learn the colours
+    checkpoint = read_checkpoint(small_checkpoint)
+    write_checkpoint(tmp_path / "stain.pth", checkpoint.state_dict, dict(checkpoint.metadata, stain="haematoxylin"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    w.checkpoint.value = tmp_path / "stain.pth"
+    grey = w.image.value.data
+    w.image.value = w.viewer.add_image(np.stack([grey, grey // 2, grey], axis=-1).astype(np.uint8), rgb=True)
+    w.rgb_reading.value = "colours"
+    w.out.value = str(tmp_path / "colours.pth")
+    w.start()
+    qtbot.waitUntil(lambda: not w.workers.busy, timeout=120000)
+    assert w.status.value == ("error: the instance decoder reads the image as the model reads it (its haematoxylin "
+                              "stain for stained RGB): choose \"model's advice\" under \"RGB read as\"")
+    assert not (tmp_path / "colours.pth").exists() and not list((tmp_path / "tmp").glob("napari-sam-*"))

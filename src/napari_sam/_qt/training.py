@@ -153,6 +153,15 @@ class TrainingWidget(Container):
         for name, widget in self.settings.items():
             widget.visible = bool(self.more.value) and (name == "seed" or not decoder)
 
+    def _show_step(self, step: int, loss: float, validation: str, value: float | None) -> None:
+        """A training step on the curve and the status line, with its validation figure when it validated."""
+        self.curve.add("loss", step, loss)
+        text = f"step {step}: loss {loss:.3f}"
+        if value is not None:
+            self.curve.add(validation, step, value)
+            text += f", {validation} {value:.3f}"
+        self.status.value = text
+
     def _layers(self, kind: str):
         return [(layer.name, layer) for layer in self.viewer.layers if type(layer).__name__ == kind]
 
@@ -208,12 +217,7 @@ class TrainingWidget(Container):
                 run["saved"] = True
 
         def show(record):
-            self.curve.add("loss", record.step, record.loss)
-            text = f"step {record.step}: loss {record.loss:.3f}"
-            if record.validation_iou is not None:
-                self.curve.add("validation IoU", record.step, record.validation_iou)
-                text += f", validation IoU {record.validation_iou:.3f}"
-            self.status.value = text
+            self._show_step(record.step, record.loss, "validation IoU", record.validation_iou)
 
         def done(path):
             kept = run["trainer"].weights_step
@@ -245,8 +249,9 @@ class TrainingWidget(Container):
 
     def _start_instance_decoder(self, data, base: str, out: Path, reading, steps: int, minutes: float, seed: int):
         """Train a new instance decoder on the model's frozen embeddings of the planes, for
-        ``steps`` or until the minutes run out or Stop, and save the SAM with it: also when
-        stopped or when the widget closes mid-run (the best decoder so far)."""
+        ``steps`` or until Stop or the minutes run out (once a validated decoder is there to
+        save), and save the SAM with it: also when stopped, closed mid-run or failing (the
+        best decoder so far)."""
         import shutil
         import tempfile
         import time
@@ -261,43 +266,53 @@ class TrainingWidget(Container):
 
         def work():
             model = resolve_model(base, device="auto", dtype="float32")
-            # the state of the run lives only as long as the run: the widget does not resume
-            folder = tempfile.mkdtemp(prefix="napari-sam-instance-decoder-")
-            run["run"] = InstanceDecoderRun(model, data, out, steps=steps, seed=seed, folder=folder)
+            problem = InstanceDecoderRun.reading_problem(model, data.channel)
+            if problem:
+                raise ValueError(f"{problem}: choose \"model's advice\" under \"RGB read as\"")
+            # the run's state lives as long as the run: the widget does not resume
+            folder = Path(tempfile.mkdtemp(prefix="napari-sam-instance-decoder-"))
+            try:
+                run["run"] = InstanceDecoderRun(model, data, out, steps=steps, seed=seed, folder=folder)
+            except BaseException:
+                shutil.rmtree(folder, ignore_errors=True)
+                raise
             started, reports = time.monotonic(), run["run"].steps()
-            for report in reports:
-                yield report
-                if time.monotonic() - started > 60 * minutes:  # the best decoder so far is saved
-                    reports.close()
-                    break
+            try:
+                for report in reports:
+                    yield report
+                    if time.monotonic() - started > 60 * minutes and run["run"].best_step is not None:
+                        reports.close()  # out of time, with a decoder to save: the best so far
+                        break
+            except Exception:
+                save_stopped()  # what was learned is kept; the error is said as it is
+                raise
             return save()
 
         def save():
-            if run.get("saved"):
-                return out
-            run["saved"] = True
-            try:
-                return run["run"].save(base, command)
-            finally:
+            """Write ``out`` once; the run's folder goes only when nothing in it is needed."""
+            if "saved" not in run:
+                run["saved"] = run["run"].save(base, command)
                 shutil.rmtree(run["run"].folder, ignore_errors=True)
+            return run["saved"]
 
         def save_stopped():
             if "run" in run:
-                save()
+                try:
+                    save()
+                except Exception as err:  # noqa: BLE001 - said on the status line, the run's state kept
+                    run["save_error"] = f"{' '.join(str(err).split())[:200]}; the run's state is kept in " \
+                                        f"{run['run'].folder}"
 
         def show(report):
             if report.stage == "embed":
                 self.status.value = f"embedding tiles {report.step}/{report.steps}"
                 return
-            self.curve.add("loss", report.step, report.loss)
-            text = f"step {report.step}: loss {report.loss:.3f}"
-            if report.validation_loss is not None:
-                self.curve.add("validation loss", report.step, report.validation_loss)
-                text += f", validation loss {report.validation_loss:.3f}"
-            self.status.value = text
+            self._show_step(report.step, report.loss, "validation loss", report.validation_loss)
 
         def said(saved) -> str:
             decoder_run = run["run"]
+            if "save_error" in run:
+                return f"stopped after step {decoder_run.done}; could not save {out}: {run['save_error']}"
             if saved is None:
                 return (f"stopped after {decoder_run.done} step(s), before the first validation: nothing was "
                         "saved")
@@ -308,26 +323,40 @@ class TrainingWidget(Container):
                 text += f"; stopped after step {decoder_run.done} of {decoder_run.config.steps}"
             return text + "; \"Segment everything\" offers AIS with it"
 
+        def offer(saved):
+            self.model, self.reading = saved, reading
+            self.use.enabled = True
+            self.out.value = free_name(saved)  # the next run saves beside it, never over it
+
         def done(saved):
             self.status.value = said(saved)
             if saved is not None:
-                self.model, self.reading = saved, reading
-                self.use.enabled = True
-                self.out.value = free_name(saved)
+                offer(saved)
 
         def stopped():
             if "run" not in run:
                 self.status.value = "stopped before the first step: nothing was trained or saved"
                 return
-            done(out if out.is_file() else None)
+            done(run.get("saved"))
 
         def progress_of(report):
             return (report.step, report.steps) if report.stage == "embed" else (report.step, run["run"].config.steps)
 
+        def failed(err):
+            from .workers import error_text
+
+            text = error_text(err)
+            if run.get("saved"):
+                text += f"; the best decoder so far is saved in {run['saved']}"
+                offer(run["saved"])
+            elif "save_error" in run:
+                text += f"; could not save it either: {run['save_error']}"
+            self.status.value = text
+
         self.train.enabled, self.stop.enabled = False, True
         self.status.value = f"an instance decoder for {base}: reading {len(data)} plane(s)..."
         self.worker = self.workers.steps(work, desc="instance decoder", show=show, done=done, progress_of=progress_of,
-                                         ended=lambda: (setattr(self.train, "enabled", True),
+                                         failed=failed, ended=lambda: (setattr(self.train, "enabled", True),
                                                         setattr(self.stop, "enabled", False)))
         self.worker.aborted.connect(save_stopped)  # not through workers.gui: the widget may be gone
         self.worker.aborted.connect(self.workers.gui(stopped))

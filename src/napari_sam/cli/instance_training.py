@@ -88,11 +88,12 @@ def train_instance_decoder(args) -> int:
         from ..train import SegmentationDataset
 
         validation = SegmentationDataset.from_folder(args.validation, pattern=args.pattern, **channels)
-    try:
-        run = InstanceDecoderRun(model, data, out, validation, steps=int(settings["steps"]),
-                                 learning_rate=float(settings["learning_rate"]), seed=int(settings["seed"]))
-    except ValueError as err:
-        raise UsageError(f"--channel {args.channel}: {err}") from err
+    problem = InstanceDecoderRun.reading_problem(model, data.channel)
+    if problem:
+        raise UsageError(f"--channel {args.channel}: {problem}; leave --channel out, or fine-tune the model with it "
+                         "first")
+    run = InstanceDecoderRun(model, data, out, validation, steps=int(settings["steps"]),
+                             learning_rate=float(settings["learning_rate"]), seed=int(settings["seed"]))
     folder.mkdir(parents=True, exist_ok=True)
     _write_settings(folder / _RUN, settings)
     config = run.config

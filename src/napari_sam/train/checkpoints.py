@@ -8,6 +8,7 @@ resumed run still ends with them), and resuming from both.
 from __future__ import annotations
 
 import datetime
+import functools
 import math
 import os
 import warnings
@@ -56,30 +57,45 @@ def stored_weights(model: Sam, modules: Mapping[str, torch.nn.Module] = {}) -> t
     (state, extras)
         The SAM's state dict, and ``{key: state dict}`` for ``modules``; CPU tensors.
     """
-    stored = None
+    stored: tuple[dict, dict] = ({}, {})
     if model.source is not None:
-        try:  # a file moved or replaced since costs only the saving in size: the values decide
-            stored = read_checkpoint(model.source.path)
-        except (OSError, ValueError):
-            stored = None
+        from ..model.model_source import file_stat
 
-    def kept(state: Mapping[str, torch.Tensor], before: Mapping[str, Any]) -> dict:
+        try:  # a file moved or replaced since costs only the saving in size: the values decide
+            stored = _half_precision_tensors(str(model.source.path), file_stat(model.source.path))
+        except (OSError, ValueError):
+            pass
+
+    def kept(state: Mapping[str, torch.Tensor], before: Mapping[str, torch.Tensor]) -> dict:
         out = {}
         for key, value in state.items():
             value = value.detach().cpu()
             if value.is_floating_point():
                 value = value.float()
                 old = before.get(key)
-                if isinstance(old, torch.Tensor) and old.is_floating_point() and old.dtype != torch.float32 \
-                        and old.shape == value.shape and torch.equal(old.float(), value):
+                if old is not None and old.shape == value.shape and torch.equal(old.float(), value):
                     value = old  # the stored value, bit for bit: nothing lost by keeping its precision
             out[key] = value.contiguous()
         return out
 
-    state = kept(model.state_dict(), stored.state_dict if stored else {})
-    extras = {name: kept(module.state_dict(), (stored.extras.get(name) or {}) if stored else {})
-              for name, module in modules.items()}
+    state = kept(model.state_dict(), stored[0])
+    extras = {name: kept(module.state_dict(), stored[1].get(name, {})) for name, module in modules.items()}
     return state, extras
+
+
+@functools.lru_cache(maxsize=2)
+def _half_precision_tensors(path: str, stat) -> tuple[dict, dict]:
+    """The 16-bit floating tensors of a checkpoint file (its state dict's, and each extra's
+    by key), read once per file version (``stat``): a run saves every few hundred steps, and
+    a 2.5 GB ViT-H file, all float32, would be read each time for nothing."""
+    checkpoint = read_checkpoint(path)
+
+    def halves(state) -> dict:
+        return {k: v.clone() for k, v in state.items()
+                if isinstance(v, torch.Tensor) and v.dtype in (torch.float16, torch.bfloat16)}
+
+    return halves(checkpoint.state_dict), {name: halves(extra) for name, extra in checkpoint.extras.items()
+                                           if isinstance(extra, Mapping)}
 
 
 def describe_base(model: Sam) -> dict[str, Any]:

@@ -66,14 +66,12 @@ class InstanceDecoderRun:
                  validation: SegmentationDataset | None = None, steps: int = DEFAULT_STEPS,
                  learning_rate: float = DecoderTrainingConfig.learning_rate, seed: int = 0,
                  folder: str | os.PathLike | None = None):
-        from .checkpoints import learned_stain
         from .tiles import inference_tiles
 
-        advice = model.metadata.get("stain")
-        if learned_stain(advice, data.channel) != advice:
-            raise ValueError("the instance decoder reads the image as the model reads it "
-                             f"({'its haematoxylin stain' if advice else 'the colours'} for stained RGB): read it "
-                             "so, or fine-tune the model with this reading first")
+        problem = self.reading_problem(model, data.channel)
+        if problem:
+            raise ValueError(f"{problem}: read the planes as the model does, or fine-tune the model with this "
+                             "reading first")
         if validation is None:
             data, validation = data.split(0.1, seed=seed) if len(data) > 1 else (data, None)
         # AIS reads this decoder's maps from embeddings at the plane's own scale (auto.modes.reads_native_scale)
@@ -88,7 +86,19 @@ class InstanceDecoderRun:
         self.decoder = None  # the finished run's best decoder
         self.done = 0  # training steps done
         self.best_step: int | None = None
-        self.started = time.monotonic()
+
+    @staticmethod
+    def reading_problem(model: Sam, channel) -> str | None:
+        """Why planes read through ``channel`` (as :class:`SegmentationDataset` takes it) cannot
+        train ``model``'s instance decoder, or None: the decoder must learn what AIS will
+        give it, stained RGB read as the model's stain advice says."""
+        from .checkpoints import learned_stain
+
+        advice = model.metadata.get("stain")
+        if learned_stain(advice, channel) == advice:
+            return None
+        return ("the instance decoder reads the image as the model reads it "
+                f"({'its haematoxylin stain' if advice else 'the colours'} for stained RGB)")
 
     def steps(self) -> Generator[DecoderTrainingProgress, None, None]:
         """Embed the tiles, then train, yielding after every batch embedded and every step;
