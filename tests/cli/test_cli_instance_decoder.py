@@ -209,3 +209,15 @@ def test_without_model_the_run_takes_the_one_the_environment_names(tmp_path, sma
     assert model.metadata["instance_decoder"]["model"] == str(small_checkpoint)
     small = load_model(small_checkpoint).state_dict()  # its SAM, not the shipped default's
     assert all(torch.equal(v, small[k]) for k, v in model.state_dict().items())
+
+
+def test_a_time_limit_ends_the_run_once_it_has_a_decoder_to_save(tmp_path, small_checkpoint, pairs_folder, capsys):
+    from napari_sam.core.models import load_model
+
+    data = pairs_folder(tmp_path / "data")
+    out = tmp_path / "ais.pth"
+    # long past before the tiles are embedded: the run still reaches its first checkpoint (step 2)
+    assert main(["train", str(data), "--model", str(small_checkpoint), "--out", str(out), "--device", "cpu",
+                 "--mode", "instance-decoder", "--steps", "20", "--minutes", "0.00001"]) == 0
+    assert "stopped after step 2 of 20 (--resume continues it)" in capsys.readouterr().out
+    assert load_model(out).metadata["instance_decoder"]["steps"] == 2

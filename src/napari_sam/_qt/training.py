@@ -280,7 +280,7 @@ class TrainingWidget(Container):
             try:
                 for report in reports:
                     yield report
-                    if time.monotonic() - started > 60 * minutes and run["run"].best_step is not None:
+                    if time.monotonic() - started > 60 * minutes and run["run"].has_decoder_to_save:
                         reports.close()  # out of time, with a decoder to save: the best so far
                         break
             except Exception:

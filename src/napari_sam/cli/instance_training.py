@@ -112,7 +112,9 @@ def train_instance_decoder(args) -> int:
                 bar.update(report.step - bar.n)
                 if report.validation_loss is not None:
                     bar.set_postfix(loss=f"{report.loss:.3f}", validation=f"{report.validation_loss:.3f}")
-            if stopped.is_set() or (args.minutes and time.monotonic() - started > 60 * args.minutes):
+            # the time limit ends the run once it has a decoder to save; a signal at once
+            out_of_time = args.minutes and time.monotonic() - started > 60 * args.minutes and run.has_decoder_to_save
+            if stopped.is_set() or out_of_time:
                 steps.close()
                 break
     status = 128 + stopped.signum if stopped.is_set() else 0

@@ -312,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--steps", type=_positive_int, help="optimizer steps (default 1000, or what --minutes holds)")
     tr.add_argument("--minutes", type=_positive,
                     help="a time budget: the run is sized to end in about this many minutes (with --steps, and "
-                    "in --mode instance-decoder: stop after this many minutes)")
+                    "in --mode instance-decoder: stop after this many minutes, once a decoder is there to save)")
     tr.add_argument("--learning-rate", type=_positive,
                     help="peak learning rate (default 1e-4)")
     tr.add_argument("--box-noise", type=_non_negative, metavar="FRACTION",

@@ -123,7 +123,16 @@ class InstanceDecoderRun:
 
     @property
     def finished(self) -> bool:
+        """Whether the run took all its steps."""
         return self.decoder is not None
+
+    @property
+    def has_decoder_to_save(self) -> bool:
+        """Whether a stop now would save a decoder: the run finished, or wrote its first
+        checkpoint (at its first validation, or the step it would have validated at)."""
+        from .instance_decoder import LAST
+
+        return self.finished or (self.folder / LAST).is_file()
 
     def save(self, model_name: str, command: str) -> Path | None:
         """Write :attr:`out`: the SAM with the finished run's decoder, or a stopped run's best
