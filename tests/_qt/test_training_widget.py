@@ -198,6 +198,35 @@ def test_an_instance_decoder_run_that_fails_keeps_its_best_decoder_and_a_reading
     assert w.use.enabled and w.out.value.name == "failed_2.pth"
     assert not list((tmp_path / "tmp").glob("napari-sam-*"))
     monkeypatch.undo()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    from napari_sam.train.instance_decoder_run import InstanceDecoderRun
+
+    # the file cannot be written at the end: said, with where the run's state waits
+    def full_disk(self, *args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(InstanceDecoderRun, "save", full_disk)
+    w.steps.value = 3
+    w.start()
+    qtbot.waitUntil(lambda: not w.workers.busy, timeout=120000)
+    kept = list((tmp_path / "tmp").glob("napari-sam-*"))
+    assert len(kept) == 1 and list(kept[0].glob("*.pt"))
+    assert w.status.value == (f"error: [Errno 28] No space left on device; failed_2.pth was not saved ([Errno 28] "
+                              f"No space left on device; the run's state is kept in {kept[0]})")
+    monkeypatch.undo()
+    # Stop pressed while the finished run saves: superqt reports neither the result nor a stop
+    saving = InstanceDecoderRun.save
+
+    def stop_while_saving(self, *args):
+        w.workers.cancel()
+        return saving(self, *args)
+
+    monkeypatch.setattr(InstanceDecoderRun, "save", stop_while_saving)
+    w.start()
+    qtbot.waitUntil(lambda: not w.workers.busy, timeout=120000)
+    qtbot.waitUntil(lambda: w.status.value.startswith("saved"), timeout=10000)
+    assert (tmp_path / "failed_2.pth").is_file() and w.out.value.name == "failed_2_2.pth"
+    monkeypatch.undo()
     # a model that reads stained RGB as its haematoxylin stain, asked to learn the colours
     checkpoint = read_checkpoint(small_checkpoint)
     write_checkpoint(tmp_path / "stain.pth", checkpoint.state_dict, dict(checkpoint.metadata, stain="haematoxylin"))
@@ -211,4 +240,5 @@ def test_an_instance_decoder_run_that_fails_keeps_its_best_decoder_and_a_reading
     qtbot.waitUntil(lambda: not w.workers.busy, timeout=120000)
     assert w.status.value == ("error: the instance decoder reads the image as the model reads it (its haematoxylin "
                               "stain for stained RGB): choose \"model's advice\" under \"RGB read as\"")
-    assert not (tmp_path / "colours.pth").exists() and not list((tmp_path / "tmp").glob("napari-sam-*"))
+    # no run folder made for it (the one kept above stays)
+    assert not (tmp_path / "colours.pth").exists() and list((tmp_path / "tmp").glob("napari-sam-*")) == kept

@@ -221,3 +221,13 @@ def test_a_time_limit_ends_the_run_once_it_has_a_decoder_to_save(tmp_path, small
                  "--mode", "instance-decoder", "--steps", "20", "--minutes", "0.00001"]) == 0
     assert "stopped after step 2 of 20 (--resume continues it)" in capsys.readouterr().out
     assert load_model(out).metadata["instance_decoder"]["steps"] == 2
+
+
+def test_a_resumed_run_with_a_time_limit_goes_past_where_it_stood(tmp_path, small_checkpoint, pairs_folder, capsys):
+    # it used to stop at once, the checkpoint it resumed from counting as its own: a job
+    # resumed under a time limit would save step 2 for ever
+    data = pairs_folder(tmp_path / "data")
+    args = ["train", str(data), "--model", str(small_checkpoint), "--out", str(tmp_path / "ais.pth"), "--device",
+            "cpu", "--mode", "instance-decoder", "--steps", "20", "--minutes", "0.00001"]
+    assert main(args) == 0 and "stopped after step 2 of 20" in capsys.readouterr().out
+    assert main(args + ["--resume"]) == 0 and "stopped after step 4 of 20" in capsys.readouterr().out

@@ -153,7 +153,7 @@ class TrainingWidget(Container):
         for name, widget in self.settings.items():
             widget.visible = bool(self.more.value) and (name == "seed" or not decoder)
 
-    def _show_step(self, step: int, loss: float, validation: str, value: float | None) -> None:
+    def show_step(self, step: int, loss: float, validation: str, value: float | None) -> None:
         """A training step on the curve and the status line, with its validation figure when it validated."""
         self.curve.add("loss", step, loss)
         text = f"step {step}: loss {loss:.3f}"
@@ -190,7 +190,9 @@ class TrainingWidget(Container):
         steps, minutes = int(self.steps.value), float(self.minutes.value)
         chosen = {name: widget.value for name, widget in self.settings.items()}
         if self.mode.value == INSTANCE_DECODER:
-            return self._start_instance_decoder(data, base, out, reading, steps, minutes, int(chosen["seed"]))
+            from .instance_decoder_training import start_instance_decoder
+
+            return start_instance_decoder(self, data, base, out, reading, steps, minutes, int(chosen["seed"]))
         train, val = data.split(0.2, seed=int(chosen["seed"])) if len(data) > 1 else (data, data)
         try:
             config = TrainingConfig(mode=self.mode.value, steps=steps, validate_every=max(1, min(50, steps // 10)),
@@ -217,27 +219,27 @@ class TrainingWidget(Container):
                 run["saved"] = True
 
         def show(record):
-            self._show_step(record.step, record.loss, "validation IoU", record.validation_iou)
+            self.show_step(record.step, record.loss, "validation IoU", record.validation_iou)
 
         def done(path):
+            run["said"] = True
             kept = run["trainer"].weights_step
             self.status.value = f"saved {path}" + ("" if kept is None else f" (the weights of step {kept}, "
                                                    "best on validation)")
-            self.model, self.reading = path, reading
-            self.use.enabled = True
-            self.out.value = free_name(path)  # the next run saves beside it, never over it
+            self.offer_trained(path, reading)
 
         def stopped():
+            run["said"] = True
             if "trainer" not in run:
                 self.status.value = "stopped before the first step: nothing was trained or saved"
                 return
-            self.model, self.reading = out, reading
-            self.use.enabled = True
-            self.out.value = free_name(out)
+            self.offer_trained(out, reading)
             self.status.value = f"stopped at step {run['trainer'].step}; saved {out}"
 
         def ended():
             self.train.enabled, self.stop.enabled = True, False
+            if not run.get("said") and "trainer" in run and out.is_file():
+                done(out)  # Stop pressed while the final save ran: superqt then reports neither
 
         self.train.enabled, self.stop.enabled = False, True
         self.status.value = f"training on {len(train)} plane(s), validating on {len(val)}..."
@@ -247,120 +249,12 @@ class TrainingWidget(Container):
         self.worker.aborted.connect(self.workers.gui(stopped))
         return self.worker
 
-    def _start_instance_decoder(self, data, base: str, out: Path, reading, steps: int, minutes: float, seed: int):
-        """Train a new instance decoder on the model's frozen embeddings of the planes, for
-        ``steps`` or until Stop or the minutes run out (once a validated decoder is there to
-        save), and save the SAM with it: also when stopped, closed mid-run or failing (the
-        best decoder so far)."""
-        import shutil
-        import tempfile
-        import time
-
-        from ..core.models import resolve_model
-        from ..train.instance_decoder_run import InstanceDecoderRun
-
-        self.curve.clear()
-        self.trainer = None
-        run: dict = {}  # this run, for a save that needs no widget (it may close mid-run)
-        command = "napari-sam training widget, instance decoder"
-
-        def work():
-            model = resolve_model(base, device="auto", dtype="float32")
-            problem = InstanceDecoderRun.reading_problem(model, data.channel)
-            if problem:
-                raise ValueError(f"{problem}: choose \"model's advice\" under \"RGB read as\"")
-            # the run's state lives as long as the run: the widget does not resume
-            folder = Path(tempfile.mkdtemp(prefix="napari-sam-instance-decoder-"))
-            try:
-                run["run"] = InstanceDecoderRun(model, data, out, steps=steps, seed=seed, folder=folder)
-            except BaseException:
-                shutil.rmtree(folder, ignore_errors=True)
-                raise
-            started, reports = time.monotonic(), run["run"].steps()
-            try:
-                for report in reports:
-                    yield report
-                    if time.monotonic() - started > 60 * minutes and run["run"].has_decoder_to_save:
-                        reports.close()  # out of time, with a decoder to save: the best so far
-                        break
-            except Exception:
-                save_stopped()  # what was learned is kept; the error is said as it is
-                raise
-            return save()
-
-        def save():
-            """Write ``out`` once; the run's folder goes only when nothing in it is needed."""
-            if "saved" not in run:
-                run["saved"] = run["run"].save(base, command)
-                shutil.rmtree(run["run"].folder, ignore_errors=True)
-            return run["saved"]
-
-        def save_stopped():
-            if "run" in run:
-                try:
-                    save()
-                except Exception as err:  # noqa: BLE001 - said on the status line, the run's state kept
-                    run["save_error"] = f"{' '.join(str(err).split())[:200]}; the run's state is kept in " \
-                                        f"{run['run'].folder}"
-
-        def show(report):
-            if report.stage == "embed":
-                self.status.value = f"embedding tiles {report.step}/{report.steps}"
-                return
-            self._show_step(report.step, report.loss, "validation loss", report.validation_loss)
-
-        def said(saved) -> str:
-            decoder_run = run["run"]
-            if "save_error" in run:
-                return f"stopped after step {decoder_run.done}; could not save {out}: {run['save_error']}"
-            if saved is None:
-                return (f"stopped after {decoder_run.done} step(s), before the first validation: nothing was "
-                        "saved")
-            text = f"saved {saved}: the SAM with an instance decoder"
-            if decoder_run.best_step is not None:
-                text += f" (the decoder of step {decoder_run.best_step}, best on validation)"
-            if not decoder_run.finished:
-                text += f"; stopped after step {decoder_run.done} of {decoder_run.config.steps}"
-            return text + "; \"Segment everything\" offers AIS with it"
-
-        def offer(saved):
-            self.model, self.reading = saved, reading
-            self.use.enabled = True
-            self.out.value = free_name(saved)  # the next run saves beside it, never over it
-
-        def done(saved):
-            self.status.value = said(saved)
-            if saved is not None:
-                offer(saved)
-
-        def stopped():
-            if "run" not in run:
-                self.status.value = "stopped before the first step: nothing was trained or saved"
-                return
-            done(run.get("saved"))
-
-        def progress_of(report):
-            return (report.step, report.steps) if report.stage == "embed" else (report.step, run["run"].config.steps)
-
-        def failed(err):
-            from .workers import error_text
-
-            text = error_text(err)
-            if run.get("saved"):
-                text += f"; the best decoder so far is saved in {run['saved']}"
-                offer(run["saved"])
-            elif "save_error" in run:
-                text += f"; could not save it either: {run['save_error']}"
-            self.status.value = text
-
-        self.train.enabled, self.stop.enabled = False, True
-        self.status.value = f"an instance decoder for {base}: reading {len(data)} plane(s)..."
-        self.worker = self.workers.steps(work, desc="instance decoder", show=show, done=done, progress_of=progress_of,
-                                         failed=failed, ended=lambda: (setattr(self.train, "enabled", True),
-                                                        setattr(self.stop, "enabled", False)))
-        self.worker.aborted.connect(save_stopped)  # not through workers.gui: the widget may be gone
-        self.worker.aborted.connect(self.workers.gui(stopped))
-        return self.worker
+    def offer_trained(self, path, reading) -> None:
+        """A saved model offered for annotation (read as it was trained: ``reading``), and
+        the next run's file named beside it, never over it."""
+        self.model, self.reading = path, reading
+        self.use.enabled = True
+        self.out.value = free_name(path)
 
     def use_model(self):
         """Open (or find) the Segment Anything widget and start it with the trained model."""

@@ -83,7 +83,7 @@ def stored_weights(model: Sam, modules: Mapping[str, torch.nn.Module] = {}) -> t
     return state, extras
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=1)
 def _half_precision_tensors(path: str, stat) -> tuple[dict, dict]:
     """The 16-bit floating tensors of a checkpoint file (its state dict's, and each extra's
     by key), read once per file version (``stat``): a run saves every few hundred steps, and

@@ -86,6 +86,7 @@ class InstanceDecoderRun:
         self.decoder = None  # the finished run's best decoder
         self.done = 0  # training steps done
         self.best_step: int | None = None
+        self._checkpointed = False  # a checkpoint written by this run, not one it resumed from
 
     @staticmethod
     def reading_problem(model: Sam, channel) -> str | None:
@@ -115,6 +116,8 @@ class InstanceDecoderRun:
                     self.decoder = end.value
                     return
                 if report.stage == "train":
+                    every = self.config.validate_every
+                    self._checkpointed |= report.step % every == 0 or report.step == self.config.steps
                     self.done = report.step
                     self.best_step = report.best_step if report.best_step is not None else self.best_step
                 yield report
@@ -128,11 +131,11 @@ class InstanceDecoderRun:
 
     @property
     def has_decoder_to_save(self) -> bool:
-        """Whether a stop now would save a decoder: the run finished, or wrote its first
-        checkpoint (at its first validation, or the step it would have validated at)."""
-        from .instance_decoder import LAST
-
-        return self.finished or (self.folder / LAST).is_file()
+        """Whether this run has a decoder of its own to save: it finished, or wrote a
+        checkpoint since it started (at a validation, or the step it would have validated
+        at). A resumed run has not until its first new checkpoint, so that a time limit
+        never stops it where it stood."""
+        return self.finished or self._checkpointed
 
     def save(self, model_name: str, command: str) -> Path | None:
         """Write :attr:`out`: the SAM with the finished run's decoder, or a stopped run's best
