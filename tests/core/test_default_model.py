@@ -26,12 +26,16 @@ def test_it_ships_small_and_says_what_it_is(default_model):
     meta = default_model.metadata
     # its lineage: from scratch (full), the decoder further, then a larger encoder taught
     # the old one's embeddings and the whole model trained end to end, then the decoder
-    # again on the frozen larger encoder, once more with the IoU head's ranking term, and
-    # the whole model end to end with it
-    assert meta["training"]["mode"] == "full" and meta["training"]["steps"] >= 1000
+    # again on the frozen larger encoder, once more with the IoU head's ranking term, the
+    # whole model end to end with it, and the decoder on real crops rendered otherwise
+    assert meta["training"]["mode"] == "decoder" and meta["training"]["steps"] >= 1000
     assert meta["training"]["settings"]["iou_rank_weight"] == 1.0
     assert meta["default_model"]["command"].startswith("scripts/train_default_model.py --continue-from")
-    ranked = meta["default_model"]["continued_from"]
+    assert "--photometric 0.7" in meta["default_model"]["command"]
+    whole = meta["default_model"]["continued_from"]
+    assert whole["training"]["mode"] == "full" and whole["training"]["steps"] >= 1000
+    assert whole["training"]["settings"]["iou_rank_weight"] == 1.0
+    ranked = whole["default_model"]["continued_from"]
     assert ranked["training"]["mode"] == "decoder" and ranked["training"]["settings"]["iou_rank_weight"] == 1.0
     again = ranked["default_model"]["continued_from"]
     assert again["training"]["mode"] == "decoder" and again["training"]["steps"] >= 1000
