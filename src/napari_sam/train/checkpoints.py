@@ -162,8 +162,6 @@ def save(trainer: Trainer, path: PathLike, optimizer: bool = True) -> Path:
     """Write the trainer's model (and optimizer state) to ``path`` (see
     :meth:`Trainer.save`)."""
     path = Path(path)
-    # Floating tensors go out as float32 whatever precision the encoder ran in:
-    # the file is the official format, which loaders cast as they need.
     meta, heads = trainer.metadata(), {}
     if "scale" in trainer.model.metadata:  # it was trained on the tiles its scale advice gives (inference_tiles)
         meta["scale"] = trainer.model.metadata["scale"]
