@@ -6,10 +6,11 @@ The run itself is :class:`~napari_sam.train.instance_decoder_run.InstanceDecoder
 
 The run keeps its state in ``<out>.instance_decoder_run/``: what it was started with
 (``run.json``: model, steps, learning rate, seed, channel) and the last and best decoder,
-written at every validation. A stopped run (Ctrl-C, a cluster's SIGTERM, the end of
-``--minutes``) is saved with its best decoder so far and ``--resume`` continues it with
-the settings it started with; a finished run removes that folder, and so does a run
-stopped before its first validation, which has nothing to continue from.
+written at every validation. A stopped run (Ctrl-C, a cluster's SIGTERM, or the end of
+``--minutes``, which waits for the run's first checkpoint of its own) is saved with its
+best decoder so far and ``--resume`` continues it with the settings it started with; a
+finished run removes that folder, and so does a run a signal stopped before its first
+validation, which has nothing to continue from.
 """
 
 from __future__ import annotations
