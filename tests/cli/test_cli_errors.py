@@ -307,6 +307,34 @@ def test_a_stop_that_catches_an_asynchronous_write_half_made_still_ends_with_its
     assert run.stderr.strip().splitlines() == ["napari-sam embed: stopped by SIGTERM; what was finished is kept"]
 
 
+def test_a_stop_while_zarr_still_writes_lets_the_write_end_before_its_line(tmp_path):
+    # a SIGTERM while zarr's own thread ran a write left that task pending; zarr stops its loop
+    # at exit, and asyncio said "Task was destroyed but it is pending!" after our last line
+    import subprocess
+    import sys
+
+    script = (
+        "import asyncio, os, signal, sys\n"
+        "from napari_sam import cli\n"
+        "from napari_sam.cli import cache\n"
+        "from zarr.core import sync\n"
+        "done = []\n"
+        "async def write():\n"
+        "    await asyncio.sleep(0.5)\n"
+        "    done.append(True)\n"
+        "def embed(args):\n"
+        "    asyncio.run_coroutine_threadsafe(write(), sync._get_loop())\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "cache.embed = embed\n"
+        "code = cli.main(['embed', 'v.tif'])\n"
+        "print('written' if done else 'lost')\n"
+        "sys.exit(code)\n")
+    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 143, run.stderr[-500:]
+    assert run.stderr.strip().splitlines() == ["napari-sam embed: stopped by SIGTERM; what was finished is kept"]
+    assert run.stdout.strip() == "written"
+
+
 def test_a_plane_option_left_empty_by_the_shell_is_refused(capsys):
     # `--planes $PLANES` with PLANES unset used to embed nothing and exit 0
     for args in (["embed", "x.tif", "--planes"], ["segment", "x.tif", "--plane", "--point", "1", "1"]):

@@ -97,12 +97,38 @@ def _terminations_interrupt():
 
 def _let_go_of_interrupted_work(stop: BaseException) -> None:
     """Free what the interrupted step still holds, quietly. zarr writes through coroutines: a
-    signal that lands between making one and running it leaves it unrun, and Python would say
-    so as the command exits, after the line that tells how the command ended."""
+    signal that lands between making one and running it leaves it unrun, and one that lands
+    while zarr's own thread runs it leaves it running there. Python would say so as the
+    command exits, after the line that tells how the command ended."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited", category=RuntimeWarning)
         traceback.clear_frames(stop.__traceback__)
         gc.collect()
+    _settle_zarr_writes()
+
+
+def _settle_zarr_writes(patience: float = 30.0) -> None:
+    """Let the writes still running on zarr's event loop end before the command does: at exit
+    zarr stops its loop, and a write still pending there is destroyed half done, with a
+    message from asyncio. Writes that outlast ``patience`` seconds are cancelled."""
+    import asyncio
+
+    sync = sys.modules.get("zarr.core.sync")  # zarr is imported only by the commands that write
+    loop = getattr(sync, "loop", [None])[0]
+    if loop is None or loop.is_closed() or not loop.is_running():
+        return
+
+    async def settle() -> None:
+        writes = asyncio.all_tasks() - {asyncio.current_task()}
+        if writes:
+            _, late = await asyncio.wait(writes, timeout=patience)
+            for write in late:
+                write.cancel()
+            if late:
+                await asyncio.wait(late, timeout=1.0)
+
+    with contextlib.suppress(Exception):
+        asyncio.run_coroutine_threadsafe(settle(), loop).result(timeout=patience + 5)
 
 
 class _OutputMayBeDropped:
