@@ -107,15 +107,16 @@ def _let_go_of_interrupted_work(stop: BaseException) -> None:
     _settle_zarr_writes()
 
 
-def _settle_zarr_writes(patience: float = 30.0) -> None:
+def _settle_zarr_writes(patience: float = 10.0) -> None:
     """Let the writes still running on zarr's event loop end before the command does: at exit
     zarr stops its loop, and a write still pending there is destroyed half done, with a
-    message from asyncio. Writes that outlast ``patience`` seconds are cancelled."""
+    message from asyncio. Writes that outlast ``patience`` seconds are cancelled: a batch
+    system's SIGKILL follows its SIGTERM within about 30 seconds."""
     import asyncio
 
-    sync = sys.modules.get("zarr.core.sync")  # zarr is imported only by the commands that write
-    loop = getattr(sync, "loop", [None])[0]
-    if loop is None or loop.is_closed() or not loop.is_running():
+    # zarr's own loop, where it has made one (zarr 3 keeps it in a one-item list)
+    loop = next(iter(getattr(sys.modules.get("zarr.core.sync"), "loop", None) or [None]))
+    if not isinstance(loop, asyncio.AbstractEventLoop) or loop.is_closed() or not loop.is_running():
         return
 
     async def settle() -> None:
