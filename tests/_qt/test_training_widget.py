@@ -75,6 +75,28 @@ def test_stop_and_closing_save_what_was_learned_and_never_an_earlier_run(trainer
     assert 1 <= load_model(tmp_path / "closed.pth").metadata["training"]["steps"] < 200
 
 
+def test_a_run_is_saved_on_the_way_so_that_napari_killed_outright_keeps_it(trainer_widget, tmp_path, qtbot,
+                                                                          monkeypatch):
+    # napari killed mid-run (out of memory) used to lose the whole run: only Stop, closing
+    # and the end saved it
+    from napari_sam.core.models import load_model
+    from napari_sam.train.checkpoints import optimizer_state_path
+
+    monkeypatch.setattr("napari_sam.train.run.SAVE_EVERY", 2)
+    w = trainer_widget
+    w.steps.value = 200
+    out = tmp_path / "on_the_way.pth"
+    w.out.value = str(out)
+    w.start()
+    qtbot.waitUntil(lambda: len(w.curve.series.get("loss", [])) >= 5, timeout=120000)
+    assert w.workers.busy and out.is_file() and optimizer_state_path(out).is_file()
+    saved = load_model(out).metadata["training"]["steps"]
+    assert saved >= 2 and saved % 2 == 0  # a save of the run in progress, resumable beside its optimizer state
+    w.workers.cancel()
+    qtbot.waitUntil(lambda: not w.workers.busy, timeout=120000)
+    assert saved <= load_model(out).metadata["training"]["steps"] < 200
+
+
 def test_an_rgb_image_is_read_as_chosen_and_the_trained_model_advises_that_reading(trainer_widget, tmp_path,
                                                                                     qtbot):
     from napari_sam.core.models import load_model
@@ -112,15 +134,10 @@ def test_an_rgb_image_is_read_as_chosen_and_the_trained_model_advises_that_readi
 
 def test_an_instance_decoder_is_trained_saved_and_offered_for_segment_everything(trainer_widget, small_checkpoint,
                                                                                  tmp_path, qtbot, monkeypatch):
-    import tempfile
-
     import torch
 
-    from napari_sam.core.models import load_model
-
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
-    (tmp_path / "tmp").mkdir()
     from napari_sam._qt.widget import CHECKPOINT
+    from napari_sam.core.models import load_model
 
     w = trainer_widget
     w.base.value = CHECKPOINT
@@ -140,7 +157,7 @@ def test_an_instance_decoder_is_trained_saved_and_offered_for_segment_everything
     assert model.instance_decoder is not None and model.metadata["automatic"]["mode"] == "ais"
     assert model.metadata["instance_decoder"]["steps"] == 4
     assert all(torch.equal(v, base.state_dict()[k]) for k, v in model.state_dict().items())  # the SAM unchanged
-    assert not list((tmp_path / "tmp").glob("napari-sam-*"))  # the run's state went with it
+    assert not list(tmp_path.glob("*.instance_decoder_run"))  # the run's state went with it
     assert w.out.value.name == "ais_2.pth"
     seg = w.use_model()
     qtbot.waitUntil(lambda: seg.session is not None, timeout=30000)
@@ -152,7 +169,7 @@ def test_an_instance_decoder_is_trained_saved_and_offered_for_segment_everything
     w.workers.cancel()
     qtbot.waitUntil(lambda: not w.workers.busy, timeout=120000)
     assert not (tmp_path / "ais_2.pth").exists() and "nothing was" in w.status.value
-    assert not list((tmp_path / "tmp").glob("napari-sam-*"))
+    assert not list(tmp_path.glob("*.instance_decoder_run"))
     # closed mid-run after a validation: the best decoder so far is saved
     w.curve.clear()
     w.steps.value = 30  # validating every 3 steps
@@ -162,20 +179,58 @@ def test_an_instance_decoder_is_trained_saved_and_offered_for_segment_everything
     qtbot.waitUntil(lambda: not w.workers.busy, timeout=120000)
     stopped = load_model(tmp_path / "ais_2.pth", device="cpu").metadata["instance_decoder"]
     assert 1 <= stopped["best_step"] <= stopped["steps"] < 30
-    assert not list((tmp_path / "tmp").glob("napari-sam-*"))
+    assert not list(tmp_path.glob("*.instance_decoder_run"))
+
+
+def test_an_instance_decoder_run_left_by_napari_killed_continues_where_it_was(trainer_widget, small_checkpoint,
+                                                                               tmp_path, qtbot):
+    import shutil
+
+    from napari_sam._qt.widget import CHECKPOINT
+    from napari_sam.core.models import load_model
+
+    w = trainer_widget
+    w.base.value = CHECKPOINT
+    w.checkpoint.value = small_checkpoint
+    w.mode.value = "instance-decoder"
+    w.steps.value = 30  # validating every 3 steps
+    out = tmp_path / "ais.pth"
+    state, crashed = tmp_path / "ais.pth.instance_decoder_run", tmp_path / "crashed"
+    w.out.value = str(out)
+    w.start()
+    qtbot.waitUntil(lambda: len(w.curve.series.get("validation loss", [])) >= 2, timeout=120000)
+    shutil.copytree(state, crashed)  # what napari killed at this moment leaves beside the file
+    w.workers.cancel()
+    qtbot.waitUntil(lambda: not w.workers.busy, timeout=120000)
+    assert not state.exists()
+    out.unlink()
+    shutil.copytree(crashed, state)
+    # the same file and settings: the run goes on from its last validation
+    w.out.value = str(out)
+    w.curve.clear()
+    w.start()
+    assert w.status.value.startswith(f"an instance decoder for {small_checkpoint}: continuing the stopped run in "
+                                     f"{state}")
+    qtbot.waitUntil(lambda: not w.workers.busy, timeout=120000)
+    assert w.status.value.startswith(f"saved {out}") and not state.exists()
+    assert load_model(out, device="cpu").metadata["instance_decoder"]["steps"] == 30
+    assert w.curve.series["loss"][0][0] >= 4 and w.curve.series["loss"][-1][0] == 30  # not from the start
+    # other settings into that file: said, and the run's state is left as it was
+    out.unlink()
+    shutil.copytree(crashed, state)
+    w.out.value, w.settings["seed"].value = str(out), 1
+    assert w.start() is None and not w.workers.busy
+    assert w.status.value.startswith(f"cannot train: {state} holds a stopped run with other settings")
+    assert sorted(p.name for p in state.iterdir()) == sorted(p.name for p in crashed.iterdir())
 
 
 def test_an_instance_decoder_run_that_fails_keeps_its_best_decoder_and_a_reading_it_cannot_learn_is_said(
         trainer_widget, small_checkpoint, tmp_path, qtbot, monkeypatch):
-    import tempfile
-
     from napari_sam._qt.widget import CHECKPOINT
     from napari_sam.core.models import load_model
     from napari_sam.model.checkpoint import read_checkpoint, write_checkpoint
     from napari_sam.train import instance_decoder
 
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
-    (tmp_path / "tmp").mkdir()
     w = trainer_widget
     w.base.value = CHECKPOINT
     w.checkpoint.value = small_checkpoint
@@ -196,9 +251,8 @@ def test_an_instance_decoder_run_that_fails_keeps_its_best_decoder_and_a_reading
     assert w.status.value == f"error: out of memory; the best decoder so far is saved in {tmp_path / 'failed.pth'}"
     assert load_model(tmp_path / "failed.pth", device="cpu").metadata["instance_decoder"]["best_step"] == 3
     assert w.use.enabled and w.out.value.name == "failed_2.pth"
-    assert not list((tmp_path / "tmp").glob("napari-sam-*"))
+    assert not list(tmp_path.glob("*.instance_decoder_run"))
     monkeypatch.undo()
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     from napari_sam.train.instance_decoder_run import InstanceDecoderRun
 
     # the file cannot be written at the end: said, with where the run's state waits
@@ -209,11 +263,12 @@ def test_an_instance_decoder_run_that_fails_keeps_its_best_decoder_and_a_reading
     w.steps.value = 3
     w.start()
     qtbot.waitUntil(lambda: not w.workers.busy, timeout=120000)
-    kept = list((tmp_path / "tmp").glob("napari-sam-*"))
-    assert len(kept) == 1 and list(kept[0].glob("*.pt"))
+    kept = list(tmp_path.glob("*.instance_decoder_run"))
+    assert kept == [tmp_path / "failed_2.pth.instance_decoder_run"] and list(kept[0].glob("*.pt"))
     assert w.status.value == (f"error: [Errno 28] No space left on device; failed_2.pth was not saved ([Errno 28] "
                               f"No space left on device; the run's state is kept in {kept[0]})")
     monkeypatch.undo()
+    # Train again into the same file continues that run (it had taken its steps: it saves);
     # Stop pressed while the finished run saves: superqt reports neither the result nor a stop
     saving = InstanceDecoderRun.save
 
@@ -226,11 +281,12 @@ def test_an_instance_decoder_run_that_fails_keeps_its_best_decoder_and_a_reading
     qtbot.waitUntil(lambda: not w.workers.busy, timeout=120000)
     qtbot.waitUntil(lambda: w.status.value.startswith("saved"), timeout=10000)
     assert (tmp_path / "failed_2.pth").is_file() and w.out.value.name == "failed_2_2.pth"
+    assert load_model(tmp_path / "failed_2.pth", device="cpu").metadata["instance_decoder"]["steps"] == 3
+    assert not kept[0].exists()  # the continued run is saved: its state goes
     monkeypatch.undo()
     # a model that reads stained RGB as its haematoxylin stain, asked to learn the colours
     checkpoint = read_checkpoint(small_checkpoint)
     write_checkpoint(tmp_path / "stain.pth", checkpoint.state_dict, dict(checkpoint.metadata, stain="haematoxylin"))
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     w.checkpoint.value = tmp_path / "stain.pth"
     grey = w.image.value.data
     w.image.value = w.viewer.add_image(np.stack([grey, grey // 2, grey], axis=-1).astype(np.uint8), rgb=True)
@@ -240,5 +296,5 @@ def test_an_instance_decoder_run_that_fails_keeps_its_best_decoder_and_a_reading
     qtbot.waitUntil(lambda: not w.workers.busy, timeout=120000)
     assert w.status.value == ("error: the instance decoder reads the image as the model reads it (its haematoxylin "
                               "stain for stained RGB): choose \"model's advice\" under \"RGB read as\"")
-    # no run folder made for it (the one kept above stays)
-    assert not (tmp_path / "colours.pth").exists() and list((tmp_path / "tmp").glob("napari-sam-*")) == kept
+    # no run folder made for it
+    assert not (tmp_path / "colours.pth").exists() and not list(tmp_path.glob("*.instance_decoder_run"))

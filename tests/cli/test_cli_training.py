@@ -15,7 +15,6 @@ def _pair(folder, nuclei_2d):
 
 
 def test_a_run_that_dies_can_resume_from_its_last_save(tmp_path, tiny_checkpoint, nuclei_2d, monkeypatch):
-    import napari_sam.cli.learning as learning
     from napari_sam.core.models import load_model
     from napari_sam.train import Trainer
 
@@ -27,7 +26,7 @@ def test_a_run_that_dies_can_resume_from_its_last_save(tmp_path, tiny_checkpoint
             if record.step == 3:
                 raise MemoryError("the machine ran out of memory")
 
-    monkeypatch.setattr(learning, "SAVE_EVERY", 2)
+    monkeypatch.setattr("napari_sam.train.run.SAVE_EVERY", 2)
     monkeypatch.setattr(Trainer, "run", dies_after_three_steps)
     out = tmp_path / "tuned.pth"
     args = _pair(tmp_path, nuclei_2d) + ["--model", str(tiny_checkpoint), "--out", str(out), "--steps", "6"]

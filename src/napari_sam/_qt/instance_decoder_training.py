@@ -20,14 +20,27 @@ def start_instance_decoder(widget: TrainingWidget, data, base: str, out: Path, r
     """Train a new instance decoder on the model's frozen embeddings of the planes, for
     ``steps`` or until Stop or the minutes run out (once it has a decoder to save), and
     save the SAM with it: also when stopped, closed mid-run or failing (the best decoder
-    so far)."""
+    so far). A run of the same settings whose state waits beside ``out`` (napari killed
+    mid-run, a save that failed) is continued; one of other settings is refused."""
     import shutil
-    import tempfile
     import time
 
     from ..core.models import resolve_model
-    from ..train.instance_decoder_run import InstanceDecoderRun
+    from ..train.instance_decoder import DecoderTrainingConfig
+    from ..train.instance_decoder_run import InstanceDecoderRun, read_run_settings, run_folder, write_run_settings
 
+    # The run's state lives beside the model it will write until the run has saved it:
+    # napari killed outright leaves it there, and a run of the same settings into the same
+    # file continues from its last validation.
+    folder = run_folder(out)
+    settings = {"model": base, "steps": int(steps), "learning_rate": DecoderTrainingConfig.learning_rate,
+                "seed": int(seed), "channel": data.channel}
+    resumed = folder.exists()
+    if resumed and read_run_settings(folder) != settings:
+        widget.status.value = (f"cannot train: {folder} holds a stopped run with other settings (the model, steps, "
+                               "seed or RGB reading): train it with those again, choose another name to save as, "
+                               "or remove that folder")
+        return None
     widget.curve.clear()
     widget.trainer = None
     run: dict = {}  # this run, for a save that needs no widget (it may close mid-run)
@@ -38,13 +51,9 @@ def start_instance_decoder(widget: TrainingWidget, data, base: str, out: Path, r
         problem = InstanceDecoderRun.reading_problem(model, data.channel)
         if problem:
             raise ValueError(f"{problem}: choose \"model's advice\" under \"RGB read as\"")
-        # the run's state lives as long as the run: the widget does not resume
-        folder = Path(tempfile.mkdtemp(prefix="napari-sam-instance-decoder-"))
-        try:
-            run["run"] = InstanceDecoderRun(model, data, out, steps=steps, seed=seed, folder=folder)
-        except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise
+        run["run"] = InstanceDecoderRun(model, data, out, steps=steps, seed=seed, folder=folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_run_settings(folder, settings)
         started, reports = time.monotonic(), run["run"].steps()
         try:
             for report in reports:
@@ -132,7 +141,9 @@ def start_instance_decoder(widget: TrainingWidget, data, base: str, out: Path, r
         widget.status.value = text
 
     widget.train.enabled, widget.stop.enabled = False, True
-    widget.status.value = f"an instance decoder for {base}: reading {len(data)} plane(s)..."
+    widget.status.value = (f"an instance decoder for {base}: "
+                           + (f"continuing the stopped run in {folder}, " if resumed else "")
+                           + f"reading {len(data)} plane(s)...")
     widget.worker = widget.workers.steps(work, desc="instance decoder", show=show, done=done,
                                          progress_of=progress_of, failed=failed, ended=ended)
     widget.worker.aborted.connect(save_stopped)  # not through workers.gui: the widget may be gone

@@ -169,10 +169,12 @@ class TrainingWidget(Container):
         """Build the data and the trainer, then train in a worker for the minutes given (the
         run sized to them, as ``napari-sam train --minutes`` is, never past the steps at
         most) or until Stop, and save the model: also when stopped or when the widget
-        closes mid-run."""
+        closes mid-run, and every ``SAVE_EVERY`` steps on the way (the current weights, the
+        best so far beside them for ``napari-sam train --resume``), so that napari killed
+        outright keeps the run up to there."""
         from ..core.models import resolve_model
         from ..train import SegmentationDataset, Trainer, TrainingConfig
-        from ..train.run import finish, run_steps
+        from ..train import run as training_run
 
         if self.workers.busy:
             return None
@@ -207,14 +209,17 @@ class TrainingWidget(Container):
         def work():
             model = resolve_model(base, device="auto", dtype="float32")
             self.trainer = run["trainer"] = Trainer(model, train, config, validation_data=val)
-            yield from run_steps(run["trainer"], minutes, max_steps=steps)
-            finish(run["trainer"])
+            for record in training_run.run_steps(run["trainer"], minutes, max_steps=steps):
+                yield record
+                if record.step % training_run.SAVE_EVERY == 0:
+                    run["trainer"].save(out)  # napari killed outright (out of memory) keeps the run to here
+            training_run.finish(run["trainer"])
             run["trainer"].save(out)
             return out
 
         def save_stopped():
             if "trainer" in run and not run.get("saved"):
-                finish(run["trainer"])
+                training_run.finish(run["trainer"])
                 run["trainer"].save(out)
                 run["saved"] = True
 

@@ -15,8 +15,6 @@ validation, which has nothing to continue from.
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from pathlib import Path
 
@@ -26,25 +24,25 @@ __all__ = ["train_instance_decoder"]
 
 _SAM_ONLY = {"box_noise": "--box-noise", "central_clicks": "--central-clicks",
              "mask_loss_upscale": "--mask-loss-upscale"}
-_RUN = "run.json"
 
 
 def _settings(args, folder: Path) -> dict:
     """What the run trains with: a new run's from its options, a resumed run's from its
     ``run.json``, where options given again must agree."""
     from ..core.models import default_model_spec
+    from ..train.instance_decoder_run import read_run_settings
 
     # the model a run without --model takes ($NAPARI_SAM_MODEL, else the default), named
     # in run.json so that a resume reads the same one
     given = {"model": args.model or default_model_spec(), "steps": args.steps, "learning_rate": args.learning_rate,
              "seed": args.seed, "channel": args.channel}
-    if not args.resume or not (folder / _RUN).is_file():
+    saved = read_run_settings(folder) if args.resume else None
+    if saved is None:
         from ..train.instance_decoder import DecoderTrainingConfig
         from ..train.instance_decoder_run import DEFAULT_STEPS
 
         fresh = {"steps": DEFAULT_STEPS, "learning_rate": DecoderTrainingConfig.learning_rate, "seed": 0}
         return {k: (fresh.get(k) if v is None else v) for k, v in given.items()}
-    saved = json.loads((folder / _RUN).read_text())
     options = {"model": "--model", "steps": "--steps", "learning_rate": "--learning-rate", "seed": "--seed",
                "channel": "--channel"}
     differ = [f"{options[k]} {v}" for k, v in given.items()
@@ -60,7 +58,7 @@ def train_instance_decoder(args) -> int:
     stopped the run)."""
     from ..core.models import resolve_model
     from ..core.outputs import check_file_output
-    from ..train.instance_decoder_run import InstanceDecoderRun, run_folder
+    from ..train.instance_decoder_run import InstanceDecoderRun, run_folder, write_run_settings
     from .inputs import training_data
     from .stopping import first_interrupt_stops
 
@@ -96,7 +94,7 @@ def train_instance_decoder(args) -> int:
     run = InstanceDecoderRun(model, data, out, validation, steps=int(settings["steps"]),
                              learning_rate=float(settings["learning_rate"]), seed=int(settings["seed"]))
     folder.mkdir(parents=True, exist_ok=True)
-    _write_settings(folder / _RUN, settings)
+    write_run_settings(folder, settings)
     config = run.config
     print(f"training an instance decoder on {len(run.train)} tile(s), validating on "
           f"{len(run.validation) if run.validation is not None else 0}; {config.steps} steps, learning rate "
@@ -128,13 +126,6 @@ def train_instance_decoder(args) -> int:
           + ("" if run.finished else f"; stopped after step {run.done} of {config.steps} (--resume continues it)")
           + f"; segment everything with --mode ais (or apg): napari-sam segment IMAGE --model {out} --mode ais")
     return status
-
-
-def _write_settings(path: Path, settings: dict) -> None:
-    # whole or absent: a resume reads what the run started with
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(settings))
-    os.replace(tmp, path)
 
 
 def _progress(total: int):

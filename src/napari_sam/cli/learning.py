@@ -15,8 +15,8 @@ def train(args) -> int:
     from ..core.models import resolve_model
     from ..core.outputs import check_file_output
     from ..train import SegmentationDataset, Trainer, TrainingConfig
+    from ..train import run as training_run
     from ..train.checkpoints import learned_stain
-    from ..train.run import train as run_training
     from .inputs import training_data
     from .stopping import first_interrupt_stops
 
@@ -88,7 +88,7 @@ def train(args) -> int:
     with first_interrupt_stops("stopping after this step, then saving what was learned "
                                 "(Ctrl-C again to quit without saving)") as stopped:
         # saved along the way too, so that a killed run (out of memory, power) resumes from there
-        run_training(trainer, checkpoint=out, save_every=SAVE_EVERY, minutes=budget,
+        training_run.train(trainer, checkpoint=out, save_every=training_run.SAVE_EVERY, minutes=budget,
                      stop_after=None if budget else args.minutes, stop=stopped.is_set)
     kept = trainer.weights_step
     note = "" if kept is None else f", with the weights of step {kept} (best validation)"
@@ -113,10 +113,6 @@ def _saved_training(path) -> dict:
     except (ValueError, TypeError, OSError):  # not a run of ours: resuming it says why in one line
         return {}
     return training if isinstance(training, dict) else {}
-
-
-SAVE_EVERY = 100
-"""Steps between the saves of a run in progress."""
 
 
 def _check_resumed(config, chosen: dict, model: str | None, out) -> None:

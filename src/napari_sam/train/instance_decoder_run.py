@@ -20,7 +20,7 @@ from ..model import Sam
 from .dataset import SegmentationDataset
 from .instance_decoder import DecoderTrainingConfig, DecoderTrainingProgress
 
-__all__ = ["DEFAULT_STEPS", "InstanceDecoderRun", "run_folder"]
+__all__ = ["DEFAULT_STEPS", "InstanceDecoderRun", "read_run_settings", "run_folder", "write_run_settings"]
 
 DEFAULT_STEPS = 3000
 """Decoder steps of a run that names none (the default model's took 4000, 14 minutes on a
@@ -32,6 +32,34 @@ def run_folder(out: str | os.PathLike) -> Path:
     every validation) until it finishes."""
     out = Path(out)
     return out.with_name(out.name + ".instance_decoder_run")
+
+
+_SETTINGS = "run.json"
+
+
+def write_run_settings(folder: str | os.PathLike, settings: dict) -> None:
+    """Record in a run's folder what it was started with (plain JSON values: the model, the
+    steps, the learning rate, the seed, how the planes were read), whole or not at all, so
+    that whoever continues it continues the same run."""
+    import json
+
+    path = Path(folder) / _SETTINGS
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(settings))
+    os.replace(tmp, path)
+
+
+def read_run_settings(folder: str | os.PathLike) -> dict | None:
+    """What the run in ``folder`` was started with (:func:`write_run_settings`), or None
+    where the folder holds no such record."""
+    import json
+
+    path = Path(folder) / _SETTINGS
+    try:
+        settings = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return settings if isinstance(settings, dict) else None
 
 
 class InstanceDecoderRun:

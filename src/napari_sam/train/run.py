@@ -15,7 +15,11 @@ from .config import TrainingConfig
 from .dataset import SegmentationDataset
 from .trainer import Trainer, TrainingRecord
 
-__all__ = ["finish", "run_steps", "train"]
+__all__ = ["SAVE_EVERY", "finish", "run_steps", "train"]
+
+SAVE_EVERY = 100
+"""Steps between the saves of a run in progress (the command line's and the training
+widget's), so that a run killed outright keeps what it learned up to its last save."""
 
 
 def train(
