@@ -95,6 +95,25 @@ def test_a_run_is_saved_on_the_way_so_that_napari_killed_outright_keeps_it(train
     w.workers.cancel()
     qtbot.waitUntil(lambda: not w.workers.busy, timeout=120000)
     assert saved <= load_model(out).metadata["training"]["steps"] < 200
+    # an error after a save on the way is said as an error, with what was learned saved
+    from napari_sam.train import Trainer
+
+    steps = Trainer.run
+
+    def dies_after_five_steps(self):
+        for record in steps(self):
+            yield record
+            if record.step == 5:
+                raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(Trainer, "run", dies_after_five_steps)
+    failed = tmp_path / "failed.pth"
+    w.out.value = str(failed)
+    w.start()
+    qtbot.waitUntil(lambda: not w.workers.busy, timeout=120000)
+    qtbot.wait(200)
+    assert w.status.value == f"error: out of memory; what was learned is saved in {failed}"
+    assert load_model(failed).metadata["training"]["steps"] == 5 and w.use.enabled
 
 
 def test_an_rgb_image_is_read_as_chosen_and_the_trained_model_advises_that_reading(trainer_widget, tmp_path,
@@ -220,8 +239,14 @@ def test_an_instance_decoder_run_left_by_napari_killed_continues_where_it_was(tr
     shutil.copytree(crashed, state)
     w.out.value, w.settings["seed"].value = str(out), 1
     assert w.start() is None and not w.workers.busy
-    assert w.status.value.startswith(f"cannot train: {state} holds a stopped run with other settings")
+    assert w.status.value.startswith(f"cannot train: {state} holds a stopped run of other settings (seed 0): "
+                                     "train with those to go on, or choose another name")
     assert sorted(p.name for p in state.iterdir()) == sorted(p.name for p in crashed.iterdir())
+    (state / "run.json").write_text("[")  # a record of its settings that cannot be read
+    assert w.start() is None and w.status.value.startswith(f"cannot train: {state / 'run.json'} cannot be read")
+    (state / "run.json").unlink()
+    assert w.start() is None and w.status.value == (f"cannot train: {state} holds a run's state without its settings: "
+                                                    "choose another name to save as, or remove that folder")
 
 
 def test_an_instance_decoder_run_that_fails_keeps_its_best_decoder_and_a_reading_it_cannot_learn_is_said(
@@ -281,7 +306,8 @@ def test_an_instance_decoder_run_that_fails_keeps_its_best_decoder_and_a_reading
     qtbot.waitUntil(lambda: not w.workers.busy, timeout=120000)
     qtbot.waitUntil(lambda: w.status.value.startswith("saved"), timeout=10000)
     assert (tmp_path / "failed_2.pth").is_file() and w.out.value.name == "failed_2_2.pth"
-    assert load_model(tmp_path / "failed_2.pth", device="cpu").metadata["instance_decoder"]["steps"] == 3
+    continued = load_model(tmp_path / "failed_2.pth", device="cpu").metadata["instance_decoder"]
+    assert continued["steps"] == 3 and continued["best_step"] == 3 and "(the decoder of step 3" in w.status.value
     assert not kept[0].exists()  # the continued run is saved: its state goes
     monkeypatch.undo()
     # a model that reads stained RGB as its haematoxylin stain, asked to learn the colours

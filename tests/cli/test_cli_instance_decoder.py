@@ -100,6 +100,14 @@ def test_a_stopped_run_is_saved_with_its_best_decoder_and_resumed(tmp_path, smal
     assert main(args + ["--resume", "--learning-rate", "0.01"]) == 2
     err = capsys.readouterr().err
     assert "--learning-rate 0.01 would change it" in err and err.count("\n") == 1
+    # a record of its settings that cannot be read is said, not replaced by the options given
+    record = run_folder(out) / "run.json"
+    kept = record.read_bytes()
+    record.write_text('{"model": ')
+    assert main(args + ["--resume"]) == 2
+    err = capsys.readouterr().err
+    assert f"{record} cannot be read" in err and err.count("\n") == 1 and record.read_text() == '{"model": '
+    record.write_bytes(kept)
     from napari_sam.train import instance_decoder
 
     starts = []

@@ -27,7 +27,7 @@ def start_instance_decoder(widget: TrainingWidget, data, base: str, out: Path, r
 
     from ..core.models import resolve_model
     from ..train.instance_decoder import DecoderTrainingConfig
-    from ..train.instance_decoder_run import InstanceDecoderRun, read_run_settings, run_folder, write_run_settings
+    from ..train.instance_decoder_run import InstanceDecoderRun, run_folder, write_run_settings
 
     # The run's state lives beside the model it will write until the run has saved it:
     # napari killed outright leaves it there, and a run of the same settings into the same
@@ -36,10 +36,9 @@ def start_instance_decoder(widget: TrainingWidget, data, base: str, out: Path, r
     settings = {"model": base, "steps": int(steps), "learning_rate": DecoderTrainingConfig.learning_rate,
                 "seed": int(seed), "channel": data.channel}
     resumed = folder.exists()
-    if resumed and read_run_settings(folder) != settings:
-        widget.status.value = (f"cannot train: {folder} holds a stopped run with other settings (the model, steps, "
-                               "seed or RGB reading): train it with those again, choose another name to save as, "
-                               "or remove that folder")
+    problem = _other_run(folder, settings) if resumed else None
+    if problem:
+        widget.status.value = f"cannot train: {problem}"
         return None
     widget.curve.clear()
     widget.trainer = None
@@ -149,4 +148,28 @@ def start_instance_decoder(widget: TrainingWidget, data, base: str, out: Path, r
     widget.worker.aborted.connect(save_stopped)  # not through workers.gui: the widget may be gone
     widget.worker.aborted.connect(widget.workers.gui(stopped))
     return widget.worker
+
+
+def _other_run(folder: Path, settings: dict) -> str | None:
+    """Why the run whose state waits in ``folder`` is not the one ``settings`` start, or None."""
+    from ..train.instance_decoder_run import read_run_settings
+
+    what = "choose another name to save as, or remove that folder"
+    try:
+        saved = read_run_settings(folder)
+    except ValueError as err:
+        return str(err)
+    if saved is None:
+        return f"{folder} holds a run's state without its settings: {what}"
+    names = {"model": "model", "steps": "steps", "seed": "seed", "channel": "RGB read as",
+             "learning_rate": "learning rate"}
+
+    def said(value):
+        return "the model's advice" if value is None else value
+
+    differ = [f"{names[k]} {said(saved.get(k))}" for k in settings if saved.get(k) != settings[k]]
+    if differ:
+        return (f"{folder} holds a stopped run of other settings ({', '.join(differ)}): train with those to go on, "
+                f"or {what}")
+    return None
 

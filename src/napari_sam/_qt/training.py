@@ -8,6 +8,7 @@ bar and a live curve of the loss and the validation IoU.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -209,10 +210,15 @@ class TrainingWidget(Container):
         def work():
             model = resolve_model(base, device="auto", dtype="float32")
             self.trainer = run["trainer"] = Trainer(model, train, config, validation_data=val)
-            for record in training_run.run_steps(run["trainer"], minutes, max_steps=steps):
-                yield record
-                if record.step % training_run.SAVE_EVERY == 0:
-                    run["trainer"].save(out)  # napari killed outright (out of memory) keeps the run to here
+            try:
+                for record in training_run.run_steps(run["trainer"], minutes, max_steps=steps):
+                    yield record
+                    if record.step % training_run.SAVE_EVERY == 0:
+                        run["trainer"].save(out)  # napari killed outright (out of memory) keeps the run to here
+            except Exception:
+                with contextlib.suppress(Exception):  # the error is said as it is; what was learned is kept
+                    save_stopped()
+                raise
             training_run.finish(run["trainer"])
             run["trainer"].save(out)
             return out
@@ -246,9 +252,22 @@ class TrainingWidget(Container):
             if not run.get("said") and "trainer" in run and out.is_file():
                 done(out)  # Stop pressed while the final save ran: superqt then reports neither
 
+        def failed(err):
+            from .workers import error_text
+
+            run["said"] = True
+            text = error_text(err)
+            if run.get("saved"):
+                text += f"; what was learned is saved in {out}"
+            elif out.is_file():  # the save after the error failed too: the last save on the way stays
+                text += f"; {out} keeps the run up to its last save (every {training_run.SAVE_EVERY} steps)"
+            if out.is_file():
+                self.offer_trained(out, reading)
+            self.status.value = text
+
         self.train.enabled, self.stop.enabled = False, True
         self.status.value = f"training on {len(train)} plane(s), validating on {len(val)}..."
-        self.worker = self.workers.steps(work, desc="training", show=show, done=done,
+        self.worker = self.workers.steps(work, desc="training", show=show, done=done, failed=failed,
                                          progress_of=lambda r: (r.step, run["trainer"].config.steps), ended=ended)
         self.worker.aborted.connect(save_stopped)  # not through workers.gui: the widget may be gone
         self.worker.aborted.connect(self.workers.gui(stopped))

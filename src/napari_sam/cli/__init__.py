@@ -96,15 +96,18 @@ def _terminations_interrupt():
 
 
 def _let_go_of_interrupted_work(stop: BaseException) -> None:
-    """Free what the interrupted step still holds, quietly. zarr writes through coroutines: a
-    signal that lands between making one and running it leaves it unrun, and one that lands
-    while zarr's own thread runs it leaves it running there. Python would say so as the
-    command exits, after the line that tells how the command ended."""
+    """Free what the interrupted step still holds, quietly, once the line that tells how the
+    command ended is out. zarr writes through coroutines: a signal that lands between making
+    one and running it leaves it unrun, and one that lands while zarr's own thread runs it
+    leaves it running there; Python would say so as the command exits, after that line."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited", category=RuntimeWarning)
         traceback.clear_frames(stop.__traceback__)
         gc.collect()
-    _settle_zarr_writes()
+    try:
+        _settle_zarr_writes()
+    except KeyboardInterrupt:  # a second Ctrl-C: the writes are not waited for
+        pass
 
 
 def _settle_zarr_writes(patience: float = 10.0) -> None:
@@ -198,13 +201,13 @@ def main(argv: list[str] | None = None) -> int:
             warnings.filterwarnings("default", category=UserWarning, module=r"napari_sam\.")  # ours: said, not raised
             return handlers[args.command](args)
     except _Terminated as stop:
-        _let_go_of_interrupted_work(stop)
         with contextlib.suppress(OSError):  # a closed terminal takes no more output
             print(f"napari-sam {args.command}: stopped by {stop.name}; what was finished is kept", file=sys.stderr)
+        _let_go_of_interrupted_work(stop)
         return 128 + stop.signum
     except KeyboardInterrupt as stop:
-        _let_go_of_interrupted_work(stop)
         print(f"napari-sam {args.command}: interrupted", file=sys.stderr)
+        _let_go_of_interrupted_work(stop)
         return 130
     except Exception as err:
         if is_user_error(err):

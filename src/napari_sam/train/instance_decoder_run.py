@@ -51,15 +51,25 @@ def write_run_settings(folder: str | os.PathLike, settings: dict) -> None:
 
 def read_run_settings(folder: str | os.PathLike) -> dict | None:
     """What the run in ``folder`` was started with (:func:`write_run_settings`), or None
-    where the folder holds no such record."""
+    where the folder holds no such record.
+
+    Raises
+    ------
+    ValueError
+        For a record that cannot be read as one.
+    """
     import json
 
     path = Path(folder) / _SETTINGS
+    if not path.is_file():
+        return None
     try:
         settings = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return settings if isinstance(settings, dict) else None
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path} cannot be read ({err}): remove {Path(folder)} to start the run over") from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path} is not a run's settings: remove {Path(folder)} to start the run over")
+    return settings
 
 
 class InstanceDecoderRun:
@@ -142,6 +152,8 @@ class InstanceDecoderRun:
                     report = next(run)
                 except StopIteration as end:
                     self.decoder = end.value
+                    if self.best_step is None:  # resumed after its last step: the folder says which it kept
+                        self._read_folder()
                     return
                 if report.stage == "train":
                     every = self.config.validate_every
@@ -192,23 +204,31 @@ class InstanceDecoderRun:
             shutil.rmtree(self.folder, ignore_errors=True)
         return self.out
 
-    def _saved_decoder(self):
-        """The best (else the last) decoder the run folder holds; None before the first
-        validation."""
+    def _read_folder(self) -> dict:
+        """The best and the last checkpoint the run folder holds, by file name; the steps
+        done and kept are taken from them where this run has not reported its own (a
+        resumed run stopped while it embedded, or resumed after its last step)."""
         import torch
 
-        from ..model.instance_decoder import InstanceDecoder
         from .instance_decoder import BEST, LAST
 
         saved = {name: torch.load(self.folder / name, map_location=self.model.device, weights_only=True)
                  for name in (BEST, LAST) if (self.folder / name).is_file()}
-        if not saved:
-            return None
-        # a resumed run stopped while it embedded has taken no step of its own yet
         if LAST in saved:
             self.done = max(self.done, int(saved[LAST]["step"]))
         if BEST in saved and self.best_step is None:
             self.best_step = int(saved[BEST]["step"])
+        return saved
+
+    def _saved_decoder(self):
+        """The best (else the last) decoder the run folder holds; None before the first
+        validation."""
+        from ..model.instance_decoder import InstanceDecoder
+        from .instance_decoder import BEST, LAST
+
+        saved = self._read_folder()
+        if not saved:
+            return None
         state = saved.get(BEST, saved.get(LAST))
         decoder = InstanceDecoder(self.config.decoder_config(self.model.config.prompt_embed_dim))
         decoder.to(self.model.device).load_state_dict(state["decoder"])
