@@ -124,6 +124,8 @@ def main(argv=None) -> None:
     config = MaskRefinerConfig(width=args.width, depth=args.depth, steps=args.steps, seed=args.seed,
                                augment=not args.no_augment, noise=args.noise)
     model = load_model(args.model)
+    # the mask chooser that travels with the refiner stays (it ranks SAM's own masks)
+    chooser = None if model.mask_refiner is None else model.mask_refiner.chooser
     model.mask_refiner = None  # the samples are SAM's own answers, never an older refiner's
     sources = args.sources.split(",")
     started = time.time()
@@ -142,6 +144,7 @@ def main(argv=None) -> None:
         print(json.dumps(record), flush=True)
 
     refiner = train_mask_refiner(train, config, args.checkpoint_dir, log)
+    refiner.chooser = chooser
     figures = {name: {"before": mask_refiner_iou(None, s), "after": mask_refiner_iou(refiner, s)}
                for name, s in (("training", train), ("held-out dsb2018_fluo", held))}
     provenance = {
@@ -157,7 +160,7 @@ def main(argv=None) -> None:
         "threads": args.threads,
         "iou_model_input_frame": figures,
     }
-    if args.refine_below_magnification > 0:  # read by napari_sam.core.predictor.refines_masks
+    if args.refine_below_magnification > 0:  # read by napari_sam.core.pixel_heads.refines_masks
         provenance["refine_below_magnification"] = args.refine_below_magnification
     print(json.dumps(provenance, indent=1))
     if args.write:

@@ -99,7 +99,7 @@ def test_the_predictor_refines_with_the_pixels_and_only_then(tiny_sam):
 
 def test_tiled_answers_are_refined_first_only_and_never_when_asked_not_to_or_on_haematoxylin(tiny_sam):
     from napari_sam.core.embeddings import Embeddings
-    from napari_sam.core.predictor import refines_masks
+    from napari_sam.core.pixel_heads import refines_masks
     from napari_sam.core.prompts import Prompt
     from napari_sam.core.stain import HAEMATOXYLIN
 
@@ -147,7 +147,7 @@ def test_an_answer_to_a_correction_is_sams_own(tiny_sam):
 
 def test_planes_enlarged_as_much_as_the_checkpoint_says_or_more_keep_sams_masks(tiny_sam):
     from napari_sam.core.embeddings import Embeddings
-    from napari_sam.core.predictor import refines_masks
+    from napari_sam.core.pixel_heads import refines_masks
     from napari_sam.core.prompts import Prompt
 
     image = (np.random.default_rng(2).random((96, 96)) * 255).astype(np.uint8)

@@ -405,16 +405,20 @@ def test_central_clicks_open_in_the_inner_half_and_leave_earlier_seeds_alone():
 
 
 def test_a_fine_tune_keeps_the_models_mask_refiner_and_where_it_acts(mini_sam, data, tmp_path):
+    from napari_sam.model.mask_chooser import MaskChooser
     from napari_sam.model.mask_refiner import MaskRefiner
 
     torch.manual_seed(1)
     mini_sam.mask_refiner = MaskRefiner(width=4, depth=3)
-    mini_sam.metadata = {"mask_refiner": {"refine_below_magnification": 2.0}}
+    mini_sam.mask_refiner.chooser = MaskChooser(8)  # and the chooser that travels with it
+    mini_sam.metadata = {"mask_refiner": {"refine_below_magnification": 2.0}, "mask_chooser": {"steps": 3}}
     trainer = Trainer(mini_sam, data, TrainingConfig(**dict(FAST, steps=1)), device="cpu")
     list(trainer.run())
     model = load_model(trainer.save(tmp_path / "ft.pth"), device="cpu", dtype="float32")
     # it reads a mask's logits and the pixels, not the embedding: the tuned decoder's answers still use it
     assert model.metadata["mask_refiner"] == {"refine_below_magnification": 2.0}
+    assert model.metadata["mask_chooser"] == {"steps": 3} and model.mask_refiner.chooser is not None
+    assert mini_sam.mask_refiner.state_dict().keys() == model.mask_refiner.state_dict().keys()
     for a, b in zip(mini_sam.mask_refiner.state_dict().values(), model.mask_refiner.state_dict().values()):
         torch.testing.assert_close(a.float(), b)
     assert not any(k.startswith("mask_refiner") for k in read_checkpoint(tmp_path / "ft.pth").state_dict)

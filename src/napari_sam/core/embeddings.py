@@ -35,8 +35,9 @@ from .image_embedding import ImageEmbedding
 from .image_source import ImageSource
 from .masks import PlaneMask
 from .models import model_identity
+from .pixel_heads import chooses_masks, reads_pixels, refines_masks
 from .precompute import EmbedProgress, compute_all, iter_precompute
-from .predictor import Prediction, Predictor, refines_masks
+from .predictor import Prediction, Predictor
 from .preprocess import IntensityLimits, Normalization
 from .prompts import Prompt
 from .scale import ObjectDiameters, central_crop, magnification_for
@@ -247,12 +248,16 @@ class Embeddings:
         region = self.source.read(flat := self.source.flat_index(plane), self.grid[tile].outer)
         return self._encoder.model_input(region, self.limits_for(flat))
 
+    def _enlarged(self, tile: tuple[int, int]) -> float:
+        """How many times a tile is enlarged for its embedding (a tile smaller than the
+        input is enlarged to fill it)."""
+        y0, y1, x0, x1 = self.grid[tile].outer
+        return max(self.magnification, self.model.config.image_size / max(y1 - y0, x1 - x0))
+
     def _refiner_pixels(self, plane, tile: tuple[int, int]) -> torch.Tensor | None:
-        """A tile's model input for a model whose mask refiner reads it (the cache holds
-        embeddings only; the few tiles a click visits are kept)."""
-        y0, y1, x0, x1 = self.grid[tile].outer  # a tile smaller than the input is enlarged to fill it
-        enlarged = max(self.magnification, self.model.config.image_size / max(y1 - y0, x1 - x0))
-        if not refines_masks(self.model, self.source.channel, enlarged):
+        """A tile's model input for a model whose mask refiner or chooser reads it (the
+        cache holds embeddings only; the few tiles a click visits are kept)."""
+        if not reads_pixels(self.model, self.source.channel, self._enlarged(tile)):
             return None
         with self._lock:
             pixels = self._pixels.pop((plane, tile), None)
@@ -359,8 +364,10 @@ class Embeddings:
         and box (4,) as (x0, y0, x1, y1) in the pixels of the tile's embedded region
         (``grid[tile].outer``), mask_input (1, S/4, S/4) low-res logits of that tile."""
         emb = self.embedding_for(plane, tile)
-        pixels = self._refiner_pixels(plane, tile) if refine else None
+        pixels = self._refiner_pixels(plane, tile)
+        refine = refine and refines_masks(self.model, self.source.channel, self._enlarged(tile))
         with self._decode_lock:
-            self._decoder.set_embedding(emb, pixels)
+            self._decoder.set_embedding(emb, pixels, refine=refine,
+                                        choose=chooses_masks(self.model, self.source.channel))
             return self._decoder.predict(points=points, labels=labels, box=box, mask_input=mask_input,
                                          multimask=multimask)

@@ -19,30 +19,15 @@ from ..model.traced_decode import TracedDecode
 from ..model.transformer import ImageContext
 from .image_embedding import ImageEmbedding
 from .masks import upscale_logits
+from .pixel_heads import chooses_masks, reads_pixels, refines_masks
 from .prediction import Prediction
 from .preprocess import Normalization, prepare_plane
 from .prompts import check_boxes, check_points_inside
-from .stain import HAEMATOXYLIN, plane_channel
+from .stain import plane_channel
 
-__all__ = ["Prediction", "Predictor", "refines_masks"]
+__all__ = ["Prediction", "Predictor"]
 
 _CONTEXTS = 4  # image contexts kept (about 19 MiB each for SAM's 64 x 64 grid)
-
-
-def refines_masks(model: Sam, channel=None, magnification: float | None = None) -> bool:
-    """Whether the answers on a plane read through ``channel`` and enlarged ``magnification``
-    times for its embedding (the scale advice's, or more for a plane smaller than the model
-    input) are sharpened by the model's mask refiner (:attr:`Sam.mask_refiner
-    <napari_sam.model.sam.Sam.mask_refiner>`): when it has one, except on stained brightfield
-    read as its haematoxylin stain (a refiner trained on fluorescence cost H&E nuclei
-    0.07-0.09 IoU there) and on planes enlarged as much as its checkpoint's
-    ``metadata["mask_refiner"]["refine_below_magnification"]`` or more, where a mask pixel
-    covers two image pixels or fewer and the pixels it would read are interpolated
-    (docs/default_model.md)."""
-    if model.mask_refiner is None or channel == HAEMATOXYLIN:
-        return False
-    limit = (getattr(model, "metadata", None) or {}).get("mask_refiner", {}).get("refine_below_magnification")
-    return limit is None or magnification is None or magnification < float(limit)
 
 
 class Predictor:
@@ -82,6 +67,7 @@ class Predictor:
         self._context: ImageContext | None = None
         # The current image's model input, for a model whose mask refiner reads the pixels.
         self._pixels: torch.Tensor | None = None
+        self._refine = self._choose = False
         self._traced = TracedDecode(self.model) if traced else None
         # Recent (embedding, image context) pairs: tiled answers switch between a few
         # tiles, and the context is the costly part of setting an embedding.
@@ -168,11 +154,12 @@ class Predictor:
         x, original_size = prepare_plane(
             image, self.normalization, channel_axis, channel, limits, self.model.config.image_size
         )
-        return self.set_embedding(self.compute_embedding(x, original_size), self._refiner_input(x, channel))
+        return self.set_embedding(self.compute_embedding(x, original_size), self._refiner_input(x, channel),
+                                  refine=refines_masks(self.model, channel), choose=chooses_masks(self.model, channel))
 
     def _refiner_input(self, x: torch.Tensor, channel=None) -> torch.Tensor | None:
-        """The model input that a mask refiner reads, for a resized (1, 3, h, w) plane."""
-        if not refines_masks(self.model, channel):
+        """The model input that a mask refiner or chooser reads, for a resized (1, 3, h, w) plane."""
+        if not reads_pixels(self.model, channel):
             return None
         with torch.inference_mode():
             return self.model.preprocess(x.to(self.device, torch.float32))
@@ -184,19 +171,24 @@ class Predictor:
         return self.set_embedding(self.compute_embedding(x, original_size), self._refiner_input(x))
 
     @torch.inference_mode()
-    def set_embedding(self, embedding: ImageEmbedding, pixels: torch.Tensor | None = None) -> ImageEmbedding:
+    def set_embedding(self, embedding: ImageEmbedding, pixels: torch.Tensor | None = None,
+                      refine: bool = True, choose: bool = True) -> ImageEmbedding:
         """Answer later prompts on a previously computed embedding.
 
         ``pixels``: the (1, 3, S, S) model input it was computed from (:meth:`model_input`),
         for a model with a mask refiner (:attr:`Sam.mask_refiner
-        <napari_sam.model.sam.Sam.mask_refiner>`) to sharpen the masks by; without it the
-        masks are SAM's enlarged logits."""
+        <napari_sam.model.sam.Sam.mask_refiner>`) to sharpen the masks by, unless
+        ``refine`` is False, and for its mask chooser to rank a lone click's masks by
+        (:func:`chooses_masks`), unless ``choose`` is False; without them the masks are SAM's enlarged logits, ranked by
+        its IoU head."""
         side = self.model.config.image_size
         if max(embedding.input_size) != side:
             # Prompts would be mapped into another frame than the features': silently empty masks.
             raise ValueError(f"this embedding was made for a {max(embedding.input_size)}-pixel model input; "
                              f"the model takes {side} (ImageEmbedding.from_array(..., long_side={side}))")
         self._pixels = pixels
+        self._refine = refine and pixels is not None and self.model.mask_refiner is not None
+        self._choose = choose and pixels is not None and chooses_masks(self.model)
         known = self._contexts.get(id(embedding))
         if known is not None and known[0] is embedding:
             self._contexts.move_to_end(id(embedding))
@@ -349,10 +341,17 @@ class Predictor:
             low, iou = self.model.decode(
                 emb.features, t_points, t_labels, t_boxes, t_mask, multimask_output=multimask, context=self._context
             )
+        refiner = self.model.mask_refiner
+        chooser = refiner.chooser if self._choose and refiner is not None else None
+        if (chooser is not None and self._pixels is not None and multimask and t_points is not None
+                and t_labels is not None and t_points.shape[1] == 1 and t_boxes is None and t_mask is None
+                and bool((t_labels == 1).all())):
+            # a lone click: its three masks ranked by looking at them (model.mask_chooser)
+            iou = chooser.estimate(low.float(), self._pixels.to(self.device), t_points[:, 0], iou)
         # Only a first answer is refined: the refiner does not see the clicks, so where it
         # carried a mask into a touching neighbour, a background click there would not
         # take it back (measured: crowded nuclei lost up to 0.5 IoU after 4 corrections).
-        pixels = self._pixels if t_mask is None else None
+        pixels = self._pixels if t_mask is None and self._refine else None
         return Prediction(iou.cpu().numpy(), low.cpu().numpy(), self._upscaler(emb, pixels), return_logits,
                           None if pixels is None else self._refined_low_res(pixels))
 

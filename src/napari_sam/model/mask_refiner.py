@@ -27,6 +27,7 @@ import torch
 from torch.nn import functional as F
 
 from .image_refiner import IMAGE_FEATURES, ImageRefiner
+from .mask_chooser import CHOOSER_PREFIX, MaskChooser, mask_chooser_from_state_dict
 
 __all__ = ["MASK_REFINER_KEY", "MaskRefiner", "mask_refiner_from_state_dict"]
 
@@ -56,6 +57,9 @@ class MaskRefiner(ImageRefiner):
 
     def __init__(self, width: int = 16, depth: int = 5):
         super().__init__(0, width, 1, depth)
+        # The head that chooses among a lone click's masks, when the checkpoint has one: it
+        # reads the same pixels and travels with this head (its keys ``chooser.*``).
+        self.chooser: MaskChooser | None = None
 
     def refine(self, logits: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         """Refined logits of each mask, in the model-input frame.
@@ -100,13 +104,16 @@ class MaskRefiner(ImageRefiner):
 
 def mask_refiner_from_state_dict(state: Mapping[str, torch.Tensor]) -> MaskRefiner:
     """A :class:`MaskRefiner` with exactly the weights of ``state`` (its width and depth read
-    from the shapes; every key used).
+    from the shapes; every key used), with its :attr:`~MaskRefiner.chooser` when ``state``
+    holds one (keys ``chooser.*``).
 
     Raises
     ------
     ValueError
         Naming the keys that do not fit, for a state dict that is not a mask refiner's.
     """
+    chooser = {k[len(CHOOSER_PREFIX):]: v for k, v in state.items() if k.startswith(CHOOSER_PREFIX)}
+    state = {k: v for k, v in state.items() if not k.startswith(CHOOSER_PREFIX)}
     first = state.get("body.0.weight")
     if first is None or first.dim() != 4 or first.shape[1] != 1 + IMAGE_FEATURES:
         found = None if first is None else tuple(first.shape)
@@ -120,4 +127,6 @@ def mask_refiner_from_state_dict(state: Mapping[str, torch.Tensor]) -> MaskRefin
     wrong = [*result.missing_keys, *result.unexpected_keys]
     if wrong:
         raise ValueError(f"mask refiner state does not fit; keys missing or unexpected: {wrong}")
+    if chooser:
+        refiner.chooser = mask_chooser_from_state_dict(chooser)
     return refiner.eval()

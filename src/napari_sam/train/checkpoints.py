@@ -194,8 +194,9 @@ def save(trainer: Trainer, path: PathLike, optimizer: bool = True) -> Path:
         from ..model.mask_refiner import MASK_REFINER_KEY
 
         heads[MASK_REFINER_KEY] = refiner
-        if "mask_refiner" in trainer.model.metadata:  # where it acts (core.predictor.refines_masks)
-            meta["mask_refiner"] = trainer.model.metadata["mask_refiner"]
+        for head in ("mask_refiner", "mask_chooser"):  # where they act, how they were made (core.pixel_heads)
+            if head in trainer.model.metadata:
+                meta[head] = trainer.model.metadata[head]
     # Floating tensors go out as float32 whatever precision the encoder ran in (loaders cast
     # as they need), but those the run left as they were keep their file's precision.
     state, extras = stored_weights(trainer.model, heads)

@@ -31,7 +31,7 @@ from ..model.mask_refiner import MASK_REFINER_KEY, MaskRefiner
 from ..model.sam import Sam
 
 __all__ = ["MaskRefinerConfig", "MaskSamples", "collect_mask_samples", "mask_refiner_iou",
-           "save_with_mask_refiner", "train_mask_refiner"]
+           "save_with_mask_refiner", "target_in_model_input", "train_mask_refiner"]
 
 KINDS = ("point", "box", "correction")
 """The prompts each object is sampled with."""
@@ -86,7 +86,9 @@ class MaskSamples:
     target: np.ndarray
 
 
-def _target(mask: np.ndarray, input_size: tuple[int, int], size: int) -> np.ndarray:
+def target_in_model_input(mask: np.ndarray, input_size: tuple[int, int], size: int) -> np.ndarray:
+    """(size, size) bool: an object's (H, W) mask in the model-input frame, resized to the
+    plane's ``input_size`` inside the zero-padded square input of side ``size``."""
     t = torch.from_numpy(mask.astype(np.float32))[None, None]
     t = F.interpolate(t, tuple(input_size), mode="bilinear", align_corners=False)[0, 0] > 0.5
     out = np.zeros((size, size), bool)
@@ -139,7 +141,7 @@ def collect_mask_samples(model: Sam, pairs: Sequence, seed: int = 0, min_area: i
                     again = emb.decode_tile(0, tile.index, point, fg, None, previous[None], False)
                     previous, answer = again.low_res_logits[0], again.mask(0)
                     answers.append(previous)
-                target = _target(mask, input_size, size)
+                target = target_in_model_input(mask, input_size, size)
                 for k, low in enumerate(answers):
                     tiles.append(t)
                     kinds.append(min(k, len(KINDS) - 1))
