@@ -7,9 +7,9 @@ Prints one JSON object per line in the format of ``../shared/bench/official_sam.
     python benchmarks/model.py --models vit_b vit_t --threads 2
     bash ../shared/bench/official_sam.sh --models vit_b vit_t --threads 2
 
-``--models default`` times the embedded default model as it ships (its 256-pixel input, its
-mask refiner and mask chooser, on a grey plane). ``encoder_s``: seconds per image at the model's input size (1024x1024 for
-SAM's) through the image encoder (float32 and
+``--models default`` times the embedded default model as it ships (its 256-pixel input,
+its mask refiner and mask chooser, on a grey plane). ``encoder_s``: seconds per image at
+the model's input size (1024x1024 for SAM's) through the image encoder (float32 and
 bfloat16 weights). ``decoder_ms``: milliseconds from a single click on an image whose
 embedding is known to its mask at the original 1024x1024 size: prompt encoding, mask
 decoding of the three multimask outputs, then the best one upscaled and thresholded,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rebuild the shipped default model (src/napari_sam/_models/default.pth) from nothing,
 # stage by stage, as it was made; every stage with a fixed seed and step count. About
-# 7.8 hours on 2 CPU cores. docs/default_model.md says what each stage does and why.
+# 8.5 hours on 2 CPU cores. docs/default_model.md says what each stage does and why.
 #
 #   bash scripts/reproduce_default_model.sh [OUTPUT_FOLDER]   # default runs/default_model
 #
@@ -87,6 +87,10 @@ $PY scripts/train_default_model.py --continue-from "$OUT/8_end_to_end.pth" --mod
     --corrective-from 0 --corrective-iterations 4 --mask-prompt-probability 0.7 --scale-matched --cryonuseg \
     --seed 6 --steps 3626 --half --iou-rank-weight 1 --crop-factor 2 --photometric 0.7 --threads 1 \
     --output "$OUT/12_photometric.pth" --no-evaluate
+
+# 13. The mask chooser that ranks a lone click's three masks by looking at them on the image,
+#     everything else frozen, stored with the mask refiner (about 40 minutes).
+$PY scripts/train_default_mask_chooser.py --model "$OUT/12_photometric.pth" --threads 1 --write
 
 # The held-out figures of docs/default_model.md
 $PY scripts/train_default_model.py --evaluate-only --output "$OUT/12_photometric.pth"

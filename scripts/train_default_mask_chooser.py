@@ -85,7 +85,6 @@ def main(argv=None) -> None:
     model = load_model(args.model)
     if model.mask_refiner is None:
         raise SystemExit(f"{args.model} has no mask refiner to keep the chooser beside")
-    model.mask_refiner.chooser = None  # the IoU head's own ranking is what the samples record
     started = time.time()
 
     def progress(done: int, of: int, samples: int) -> None:

@@ -123,7 +123,7 @@ def test_tiled_clicks_are_chosen_where_the_refiner_does_not_act(tiny_sam):
     image = (np.random.default_rng(2).random((96, 96)) * 255).astype(np.uint8)
     prompt = Prompt.make([[40, 50]], [1])
     emb = Embeddings(image, tiny_sam, cache=False, axes="YX", magnification=1.0)
-    plain = emb.decode_tile(0, (0, 0), np.array([[40.0, 50.0]]), np.array([1]), None, None, True)
+    plain = emb.decode_tile(0, (0, 0), np.array([[40.0, 50.0]]), np.array([1]), None, None, True, choose=True)
     shown_plain = emb.segment(0, prompt, multimask=True).to_full((96, 96))
     refiner = MaskRefiner(4, 3)
     with torch.no_grad():
@@ -136,9 +136,16 @@ def test_tiled_clicks_are_chosen_where_the_refiner_does_not_act(tiny_sam):
         for k in range(3):
             refiner.chooser = _preferring(k)
             emb = Embeddings(image, tiny_sam, cache=False, axes="YX", magnification=1.0)
-            chosen = emb.decode_tile(0, (0, 0), np.array([[40.0, 50.0]]), np.array([1]), None, None, True)
+            chosen = emb.decode_tile(0, (0, 0), np.array([[40.0, 50.0]]), np.array([1]), None, None, True,
+                                     choose=True)
             assert chosen.best == k
             np.testing.assert_array_equal(chosen.masks, plain.masks)  # chosen, not refined
+            # unless asked to choose, or for two clicks, the tile answers with the IoU head's values
+            unasked = emb.decode_tile(0, (0, 0), np.array([[40.0, 50.0]]), np.array([1]), None, None, True)
+            np.testing.assert_array_equal(unasked.iou, plain.iou)
+            two = emb.decode_tile(0, (0, 0), np.array([[40.0, 50.0], [60.0, 20.0]]), np.array([1, 1]), None,
+                                  None, True, choose=True)
+            assert not np.allclose(np.sort(two.iou), [0, 0, 1], atol=0.01)
             shown[k] = emb.segment(0, prompt, multimask=True).to_full((96, 96))
     finally:
         tiny_sam.mask_refiner = None
@@ -146,3 +153,37 @@ def test_tiled_clicks_are_chosen_where_the_refiner_does_not_act(tiny_sam):
     # what a click shows follows the chooser: the IoU head's own pick shows what it showed
     np.testing.assert_array_equal(shown[int(plain.best)], shown_plain)
     assert any(not np.array_equal(shown[k], shown_plain) for k in range(3) if k != plain.best)
+
+
+def test_only_the_clicks_own_tile_is_ranked_by_the_chooser_never_a_correction_or_a_tile_it_runs_into(tiny_sam):
+    from napari_sam.core.embeddings import Embeddings
+    from napari_sam.core.prompts import Prompt
+
+    # a plane of several tiles, clicked near a tile corner so that the answer runs on
+    image = (np.random.default_rng(4).random((300, 300)) * 255).astype(np.uint8)
+    refiner = MaskRefiner(4, 3)
+    refiner.chooser = _preferring(2)
+    tiny_sam.mask_refiner = refiner
+    try:
+        emb = Embeddings(image, tiny_sam, cache=False, axes="YX", magnification=1.0, tile=128, halo=32)
+        assert len(emb.grid) > 1
+        corner = emb.grid[(0, 0)].inner
+        click = [[corner[3] - 2.0, corner[1] - 2.0]]
+        calls = []
+        decode = emb.decode_tile
+
+        def recording(*args, **kwargs):
+            calls.append((args[1], kwargs.get("choose", args[8] if len(args) > 8 else False)))
+            return decode(*args, **kwargs)
+
+        emb.decode_tile = recording
+        first = emb.segment(0, Prompt.make(click, [1]), multimask=True)
+        asked_first = list(calls)
+        calls.clear()
+        emb.segment(0, Prompt.make([*click, [corner[3] - 30.0, corner[1] - 30.0]], [1, 0], previous=first))
+        asked_correction = list(calls)
+    finally:
+        tiny_sam.mask_refiner = None
+    assert len(asked_first) >= 2, "the answer should run on into a neighbouring tile"
+    assert asked_first[0][1] is True and not any(choose for _, choose in asked_first[1:])
+    assert asked_correction and not any(choose for _, choose in asked_correction)

@@ -331,7 +331,9 @@ class Embeddings:
         multimask, max_tiles
             See :func:`~napari_sam.core.tiled_segmentation.segment_tiled`.
         refine
-            Let the model's mask refiner sharpen a first answer (``False``: SAM's own mask).
+            Let the model's pixel heads act on a first answer: its mask refiner sharpen it and,
+            for a lone click, its mask chooser rank the three masks (``False``: SAM's own
+            masks, ranked by its IoU head).
 
         Returns
         -------
@@ -345,8 +347,14 @@ class Embeddings:
             return self.at_magnification(made_at).segment(plane, prompt, multimask, max_tiles, refine)
         flat = self.source.flat_index(plane)
 
+        asked: list[tuple[int, int]] = []
+
         def answer(tile: Tile, pts, lbl, bx, multi, mask_input=None):
-            result = self.decode_tile(flat, tile.index, pts, lbl, bx, mask_input, multi, refine)
+            # the chooser ranks the click's own answer only: a tile the object runs on into
+            # is asked with a hint point and must agree with the mask it continues
+            choose = refine and not asked and prompt.previous is None
+            asked.append(tile.index)
+            result = self.decode_tile(flat, tile.index, pts, lbl, bx, mask_input, multi, refine, choose)
             return LazyMasks(result), result.iou
 
         return dataclasses.replace(segment_tiled(self.grid, answer, prompt, multimask, max_tiles),
@@ -359,15 +367,21 @@ class Embeddings:
             self._decoder.warm_up()
 
     def decode_tile(self, plane, tile: tuple[int, int], points, labels, box, mask_input, multimask: bool,
-                    refine: bool = True) -> Prediction:
+                    refine: bool = True, choose: bool = False) -> Prediction:
         """Answer prompts on one tile (:meth:`Predictor.predict`): points (N, 2) as (x, y)
         and box (4,) as (x0, y0, x1, y1) in the pixels of the tile's embedded region
-        (``grid[tile].outer``), mask_input (1, S/4, S/4) low-res logits of that tile."""
+        (``grid[tile].outer``), mask_input (1, S/4, S/4) low-res logits of that tile.
+        ``refine``: let the mask refiner sharpen the answer where it acts; ``choose``: let
+        the mask chooser rank a lone click's three masks where it acts
+        (:mod:`~napari_sam.core.pixel_heads`)."""
         emb = self.embedding_for(plane, tile)
-        pixels = self._refiner_pixels(plane, tile)
         refine = refine and refines_masks(self.model, self.source.channel, self._enlarged(tile))
+        lone_click = (multimask and box is None and mask_input is None and points is not None
+                      and len(points) == 1 and labels is not None and int(np.asarray(labels).reshape(-1)[0]) == 1)
+        choose = choose and lone_click and chooses_masks(self.model, self.source.channel)
+        # the tile's pixels are read again (the cache holds embeddings only) where a head reads them
+        pixels = self._refiner_pixels(plane, tile) if refine or choose else None
         with self._decode_lock:
-            self._decoder.set_embedding(emb, pixels, refine=refine,
-                                        choose=chooses_masks(self.model, self.source.channel))
+            self._decoder.set_embedding(emb, pixels, refine=refine, choose=choose)
             return self._decoder.predict(points=points, labels=labels, box=box, mask_input=mask_input,
                                          multimask=multimask)

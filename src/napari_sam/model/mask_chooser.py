@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["CHOOSER_PREFIX", "WINDOW", "MaskChooser", "chooser_windows"]
+__all__ = ["CHOOSER_PREFIX", "WINDOW", "MaskChooser", "chooser_windows", "mask_chooser_from_state_dict"]
 
 CHOOSER_PREFIX = "chooser."
 """Keys of a mask refiner's state that hold its chooser."""

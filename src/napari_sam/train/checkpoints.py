@@ -193,10 +193,17 @@ def save(trainer: Trainer, path: PathLike, optimizer: bool = True) -> Path:
     if refiner is not None and same_reading:  # it reads logits and pixels, not the embedding: any fine-tune's
         from ..model.mask_refiner import MASK_REFINER_KEY
 
+        if refiner.chooser is not None:
+            # The chooser ranks masks by the IoU head's values among others, and the run has
+            # trained both: the fine-tuned model picks by its own head.
+            from ..model.mask_chooser import CHOOSER_PREFIX
+            from ..model.mask_refiner import mask_refiner_from_state_dict
+
+            refiner = mask_refiner_from_state_dict({k: v for k, v in refiner.state_dict().items()
+                                                    if not k.startswith(CHOOSER_PREFIX)})
         heads[MASK_REFINER_KEY] = refiner
-        for head in ("mask_refiner", "mask_chooser"):  # where they act, how they were made (core.pixel_heads)
-            if head in trainer.model.metadata:
-                meta[head] = trainer.model.metadata[head]
+        if "mask_refiner" in trainer.model.metadata:  # where it acts (core.pixel_heads.refines_masks)
+            meta["mask_refiner"] = trainer.model.metadata["mask_refiner"]
     # Floating tensors go out as float32 whatever precision the encoder ran in (loaders cast
     # as they need), but those the run left as they were keep their file's precision.
     state, extras = stored_weights(trainer.model, heads)

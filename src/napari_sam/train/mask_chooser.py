@@ -4,7 +4,7 @@ Each image is embedded tile by tile as the plugin embeds it
 (:class:`~napari_sam.core.embeddings.Embeddings`, at the magnification the model asks for),
 and every labelled object that one tile holds whole is clicked, at its deepest pixel and at
 ``clicks - 1`` more pixels of its inner half (where people click), each click answered with
-SAM's three masks (unrefined). A sample keeps the chooser's window
+SAM's three masks (unrefined, ranked by the IoU head alone). A sample keeps the chooser's window
 (:func:`~napari_sam.model.mask_chooser.chooser_windows`), the IoU head's values and each
 mask's true IoU in the model-input frame. The chooser then learns to estimate those IoUs:
 squared error, plus a cross-entropy that ranks the three estimates as the true IoUs rank the
@@ -125,6 +125,9 @@ def collect_chooser_samples(model: Sam, pairs: Sequence, clicks: int = 1, seed: 
                     which.append(n)
         if progress is not None:
             progress(n + 1, len(pairs), len(true))
+    if not true:
+        raise ValueError(f"none of the {len(pairs)} planes holds an object of {min_area} pixels or more "
+                         "that one tile holds whole: nothing to learn from")
     return ChooserSamples(np.stack(windows), np.stack(predicted), np.stack(true), np.array(sides, np.float32),
                           np.array(which))
 
