@@ -19,13 +19,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy import ndimage
 from torch.nn import functional as F
 
 from ..core.prompt_simulation import central_point, interior_point
 from ..model.mask_chooser import MaskChooser, chooser_windows
 from ..model.sam import Sam
-from .mask_refiner import target_in_model_input
+from .mask_refiner import target_in_model_input, tiles_with_objects
 
 __all__ = ["ChooserSamples", "MaskChooserConfig", "chooser_pick_iou", "collect_chooser_samples",
            "train_mask_chooser"]
@@ -93,23 +92,11 @@ def collect_chooser_samples(model: Sam, pairs: Sequence, clicks: int = 1, seed: 
     for n, (image, labels) in enumerate(pairs):
         image, labels = np.asarray(image), np.asarray(labels)
         emb = Embeddings(image, model, cache=False, axes="YX" if image.ndim == 2 else "YXC", statistics="plane")
-        boxes = ndimage.find_objects(labels)
-        for tile in emb.grid:
+        for tile, input_size, masks in tiles_with_objects(emb, labels, min_area):
             y0, y1, x0, x1 = tile.outer
-            iy0, iy1, ix0, ix1 = tile.inner
-            input_size = emb.embedding_for(0, tile.index).input_size
             grey = emb.model_input(0, tile.index)[0].mean(0).float()
             scale = np.array([input_size[1] / (x1 - x0), input_size[0] / (y1 - y0)])
-            for label, box in enumerate(boxes, 1):
-                if box is None or box[0].start < y0 or box[0].stop > y1 or box[1].start < x0 or box[1].stop > x1:
-                    continue
-                # each object once: in the tile whose interior holds its box's centre
-                cy, cx = (box[0].start + box[0].stop) / 2, (box[1].start + box[1].stop) / 2
-                if not (iy0 <= cy < iy1 and ix0 <= cx < ix1):
-                    continue
-                mask = labels[y0:y1, x0:x1] == label
-                if mask.sum() < min_area:
-                    continue
+            for mask in masks:
                 target = torch.from_numpy(target_in_model_input(mask, input_size, size))
                 for point in [interior_point(mask)] + [central_point(mask, rng) for _ in range(clicks - 1)]:
                     answer = emb.decode_tile(0, tile.index, point[None], np.array([1]), None, None, True,

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ from ..model.mask_refiner import MASK_REFINER_KEY, MaskRefiner
 from ..model.sam import Sam
 
 __all__ = ["MaskRefinerConfig", "MaskSamples", "collect_mask_samples", "mask_refiner_iou",
-           "save_with_mask_refiner", "target_in_model_input", "train_mask_refiner"]
+           "save_with_mask_refiner", "target_in_model_input", "tiles_with_objects", "train_mask_refiner"]
 
 KINDS = ("point", "box", "correction")
 """The prompts each object is sampled with."""
@@ -96,6 +97,29 @@ def target_in_model_input(mask: np.ndarray, input_size: tuple[int, int], size: i
     return out
 
 
+def tiles_with_objects(emb, labels: np.ndarray, min_area: int = 16) -> Iterator[tuple[Any, tuple[int, int], list]]:
+    """Every tile of ``emb``'s grid (:class:`~napari_sam.core.embeddings.Embeddings` of one
+    plane) with the objects of ``labels`` (the plane's, 0 = background) it answers for:
+    ``(tile, input_size, masks)``, each mask (H, W) bool over ``tile.outer``. Each object
+    comes once, in the tile whose interior holds its box's centre, if that tile holds it
+    whole and it has ``min_area`` pixels or more."""
+    boxes = ndimage.find_objects(labels)
+    for tile in emb.grid:
+        y0, y1, x0, x1 = tile.outer
+        iy0, iy1, ix0, ix1 = tile.inner
+        masks = []
+        for label, box in enumerate(boxes, 1):
+            if box is None or box[0].start < y0 or box[0].stop > y1 or box[1].start < x0 or box[1].stop > x1:
+                continue
+            cy, cx = (box[0].start + box[0].stop) / 2, (box[1].start + box[1].stop) / 2
+            if not (iy0 <= cy < iy1 and ix0 <= cx < ix1):
+                continue
+            mask = labels[y0:y1, x0:x1] == label
+            if mask.sum() >= min_area:
+                masks.append(mask)
+        yield tile, emb.embedding_for(0, tile.index).input_size, masks
+
+
 def collect_mask_samples(model: Sam, pairs: Sequence, seed: int = 0, min_area: int = 16, corrections: int = 1,
                          progress: Callable[[int, int], None] | None = None) -> MaskSamples:
     """Prompt every object of ``pairs`` (``(image, labels)`` planes; labels 0 = background)
@@ -110,23 +134,10 @@ def collect_mask_samples(model: Sam, pairs: Sequence, seed: int = 0, min_area: i
     for n, (image, labels) in enumerate(pairs):
         image, labels = np.asarray(image), np.asarray(labels)
         emb = Embeddings(image, model, cache=False, axes="YX" if image.ndim == 2 else "YXC", statistics="plane")
-        boxes = ndimage.find_objects(labels)
-        for tile in emb.grid:
-            y0, y1, x0, x1 = tile.outer
-            iy0, iy1, ix0, ix1 = tile.inner
-            input_size = emb.embedding_for(0, tile.index).input_size
+        for tile, input_size, masks in tiles_with_objects(emb, labels, min_area):
             t = len(images)
             images.append(emb.model_input(0, tile.index)[0].mean(0).numpy().astype(np.float16))
-            for label, box in enumerate(boxes, 1):
-                if box is None or box[0].start < y0 or box[0].stop > y1 or box[1].start < x0 or box[1].stop > x1:
-                    continue
-                # each object once: in the tile whose interior holds its box's centre
-                cy, cx = (box[0].start + box[0].stop) / 2, (box[1].start + box[1].stop) / 2
-                if not (iy0 <= cy < iy1 and ix0 <= cx < ix1):
-                    continue
-                mask = labels[y0:y1, x0:x1] == label
-                if mask.sum() < min_area:
-                    continue
+            for mask in masks:
                 point, fg = interior_point(mask)[None], np.array([1])
                 first = emb.decode_tile(0, tile.index, point, fg, None, None, True)
                 best = int(np.argmax(first.iou))
